@@ -1,0 +1,184 @@
+"""Run configuration: dataclasses with a comment per field, loaded from TOML, overridden by flags.
+
+Precedence: dataclass defaults < `--config FILE.toml` < `--section.key=value` overrides (and the short flags such as
+`--lr`, which are aliases for a section key). Every value is type-checked against the field's type; unknown keys are
+errors that name the key. The resolved config is written to the run folder as `config.toml`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/synth"  # dataset: a folder with one sub-folder per class, or a .tgz/.tar of one
+    image_size: int = 64  # images are resized to image_size x image_size RGB
+    center_crop: int = 0  # centre crop of this many pixels before resizing (0: none; 150 suits raw LFW)
+    min_images_per_class: int = 2  # classes with fewer images are dropped
+    max_classes: int = 0  # keep only the N largest classes (0: all)
+    val_fraction: float = 0.2  # fraction of each class held out (classes with one image stay in training)
+    augment: bool = True  # random horizontal flip + small translation, seeded per sample
+    max_shift: int = 4  # largest translation in pixels when augmenting
+    cache_dir: str = ""  # where decoded uint8 caches are kept ("": ~/.cache/dptrain)
+
+
+@dataclass
+class ModelConfig:
+    widths: list[int] = field(default_factory=lambda: [32, 64, 128])  # channels of the conv-BN-ReLU-maxpool blocks
+    res_width: int = 256  # output channels of the residual block (0: no residual block)
+    hidden: int = 512  # width of the hidden Linear + BN1D + ReLU (0: none)
+    bn_momentum: float = 0.1  # running = (1 - m) * running + m * batch (PyTorch's convention)
+    bn_eps: float = 1e-5
+
+
+@dataclass
+class TrainConfig:
+    out: str = "runs/default"  # run folder: config.toml, metrics.jsonl, summary.json, checkpoints
+    epochs: int = 10
+    batch_size: int = 64  # global batch size (split across workers in distributed runs)
+    lr: float = 0.05  # peak learning rate after warmup
+    min_lr: float = 0.0  # floor of the cosine schedule
+    warmup_epochs: float = 1.0  # linear warmup length, converted to steps with the real steps per epoch
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    decay_bn_and_bias: bool = False  # apply weight decay to BN gamma/beta and biases too
+    clip_norm: float = 5.0  # global L2 gradient-norm clip (0: off)
+    patience: int = 5  # early stop after this many epochs without a better val accuracy (0: never)
+    seed: int = 0
+    drop_last: bool = True  # drop the last incomplete batch of an epoch
+    eval_batch_size: int = 256
+    steps_per_epoch: int = 0  # cap steps per epoch (0: whole epoch), for quick runs
+    progress: bool = True  # tqdm progress bars
+
+
+@dataclass
+class DistConfig:
+    workers: int = 2  # worker processes on this host (launch)
+    bn: str = "stats"  # "stats": per-shard normalisation, global running stats; "sync": exact SyncBatchNorm
+    on_worker_failure: str = "abort"  # "abort" or "continue" (re-shard over the survivors)
+    bind: str = "127.0.0.1"  # interface the coordinator listens on
+    port: int = 0  # 0: pick a free port
+    heartbeat_interval_s: float = 1.0
+    heartbeat_misses: int = 5  # a peer silent for this many intervals is dead
+    step_timeout_s: float = 120.0  # a worker late by this much on one step is declared stuck
+    blas_threads: int = 0  # BLAS threads per worker (0: cores // workers, at least 1)
+    pin_cores: bool = False  # pin each worker to a core with psutil
+    transport: str = "shm"  # "shm": bulk arrays through shared memory on one host; "socket": raw frames
+    wire_dtype: str = "float32"  # dtype of gradients sent between hosts ("float16" halves the bytes)
+    timeline: str = ""  # write a Chrome-trace JSON of every phase to this file
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+    def validate(self) -> "Config":
+        if self.dist.bn not in ("stats", "sync"):
+            raise ValueError(f"dist.bn must be 'stats' or 'sync', got {self.dist.bn!r}")
+        if self.dist.on_worker_failure not in ("abort", "continue"):
+            raise ValueError(f"dist.on_worker_failure must be 'abort' or 'continue', got {self.dist.on_worker_failure!r}")
+        if self.dist.transport not in ("shm", "socket"):
+            raise ValueError(f"dist.transport must be 'shm' or 'socket', got {self.dist.transport!r}")
+        if self.dist.wire_dtype not in ("float32", "float16"):
+            raise ValueError(f"dist.wire_dtype must be 'float32' or 'float16', got {self.dist.wire_dtype!r}")
+        for name in ("epochs", "batch_size", "image_size"):
+            sec = self.train if hasattr(self.train, name) else self.data
+            if getattr(sec, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.dist.workers < 0:
+            raise ValueError("dist.workers must be >= 0")
+        return self
+
+
+def _check(value, typ, key: str):
+    """Coerce/verify `value` against the annotation `typ`; int is accepted for float fields."""
+    origin = typing.get_origin(typ)
+    if origin is list:
+        (inner,) = typing.get_args(typ)
+        if not isinstance(value, list):
+            raise TypeError(f"{key}: expected a list, got {value!r}")
+        return [_check(v, inner, key) for v in value]
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is bool and not isinstance(value, bool):
+        raise TypeError(f"{key}: expected true/false, got {value!r}")
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise TypeError(f"{key}: expected {typ.__name__}, got {value!r}")
+    return value
+
+
+def _parse_text(text: str, typ, key: str):
+    """Parse a command-line string for a field of type `typ` (TOML literal syntax for lists/bools)."""
+    if typ is str:
+        return text
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        raise ValueError(f"{key}: cannot parse {text!r} as {getattr(typ, '__name__', typ)}") from None
+    return _check(value, typ, key)
+
+
+def apply(cfg: Config, table: dict, source: str) -> Config:
+    """Merge a {section: {key: value}} mapping into cfg, type-checking every key."""
+    for section, values in table.items():
+        if section not in {f.name for f in dataclasses.fields(cfg)}:
+            raise KeyError(f"{source}: unknown section [{section}]")
+        sec = getattr(cfg, section)
+        hints = typing.get_type_hints(type(sec))
+        if not isinstance(values, dict):
+            raise TypeError(f"{source}: [{section}] must be a table")
+        for key, value in values.items():
+            if key not in hints:
+                raise KeyError(f"{source}: unknown key {section}.{key}")
+            setattr(sec, key, _check(value, hints[key], f"{section}.{key}"))
+    return cfg
+
+
+def load(path: str | Path | None = None, overrides: dict[str, str] | None = None) -> Config:
+    """Defaults, then a TOML file, then `section.key -> text` overrides."""
+    cfg = Config()
+    if path:
+        with open(path, "rb") as f:
+            apply(cfg, tomllib.load(f), str(path))
+    for dotted, text in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        sec = getattr(cfg, section, None)
+        hints = typing.get_type_hints(type(sec)) if dataclasses.is_dataclass(sec) else {}
+        if key not in hints:
+            raise KeyError(f"unknown config key {dotted!r}")
+        setattr(sec, key, _parse_text(text, hints[key], dotted))
+    return cfg.validate()
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(table: dict) -> Config:
+    return apply(Config(), table, "checkpoint").validate()
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return repr(v)
+
+
+def dumps(cfg: Config) -> str:
+    lines = []
+    for section, values in to_dict(cfg).items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        lines.append("")
+    return "\n".join(lines)
