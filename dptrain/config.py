@@ -53,6 +53,7 @@ class TrainConfig:
     eval_batch_size: int = 256
     steps_per_epoch: int = 0  # cap steps per epoch (0: whole epoch), for quick runs
     progress: bool = True  # tqdm progress bars
+    checkpoint_every_steps: int = 0  # also save `last` every this many steps (0: at epoch ends only)
 
 
 @dataclass

@@ -1,0 +1,62 @@
+"""Checkpoints: one `.npz` of plain arrays, written atomically, read with allow_pickle=False.
+
+Arrays: `params`, `velocity`, `buffers` (the three flat buffers) and `meta`, a UTF-8 JSON document stored as uint8
+(config, class names, step, epoch, step-in-epoch, best accuracy, early-stopping counters, dataset fingerprint). The
+sampler and augmentation are pure functions of (seed, epoch, index), so (epoch, step-in-epoch) is the whole RNG state.
+Write = temp file in the same folder, fsync, rename, fsync the folder: a crash leaves the old file or the new one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+FORMAT_VERSION = 1
+
+
+def save(path: str | Path, *, params: np.ndarray, velocity: np.ndarray, buffers: np.ndarray, meta: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(meta, format_version=FORMAT_VERSION)
+    blob = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, params=params, velocity=velocity, buffers=buffers, meta=blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def load(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
+    """Return ({params, velocity, buffers}, meta). Errors name the file."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in ("params", "velocity", "buffers")}
+            meta = json.loads(z["meta"].tobytes().decode())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint") from None
+    except (KeyError, ValueError, OSError) as e:
+        raise CheckpointError(f"{path}: not a dptrain checkpoint ({e})") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format {meta.get('format_version')} != {FORMAT_VERSION}")
+    return arrays, meta

@@ -1,0 +1,188 @@
+"""`dptrain` command line.
+
+    dptrain data synth --out data/synth            write the LFW-like synthetic set (JPEGs, LFW layout)
+    dptrain train  --data DIR --epochs E ...       train in this process (no sockets; the reference)
+    dptrain launch --workers N ...                 coordinator + N worker processes on this host
+    dptrain launch --hostfile FILE | -H a:2,b:2    one agent per host over ssh, workers under it
+    dptrain agent  --connect tcp://HOST:PORT ...   run a host's agent by hand (no-ssh mode, Slurm, mpirun)
+    dptrain eval   --checkpoint C --data DIR       accuracy of a checkpoint on a folder
+    dptrain bench  [--workers 1,2,4] [--compare torch]
+    dptrain plot   RUN_DIR                          metrics.jsonl -> PNG curves
+
+Training flags are aliases of config keys (`--lr` is `--train.lr`); any key can be set as `--section.key=value`;
+`--config FILE.toml` sets many at once. Precedence: defaults < --config < flags.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import config as config_mod, log
+
+# short flag -> config key
+ALIASES = {
+    "data": "data.path", "image_size": "data.image_size", "min_images_per_class": "data.min_images_per_class",
+    "epochs": "train.epochs", "batch_size": "train.batch_size", "lr": "train.lr", "out": "train.out",
+    "seed": "train.seed", "workers": "dist.workers", "bn": "dist.bn", "on_worker_failure": "dist.on_worker_failure",
+    "port": "dist.port", "bind": "dist.bind", "timeline": "dist.timeline", "wire_dtype": "dist.wire_dtype",
+}
+
+
+def add_train_flags(p: argparse.ArgumentParser, distributed: bool = False) -> None:
+    g = p.add_argument_group("training (each is an alias of a config key; --section.key=value sets any key)")
+    g.add_argument("--config", help="TOML file with [data] [model] [train] [dist] tables")
+    g.add_argument("--data", help="dataset folder or .tgz (data.path)")
+    g.add_argument("--image-size", type=int)
+    g.add_argument("--min-images-per-class", type=int)
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--batch-size", type=int, help="global batch size")
+    g.add_argument("--lr", type=float, help="peak learning rate")
+    g.add_argument("--out", help="run folder (train.out)")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--resume", action="store_true", help="continue from OUT/last.npz")
+    g.add_argument("--stop-at-step", type=int, default=0, help="stop (with a checkpoint) once this step is reached")
+    if distributed:
+        d = p.add_argument_group("distribution")
+        d.add_argument("--workers", type=int, help="worker processes on this host (0: run in this process)")
+        d.add_argument("--bn", choices=["stats", "sync"])
+        d.add_argument("--on-worker-failure", choices=["abort", "continue"])
+        d.add_argument("--bind", help="interface the coordinator listens on")
+        d.add_argument("--port", type=int, help="coordinator port (0: pick a free one)")
+        d.add_argument("--timeline", help="write a Chrome-trace JSON of every phase")
+        d.add_argument("--wire-dtype", choices=["float32", "float16"])
+
+
+def parse_overrides(extra: list[str]) -> dict[str, str]:
+    """`--section.key=value` or `--section.key value` -> {section.key: value}."""
+    out, i = {}, 0
+    while i < len(extra):
+        arg = extra[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise SystemExit(f"dptrain: unknown argument {arg!r} (config keys look like --train.lr=0.1)")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(extra):
+                raise SystemExit(f"dptrain: {arg} needs a value")
+            i += 1
+            value = extra[i]
+        out[key.replace("-", "_")] = value
+        i += 1
+    return out
+
+
+def resolve_config(args: argparse.Namespace, extra: list[str]) -> config_mod.Config:
+    overrides = {}
+    for flag, key in ALIASES.items():
+        v = getattr(args, flag, None)
+        if v is not None:
+            overrides[key] = str(v)
+    overrides.update(parse_overrides(extra))
+    base = args.config
+    out = overrides.get("train.out")
+    if args.resume and not base and out and (Path(out) / "config.toml").exists():
+        base = str(Path(out) / "config.toml")  # a resumed run keeps its own config unless told otherwise
+    try:
+        return config_mod.load(base, overrides)
+    except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"dptrain: config error: {e}") from None
+
+
+def cmd_train(args, extra) -> int:
+    from .train import run_local
+    cfg = resolve_config(args, extra)
+    summary = run_local(cfg, resume=args.resume, stop_at_step=args.stop_at_step)
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_launch(args, extra) -> int:
+    cfg = resolve_config(args, extra)
+    from .dist.launch import launch
+    return launch(cfg, args)
+
+
+def cmd_eval(args, extra) -> int:
+    from .evaluate import evaluate_checkpoint
+    result = evaluate_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size)
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_data_synth(args, extra) -> int:
+    from .data.synth import generate
+    summary = generate(args.out, num_classes=args.classes, seed=args.seed, image_size=args.image_size)
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_bench(args, extra) -> int:
+    from .bench import main as bench_main
+    return bench_main(args, extra)
+
+
+def cmd_plot(args, extra) -> int:
+    from .plot import plot_run
+    path = plot_run(args.run, args.output)
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dptrain", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train in this process")
+    add_train_flags(t)
+    t.set_defaults(func=cmd_train)
+
+    la = sub.add_parser("launch", help="train with a coordinator and worker processes")
+    add_train_flags(la, distributed=True)
+    from .dist.launch import add_launch_flags
+    add_launch_flags(la)
+    la.set_defaults(func=cmd_launch)
+
+    from .dist.launch import add_internal_commands
+    add_internal_commands(sub)
+
+    e = sub.add_parser("eval", help="accuracy of a checkpoint on a dataset folder")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--data", required=True)
+    e.add_argument("--batch-size", type=int, default=256)
+    e.set_defaults(func=cmd_eval)
+
+    d = sub.add_parser("data", help="dataset tools")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    s = dsub.add_parser("synth", help="write the LFW-like synthetic face set")
+    s.add_argument("--out", required=True)
+    s.add_argument("--classes", type=int, default=None, help="number of identities (default: the generator's)")
+    s.add_argument("--image-size", type=int, default=None, help="stored image size in pixels")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_data_synth)
+
+    b = sub.add_parser("bench", help="throughput benchmarks")
+    from .bench import add_bench_flags
+    add_bench_flags(b)
+    b.set_defaults(func=cmd_bench)
+
+    pl = sub.add_parser("plot", help="plot a run's metrics.jsonl to PNG")
+    pl.add_argument("run")
+    pl.add_argument("--output", "-o", default=None)
+    pl.set_defaults(func=cmd_plot)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command not in ("train", "launch", "bench"):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    log.setup("coord" if args.command == "launch" else "main")
+    return args.func(args, extra) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

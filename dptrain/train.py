@@ -1,0 +1,265 @@
+"""The training loop, once: `Trainer` owns every piece of state and asks an executor for gradients.
+
+`dptrain train` plugs in `LocalExecutor` (this process computes the gradient, no sockets: the debugging fallback and
+the reference the distributed run is tested against); `dptrain launch` plugs in the coordinator's executor, which
+shards the same global batch over worker processes. Everything else — sampler, schedule, clipping, SGD, BatchNorm
+running statistics, validation, early stopping, checkpoints, metrics — is this file, for both.
+
+A step, whoever computes it:
+    indices = global batch k of epoch e (pure function of seed, e, k)
+    executor.train_step  -> store.grads = ∇ mean loss over the batch; BN moments summed over the batch
+    norm = ‖g‖₂ → clip → SGD at lr(step) → BN running stats from the batch's exact moments
+    executor.weights_updated()
+"""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from . import checkpoint, config as config_mod, log
+from .config import Config
+from .data.augment import make_batch
+from .data.dataset import Dataset, load_dataset
+from .data.sampler import epoch_batches
+from .nn.loss import softmax_cross_entropy
+from .nn.model import build_model
+from .nn.params import ParamStore
+from .optim import SGD, clip_factor, lr_at, sum_of_squares
+
+
+@dataclass
+class StepResult:
+    count: int  # samples in the global batch
+    loss_sum: float  # Σ per-sample loss
+    correct: int  # Σ argmax hits
+    bn_moments: np.ndarray  # float64, Σ over the batch of every BN layer's [count, Σx, Σx²]
+    timings: dict = field(default_factory=dict)  # phase -> seconds (for the progress bar and the timeline)
+    slowest: str = ""  # who the step waited on last (distributed runs)
+
+
+class LocalExecutor:
+    """Computes a whole global batch in this process."""
+
+    def __init__(self, cfg: Config, model, dataset: Dataset):
+        self.cfg, self.model, self.ds = cfg, model, dataset
+
+    def train_step(self, indices: np.ndarray, epoch: int, step: int) -> StepResult:
+        t0 = time.perf_counter()
+        x = make_batch(self.ds.images, indices, epoch=epoch, seed=self.cfg.train.seed,
+                       augment=self.cfg.data.augment, max_shift=self.cfg.data.max_shift)
+        t1 = time.perf_counter()
+        logits = self.model.forward(x, train=True)
+        loss_sum, dlogits, correct = softmax_cross_entropy(logits, self.ds.labels[indices], len(indices))
+        t2 = time.perf_counter()
+        self.model.backward(dlogits)
+        t3 = time.perf_counter()
+        return StepResult(len(indices), loss_sum, correct, self.model.bn_moments(),
+                          {"load": t1 - t0, "forward": t2 - t1, "backward": t3 - t2})
+
+    def evaluate(self, indices: np.ndarray) -> tuple[float, int]:
+        return evaluate_local(self.model, self.ds.images, self.ds.labels, indices, self.cfg.train.eval_batch_size)
+
+    def weights_updated(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def evaluate_local(model, images, labels, indices, batch_size: int) -> tuple[float, int]:
+    """(Σ loss, Σ correct) over `indices`, running statistics for BN, no augmentation."""
+    loss_total, correct_total = 0.0, 0
+    for lo in range(0, len(indices), batch_size):
+        idx = indices[lo:lo + batch_size]
+        x = make_batch(images, idx, epoch=0, seed=0, augment=False, max_shift=0)
+        logits = model.forward(x, train=False)
+        loss_sum, _, correct = softmax_cross_entropy(logits, labels[idx], len(idx))
+        loss_total += loss_sum
+        correct_total += correct
+    return loss_total, correct_total
+
+
+class Trainer:
+    """Owns weights, momentum, BN running stats, schedule position, early-stopping state and the run folder."""
+
+    def __init__(self, cfg: Config, dataset: Dataset, store_factory=None):
+        self.cfg, self.ds = cfg, dataset
+        self.out = Path(cfg.train.out)
+        self.log = log.get()
+        t = cfg.train
+        rng = np.random.default_rng(t.seed)
+        self.store = ParamStore(np.float32)
+        self.model = build_model(cfg.model, len(dataset.class_names), cfg.data.image_size, self.store, rng)
+        if store_factory is not None:  # e.g. move the flat buffers into shared memory
+            store_factory(self.store)
+        self.opt = SGD(self.store.num_params, momentum=t.momentum, weight_decay=t.weight_decay,
+                       decay_ranges=[(0, self.store.num_params)] if t.decay_bn_and_bias else self.store.decay_ranges())
+        n_train = len(dataset.train_idx)
+        self.steps_per_epoch = len(epoch_batches(n_train, t.batch_size, 0, t.seed, t.drop_last, t.steps_per_epoch))
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{n_train} training images are fewer than one batch of {t.batch_size} "
+                             f"(lower --batch-size or set train.drop_last=false)")
+        self.total_steps = self.steps_per_epoch * t.epochs
+        self.warmup_steps = int(round(t.warmup_epochs * self.steps_per_epoch))
+        # Schedule position and early-stopping state: all of it goes into the checkpoint.
+        self.epoch, self.step_in_epoch, self.step = 0, 0, 0
+        self.best_val_acc, self.best_epoch, self.bad_epochs = -1.0, -1, 0
+        self.epoch_sums = [0.0, 0, 0, 0.0]  # loss_sum, correct, count, compute seconds of the running epoch
+        self.epochs_run = 0
+        self.stop_requested = False
+
+    # ---- checkpoints -------------------------------------------------------------------------------------------
+    def _meta(self) -> dict:
+        return {"config": config_mod.to_dict(self.cfg), "class_names": self.ds.class_names,
+                "fingerprint": self.ds.fingerprint, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                "step": self.step, "best_val_acc": self.best_val_acc, "best_epoch": self.best_epoch,
+                "bad_epochs": self.bad_epochs, "epoch_sums": self.epoch_sums, "epochs_run": self.epochs_run,
+                "num_params": self.store.num_params}
+
+    def save(self, name: str) -> None:
+        checkpoint.save(self.out / f"{name}.npz", params=self.store.params, velocity=self.opt.velocity,
+                        buffers=self.store.buffers, meta=self._meta())
+
+    def restore(self, path: Path) -> None:
+        arrays, meta = checkpoint.load(path)
+        if meta["num_params"] != self.store.num_params or meta["class_names"] != self.ds.class_names:
+            raise checkpoint.CheckpointError(f"{path}: model or classes differ from this run's config/dataset")
+        self.store.params[...] = arrays["params"]
+        self.store.buffers[...] = arrays["buffers"]
+        self.opt.velocity[...] = arrays["velocity"]
+        for k in ("epoch", "step_in_epoch", "step", "best_val_acc", "best_epoch", "bad_epochs", "epochs_run"):
+            setattr(self, k, meta[k])
+        self.epoch_sums = list(meta["epoch_sums"])
+        self.log.info(f"resumed from {path}: epoch {self.epoch} step {self.step} (best val acc {self.best_val_acc:.4f})")
+
+    # ---- the loop --------------------------------------------------------------------------------------------------
+    def _write(self, record: dict) -> None:
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def apply_update(self, res: StepResult) -> tuple[float, float]:
+        """Clip, SGD at the scheduled LR, BN running stats. Returns (lr, pre-clip grad norm)."""
+        t = self.cfg.train
+        lr = lr_at(self.step, base_lr=t.lr, warmup_steps=self.warmup_steps, total_steps=self.total_steps,
+                   min_lr=t.min_lr)
+        norm = math.sqrt(sum_of_squares(self.store.grads))
+        if not math.isfinite(norm):
+            raise FloatingPointError(f"step {self.step}: gradient norm is {norm} (loss diverged; lower --lr)")
+        self.opt.step(self.store.params, self.store.grads, lr, scale=clip_factor(norm, t.clip_norm))
+        self.model.update_running_stats(res.bn_moments, self.cfg.model.bn_momentum)
+        return lr, norm
+
+    def fit(self, executor, stop_at_step: int = 0) -> dict:
+        t = self.cfg.train
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.toml").write_text(config_mod.dumps(self.cfg))
+        wall0 = time.perf_counter()
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        stopped_early = interrupted = False
+        try:
+            while self.epoch < t.epochs and not stopped_early:
+                batches = epoch_batches(len(self.ds.train_idx), t.batch_size, self.epoch, t.seed, t.drop_last,
+                                        t.steps_per_epoch)
+                bar = tqdm(total=len(batches), initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{t.epochs}",
+                           disable=not t.progress, leave=False, dynamic_ncols=True)
+                lr = 0.0
+                while self.step_in_epoch < len(batches):
+                    if self.stop_requested or (stop_at_step and self.step >= stop_at_step):
+                        interrupted = True
+                        break
+                    indices = self.ds.train_idx[batches[self.step_in_epoch]]
+                    t0 = time.perf_counter()
+                    res = executor.train_step(indices, self.epoch, self.step)
+                    lr, norm = self.apply_update(res)
+                    executor.weights_updated()
+                    dt = time.perf_counter() - t0
+                    self.epoch_sums = [self.epoch_sums[0] + res.loss_sum, self.epoch_sums[1] + res.correct,
+                                       self.epoch_sums[2] + res.count, self.epoch_sums[3] + dt]
+                    self._write({"step": self.step, "epoch": self.epoch, "loss": res.loss_sum / res.count,
+                                 "acc": res.correct / res.count, "lr": lr, "grad_norm": norm,
+                                 "step_s": dt, **({"slowest": res.slowest} if res.slowest else {})})
+                    self.step += 1
+                    self.step_in_epoch += 1
+                    if t.checkpoint_every_steps and self.step % t.checkpoint_every_steps == 0:
+                        self.save("last")
+                    bar.update(1)
+                    bar.set_postfix_str(f"loss {res.loss_sum / res.count:.3f} acc {res.correct / res.count:.3f} "
+                                        f"lr {lr:.4f} {res.count / dt:.0f} img/s"
+                                        + (f" slowest {res.slowest}" if res.slowest else ""))
+                bar.close()
+                if interrupted:
+                    break
+                stopped_early = self._end_epoch(executor, lr)
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+        self.save("last")
+        summary = self._summary(time.perf_counter() - wall0, stopped_early, interrupted)
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+    def _end_epoch(self, executor, lr: float) -> bool:
+        loss_sum, correct, count, secs = self.epoch_sums
+        val_idx = self.ds.val_idx
+        if len(val_idx):
+            vloss, vcorrect = executor.evaluate(val_idx)
+            val_loss, val_acc = vloss / len(val_idx), vcorrect / len(val_idx)
+        else:  # no validation split: track training accuracy so best/early stopping still mean something
+            val_loss, val_acc = float("nan"), correct / max(count, 1)
+        record = {"epoch": self.epoch + 1, "step": self.step, "train_loss": loss_sum / max(count, 1),
+                  "train_acc": correct / max(count, 1), "val_loss": val_loss, "val_acc": val_acc, "lr": lr,
+                  "images_per_s": count / secs if secs else 0.0}
+        self._write(record)
+        self.log.info(f"epoch {self.epoch + 1}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.4f}"
+                      f" | val loss {val_loss:.4f} acc {val_acc:.4f} | {record['images_per_s']:.1f} img/s")
+        self.epoch += 1
+        self.epochs_run += 1
+        self.step_in_epoch = 0
+        self.epoch_sums = [0.0, 0, 0, 0.0]
+        if val_acc > self.best_val_acc:
+            self.best_val_acc, self.best_epoch, self.bad_epochs = val_acc, self.epoch, 0
+            self.save("best")
+        else:
+            self.bad_epochs += 1
+        self.save("last")
+        if self.cfg.train.patience and self.bad_epochs >= self.cfg.train.patience:
+            self.log.info(f"early stop: no better val accuracy for {self.bad_epochs} epochs "
+                          f"(best {self.best_val_acc:.4f} at epoch {self.best_epoch})")
+            return True
+        return False
+
+    def _summary(self, wall_s: float, stopped_early: bool, interrupted: bool) -> dict:
+        return {"best_val_acc": self.best_val_acc, "best_epoch": self.best_epoch, "epochs_run": self.epochs_run,
+                "epoch": self.epoch, "steps": self.step, "wall_s": wall_s, "stopped_early": stopped_early,
+                "interrupted": interrupted, "num_params": self.store.num_params, **self.ds.counts}
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.stop_requested:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.log.warning(f"signal {signum}: finishing this step, saving the last checkpoint, then stopping")
+        self.stop_requested = True
+
+
+def prepare(cfg: Config, resume: bool, store_factory=None) -> Trainer:
+    """Load the data, build the model and, with `resume`, restore the run folder's last checkpoint."""
+    ds = load_dataset(cfg.data, cfg.train.seed)
+    trainer = Trainer(cfg, ds, store_factory)
+    last = Path(cfg.train.out) / "last.npz"
+    if resume:
+        if last.exists():
+            trainer.restore(last)
+        else:
+            trainer.log.warning(f"--resume: {last} does not exist, starting from scratch")
+    return trainer
+
+
+def run_local(cfg: Config, resume: bool = False, stop_at_step: int = 0) -> dict:
+    trainer = prepare(cfg, resume)
+    return trainer.fit(LocalExecutor(cfg, trainer.model, trainer.ds), stop_at_step=stop_at_step)
