@@ -1,0 +1,137 @@
+"""Find an LFW-style dataset: one sub-folder per class with images inside, as a folder or a tar archive.
+
+    root/Name/Name_0001.jpg           (folder)
+    lfw.tgz -> lfw/Name/Name_0001.jpg (archive; one extra top-level folder is stripped, as are more if all
+                                       images share them)
+
+Entries are named by their path relative to the dataset root (`Name/Name_0001.jpg`) whatever the container, so a
+folder and its archive give the same entries. Hidden files and folders (leading '.'), `__MACOSX`, non-image
+extensions and images lying directly in the root (no class) are ignored.
+
+The fingerprint identifies the dataset cheaply (no content hashing): SHA-256 over the sorted (relative path, size,
+mtime) of every entry, for archives the member's recorded size and mtime. Any added, removed, resized or touched
+file changes it, which is what the decode cache keys on.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".gif", ".webp"})
+ARCHIVE_SUFFIXES = (".tgz", ".tar.gz", ".tar")
+
+
+@dataclass(frozen=True)
+class Entry:
+    class_name: str  # first path component under the dataset root
+    name: str  # path relative to the dataset root, '/'-separated: "Name/Name_0001.jpg"
+    ref: str  # where the bytes are: an absolute file path (folder) or the tar member name (archive)
+    size: int  # bytes
+
+
+@dataclass
+class Discovered:
+    path: Path  # the folder or archive as given
+    kind: str  # "dir" or "tar"
+    entries: list[Entry]  # sorted by (class_name, name)
+    fingerprint: str  # hex SHA-256 of names, sizes, mtimes
+    ignored: int  # files seen but not used (non-images, hidden, outside any class folder)
+
+    @property
+    def class_names(self) -> list[str]:
+        return sorted({e.class_name for e in self.entries})
+
+
+def is_archive(path: str | os.PathLike) -> bool:
+    return str(path).lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def _is_hidden(parts: tuple[str, ...]) -> bool:
+    return any(p.startswith(".") or p == "__MACOSX" for p in parts)
+
+
+def _is_image(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _strip_common_top(paths: list[tuple[str, ...]]) -> int:
+    """How many leading folders all image paths share while still leaving (class, file) below them."""
+    depth = 0
+    while paths and all(len(p) >= depth + 3 for p in paths) and len({p[depth] for p in paths}) == 1:
+        depth += 1
+    return depth
+
+
+def _build(path: Path, kind: str, items: list[tuple[tuple[str, ...], str, int, int]], seen: int) -> Discovered:
+    """items: (relative parts, ref, size, mtime) for visible image files."""
+    top = _strip_common_top([p for p, _, _, _ in items])
+    entries, keyed = [], []
+    for parts, ref, size, mtime in items:
+        parts = parts[top:]
+        if len(parts) < 2:  # an image in the root has no class
+            continue
+        name = "/".join(parts)
+        entries.append(Entry(parts[0], name, ref, size))
+        keyed.append((name, size, mtime))
+    entries.sort(key=lambda e: (e.class_name, e.name))
+    h = hashlib.sha256(kind.encode())
+    for name, size, mtime in sorted(keyed):
+        h.update(f"{name}\0{size}\0{mtime}\n".encode())
+    return Discovered(path, kind, entries, h.hexdigest(), seen - len(entries))
+
+
+def discover_dir(path: Path) -> Discovered:
+    items, seen = [], 0
+    for dirpath, dirnames, filenames in os.walk(path):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__MACOSX")
+        rel = Path(dirpath).relative_to(path).parts
+        for fn in filenames:
+            seen += 1
+            if fn.startswith(".") or not _is_image(fn):
+                continue
+            full = os.path.join(dirpath, fn)
+            st = os.stat(full)
+            items.append((rel + (fn,), os.path.abspath(full), st.st_size, st.st_mtime_ns))
+    return _build(path, "dir", items, seen)
+
+
+def discover_tar(path: Path) -> Discovered:
+    items, seen = [], 0
+    with tarfile.open(path, "r:*") as tf:
+        for m in tf:  # streaming: listing a .tgz reads it once, never holding more than one member
+            if not m.isfile():
+                continue
+            seen += 1
+            parts = tuple(p for p in m.name.split("/") if p not in ("", "."))
+            if not parts or _is_hidden(parts) or not _is_image(parts[-1]):
+                continue
+            items.append((parts, m.name, m.size, int(m.mtime)))
+    return _build(path, "tar", items, seen)
+
+
+def discover(path: str | os.PathLike) -> Discovered:
+    """List the images of a dataset folder or archive. Raises FileNotFoundError / ValueError naming the path."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"dataset not found: {p} (expected a folder of class folders or a .tgz/.tar)")
+    if p.is_dir():
+        found = discover_dir(p)
+    elif is_archive(p):
+        try:
+            found = discover_tar(p)
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise ValueError(f"cannot read archive {p}: {e}") from e
+    else:
+        raise ValueError(f"dataset path {p} is neither a folder nor a .tgz/.tar.gz/.tar archive")
+    if not found.entries:
+        raise ValueError(f"no images found in {p} (expected {p}/ClassName/image.jpg; "
+                         f"{found.ignored} other files ignored)")
+    log.debug("discovered %d images in %d classes under %s (%d files ignored)",
+              len(found.entries), len(found.class_names), p, found.ignored)
+    return found
