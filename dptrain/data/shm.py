@@ -1,0 +1,131 @@
+"""SharedImageCache: one copy of the uint8 image array per host, in a named POSIX shared-memory segment.
+
+The creator (one process per host: the launcher or host agent) copies the array in once; every worker attaches by
+name and gets a read-only numpy view of the same pages, never a copy.
+
+    with SharedImageCache.create(images) as cache:        # creator: owns the segment, unlinks it on exit
+        spec = cache.spec()                                 # {"name", "shape", "dtype"}: msgpack/JSON-able
+        ...send spec to workers...
+    cache = SharedImageCache.attach(spec)                   # worker: read-only view, close() when done
+    x = cache.array                                         # np.ndarray, writeable=False
+
+Python 3.11 pitfall (CPython gh-82300, fixed by `track=False` only in 3.13): `SharedMemory(name)` in a process
+registers the segment with *that* process's resource_tracker, which unlinks it when the process exits, so a
+spawned worker finishing would destroy the creator's segment. Attaching therefore never registers: on POSIX it
+opens the segment read-only with shm_open + mmap(PROT_READ) (writes fault at the OS level, not just in numpy);
+elsewhere it uses `track=False` (3.13+) or SharedMemory without registration. Only the creator's segment is
+tracked, so if the creator dies its tracker still unlinks it. Names start with `dptrain_` so leaks are easy to
+find (`ls /dev/shm/dptrain_*`) and remove.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import secrets
+import sys
+from multiprocessing import shared_memory
+
+import numpy as np
+
+PREFIX = "dptrain_"
+
+
+def _open_readonly(name: str) -> tuple[mmap.mmap, int]:
+    import _posixshmem  # CPython's own shm_open binding, what SharedMemory uses underneath
+
+    fd = _posixshmem.shm_open("/" + name, os.O_RDONLY, mode=0o600)
+    try:
+        size = os.fstat(fd).st_size
+        return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ), size
+    finally:
+        os.close(fd)
+
+
+def _attach_untracked(name: str) -> shared_memory.SharedMemory:
+    if sys.version_info >= (3, 13):
+        return shared_memory.SharedMemory(name=name, track=False)
+    from multiprocessing import resource_tracker
+
+    register = resource_tracker.register
+    resource_tracker.register = lambda *a, **k: None  # skip registration for this one attach
+    try:
+        return shared_memory.SharedMemory(name=name)
+    finally:
+        resource_tracker.register = register
+
+
+class SharedImageCache:
+    """A named shared-memory segment holding one C-contiguous array. Use create() or attach()."""
+
+    def __init__(self, name: str, shape: tuple[int, ...], dtype: np.dtype, buf, owner: bool, handle):
+        self.name, self.shape, self.dtype, self.owner = name, tuple(shape), np.dtype(dtype), owner
+        self._handle = handle  # what holds the mapping: SharedMemory (creator / non-POSIX) or mmap (POSIX reader)
+        self._shm = handle if owner else None  # the creator's SharedMemory, kept for unlink() after close()
+        self.array = np.ndarray(self.shape, self.dtype, buffer=buf)
+        self.array.flags.writeable = False
+
+    @classmethod
+    def create(cls, array: np.ndarray, name: str | None = None) -> "SharedImageCache":
+        """Copy `array` into a new segment (name: dptrain_<random> unless given) owned by this process."""
+        array = np.ascontiguousarray(array)
+        name = name or PREFIX + secrets.token_hex(6)
+        shm = shared_memory.SharedMemory(name=name, create=True, size=max(1, array.nbytes))
+        try:
+            np.ndarray(array.shape, array.dtype, buffer=shm.buf)[...] = array
+        except BaseException:
+            shm.close()
+            shm.unlink()
+            raise
+        return cls(name, array.shape, array.dtype, shm.buf, True, shm)
+
+    @classmethod
+    def attach(cls, spec: dict) -> "SharedImageCache":
+        """Attach read-only to the segment described by spec() of its creator, without registering it."""
+        name, shape, dtype = spec["name"], tuple(spec["shape"]), np.dtype(spec["dtype"])
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if os.name == "posix":
+            handle, size = _open_readonly(name)
+            buf = handle
+        else:
+            handle = _attach_untracked(name)
+            size, buf = handle.size, handle.buf
+        if size < nbytes:
+            handle.close()
+            raise ValueError(f"shared memory {name!r} holds {size} bytes, spec {shape} {dtype} needs {nbytes}")
+        return cls(name, shape, dtype, buf, False, handle)
+
+    def spec(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype.str}
+
+    def close(self) -> None:
+        """Drop this process's mapping. Views of `array` still held elsewhere keep it alive until collected."""
+        if self._handle is None:
+            return
+        self.array = None
+        handle, self._handle = self._handle, None
+        try:
+            handle.close()
+        except BufferError:  # someone still holds a view; the mapping goes when they do
+            pass
+
+    def unlink(self) -> None:
+        """Remove the segment's name (creator only); attached processes keep their mapping until they close."""
+        if not self.owner:
+            raise PermissionError(f"only the creator unlinks shared memory {self.name!r}")
+        try:
+            self._shm.unlink()
+        except FileNotFoundError:
+            pass
+        self.owner = False
+
+    def __enter__(self) -> "SharedImageCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+        if self.owner:
+            self.unlink()
+
+    def __repr__(self) -> str:
+        role = "owner" if self.owner else "reader"
+        return f"SharedImageCache({self.name!r}, shape={self.shape}, dtype={self.dtype}, {role})"
