@@ -1,0 +1,91 @@
+"""2-D convolution as im2col + one GEMM, in NHWC (see functional.py for the layout conventions).
+
+x: (N, H, W, C), w: (kh, kw, C, F), b: (F,) or None, out: (N, OH, OW, F) with
+OH = (H + 2*pad - kh) // stride + 1 (likewise OW), i.e. PyTorch's Conv2d(padding=pad, stride=stride) semantics.
+
+im2col writes a (N, OH, OW, kh, kw, C) buffer with kh*kw strided slice copies (one per tap) out of a padded copy of
+x whose zero border is written once and then reused; measured faster here than sliding_window_view + one copy,
+because each tap copy moves contiguous runs of C floats. Its (N*OH*OW, kh*kw*C) view times w viewed as
+(kh*kw*C, F) is the NHWC output. col2im is the adjoint: kh*kw strided adds into a zeroed padded buffer.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .functional import Workspace, colsum, scratch
+
+
+def _out_size(h: int, k: int, stride: int, pad: int) -> int:
+    return (h + 2 * pad - k) // stride + 1
+
+
+def conv2d_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, stride: int = 1, pad: int = 0,
+                   ws: Workspace | None = None) -> tuple[np.ndarray, tuple]:
+    """x: (N, H, W, C), w: (kh, kw, C, F), b: (F,) | None -> out (N, OH, OW, F), cache."""
+    N, H, W, C = x.shape
+    kh, kw, C2, F = w.shape
+    if C2 != C:
+        raise ValueError(f"conv2d: x has {C} channels, w expects {C2}")
+    OH, OW = _out_size(H, kh, stride, pad), _out_size(W, kw, stride, pad)
+    if OH < 1 or OW < 1:
+        raise ValueError(f"conv2d: input {H}x{W} too small for kernel {kh}x{kw} with pad {pad}")
+    M, K = N * OH * OW, kh * kw * C
+    if pad:
+        # zero border written when the buffer is created; only the interior is overwritten afterwards
+        xp = scratch(ws, "conv.xp", (N, H + 2 * pad, W + 2 * pad, C), x.dtype, zero_new=True)
+        xp[:, pad:pad + H, pad:pad + W, :] = x
+    else:
+        xp = x
+    if kh == kw == 1 and stride == 1:
+        cols = xp.reshape(M, K)  # (N*H*W, C): the input itself (a view when x is contiguous)
+    else:
+        cols6 = scratch(ws, "conv.cols", (N, OH, OW, kh, kw, C), x.dtype)
+        hs, ws_ = stride * (OH - 1) + 1, stride * (OW - 1) + 1  # extent of one tap's strided slice
+        for i in range(kh):
+            for j in range(kw):
+                cols6[:, :, :, i, j, :] = xp[:, i:i + hs:stride, j:j + ws_:stride, :]  # (N, OH, OW, C)
+        cols = cols6.reshape(M, K)  # (N*OH*OW, kh*kw*C)
+    out = scratch(ws, "conv.out", (N, OH, OW, F), x.dtype)
+    np.matmul(cols, w.reshape(K, F), out=out.reshape(M, F))  # (M, K) @ (K, F) -> (M, F) == NHWC out
+    if b is not None:
+        out += b
+    return out, (x.shape, cols, w, b is not None, stride, pad)
+
+
+def conv2d_backward(dout: np.ndarray, cache: tuple, need_dx: bool = True, ws: Workspace | None = None,
+                    dw_out: np.ndarray | None = None, db_out: np.ndarray | None = None):
+    """dout: (N, OH, OW, F) -> dx (N, H, W, C) | None, dw (kh, kw, C, F), db (F,) | None.
+
+    need_dx=False skips the input gradient (the first layer of a network). dw_out / db_out: arrays to write the
+    gradients into (the layer's Param.grad views); without them new arrays are returned. dx may be a view into
+    a workspace buffer (the interior of the padded gradient).
+    """
+    (N, H, W, C), cols, w, has_bias, stride, pad = cache
+    kh, kw, _, F = w.shape
+    OH, OW = dout.shape[1], dout.shape[2]
+    M, K = N * OH * OW, kh * kw * C
+    dout2 = dout.reshape(M, F)  # (N*OH*OW, F); copies only if dout is a strided view
+    dw2 = np.matmul(cols.T, dout2, out=None if dw_out is None else dw_out.reshape(K, F))  # (K, M) @ (M, F)
+    dw = dw2.reshape(kh, kw, C, F) if dw_out is None else dw_out
+    db = None
+    if has_bias:
+        db = colsum(dout2)  # (F,)
+        if db_out is not None:
+            db_out[...] = db
+            db = db_out
+    if not need_dx:
+        return None, dw, db
+    if kh == kw == 1 and stride == 1 and pad == 0:
+        dx = scratch(ws, "conv.dx", (N, H, W, C), dout.dtype)
+        np.matmul(dout2, w.reshape(K, F).T, out=dx.reshape(M, K))  # (M, F) @ (F, C) -> (N*H*W, C)
+        return dx, dw, db
+    dcols = scratch(ws, "conv.dcols", (M, K), dout.dtype)
+    np.matmul(dout2, w.reshape(K, F).T, out=dcols)  # (M, F) @ (F, K) -> (M, K)
+    dcols6 = dcols.reshape(N, OH, OW, kh, kw, C)
+    dxp = scratch(ws, "conv.dxp", (N, H + 2 * pad, W + 2 * pad, C), dout.dtype)
+    dxp.fill(0)
+    hs, ws_ = stride * (OH - 1) + 1, stride * (OW - 1) + 1
+    for i in range(kh):
+        for j in range(kw):
+            dxp[:, i:i + hs:stride, j:j + ws_:stride, :] += dcols6[:, :, :, i, j, :]  # (N, OH, OW, C)
+    return dxp[:, pad:pad + H, pad:pad + W, :], dw, db  # (N, H, W, C) view of the interior

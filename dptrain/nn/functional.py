@@ -1,0 +1,105 @@
+"""Elementwise and dense kernels, plus the scratch-buffer `Workspace` every kernel module shares.
+
+Conventions for all of dptrain.nn (conv.py, pool.py, norm.py, this file):
+- Layout is NHWC: images are (N, H, W, C). im2col of NHWC gives (N*OH*OW, kh*kw*C) rows directly and the GEMM
+  result (N*OH*OW, F) already *is* the NHWC output, so no transposes anywhere. Conv weights are (kh, kw, C, F),
+  Linear weights (in, out). A flattened image is its NHWC bytes: index ((h * W) + w) * C + c.
+- Every op is a pair `x_forward(...) -> (out, cache)`, `x_backward(dout, cache) -> (dx, ...)` (CS231n style).
+- Kernels keep the input dtype (float32 for training, float64 for finite-difference tests).
+- `ws` (optional): a `Workspace` owned by the calling layer. Outputs and scratch then live in arrays that are reused
+  on the next call with the same shape, so a training step does no large allocations (and no page faults).
+  Consequence: an output is only valid until the same layer runs again; copy it if you need to keep it.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+class Workspace:
+    """One reusable array per tag; reallocated only when the requested shape or dtype changes."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, np.ndarray] = {}
+
+    def get(self, tag: str, shape: tuple[int, ...], dtype, zero_new: bool = False) -> np.ndarray:
+        buf = self._bufs.get(tag)
+        if buf is None or buf.shape != shape or buf.dtype != dtype:
+            buf = np.zeros(shape, dtype) if zero_new else np.empty(shape, dtype)
+            self._bufs[tag] = buf
+        return buf
+
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self._bufs.values())
+
+
+def scratch(ws: Workspace | None, tag: str, shape: tuple[int, ...], dtype, zero_new: bool = False) -> np.ndarray:
+    """A buffer from `ws`, or a fresh one when there is no workspace."""
+    if ws is None:
+        return np.zeros(shape, dtype) if zero_new else np.empty(shape, dtype)
+    return ws.get(tag, shape, dtype, zero_new)
+
+
+_ONES: dict[tuple[int, np.dtype], np.ndarray] = {}
+
+
+def colsum(a: np.ndarray) -> np.ndarray:
+    """Sum of a 2-D (M, C) array over rows, as one GEMV against a cached ones vector.
+
+    Faster than `a.sum(0)` on a C-contiguous (M, C) array with small C, and blocked (so more accurate in float32).
+    """
+    key = (a.shape[0], a.dtype)
+    ones = _ONES.get(key)
+    if ones is None:
+        if len(_ONES) > 64:
+            _ONES.clear()
+        ones = _ONES[key] = np.ones(a.shape[0], a.dtype)
+    return ones @ a  # (C,)
+
+
+def relu_forward(x: np.ndarray, ws: Workspace | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """out = max(x, 0). x: any shape. cache: out (its sign is the derivative)."""
+    out = scratch(ws, "relu.out", x.shape, x.dtype)
+    np.maximum(x, 0, out=out)
+    return out, out
+
+
+def relu_backward(dout: np.ndarray, cache: np.ndarray, ws: Workspace | None = None) -> np.ndarray:
+    """dx = dout * (out > 0); sign(out) is that mask as floats, computed in one SIMD pass (out >= 0)."""
+    out = cache
+    dx = scratch(ws, "relu.dx", out.shape, out.dtype)
+    np.sign(out, out=dx)  # 1 where out > 0, 0 where out == 0
+    dx *= dout
+    return dx
+
+
+def linear_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> tuple[np.ndarray, tuple]:
+    """out = x @ w + b. x: (N, D), w: (D, O), b: (O,) or None -> out (N, O)."""
+    out = x @ w  # (N, O)
+    if b is not None:
+        out += b
+    return out, (x, w)
+
+
+def linear_backward(dout: np.ndarray, cache: tuple, need_dx: bool = True, dw_out: np.ndarray | None = None,
+                    db_out: np.ndarray | None = None) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+    """dout: (N, O) -> dx (N, D) (None if not need_dx), dw (D, O), db (O,).
+
+    dw_out / db_out: optional arrays the gradients are written into (the layer's Param.grad views).
+    """
+    x, w = cache
+    dw = np.matmul(x.T, dout, out=dw_out)  # (D, N) @ (N, O) -> (D, O)
+    db = colsum(dout)
+    if db_out is not None:
+        db_out[...] = db
+        db = db_out
+    dx = dout @ w.T if need_dx else None  # (N, O) @ (O, D) -> (N, D)
+    return dx, dw, db
+
+
+def flatten_forward(x: np.ndarray) -> tuple[np.ndarray, tuple[int, ...]]:
+    """(N, H, W, C) -> (N, H*W*C) in NHWC order (a view when x is contiguous)."""
+    return x.reshape(x.shape[0], -1), x.shape  # (N, H*W*C)
+
+
+def flatten_backward(dout: np.ndarray, cache: tuple[int, ...]) -> np.ndarray:
+    return dout.reshape(cache)  # (N, H*W*C) -> (N, H, W, C)

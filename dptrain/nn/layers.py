@@ -1,0 +1,244 @@
+"""Thin layer classes over the kernels: they register their tensors on a ParamStore, keep the forward cache and
+write gradients in place into their `Param.grad` views (`p.grad[...] = ...`, never rebinding), so a whole
+backward pass fills `store.grads` (DESIGN §2). Every backward fully overwrites its layer's gradients.
+
+Layout is NHWC; conv weights (kh, kw, C, F); Linear weights (in, out); see functional.py.
+Every layer: `forward(x, train) -> out`, `backward(dout) -> dx` (None when `need_dx` is False, which the model
+sets on its first layer). Outputs live in per-layer scratch buffers reused on the next call (see Workspace).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import conv, functional as F, norm, pool
+from .params import ParamStore, he_normal, ones, uniform_fan_in, zeros
+
+
+class Layer:
+    need_dx = True
+
+    def forward(self, x: np.ndarray, train: bool) -> np.ndarray:
+        raise NotImplementedError
+
+    def backward(self, dout: np.ndarray) -> np.ndarray | None:
+        raise NotImplementedError
+
+    def children(self) -> list["Layer"]:
+        return []
+
+
+class Conv2D(Layer):
+    """k x k convolution, NHWC. Params: `{name}.w` (k, k, cin, cout) He-normal; `{name}.b` (cout,) if bias."""
+
+    def __init__(self, store: ParamStore, name: str, cin: int, cout: int, k: int = 3, stride: int = 1,
+                 pad: int = 0, bias: bool = True):
+        self.name, self.stride, self.pad = name, stride, pad
+        self.w = store.param(f"{name}.w", (k, k, cin, cout), he_normal(k * k * cin), decay=True)
+        self.b = store.param(f"{name}.b", (cout,), zeros, decay=False) if bias else None
+        self.ws = F.Workspace()
+        self.cache = None
+
+    def forward(self, x, train):
+        out, self.cache = conv.conv2d_forward(x, self.w.data, None if self.b is None else self.b.data,
+                                              self.stride, self.pad, self.ws)
+        return out
+
+    def backward(self, dout):
+        dx, _, _ = conv.conv2d_backward(dout, self.cache, self.need_dx, self.ws, dw_out=self.w.grad,
+                                        db_out=None if self.b is None else self.b.grad)
+        return dx
+
+
+class _BatchNorm(Layer):
+    """Params `{name}.gamma` (ones), `{name}.beta` (zeros), both decay=False; buffers `{name}.running_mean`
+    (0) and `{name}.running_var` (1). After a train-mode forward, `moments` holds this step's local float64
+    `[count, sum, sumsq]`. `allreduce`: the SyncBatchNorm hook (see norm.py); None = ordinary BN."""
+
+    def __init__(self, store: ParamStore, name: str, C: int, eps: float = 1e-5):
+        self.name, self.C, self.eps = name, C, eps
+        self.gamma = store.param(f"{name}.gamma", (C,), ones, decay=False)
+        self.beta = store.param(f"{name}.beta", (C,), zeros, decay=False)
+        self.running_mean = store.buffer(f"{name}.running_mean", (C,), 0.0)
+        self.running_var = store.buffer(f"{name}.running_var", (C,), 1.0)
+        self.allreduce: norm.AllReduce | None = None
+        self.moments: np.ndarray | None = None
+        self.ws = F.Workspace()
+        self.cache = None
+
+    @property
+    def moments_size(self) -> int:
+        return 1 + 2 * self.C
+
+    def forward(self, x, train):
+        out, self.cache = norm.batchnorm_forward(x, self.gamma.data, self.beta.data, self.eps, train,
+                                                 self.running_mean.data, self.running_var.data,
+                                                 self.allreduce if train else None, self.ws)
+        if train:
+            self.moments = self.cache.moments
+        return out
+
+    def backward(self, dout):
+        if self.cache is None:
+            raise RuntimeError(f"{self.name}: backward needs a train-mode forward")
+        dx, dgamma, dbeta = norm.batchnorm_backward(dout, self.cache, self.ws)
+        self.gamma.grad[...] = dgamma
+        self.beta.grad[...] = dbeta
+        return dx
+
+    def update_running_stats(self, moments: np.ndarray, momentum: float) -> None:
+        norm.running_stats_from_moments(moments, self.running_mean.data, self.running_var.data, momentum)
+
+
+class BatchNorm2D(_BatchNorm):
+    """BatchNorm over (N, H, W, C): statistics over N*H*W per channel."""
+
+
+class BatchNorm1D(_BatchNorm):
+    """BatchNorm over (N, C): statistics over N per feature."""
+
+
+class ReLU(Layer):
+    def __init__(self):
+        self.ws = F.Workspace()
+        self.cache = None
+
+    def forward(self, x, train):
+        out, self.cache = F.relu_forward(x, self.ws)
+        return out
+
+    def backward(self, dout):
+        return F.relu_backward(dout, self.cache, self.ws)
+
+
+class MaxPool2D(Layer):
+    def __init__(self, k: int = 2, stride: int | None = None):
+        self.k, self.stride = k, stride or k
+        self.ws = F.Workspace()
+        self.cache = None
+
+    def forward(self, x, train):
+        out, self.cache = pool.maxpool2d_forward(x, self.k, self.stride, self.ws)
+        return out
+
+    def backward(self, dout):
+        return pool.maxpool2d_backward(dout, self.cache, self.ws)
+
+
+class AvgPool2D(MaxPool2D):
+    def forward(self, x, train):
+        out, self.cache = pool.avgpool2d_forward(x, self.k, self.stride, self.ws)
+        return out
+
+    def backward(self, dout):
+        return pool.avgpool2d_backward(dout, self.cache, self.ws)
+
+
+class Linear(Layer):
+    """x (N, din) @ w (din, dout) + b. Params `{name}.w` (din, dout), `{name}.b` (dout,) (decay=False).
+    init="he" (He-normal, for a hidden layer followed by ReLU) or "uniform" (PyTorch's default, for the head)."""
+
+    def __init__(self, store: ParamStore, name: str, din: int, dout: int, bias: bool = True, init: str = "he"):
+        self.name = name
+        winit = he_normal(din) if init == "he" else uniform_fan_in(din)
+        self.w = store.param(f"{name}.w", (din, dout), winit, decay=True)
+        self.b = store.param(f"{name}.b", (dout,), zeros if init == "he" else uniform_fan_in(din),
+                             decay=False) if bias else None
+        self.cache = None
+
+    def forward(self, x, train):
+        out, self.cache = F.linear_forward(x, self.w.data, None if self.b is None else self.b.data)
+        return out
+
+    def backward(self, dout):
+        dx, _, _ = F.linear_backward(dout, self.cache, self.need_dx, dw_out=self.w.grad,
+                                     db_out=None if self.b is None else self.b.grad)
+        return dx
+
+
+class Flatten(Layer):
+    """(N, H, W, C) -> (N, H*W*C) in NHWC order."""
+
+    def forward(self, x, train):
+        out, self.cache = F.flatten_forward(x)
+        return out
+
+    def backward(self, dout):
+        return F.flatten_backward(dout, self.cache)
+
+
+class Sequential(Layer):
+    def __init__(self, layers: list[Layer]):
+        self.layers = list(layers)
+
+    def children(self):
+        return self.layers
+
+    @property
+    def need_dx(self):  # the first layer decides whether an input gradient is produced
+        return self.layers[0].need_dx if self.layers else True
+
+    @need_dx.setter
+    def need_dx(self, value):
+        if self.layers:
+            self.layers[0].need_dx = value
+
+    def forward(self, x, train):
+        for layer in self.layers:
+            x = layer.forward(x, train)
+        return x
+
+    def backward(self, dout):
+        for layer in reversed(self.layers):
+            dout = layer.backward(dout)
+        return dout
+
+
+class ResidualBlock(Layer):
+    """out = ReLU(BN(conv3x3(ReLU(BN(conv3x3_s(x))))) + shortcut(x)); shortcut = BN(conv1x1_s(x)) when the
+    channels or the stride change, else identity. Convs have no bias (BN follows). Names: `{name}.conv1`,
+    `{name}.bn1`, `{name}.conv2`, `{name}.bn2`, `{name}.short.conv`, `{name}.short.bn`."""
+
+    def __init__(self, store: ParamStore, name: str, cin: int, cout: int, stride: int = 1, eps: float = 1e-5):
+        self.main = Sequential([
+            Conv2D(store, f"{name}.conv1", cin, cout, 3, stride, 1, bias=False),
+            BatchNorm2D(store, f"{name}.bn1", cout, eps), ReLU(),
+            Conv2D(store, f"{name}.conv2", cout, cout, 3, 1, 1, bias=False),
+            BatchNorm2D(store, f"{name}.bn2", cout, eps)])
+        self.short = None
+        if cin != cout or stride != 1:
+            self.short = Sequential([Conv2D(store, f"{name}.short.conv", cin, cout, 1, stride, 0, bias=False),
+                                     BatchNorm2D(store, f"{name}.short.bn", cout, eps)])
+        self.relu = ReLU()
+        self.ws = F.Workspace()
+
+    def children(self):
+        return [self.main] + ([self.short] if self.short else []) + [self.relu]
+
+    def forward(self, x, train):
+        y = self.main.forward(x, train)
+        s = x if self.short is None else self.short.forward(x, train)
+        z = self.ws.get("sum", y.shape, y.dtype)
+        np.add(y, s, out=z)
+        return self.relu.forward(z, train)
+
+    def backward(self, dout):
+        d = self.relu.backward(dout)
+        self.main.need_dx = self.need_dx
+        dmain = self.main.backward(d)
+        if self.short is not None:
+            self.short.need_dx = self.need_dx
+            dshort = self.short.backward(d)
+        else:
+            dshort = d
+        if not self.need_dx:
+            return None
+        dx = self.ws.get("dx", dmain.shape, dmain.dtype)
+        np.add(dmain, dshort, out=dx)
+        return dx
+
+
+def walk(layer: Layer):
+    """Every layer in forward (registration) order, depth first."""
+    yield layer
+    for child in layer.children():
+        yield from walk(child)

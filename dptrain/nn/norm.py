@@ -1,0 +1,114 @@
+"""Batch normalisation for (N, C) and NHWC (N, H, W, C) inputs, with an optional SyncBatchNorm all-reduce.
+
+Both cases run on the (M, C) view of x, M = N (1-D) or N*H*W (2-D): for NHWC that view is free.
+
+Train mode normalises with batch statistics (biased variance) and reports the *local* moments
+`[count, sum_c..., sumsq_c...]` (float64, length 1 + 2C) so that a coordinator can sum them over workers and
+update running statistics from the exact global moments (`update_running_stats`). It never touches the running
+statistics itself.
+
+SyncBatchNorm (DESIGN §4): with `allreduce` set (a function summing a float64 array over all workers), forward
+normalises with the mean/var of the all-reduced moments, and backward all-reduces `[sum(dy), sum(dy*xhat)]` and uses
+the global count M:  dx = gamma * invstd * (dy - sum_dy/M - xhat * sum_dy_xhat/M).
+dgamma/dbeta stay local sums (gradients are summed across workers elsewhere). N workers each holding a shard thus
+compute what one process computes on the whole batch.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import numpy as np
+
+from .functional import Workspace, colsum, scratch
+
+AllReduce = Callable[[np.ndarray], np.ndarray]
+
+
+class BNCache(NamedTuple):
+    xc: np.ndarray  # (M, C) x minus the mean used for normalising
+    invstd: np.ndarray  # (C,) 1 / sqrt(var + eps)
+    gamma: np.ndarray  # (C,)
+    count: float  # M of the normalisation (global under SyncBatchNorm)
+    allreduce: AllReduce | None
+    x_shape: tuple[int, ...]
+    moments: np.ndarray  # (1 + 2C,) float64 local [count, sum, sumsq]
+
+
+def batchnorm_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float, train: bool,
+                      running_mean: np.ndarray | None = None, running_var: np.ndarray | None = None,
+                      allreduce: AllReduce | None = None, ws: Workspace | None = None):
+    """x: (N, C) or (N, H, W, C); gamma, beta: (C,) -> out (same shape as x), cache (BNCache; None in eval).
+
+    Eval mode (train=False) normalises with running_mean / running_var (C,).
+    """
+    C = x.shape[-1]
+    x2 = x.reshape(-1, C)  # (M, C); copies only if x is a strided view
+    M = x2.shape[0]
+    out = scratch(ws, "bn.out", x.shape, x.dtype)
+    out2 = out.reshape(M, C)
+    if not train:
+        scale = (gamma / np.sqrt(running_var + eps)).astype(x.dtype)  # (C,)
+        shift = (beta - running_mean * scale).astype(x.dtype)
+        np.multiply(x2, scale, out=out2)
+        out2 += shift
+        return out, None
+    mean = colsum(x2) / x.dtype.type(M)  # (C,)
+    xc = scratch(ws, "bn.xc", (M, C), x.dtype)
+    np.subtract(x2, mean, out=xc)
+    tmp = scratch(ws, "bn.tmp", (M, C), x.dtype)
+    np.multiply(xc, xc, out=tmp)
+    q = colsum(tmp).astype(np.float64)  # (C,) sum of squared deviations from `mean`
+    m64 = mean.astype(np.float64)
+    # exact local moments of x in terms of the computed mean: sum = M*mean, sumsq = q + M*mean^2
+    moments = np.concatenate(([float(M)], m64 * M, q + M * m64 * m64))  # (1 + 2C,) float64
+    if allreduce is None:
+        count = float(M)
+        var = q / M
+    else:
+        g = np.asarray(allreduce(moments.copy()), dtype=np.float64)
+        count = float(g[0])
+        mean_g = g[1:1 + C] / count
+        var = np.maximum(g[1 + C:] / count - mean_g * mean_g, 0.0)
+        xc -= (mean_g - m64).astype(x.dtype)  # re-centre on the global mean
+    invstd = (1.0 / np.sqrt(var + eps)).astype(x.dtype)  # (C,)
+    np.multiply(xc, gamma * invstd, out=out2)
+    out2 += beta
+    return out, BNCache(xc, invstd, gamma, count, allreduce, x.shape, moments)
+
+
+def batchnorm_backward(dout: np.ndarray, cache: BNCache, ws: Workspace | None = None):
+    """dout: like x -> dx (like x), dgamma (C,), dbeta (C,) (local sums)."""
+    xc, invstd, gamma, count, allreduce, x_shape, _ = cache
+    M, C = xc.shape
+    dy = dout.reshape(M, C)  # (M, C)
+    tmp = scratch(ws, "bn.tmp", (M, C), dout.dtype)
+    dbeta = colsum(dy)  # (C,)
+    np.multiply(dy, xc, out=tmp)
+    dgamma = colsum(tmp) * invstd  # (C,) sum(dy * xhat)
+    sum_dy, sum_dy_xhat = dbeta, dgamma
+    if allreduce is not None:
+        g = np.asarray(allreduce(np.concatenate((dbeta, dgamma)).astype(np.float64)), dtype=np.float64)
+        sum_dy, sum_dy_xhat = g[:C].astype(dout.dtype), g[C:].astype(dout.dtype)
+    k1 = gamma * invstd  # (C,)
+    k2 = k1 * invstd * (sum_dy_xhat / dout.dtype.type(count))  # coefficient of xc
+    k3 = k1 * (sum_dy / dout.dtype.type(count))
+    dx = scratch(ws, "bn.dx", x_shape, dout.dtype)
+    dx2 = dx.reshape(M, C)
+    np.multiply(xc, k2, out=tmp)
+    tmp += k3
+    np.multiply(dy, k1, out=dx2)
+    dx2 -= tmp
+    return dx, dgamma, dbeta
+
+
+def running_stats_from_moments(moments: np.ndarray, running_mean: np.ndarray, running_var: np.ndarray,
+                               momentum: float) -> None:
+    """Update running_mean / running_var (C,) in place from `[count, sum, sumsq]` (PyTorch's convention:
+    running = (1 - m) * running + m * batch, with the unbiased batch variance)."""
+    C = running_mean.shape[0]
+    count = float(moments[0])
+    s, ss = moments[1:1 + C], moments[1 + C:1 + 2 * C]
+    mean = s / count
+    var = (ss - s * s / count) / max(count - 1.0, 1.0)
+    running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean
+    running_var[...] = (1.0 - momentum) * running_var + momentum * np.maximum(var, 0.0)

@@ -1,0 +1,31 @@
+"""Centred finite differences and the relative error used by the nn tests (CS231n gradient_check style)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+
+def rel_error(a: np.ndarray, b: np.ndarray, tiny: float = 1e-12) -> float:
+    """max|a - b| / max(max|a|, max|b|, tiny): one scale per tensor, so near-zero entries do not blow it up."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    if a.size == 0:
+        return 0.0
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(a)), np.max(np.abs(b)), tiny))
+
+
+def numeric_grad(f: Callable[[], float], x: np.ndarray, h: float = 1e-5,
+                 indices: list[tuple[int, ...]] | None = None) -> np.ndarray:
+    """d f() / d x by centred differences, perturbing x in place (every entry, or only `indices`; the others
+    stay 0). f must read x afresh on every call."""
+    grad = np.zeros_like(x, dtype=np.float64)
+    for ix in (np.ndindex(*x.shape) if indices is None else indices):
+        old = x[ix]
+        x[ix] = old + h
+        fp = f()
+        x[ix] = old - h
+        fm = f()
+        x[ix] = old
+        grad[ix] = (fp - fm) / (2 * h)
+    return grad
