@@ -1,0 +1,343 @@
+"""dptrain wire protocol: message kinds, encode and decode. No sockets here.
+
+Every message is a list of ZeroMQ frames::
+
+    frame 0      msgpack header: {"v": 1, "kind": int, "run": str, "step": int, "rank": int,
+                                  "arrays": [[name, dtype, shape], ...], **kind-specific fields}
+    frame 1..n   one raw, C-order, little-endian buffer per entry of "arrays", in that order
+
+`encode()` builds that list with the array frames as zero-copy views, for
+``socket.send_multipart(frames, copy=False)``. Do not write to a sent array until
+libzmq has released it (send with ``track=True`` and wait on the tracker, or send a
+fresh buffer each step); pyzmq copies frames below ``zmq.COPY_THRESHOLD`` anyway.
+
+`decode()` takes what ``recv_multipart(copy=False)`` returns (``zmq.Frame``; bytes,
+bytearray and memoryview also work) and returns a `Message` whose arrays are read-only
+numpy views over the frame buffers. Every size is bounded by `Limits` *before*
+anything is allocated, and any violation raises `ProtocolError(reason)` and nothing
+else: the caller logs the reason and drops the message (the coordinator never dies of
+a bad message). Never pickle: msgpack holds only plain data, arrays travel as bytes.
+
+ROUTER/DEALER framing: a DEALER sends exactly ``encode(...)``. The coordinator's ROUTER
+receives ``[identity, *frames]``; the caller strips the identity before decode and
+puts it back in front when replying::
+
+    identity, *frames = router.recv_multipart(copy=False)
+    msg = decode(frames, run=run_id, limits=limits)
+    router.send_multipart([identity.bytes, *encode(Kind.STEP, run_id, ...)], copy=False)
+
+There is no empty delimiter frame (that is REQ's envelope, and we never use REQ).
+
+Header fields per kind (required; the sender may add others, passed through unchecked):
+
+    kind             direction              fields                                      arrays
+    HELLO            peer -> coordinator    role str ("worker"|"agent"), host str,      -
+                                            pid int, versions map, code_hash str
+    WELCOME          coordinator -> peer    world_size int, config map, shm map         -
+    READY            peer -> coordinator    -                                           -
+    STEP             coordinator -> worker  weights_version int, epoch int, flags map   indices (int32|int64),
+                                                                                        optional weights
+    RESULT           worker -> coordinator  count int, loss_sum float, correct int,     grad if grad_slot == -1,
+                                            grad_slot int (>=0: shm slot, -1: grad in   optional bn_moments
+                                            a frame, -2: no gradient, e.g. eval),
+                                            timings map
+    BN_REDUCE        worker -> coordinator  layer int, phase str ("fwd"|"bwd")          moments (float32|float64)
+    BN_REDUCED       coordinator -> workers layer int, phase str                        moments (float32|float64)
+    HEARTBEAT        both ways              -                                           -
+    STOP             coordinator -> peer    reason str                                  -
+    ERROR            peer -> coordinator    message str, traceback str                  -
+    PREFLIGHT        coordinator -> peer    checks map (check name -> expected value)   -
+    PREFLIGHT_REPLY  peer -> coordinator    results map (check name -> [ok, detail])    -
+    LOG              peer -> coordinator    lines list of str                           -
+
+`rank` is -1 for the coordinator and for a peer that has no rank yet. HELLO is the one
+kind whose `run` is not checked by decode: the caller compares it and answers STOP.
+"""
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import numpy as np
+
+PROTOCOL_VERSION = 1  # bump on any incompatible change to the header or the kinds
+
+
+class Kind(enum.IntEnum):
+    """Message kinds; the values are what travels in the header's "kind"."""
+    HELLO = 1            # peer -> coordinator: who I am (rank, host, pid, versions, code hash)
+    WELCOME = 2          # coordinator -> peer: run config subset, world size, shared-memory names
+    READY = 3            # peer -> coordinator: attached shm, built the model, waiting for STEP
+    STEP = 4             # coordinator -> worker: run step k on this shard with weights version v
+    RESULT = 5           # worker -> coordinator: grad (frame or shm slot), counts, loss, BN moments, timings
+    BN_REDUCE = 6        # worker -> coordinator: one sync-BN layer's local moments
+    BN_REDUCED = 7       # coordinator -> workers: that layer's globally reduced moments
+    HEARTBEAT = 8        # both ways: I am alive (about every second)
+    STOP = 9             # coordinator -> peer: exit now, with a reason
+    ERROR = 10           # peer -> coordinator: I failed, here is the traceback
+    PREFLIGHT = 11       # coordinator -> peer: run these checks before step 0
+    PREFLIGHT_REPLY = 12 # peer -> coordinator: the check results
+    LOG = 13             # peer -> coordinator: my last log lines
+
+
+# Wire dtypes by name; always little-endian on the wire whatever the host.
+DTYPES: dict[str, np.dtype] = {
+    name: np.dtype(code) for name, code in
+    [("float16", "<f2"), ("float32", "<f4"), ("float64", "<f8"),
+     ("int32", "<i4"), ("int64", "<i8"), ("uint8", "u1")]
+}
+
+RESERVED = frozenset({"v", "kind", "run", "step", "rank", "arrays"})  # header keys that are not fields
+
+_NUM = (int, float)
+# kind -> required field -> accepted Python types (bool is rejected where int/float is asked).
+SCHEMA: dict[Kind, dict[str, tuple[type, ...]]] = {
+    Kind.HELLO: {"role": (str,), "host": (str,), "pid": (int,), "versions": (dict,), "code_hash": (str,)},
+    Kind.WELCOME: {"world_size": (int,), "config": (dict,), "shm": (dict,)},
+    Kind.READY: {},
+    Kind.STEP: {"weights_version": (int,), "epoch": (int,), "flags": (dict,)},
+    Kind.RESULT: {"count": (int,), "loss_sum": _NUM, "correct": (int,), "grad_slot": (int,),
+                  "timings": (dict,)},
+    Kind.BN_REDUCE: {"layer": (int,), "phase": (str,)},
+    Kind.BN_REDUCED: {"layer": (int,), "phase": (str,)},
+    Kind.HEARTBEAT: {},
+    Kind.STOP: {"reason": (str,)},
+    Kind.ERROR: {"message": (str,), "traceback": (str,)},
+    Kind.PREFLIGHT: {"checks": (dict,)},
+    Kind.PREFLIGHT_REPLY: {"results": (dict,)},
+    Kind.LOG: {"lines": (list,)},
+}
+# kind -> array that must be present -> accepted dtype names
+REQUIRED_ARRAYS: dict[Kind, dict[str, tuple[str, ...]]] = {
+    Kind.STEP: {"indices": ("int32", "int64")},
+    Kind.BN_REDUCE: {"moments": ("float32", "float64")},
+    Kind.BN_REDUCED: {"moments": ("float32", "float64")},
+}
+
+
+class ProtocolError(ValueError):
+    """A message that must be dropped; str(e) is a short reason fit for one log line."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Receive-side bounds, checked before any allocation."""
+    max_header_bytes: int = 1 << 20        # msgpack header frame (configs, tracebacks, log lines fit)
+    max_container_len: int = 1 << 16       # any msgpack list or map in the header
+    max_arrays: int = 64                   # array frames per message
+    max_ndim: int = 8                      # dimensions per array
+    max_array_elements: int = 1 << 28      # per array: 1 GiB of float32; the seed CNN's grad is 9.4 M
+    max_message_bytes: int = 1 << 31       # header + all array frames together
+    max_name_len: int = 128                # array names and the run id
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass
+class Message:
+    """A decoded message. `arrays` are read-only views over the received frames."""
+    kind: Kind
+    run: str
+    step: int
+    rank: int
+    fields: dict[str, Any] = field(default_factory=dict)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def _short(x: Any) -> str:
+    """repr for a log line: a hostile header must not turn one reason into a megabyte."""
+    r = repr(x)
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _type_ok(x: Any, types: tuple[type, ...]) -> bool:
+    return not isinstance(x, bool) and isinstance(x, types)
+
+
+def _check_schema(kind: Kind, fields: dict[str, Any], names: dict[str, str]) -> None:
+    """Required fields and arrays of `kind`; `names` maps array name -> dtype name."""
+    for key, types in SCHEMA[kind].items():
+        if key not in fields:
+            raise ProtocolError(f"{kind.name}: missing field {key!r}")
+        if not _type_ok(fields[key], types):
+            raise ProtocolError(f"{kind.name}: field {key!r} is {type(fields[key]).__name__}, "
+                                f"expected {'/'.join(t.__name__ for t in types)}")
+    for name, dtypes in REQUIRED_ARRAYS.get(kind, {}).items():
+        if name not in names:
+            raise ProtocolError(f"{kind.name}: missing array {name!r}")
+        if names[name] not in dtypes:
+            raise ProtocolError(f"{kind.name}: array {name!r} is {names[name]}, expected {'/'.join(dtypes)}")
+    if kind is Kind.RESULT and fields["grad_slot"] == -1 and "grad" not in names:
+        raise ProtocolError("RESULT: grad_slot -1 but no 'grad' array")
+
+
+def _plain(x: Any) -> Any:
+    """msgpack `default` hook: numpy scalars become Python scalars; anything else is refused."""
+    if isinstance(x, np.generic):
+        return x.item()
+    raise TypeError(f"cannot put {type(x).__name__} in a header (arrays go in `arrays=`)")
+
+
+def encode(kind: Kind | int, run: str, step: int = 0, rank: int = -1,
+           arrays: dict[str, np.ndarray] | None = None, **fields: Any) -> list[bytes | memoryview]:
+    """Frames for ``send_multipart(frames, copy=False)``: header bytes, then one view per array.
+
+    C-contiguous little-endian arrays are sent without a copy; others are copied once
+    into that layout. A bad argument (unknown kind, unlisted dtype, missing field)
+    raises ProtocolError, so the sender learns what the receiver would have refused.
+    """
+    try:
+        kind = Kind(kind)
+    except ValueError:
+        raise ProtocolError(f"unknown kind {kind!r}") from None
+    if not isinstance(run, str) or not _is_int(step) or not _is_int(rank):
+        raise ProtocolError("run must be str, step and rank int")
+    bad = RESERVED.intersection(fields)
+    if bad:
+        raise ProtocolError(f"reserved header keys used as fields: {sorted(bad)}")
+    fields = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in fields.items()}
+    descs, frames, names = [], [], {}
+    for name, a in (arrays or {}).items():
+        a = np.asarray(a)
+        if not isinstance(name, str) or a.dtype.name not in DTYPES:
+            raise ProtocolError(f"array {name!r}: dtype {a.dtype} is not one of {sorted(DTYPES)}")
+        a = np.asarray(a, dtype=DTYPES[a.dtype.name], order="C")  # no copy when already wire layout
+        descs.append([name, a.dtype.name, list(a.shape)])
+        names[name] = a.dtype.name
+        frames.append(a.reshape(-1).view(np.uint8).data)  # (nbytes,) byte view, shares memory with a
+    _check_schema(kind, fields, names)
+    header = {"v": PROTOCOL_VERSION, "kind": int(kind), "run": run, "step": step, "rank": rank,
+              "arrays": descs, **fields}
+    try:
+        head = msgpack.packb(header, default=_plain, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ProtocolError(f"header does not pack: {e}") from None
+    return [head, *frames]
+
+
+def _buffer(frame: Any, i: int) -> memoryview:
+    """A flat byte view of one frame without copying it."""
+    if isinstance(frame, (bytes, bytearray, memoryview, np.ndarray)):
+        buf = memoryview(frame)
+    else:
+        buf = getattr(frame, "buffer", None)  # zmq.Frame from recv_multipart(copy=False)
+        if not isinstance(buf, memoryview):
+            raise ProtocolError(f"frame {i} is a {type(frame).__name__}, not a buffer")
+    if not buf.c_contiguous:
+        raise ProtocolError(f"frame {i} is not contiguous")
+    if buf.ndim != 1 or buf.format != "B":
+        buf = buf.cast("B")
+    return buf
+
+
+def _array_descs(descs: Any, limits: Limits) -> list[tuple[str, np.dtype, tuple[int, ...], int]]:
+    """Validate the header's "arrays" list -> [(name, dtype, shape, nbytes)]."""
+    if not isinstance(descs, list):
+        raise ProtocolError(f"'arrays' is {type(descs).__name__}, expected list")
+    if len(descs) > limits.max_arrays:
+        raise ProtocolError(f"{len(descs)} arrays > max {limits.max_arrays}")
+    out, seen = [], set()
+    for j, d in enumerate(descs):
+        if not (isinstance(d, list) and len(d) == 3):
+            raise ProtocolError(f"array descriptor {j} is not [name, dtype, shape]")
+        name, dtype, shape = d
+        if not isinstance(name, str) or not 0 < len(name) <= limits.max_name_len:
+            raise ProtocolError(f"array descriptor {j}: bad name")
+        if name in seen:
+            raise ProtocolError(f"array {name!r} listed twice")
+        seen.add(name)
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise ProtocolError(f"array {name!r}: dtype {_short(dtype)} not allowed")
+        if not isinstance(shape, list) or len(shape) > limits.max_ndim:
+            raise ProtocolError(f"array {name!r}: shape must be a list of at most {limits.max_ndim} ints")
+        if not all(_is_int(n) and 0 <= n <= limits.max_array_elements for n in shape):
+            raise ProtocolError(f"array {name!r}: bad shape {_short(shape)}")
+        count = math.prod(shape)  # exact Python int: each dim is bounded, so no overflow games
+        if count > limits.max_array_elements:
+            raise ProtocolError(f"array {name!r}: {count} elements > max {limits.max_array_elements}")
+        out.append((name, DTYPES[dtype], tuple(shape), count * DTYPES[dtype].itemsize))
+    return out
+
+
+def _reject_ext(code: int, data: bytes) -> Any:
+    raise ProtocolError(f"msgpack ext type {code} not allowed")
+
+
+def decode(frames: Any, *, run: str | None, limits: Limits = DEFAULT_LIMITS) -> Message:
+    """Check and decode one message (identity frame already stripped); see the module docstring.
+
+    `run`: the expected run id, or None to accept any (a HELLO's run is never checked here).
+    Raises ProtocolError, and only ProtocolError, for anything it will not accept.
+    """
+    try:
+        return _decode(frames, run, limits)
+    except ProtocolError:
+        raise
+    except Exception as e:  # belt and braces: a decode bug must still only drop the message
+        raise ProtocolError(f"undecodable message ({type(e).__name__})") from e
+
+
+def _decode(frames: Any, run: str | None, limits: Limits) -> Message:
+    if not isinstance(frames, (list, tuple)) or not frames:
+        raise ProtocolError("no frames")
+    if len(frames) > limits.max_arrays + 1:
+        raise ProtocolError(f"{len(frames)} frames > max {limits.max_arrays + 1}")
+    bufs = [_buffer(f, i) for i, f in enumerate(frames)]  # views only; nothing is read yet
+    head = bufs[0]
+    if len(head) > limits.max_header_bytes:
+        raise ProtocolError(f"header is {len(head)} bytes > max {limits.max_header_bytes}")
+    n = limits.max_container_len
+    try:
+        header = msgpack.unpackb(head, raw=False, strict_map_key=True, use_list=True,
+                                 ext_hook=_reject_ext, max_ext_len=0,
+                                 max_str_len=limits.max_header_bytes, max_bin_len=limits.max_header_bytes,
+                                 max_array_len=n, max_map_len=n)
+    except ProtocolError:
+        raise
+    except Exception as e:  # ExtraData, FormatError, StackError, ValueError, UnicodeDecodeError...
+        raise ProtocolError(f"bad msgpack header ({type(e).__name__})") from None
+    if not isinstance(header, dict):
+        raise ProtocolError(f"header is {type(header).__name__}, expected map")
+    if not all(isinstance(k, str) for k in header):
+        raise ProtocolError("header has non-string keys")
+    for key in ("v", "kind", "run", "step", "rank", "arrays"):
+        if key not in header:
+            raise ProtocolError(f"header lacks {key!r}")
+    v, kind, msg_run, step, rank = (header[k] for k in ("v", "kind", "run", "step", "rank"))
+    if not _is_int(v) or v != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {_short(v)}, expected {PROTOCOL_VERSION}")
+    if not _is_int(kind) or kind not in Kind._value2member_map_:
+        raise ProtocolError(f"unknown kind {_short(kind)}")
+    kind = Kind(kind)
+    if not isinstance(msg_run, str) or len(msg_run) > limits.max_name_len:
+        raise ProtocolError("bad run id")
+    if run is not None and kind is not Kind.HELLO and msg_run != run:
+        raise ProtocolError(f"{kind.name} for run {msg_run!r}, expected {run!r}")
+    if not _is_int(step) or not _is_int(rank) or rank < -1:
+        raise ProtocolError(f"bad step/rank {_short(step)}/{_short(rank)}")
+    descs = _array_descs(header["arrays"], limits)
+    if len(bufs) != len(descs) + 1:
+        raise ProtocolError(f"{len(bufs)} frames for {len(descs)} arrays (expected {len(descs) + 1})")
+    total = len(head) + sum(d[3] for d in descs)
+    if total > limits.max_message_bytes:
+        raise ProtocolError(f"message is {total} bytes > max {limits.max_message_bytes}")
+    arrays = {}
+    for i, ((name, dtype, shape, nbytes), buf) in enumerate(zip(descs, bufs[1:]), start=1):
+        if len(buf) != nbytes:
+            raise ProtocolError(f"frame {i} ({name!r} {dtype.name}{list(shape)}) is {len(buf)} bytes, "
+                                f"expected {nbytes}")
+        a = np.frombuffer(buf, dtype=dtype) if nbytes else np.empty(0, dtype)
+        a = a.reshape(shape)
+        a.flags.writeable = False  # a view over a received frame is not scratch space
+        arrays[name] = a
+    fields = {k: val for k, val in header.items() if k not in RESERVED}
+    _check_schema(kind, fields, {name: d.name for name, d, _, _ in descs})
+    return Message(kind=kind, run=msg_run, step=step, rank=rank, fields=fields, arrays=arrays)
