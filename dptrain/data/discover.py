@@ -1,8 +1,8 @@
 """Find an LFW-style dataset: one sub-folder per class with images inside, as a folder or a tar archive.
 
     root/Name/Name_0001.jpg           (folder)
-    lfw.tgz -> lfw/Name/Name_0001.jpg (archive; one extra top-level folder is stripped, as are more if all
-                                       images share them)
+    lfw.tgz -> lfw/Name/Name_0001.jpg (archive, or a folder holding lfw/: a single top-level folder with class
+                                       folders inside is a wrapper and is stripped, repeatedly)
 
 Entries are named by their path relative to the dataset root (`Name/Name_0001.jpg`) whatever the container, so a
 folder and its archive give the same entries. Hidden files and folders (leading '.'), `__MACOSX`, non-image
@@ -61,9 +61,10 @@ def _is_image(name: str) -> bool:
 
 
 def _strip_common_top(paths: list[tuple[str, ...]]) -> int:
-    """How many leading folders all image paths share while still leaving (class, file) below them."""
+    """How many leading folders to strip: while every image lies under one single top folder and some lie two
+    levels below it (top/Class/file), that folder is a wrapper (lfw.tgz's `lfw/`), not a class."""
     depth = 0
-    while paths and all(len(p) >= depth + 3 for p in paths) and len({p[depth] for p in paths}) == 1:
+    while paths and len({p[depth] for p in paths}) == 1 and any(len(p) >= depth + 3 for p in paths):
         depth += 1
     return depth
 
