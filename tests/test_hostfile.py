@@ -1,0 +1,103 @@
+"""dptrain.dist.hostfile: parsed hosts and rank tables compare against hand-written expectations taken from
+the OpenMPI/Horovod/DeepSpeed hostfile and filter documentation; each error must name its file and line."""
+import pytest
+
+from dptrain.dist.hostfile import (HostfileError, HostSlots, RankEntry, assign_ranks, filter_hosts,
+                                   parse_filter, parse_hostfile, parse_hostfile_text, parse_hosts)
+
+HOSTFILE = """\
+# cluster for the LFW run
+node-a slots=4        # trailing comment
+
+alice@node-b slots=2
+node-c
+   node-d:2
+node-e slots = 3
+"""
+
+
+def test_parse_hostfile(tmp_path):
+    path = tmp_path / "hosts"
+    path.write_text(HOSTFILE)
+    hosts = parse_hostfile(path)
+    assert hosts == [HostSlots("node-a", 4), HostSlots("alice@node-b", 2), HostSlots("node-c", 1),
+                     HostSlots("node-d", 2), HostSlots("node-e", 3)]
+    assert hosts[1].hostname == "node-b" and hosts[0].slot_ids == (0, 1, 2, 3)
+
+
+def test_assign_ranks_packs_each_host_first():
+    table = assign_ranks(parse_hosts("a:2,b,c:3"))
+    assert table == [(0, "a", 0), (1, "a", 1), (2, "b", 0), (3, "c", 0), (4, "c", 1), (5, "c", 2)]
+    assert isinstance(table[0], RankEntry) and table[3].host == "c"
+
+
+@pytest.mark.parametrize("text, match", [
+    ("a slots=2\nb\na slots=1\n", r"hosts:3: duplicate host 'a' \(first at hosts:1\)"),
+    ("a\nbob@a\n", r"hosts:2: duplicate host 'a'"),
+    ("a slots=x\n", r"hosts:1: slot count"),
+    ("a slots=0\n", r"hosts:1: slot count"),
+    ("a slots=-1\n", r"hosts:1: slot count"),
+    ("a max_slots=4\n", r"hosts:1: unknown option 'max_slots=4'"),
+    ("a slots 4\n", r"hosts:1: expected 'host slots=N', got 'a slots 4'"),
+    ("a slots=2 extra\n", r"hosts:1: expected 'host slots=N'"),
+    ("a:2 slots=2\n", r"hosts:1: use either"),
+    ("\n\nbad_host! slots=2\n", r"hosts:3: bad host name"),
+    ("a:22:1\n", r"hosts:1:"),
+    ("# nothing\n\n", r"hosts: no hosts"),
+])
+def test_hostfile_errors_name_file_and_line(text, match):
+    with pytest.raises(HostfileError, match=match):
+        parse_hostfile_text(text, "hosts")
+
+
+def test_unreadable_hostfile(tmp_path):
+    with pytest.raises(HostfileError, match="cannot read"):
+        parse_hostfile(tmp_path / "missing")
+
+
+def test_parse_hosts():
+    assert parse_hosts("a:4,b:4") == [HostSlots("a", 4), HostSlots("b", 4)]
+    assert parse_hosts(" a , bob@b:2") == [HostSlots("a", 1), HostSlots("bob@b", 2)]
+    for bad, match in [("a:4,a:2", "duplicate"), ("a,,b", "empty host"), ("a:0", "slot count"), ("", "empty")]:
+        with pytest.raises(HostfileError, match=match):
+            parse_hosts(bad)
+
+
+def test_parse_filter():
+    assert parse_filter("a:0,2@b") == {"a": (0, 2), "b": None}
+    for bad in ["a:x", "a:0,0", "a@a", "a:", "a:-1", "@b"]:
+        with pytest.raises(HostfileError):
+            parse_filter(bad)
+
+
+def test_include_and_exclude_deepspeed_style():
+    hosts = parse_hosts("a:4,b:2,c:1")
+    assert filter_hosts(hosts) == hosts
+    assert filter_hosts(hosts, include="c@a:0,2") == [HostSlots("a", 2, (0, 2)), HostSlots("c", 1)]
+    assert filter_hosts(hosts, include="b") == [HostSlots("b", 2)]
+    assert filter_hosts(hosts, exclude="a:3@c") == [HostSlots("a", 3, (0, 1, 2)), HostSlots("b", 2)]
+    # ranks count the surviving slots; local_rank is the position, slot_ids keep the original slot
+    assert assign_ranks(filter_hosts(hosts, include="a:1,3")) == [(0, "a", 0), (1, "a", 1)]
+
+
+def test_filters_compare_bare_host_names():
+    hosts = parse_hosts("alice@a:2,b")
+    assert filter_hosts(hosts, exclude="a:0") == [HostSlots("alice@a", 1, (1,)), HostSlots("b", 1)]
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(include="a", exclude="b"), "mutually exclusive"),
+    (dict(include="z"), "'z', which is not in the host list"),
+    (dict(include="a:7"), r"slots \[7\] of 'a'"),
+    (dict(exclude="a@b"), "leaves no slots"),
+])
+def test_filter_errors(kw, match):
+    with pytest.raises(HostfileError, match=match):
+        filter_hosts(parse_hosts("a:2,b"), **kw)
+
+
+def test_filter_of_filter_keeps_original_slot_ids():
+    once = filter_hosts(parse_hosts("a:4"), exclude="a:0")
+    assert filter_hosts(once, exclude="a:2") == [HostSlots("a", 2, (1, 3))]
+    with pytest.raises(HostfileError, match=r"slots \[0\]"):
+        filter_hosts(once, include="a:0")
