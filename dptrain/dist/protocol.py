@@ -28,7 +28,9 @@ puts it back in front when replying::
 
 There is no empty delimiter frame (that is REQ's envelope, and we never use REQ).
 
-Header fields per kind (required; the sender may add others, passed through unchecked):
+Header fields per kind (required; the sender may add others, passed through unchecked).
+decode checks each required field's top-level type only (bool never counts as int):
+the values of role/phase and what is inside a map or list are the receiver's to check.
 
     kind             direction              fields                                      arrays
     HELLO            peer -> coordinator    role str ("worker"|"agent"), host str,      -
