@@ -12,9 +12,12 @@ name and gets a read-only numpy view of the same pages, never a copy.
 Python 3.11 pitfall (CPython gh-82300, fixed by `track=False` only in 3.13): `SharedMemory(name)` in a process
 registers the segment with *that* process's resource_tracker, which unlinks it when the process exits, so a
 spawned worker finishing would destroy the creator's segment. Attaching therefore never registers: on POSIX it
-opens the segment read-only with shm_open + mmap(PROT_READ) (writes fault at the OS level, not just in numpy);
-elsewhere it uses `track=False` (3.13+) or SharedMemory without registration. Only the creator's segment is
-tracked, so if the creator dies its tracker still unlinks it. Names start with `dptrain_` so leaks are easy to
+opens the segment read-only with shm_open + mmap(PROT_READ) (writes fault at the OS level, not just in numpy).
+Only the creator's segment is tracked, so if the creator dies its tracker still unlinks it.
+
+Second pitfall: numpy arrays on a buffer keep a reference to the mmap but no buffer export, so closing the mmap
+(SharedMemory.close(), also called by its __del__) under a live view makes the next read segfault. So no mapping is
+ever closed by hand here: close() drops references and the pages go when the last view does. Names start with `dptrain_` so leaks are easy to
 find (`ls /dev/shm/dptrain_*`) and remove.
 """
 from __future__ import annotations
@@ -22,7 +25,6 @@ from __future__ import annotations
 import mmap
 import os
 import secrets
-import sys
 from multiprocessing import shared_memory
 
 import numpy as np
@@ -41,26 +43,13 @@ def _open_readonly(name: str) -> tuple[mmap.mmap, int]:
         os.close(fd)
 
 
-def _attach_untracked(name: str) -> shared_memory.SharedMemory:
-    if sys.version_info >= (3, 13):
-        return shared_memory.SharedMemory(name=name, track=False)
-    from multiprocessing import resource_tracker
-
-    register = resource_tracker.register
-    resource_tracker.register = lambda *a, **k: None  # skip registration for this one attach
-    try:
-        return shared_memory.SharedMemory(name=name)
-    finally:
-        resource_tracker.register = register
-
-
 class SharedImageCache:
     """A named shared-memory segment holding one C-contiguous array. Use create() or attach()."""
 
-    def __init__(self, name: str, shape: tuple[int, ...], dtype: np.dtype, buf, owner: bool, handle):
+    def __init__(self, name: str, shape: tuple[int, ...], dtype: np.dtype, buf, owner: bool, shm=None):
         self.name, self.shape, self.dtype, self.owner = name, tuple(shape), np.dtype(dtype), owner
-        self._handle = handle  # what holds the mapping: SharedMemory (creator / non-POSIX) or mmap (POSIX reader)
-        self._shm = handle if owner else None  # the creator's SharedMemory, kept for unlink() after close()
+        self._shm = shm  # the creator's SharedMemory (already closed on POSIX), kept for unlink()
+        self._buf = buf  # what holds the mapping
         self.array = np.ndarray(self.shape, self.dtype, buffer=buf)
         self.array.flags.writeable = False
 
@@ -72,11 +61,18 @@ class SharedImageCache:
         shm = shared_memory.SharedMemory(name=name, create=True, size=max(1, array.nbytes))
         try:
             np.ndarray(array.shape, array.dtype, buffer=shm.buf)[...] = array
+            if os.name != "posix":
+                return cls(name, array.shape, array.dtype, shm.buf, True, shm)
+            # Map it again read-only and close SharedMemory's own mapping: numpy views keep a reference to the
+            # mmap object but no buffer export, so SharedMemory.close() (also run by its __del__) would unmap
+            # pages under live views and crash. Our mmap is unmapped only when the last view is collected.
+            buf, _ = _open_readonly(name)
+            shm.close()
         except BaseException:
             shm.close()
             shm.unlink()
             raise
-        return cls(name, array.shape, array.dtype, shm.buf, True, shm)
+        return cls(name, array.shape, array.dtype, buf, True, shm)
 
     @classmethod
     def attach(cls, spec: dict) -> "SharedImageCache":
@@ -84,36 +80,29 @@ class SharedImageCache:
         name, shape, dtype = spec["name"], tuple(spec["shape"]), np.dtype(spec["dtype"])
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         if os.name == "posix":
-            handle, size = _open_readonly(name)
-            buf = handle
-        else:
-            handle = _attach_untracked(name)
-            size, buf = handle.size, handle.buf
+            buf, size = _open_readonly(name)
+        else:  # Windows: no resource tracker for shared memory, the segment lives while a handle is open
+            handle = shared_memory.SharedMemory(name=name)
+            buf, size = handle.buf, handle.size
         if size < nbytes:
-            handle.close()
             raise ValueError(f"shared memory {name!r} holds {size} bytes, spec {shape} {dtype} needs {nbytes}")
-        return cls(name, shape, dtype, buf, False, handle)
+        return cls(name, shape, dtype, buf, False)
 
     def spec(self) -> dict:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype.str}
 
     def close(self) -> None:
-        """Drop this process's mapping. Views of `array` still held elsewhere keep it alive until collected."""
-        if self._handle is None:
-            return
+        """Drop this object's mapping. It is never unmapped by force: views of `array` still held elsewhere keep
+        it valid, and it goes when the last of them is collected."""
         self.array = None
-        handle, self._handle = self._handle, None
-        try:
-            handle.close()
-        except BufferError:  # someone still holds a view; the mapping goes when they do
-            pass
+        self._buf = None
 
     def unlink(self) -> None:
         """Remove the segment's name (creator only); attached processes keep their mapping until they close."""
         if not self.owner:
             raise PermissionError(f"only the creator unlinks shared memory {self.name!r}")
         try:
-            self._shm.unlink()
+            self._shm.unlink()  # also unregisters it from this process's resource tracker
         except FileNotFoundError:
             pass
         self.owner = False
