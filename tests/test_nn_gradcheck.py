@@ -90,11 +90,16 @@ def test_pool(case, kind):
     _check(fwd, bwd, {"x": x}, fwd().shape, rng)
 
 
-def test_maxpool_ties_go_to_first_element():
-    x = np.zeros((1, 2, 2, 1))
-    out, cache = pool.maxpool2d_forward(x, 2)
-    dx = pool.maxpool2d_backward(np.ones_like(out), cache)
-    assert dx[0, :, :, 0].tolist() == [[1.0, 0.0], [0.0, 0.0]]
+@pytest.mark.parametrize("H", [2, 3])  # fast 2x2 path and generic path
+def test_maxpool_ties_go_to_first_element(H):
+    for window, first in (([[0, 0], [0, 0]], (0, 0)), ([[1, 5], [5, 0]], (0, 1)), ([[1, 2], [5, 5]], (1, 0))):
+        x = np.zeros((1, H, 2, 1))
+        x[0, :2, :, 0] = window
+        out, cache = pool.maxpool2d_forward(x, 2)
+        dx = pool.maxpool2d_backward(np.ones_like(out), cache)
+        expect = np.zeros((H, 2))
+        expect[first] = 1
+        assert dx[0, :, :, 0].tolist() == expect.tolist(), window
 
 
 def test_relu():

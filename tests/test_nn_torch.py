@@ -102,11 +102,13 @@ def test_batchnorm(shape):
 
 @pytest.mark.parametrize("make", [lambda: (L.MaxPool2D(2), nn.MaxPool2d(2)), lambda: (L.AvgPool2D(2), nn.AvgPool2d(2)),
                                   lambda: (L.MaxPool2D(3, 2), nn.MaxPool2d(3, 2)), lambda: (L.ReLU(), nn.ReLU())])
-def test_parameterless(make):
+@pytest.mark.parametrize("shape", [(3, 9, 8, 4), (3, 8, 6, 4)])  # odd / even: generic and fast 2x2 max-pool
+def test_parameterless(make, shape):
     rng = np.random.default_rng(2)
     layer, mod = make()
-    x = rng.standard_normal((3, 9, 8, 4)).astype(np.float32)
+    x = rng.standard_normal(shape).astype(np.float32)
     x[0, :2, :2, :] = 0  # a tied max-pool window and ReLU zeros: both pick the same element as torch
+    x[1, :2, :2, :] = np.array([[1.0, 5.0], [5.0, 0.0]])[:, :, None] + 3  # tie across rows and columns
     _run_layer(layer, ParamStore(np.float32), x, mod, lambda: None, lambda: [], rng)
 
 

@@ -4,6 +4,10 @@ x: (N, H, W, C) -> out: (N, OH, OW, C), OH = (H - k) // s + 1. Each of the k*k w
 x[:, i::s, j::s, :] of shape (N, OH, OW, C), so pooling is k*k elementwise passes with no reshapes or transposes.
 Max pooling records, per output, the index (uint8, row-major in the window) of the first maximum, which is the
 element PyTorch routes the gradient to when a window has ties.
+
+The common 2x2 / stride 2 case on even sizes has its own path, ~4x faster here: reduce column pairs, then row pairs
+of the (N, H, W/2, C) result (long contiguous runs), keeping two boolean "second one won" masks instead of indices.
+Ties still go to the first element in row-major order: within a row the left one wins, across rows the top one.
 """
 from __future__ import annotations
 
@@ -36,6 +40,8 @@ def maxpool2d_forward(x: np.ndarray, k: int = 2, stride: int | None = None, ws: 
     """x: (N, H, W, C) -> out (N, OH, OW, C), cache (argmax index per output, x shape, k, s)."""
     s = stride or k
     N, H, W, C, OH, OW = _geometry(x, k, s)
+    if k == s == 2 and H % 2 == 0 and W % 2 == 0:
+        return _maxpool2x2_forward(x, ws)
     out = scratch(ws, "pool.out", (N, OH, OW, C), x.dtype)
     idx = scratch(ws, "pool.idx", (N, OH, OW, C), np.uint8)
     upd = scratch(ws, "pool.mask", (N, OH, OW, C), np.bool_)
@@ -51,6 +57,8 @@ def maxpool2d_forward(x: np.ndarray, k: int = 2, stride: int | None = None, ws: 
 
 def maxpool2d_backward(dout: np.ndarray, cache: tuple, ws: Workspace | None = None) -> np.ndarray:
     """dout: (N, OH, OW, C) -> dx (N, H, W, C): dout routed to each window's recorded argmax."""
+    if isinstance(cache[0], str):  # ("2x2", ...)
+        return _maxpool2x2_backward(dout, cache, ws)
     idx, x_shape, k, s = cache
     OH, OW = idx.shape[1], idx.shape[2]
     tiles = _tiles(x_shape, k, s, OH, OW)
@@ -65,6 +73,37 @@ def maxpool2d_backward(dout: np.ndarray, cache: tuple, ws: Workspace | None = No
             np.multiply(dout, eq, out=view)
         else:
             view += dout * eq
+    return dx
+
+
+def _maxpool2x2_forward(x: np.ndarray, ws: Workspace | None):
+    N, H, W, C = x.shape
+    H2, W2 = H // 2, W // 2
+    xr = x.reshape(N, H, W2, 2, C)  # column pairs
+    right = scratch(ws, "pool.right", (N, H, W2, C), np.bool_)  # right column strictly greater
+    colmax = scratch(ws, "pool.colmax", (N, H, W2, C), x.dtype)
+    np.greater(xr[:, :, :, 1], xr[:, :, :, 0], out=right)
+    np.maximum(xr[:, :, :, 0], xr[:, :, :, 1], out=colmax)
+    cr = colmax.reshape(N, H2, 2, W2, C)  # row pairs
+    lower = scratch(ws, "pool.lower", (N, H2, W2, C), np.bool_)  # lower row strictly greater
+    out = scratch(ws, "pool.out", (N, H2, W2, C), x.dtype)
+    np.greater(cr[:, :, 1], cr[:, :, 0], out=lower)
+    np.maximum(cr[:, :, 0], cr[:, :, 1], out=out)
+    return out, ("2x2", right, lower, x.shape)
+
+
+def _maxpool2x2_backward(dout: np.ndarray, cache: tuple, ws: Workspace | None) -> np.ndarray:
+    _, right, lower, x_shape = cache
+    N, H, W, C = x_shape
+    H2, W2 = H // 2, W // 2
+    dcol = scratch(ws, "pool.dcol", (N, H, W2, C), dout.dtype)  # gradient of colmax
+    dr = dcol.reshape(N, H2, 2, W2, C)  # (N, H2, 2, W2, C)
+    np.multiply(dout, lower, out=dr[:, :, 1])
+    np.subtract(dout, dr[:, :, 1], out=dr[:, :, 0])  # exact: d - d = 0, d - 0 = d
+    dx = scratch(ws, "pool.dx", x_shape, dout.dtype)
+    dxr = dx.reshape(N, H, W2, 2, C)  # (N, H, W2, 2, C)
+    np.multiply(dcol, right, out=dxr[:, :, :, 1])
+    np.subtract(dcol, dxr[:, :, :, 1], out=dxr[:, :, :, 0])
     return dx
 
 
