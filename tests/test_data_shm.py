@@ -1,8 +1,15 @@
 """SharedImageCache against the OS: the segment is visible in /dev/shm while the creator holds it, readers get
 read-only views of the same bytes, a spawned child that attaches and exits does not unlink it (the Python 3.11
-resource_tracker bug), and nothing is left after unlink."""
+resource_tracker bug), and nothing is left after unlink.
+
+Children started by multiprocessing share the creator's resource tracker, so the bug only shows with independent
+interpreters (what `dptrain launch` starts): those are run with subprocess, and a control run shows that a plain
+SharedMemory attach there does destroy the segment on 3.11, so the test can tell the difference."""
 import multiprocessing as mp
 import os
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -42,6 +49,12 @@ def test_child_attach_and_exit_leaves_segment_then_unlink_leaves_nothing():
                     p.join()
         assert sums == [int(images.astype(np.int64).sum())] * 2
         assert os.path.exists(path)
+        code = ("from dptrain.data.shm import SharedImageCache as S; r = S.attach(%r); "
+                "print(int(r.array.astype('int64').sum())); r.close()" % (cache.spec(),))
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+        assert int(out.stdout) == sums[0]
+        time.sleep(0.2)  # a tracker would unlink right after the child's exit
+        assert os.path.exists(path)
         again = SharedImageCache.attach(cache.spec())
         assert np.array_equal(again.array, images)
         again.close()
@@ -73,3 +86,20 @@ def test_reader_is_readonly_and_shares_memory():
     assert not os.path.exists(f"/dev/shm/{owner.name}")
     with pytest.raises(FileNotFoundError):
         SharedImageCache.attach(owner.spec())
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(sys.version_info >= (3, 13), reason="the bug is fixed with track=False in 3.13")
+def test_control_plain_sharedmemory_attach_in_independent_process_unlinks():
+    cache = SharedImageCache.create(np.ones(10, np.uint8))
+    try:
+        code = f"from multiprocessing import shared_memory as sm; sm.SharedMemory(name={cache.name!r}).close()"
+        subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60, check=True)
+        for _ in range(50):  # the child's tracker unlinks asynchronously after it exits
+            if not os.path.exists(f"/dev/shm/{cache.name}"):
+                break
+            time.sleep(0.05)
+        assert not os.path.exists(f"/dev/shm/{cache.name}")
+    finally:
+        cache.close()
+        cache.unlink()  # tolerates the name being gone

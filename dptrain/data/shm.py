@@ -103,8 +103,11 @@ class SharedImageCache:
             raise PermissionError(f"only the creator unlinks shared memory {self.name!r}")
         try:
             self._shm.unlink()  # also unregisters it from this process's resource tracker
-        except FileNotFoundError:
-            pass
+        except FileNotFoundError:  # already gone (someone else unlinked it): still stop tracking it
+            if os.name == "posix":
+                from multiprocessing import resource_tracker
+
+                resource_tracker.unregister(self._shm._name, "shared_memory")
         self.owner = False
 
     def __enter__(self) -> "SharedImageCache":
