@@ -11,7 +11,8 @@ name and gets a read-only numpy view of the same pages, never a copy.
 
 Python 3.11 pitfall (CPython gh-82300, fixed by `track=False` only in 3.13): `SharedMemory(name)` in a process
 registers the segment with *that* process's resource_tracker, which unlinks it when the process exits, so a
-spawned worker finishing would destroy the creator's segment. Attaching therefore never registers: on POSIX it
+worker finishing would destroy the creator's segment. (Children started by multiprocessing share the creator's
+tracker and escape it; independent interpreters, which is what `dptrain launch` and ssh start, do not.) Attaching therefore never registers: on POSIX it
 opens the segment read-only with shm_open + mmap(PROT_READ) (writes fault at the OS level, not just in numpy).
 Only the creator's segment is tracked, so if the creator dies its tracker still unlinks it.
 
