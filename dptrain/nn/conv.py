@@ -3,14 +3,20 @@
 x: (N, H, W, C), w: (kh, kw, C, F), b: (F,) or None, out: (N, OH, OW, F) with
 OH = (H + 2*pad - kh) // stride + 1 (likewise OW), i.e. PyTorch's Conv2d(padding=pad, stride=stride) semantics.
 
-im2col writes a (N, OH, OW, kh, kw, C) buffer with kh*kw strided slice copies (one per tap) out of a padded copy of
-x whose zero border is written once and then reused; measured faster here than sliding_window_view + one copy,
-because each tap copy moves contiguous runs of C floats. Its (N*OH*OW, kh*kw*C) view times w viewed as
-(kh*kw*C, F) is the NHWC output. col2im is the adjoint: kh*kw strided adds into a zeroed padded buffer.
+im2col fills a (N, OH, OW, kh, kw, C) buffer with ONE copy from a 6-D strided window view of a padded copy of x
+(whose zero border is written once, when the buffer is created, and reused). numpy merges the (kw, C) axes of that
+view into contiguous runs of kw*C floats: measured 3-5x faster here than kh*kw per-tap slice copies. The buffer's
+(N*OH*OW, kh*kw*C) view times w viewed as (kh*kw*C, F) is the NHWC output.
+
+Input gradient: for stride 1 (every conv of the default model) dx is itself a stride-1 convolution of dout with the
+spatially flipped, channel-transposed kernel and padding k-1-pad, so it reuses the fast im2col + one GEMM (same
+FLOPs as dout @ w.T) instead of col2im's kh*kw strided read-modify-write adds. Other strides use col2im (the
+adjoint of im2col: kh*kw strided adds into a zeroed padded buffer).
 """
 from __future__ import annotations
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 from .functional import Workspace, colsum, scratch
 
@@ -20,8 +26,10 @@ def _out_size(h: int, k: int, stride: int, pad: int) -> int:
 
 
 def conv2d_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, stride: int = 1, pad: int = 0,
-                   ws: Workspace | None = None) -> tuple[np.ndarray, tuple]:
-    """x: (N, H, W, C), w: (kh, kw, C, F), b: (F,) | None -> out (N, OH, OW, F), cache."""
+                   ws: Workspace | None = None, tag: str = "conv") -> tuple[np.ndarray, tuple]:
+    """x: (N, H, W, C), w: (kh, kw, C, F), b: (F,) | None -> out (N, OH, OW, F), cache.
+
+    tag: prefix of the workspace buffers (the backward pass runs a second convolution under another tag)."""
     N, H, W, C = x.shape
     kh, kw, C2, F = w.shape
     if C2 != C:
@@ -32,20 +40,21 @@ def conv2d_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, stride: i
     M, K = N * OH * OW, kh * kw * C
     if pad:
         # zero border written when the buffer is created; only the interior is overwritten afterwards
-        xp = scratch(ws, "conv.xp", (N, H + 2 * pad, W + 2 * pad, C), x.dtype, zero_new=True)
+        xp = scratch(ws, f"{tag}.xp", (N, H + 2 * pad, W + 2 * pad, C), x.dtype, zero_new=True)
         xp[:, pad:pad + H, pad:pad + W, :] = x
     else:
         xp = x
     if kh == kw == 1 and stride == 1:
         cols = xp.reshape(M, K)  # (N*H*W, C): the input itself (a view when x is contiguous)
     else:
-        cols6 = scratch(ws, "conv.cols", (N, OH, OW, kh, kw, C), x.dtype)
-        hs, ws_ = stride * (OH - 1) + 1, stride * (OW - 1) + 1  # extent of one tap's strided slice
-        for i in range(kh):
-            for j in range(kw):
-                cols6[:, :, :, i, j, :] = xp[:, i:i + hs:stride, j:j + ws_:stride, :]  # (N, OH, OW, C)
+        cols6 = scratch(ws, f"{tag}.cols", (N, OH, OW, kh, kw, C), x.dtype)
+        xp = np.ascontiguousarray(xp)
+        s0, s1, s2, s3 = xp.strides
+        windows = as_strided(xp, shape=(N, OH, OW, kh, kw, C), strides=(s0, s1 * stride, s2 * stride, s1, s2, s3),
+                             writeable=False)  # windows[n, oh, ow, i, j, c] = xp[n, oh*stride + i, ow*stride + j, c]
+        np.copyto(cols6, windows)
         cols = cols6.reshape(M, K)  # (N*OH*OW, kh*kw*C)
-    out = scratch(ws, "conv.out", (N, OH, OW, F), x.dtype)
+    out = scratch(ws, f"{tag}.out", (N, OH, OW, F), x.dtype)
     np.matmul(cols, w.reshape(K, F), out=out.reshape(M, F))  # (M, K) @ (K, F) -> (M, F) == NHWC out
     if b is not None:
         out += b
@@ -78,6 +87,10 @@ def conv2d_backward(dout: np.ndarray, cache: tuple, need_dx: bool = True, ws: Wo
     if kh == kw == 1 and stride == 1 and pad == 0:
         dx = scratch(ws, "conv.dx", (N, H, W, C), dout.dtype)
         np.matmul(dout2, w.reshape(K, F).T, out=dx.reshape(M, K))  # (M, F) @ (F, C) -> (N*H*W, C)
+        return dx, dw, db
+    if stride == 1 and pad <= min(kh, kw) - 1 and kh == kw:
+        w_t = np.ascontiguousarray(w[::-1, ::-1].transpose(0, 1, 3, 2))  # (kh, kw, F, C), flipped in space
+        dx, _ = conv2d_forward(dout, w_t, None, 1, kh - 1 - pad, ws, tag="convT")  # (N, H, W, C)
         return dx, dw, db
     dcols = scratch(ws, "conv.dcols", (M, K), dout.dtype)
     np.matmul(dout2, w.reshape(K, F).T, out=dcols)  # (M, F) @ (F, K) -> (M, K)

@@ -19,7 +19,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from .functional import Workspace, colsum, scratch
+from .functional import Workspace, coldot, colsum, scratch, tiled, widen
 
 AllReduce = Callable[[np.ndarray], np.ndarray]
 
@@ -45,19 +45,19 @@ def batchnorm_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: f
     x2 = x.reshape(-1, C)  # (M, C); copies only if x is a strided view
     M = x2.shape[0]
     out = scratch(ws, "bn.out", x.shape, x.dtype)
-    out2 = out.reshape(M, C)
+    outw, k = widen(out.reshape(M, C))  # (M/k, k*C): see widen()
+    xw, _ = widen(x2)
     if not train:
         scale = (gamma / np.sqrt(running_var + eps)).astype(x.dtype)  # (C,)
         shift = (beta - running_mean * scale).astype(x.dtype)
-        np.multiply(x2, scale, out=out2)
-        out2 += shift
+        np.multiply(xw, tiled(scale, k), out=outw)
+        outw += tiled(shift, k)
         return out, None
     mean = colsum(x2) / x.dtype.type(M)  # (C,)
     xc = scratch(ws, "bn.xc", (M, C), x.dtype)
-    np.subtract(x2, mean, out=xc)
-    tmp = scratch(ws, "bn.tmp", (M, C), x.dtype)
-    np.multiply(xc, xc, out=tmp)
-    q = colsum(tmp).astype(np.float64)  # (C,) sum of squared deviations from `mean`
+    xcw, _ = widen(xc)
+    np.subtract(xw, tiled(mean, k), out=xcw)
+    q = coldot(xc, xc).astype(np.float64)  # (C,) sum of squared deviations from `mean`
     m64 = mean.astype(np.float64)
     # exact local moments of x in terms of the computed mean: sum = M*mean, sumsq = q + M*mean^2
     moments = np.concatenate(([float(M)], m64 * M, q + M * m64 * m64))  # (1 + 2C,) float64
@@ -69,10 +69,10 @@ def batchnorm_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: f
         count = float(g[0])
         mean_g = g[1:1 + C] / count
         var = np.maximum(g[1 + C:] / count - mean_g * mean_g, 0.0)
-        xc -= (mean_g - m64).astype(x.dtype)  # re-centre on the global mean
+        xcw -= tiled((mean_g - m64).astype(x.dtype), k)  # re-centre on the global mean
     invstd = (1.0 / np.sqrt(var + eps)).astype(x.dtype)  # (C,)
-    np.multiply(xc, gamma * invstd, out=out2)
-    out2 += beta
+    np.multiply(xcw, tiled(gamma * invstd, k), out=outw)
+    outw += tiled(beta, k)
     return out, BNCache(xc, invstd, gamma, count, allreduce, x.shape, moments)
 
 
@@ -80,24 +80,26 @@ def batchnorm_backward(dout: np.ndarray, cache: BNCache, ws: Workspace | None = 
     """dout: like x -> dx (like x), dgamma (C,), dbeta (C,) (local sums)."""
     xc, invstd, gamma, count, allreduce, x_shape, _ = cache
     M, C = xc.shape
-    dy = dout.reshape(M, C)  # (M, C)
-    tmp = scratch(ws, "bn.tmp", (M, C), dout.dtype)
+    dy = dout.reshape(M, C)  # (M, C); copies only if dout is a strided view
     dbeta = colsum(dy)  # (C,)
-    np.multiply(dy, xc, out=tmp)
-    dgamma = colsum(tmp) * invstd  # (C,) sum(dy * xhat)
+    dgamma = coldot(dy, xc) * invstd  # (C,) sum(dy * xhat)
     sum_dy, sum_dy_xhat = dbeta, dgamma
     if allreduce is not None:
         g = np.asarray(allreduce(np.concatenate((dbeta, dgamma)).astype(np.float64)), dtype=np.float64)
         sum_dy, sum_dy_xhat = g[:C].astype(dout.dtype), g[C:].astype(dout.dtype)
     k1 = gamma * invstd  # (C,)
     k2 = k1 * invstd * (sum_dy_xhat / dout.dtype.type(count))  # coefficient of xc
-    k3 = k1 * (sum_dy / dout.dtype.type(count))
+    mean_dy = sum_dy / dout.dtype.type(count)
     dx = scratch(ws, "bn.dx", x_shape, dout.dtype)
-    dx2 = dx.reshape(M, C)
-    np.multiply(xc, k2, out=tmp)
-    tmp += k3
-    np.multiply(dy, k1, out=dx2)
-    dx2 -= tmp
+    dxw, k = widen(dx.reshape(M, C))
+    dyw, _ = widen(dy)
+    xcw, _ = widen(xc)
+    tmpw = scratch(ws, "bn.tmp", dxw.shape, dout.dtype)
+    # dx = gamma * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)) = (dy - mean_dy) * k1 - xc * k2
+    np.subtract(dyw, tiled(mean_dy, k), out=dxw)
+    dxw *= tiled(k1, k)
+    np.multiply(xcw, tiled(k2, k), out=tmpw)
+    dxw -= tmpw
     return dx, dgamma, dbeta
 
 
