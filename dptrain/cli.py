@@ -112,7 +112,10 @@ def cmd_eval(args, extra) -> int:
 
 def cmd_data_synth(args, extra) -> int:
     from .data.synth import generate
-    summary = generate(args.out, num_classes=args.classes, seed=args.seed, image_size=args.image_size)
+    kwargs = {k: v for k, v in (("num_classes", args.classes), ("image_size", args.image_size),
+                                ("num_rich", args.rich)) if v is not None}
+    summary = generate(args.out, seed=args.seed, workers=args.jobs, **kwargs)
+    summary.pop("counts", None)  # per-class counts are in OUT/summary.json
     print(json.dumps(summary))
     return 0
 
@@ -159,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--classes", type=int, default=None, help="number of identities (default: the generator's)")
     s.add_argument("--image-size", type=int, default=None, help="stored image size in pixels")
+    s.add_argument("--rich", type=int, default=None, help="identities with many images (the rest have 1-9)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--jobs", type=int, default=2, help="render in this many processes")
     s.set_defaults(func=cmd_data_synth)
 
     b = sub.add_parser("bench", help="throughput benchmarks")

@@ -27,7 +27,7 @@ from . import checkpoint, config as config_mod, log
 from .config import Config
 from .data.augment import make_batch
 from .data.dataset import Dataset, load_dataset
-from .data.sampler import epoch_batches
+from .data.sampler import Sampler
 from .nn.loss import softmax_cross_entropy
 from .nn.model import build_model
 from .nn.params import ParamStore
@@ -96,15 +96,15 @@ class Trainer:
         t = cfg.train
         rng = np.random.default_rng(t.seed)
         self.store = ParamStore(np.float32)
-        self.model = build_model(cfg.model, len(dataset.class_names), cfg.data.image_size, self.store, rng)
+        self.model = build_model(cfg.model, len(dataset.class_names), cfg.data.image_size, self.store, rng=rng)
         if store_factory is not None:  # e.g. move the flat buffers into shared memory
             store_factory(self.store)
         self.opt = SGD(self.store.num_params, momentum=t.momentum, weight_decay=t.weight_decay,
                        decay_ranges=[(0, self.store.num_params)] if t.decay_bn_and_bias else self.store.decay_ranges())
-        n_train = len(dataset.train_idx)
-        self.steps_per_epoch = len(epoch_batches(n_train, t.batch_size, 0, t.seed, t.drop_last, t.steps_per_epoch))
+        self.sampler = Sampler(dataset.train_idx, t.batch_size, t.seed, t.drop_last, t.steps_per_epoch)
+        self.steps_per_epoch = self.sampler.num_steps()
         if self.steps_per_epoch == 0:
-            raise ValueError(f"{n_train} training images are fewer than one batch of {t.batch_size} "
+            raise ValueError(f"{len(dataset.train_idx)} training images are fewer than one batch of {t.batch_size} "
                              f"(lower --batch-size or set train.drop_last=false)")
         self.total_steps = self.steps_per_epoch * t.epochs
         self.warmup_steps = int(round(t.warmup_epochs * self.steps_per_epoch))
@@ -114,6 +114,7 @@ class Trainer:
         self.epoch_sums = [0.0, 0, 0, 0.0]  # loss_sum, correct, count, compute seconds of the running epoch
         self.epochs_run = 0
         self.stop_requested = False
+        self.on_stop_request = None  # callback: a distributed run bounds how long the running step may take
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
     def _meta(self) -> dict:
@@ -165,8 +166,7 @@ class Trainer:
         stopped_early = interrupted = False
         try:
             while self.epoch < t.epochs and not stopped_early:
-                batches = epoch_batches(len(self.ds.train_idx), t.batch_size, self.epoch, t.seed, t.drop_last,
-                                        t.steps_per_epoch)
+                batches = self.sampler.batches(self.epoch)
                 bar = tqdm(total=len(batches), initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{t.epochs}",
                            disable=not t.progress, leave=False, dynamic_ncols=True)
                 lr = 0.0
@@ -174,7 +174,7 @@ class Trainer:
                     if self.stop_requested or (stop_at_step and self.step >= stop_at_step):
                         interrupted = True
                         break
-                    indices = self.ds.train_idx[batches[self.step_in_epoch]]
+                    indices = batches[self.step_in_epoch]
                     t0 = time.perf_counter()
                     res = executor.train_step(indices, self.epoch, self.step)
                     lr, norm = self.apply_update(res)
@@ -243,8 +243,11 @@ class Trainer:
     def _on_signal(self, signum, frame) -> None:
         if self.stop_requested:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
-        self.log.warning(f"signal {signum}: finishing this step, saving the last checkpoint, then stopping")
+        self.log.warning(f"signal {signum}: finishing this step, saving the last checkpoint, then stopping "
+                         f"(again to stop at once)")
         self.stop_requested = True
+        if self.on_stop_request is not None:
+            self.on_stop_request()
 
 
 def prepare(cfg: Config, resume: bool, store_factory=None) -> Trainer:

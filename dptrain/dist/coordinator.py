@@ -1,0 +1,275 @@
+"""The coordinator's control plane: one ZeroMQ ROUTER, the peer table, liveness, and rounds of messages.
+
+Peer states (a peer is one worker rank):
+    STARTING --HELLO ok--> WELCOMED --READY--> READY --(process exit | silent | stuck | ERROR)--> DEAD
+    (any) --STOP sent--> STOPPED
+A round sends STEP to every READY rank and waits for their RESULTs, serving sync-BN reductions (summed in rank
+order) and heartbeats meanwhile. It never blocks for more than a poll tick, so a dead worker is noticed within
+max(tick, its process exit | heartbeat_misses × heartbeat_interval_s | step_timeout_s), named, and raised as
+`WorkerFailure`; what to do about it (abort or re-shard) is the executor's call.
+"""
+from __future__ import annotations
+
+import enum
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import zmq
+
+from .. import log
+from ..config import Config
+from . import protocol as P
+from .versions import local_versions, mismatches
+
+POLL_TICK_S = 0.1
+LATE_WARNING_EVERY_S = 10.0
+
+
+class PeerState(enum.Enum):
+    STARTING = "starting"
+    WELCOMED = "welcomed"
+    READY = "ready"
+    DEAD = "dead"
+    STOPPED = "stopped"
+
+
+@dataclass
+class Peer:
+    rank: int
+    host: str = "?"
+    pid: int = 0
+    identity: bytes | None = None
+    proc: object = None  # subprocess.Popen when this process started it
+    log_path: Path | None = None
+    state: PeerState = PeerState.STARTING
+    last_seen: float = field(default_factory=time.monotonic)
+    weights_version: int = -1  # socket transport: the last weights this rank received
+    death: str = ""
+    log_tail: deque = field(default_factory=lambda: deque(maxlen=20))
+
+    def describe(self) -> str:
+        return f"rank {self.rank} (host {self.host}, pid {self.pid})"
+
+    def last_lines(self, n: int = 10) -> list[str]:
+        if self.log_path and self.log_path.exists():
+            return self.log_path.read_text(errors="replace").splitlines()[-n:]
+        return list(self.log_tail)[-n:]
+
+
+class WorkerFailure(RuntimeError):
+    def __init__(self, peers: list[Peer]):
+        self.peers = peers
+        super().__init__("; ".join(f"{p.describe()}: {p.death}" for p in peers))
+
+
+class Coordinator:
+    def __init__(self, cfg: Config, run_id: str, world_size: int, welcome: dict, welcome_arrays: dict,
+                 curve_server=None):
+        self.cfg, self.run_id, self.world_size = cfg, run_id, world_size
+        self.welcome, self.welcome_arrays = welcome, welcome_arrays
+        self.log = log.get()
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a message to a vanished peer is dropped, not an error
+        if curve_server:
+            curve_server(self.sock)
+        d = cfg.dist
+        if d.port:
+            self.sock.bind(f"tcp://{d.bind}:{d.port}")
+            self.port = d.port
+        else:
+            self.port = self.sock.bind_to_random_port(f"tcp://{d.bind}")
+        self.endpoint = f"tcp://{d.bind}:{self.port}"
+        self.peers = {r: Peer(r) for r in range(world_size)}
+        self.ours = local_versions()
+        self.dropped = 0
+        self.stop_deadline: float | None = None  # after a stop request, give the running step this long
+
+    # ---- sending -----------------------------------------------------------------------------------------------
+    def send(self, peer: Peer, kind, step: int = 0, arrays=None, **fields) -> None:
+        if peer.identity is None:
+            return
+        frames = P.encode(kind, self.run_id, step=step, rank=-1, arrays=arrays, **fields)
+        self.sock.send_multipart([peer.identity, *frames], copy=False)
+
+    def active(self) -> list[Peer]:
+        return [p for r, p in sorted(self.peers.items()) if p.state is PeerState.READY]
+
+    # ---- receiving ---------------------------------------------------------------------------------------------
+    def _poll(self, timeout_s: float):
+        """Yield (identity, Message) for every valid message arriving within timeout_s; drop the rest."""
+        if not self.sock.poll(int(timeout_s * 1000)):
+            return
+        while True:
+            try:
+                identity, *frames = self.sock.recv_multipart(copy=False, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except ValueError:  # a ROUTER always prepends the identity; an empty multipart cannot happen
+                continue
+            try:
+                msg = P.decode(frames, run=None if not frames else self.run_id, limits=P.DEFAULT_LIMITS)
+            except P.ProtocolError as e:
+                self.dropped += 1
+                self.log.warning(f"dropped a message from peer {bytes(identity.bytes)[:24]!r}: {e}")
+                continue
+            yield identity.bytes, msg
+
+    def _handle_common(self, identity: bytes, msg: P.Message) -> bool:
+        """Heartbeats, hellos, readies, errors and logs. Returns True when handled."""
+        peer = self.peers.get(msg.rank)
+        if msg.kind is P.Kind.HEARTBEAT:
+            if peer is not None:
+                peer.last_seen = time.monotonic()
+                self.sock.send_multipart([identity, *P.encode(P.Kind.HEARTBEAT, self.run_id)])
+            return True
+        if msg.kind is P.Kind.HELLO:
+            self._hello(identity, msg, peer)
+            return True
+        if peer is None or (peer.identity is not None and identity != peer.identity):
+            self.dropped += 1
+            self.log.warning(f"dropped {msg.kind.name} claiming rank {msg.rank} from an unknown peer")
+            return True
+        peer.last_seen = time.monotonic()
+        if msg.kind is P.Kind.READY and peer.state is PeerState.WELCOMED:
+            peer.state = PeerState.READY
+            return True
+        if msg.kind is P.Kind.ERROR:
+            self._mark_dead(peer, f"reported an error: {msg.fields['message']}")
+            peer.log_tail.extend(msg.fields["traceback"].splitlines())
+            return True
+        if msg.kind is P.Kind.LOG:
+            peer.log_tail.extend(str(x) for x in msg.fields["lines"])
+            return True
+        return False
+
+    def _hello(self, identity: bytes, msg: P.Message, peer: Peer | None) -> None:
+        def refuse(reason: str) -> None:
+            self.log.error(f"refused a peer claiming rank {msg.rank} from {msg.fields.get('host')}: {reason}")
+            self.sock.send_multipart([identity, *P.encode(P.Kind.STOP, self.run_id, reason=reason)])
+        if msg.run != self.run_id:
+            return refuse(f"wrong run id {msg.run!r}")
+        if peer is None or peer.state is not PeerState.STARTING:
+            return refuse(f"rank {msg.rank} is not expected (world size {self.world_size})")
+        peer.identity, peer.host, peer.pid = identity, msg.fields["host"], msg.fields["pid"]
+        bad = mismatches(msg.fields, self.ours)
+        if bad:
+            refuse("version mismatch: " + ", ".join(bad))
+            self._mark_dead(peer, "preflight failed: " + ", ".join(bad))
+            return
+        peer.state = PeerState.WELCOMED
+        peer.last_seen = time.monotonic()
+        self.send(peer, P.Kind.WELCOME, arrays=self.welcome_arrays, world_size=self.world_size, **self.welcome)
+
+    # ---- liveness ----------------------------------------------------------------------------------------------
+    def _mark_dead(self, peer: Peer, why: str) -> None:
+        if peer.state in (PeerState.DEAD, PeerState.STOPPED):
+            return
+        peer.state, peer.death = PeerState.DEAD, why
+        if peer.proc is not None and peer.proc.poll() is None:
+            peer.proc.kill()
+        lines = "\n    ".join(peer.last_lines())
+        self.log.error(f"{peer.describe()} is dead: {why}" + (f"; last log lines:\n    {lines}" if lines else ""))
+
+    def check_liveness(self, waiting_on: list[Peer] = (), waiting_since: float = 0.0) -> None:
+        """Mark peers dead: process exited, silent past the heartbeat budget, or stuck past step_timeout_s."""
+        d = self.cfg.dist
+        now = time.monotonic()
+        if self.stop_deadline is not None and now > self.stop_deadline:
+            raise KeyboardInterrupt("the current step did not finish after the stop request")
+        for peer in self.peers.values():
+            if peer.state in (PeerState.DEAD, PeerState.STOPPED):
+                continue
+            code = peer.proc.poll() if peer.proc is not None else None
+            if code is not None:
+                self._mark_dead(peer, f"process exited with code {code}")
+            elif peer.state is not PeerState.STARTING and now - peer.last_seen > d.heartbeat_interval_s * d.heartbeat_misses:
+                self._mark_dead(peer, f"silent for {now - peer.last_seen:.1f} s (missed heartbeats)")
+            elif peer in waiting_on and now - waiting_since > d.step_timeout_s:
+                self._mark_dead(peer, f"stuck: no result after {now - waiting_since:.0f} s (step_timeout_s)")
+
+    def wait_ready(self, timeout_s: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while any(p.state is not PeerState.READY for p in self.peers.values()):
+            for identity, msg in self._poll(POLL_TICK_S):
+                if not self._handle_common(identity, msg):
+                    self.log.warning(f"ignored {msg.kind.name} from rank {msg.rank} before start")
+            self.check_liveness()
+            dead = [p for p in self.peers.values() if p.state is PeerState.DEAD]
+            if dead:
+                raise WorkerFailure(dead)
+            if time.monotonic() > deadline:
+                late = [p for p in self.peers.values() if p.state is not PeerState.READY]
+                for p in late:
+                    self._mark_dead(p, f"not ready after {timeout_s:.0f} s (state {p.state.value})")
+                raise WorkerFailure(late)
+
+    # ---- one round -----------------------------------------------------------------------------------------------
+    def round(self, step: int, attempt: int, shards: dict[int, np.ndarray], fields: dict,
+              weights: dict | None = None, weights_version: int = 0) -> dict[int, P.Message]:
+        """STEP to every rank in `shards`; RESULTs back, keyed by rank. Raises WorkerFailure on a loss."""
+        for rank, idx in shards.items():
+            peer = self.peers[rank]
+            arrays = {"indices": idx}
+            if weights is not None and peer.weights_version != weights_version:
+                arrays.update(weights)
+                peer.weights_version = weights_version
+            self.send(peer, P.Kind.STEP, step=step, arrays=arrays, weights_version=weights_version,
+                      attempt=attempt, **fields)
+        waiting = {r: self.peers[r] for r in shards}
+        results: dict[int, P.Message] = {}
+        bn: dict[int, dict[int, np.ndarray]] = {}
+        since = last_warning = time.monotonic()
+        while waiting:
+            for identity, msg in self._poll(POLL_TICK_S):
+                if self._handle_common(identity, msg):
+                    continue
+                if msg.step != step or msg.fields.get("attempt") != attempt:
+                    continue  # a late answer to an abandoned attempt
+                if msg.kind is P.Kind.RESULT and msg.rank in waiting:
+                    results[msg.rank] = msg
+                    del waiting[msg.rank]
+                    self.last_arrival = msg.rank
+                elif msg.kind is P.Kind.BN_REDUCE and msg.rank in shards:
+                    self._bn_reduce(bn, msg, step, attempt, shards)
+            self.check_liveness(list(waiting.values()), since)
+            dead = [self.peers[r] for r in shards if self.peers[r].state is PeerState.DEAD]
+            if dead:
+                raise WorkerFailure(dead)
+            if time.monotonic() - last_warning > LATE_WARNING_EVERY_S and waiting:
+                last_warning = time.monotonic()
+                late = ", ".join(p.describe() for p in waiting.values())
+                self.log.warning(f"step {step}: waiting on {late} for {last_warning - since:.0f} s")
+        return results
+
+    def _bn_reduce(self, bn: dict, msg: P.Message, step: int, attempt: int, shards: dict) -> None:
+        layer = msg.fields["layer"]
+        got = bn.setdefault(layer, {})
+        got[msg.rank] = msg.arrays["moments"]
+        if len(got) < len(shards):
+            return
+        sizes = {a.shape for a in got.values()}
+        if len(sizes) != 1:
+            self.log.warning(f"step {step}: BN layer {layer} moments of different shapes {sizes}; dropped")
+            return
+        total = np.zeros(next(iter(sizes)), np.float64)
+        for rank in sorted(got):  # rank order, never arrival order
+            total += got[rank]
+        del bn[layer]
+        for rank in shards:
+            self.send(self.peers[rank], P.Kind.BN_REDUCED, step=step, arrays={"moments": total}, layer=layer,
+                      phase=msg.fields["phase"], attempt=attempt)
+
+    def stop_all(self, reason: str) -> None:
+        for peer in self.peers.values():
+            if peer.state not in (PeerState.DEAD, PeerState.STOPPED):
+                self.send(peer, P.Kind.STOP, reason=reason)
+                peer.state = PeerState.STOPPED
+
+    def close(self) -> None:
+        self.sock.close(0)
+        self.ctx.term()

@@ -1,0 +1,137 @@
+"""The distributed executor: the Trainer's `train_step` / `evaluate`, spread over the coordinator's workers.
+
+Every global batch is split into contiguous shards over the live ranks (sizes differ by at most one); each worker
+returns the gradient of its shard's share of the *global* mean loss (dlogits / global count), so the reduction is a
+plain sum, done in rank order, never arrival order: the same inputs always give the same bits. Under the `continue`
+policy a lost rank's step is re-sharded over the survivors and redone from the same weights: nothing is lost.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+
+from .. import log
+from ..train import StepResult
+from ..data.sampler import shard
+from .coordinator import Coordinator, WorkerFailure
+
+
+
+
+class Timeline:
+    """Chrome trace events (chrome://tracing, Perfetto): one row per rank plus the coordinator's."""
+
+    def __init__(self, path: str):
+        self.path, self.events = path, []
+
+    def add(self, name: str, rank: int, start_s: float, dur_s: float, step: int) -> None:
+        self.events.append({"name": name, "ph": "X", "ts": start_s * 1e6, "dur": max(dur_s, 0) * 1e6,
+                            "pid": 0, "tid": "coordinator" if rank < 0 else f"rank {rank}", "args": {"step": step}})
+
+    def write(self) -> None:
+        with open(self.path, "w") as f:
+            json.dump({"traceEvents": self.events, "displayTimeUnit": "ms"}, f)
+
+
+class DistExecutor:
+    def __init__(self, coord: Coordinator, trainer, grad_slots: np.ndarray | None, policy: str,
+                 timeline: Timeline | None = None):
+        self.coord, self.trainer, self.grad_slots, self.policy = coord, trainer, grad_slots, policy
+        self.store = trainer.store
+        self.timeline = timeline
+        self.version = 0
+        self.log = log.get()
+        self.phase_s = {"compute": 0.0, "reduce": 0.0, "update": 0.0, "step": 0.0, "steps": 0}
+        self._t_done = None
+        self._step = 0
+
+    def _weights(self) -> dict | None:
+        if self.grad_slots is not None:
+            return None  # shared memory: the workers read the coordinator's weights in place
+        return {"params": self.store.params, "buffers": self.store.buffers}
+
+    def _round(self, indices: np.ndarray, step: int, fields: dict) -> tuple[list[int], dict]:
+        attempt = 0
+        while True:
+            ranks = [p.rank for p in self.coord.active()]
+            if not ranks:
+                raise WorkerFailure([])
+            shards = {r: shard(indices, i, len(ranks)) for i, r in enumerate(ranks)}
+            try:
+                return ranks, self.coord.round(step, attempt, shards, fields, self._weights(), self.version)
+            except WorkerFailure as e:
+                survivors = self.coord.active()
+                if self.policy != "continue" or not survivors:
+                    raise
+                attempt += 1
+                self.log.warning(f"step {step}: lost {', '.join(p.describe() for p in e.peers)}; redoing the step "
+                                 f"on {len(survivors)} surviving rank(s)")
+
+    def train_step(self, indices: np.ndarray, epoch: int, step: int) -> StepResult:
+        t0 = time.perf_counter()
+        wall0 = time.time()
+        ranks, results = self._round(indices, step, {"epoch": epoch, "flags": {
+            "phase": "train", "global_count": len(indices)}})
+        t1 = time.perf_counter()
+        grads = self.store.grads
+        for i, rank in enumerate(ranks):  # rank order
+            g = self.grad_slots[rank] if self.grad_slots is not None else results[rank].arrays["grad"]
+            if i == 0:
+                np.copyto(grads, g)
+            else:
+                np.add(grads, g, out=grads)
+        moments = np.zeros_like(results[ranks[0]].arrays["bn_moments"], dtype=np.float64)
+        for rank in ranks:
+            moments += results[rank].arrays["bn_moments"]
+        t2 = time.perf_counter()
+        compute = 0.0
+        slowest, slowest_s = ranks[0], -1.0
+        for rank in ranks:
+            tm = results[rank].fields["timings"]
+            busy = sum(v[1] for k, v in tm.items() if k != "wait")
+            compute = max(compute, busy)
+            if busy > slowest_s:
+                slowest, slowest_s = rank, busy
+            if self.timeline:
+                for name, (start, dur) in tm.items():
+                    self.timeline.add(name, rank, start, dur, step)
+                self.timeline.add("send", rank, tm["backward"][0] + tm["backward"][1],
+                                  results[rank].fields.get("sent_at", 0) - tm["backward"][0] - tm["backward"][1], step)
+        if self.timeline:
+            self.timeline.add("round", -1, wall0, t1 - t0, step)
+            self.timeline.add("reduce", -1, wall0 + (t1 - t0), t2 - t1, step)
+        self.phase_s["compute"] += compute
+        self.phase_s["reduce"] += t2 - t1
+        self._t_done, self._t_start, self._wall_done, self._step = time.perf_counter(), t0, time.time(), step
+        return StepResult(len(indices), sum(results[r].fields["loss_sum"] for r in ranks),
+                          sum(results[r].fields["correct"] for r in ranks), moments,
+                          {"round": t1 - t0, "reduce": t2 - t1}, slowest=f"rank {slowest}")
+
+    def weights_updated(self) -> None:
+        """Called after clip + SGD + BN update: the coordinator's share of the step ends here."""
+        self.version += 1
+        now = time.perf_counter()
+        if self._t_done is not None:
+            self.phase_s["update"] += now - self._t_done
+            self.phase_s["step"] += now - self._t_start
+            self.phase_s["steps"] += 1
+            if self.timeline:
+                self.timeline.add("clip+update", -1, self._wall_done, now - self._t_done, self._step)
+
+    def evaluate(self, indices: np.ndarray) -> tuple[float, int]:
+        ranks, results = self._round(indices, -1, {"epoch": 0, "flags": {"phase": "eval"}})
+        return sum(r.fields["loss_sum"] for r in results.values()), sum(r.fields["correct"] for r in results.values())
+
+    def breakdown(self) -> dict:
+        """Mean seconds per step: compute (slowest worker), communication (the rest of the round), reduce, update."""
+        n = max(self.phase_s["steps"], 1)
+        step = self.phase_s["step"] / n
+        compute, reduce, update = self.phase_s["compute"] / n, self.phase_s["reduce"] / n, self.phase_s["update"] / n
+        return {"step_s": step, "compute_s": compute, "comm_s": max(step - compute - reduce - update, 0.0),
+                "reduce_s": reduce, "update_s": update}
+
+    def close(self) -> None:
+        if self.timeline:
+            self.timeline.write()

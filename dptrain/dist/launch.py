@@ -1,0 +1,204 @@
+"""`dptrain launch`: a coordinator in this process and worker processes, on one host (or many, see hosts.py).
+
+    dptrain launch --workers 4 --data data/synth --epochs 5 --out runs/x [--bn sync] [--on-worker-failure continue]
+
+What it does, in order: load the dataset (decoded once, cached on disk), copy the uint8 images, the weights, the BN
+buffers and one gradient slot per rank into named shared memory, bind the ROUTER (port 0 = a free port, printed),
+start N workers (`python -m dptrain worker ...`, BLAS threads = cores // N, logs in RUN/logs/rank<R>.log, each in
+its own session so a terminal's Ctrl-C reaches only this process), wait for every READY, train, stop everyone.
+
+Environment for workers: OPENBLAS_NUM_THREADS / OMP_NUM_THREADS / MKL_NUM_THREADS = dist.blas_threads or
+cores // N (at least 1), set before numpy loads in the child.
+Exit codes: 0 done; 1 a worker was lost under `abort` (a checkpoint was written first; the log names the rank);
+130 stopped by Ctrl-C / SIGTERM (checkpoint written, every worker and shared-memory segment gone).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+from .. import config as config_mod, log
+from ..config import Config
+from .coordinator import Coordinator, WorkerFailure
+from .executor import DistExecutor, Timeline
+from .shmem import SharedArray, segment_name
+
+EXIT_WORKER_LOST = 1
+EXIT_INTERRUPTED = 130
+STOP_GRACE_S = 10.0  # after Ctrl-C / SIGTERM the running step gets this long before everything is torn down
+
+
+def add_launch_flags(p: argparse.ArgumentParser) -> None:
+    h = p.add_argument_group("many hosts")
+    h.add_argument("--hostfile", help="lines of `host slots=N` (OpenMPI/Horovod/DeepSpeed format)")
+    h.add_argument("-H", "--hosts", help="host list like a:2,b:2")
+    h.add_argument("--include", help="only these hosts/slots (DeepSpeed syntax: a@b:0,1)")
+    h.add_argument("--exclude", help="not these hosts/slots")
+    h.add_argument("--ssh-port", type=int, default=None)
+    h.add_argument("--ssh-identity", default=None)
+    h.add_argument("--ssh-config", default=None, help="ssh -F file")
+    h.add_argument("--no-ssh", action="store_true",
+                   help="print the `dptrain agent` command each host must run, and wait for them")
+
+
+def add_internal_commands(sub) -> None:
+    w = sub.add_parser("worker", help="(internal) a worker process; started by launch or an agent")
+    w.add_argument("--connect", required=True)
+    w.add_argument("--rank", type=int, required=True)
+    w.add_argument("--run", required=True)
+    w.add_argument("--curve-keys", default=None, help="file with the run's CURVE keys (multi-host)")
+    w.set_defaults(func=_cmd_worker)
+
+
+def _cmd_worker(args, extra) -> int:
+    from .worker import run_worker
+    return run_worker(args.connect, args.rank, args.run)
+
+
+def blas_threads(cfg: Config, n_local: int) -> int:
+    return cfg.dist.blas_threads or max(1, (os.cpu_count() or 1) // max(n_local, 1))
+
+
+def worker_env(threads: int) -> dict:
+    env = dict(os.environ)
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = str(threads)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def spawn_worker(endpoint: str, rank: int, run_id: str, env: dict, log_path: Path, pin_core: int | None = None):
+    cmd = [sys.executable, "-m", "dptrain", "worker", "--connect", endpoint, "--rank", str(rank), "--run", run_id]
+    with open(log_path, "ab") as f:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    if pin_core is not None:
+        try:
+            psutil.Process(proc.pid).cpu_affinity([pin_core])
+        except (psutil.Error, AttributeError, ValueError) as e:
+            log.get().warning(f"could not pin rank {rank} to core {pin_core}: {e}")
+    return proc
+
+
+def reap(procs: list, grace_s: float = 5.0) -> None:
+    """SIGTERM, wait up to grace_s, then SIGKILL: nothing outlives the launcher."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+class _Terminated(Exception):
+    pass
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated(signum)
+
+
+def launch(cfg: Config, args) -> int:
+    if getattr(args, "hostfile", None) or getattr(args, "hosts", None) or getattr(args, "no_ssh", False):
+        from .hosts import launch_hosts
+        return launch_hosts(cfg, args)
+    if cfg.dist.workers == 0:
+        from ..train import run_local
+        print(json.dumps(run_local(cfg, resume=args.resume, stop_at_step=args.stop_at_step)))
+        return 0
+    return launch_local(cfg, resume=args.resume, stop_at_step=args.stop_at_step)
+
+
+def launch_local(cfg: Config, resume: bool = False, stop_at_step: int = 0) -> int:
+    from ..train import prepare
+    lg = log.get()
+    n = cfg.dist.workers
+    run_id = uuid.uuid4().hex[:10]
+    segments: list[SharedArray] = []
+    procs: list = []
+    coord = executor = None
+    old_term = signal.signal(signal.SIGTERM, _raise_terminated)
+    use_shm = cfg.dist.transport == "shm"
+
+    def shared(what: str, shape, dtype, fill=None) -> np.ndarray:
+        seg = SharedArray.create(segment_name(run_id, what), shape, dtype)
+        segments.append(seg)
+        if fill is not None:
+            seg.array[...] = fill
+        return seg.array
+
+    def to_shm(store) -> None:
+        if use_shm:  # weights and BN buffers live in shared memory; the coordinator's grads stay private
+            store.rebind(shared("params", store.params.shape, np.float32, store.params), store.grads,
+                         shared("buffers", store.buffers.shape, np.float32, store.buffers), copy=False)
+
+    try:
+        trainer = prepare(cfg, resume, store_factory=to_shm)
+        out = Path(cfg.train.out)
+        (out / "logs").mkdir(parents=True, exist_ok=True)
+        images = shared("images", trainer.ds.images.shape, np.uint8, trainer.ds.images)
+        trainer.ds.images = images  # one copy of the images on this host: the shared one
+        shm_specs = {"images": segments[-1].spec()}
+        grad_slots = None
+        if use_shm:
+            shm_specs["params"], shm_specs["buffers"] = segments[0].spec(), segments[1].spec()
+            grad_slots = shared("grads", (n, trainer.store.num_params), np.float32)
+            shm_specs["grads"] = segments[-1].spec()
+        welcome = {"config": config_mod.to_dict(cfg), "shm": shm_specs, "num_classes": len(trainer.ds.class_names)}
+        coord = Coordinator(cfg, run_id, n, welcome, {"labels": trainer.ds.labels})
+        lg.info(f"coordinator listening on {coord.endpoint} (run {run_id}); starting {n} workers, "
+                f"{blas_threads(cfg, n)} BLAS thread(s) each, {cfg.dist.transport} transport, bn={cfg.dist.bn}")
+        env = worker_env(blas_threads(cfg, n))
+        cores = os.cpu_count() or 1
+        for r in range(n):
+            log_path = out / "logs" / f"rank{r}.log"
+            log_path.write_bytes(b"")
+            proc = spawn_worker(coord.endpoint, r, run_id, env, log_path, (r % cores) if cfg.dist.pin_cores else None)
+            procs.append(proc)
+            coord.peers[r].proc, coord.peers[r].pid, coord.peers[r].log_path = proc, proc.pid, log_path
+        coord.wait_ready()
+        lg.info(f"all {n} workers ready")
+        trainer.on_stop_request = lambda: setattr(coord, "stop_deadline", time.monotonic() + STOP_GRACE_S)
+        timeline = Timeline(cfg.dist.timeline) if cfg.dist.timeline else None
+        executor = DistExecutor(coord, trainer, grad_slots, cfg.dist.on_worker_failure, timeline)
+        summary = trainer.fit(executor, stop_at_step=stop_at_step)
+        summary["breakdown"] = executor.breakdown()
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(json.dumps(summary))
+        return EXIT_INTERRUPTED if trainer.stop_requested else 0
+    except WorkerFailure as e:
+        lg.error(f"aborting: {e}")
+        if "trainer" in locals():
+            trainer.save("last")
+            lg.error(f"checkpoint written to {Path(cfg.train.out) / 'last.npz'} (step {trainer.step}); "
+                     f"resume with --resume")
+        return EXIT_WORKER_LOST
+    except (KeyboardInterrupt, _Terminated):
+        lg.error("interrupted; stopping every worker")
+        return EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        if executor is not None:
+            executor.close()
+        if coord is not None:
+            coord.stop_all("run finished")
+            time.sleep(0.05)  # let STOP leave before the socket closes
+        reap(procs)
+        if coord is not None:
+            coord.close()
+        for seg in segments:
+            seg.close()
