@@ -1,0 +1,35 @@
+# dptrain: `make demo` trains on the built-in synthetic faces with 2 workers; `make test` runs the test suite.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+DATA   ?= data/synth
+WORKERS ?= 2
+
+.PHONY: venv demo test data bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,plot]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+$(DATA)/summary.json: | $(VENV)/.installed
+	$(PY) -m dptrain data synth --out $(DATA)
+
+data: $(DATA)/summary.json
+
+demo: $(VENV)/.installed $(DATA)/summary.json
+	$(PY) -m dptrain launch --config configs/synth.toml --workers $(WORKERS) --data $(DATA) --out runs/demo
+	$(PY) -m dptrain plot runs/demo
+
+# The oracle extra (torch==2.13.0, a CPU wheel) is optional: the PyTorch comparison tests skip without it.
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests
+
+bench: $(VENV)/.installed
+	$(PY) -m dptrain bench --workers 1,2 --out bench-out
+
+clean:
+	rm -rf $(VENV) runs bench-out
