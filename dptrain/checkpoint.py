@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +56,9 @@ def load(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
             meta = json.loads(z["meta"].tobytes().decode())
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such checkpoint") from None
-    except (KeyError, ValueError, OSError) as e:
+    # A truncated or bit-flipped file surfaces as BadZipFile (bad CRC, no central directory) or EOFError (empty),
+    # neither of which is a ValueError/OSError.
+    except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise CheckpointError(f"{path}: not a dptrain checkpoint ({e})") from None
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format {meta.get('format_version')} != {FORMAT_VERSION}")
