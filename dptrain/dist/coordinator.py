@@ -47,6 +47,7 @@ class Peer:
     state: PeerState = PeerState.STARTING
     last_seen: float = field(default_factory=time.monotonic)
     weights_version: int = -1  # socket transport: the last weights this rank received
+    slots: int = 1  # worker ranks behind this peer: 1 for a worker, the host's slots for an agent
     death: str = ""
     log_tail: deque = field(default_factory=lambda: deque(maxlen=20))
 
@@ -67,24 +68,29 @@ class WorkerFailure(RuntimeError):
 
 class Coordinator:
     def __init__(self, cfg: Config, run_id: str, world_size: int, welcome: dict, welcome_arrays: dict,
-                 curve_server=None):
+                 curve_keys=None, slots: list[int] | None = None, bind: str | None = None):
         self.cfg, self.run_id, self.world_size = cfg, run_id, world_size
         self.welcome, self.welcome_arrays = welcome, welcome_arrays
         self.log = log.get()
         self.ctx = zmq.Context()
+        self.curve = None
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a message to a vanished peer is dropped, not an error
-        if curve_server:
-            curve_server(self.sock)
+        if curve_keys is not None:
+            from .curve import CurveServer
+            self.curve = CurveServer(self.ctx, curve_keys)
+            self.curve(self.sock)
         d = cfg.dist
+        bind = d.bind if bind is None else bind
         if d.port:
-            self.sock.bind(f"tcp://{d.bind}:{d.port}")
+            self.sock.bind(f"tcp://{bind}:{d.port}")
             self.port = d.port
         else:
-            self.port = self.sock.bind_to_random_port(f"tcp://{d.bind}")
-        self.endpoint = f"tcp://{d.bind}:{self.port}"
-        self.peers = {r: Peer(r) for r in range(world_size)}
+            self.port = self.sock.bind_to_random_port(f"tcp://{bind}")
+        self.endpoint = f"tcp://{bind}:{self.port}"
+        self.peers = {r: Peer(r, slots=(slots[r] if slots else 1)) for r in range(world_size)}
+        self.bn_relay = None  # agents: callable(layer, phase, local_total) -> global total, via the coordinator
         self.ours = local_versions()
         self.dropped = 0
         self.stop_deadline: float | None = None  # after a stop request, give the running step this long
@@ -161,9 +167,15 @@ class Coordinator:
             refuse("version mismatch: " + ", ".join(bad))
             self._mark_dead(peer, "preflight failed: " + ", ".join(bad))
             return
+        if msg.fields.get("slots", 1) != peer.slots:
+            refuse(f"peer {msg.rank} brings {msg.fields.get('slots')} slots, the launcher expected {peer.slots}")
+            self._mark_dead(peer, f"preflight failed: slots {msg.fields.get('slots')} != {peer.slots}")
+            return
         peer.state = PeerState.WELCOMED
         peer.last_seen = time.monotonic()
-        self.send(peer, P.Kind.WELCOME, arrays=self.welcome_arrays, world_size=self.world_size, **self.welcome)
+        rank_base = sum(p.slots for r, p in self.peers.items() if r < peer.rank)
+        self.send(peer, P.Kind.WELCOME, arrays=self.welcome_arrays, world_size=self.world_size,
+                  rank_base=rank_base, **self.welcome)
 
     # ---- liveness ----------------------------------------------------------------------------------------------
     def _mark_dead(self, peer: Peer, why: str) -> None:
@@ -210,16 +222,19 @@ class Coordinator:
 
     # ---- one round -----------------------------------------------------------------------------------------------
     def round(self, step: int, attempt: int, shards: dict[int, np.ndarray], fields: dict,
-              weights: dict | None = None, weights_version: int = 0) -> dict[int, P.Message]:
-        """STEP to every rank in `shards`; RESULTs back, keyed by rank. Raises WorkerFailure on a loss."""
+              weights: dict | None = None, weights_version: int = 0,
+              sizes: dict[int, list[int]] | None = None) -> dict[int, P.Message]:
+        """STEP to every rank in `shards`; RESULTs back, keyed by rank. Raises WorkerFailure on a loss.
+        `sizes[rank]` (agents): how the peer's block of indices splits over its slots."""
         for rank, idx in shards.items():
             peer = self.peers[rank]
             arrays = {"indices": idx}
             if weights is not None and peer.weights_version != weights_version:
                 arrays.update(weights)
                 peer.weights_version = weights_version
+            f = fields if sizes is None else dict(fields, flags=dict(fields["flags"], sizes=sizes[rank]))
             self.send(peer, P.Kind.STEP, step=step, arrays=arrays, weights_version=weights_version,
-                      attempt=attempt, **fields)
+                      attempt=attempt, **f)
         waiting = {r: self.peers[r] for r in shards}
         results: dict[int, P.Message] = {}
         bn: dict[int, dict[int, np.ndarray]] = {}
@@ -260,6 +275,8 @@ class Coordinator:
         for rank in sorted(got):  # rank order, never arrival order
             total += got[rank]
         del bn[layer]
+        if self.bn_relay is not None:  # an agent: the host's sum goes up, the global sum comes back
+            total = self.bn_relay(layer, msg.fields["phase"], total)
         for rank in shards:
             self.send(self.peers[rank], P.Kind.BN_REDUCED, step=step, arrays={"moments": total}, layer=layer,
                       phase=msg.fields["phase"], attempt=attempt)
@@ -272,4 +289,6 @@ class Coordinator:
 
     def close(self) -> None:
         self.sock.close(0)
+        if self.curve is not None:
+            self.curve.stop()
         self.ctx.term()

@@ -14,10 +14,22 @@ import numpy as np
 
 from .. import log
 from ..train import StepResult
-from ..data.sampler import shard
+from ..data.sampler import shard_bounds
 from .coordinator import Coordinator, WorkerFailure
 
 
+
+
+def split_by_slots(indices: np.ndarray, slots: list[int]) -> tuple[list[np.ndarray], list[list[int]]]:
+    """Shard over sum(slots) worker ranks (sizes differ by at most one), then hand each peer the contiguous block
+    of its ranks' shards and their sizes: an agent's workers get exactly the shards ranks would get one by one."""
+    total, blocks, sizes, rank = sum(slots), [], [], 0
+    for n in slots:
+        bounds = [shard_bounds(len(indices), r, total) for r in range(rank, rank + n)]
+        blocks.append(indices[bounds[0][0]:bounds[-1][1]])
+        sizes.append([b - a for a, b in bounds])
+        rank += n
+    return blocks, sizes
 
 
 class Timeline:
@@ -55,12 +67,15 @@ class DistExecutor:
     def _round(self, indices: np.ndarray, step: int, fields: dict) -> tuple[list[int], dict]:
         attempt = 0
         while True:
-            ranks = [p.rank for p in self.coord.active()]
-            if not ranks:
+            peers = self.coord.active()
+            if not peers:
                 raise WorkerFailure([])
-            shards = {r: shard(indices, i, len(ranks)) for i, r in enumerate(ranks)}
+            ranks = [p.rank for p in peers]
+            shards, sizes = split_by_slots(indices, [p.slots for p in peers])
+            shards = dict(zip(ranks, shards))
+            sizes = dict(zip(ranks, sizes)) if any(p.slots > 1 for p in peers) else None
             try:
-                return ranks, self.coord.round(step, attempt, shards, fields, self._weights(), self.version)
+                return ranks, self.coord.round(step, attempt, shards, fields, self._weights(), self.version, sizes)
             except WorkerFailure as e:
                 survivors = self.coord.active()
                 if self.policy != "continue" or not survivors:

@@ -1,0 +1,88 @@
+"""ZeroMQ CURVE for multi-host runs: encryption plus authentication of every peer.
+
+The launcher makes two keypairs per run: the coordinator's (server) and one shared by the run's agents (client).
+Agents receive theirs over the ssh channel (stdin, never the command line: `ps` would show it) or, in no-ssh mode,
+from a 0600 key file. The coordinator's ZAP handler accepts exactly the run's client public key: a peer without it
+cannot complete the handshake, so it can neither join, send gradients nor read weights.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import zmq
+from zmq.auth.thread import ThreadAuthenticator
+
+
+@dataclass
+class RunKeys:
+    server_public: str
+    server_secret: str  # stays with the coordinator; never sent to agents
+    client_public: str
+    client_secret: str
+
+    @classmethod
+    def generate(cls) -> "RunKeys":
+        sp, ss = zmq.curve_keypair()
+        cp, cs = zmq.curve_keypair()
+        return cls(sp.decode(), ss.decode(), cp.decode(), cs.decode())
+
+    def for_agents(self) -> dict:
+        """What an agent needs: the server's public key and the client keypair."""
+        return {"server_public": self.server_public, "client_public": self.client_public,
+                "client_secret": self.client_secret}
+
+    def write_agent_file(self, path: str | Path) -> Path:
+        path = Path(path)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.for_agents(), f)
+        return path
+
+
+def read_agent_keys(text: str, source: str) -> dict:
+    try:
+        keys = json.loads(text)
+        if not all(isinstance(keys.get(k), str) and len(keys[k]) == 40
+                   for k in ("server_public", "client_public", "client_secret")):
+            raise ValueError("missing or malformed keys")
+        return keys
+    except ValueError as e:
+        raise SystemExit(f"{source}: not a dptrain CURVE key file ({e})") from None
+
+
+class _OnlyRunKey:
+    def __init__(self, allowed: str):
+        self.allowed = allowed.encode()
+
+    def callback(self, domain, key) -> bool:
+        return key == self.allowed
+
+
+class CurveServer:
+    """Applies the server side to a socket and runs the ZAP authenticator for its context."""
+
+    def __init__(self, ctx: zmq.Context, keys: RunKeys):
+        self.keys = keys
+        self.auth = ThreadAuthenticator(ctx)
+        self.auth.start()
+        self.auth.configure_curve_callback("*", credentials_provider=_OnlyRunKey(keys.client_public))
+
+    def __call__(self, sock: zmq.Socket) -> None:
+        sock.curve_secretkey = self.keys.server_secret.encode()
+        sock.curve_publickey = self.keys.server_public.encode()
+        sock.curve_server = True
+
+    def stop(self) -> None:
+        self.auth.stop()
+
+
+def client_setup(agent_keys: dict):
+    """A function that makes a socket a CURVE client of the run's coordinator."""
+    def setup(sock: zmq.Socket) -> None:
+        sock.curve_serverkey = agent_keys["server_public"].encode()
+        sock.curve_publickey = agent_keys["client_public"].encode()
+        sock.curve_secretkey = agent_keys["client_secret"].encode()
+    return setup
