@@ -204,6 +204,11 @@ class Coordinator:
             elif peer in waiting_on and now - waiting_since > d.step_timeout_s:
                 self._mark_dead(peer, f"stuck: no result after {now - waiting_since:.0f} s (step_timeout_s)")
 
+    def service(self, timeout_s: float) -> None:
+        """Between rounds: answer heartbeats and hellos, notice deaths (an agent's workers while it waits upstream)."""
+        for identity, msg in self._poll(timeout_s):
+            self._handle_common(identity, msg)
+
     def wait_ready(self, timeout_s: float = 120.0) -> None:
         deadline = time.monotonic() + timeout_s
         while any(p.state is not PeerState.READY for p in self.peers.values()):

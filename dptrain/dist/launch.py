@@ -59,10 +59,27 @@ def add_internal_commands(sub) -> None:
     w.add_argument("--curve-keys", default=None, help="file with the run's CURVE keys (multi-host)")
     w.set_defaults(func=_cmd_worker)
 
+    a = sub.add_parser("agent", help="a host's agent: starts its workers, reduces their gradients (multi-host)")
+    a.add_argument("--connect", required=True, help="the coordinator, tcp://HOST:PORT")
+    a.add_argument("--run", required=True, help="the run id the coordinator printed")
+    a.add_argument("--host-index", type=int, default=None,
+                   help="this host's position in the hostfile (default: from SLURM_NODEID / OMPI / DPTRAIN_RANK)")
+    a.add_argument("--slots", type=int, default=1, help="workers on this host")
+    a.add_argument("--keys", help="the run's agent key file (no-ssh mode)")
+    a.add_argument("--keys-stdin", action="store_true", help="read the keys from stdin; exit when stdin closes (ssh)")
+    a.add_argument("--wait-keys-s", type=float, default=60.0, help="wait this long for --keys to appear")
+    a.add_argument("--host-label", default=None, help="name for logs (default: hostname)")
+    a.set_defaults(func=_cmd_agent)
+
 
 def _cmd_worker(args, extra) -> int:
     from .worker import run_worker
     return run_worker(args.connect, args.rank, args.run)
+
+
+def _cmd_agent(args, extra) -> int:
+    from .agent import run_agent
+    return run_agent(args)
 
 
 def blas_threads(cfg: Config, n_local: int) -> int:
@@ -123,68 +140,60 @@ def launch(cfg: Config, args) -> int:
     return launch_local(cfg, resume=args.resume, stop_at_step=args.stop_at_step)
 
 
-def launch_local(cfg: Config, resume: bool = False, stop_at_step: int = 0) -> int:
-    from ..train import prepare
-    lg = log.get()
-    n = cfg.dist.workers
-    run_id = uuid.uuid4().hex[:10]
-    segments: list[SharedArray] = []
-    procs: list = []
-    coord = executor = None
-    old_term = signal.signal(signal.SIGTERM, _raise_terminated)
-    use_shm = cfg.dist.transport == "shm"
+class Session:
+    """Everything a launch started, torn down in `close()` whatever happened: STOP to every peer, then SIGTERM /
+    SIGKILL to every child process, then the sockets, then the shared-memory segments."""
 
-    def shared(what: str, shape, dtype, fill=None) -> np.ndarray:
-        seg = SharedArray.create(segment_name(run_id, what), shape, dtype)
-        segments.append(seg)
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+        self.segments: list[SharedArray] = []
+        self.procs: list = []
+        self.coord: Coordinator | None = None
+        self.executor: DistExecutor | None = None
+        self.trainer = None
+
+    def shared(self, what: str, shape, dtype, fill=None) -> SharedArray:
+        seg = SharedArray.create(segment_name(self.run_id, what), shape, dtype)
+        self.segments.append(seg)
         if fill is not None:
             seg.array[...] = fill
-        return seg.array
+        return seg
 
-    def to_shm(store) -> None:
-        if use_shm:  # weights and BN buffers live in shared memory; the coordinator's grads stay private
-            store.rebind(shared("params", store.params.shape, np.float32, store.params), store.grads,
-                         shared("buffers", store.buffers.shape, np.float32, store.buffers), copy=False)
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.close()
+        if self.coord is not None:
+            self.coord.stop_all("run finished")
+            time.sleep(0.05)  # let STOP leave before the socket closes
+        reap(self.procs)
+        if self.coord is not None:
+            self.coord.close()
+        for seg in self.segments:
+            seg.close()
 
+
+def run_session(cfg: Config, stop_at_step: int, start) -> int:
+    """`start(session)` loads data, starts the peers and returns once they are READY (setting session.trainer,
+    session.coord and the gradient slots); this trains, reports, and maps failures to exit codes."""
+    lg = log.get()
+    session = Session(uuid.uuid4().hex[:10])
+    old_term = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        trainer = prepare(cfg, resume, store_factory=to_shm)
-        out = Path(cfg.train.out)
-        (out / "logs").mkdir(parents=True, exist_ok=True)
-        images = shared("images", trainer.ds.images.shape, np.uint8, trainer.ds.images)
-        trainer.ds.images = images  # one copy of the images on this host: the shared one
-        shm_specs = {"images": segments[-1].spec()}
-        grad_slots = None
-        if use_shm:
-            shm_specs["params"], shm_specs["buffers"] = segments[0].spec(), segments[1].spec()
-            grad_slots = shared("grads", (n, trainer.store.num_params), np.float32)
-            shm_specs["grads"] = segments[-1].spec()
-        welcome = {"config": config_mod.to_dict(cfg), "shm": shm_specs, "num_classes": len(trainer.ds.class_names)}
-        coord = Coordinator(cfg, run_id, n, welcome, {"labels": trainer.ds.labels})
-        lg.info(f"coordinator listening on {coord.endpoint} (run {run_id}); starting {n} workers, "
-                f"{blas_threads(cfg, n)} BLAS thread(s) each, {cfg.dist.transport} transport, bn={cfg.dist.bn}")
-        env = worker_env(blas_threads(cfg, n))
-        cores = os.cpu_count() or 1
-        for r in range(n):
-            log_path = out / "logs" / f"rank{r}.log"
-            log_path.write_bytes(b"")
-            proc = spawn_worker(coord.endpoint, r, run_id, env, log_path, (r % cores) if cfg.dist.pin_cores else None)
-            procs.append(proc)
-            coord.peers[r].proc, coord.peers[r].pid, coord.peers[r].log_path = proc, proc.pid, log_path
-        coord.wait_ready()
-        lg.info(f"all {n} workers ready")
+        grad_slots = start(session)
+        trainer, coord = session.trainer, session.coord
         trainer.on_stop_request = lambda: setattr(coord, "stop_deadline", time.monotonic() + STOP_GRACE_S)
         timeline = Timeline(cfg.dist.timeline) if cfg.dist.timeline else None
-        executor = DistExecutor(coord, trainer, grad_slots, cfg.dist.on_worker_failure, timeline)
-        summary = trainer.fit(executor, stop_at_step=stop_at_step)
-        summary["breakdown"] = executor.breakdown()
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        session.executor = DistExecutor(coord, trainer, grad_slots, cfg.dist.on_worker_failure, timeline)
+        summary = trainer.fit(session.executor, stop_at_step=stop_at_step)
+        summary["breakdown"] = session.executor.breakdown()
+        (Path(cfg.train.out) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(json.dumps(summary))
         return EXIT_INTERRUPTED if trainer.stop_requested else 0
     except WorkerFailure as e:
         lg.error(f"aborting: {e}")
-        if "trainer" in locals():
-            trainer.save("last")
-            lg.error(f"checkpoint written to {Path(cfg.train.out) / 'last.npz'} (step {trainer.step}); "
+        if session.trainer is not None:
+            session.trainer.save("last")
+            lg.error(f"checkpoint written to {Path(cfg.train.out) / 'last.npz'} (step {session.trainer.step}); "
                      f"resume with --resume")
         return EXIT_WORKER_LOST
     except (KeyboardInterrupt, _Terminated):
@@ -192,13 +201,49 @@ def launch_local(cfg: Config, resume: bool = False, stop_at_step: int = 0) -> in
         return EXIT_INTERRUPTED
     finally:
         signal.signal(signal.SIGTERM, old_term)
-        if executor is not None:
-            executor.close()
-        if coord is not None:
-            coord.stop_all("run finished")
-            time.sleep(0.05)  # let STOP leave before the socket closes
-        reap(procs)
-        if coord is not None:
-            coord.close()
-        for seg in segments:
-            seg.close()
+        session.close()
+
+
+def launch_local(cfg: Config, resume: bool = False, stop_at_step: int = 0) -> int:
+    from ..train import prepare
+    lg = log.get()
+    n = cfg.dist.workers
+    use_shm = cfg.dist.transport == "shm"
+
+    def start(session: Session):
+        def to_shm(store) -> None:
+            if use_shm:  # weights and BN buffers live in shared memory; the coordinator's grads stay private
+                store.rebind(session.shared("params", store.params.shape, np.float32, store.params).array,
+                             store.grads,
+                             session.shared("buffers", store.buffers.shape, np.float32, store.buffers).array,
+                             copy=False)
+
+        trainer = session.trainer = prepare(cfg, resume, store_factory=to_shm)
+        out = Path(cfg.train.out)
+        (out / "logs").mkdir(parents=True, exist_ok=True)
+        images = session.shared("images", trainer.ds.images.shape, np.uint8, trainer.ds.images)
+        trainer.ds.images = images.array  # one copy of the images on this host: the shared one
+        shm_specs = {"images": images.spec()}
+        grad_slots = None
+        if use_shm:
+            shm_specs["params"], shm_specs["buffers"] = session.segments[0].spec(), session.segments[1].spec()
+            grads = session.shared("grads", (n, trainer.store.num_params), np.float32)
+            grad_slots, shm_specs["grads"] = grads.array, grads.spec()
+        welcome = {"config": config_mod.to_dict(cfg), "shm": shm_specs, "num_classes": len(trainer.ds.class_names)}
+        coord = session.coord = Coordinator(cfg, session.run_id, n, welcome, {"labels": trainer.ds.labels})
+        lg.info(f"coordinator listening on {coord.endpoint} (run {session.run_id}); starting {n} workers, "
+                f"{blas_threads(cfg, n)} BLAS thread(s) each, {cfg.dist.transport} transport, bn={cfg.dist.bn}")
+        env = worker_env(blas_threads(cfg, n))
+        cores = os.cpu_count() or 1
+        for r in range(n):
+            log_path = out / "logs" / f"rank{r}.log"
+            log_path.write_bytes(b"")
+            proc = spawn_worker(coord.endpoint, r, session.run_id, env, log_path,
+                                (r % cores) if cfg.dist.pin_cores else None)
+            session.procs.append(proc)
+            coord.peers[r].proc, coord.peers[r].pid, coord.peers[r].log_path = proc, proc.pid, log_path
+        coord.wait_ready()
+        lg.info(f"all {n} workers ready")
+        return grad_slots
+
+    return run_session(cfg, stop_at_step, start)

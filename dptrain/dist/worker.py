@@ -45,11 +45,12 @@ class Preempted(Exception):
 class Heartbeat(threading.Thread):
     """Beats on its own DEALER socket; kills the process when the coordinator (or the parent) goes silent."""
 
-    def __init__(self, ctx, endpoint: str, run_id: str, rank: int, interval_s: float, misses: int, curve=None):
+    def __init__(self, ctx, endpoint: str, run_id: str, rank: int, interval_s: float, misses: int, curve=None,
+                 watch_parent: bool = True):
         super().__init__(daemon=True, name=f"heartbeat-{rank}")
         self.ctx, self.endpoint, self.run_id, self.rank = ctx, endpoint, run_id, rank
         self.interval_s, self.misses, self.curve = interval_s, misses, curve
-        self.parent = os.getppid()
+        self.parent = os.getppid() if watch_parent else None
         self.stopped = threading.Event()
 
     def run(self) -> None:
@@ -69,8 +70,9 @@ class Heartbeat(threading.Thread):
                         sock.recv_multipart()
                         last_answer = time.monotonic()
                 silent = time.monotonic() - last_answer
-                if silent > self.interval_s * self.misses or os.getppid() != self.parent:
-                    why = "parent process exited" if os.getppid() != self.parent else f"no answer for {silent:.1f} s"
+                orphaned = self.parent is not None and os.getppid() != self.parent
+                if silent > self.interval_s * self.misses or orphaned:
+                    why = "parent process exited" if orphaned else f"no answer for {silent:.1f} s"
                     log.get().error(f"coordinator lost ({why}); exiting")
                     os._exit(EXIT_COORDINATOR_LOST)
         finally:

@@ -1,0 +1,290 @@
+"""A host agent: the coordinator's one peer per host in multi-host runs.
+
+    dptrain agent --connect tcp://COORD:PORT --run RUN --host-index I --slots N (--keys FILE | --keys-stdin)
+
+Started by `dptrain launch --hostfile` over ssh (keys on stdin), or by hand / by Slurm or mpirun in no-ssh mode
+(keys from a 0600 file; host index and slots may come from SLURM_* / OMPI_* variables, see rankenv.py).
+
+Upstream it is one CURVE-authenticated DEALER: HELLO (versions, code hash, slots) -> WELCOME (config, dataset
+fingerprint) -> preflight (this host's copy of the dataset must exist and match) -> READY. Downstream it is a
+coordinator of its own on 127.0.0.1: it builds this host's shared-memory image cache, starts `slots` workers and
+feeds them the shards of its block of each global batch. It then sums its workers' gradients in local rank order and
+sends ONE buffer up (optionally as float16): cross-host traffic grows with hosts, not workers. Sync-BN moments are
+summed on the host, reduced globally through the coordinator, and handed back down.
+
+It exits when the coordinator says STOP, when the coordinator goes silent (heartbeats), when its ssh channel closes
+(stdin EOF, with --keys-stdin), or on SIGTERM; its workers follow within a second, and its shared memory goes with it.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket as pysocket
+import sys
+import threading
+import time
+import traceback
+import uuid
+from pathlib import Path
+
+import numpy as np
+import zmq
+
+from .. import config as config_mod, log
+from ..data.dataset import load_dataset
+from . import protocol as P
+from .coordinator import Coordinator, WorkerFailure
+from .curve import client_setup, read_agent_keys
+from .launch import blas_threads, reap, spawn_worker, worker_env
+from .shmem import SharedArray, segment_name
+from .versions import local_versions
+from .worker import Heartbeat, Preempted
+
+
+class AgentStop(Exception):
+    pass
+
+
+class Agent:
+    def __init__(self, endpoint: str, host_index: int, slots: int, run_id: str, keys: dict | None, host: str):
+        self.endpoint, self.index, self.slots, self.run_id, self.host = endpoint, host_index, slots, run_id, host
+        self.log = log.get()
+        self.curve = client_setup(keys) if keys else None
+        self.ctx = zmq.Context()
+        self.up = self.ctx.socket(zmq.DEALER)
+        self.up.setsockopt(zmq.LINGER, 0)
+        self.up.setsockopt(zmq.IDENTITY, f"agent{host_index}-{os.getpid()}".encode())
+        if self.curve:
+            self.curve(self.up)
+        self.up.connect(endpoint)
+        self.segments: list[SharedArray] = []
+        self.procs: list = []
+        self.local: Coordinator | None = None
+        self.step = self.attempt = 0
+
+    def send(self, kind, arrays=None, step=None, **fields) -> None:
+        self.up.send_multipart(P.encode(kind, self.run_id, step=self.step if step is None else step,
+                                        rank=self.index, arrays=arrays, **fields), copy=False)
+
+    def recv_up(self, timeout_s: float) -> P.Message | None:
+        """Next valid upstream message within timeout_s, serving the local workers' heartbeats meanwhile."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.local is not None:
+                self.local.service(0.0)
+            if self.up.poll(50):
+                frames = self.up.recv_multipart(copy=False)
+                try:
+                    return P.decode(frames, run=self.run_id)
+                except P.ProtocolError as e:
+                    self.log.warning(f"dropped a malformed message from the coordinator: {e}")
+        return None
+
+    # ---- set-up and preflight ------------------------------------------------------------------------------------
+    def handshake(self, timeout_s: float = 120.0) -> None:
+        self.send(P.Kind.HELLO, role="agent", host=self.host, pid=os.getpid(), slots=self.slots, **local_versions())
+        msg = self.recv_up(timeout_s)
+        if msg is None:
+            raise SystemExit(f"host {self.host}: no answer from the coordinator at {self.endpoint} within "
+                             f"{timeout_s:.0f} s (is the address reachable from this host, and are the keys right?)")
+        if msg.kind is P.Kind.STOP:
+            raise SystemExit(f"host {self.host}: coordinator refused: {msg.fields['reason']}")
+        f = msg.fields
+        self.cfg = config_mod.from_dict(f["config"])
+        d = self.cfg.dist
+        Heartbeat(self.ctx, self.endpoint, self.run_id, self.index, d.heartbeat_interval_s, d.heartbeat_misses,
+                  self.curve, watch_parent=False).start()
+        try:  # preflight: this host's copy of the dataset
+            ds = load_dataset(self.cfg.data, self.cfg.train.seed, progress=False)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"host {self.host}: preflight: dataset {self.cfg.data.path!r}: {e}") from None
+        if ds.fingerprint != f["fingerprint"] or ds.class_names != f["class_names"]:
+            raise SystemExit(f"host {self.host}: preflight: dataset {self.cfg.data.path!r} differs from the "
+                             f"coordinator's (fingerprint {ds.fingerprint[:12]} != {f['fingerprint'][:12]})")
+        self._start_local(ds, int(f["num_classes"]), int(f["rank_base"]))
+        self.send(P.Kind.READY)
+        self.log.info(f"host {self.host}: {self.slots} workers ready (ranks {f['rank_base']}.."
+                      f"{f['rank_base'] + self.slots - 1})")
+
+    def _shared(self, what: str, shape, dtype, fill=None) -> SharedArray:
+        seg = SharedArray.create(segment_name(self.local_run, what), shape, dtype)
+        self.segments.append(seg)
+        if fill is not None:
+            seg.array[...] = fill
+        return seg
+
+    def _start_local(self, ds, num_classes: int, rank_base: int) -> None:
+        from ..nn.model import build_model
+        from ..nn.params import ParamStore
+        self.local_run = f"{self.run_id}h{self.index}{uuid.uuid4().hex[:4]}"
+        store = ParamStore(np.float32)
+        build_model(self.cfg.model, num_classes, self.cfg.data.image_size, store)
+        images = self._shared("images", ds.images.shape, np.uint8, ds.images)
+        params = self._shared("params", (store.num_params,), np.float32)
+        buffers = self._shared("buffers", (store.num_buffers,), np.float32)
+        grads = self._shared("grads", (self.slots, store.num_params), np.float32)
+        self.params, self.buffers, self.grad_slots = params.array, buffers.array, grads.array
+        self.gsum = np.empty(store.num_params, np.float32)
+        shm = {k: s.spec() for k, s in zip(("images", "params", "buffers", "grads"), (images, params, buffers, grads))}
+        local_cfg = config_mod.from_dict(config_mod.to_dict(self.cfg))
+        local_cfg.dist.port, local_cfg.dist.transport = 0, "shm"
+        welcome = {"config": config_mod.to_dict(local_cfg), "shm": shm, "num_classes": num_classes}
+        self.local = Coordinator(local_cfg, self.local_run, self.slots, welcome, {"labels": ds.labels},
+                                 bind="127.0.0.1")
+        self.local.bn_relay = self._relay
+        out = Path(self.cfg.train.out) / "logs"
+        out.mkdir(parents=True, exist_ok=True)
+        env = worker_env(blas_threads(self.cfg, self.slots))
+        for r in range(self.slots):
+            path = out / f"{self.host}-rank{rank_base + r}.log"
+            path.write_bytes(b"")
+            proc = spawn_worker(self.local.endpoint, r, self.local_run, env, path)
+            self.procs.append(proc)
+            peer = self.local.peers[r]
+            peer.proc, peer.pid, peer.log_path, peer.host = proc, proc.pid, path, self.host
+        self.local.wait_ready()
+
+    # ---- steps ---------------------------------------------------------------------------------------------------
+    def _relay(self, layer: int, phase: str, total: np.ndarray) -> np.ndarray:
+        self.send(P.Kind.BN_REDUCE, arrays={"moments": total}, layer=layer, phase=phase, attempt=self.attempt)
+        while True:
+            msg = self.recv_up(3600.0)
+            if msg is None:
+                continue
+            if msg.kind is P.Kind.BN_REDUCED and msg.step == self.step and msg.fields["layer"] == layer \
+                    and msg.fields.get("attempt") == self.attempt:
+                return np.array(msg.arrays["moments"], np.float64)
+            if msg.kind in (P.Kind.STEP, P.Kind.STOP):
+                raise Preempted(msg)
+
+    def serve(self) -> int:
+        pending = None
+        while True:
+            msg, pending = (pending, None) if pending else (self.recv_up(3600.0), None)
+            if msg is None:
+                continue
+            if msg.kind is P.Kind.STOP:
+                self.log.info(f"host {self.host}: stopping: {msg.fields['reason']}")
+                return 0
+            if msg.kind is not P.Kind.STEP:
+                continue
+            try:
+                self.run_step(msg)
+            except Preempted as p:
+                pending = p.msg
+
+    def run_step(self, msg: P.Message) -> None:
+        self.step, self.attempt = msg.step, msg.fields.get("attempt", 0)
+        flags = dict(msg.fields["flags"])
+        sizes = flags.pop("sizes", None) or [len(msg.arrays["indices"])]
+        if "params" in msg.arrays:
+            np.copyto(self.params, msg.arrays["params"])
+            np.copyto(self.buffers, msg.arrays["buffers"])
+        idx = np.asarray(msg.arrays["indices"], np.int64)
+        bounds = np.cumsum([0, *sizes])
+        shards = {r: idx[bounds[r]:bounds[r + 1]] for r in range(self.slots) if bounds[r + 1] > bounds[r]}
+        fields = {"epoch": msg.fields["epoch"], "flags": flags}
+        try:
+            results = self.local.round(self.step, self.attempt, shards, fields)
+        except WorkerFailure as e:
+            raise SystemExit(f"host {self.host}: lost {e}") from None
+        ranks = sorted(results)
+        loss_sum = sum(results[r].fields["loss_sum"] for r in ranks)
+        correct = sum(results[r].fields["correct"] for r in ranks)
+        if flags.get("phase") == "eval":
+            self.send(P.Kind.RESULT, count=len(idx), loss_sum=loss_sum, correct=correct, grad_slot=-2, timings={},
+                      attempt=self.attempt, phase="eval")
+            return
+        t0 = time.time()
+        np.copyto(self.gsum, self.grad_slots[ranks[0]])
+        for r in ranks[1:]:  # local rank order
+            np.add(self.gsum, self.grad_slots[r], out=self.gsum)
+        moments = sum(np.asarray(results[r].arrays["bn_moments"], np.float64) for r in ranks)
+        grad = self.gsum.astype(np.float16) if self.cfg.dist.wire_dtype == "float16" else self.gsum
+        busiest = max(ranks, key=lambda r: sum(v[1] for k, v in results[r].fields["timings"].items() if k != "wait"))
+        timings = dict(results[busiest].fields["timings"])
+        timings["host_reduce"] = [t0, time.time() - t0]
+        self.send(P.Kind.RESULT, arrays={"grad": grad, "bn_moments": moments}, count=len(idx), loss_sum=loss_sum,
+                  correct=correct, grad_slot=-1, timings=timings, attempt=self.attempt, phase="train",
+                  sent_at=time.time())
+
+    def close(self) -> None:
+        if self.local is not None:
+            self.local.stop_all("agent stopping")
+            time.sleep(0.05)
+        reap(self.procs)
+        if self.local is not None:
+            self.local.close()
+        for seg in self.segments:
+            seg.close()
+        self.up.close(0)
+
+
+def _watch_stdin() -> None:
+    """ssh mode: the channel closing (launcher gone, Ctrl-C, lost connection) ends the agent."""
+    def watch():
+        try:
+            while sys.stdin.buffer.read(4096):
+                pass
+        except (OSError, ValueError):
+            pass
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=watch, daemon=True, name="stdin-watch").start()
+
+
+def _raise_stop(signum, frame):
+    raise AgentStop(f"signal {signum}")
+
+
+def run_agent(args) -> int:
+    from .rankenv import from_env
+    host = args.host_label or pysocket.gethostname()
+    log.setup(f"agent@{host}")
+    lg = log.get()
+    index, slots = args.host_index, args.slots
+    env = from_env()
+    if index is None:
+        if env is None:
+            raise SystemExit("dptrain agent: --host-index not given and no SLURM_/OMPI_/DPTRAIN_ rank in the environment")
+        index = env.node_rank if env.node_rank is not None else env.rank
+    if args.keys_stdin:
+        keys = read_agent_keys(sys.stdin.readline(), "stdin")
+        _watch_stdin()
+    elif args.keys:
+        path = Path(args.keys)
+        deadline = time.monotonic() + args.wait_keys_s
+        while not path.exists() and time.monotonic() < deadline:  # Slurm: task 0 may still be writing it
+            time.sleep(0.5)
+        if not path.exists():
+            raise SystemExit(f"host {host}: key file {path} does not exist")
+        keys = read_agent_keys(path.read_text(), str(path))
+    else:
+        keys = None
+    signal.signal(signal.SIGTERM, _raise_stop)
+    signal.signal(signal.SIGINT, _raise_stop)
+    agent = Agent(args.connect, index, slots, args.run, keys, host)
+    try:
+        agent.handshake()
+        return agent.serve()
+    except SystemExit as e:
+        lg.error(str(e))
+        try:
+            agent.send(P.Kind.ERROR, message=str(e), traceback="")
+            time.sleep(0.2)
+        except Exception:
+            pass
+        return 1
+    except AgentStop as e:
+        lg.warning(f"host {host}: stopping on {e}")
+        return 0
+    except Exception:
+        tb = traceback.format_exc()
+        lg.error(f"host {host}: failed:\n{tb}")
+        try:
+            agent.send(P.Kind.ERROR, message=f"host {host}: " + tb.strip().splitlines()[-1], traceback=tb)
+            time.sleep(0.2)
+        except Exception:
+            pass
+        return 1
+    finally:
+        agent.close()
