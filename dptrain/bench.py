@@ -1,3 +1,185 @@
-"""placeholder replaced below"""
-def add_bench_flags(p): pass
-def main(args, extra): return 0
+"""`dptrain bench`: training throughput, in this process or with the real coordinator and workers.
+
+    dptrain bench [--threads 1] [--compare torch] [--json]
+        training steps (forward + loss + backward + clip + SGD) of the model on synthetic tensors in this process:
+        img/s, per-phase and per-layer-type breakdown; with --compare torch the same network and step in PyTorch
+        eager, same threads, and the ratio.
+    dptrain bench --workers 1,2,4,8 [--transport shm,socket] [--compare torch] [--images 13000] [--out bench-out]
+        `dptrain launch --workers N` for each N on a synthetic face set (rendered once into a cache folder): img/s,
+        speed-up and efficiency against the smallest N, the step split (compute / communication / coordinator
+        reduce + clip + update) from the run's own timeline, peak PSS of coordinator + workers; with --compare torch
+        PyTorch DDP (gloo, CPU) with the same global batch and number of processes. Writes bench.csv, bench.json and
+        bench.png (img/s and efficiency against N) into --out.
+
+Model and training keys can be overridden like in `dptrain train` (`--model.widths=[8,16]`). Warm-up steps are
+never timed. Logs and progress bars go to stderr; with --json stdout holds only JSON (one object, or one line per
+row with --workers).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+from pathlib import Path
+
+from . import config as config_mod, log
+
+CSV_KEYS = ["impl", "transport", "workers", "images_per_s", "speedup", "efficiency", "vs_torch", "step_s",
+            "compute_s", "comm_s", "reduce_s", "update_s", "coordinator_frac", "pss_total_mb",
+            "pss_coordinator_mb", "pss_worker_mean_mb", "images_mb", "blas_threads", "threads"]
+
+
+def add_bench_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", default=None, help="comma list of worker counts, e.g. 1,2,4,8 (absent: this process)")
+    p.add_argument("--compare", choices=["torch"], default=None, help="also time the same model in PyTorch")
+    p.add_argument("--threads", type=int, default=1, help="BLAS / torch threads (single-process bench)")
+    p.add_argument("--batch-size", type=int, default=64, help="global batch size")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--classes", type=int, default=62)
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--transport", default="shm", help="shm, socket or shm,socket (with --workers)")
+    p.add_argument("--images", type=int, default=2000, help="size of the synthetic set (with --workers)")
+    p.add_argument("--data-dir", default=None, help="where the synthetic set is cached (~/.cache/dptrain/bench)")
+    p.add_argument("--out", default="bench-out", help="folder for bench.csv / bench.json / bench.png and runs")
+    p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _config(args, extra: list[str]) -> tuple[config_mod.Config, dict[str, str]]:
+    from .cli import parse_overrides
+    overrides = parse_overrides(extra)
+    base = {"train.batch_size": str(args.batch_size), "data.image_size": str(args.image_size)}
+    try:
+        return config_mod.load(None, {**base, **overrides}), overrides
+    except (KeyError, TypeError, ValueError) as e:
+        raise SystemExit(f"dptrain bench: config error: {e}") from None
+
+
+def main(args: argparse.Namespace, extra: list[str]) -> int:
+    cfg, overrides = _config(args, extra)
+    if args.steps < 1 or args.warmup < 0:
+        raise SystemExit("dptrain bench: --steps must be >= 1 and --warmup >= 0")
+    if args.workers is None:
+        from .bench_local import format_local, run_local_bench
+        r = run_local_bench(cfg, args.classes, args.threads, args.warmup, args.steps, args.compare == "torch",
+                            progress=not args.no_progress)
+        print(json.dumps(r) if args.json else format_local(r), flush=True)
+        return 0
+    return run_dist(args, cfg, overrides)
+
+
+def run_dist(args, cfg: config_mod.Config, overrides: dict[str, str]) -> int:
+    from .bench_dist import run_workers, synth_dataset
+    lg = log.get()
+    try:
+        counts = sorted({int(w) for w in args.workers.split(",") if w.strip()})
+    except ValueError:
+        raise SystemExit(f"dptrain bench: --workers wants a comma list of integers, got {args.workers!r}") from None
+    transports = [t.strip() for t in args.transport.split(",") if t.strip()]
+    if not counts or min(counts) < 1 or any(t not in ("shm", "socket") for t in transports):
+        raise SystemExit("dptrain bench: --workers needs counts >= 1 and --transport shm and/or socket")
+    if args.compare == "torch":
+        from .torch_ref import require_torch
+        require_torch()
+    need = args.batch_size * (args.warmup + args.steps)
+    if args.images < args.batch_size:
+        raise SystemExit(f"dptrain bench: --images {args.images} is smaller than one batch ({args.batch_size})")
+    if args.images < need:
+        lg.info(f"{args.images} images < {need} needed for one epoch of steps: the run spans several epochs")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = synth_dataset(args.images, args.image_size, args.classes, args.data_dir, not args.no_progress)
+    rows = []
+    for transport in transports:
+        for n in counts:
+            lg.info(f"dptrain {transport}: {n} worker(s), {args.warmup} warm-up + {args.steps} timed steps")
+            rows.append(run_workers(n, data, out, args, overrides, transport))
+            lg.info(f"  {rows[-1]['images_per_s']:.1f} img/s, coordinator {100 * rows[-1]['coordinator_frac']:.1f}% "
+                    f"of the step, PSS {rows[-1]['pss_total_mb']:.0f} MB")
+    if args.compare == "torch":
+        from .bench_ddp import run_ddp
+        model = config_mod.to_dict(cfg)["model"]
+        for n in counts:
+            lg.info(f"PyTorch DDP gloo: {n} rank(s), {args.warmup} warm-up + {args.steps} timed steps")
+            r = run_ddp(n, args.batch_size, args.image_size, args.classes, args.steps, args.warmup, model=model)
+            rows.append(r)
+            lg.info(f"  {r['images_per_s']:.1f} img/s")
+    add_scaling(rows)
+    write_outputs(rows, out)
+    if args.json:
+        for r in rows:
+            print(json.dumps(r), flush=True)
+    else:
+        print(format_table(rows), flush=True)
+        print(f"\nwrote {out / 'bench.csv'}, {out / 'bench.json'}, {out / 'bench.png'}", flush=True)
+    return 0
+
+
+def add_scaling(rows: list[dict]) -> None:
+    """speedup / efficiency against the smallest N of the same implementation and transport; dptrain vs torch."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["impl"], r["transport"]), []).append(r)
+    for group in groups.values():
+        base = min(group, key=lambda r: r["workers"])
+        for r in group:
+            r["speedup"] = r["images_per_s"] / base["images_per_s"]
+            r["efficiency"] = r["speedup"] * base["workers"] / r["workers"]
+    torch_ips = {r["workers"]: r["images_per_s"] for r in rows if r["impl"] == "torch-ddp"}
+    for r in rows:
+        if r["impl"] == "dptrain" and r["workers"] in torch_ips:
+            r["vs_torch"] = r["images_per_s"] / torch_ips[r["workers"]]
+
+
+def format_table(rows: list[dict]) -> str:
+    head = (f"{'impl':<10}{'transport':<10}{'N':>3}{'img/s':>9}{'speedup':>9}{'eff':>6}{'vs torch':>9}"
+            f"{'step ms':>9}{'compute':>9}{'comm':>8}{'reduce':>8}{'update':>8}{'coord%':>8}{'PSS MB':>9}"
+            f"{'/worker':>9}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        ms = lambda k: f"{1e3 * r[k]:8.1f}" if k in r else f"{'':>8}"  # noqa: E731
+        lines.append(
+            f"{r['impl']:<10}{r['transport']:<10}{r['workers']:>3}{r['images_per_s']:9.1f}{r['speedup']:9.2f}"
+            f"{r['efficiency']:6.2f}" + (f"{r['vs_torch']:9.2f}" if "vs_torch" in r else f"{'':>9}")
+            + f"{1e3 * r['step_s'] if 'step_s' in r else r.get('step_ms', 0.0):9.1f}"
+            + (f"{ms('compute_s')} {ms('comm_s')}{ms('reduce_s')}{ms('update_s')}"
+               f"{100 * r['coordinator_frac']:7.1f}%{r['pss_total_mb']:9.0f}{r['pss_worker_mean_mb']:9.0f}"
+               if "compute_s" in r else ""))
+    return "\n".join(lines)
+
+
+def write_outputs(rows: list[dict], out: Path) -> None:
+    with open(out / "bench.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_KEYS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    (out / "bench.json").write_text(json.dumps(rows, indent=1) + "\n")
+    plot_scaling(rows, out / "bench.png")
+
+
+def plot_scaling(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(f"{r['impl']} ({r['transport']})", []).append(r)
+    for label, g in groups.items():
+        g = sorted(g, key=lambda r: r["workers"])
+        ns = [r["workers"] for r in g]
+        a1.plot(ns, [r["images_per_s"] for r in g], "o-", label=label)
+        a2.plot(ns, [r["efficiency"] for r in g], "o-", label=label)
+    for ax, ylabel in ((a1, "images / s"), (a2, "efficiency (speed-up / N)")):
+        ax.set_xlabel("workers N")
+        ax.set_ylabel(ylabel)
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    a2.set_ylim(0, 1.1)
+    fig.suptitle(f"dptrain bench ({os.cpu_count()} cores)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

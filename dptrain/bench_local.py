@@ -1,0 +1,152 @@
+"""`dptrain bench` without --workers: training steps of one model in this process, on synthetic tensors.
+
+A step is what the single-process trainer does per batch: forward, softmax cross-entropy, backward, the global
+gradient norm (float64), clip and momentum SGD with weight decay. PyTorch (--compare torch) runs the same network
+and the same step (clip_grad_norm_ + torch.optim.SGD) on the same tensors with the same number of threads.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+from tqdm import tqdm
+
+from . import log
+from .config import Config
+from .nn import layers as L
+from .nn.loss import softmax_cross_entropy
+from .nn.model import build_model
+from .nn.params import ParamStore
+from .optim import SGD, clip_factor, sum_of_squares
+
+
+def instrument(model) -> dict[str, list[float]]:
+    """Wrap every leaf layer's forward/backward to add its seconds to times[layer type] = [fwd_s, bwd_s]."""
+    times: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for layer in model.layers():
+        if isinstance(layer, (L.Sequential, L.ResidualBlock)):
+            continue  # containers: their leaves are timed (the residual add is left in "other")
+        kind = type(layer).__name__
+        for slot, meth in ((0, "forward"), (1, "backward")):
+            orig = getattr(layer, meth)
+
+            def timed(*a, _orig=orig, _kind=kind, _slot=slot, **kw):
+                t0 = time.perf_counter()
+                r = _orig(*a, **kw)
+                times[_kind][_slot] += time.perf_counter() - t0
+                return r
+            setattr(layer, meth, timed)
+    return times
+
+
+def synthetic_batch(batch: int, size: int, classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, size, size, 3)).astype(np.float32)  # (N, H, W, C)
+    return x, rng.integers(0, classes, batch)
+
+
+def _timed_loop(step, warmup: int, steps: int, desc: str, progress: bool) -> list[float]:
+    for _ in tqdm(range(warmup), desc=f"{desc} warm-up", leave=False, disable=not progress or not warmup):
+        step()
+    secs = []
+    for _ in tqdm(range(steps), desc=desc, leave=False, disable=not progress):
+        t0 = time.perf_counter()
+        step()
+        secs.append(time.perf_counter() - t0)
+    return secs
+
+
+def time_numpy(cfg: Config, classes: int, warmup: int, steps: int, progress: bool = True) -> dict:
+    t, batch, size = cfg.train, cfg.train.batch_size, cfg.data.image_size
+    x, y = synthetic_batch(batch, size, classes)
+    store = ParamStore(np.float32)
+    model = build_model(cfg.model, classes, size, store, rng=np.random.default_rng(0))
+    opt = SGD(store.num_params, momentum=t.momentum, weight_decay=t.weight_decay, decay_ranges=store.decay_ranges())
+    times = instrument(model)
+    phase = defaultdict(float)
+
+    def step():
+        t0 = time.perf_counter()
+        logits = model.forward(x, train=True)
+        t1 = time.perf_counter()
+        _, dlogits, _ = softmax_cross_entropy(logits, y, batch)
+        t2 = time.perf_counter()
+        model.backward(dlogits)
+        t3 = time.perf_counter()
+        norm = math.sqrt(sum_of_squares(store.grads))
+        t4 = time.perf_counter()
+        opt.step(store.params, store.grads, t.lr, scale=clip_factor(norm, t.clip_norm))
+        model.update_running_stats(model.bn_moments(), cfg.model.bn_momentum)
+        t5 = time.perf_counter()
+        for k, dt in (("forward", t1 - t0), ("loss", t2 - t1), ("backward", t3 - t2), ("grad_norm", t4 - t3),
+                      ("sgd_update", t5 - t4)):
+            phase[k] += dt
+
+    for _ in range(warmup):
+        step()
+    times.clear()
+    phase.clear()
+    secs = _timed_loop(step, 0, steps, "numpy", progress)
+    n = len(secs)
+    layers = {k: {"forward_ms": f * 1e3 / n, "backward_ms": b * 1e3 / n} for k, (f, b) in times.items()}
+    return {"step_ms": 1e3 * float(np.median(secs)), "images_per_s": batch / float(np.median(secs)),
+            "phases_ms": {k: v * 1e3 / n for k, v in phase.items()}, "layers_ms": layers,
+            "num_params": store.num_params}
+
+
+def time_torch(cfg: Config, classes: int, threads: int, warmup: int, steps: int, progress: bool = True) -> dict:
+    from .torch_ref import build_torch_model, require_torch, torch_sgd
+    torch = require_torch()
+    torch.set_num_threads(threads)
+    batch, size = cfg.train.batch_size, cfg.data.image_size
+    x, y = synthetic_batch(batch, size, classes)
+    net = build_torch_model(cfg.model, classes, size)
+    opt = torch_sgd(net, cfg.train)
+    xt, yt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(y)  # NHWC -> NCHW
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(net(xt), yt).backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.train.clip_norm)
+        opt.step()
+
+    secs = _timed_loop(step, warmup, steps, "torch", progress)
+    return {"step_ms": 1e3 * float(np.median(secs)), "images_per_s": batch / float(np.median(secs)),
+            "torch_version": torch.__version__}
+
+
+def run_local_bench(cfg: Config, classes: int, threads: int, warmup: int, steps: int, compare_torch: bool,
+                    progress: bool = True) -> dict:
+    """One JSON-able result: our img/s and breakdown, and PyTorch's img/s and the ratio when asked."""
+    lg = log.get()
+    if compare_torch:
+        from .torch_ref import require_torch
+        require_torch()  # fail before spending minutes on our side
+    lg.info(f"single process: batch {cfg.train.batch_size}, {cfg.data.image_size}x{cfg.data.image_size}, "
+            f"{classes} classes, {threads} thread(s), {warmup} warm-up + {steps} timed steps")
+    with threadpool_limits(threads):
+        ours = time_numpy(cfg, classes, warmup, steps, progress)
+        theirs = time_torch(cfg, classes, threads, warmup, steps, progress) if compare_torch else None
+    out = {"mode": "single", "threads": threads, "batch_size": cfg.train.batch_size,
+           "image_size": cfg.data.image_size, "classes": classes, "steps": steps, "warmup": warmup, **ours}
+    if theirs:
+        out.update(torch_images_per_s=theirs["images_per_s"], torch_step_ms=theirs["step_ms"],
+                   torch_version=theirs["torch_version"], ratio_vs_torch=ours["images_per_s"] / theirs["images_per_s"])
+    return out
+
+
+def format_local(r: dict) -> str:
+    lines = [f"threads={r['threads']} batch={r['batch_size']} image={r['image_size']}x{r['image_size']}x3 "
+             f"classes={r['classes']} params={r['num_params']:,} (median of {r['steps']} steps)",
+             f"dptrain : {r['step_ms']:8.1f} ms/step {r['images_per_s']:8.1f} img/s"]
+    if "torch_images_per_s" in r:
+        lines.append(f"torch   : {r['torch_step_ms']:8.1f} ms/step {r['torch_images_per_s']:8.1f} img/s   "
+                     f"dptrain/torch = {r['ratio_vs_torch']:.2f}x  (torch {r['torch_version']})")
+    lines.append("\nphase (mean ms/step): " + "  ".join(f"{k} {v:.1f}" for k, v in r["phases_ms"].items()))
+    lines.append(f"\n{'layer type':<14}{'fwd ms':>9}{'bwd ms':>9}")
+    for k, v in sorted(r["layers_ms"].items(), key=lambda kv: -sum(kv[1].values())):
+        lines.append(f"{k:<14}{v['forward_ms']:9.1f}{v['backward_ms']:9.1f}")
+    return "\n".join(lines)
