@@ -49,6 +49,8 @@ def add_launch_flags(p: argparse.ArgumentParser) -> None:
     h.add_argument("--ssh-config", default=None, help="ssh -F file")
     h.add_argument("--no-ssh", action="store_true",
                    help="print the `dptrain agent` command each host must run, and wait for them")
+    h.add_argument("--remote-python", default=None, help="python on the hosts (default: this one's path)")
+    h.add_argument("--wait-agents-s", type=float, default=120.0, help="how long to wait for every host's READY")
 
 
 def add_internal_commands(sub) -> None:

@@ -1,0 +1,132 @@
+"""`dptrain launch --hostfile FILE` / `-H a:2,b:2`: one agent per host, over ssh or started by the hosts themselves.
+
+    dptrain launch --hostfile hosts --bind 10.0.0.1 --data /data/lfw.tgz --config configs/lfw.toml
+    dptrain launch -H a:2,b:2 --bind 10.0.0.1 --ssh-identity ~/.ssh/id_ed25519 --ssh-port 2222 ...
+    dptrain launch -H a:2,b:2 --bind 10.0.0.1 --port 29500 --no-ssh ...   # then on each host, `dptrain agent ...`
+
+The coordinator runs here, listening on --bind (an address every host can reach; 127.0.0.1 only works when every
+host is this machine). Every agent connects back with ZeroMQ CURVE: the run's keys are generated here and handed
+to agents over the ssh channel's stdin (or, with --no-ssh, written to RUN/agent-keys.json, mode 0600, which each
+host must be able to read: a shared filesystem or a copy). ssh runs with BatchMode (never a password prompt) and
+`python -m dptrain agent` with this interpreter's absolute path (override with --remote-python): hosts need the
+same install at the same path, which preflight checks (versions and code hash in HELLO; the dataset on each host).
+
+An ssh that fails (refused, unknown host key, no key) is reported in one line per host with ssh's own words.
+"""
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .. import config as config_mod, log
+from ..config import Config
+from .coordinator import Coordinator, PeerState, WorkerFailure
+from .curve import RunKeys
+from .hostfile import HostSlots, filter_hosts, parse_hostfile, parse_hosts
+from .launch import Session, run_session
+
+SSH_OPTIONS = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-o", "ServerAliveInterval=2",
+               "-o", "ServerAliveCountMax=3"]
+
+
+def resolve_hosts(args) -> list[HostSlots]:
+    if args.hostfile and args.hosts:
+        raise SystemExit("dptrain launch: give --hostfile or -H, not both")
+    if not (args.hostfile or args.hosts):
+        raise SystemExit("dptrain launch --no-ssh needs the hosts (--hostfile or -H)")
+    hosts = parse_hostfile(args.hostfile) if args.hostfile else parse_hosts(args.hosts)
+    hosts = filter_hosts(hosts, include=args.include, exclude=args.exclude)
+    if not hosts:
+        raise SystemExit("dptrain launch: no host left after --include/--exclude")
+    return hosts
+
+
+def agent_argv(python: str, endpoint: str, run_id: str, index: int, host: HostSlots, keys: str) -> list[str]:
+    argv = [python, "-m", "dptrain", "agent", "--connect", endpoint, "--run", run_id, "--host-index", str(index),
+            "--slots", str(host.slots), "--host-label", host.hostname]
+    return argv + (["--keys-stdin"] if keys == "-" else ["--keys", keys])
+
+
+def ssh_argv(args, host: HostSlots) -> list[str]:
+    argv = ["ssh", *SSH_OPTIONS]
+    if args.ssh_config:
+        argv += ["-F", args.ssh_config]
+    if args.ssh_port:
+        argv += ["-p", str(args.ssh_port)]
+    if args.ssh_identity:
+        argv += ["-i", args.ssh_identity, "-o", "IdentitiesOnly=yes"]
+    return argv + [host.host]
+
+
+def ssh_failure(log_path: Path) -> str:
+    """ssh's own one-line reason, from the host's log (exit 255 is ssh's; others are the agent's)."""
+    lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()] if log_path.exists() else []
+    for ln in reversed(lines):
+        if any(k in ln for k in ("Permission denied", "Host key verification failed", "Connection refused",
+                                 "Could not resolve", "timed out", "No route to host", "No such file")):
+            return ln.strip()
+    return lines[-1].strip() if lines else "no output"
+
+
+def launch_hosts(cfg: Config, args) -> int:
+    from ..train import prepare
+    lg = log.get()
+    hosts = resolve_hosts(args)
+    keys = RunKeys.generate()
+    if cfg.dist.bind in ("127.0.0.1", "localhost") and any(h.hostname not in ("localhost", "127.0.0.1")
+                                                           for h in hosts):
+        lg.warning("the coordinator binds 127.0.0.1: remote hosts cannot reach it (set --bind to this host's address)")
+    python = args.remote_python or sys.executable
+    cfg.dist.transport = "socket"  # between hosts the weights and gradients are frames; shm is per host
+
+    def start(session: Session):
+        trainer = session.trainer = prepare(cfg, args.resume)
+        out = Path(cfg.train.out)
+        (out / "logs").mkdir(parents=True, exist_ok=True)
+        welcome = {"config": config_mod.to_dict(cfg), "shm": {}, "num_classes": len(trainer.ds.class_names),
+                   "fingerprint": trainer.ds.fingerprint, "class_names": trainer.ds.class_names}
+        coord = session.coord = Coordinator(cfg, session.run_id, len(hosts), welcome, {"labels": trainer.ds.labels},
+                                            curve_keys=keys, slots=[h.slots for h in hosts])
+        endpoint = coord.endpoint
+        lg.info(f"coordinator listening on {endpoint} (run {session.run_id}) for {len(hosts)} hosts, "
+                f"{sum(h.slots for h in hosts)} workers, CURVE on")
+        if args.no_ssh:
+            key_file = keys.write_agent_file(out / "agent-keys.json")
+            for i, h in enumerate(hosts):
+                coord.peers[i].host = h.hostname
+                cmd = agent_argv("dptrain" if not args.remote_python else python, endpoint, session.run_id, i, h,
+                                 str(key_file.resolve()))
+                lg.info(f"on {h.hostname} run: {shlex.join(cmd)}")
+            timeout = args.wait_agents_s
+        else:
+            secret = (json.dumps(keys.for_agents()) + "\n").encode()
+            for i, h in enumerate(hosts):
+                log_path = out / "logs" / f"host-{h.hostname}.log"
+                remote = "cd " + shlex.quote(str(Path.cwd())) + " && exec " + shlex.join(
+                    agent_argv(python, endpoint, session.run_id, i, h, "-"))
+                with open(log_path, "wb") as f:
+                    proc = subprocess.Popen(ssh_argv(args, h) + [remote], stdin=subprocess.PIPE, stdout=f,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+                proc.stdin.write(secret)  # the channel stays open: its closing tells the agent to stop
+                proc.stdin.flush()
+                session.procs.append(proc)
+                peer = coord.peers[i]
+                peer.proc, peer.host, peer.log_path = proc, h.hostname, log_path
+            timeout = args.wait_agents_s
+        try:
+            coord.wait_ready(timeout)
+        except WorkerFailure as e:
+            for p in e.peers:
+                if p.proc is not None and p.proc.poll() == 255:
+                    lg.error(f"host {p.host}: ssh failed: {ssh_failure(p.log_path)}")
+            raise
+        lg.info(f"all {len(hosts)} hosts ready")
+        return None  # gradients arrive as frames (one summed buffer per host)
+
+    return run_session(cfg, args.stop_at_step, start)
