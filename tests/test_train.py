@@ -1,0 +1,158 @@
+"""The Trainer against itself and against chance: a run stopped mid-epoch and resumed equals the uninterrupted run
+bitwise (params, velocity, BN buffers, every metrics line but the timings); early stopping against a constructed
+case whose validation accuracy cannot improve (lr = 0, frozen BN statistics); the run folder's files against the
+fields they promise; the best checkpoint against the val accuracy it was saved for; and a few epochs on a small
+synthetic set against chance (must beat it by > 5x)."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from dptrain import checkpoint, config as C
+from dptrain.data import synth
+from dptrain.train import LocalExecutor, Trainer, prepare, run_local
+
+NUM_CLASSES = 10
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    synth.generate(root / "set", num_classes=NUM_CLASSES, seed=1, image_size=32, num_rich=NUM_CLASSES,
+                   max_images=40, min_rich=30, progress=False)
+    return root
+
+
+def make_cfg(data, out, **overrides):
+    o = {"data.path": str(data / "set"), "data.image_size": "32", "data.min_images_per_class": "10",
+         "data.cache_dir": str(data / "cache"), "model.widths": "[8, 16]", "model.res_width": "16",
+         "model.hidden": "32", "train.epochs": "3", "train.batch_size": "32", "train.lr": "0.05",
+         "train.out": str(out), "train.progress": "false"}
+    o.update({k: str(v) for k, v in overrides.items()})
+    return C.load(None, o)
+
+
+def read_metrics(out):
+    lines = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in lines if "train_loss" in r]
+    steps = [r for r in lines if "train_loss" not in r]
+    return epochs, steps
+
+
+def _without(records, *keys):
+    return [{k: v for k, v in r.items() if k not in keys} for r in records]
+
+
+@pytest.fixture(scope="module")
+def full_run(data):
+    out = data / "full"
+    cfg = make_cfg(data, out)
+    return cfg, out, run_local(cfg)
+
+
+@pytest.mark.parametrize("stop_at_step", [11, 8])  # mid-epoch 2; exactly at the epoch 1/2 boundary
+def test_resume_is_bitwise_exact(data, full_run, stop_at_step):
+    cfg_a, out_a, summary_a = full_run
+    out_b = data / f"resumed{stop_at_step}"
+    cfg_b = make_cfg(data, out_b)
+    first = run_local(cfg_b, stop_at_step=stop_at_step)
+    assert first["interrupted"] and first["steps"] == stop_at_step
+    _, meta = checkpoint.load(out_b / "last.npz")
+    steps_per_epoch = summary_a["steps"] // summary_a["epochs_run"]
+    assert (meta["epoch"], meta["step_in_epoch"]) == divmod(stop_at_step, steps_per_epoch)
+    second = run_local(cfg_b, resume=True)
+    assert not second["interrupted"]
+    for name in ("last", "best"):
+        a, meta_a = checkpoint.load(out_a / f"{name}.npz")
+        b, meta_b = checkpoint.load(out_b / f"{name}.npz")
+        for k in ("params", "velocity", "buffers"):
+            assert np.array_equal(a[k].view(np.uint32), b[k].view(np.uint32)), f"{name}.{k}"
+        meta_a["config"]["train"]["out"] = meta_b["config"]["train"]["out"]
+        assert _without([meta_a], "epoch_sums") == _without([meta_b], "epoch_sums"), name
+    epochs_a, steps_a = read_metrics(out_a)
+    epochs_b, steps_b = read_metrics(out_b)
+    assert _without(epochs_a, "images_per_s") == _without(epochs_b, "images_per_s")
+    assert _without(steps_a, "step_s") == _without(steps_b, "step_s")
+    for k in ("best_val_acc", "best_epoch", "epochs_run", "epoch", "steps"):
+        assert summary_a[k] == second[k], k
+
+
+def test_early_stopping_when_val_acc_cannot_improve(data):
+    """lr = 0 and BN momentum 0: the network never changes, so epoch 1 is the best and every later epoch is a bad
+    one; with patience 2 the run must stop after epoch 3 of 10."""
+    out = data / "early"
+    cfg = make_cfg(data, out, **{"train.lr": 0.0, "model.bn_momentum": 0.0, "train.epochs": 10,
+                                 "train.patience": 2, "train.steps_per_epoch": 2})
+    summary = run_local(cfg)
+    assert summary["stopped_early"] and not summary["interrupted"]
+    assert summary["epochs_run"] == 3 and summary["best_epoch"] == 1
+    epochs, _ = read_metrics(out)
+    assert [r["epoch"] for r in epochs] == [1, 2, 3]
+    assert len({r["val_acc"] for r in epochs}) == 1  # the construction holds: nothing could improve
+    _, meta = checkpoint.load(out / "last.npz")
+    assert meta["bad_epochs"] == 2
+
+    out0 = data / "no_early"
+    summary0 = run_local(make_cfg(data, out0, **{"train.lr": 0.0, "model.bn_momentum": 0.0, "train.epochs": 4,
+                                                 "train.patience": 0, "train.steps_per_epoch": 1}))
+    assert summary0["epochs_run"] == 4 and not summary0["stopped_early"]  # patience 0: never stop early
+
+
+def test_run_folder_contents(data, full_run):
+    cfg, out, summary = full_run
+    epochs, steps = read_metrics(out)
+    assert [r["epoch"] for r in epochs] == [1, 2, 3]
+    for r in epochs:
+        assert {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s"} <= set(r)
+        assert 0 <= r["train_acc"] <= 1 and 0 <= r["val_acc"] <= 1 and r["images_per_s"] > 0
+        assert math.isfinite(r["train_loss"]) and math.isfinite(r["val_loss"]) and r["lr"] > 0
+    assert len(steps) == summary["steps"] and [r["step"] for r in steps] == list(range(summary["steps"]))
+    for r in steps:
+        assert {"step", "epoch", "loss", "acc", "lr", "grad_norm", "step_s"} <= set(r)
+    # the epoch lines' train loss is the count-weighted mean of that epoch's step losses (equal batches here)
+    for e, r in enumerate(epochs):
+        mine = [s["loss"] for s in steps if s["epoch"] == e]
+        assert r["train_loss"] == pytest.approx(np.mean(mine), rel=1e-9)
+
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    for k in ("best_val_acc", "best_epoch", "epochs_run", "wall_s", "num_classes", "num_images", "num_train",
+              "num_val", "num_skipped"):
+        assert k in on_disk, k
+    assert on_disk["num_classes"] == NUM_CLASSES and on_disk["num_train"] + on_disk["num_val"] == on_disk["num_images"]
+    assert on_disk["epochs_run"] == 3 and on_disk["wall_s"] > 0
+    assert on_disk["best_val_acc"] == max(r["val_acc"] for r in epochs)
+    assert epochs[on_disk["best_epoch"] - 1]["val_acc"] == on_disk["best_val_acc"]
+
+    assert (out / "best.npz").exists() and (out / "last.npz").exists()
+    assert C.load(out / "config.toml") == cfg  # saved and reloadable, equal to the config that ran
+
+    # best.npz holds the weights that scored best_val_acc: restoring it reproduces that accuracy exactly
+    tr = prepare(cfg, resume=False)
+    tr.restore(out / "best.npz")
+    loss_sum, correct = LocalExecutor(cfg, tr.model, tr.ds).evaluate(tr.ds.val_idx)
+    assert correct / len(tr.ds.val_idx) == on_disk["best_val_acc"]
+
+
+def test_restore_refuses_another_model(data, full_run):
+    cfg, out, _ = full_run
+    other = make_cfg(data, data / "other", **{"model.hidden": "16"})
+    tr = prepare(other, resume=False)
+    with pytest.raises(checkpoint.CheckpointError, match="last.npz"):
+        tr.restore(out / "last.npz")
+
+
+def test_too_few_images_for_a_batch(data):
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        prepare(make_cfg(data, data / "big_batch", **{"train.batch_size": 100000}), resume=False)
+
+
+def test_learns_well_above_chance(data):
+    """End to end on 10 synthetic identities: > 5x chance on the held-out split within 8 short epochs."""
+    out = data / "learn"
+    summary = run_local(make_cfg(data, out, **{"train.epochs": 8}))
+    epochs, _ = read_metrics(out)
+    assert summary["best_val_acc"] > 5.0 / NUM_CLASSES, epochs
+    assert epochs[-1]["train_loss"] < 0.5 * epochs[0]["train_loss"]
+    assert summary["wall_s"] < 60
