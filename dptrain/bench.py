@@ -97,7 +97,7 @@ def run_dist(args, cfg: config_mod.Config, overrides: dict[str, str]) -> int:
             lg.info(f"dptrain {transport}: {n} worker(s), {args.warmup} warm-up + {args.steps} timed steps")
             rows.append(run_workers(n, data, out, args, overrides, transport))
             lg.info(f"  {rows[-1]['images_per_s']:.1f} img/s, coordinator {100 * rows[-1]['coordinator_frac']:.1f}% "
-                    f"of the step, PSS {rows[-1]['pss_total_mb']:.0f} MB")
+                    f"of the step, PSS {_mb(rows[-1]['pss_total_mb']).strip()} MB")
     if args.compare == "torch":
         from .bench_ddp import run_ddp
         model = config_mod.to_dict(cfg)["model"]
@@ -145,9 +145,13 @@ def format_table(rows: list[dict]) -> str:
             f"{r['efficiency']:6.2f}" + (f"{r['vs_torch']:9.2f}" if "vs_torch" in r else f"{'':>9}")
             + f"{1e3 * r['step_s'] if 'step_s' in r else r.get('step_ms', 0.0):9.1f}"
             + (f"{ms('compute_s')} {ms('comm_s')}{ms('reduce_s')}{ms('update_s')}"
-               f"{100 * r['coordinator_frac']:7.1f}%{r['pss_total_mb']:9.0f}{r['pss_worker_mean_mb']:9.0f}"
+               f"{100 * r['coordinator_frac']:7.1f}%{_mb(r['pss_total_mb'])}{_mb(r['pss_worker_mean_mb'])}"
                if "compute_s" in r else ""))
     return "\n".join(lines)
+
+
+def _mb(v) -> str:
+    return f"{'-':>9}" if v is None else f"{v:9.0f}"
 
 
 def write_outputs(rows: list[dict], out: Path) -> None:

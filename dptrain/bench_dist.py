@@ -46,8 +46,9 @@ def synth_dataset(images: int, image_size: int, classes: int, data_dir: str | No
 class PssSampler(threading.Thread):
     """Peak Σ PSS of a process tree (this process + its children), sampled every interval_s."""
 
-    def __init__(self, interval_s: float = 1.0):
+    def __init__(self, expect_workers: int, interval_s: float = 1.0):
         super().__init__(daemon=True)
+        self.expect_workers = expect_workers
         self.interval_s, self.stop_event = interval_s, threading.Event()
         self.peak_total, self.peak_procs = 0, {}
 
@@ -65,7 +66,7 @@ class PssSampler(threading.Thread):
             self.peak_total, self.peak_procs = total, procs
 
     def run(self) -> None:
-        while not self.stop_event.wait(self.interval_s):
+        while not self.stop_event.wait(self.interval_s):  # the first sample after interval_s: workers are up
             self.sample()
 
     def stop(self) -> dict:
@@ -74,6 +75,9 @@ class PssSampler(threading.Thread):
         mb = 1 / 2**20
         workers = [v * mb for k, v in self.peak_procs.items() if k.startswith("worker")]
         coord = [v * mb for k, v in self.peak_procs.items() if k.startswith("coordinator")]
+        if len(workers) < self.expect_workers:  # the run ended before a sample saw every worker
+            return {"pss_total_mb": None, "pss_coordinator_mb": None, "pss_worker_mean_mb": None,
+                    "pss_worker_max_mb": None, "pss_procs": len(self.peak_procs)}
         return {"pss_total_mb": self.peak_total * mb, "pss_coordinator_mb": coord[0] if coord else 0.0,
                 "pss_worker_mean_mb": sum(workers) / len(workers) if workers else 0.0,
                 "pss_worker_max_mb": max(workers, default=0.0), "pss_procs": len(self.peak_procs)}
@@ -121,7 +125,7 @@ def run_workers(n: int, data: Path, out_root: Path, args, overrides: dict[str, s
           "train.progress": "false" if args.no_progress else "true", "dist.workers": str(n),
           "dist.transport": transport, "dist.timeline": str(run_dir / "timeline.json"), **overrides}
     cfg = config_mod.load(None, ov)
-    sampler = PssSampler()
+    sampler = PssSampler(n)
     sampler.start()
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # launch prints its summary; our stdout is for --json
