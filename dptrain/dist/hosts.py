@@ -129,4 +129,4 @@ def launch_hosts(cfg: Config, args) -> int:
         lg.info(f"all {len(hosts)} hosts ready")
         return None  # gradients arrive as frames (one summed buffer per host)
 
-    return run_session(cfg, args.stop_at_step, start)
+    return run_session(cfg, args.stop_at_step, start, run_id=getattr(args, "run_id", None))

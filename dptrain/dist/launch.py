@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -31,7 +32,7 @@ from .. import config as config_mod, log
 from ..config import Config
 from .coordinator import Coordinator, WorkerFailure
 from .executor import DistExecutor, Timeline
-from .shmem import SharedArray, segment_name
+from ..data.shm import SharedArray, segment_name
 
 EXIT_WORKER_LOST = 1
 EXIT_INTERRUPTED = 130
@@ -51,6 +52,9 @@ def add_launch_flags(p: argparse.ArgumentParser) -> None:
                    help="print the `dptrain agent` command each host must run, and wait for them")
     h.add_argument("--remote-python", default=None, help="python on the hosts (default: this one's path)")
     h.add_argument("--wait-agents-s", type=float, default=120.0, help="how long to wait for every host's READY")
+    h.add_argument("--run-id", default=None, type=_run_id,
+                   help="fix the run id in advance (e.g. $SLURM_JOB_ID) so agents can be started with it; "
+                        "default: random")
 
 
 def add_internal_commands(sub) -> None:
@@ -123,6 +127,12 @@ def reap(procs: list, grace_s: float = 5.0) -> None:
             p.wait()
 
 
+def _run_id(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: 1-64 of [A-Za-z0-9_-] (it names shared memory)")
+    return text
+
+
 class _Terminated(Exception):
     pass
 
@@ -155,10 +165,8 @@ class Session:
         self.trainer = None
 
     def shared(self, what: str, shape, dtype, fill=None) -> SharedArray:
-        seg = SharedArray.create(segment_name(self.run_id, what), shape, dtype)
+        seg = SharedArray.create(fill, segment_name(self.run_id, what), shape=shape, dtype=dtype, writable=True)
         self.segments.append(seg)
-        if fill is not None:
-            seg.array[...] = fill
         return seg
 
     def close(self) -> None:
@@ -172,13 +180,15 @@ class Session:
             self.coord.close()
         for seg in self.segments:
             seg.close()
+            if seg.owner:
+                seg.unlink()
 
 
-def run_session(cfg: Config, stop_at_step: int, start) -> int:
+def run_session(cfg: Config, stop_at_step: int, start, run_id: str | None = None) -> int:
     """`start(session)` loads data, starts the peers and returns once they are READY (setting session.trainer,
     session.coord and the gradient slots); this trains, reports, and maps failures to exit codes."""
     lg = log.get()
-    session = Session(uuid.uuid4().hex[:10])
+    session = Session(run_id or uuid.uuid4().hex[:10])
     old_term = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         grad_slots = start(session)
