@@ -36,7 +36,7 @@ from . import protocol as P
 from .coordinator import Coordinator, WorkerFailure
 from .curve import client_setup, read_agent_keys
 from .launch import blas_threads, reap, spawn_worker, worker_env
-from .shmem import SharedArray, segment_name
+from ..data.shm import SharedArray, segment_name
 from .versions import local_versions
 from .worker import Heartbeat, Preempted
 
@@ -107,10 +107,8 @@ class Agent:
                       f"{f['rank_base'] + self.slots - 1})")
 
     def _shared(self, what: str, shape, dtype, fill=None) -> SharedArray:
-        seg = SharedArray.create(segment_name(self.local_run, what), shape, dtype)
+        seg = SharedArray.create(fill, segment_name(self.local_run, what), shape=shape, dtype=dtype, writable=True)
         self.segments.append(seg)
-        if fill is not None:
-            seg.array[...] = fill
         return seg
 
     def _start_local(self, ds, num_classes: int, rank_base: int) -> None:
@@ -217,6 +215,8 @@ class Agent:
             self.local.close()
         for seg in self.segments:
             seg.close()
+            if seg.owner:
+                seg.unlink()
         self.up.close(0)
 
 

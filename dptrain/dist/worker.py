@@ -29,7 +29,7 @@ from ..nn.loss import softmax_cross_entropy
 from ..nn.model import build_model
 from ..nn.params import ParamStore
 from . import protocol as P
-from .shmem import SharedArray
+from ..data.shm import SharedArray
 from .versions import local_versions
 
 EXIT_COORDINATOR_LOST = 3
@@ -151,7 +151,7 @@ class Worker:
                       f"{'shared-memory' if self.shm_weights else 'socket'} weights")
 
     def _attach(self, spec: dict, readonly: bool = False) -> SharedArray:
-        seg = SharedArray.attach(spec, readonly=readonly)
+        seg = SharedArray.attach(spec, writable=not readonly)
         self.segments.append(seg)
         return seg
 
@@ -222,6 +222,8 @@ class Worker:
     def close(self) -> None:
         for seg in self.segments:
             seg.close()
+            if seg.owner:
+                seg.unlink()
         self.sock.close(0)
 
 

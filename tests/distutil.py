@@ -1,0 +1,203 @@
+"""Helpers for the one-host distributed tests: tiny configs, launches in a subprocess with a hard timeout, and
+finding what a run left behind (worker processes, /dev/shm/dptrain_* segments).
+
+Every subprocess launch here runs in its own session, so a timeout kills the whole process group (the launcher
+and any worker it started) and nothing outlives a failed test.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+from dptrain import checkpoint, config as config_mod
+from dptrain.data.shm import leftover_segments
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "configs" / "tiny.toml"
+
+
+def tiny_overrides(data: Path, out: Path, **extra) -> dict[str, str]:
+    """`section.key -> text` for the tiny model on the session's dataset; `extra` uses section__key names."""
+    ov = {"data.path": str(data), "data.cache_dir": str(data.parent / "cache"), "data.min_images_per_class": "10",
+          "train.out": str(out), "train.progress": "false", "train.patience": "0"}
+    ov.update({k.replace("__", "."): (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in extra.items()})
+    return ov
+
+
+def tiny_cfg(data: Path, out: Path, **extra) -> config_mod.Config:
+    return config_mod.load(TINY, tiny_overrides(data, out, **extra))
+
+
+def cli_args(data: Path, out: Path, **extra) -> list[str]:
+    return ["--config", str(TINY)] + [f"--{k}={v}" for k, v in tiny_overrides(data, out, **extra).items()]
+
+
+def params(run: Path, name: str = "last") -> np.ndarray:
+    arrays, _ = checkpoint.load(Path(run) / f"{name}.npz")
+    return arrays["params"]
+
+
+def arrays(run: Path, name: str = "last") -> dict:
+    return checkpoint.load(Path(run) / f"{name}.npz")[0]
+
+
+def max_rel_diff(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def metrics(run: Path) -> list[dict]:
+    import json
+    path = Path(run) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def step_records(run: Path) -> list[dict]:
+    return [m for m in metrics(run) if "loss" in m and "step" in m]
+
+
+# ---- launches in a subprocess ------------------------------------------------------------------------------------
+class Launch:
+    """`python -m dptrain launch ...` in its own session; the log goes to a file, polled by `wait_log`."""
+
+    def __init__(self, args: list[str], log_path: Path, env: dict | None = None):
+        self.log_path = Path(log_path)
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "dptrain", "launch", *args], stdin=subprocess.DEVNULL,
+                                     stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+                                     env={**os.environ, **(env or {})})
+        self.pid = self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_log(self, pattern: str, timeout_s: float = 30.0) -> re.Match:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            m = re.search(pattern, self.log())
+            if m:
+                return m
+            if self.proc.poll() is not None:
+                m = re.search(pattern, self.log())
+                if m:
+                    return m
+                raise AssertionError(f"launcher exited ({self.proc.returncode}) before {pattern!r}:\n{self.log()}")
+            time.sleep(0.05)
+        raise AssertionError(f"no {pattern!r} in the launcher log after {timeout_s} s:\n{self.log()}")
+
+    def run_id(self) -> str:
+        return self.wait_log(r"\(run ([0-9a-f]+)\)").group(1)
+
+    def port(self) -> int:
+        return int(self.wait_log(r"coordinator listening on tcp://127\.0\.0\.1:(\d+)").group(1))
+
+    def wait(self, timeout_s: float) -> int:
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"launcher still running after {timeout_s} s:\n{self.log()}") from None
+
+    def kill(self) -> None:
+        """SIGKILL the launcher's whole process group (workers are in their own sessions: those by pid)."""
+        kill_workers_of(self.run_id_or_none())
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+    def run_id_or_none(self) -> str | None:
+        m = re.search(r"\(run ([0-9a-f]+)\)", self.log())
+        return m.group(1) if m else None
+
+    def close(self) -> None:
+        """Reap everything this launch may have left (idempotent), then close the log."""
+        if self.proc.poll() is None:
+            self.kill()
+        rid = self.run_id_or_none()
+        if rid:
+            kill_workers_of(rid)
+            for name in leftover_segments(rid):
+                try:
+                    os.unlink(f"/dev/shm/{name}")
+                except FileNotFoundError:
+                    pass
+        self._log.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def run_launch(args: list[str], log_path: Path, timeout_s: float = 120.0) -> tuple[int, str]:
+    with Launch(args, log_path) as la:
+        rc = la.wait(timeout_s)
+        return rc, la.log()
+
+
+# ---- what a run leaves behind -------------------------------------------------------------------------------------
+def workers_of(run_id: str | None) -> list[psutil.Process]:
+    """Live `dptrain worker --run RUN_ID` processes (zombies excluded)."""
+    if not run_id:
+        return []
+    out = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        try:
+            cmd = p.info["cmdline"] or []
+            if "worker" in cmd and "--run" in cmd and run_id in cmd and p.info["status"] != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except (psutil.Error, TypeError):
+            continue
+    return out
+
+
+def kill_workers_of(run_id: str | None) -> None:
+    for p in workers_of(run_id):
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+
+
+def worker_pid(run: Path, rank: int, timeout_s: float = 30.0) -> int:
+    """The pid a worker wrote in the first line of RUN/logs/rank<R>.log ("ready: pid N ...")."""
+    path = Path(run) / "logs" / f"rank{rank}.log"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists():
+            m = re.search(r"pid (\d+)", path.read_text(errors="replace"))
+            if m:
+                return int(m.group(1))
+        time.sleep(0.05)
+    raise AssertionError(f"no pid in {path} after {timeout_s} s")
+
+
+def wait_until(pred, timeout_s: float, every_s: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(every_s)
+    return bool(pred())
+
+
+def wait_steps(run: Path, n: int, timeout_s: float = 60.0) -> None:
+    assert wait_until(lambda: len(step_records(run)) >= n, timeout_s), f"fewer than {n} steps in {run}"
+
+
+def pid_gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
