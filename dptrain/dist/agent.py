@@ -82,6 +82,7 @@ class Agent:
 
     # ---- set-up and preflight ------------------------------------------------------------------------------------
     def handshake(self, timeout_s: float = 120.0) -> None:
+        probe_port(self.endpoint, self.host)
         self.send(P.Kind.HELLO, role="agent", host=self.host, pid=os.getpid(), slots=self.slots, **local_versions())
         msg = self.recv_up(timeout_s)
         if msg is None:
@@ -218,6 +219,15 @@ class Agent:
             if seg.owner:
                 seg.unlink()
         self.up.close(0)
+
+
+def probe_port(endpoint: str, host: str, timeout_s: float = 10.0) -> None:
+    """Preflight: a plain TCP connect first, because ZeroMQ retries an unreachable address silently forever."""
+    addr, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+    try:
+        pysocket.create_connection((addr, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise SystemExit(f"host {host}: preflight: cannot reach the coordinator at {addr}:{port}: {e}") from None
 
 
 def _watch_stdin() -> None:
