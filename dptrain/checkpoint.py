@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
+
+from .fsutil import atomic_write
 
 FORMAT_VERSION = 1
 
@@ -23,24 +24,7 @@ def save(path: str | Path, *, params: np.ndarray, velocity: np.ndarray, buffers:
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(meta, format_version=FORMAT_VERSION)
     blob = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, params=params, velocity=velocity, buffers=buffers, meta=blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    atomic_write(path, lambda f: np.savez(f, params=params, velocity=velocity, buffers=buffers, meta=blob))
 
 
 class CheckpointError(ValueError):

@@ -15,11 +15,11 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from ..fsutil import atomic_write
 from .decode import DECODER_VERSION, Decoded, decode_entries, warn_skipped
 from .discover import Discovered
 
@@ -35,37 +35,13 @@ def cache_key(fingerprint: str, image_size: int, center_crop: int) -> str:
     return "decoded_" + hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def save(cache_dir: Path, key: str, decoded: Decoded, meta: dict) -> Path:
     cache_dir.mkdir(parents=True, exist_ok=True)
     npy = cache_dir / f"{key}.npy"
-    _atomic_write(npy, lambda f: np.save(f, np.ascontiguousarray(decoded.images), allow_pickle=False))
+    atomic_write(npy, lambda f: np.save(f, np.ascontiguousarray(decoded.images), allow_pickle=False))
     side = dict(meta, shape=list(decoded.images.shape), names=decoded.names,
                 skipped=[list(s) for s in decoded.skipped])
-    _atomic_write(cache_dir / f"{key}.json", lambda f: f.write(json.dumps(side).encode()))
-    try:  # let the folder entry itself survive a crash; not all filesystems allow it
-        dfd = os.open(cache_dir, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    atomic_write(cache_dir / f"{key}.json", lambda f: f.write(json.dumps(side).encode()))
     return npy
 
 
