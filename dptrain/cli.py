@@ -105,7 +105,10 @@ def cmd_launch(args, extra) -> int:
 
 def cmd_eval(args, extra) -> int:
     from .evaluate import evaluate_checkpoint
-    result = evaluate_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size)
+    try:
+        result = evaluate_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size)
+    except (ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError; both messages name the path
+        raise SystemExit(f"dptrain eval: {e}") from None
     print(json.dumps(result))
     return 0
 
