@@ -35,10 +35,9 @@ from ..data.dataset import load_dataset
 from . import protocol as P
 from .coordinator import Coordinator, WorkerFailure
 from .curve import client_setup, read_agent_keys
-from .launch import blas_threads, reap, spawn_worker, worker_env
-from ..data.shm import SharedArray, segment_name
+from .launch import Session, blas_threads, spawn_worker, worker_env
 from .versions import local_versions
-from .worker import Heartbeat, Preempted
+from .worker import Heartbeat, Preempted, serve_steps
 
 
 class AgentStop(Exception):
@@ -57,8 +56,7 @@ class Agent:
         if self.curve:
             self.curve(self.up)
         self.up.connect(endpoint)
-        self.segments: list[SharedArray] = []
-        self.procs: list = []
+        self.session: Session | None = None  # this host's side: shared memory, workers, local coordinator
         self.local: Coordinator | None = None
         self.step = self.attempt = 0
 
@@ -107,29 +105,25 @@ class Agent:
         self.log.info(f"host {self.host}: {self.slots} workers ready (ranks {f['rank_base']}.."
                       f"{f['rank_base'] + self.slots - 1})")
 
-    def _shared(self, what: str, shape, dtype, fill=None) -> SharedArray:
-        seg = SharedArray.create(fill, segment_name(self.local_run, what), shape=shape, dtype=dtype, writable=True)
-        self.segments.append(seg)
-        return seg
-
     def _start_local(self, ds, num_classes: int, rank_base: int) -> None:
         from ..nn.model import build_model
         from ..nn.params import ParamStore
-        self.local_run = f"{self.run_id}h{self.index}{uuid.uuid4().hex[:4]}"
+        self.session = Session(f"{self.run_id}h{self.index}{uuid.uuid4().hex[:4]}")
+        shared = self.session.shared
         store = ParamStore(np.float32)
         build_model(self.cfg.model, num_classes, self.cfg.data.image_size, store)
-        images = self._shared("images", ds.images.shape, np.uint8, ds.images)
-        params = self._shared("params", (store.num_params,), np.float32)
-        buffers = self._shared("buffers", (store.num_buffers,), np.float32)
-        grads = self._shared("grads", (self.slots, store.num_params), np.float32)
+        images = shared("images", ds.images.shape, np.uint8, ds.images)
+        params = shared("params", (store.num_params,), np.float32)
+        buffers = shared("buffers", (store.num_buffers,), np.float32)
+        grads = shared("grads", (self.slots, store.num_params), np.float32)
         self.params, self.buffers, self.grad_slots = params.array, buffers.array, grads.array
         self.gsum = np.empty(store.num_params, np.float32)
         shm = {k: s.spec() for k, s in zip(("images", "params", "buffers", "grads"), (images, params, buffers, grads))}
         local_cfg = config_mod.from_dict(config_mod.to_dict(self.cfg))
         local_cfg.dist.port, local_cfg.dist.transport = 0, "shm"
         welcome = {"config": config_mod.to_dict(local_cfg), "shm": shm, "num_classes": num_classes}
-        self.local = Coordinator(local_cfg, self.local_run, self.slots, welcome, {"labels": ds.labels},
-                                 bind="127.0.0.1")
+        self.local = self.session.coord = Coordinator(local_cfg, self.session.run_id, self.slots, welcome,
+                                                      {"labels": ds.labels}, bind="127.0.0.1")
         self.local.bn_relay = self._relay
         out = Path(self.cfg.train.out) / "logs"
         out.mkdir(parents=True, exist_ok=True)
@@ -137,8 +131,8 @@ class Agent:
         for r in range(self.slots):
             path = out / f"{self.host}-rank{rank_base + r}.log"
             path.write_bytes(b"")
-            proc = spawn_worker(self.local.endpoint, r, self.local_run, env, path)
-            self.procs.append(proc)
+            proc = spawn_worker(self.local.endpoint, r, self.session.run_id, env, path)
+            self.session.procs.append(proc)
             peer = self.local.peers[r]
             peer.proc, peer.pid, peer.log_path, peer.host = proc, proc.pid, path, self.host
         self.local.wait_ready()
@@ -157,20 +151,7 @@ class Agent:
                 raise Preempted(msg)
 
     def serve(self) -> int:
-        pending = None
-        while True:
-            msg, pending = (pending, None) if pending else (self.recv_up(3600.0), None)
-            if msg is None:
-                continue
-            if msg.kind is P.Kind.STOP:
-                self.log.info(f"host {self.host}: stopping: {msg.fields['reason']}")
-                return 0
-            if msg.kind is not P.Kind.STEP:
-                continue
-            try:
-                self.run_step(msg)
-            except Preempted as p:
-                pending = p.msg
+        return serve_steps(lambda: self.recv_up(3600.0), self.run_step, self.log, f"host {self.host}: ")
 
     def run_step(self, msg: P.Message) -> None:
         self.step, self.attempt = msg.step, msg.fields.get("attempt", 0)
@@ -208,16 +189,8 @@ class Agent:
                   sent_at=time.time())
 
     def close(self) -> None:
-        if self.local is not None:
-            self.local.stop_all("agent stopping")
-            time.sleep(0.05)
-        reap(self.procs)
-        if self.local is not None:
-            self.local.close()
-        for seg in self.segments:
-            seg.close()
-            if seg.owner:
-                seg.unlink()
+        if self.session is not None:
+            self.session.close()
         self.up.close(0)
 
 

@@ -42,6 +42,25 @@ class Preempted(Exception):
         self.msg = msg
 
 
+def serve_steps(recv, run_step, lg, who: str) -> int:
+    """The peer loop (workers and agents): run every STEP; a STEP or STOP that preempts a waiting sync-BN
+    reduction is handled next; STOP ends it."""
+    pending = None
+    while True:
+        msg, pending = (pending, None) if pending else (recv(), None)
+        if msg is None:
+            continue
+        if msg.kind is P.Kind.STOP:
+            lg.info(f"{who}stopping: {msg.fields['reason']}")
+            return 0
+        if msg.kind is not P.Kind.STEP:
+            continue
+        try:
+            run_step(msg)
+        except Preempted as p:
+            pending = p.msg
+
+
 class Heartbeat(threading.Thread):
     """Beats on its own DEALER socket; kills the process when the coordinator (or the parent) goes silent."""
 
@@ -171,17 +190,7 @@ class Worker:
 
     # ---- the loop --------------------------------------------------------------------------------------------------
     def serve(self) -> int:
-        while True:
-            msg, self.pending = (self.pending, None) if self.pending else (self.recv(), None)
-            if msg.kind is P.Kind.STOP:
-                self.log.info(f"stopping: {msg.fields['reason']}")
-                return 0
-            if msg.kind is not P.Kind.STEP:
-                continue
-            try:
-                self.run_step(msg)
-            except Preempted as p:
-                self.pending = p.msg
+        return serve_steps(self.recv, self.run_step, self.log, "")
 
     def run_step(self, msg: P.Message) -> None:
         t_recv = time.time()
