@@ -141,8 +141,25 @@ SharedImageCache = SharedArray  # the name this module was written for: one read
 
 
 def segment_name(run_id: str, what: str) -> str:
-    """Segments of one run share a prefix, so a leak is easy to name and remove."""
-    return f"{PREFIX}{run_id}_{what}"
+    """Segments of one run share a prefix, so a leak is easy to name and remove; the creator's pid in the name lets
+    `remove_orphans` tell a leak (creator gone, e.g. kill -9 of the whole process group) from a live run."""
+    return f"{PREFIX}{run_id}_p{os.getpid()}_{what}"
+
+
+def remove_orphans() -> list[str]:
+    """Unlink this machine's run segments whose creating process no longer exists; returns their names."""
+    removed = []
+    for name in leftover_segments():
+        parts = name[len(PREFIX):].split("_")
+        pid = next((int(p[1:]) for p in parts if p[:1] == "p" and p[1:].isdigit()), None)
+        if pid is None or os.path.exists(f"/proc/{pid}"):
+            continue
+        try:
+            os.unlink(f"/dev/shm/{name}")
+            removed.append(name)
+        except OSError:
+            pass
+    return removed
 
 
 def leftover_segments(run_id: str = "") -> list[str]:

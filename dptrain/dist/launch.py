@@ -32,7 +32,7 @@ from .. import config as config_mod, log
 from ..config import Config
 from .coordinator import Coordinator, WorkerFailure
 from .executor import DistExecutor, Timeline
-from ..data.shm import SharedArray, segment_name
+from ..data.shm import SharedArray, remove_orphans, segment_name
 
 EXIT_WORKER_LOST = 1
 EXIT_INTERRUPTED = 130
@@ -188,6 +188,9 @@ def run_session(cfg: Config, stop_at_step: int, start, run_id: str | None = None
     """`start(session)` loads data, starts the peers and returns once they are READY (setting session.trainer,
     session.coord and the gradient slots); this trains, reports, and maps failures to exit codes."""
     lg = log.get()
+    orphans = remove_orphans()
+    if orphans:
+        lg.warning(f"removed {len(orphans)} shared-memory segment(s) left by dead runs: {', '.join(orphans[:4])}")
     session = Session(run_id or uuid.uuid4().hex[:10])
     old_term = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
