@@ -90,9 +90,13 @@ def resolve_config(args: argparse.Namespace, extra: list[str]) -> config_mod.Con
 
 
 def cmd_train(args, extra) -> int:
-    from .train import run_local
+    from .train import LocalExecutor, prepare
     cfg = resolve_config(args, extra)
-    summary = run_local(cfg, resume=args.resume, stop_at_step=args.stop_at_step)
+    try:  # a missing/undecodable dataset or a bad --resume checkpoint is the user's to fix: one line, no traceback
+        trainer = prepare(cfg, resume=args.resume)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"dptrain train: {e}") from None
+    summary = trainer.fit(LocalExecutor(cfg, trainer.model, trainer.ds), stop_at_step=args.stop_at_step)
     print(json.dumps(summary))
     return 0
 
