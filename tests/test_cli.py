@@ -92,6 +92,7 @@ def test_resume_a_finished_run_uses_its_saved_config(trained):
     (["train", "--epochs", "two"], "--epochs"),
     (["train", "--config", "/nonexistent/x.toml"], "x.toml"),
     (["train", "--train.lr"], "--train.lr"),
+    (["train", "--data", "/nonexistent/faces", "--out", "/nonexistent/run"], "/nonexistent/faces"),
     (["eval", "--data", "somewhere"], "--checkpoint"),
     (["eval", "--checkpoint", "c.npz", "--data", "d", "--bogus"], "--bogus"),
     (["data", "synth"], "--out"),
