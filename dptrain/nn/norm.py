@@ -53,27 +53,35 @@ def batchnorm_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: f
         np.multiply(xw, tiled(scale, k), out=outw)
         outw += tiled(shift, k)
         return out, None
-    mean = colsum(x2) / x.dtype.type(M)  # (C,)
+    # Local and SyncBatchNorm paths both take mean/var from float64 [count, Σx, Σx²]: summed in float64, the moments
+    # of a batch barely depend on how it is split, so after rounding to x.dtype N workers normalise with the bits one
+    # process uses (a float32 mean/var differing by an ulp flips ReLU/max-pool choices near ties, and one flip moves
+    # a gradient by ~1e-2 relative).
+    s, ss = colmoments64(x2)  # (C,), (C,) float64
+    moments = np.concatenate(([float(M)], s, ss))  # (1 + 2C,) float64 local
+    g = moments if allreduce is None else np.asarray(allreduce(moments.copy()), dtype=np.float64)
+    count = float(g[0])
+    mean64 = g[1:1 + C] / count
+    var = np.maximum(g[1 + C:] / count - mean64 * mean64, 0.0)
     xc = scratch(ws, "bn.xc", (M, C), x.dtype)
     xcw, _ = widen(xc)
-    np.subtract(xw, tiled(mean, k), out=xcw)
-    q = coldot(xc, xc).astype(np.float64)  # (C,) sum of squared deviations from `mean`
-    m64 = mean.astype(np.float64)
-    # exact local moments of x in terms of the computed mean: sum = M*mean, sumsq = q + M*mean^2
-    moments = np.concatenate(([float(M)], m64 * M, q + M * m64 * m64))  # (1 + 2C,) float64
-    if allreduce is None:
-        count = float(M)
-        var = q / M
-    else:
-        g = np.asarray(allreduce(moments.copy()), dtype=np.float64)
-        count = float(g[0])
-        mean_g = g[1:1 + C] / count
-        var = np.maximum(g[1 + C:] / count - mean_g * mean_g, 0.0)
-        xcw -= tiled((mean_g - m64).astype(x.dtype), k)  # re-centre on the global mean
+    np.subtract(xw, tiled(mean64.astype(x.dtype), k), out=xcw)
     invstd = (1.0 / np.sqrt(var + eps)).astype(x.dtype)  # (C,)
     np.multiply(xcw, tiled(gamma * invstd, k), out=outw)
     outw += tiled(beta, k)
     return out, BNCache(xc, invstd, gamma, count, allreduce, x.shape, moments)
+
+
+def colmoments64(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(M, C) -> (Σ rows, Σ rows²) as float64 (C,) vectors, cast in chunks of the wide view (no (M, C) float64 copy)."""
+    aw, k = widen(a)  # (M/k, k*C)
+    s, ss = np.zeros(aw.shape[1]), np.zeros(aw.shape[1])
+    rows = max(1, (1 << 16) // aw.shape[1])  # 64K elements per chunk: 512 KB of float64 stays in cache
+    for lo in range(0, aw.shape[0], rows):
+        c = aw[lo:lo + rows].astype(np.float64)  # (rows, k*C)
+        s += c.sum(0)
+        ss += np.einsum("mc,mc->c", c, c)
+    return s.reshape(k, -1).sum(0), ss.reshape(k, -1).sum(0)  # (k*C,) -> (k, C) -> (C,)
 
 
 def batchnorm_backward(dout: np.ndarray, cache: BNCache, ws: Workspace | None = None):
