@@ -23,13 +23,18 @@ def lr_at(step: int, *, base_lr: float, warmup_steps: int, total_steps: int, min
     return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
+CHUNK = 1 << 16  # elements per block: w, g, v and a scratch block (1 MiB) stay in L2 between the vector ops
+
+
 def sum_of_squares(g: np.ndarray) -> float:
-    """Σ g² accumulated in float64 (a float32 dot over 10 M terms loses digits the clip decision can feel)."""
+    """Σ g²: float32 dots over blocks, accumulated in float64 across blocks. One pass over g (a float64 copy costs
+    10x more); the relative error, ~1e-7·sqrt(block), only moves the clip factor in its 6th digit."""
     total = 0.0
-    chunk = 1 << 20
-    for lo in range(0, g.size, chunk):  # chunks keep the float64 temporary small
-        part = g[lo:lo + chunk].astype(np.float64)
+    for lo in range(0, g.size, CHUNK):
+        part = g[lo:lo + CHUNK]
         total += float(np.dot(part, part))
+    if not math.isfinite(total) and g.dtype != np.float64:  # a float32 square overflowed: redo it in float64
+        total = sum(float(np.dot(p, p)) for p in (g[lo:lo + CHUNK].astype(np.float64) for lo in range(0, g.size, CHUNK)))
     return total
 
 
@@ -53,23 +58,31 @@ class SGD:
         self.weight_decay = weight_decay
         self.decay_ranges = decay_ranges
         self.velocity = np.zeros(num_params, dtype) if velocity is None else velocity
-        self._scratch = np.empty(num_params, dtype)
+        self._scratch = np.empty(min(num_params, CHUNK), dtype)
+
+    def _blocks(self, lo: int, hi: int):
+        """[a, b) blocks of CHUNK elements over [lo, hi), each with its decay sub-ranges relative to a."""
+        for a in range(lo, hi, CHUNK):
+            b = min(a + CHUNK, hi)
+            yield a, b, [(max(x, a) - a, min(y, b) - a) for x, y in self.decay_ranges if x < b and y > a]
 
     def step(self, params: np.ndarray, grads: np.ndarray, lr: float, scale: float = 1.0,
              lo: int = 0, hi: int | None = None) -> None:
         """One update of params[lo:hi] in place with grads[lo:hi] * scale (scale = clip factor).
-        `grads` is modified (it receives the weight-decay term)."""
+        `grads` is modified (it receives the weight-decay term). Done block by block so that the five vector
+        operations touch memory once instead of five times (9.4 M parameters: ~15 ms instead of ~60 ms)."""
         hi = params.size if hi is None else hi
-        w, g, v, tmp = params[lo:hi], grads[lo:hi], self.velocity[lo:hi], self._scratch[lo:hi]
-        if scale != 1.0:
-            g *= np.float32(scale) if g.dtype == np.float32 else scale
-        if self.weight_decay:
-            for a, b in self.decay_ranges:
-                a, b = max(a, lo) - lo, min(b, hi) - lo
-                if a < b:
-                    np.multiply(w[a:b], self.weight_decay, out=tmp[a:b])
-                    g[a:b] += tmp[a:b]
-        v *= self.momentum
-        v += g
-        np.multiply(v, lr, out=tmp)
-        w -= tmp
+        dt = params.dtype.type
+        scale, wd, mu, lr = dt(scale), dt(self.weight_decay), dt(self.momentum), dt(lr)
+        for a, b, decay in self._blocks(lo, hi):
+            w, g, v, tmp = params[a:b], grads[a:b], self.velocity[a:b], self._scratch[:b - a]
+            if scale != 1:
+                g *= scale
+            if wd:
+                for x, y in decay:
+                    np.multiply(w[x:y], wd, out=tmp[x:y])
+                    g[x:y] += tmp[x:y]
+            v *= mu
+            v += g
+            np.multiply(v, lr, out=tmp)
+            w -= tmp
