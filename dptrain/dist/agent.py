@@ -34,6 +34,7 @@ from .. import config as config_mod, log
 from ..data.dataset import load_dataset
 from . import protocol as P
 from .coordinator import Coordinator, WorkerFailure
+from .executor import sum_in_order
 from .curve import client_setup, read_agent_keys
 from .launch import Session, blas_threads, spawn_worker, worker_env
 from .versions import local_versions
@@ -176,9 +177,7 @@ class Agent:
                       attempt=self.attempt, phase="eval")
             return
         t0 = time.time()
-        np.copyto(self.gsum, self.grad_slots[ranks[0]])
-        for r in ranks[1:]:  # local rank order
-            np.add(self.gsum, self.grad_slots[r], out=self.gsum)
+        sum_in_order(self.gsum, [self.grad_slots[r] for r in ranks])  # local rank order
         moments = sum(np.asarray(results[r].arrays["bn_moments"], np.float64) for r in ranks)
         grad = self.gsum.astype(np.float16) if self.cfg.dist.wire_dtype == "float16" else self.gsum
         busiest = max(ranks, key=lambda r: sum(v[1] for k, v in results[r].fields["timings"].items() if k != "wait"))

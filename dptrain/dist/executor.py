@@ -15,9 +15,20 @@ import numpy as np
 from .. import log
 from ..train import StepResult
 from ..data.sampler import shard_bounds
+from ..optim import CHUNK
 from .coordinator import Coordinator, WorkerFailure
 
 
+
+
+def sum_in_order(out: np.ndarray, parts: list[np.ndarray]) -> None:
+    """out = ((parts[0] + parts[1]) + parts[2]) + ..., always in this order (rank order: the same bits whoever
+    arrives first), block by block so each block of `out` stays in cache while every part is added to it."""
+    for a in range(0, out.size, CHUNK):
+        block = out[a:a + CHUNK]
+        np.copyto(block, parts[0][a:a + CHUNK], casting="unsafe")  # float16 wire gradients widen here
+        for p in parts[1:]:
+            np.add(block, p[a:a + CHUNK], out=block, casting="unsafe")
 
 
 def split_by_slots(indices: np.ndarray, slots: list[int]) -> tuple[list[np.ndarray], list[list[int]]]:
@@ -90,13 +101,8 @@ class DistExecutor:
         ranks, results = self._round(indices, step, {"epoch": epoch, "flags": {
             "phase": "train", "global_count": len(indices)}})
         t1 = time.perf_counter()
-        grads = self.store.grads
-        for i, rank in enumerate(ranks):  # rank order
-            g = self.grad_slots[rank] if self.grad_slots is not None else results[rank].arrays["grad"]
-            if i == 0:
-                np.copyto(grads, g)
-            else:
-                np.add(grads, g, out=grads)
+        sum_in_order(self.store.grads, [self.grad_slots[r] if self.grad_slots is not None
+                                        else results[r].arrays["grad"] for r in ranks])
         moments = np.zeros_like(results[ranks[0]].arrays["bn_moments"], dtype=np.float64)
         for rank in ranks:
             moments += results[rank].arrays["bn_moments"]
