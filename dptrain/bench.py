@@ -43,6 +43,8 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", type=int, default=2000, help="size of the synthetic set (with --workers)")
     p.add_argument("--data-dir", default=None, help="where the synthetic set is cached (~/.cache/dptrain/bench)")
     p.add_argument("--out", default="bench-out", help="folder for bench.csv / bench.json / bench.png and runs")
+    p.add_argument("--pss-interval", type=float, default=1.0,
+                   help="seconds between PSS samples of coordinator + workers (0: do not sample)")
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     p.add_argument("--no-progress", action="store_true")
 

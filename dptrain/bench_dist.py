@@ -71,7 +71,8 @@ class PssSampler(threading.Thread):
 
     def stop(self) -> dict:
         self.stop_event.set()
-        self.join()
+        if self.is_alive():
+            self.join()
         mb = 1 / 2**20
         workers = [v * mb for k, v in self.peak_procs.items() if k.startswith("worker")]
         coord = [v * mb for k, v in self.peak_procs.items() if k.startswith("coordinator")]
@@ -125,8 +126,9 @@ def run_workers(n: int, data: Path, out_root: Path, args, overrides: dict[str, s
           "train.progress": "false" if args.no_progress else "true", "dist.workers": str(n),
           "dist.transport": transport, "dist.timeline": str(run_dir / "timeline.json"), **overrides}
     cfg = config_mod.load(None, ov)
-    sampler = PssSampler(n)
-    sampler.start()
+    sampler = PssSampler(n, args.pss_interval)
+    if args.pss_interval > 0:
+        sampler.start()
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # launch prints its summary; our stdout is for --json
         rc = launch_local(cfg)
