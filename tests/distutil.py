@@ -40,6 +40,27 @@ def cli_args(data: Path, out: Path, **extra) -> list[str]:
     return ["--config", str(TINY)] + [f"--{k}={v}" for k, v in tiny_overrides(data, out, **extra).items()]
 
 
+def launch_inproc(cfg: config_mod.Config, resume: bool = False, stop_at_step: int = 0) -> int:
+    """`launch_local` in this process; afterwards no worker child may be left (any that is gets killed, and fails)."""
+    from dptrain.dist import versions
+    from dptrain.dist.launch import launch_local
+    versions.code_hash.cache_clear()  # other sessions edit dptrain while the suite runs: hash the code as it is now
+    try:
+        return launch_local(cfg, resume=resume, stop_at_step=stop_at_step)
+    finally:
+        left = [p for p in psutil.Process().children(recursive=True) if "worker" in " ".join(_cmdline(p))]
+        for p in left:
+            p.kill()
+        assert not left, f"workers left behind: {[p.pid for p in left]}"
+
+
+def _cmdline(p: psutil.Process) -> list[str]:
+    try:
+        return p.cmdline()
+    except psutil.Error:
+        return []
+
+
 def params(run: Path, name: str = "last") -> np.ndarray:
     arrays, _ = checkpoint.load(Path(run) / f"{name}.npz")
     return arrays["params"]
