@@ -100,8 +100,9 @@ def launch_hosts(cfg: Config, args) -> int:
             key_file = keys.write_agent_file(out / "agent-keys.json")
             for i, h in enumerate(hosts):
                 coord.peers[i].host = h.hostname
-                cmd = agent_argv("dptrain" if not args.remote_python else python, endpoint, session.run_id, i, h,
-                                 str(key_file.resolve()))
+                cmd = agent_argv(python, endpoint, session.run_id, i, h, str(key_file.resolve()))
+                if not args.remote_python:  # the console script, not `dptrain -m dptrain agent`
+                    cmd = ["dptrain", *cmd[3:]]
                 lg.info(f"on {h.hostname} run: {shlex.join(cmd)}")
             timeout = args.wait_agents_s
         else:
@@ -121,8 +122,16 @@ def launch_hosts(cfg: Config, args) -> int:
             timeout = args.wait_agents_s
         try:
             coord.wait_ready(timeout)
-        except WorkerFailure as e:
-            for p in e.peers:
+        except WorkerFailure:
+            # the first failure ends the wait, but every host's ssh failure gets its line: give the others a moment
+            deadline = time.monotonic() + 3.0
+            for p in coord.peers.values():
+                if p.proc is not None and p.state is not PeerState.READY:
+                    try:
+                        p.proc.wait(max(0.0, deadline - time.monotonic()))
+                    except subprocess.TimeoutExpired:
+                        pass
+            for p in coord.peers.values():
                 if p.proc is not None and p.proc.poll() == 255:
                     lg.error(f"host {p.host}: ssh failed: {ssh_failure(p.log_path)}")
             raise
