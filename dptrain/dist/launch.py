@@ -206,7 +206,7 @@ def run_session(cfg: Config, stop_at_step: int, start, run_id: str | None = None
         return EXIT_INTERRUPTED if trainer.stop_requested else 0
     except WorkerFailure as e:
         lg.error(f"aborting: {e}")
-        if session.trainer is not None:
+        if session.trainer is not None and session.executor is not None:  # not when start-up/preflight failed
             session.trainer.save("last")
             lg.error(f"checkpoint written to {Path(cfg.train.out) / 'last.npz'} (step {session.trainer.step}); "
                      f"resume with --resume")
