@@ -1,0 +1,171 @@
+"""Failure handling of `dptrain launch` on one host, against the issue's promises: a dead or stuck worker is named
+within 10 s; `abort` checkpoints and exits 1, `continue` re-shards and loses no step; a killed coordinator takes
+its workers with it; Ctrl-C leaves no process and no shared-memory segment; bad messages are dropped and logged.
+
+Every launch runs as `python -m dptrain launch` in its own session with a hard timeout (tests/distutil.Launch),
+and whatever it started is killed and unlinked when the test ends.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import time
+
+import msgpack
+import pytest
+import zmq
+
+from distutil import (Launch, cli_args, pid_gone, step_records, wait_steps, wait_until, worker_pid, workers_of)
+from dptrain.data.shm import leftover_segments
+from dptrain.dist import protocol as P
+
+FAST_HB = {"dist__heartbeat_interval_s": 1.0, "dist__heartbeat_misses": 5}
+
+
+def start(tiny_data, tmp_path, workers: int, epochs: int, **kw) -> Launch:
+    out = tmp_path / "run"
+    args = cli_args(tiny_data, out, dist__workers=workers, train__epochs=epochs, **{**FAST_HB, **kw})
+    return Launch(args, tmp_path / "launch.log")
+
+
+@pytest.mark.timeout(90)
+def test_kill_worker_abort(tiny_data, tmp_path):
+    with start(tiny_data, tmp_path, 2, 200) as la:
+        run = tmp_path / "run"
+        wait_steps(run, 3)
+        pid = worker_pid(run, 1)
+        os.kill(pid, signal.SIGKILL)
+        t_kill = time.monotonic()
+        rc = la.wait(30)
+        assert time.monotonic() - t_kill < 10, la.log()
+        assert rc == 1, la.log()
+        log = la.log()
+        assert re.search(rf"rank 1 \(host \S+, pid {pid}\) is dead: process exited with code -9", log), log
+        assert (run / "last.npz").exists()
+        assert not workers_of(la.run_id()) and not leftover_segments(la.run_id())
+
+
+@pytest.mark.timeout(120)
+def test_kill_worker_continue(tiny_data, tmp_path):
+    """3 workers, rank 2 killed mid-run: the survivors finish every one of the 6 x 5 steps, each logged once."""
+    with start(tiny_data, tmp_path, 3, 6, dist__on_worker_failure="continue") as la:
+        run = tmp_path / "run"
+        wait_steps(run, 4)
+        pid = worker_pid(run, 2)
+        os.kill(pid, signal.SIGKILL)
+        assert la.wait(90) == 0, la.log()
+        log = la.log()
+        assert re.search(rf"rank 2 \(host \S+, pid {pid}\) is dead", log), log
+        assert "redoing the step on 2 surviving rank(s)" in log or "surviving" in log, log
+        steps = [m["step"] for m in step_records(run)]
+        assert steps == list(range(30)), steps
+        assert json.loads((run / "summary.json").read_text())["steps"] == 30
+        assert not workers_of(la.run_id()) and not leftover_segments(la.run_id())
+
+
+@pytest.mark.timeout(90)
+def test_kill_coordinator_workers_exit(tiny_data, tmp_path):
+    """kill -9 of the launcher alone: its workers notice within 10 s and exit; its segments go too."""
+    with start(tiny_data, tmp_path, 2, 200) as la:
+        run = tmp_path / "run"
+        wait_steps(run, 3)
+        rid = la.run_id()
+        pids = [worker_pid(run, r) for r in range(2)]
+        assert leftover_segments(rid)
+        os.kill(la.pid, signal.SIGKILL)
+        la.proc.wait()
+        assert wait_until(lambda: all(pid_gone(p) for p in pids), 10), [p for p in pids if not pid_gone(p)]
+        assert wait_until(lambda: not leftover_segments(rid), 5), leftover_segments(rid)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_launcher(tiny_data, tmp_path, sig):
+    with start(tiny_data, tmp_path, 2, 200) as la:
+        run = tmp_path / "run"
+        wait_steps(run, 3)
+        rid = la.run_id()
+        pids = [worker_pid(run, r) for r in range(2)]
+        os.kill(la.pid, sig)
+        rc = la.wait(30)
+        assert rc == 130, la.log()
+        assert all(pid_gone(p) for p in pids) and not workers_of(rid)
+        assert not leftover_segments(rid)
+        assert (run / "last.npz").exists()
+
+
+@pytest.mark.timeout(90)
+def test_stuck_worker_detected(tiny_data, tmp_path):
+    """SIGSTOP: no process exit, no heartbeat. Named within 10 s (5 missed beats of 1 s)."""
+    with start(tiny_data, tmp_path, 2, 200) as la:
+        run = tmp_path / "run"
+        wait_steps(run, 3)
+        pid = worker_pid(run, 0)
+        os.kill(pid, signal.SIGSTOP)
+        t_stop = time.monotonic()
+        try:
+            la.wait_log(rf"rank 0 \(host \S+, pid {pid}\) is dead", timeout_s=15)
+            assert time.monotonic() - t_stop < 10, la.log()
+            assert la.wait(30) == 1, la.log()
+        finally:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        assert wait_until(lambda: pid_gone(pid), 5)
+        assert not leftover_segments(la.run_id())
+
+
+@pytest.mark.timeout(90)
+def test_bad_messages_dropped(tiny_data, tmp_path):
+    with start(tiny_data, tmp_path, 2, 8) as la:
+        run = tmp_path / "run"
+        port, rid = la.port(), la.run_id()
+        wait_steps(run, 2)
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(f"tcp://127.0.0.1:{port}")
+        good = P.encode(P.Kind.HEARTBEAT, rid, rank=0)
+
+        def header(**over):
+            h = {"v": P.PROTOCOL_VERSION, "kind": int(P.Kind.RESULT), "run": rid, "step": 0, "rank": 0,
+                 "arrays": [], "count": 1, "loss_sum": 0.0, "correct": 0, "grad_slot": -1, "timings": {}}
+            h.update(over)
+            return msgpack.packb(h)
+
+        bad = [
+            [b"\xc1\xff garbage"],  # not msgpack
+            [good[0][:5]],  # truncated header
+            [header(arrays=[["grad", "float32", [4]]])],  # an array announced, no frame
+            [header(arrays=[["grad", "float32", [4]]]), b"\0" * 3],  # frame shorter than its shape
+            [header(arrays=[["grad", "float32", [1 << 40]]]), b"\0" * 16],  # header claims a huge shape
+            [header(arrays=[["grad", "float32", [1 << 14, 1 << 14, 1 << 14]]]), b""],
+            [header(v=99)],  # wrong protocol version
+            [header(run="not-this-run")],  # wrong run
+            P.encode(P.Kind.HEARTBEAT, "0123456789", rank=0),  # wrong run, well formed
+            [header(kind=200)],  # unknown kind
+            [msgpack.packb([1, 2, 3])],  # header not a map
+            [b""],  # empty frame
+            [header()] + [b""] * 100,  # too many frames
+            P.encode(P.Kind.RESULT, rid, step=1, rank=0, count=1, loss_sum=0.0, correct=0, grad_slot=0,
+                     timings={}),  # valid, but from an identity that is not rank 0's
+        ]
+        try:
+            for _ in range(3):
+                for frames in bad:
+                    sock.send_multipart(frames)
+                time.sleep(0.2)
+        finally:
+            sock.close(0)
+            ctx.term()
+        assert la.wait(60) == 0, la.log()
+        log = la.log()
+        dropped = [ln for ln in log.splitlines() if "dropped" in ln]
+        assert len(dropped) >= 3 * (len(bad) - 1), log
+        for reason in ("protocol version 99", "not-this-run", "bad msgpack header", "elements > max",
+                       "claiming rank 0 from an unknown peer"):
+            assert reason in log, reason
+        assert [m["step"] for m in step_records(run)] == list(range(40))
