@@ -1,0 +1,53 @@
+"""`dptrain launch` on one host: more workers than cores, BLAS threads per worker, the Chrome-trace timeline."""
+from __future__ import annotations
+
+import json
+
+import psutil
+import pytest
+
+from distutil import Launch, cli_args, launch_inproc, step_records, tiny_cfg, wait_until, workers_of
+from dptrain.data.shm import leftover_segments
+
+
+@pytest.mark.timeout(120)
+def test_eight_workers_one_blas_thread_each(tiny_data, tmp_path):
+    """8 workers on this host (2 cores here): the run completes, and every worker runs with 1 BLAS thread."""
+    run = tmp_path / "run"
+    args = cli_args(tiny_data, run, dist__workers=8, train__epochs=3, train__batch_size=32)
+    with Launch(args, tmp_path / "launch.log") as la:
+        la.wait_log("all 8 workers ready", 60)
+        rid = la.run_id()
+        envs = []
+        for p in workers_of(rid):
+            try:
+                envs.append({k: p.environ().get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
+                                                             "MKL_NUM_THREADS")})
+            except psutil.Error:  # finished already
+                pass
+        assert la.wait(90) == 0, la.log()
+        if (psutil.cpu_count() or 1) < 16:
+            assert "1 BLAS thread(s) each" in la.log()
+            assert envs and all(set(e.values()) == {"1"} for e in envs), envs
+        assert [m["step"] for m in step_records(run)] == list(range(15))
+        assert wait_until(lambda: not workers_of(rid), 5) and not leftover_segments(rid)
+
+
+@pytest.mark.timeout(60)
+def test_timeline_chrome_trace(tiny_data, tmp_path):
+    trace = tmp_path / "trace.json"
+    cfg = tiny_cfg(tiny_data, tmp_path / "run", dist__workers=2, train__epochs=1, dist__timeline=str(trace))
+    assert launch_inproc(cfg) == 0
+    doc = json.loads(trace.read_text())
+    events = doc["traceEvents"]
+    assert events
+    for e in events:
+        assert e["ph"] == "X" and e["dur"] >= 0 and isinstance(e["ts"], (int, float)) and "tid" in e and "pid" in e
+    names = {}
+    for e in events:
+        names.setdefault(e["tid"], set()).add(e["name"])
+    for rank in range(2):
+        assert {"wait", "load", "forward", "backward", "send"} <= names[f"rank {rank}"], names
+    assert {"round", "reduce", "clip+update"} <= names["coordinator"], names
+    steps = {e["args"]["step"] for e in events if e["tid"] == "coordinator" and e["name"] == "clip+update"}
+    assert steps == set(range(len(step_records(tmp_path / "run"))))
