@@ -28,6 +28,7 @@ from .config import Config
 from .data.augment import make_batch
 from .data.dataset import Dataset, load_dataset
 from .data.sampler import Sampler
+from .fsutil import atomic_write
 from .nn.loss import softmax_cross_entropy
 from .nn.model import build_model
 from .nn.params import ParamStore
@@ -139,6 +140,26 @@ class Trainer:
             setattr(self, k, meta[k])
         self.epoch_sums = list(meta["epoch_sums"])
         self.log.info(f"resumed from {path}: epoch {self.epoch} step {self.step} (best val acc {self.best_val_acc:.4f})")
+
+    def trim_metrics(self) -> None:
+        """Drop the metrics.jsonl lines past the restored position. A process killed after its last checkpoint
+        wrote lines for steps (maybe an epoch, maybe half a line) that the resumed run redoes; kept, they would
+        appear twice."""
+        path = self.out / "metrics.jsonl"
+        if not path.exists():
+            return
+        lines = path.read_text().splitlines()
+        keep = []
+        for line in lines:
+            try:
+                r = json.loads(line)
+            except ValueError:  # torn last line
+                continue
+            if r["epoch"] <= self.epoch if "train_loss" in r else r["step"] < self.step:  # epoch lines are 1-based
+                keep.append(line)
+        if len(keep) != len(lines):
+            self.log.warning(f"{path}: dropped {len(lines) - len(keep)} line(s) written after the checkpoint")
+            atomic_write(path, lambda f: f.write("".join(s + "\n" for s in keep).encode()))
 
     # ---- the loop --------------------------------------------------------------------------------------------------
     def _write(self, record: dict) -> None:
@@ -258,6 +279,7 @@ def prepare(cfg: Config, resume: bool, store_factory=None) -> Trainer:
     if resume:
         if last.exists():
             trainer.restore(last)
+            trainer.trim_metrics()
         else:
             trainer.log.warning(f"--resume: {last} does not exist, starting from scratch")
     return trainer
