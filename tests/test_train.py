@@ -156,3 +156,23 @@ def test_learns_well_above_chance(data):
     assert summary["best_val_acc"] > 5.0 / NUM_CLASSES, epochs
     assert epochs[-1]["train_loss"] < 0.5 * epochs[0]["train_loss"]
     assert summary["wall_s"] < 60
+
+
+def test_resume_after_a_crash_drops_metrics_written_after_the_checkpoint(data, full_run):
+    """A kill -9 after a periodic checkpoint leaves metrics lines for steps the resumed run will redo; after the
+    resume metrics.jsonl must still read like the uninterrupted run's (no duplicated or orphaned lines)."""
+    cfg_a, out_a, _ = full_run
+    out_b = data / "crashed"
+    cfg_b = make_cfg(data, out_b)
+    run_local(cfg_b, stop_at_step=10)  # last.npz at step 10 (epoch 2, step 2 of 8)
+    with open(out_b / "metrics.jsonl", "a") as f:  # what the killed process had written past its checkpoint
+        f.write(json.dumps({"step": 10, "epoch": 1, "loss": 9.0, "acc": 0.0, "lr": 0.0, "grad_norm": 0.0,
+                            "step_s": 0.1}) + "\n")
+        f.write(json.dumps({"step": 11, "epoch": 1, "loss": 9.0, "acc": 0.0, "lr": 0.0, "grad_norm": 0.0,
+                            "step_s": 0.1}) + "\n")
+        f.write('{"step": 12, "epo')  # torn last line
+    run_local(cfg_b, resume=True)
+    epochs_a, steps_a = read_metrics(out_a)
+    epochs_b, steps_b = read_metrics(out_b)
+    assert _without(epochs_a, "images_per_s") == _without(epochs_b, "images_per_s")
+    assert _without(steps_a, "step_s") == _without(steps_b, "step_s")
