@@ -228,7 +228,12 @@ def run_agent(args) -> int:
     if index is None:
         if env is None:
             raise SystemExit("dptrain agent: --host-index not given and no SLURM_/OMPI_/DPTRAIN_ rank in the environment")
-        index = env.node_rank if env.node_rank is not None else env.rank
+        if env.local_rank != 0:
+            raise SystemExit(f"dptrain agent: local rank {env.local_rank} ({env.source}): start ONE agent per host "
+                             f"(srun --ntasks-per-node=1, mpirun --map-by ppr:1:node); it starts the workers")
+        # OMPI_COMM_WORLD_NODE_RANK is a rank *within* the node (across jobs), not the node's index: with one agent
+        # per node, the world rank is the host index. SLURM_NODEID / DPTRAIN_NODE_RANK are node indices.
+        index = env.node_rank if env.node_rank is not None and env.source != "openmpi" else env.rank
     if args.keys_stdin:
         keys = read_agent_keys(sys.stdin.readline(), "stdin")
         _watch_stdin()
