@@ -1,0 +1,147 @@
+"""Helpers for the multi-host tests (tests/test_multihost.py): launches and agents on a netns cluster.
+
+Every process started here runs in its own session and is killed (whole process group) by `close()`, and the
+cluster context manager kills whatever is left inside the namespaces, so a failed test leaves nothing behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "configs" / "tiny.toml"
+
+
+def make_data(root: Path) -> Path:
+    """8 synthetic people, 20-40 images each, 32x32 (~210 images)."""
+    from dptrain.data.synth import generate
+    generate(root / "synth", num_classes=8, num_rich=8, image_size=32, max_images=40, min_rich=20, progress=False)
+    return root / "synth"
+
+
+def train_args(data: Path, out: Path, **extra) -> list[str]:
+    """The tiny model on `data`, writing to `out`; `extra` keys use section__key names."""
+    ov = {"data.path": str(data), "data.cache_dir": str(data.parent / "cache"), "data.min_images_per_class": "10",
+          "data.augment": "false", "train.out": str(out), "train.progress": "false", "train.patience": "0",
+          "dist.blas_threads": "1"}
+    ov.update({k.replace("__", "."): (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in extra.items()})
+    return ["--config", str(TINY)] + [f"--{k}={v}" for k, v in ov.items()]
+
+
+class Proc:
+    """A `python -m dptrain ...` (or any argv) in its own session, output to a log file."""
+
+    def __init__(self, argv: list[str], log_path: Path, env: dict | None = None, netns: str | None = None):
+        self.log_path = Path(log_path)
+        self._log = open(self.log_path, "wb")
+        if netns:
+            argv = ["ip", "netns", "exec", netns, *argv]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+                                     cwd=ROOT, start_new_session=True, env={**os.environ, **(env or {})})
+        self.pid = self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_log(self, pattern: str, timeout_s: float = 30.0) -> re.Match:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            m = re.search(pattern, self.log())
+            if m:
+                return m
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                m = re.search(pattern, self.log())
+                if m:
+                    return m
+                raise AssertionError(f"no {pattern!r} (rc {self.proc.poll()}) after {timeout_s} s:\n{self.log()}")
+            time.sleep(0.05)
+
+    def wait(self, timeout_s: float) -> int:
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.close()
+            raise AssertionError(f"still running after {timeout_s} s:\n{self.log()}") from None
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
+        self._log.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def launcher(args: list[str], log_path: Path, env: dict | None = None) -> Proc:
+    return Proc([sys.executable, "-m", "dptrain", "launch", *args], log_path, env)
+
+
+def agent(cluster, host: str, args: list[str], log_path: Path, env: dict | None = None) -> Proc:
+    """`python -m dptrain agent ARGS` inside the host's namespace (no ssh), as a Slurm/mpirun task would be."""
+    return Proc([sys.executable, "-m", "dptrain", "agent", *args], log_path, env, netns=cluster.namespace(host))
+
+
+def params(run: Path, name: str = "last") -> np.ndarray:
+    from dptrain import checkpoint
+    return checkpoint.load(Path(run) / f"{name}.npz")[0]["params"]
+
+
+def max_rel_diff(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def step_records(run: Path) -> list[dict]:
+    path = Path(run) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    recs = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    return [r for r in recs if "loss" in r and "step" in r]
+
+
+def summary(run: Path) -> dict:
+    return json.loads((Path(run) / "summary.json").read_text())
+
+
+def dptrain_pids(cluster) -> dict[str, list[str]]:
+    """Every process inside the cluster's namespaces that is not the host's sshd listener: {host: [cmdline]}."""
+    out = {}
+    for h in cluster.hosts:
+        left = []
+        for pid in cluster.pids(h):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                continue
+            if stat.rsplit(")", 1)[1].split()[0] == "Z" or cmd.startswith("sshd: /usr/sbin/sshd") \
+                    or cmd.startswith("/usr/sbin/sshd"):
+                continue
+            left.append(f"{pid}: {cmd}")
+        if left:
+            out[h] = left
+    return out
+
+
+def wait_until(pred, timeout_s: float, every_s: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(every_s)
+    return bool(pred())
