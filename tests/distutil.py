@@ -213,8 +213,13 @@ def wait_until(pred, timeout_s: float, every_s: float = 0.05) -> bool:
     return bool(pred())
 
 
-def wait_steps(run: Path, n: int, timeout_s: float = 60.0) -> None:
-    assert wait_until(lambda: len(step_records(run)) >= n, timeout_s), f"fewer than {n} steps in {run}"
+def wait_steps(run: Path, n: int, timeout_s: float = 60.0, launch: Launch | None = None) -> None:
+    """Until metrics.jsonl has n step records; fails at once (with its log) if `launch` exits first."""
+    def done() -> bool:
+        if launch is not None and launch.proc.poll() is not None and len(step_records(run)) < n:
+            raise AssertionError(f"launcher exited ({launch.proc.returncode}) before step {n}:\n{launch.log()}")
+        return len(step_records(run)) >= n
+    assert wait_until(done, timeout_s), f"fewer than {n} steps in {run}" + (f":\n{launch.log()}" if launch else "")
 
 
 def pid_gone(pid: int) -> bool:

@@ -34,7 +34,7 @@ def start(tiny_data, tmp_path, workers: int, epochs: int, **kw) -> Launch:
 def test_kill_worker_abort(tiny_data, tmp_path):
     with start(tiny_data, tmp_path, 2, 200) as la:
         run = tmp_path / "run"
-        wait_steps(run, 3)
+        wait_steps(run, 3, launch=la)
         pid = worker_pid(run, 1)
         os.kill(pid, signal.SIGKILL)
         t_kill = time.monotonic()
@@ -43,16 +43,19 @@ def test_kill_worker_abort(tiny_data, tmp_path):
         assert rc == 1, la.log()
         log = la.log()
         assert re.search(rf"rank 1 \(host \S+, pid {pid}\) is dead: process exited with code -9", log), log
+        assert re.search(rf"last log lines:\n\s+I rank1 .*ready: pid {pid}", log), log
         assert (run / "last.npz").exists()
         assert not workers_of(la.run_id()) and not leftover_segments(la.run_id())
 
 
 @pytest.mark.timeout(120)
-def test_kill_worker_continue(tiny_data, tmp_path):
-    """3 workers, rank 2 killed mid-run: the survivors finish every one of the 6 x 5 steps, each logged once."""
-    with start(tiny_data, tmp_path, 3, 6, dist__on_worker_failure="continue") as la:
+@pytest.mark.parametrize("bn", ["stats", "sync"])
+def test_kill_worker_continue(tiny_data, tmp_path, bn):
+    """3 workers, rank 2 killed mid-run: the survivors finish every one of the 6 x 5 steps, each logged once
+    (under sync BN the survivors may be waiting on a reduction that will never complete)."""
+    with start(tiny_data, tmp_path, 3, 6, dist__on_worker_failure="continue", dist__bn=bn) as la:
         run = tmp_path / "run"
-        wait_steps(run, 4)
+        wait_steps(run, 4, launch=la)
         pid = worker_pid(run, 2)
         os.kill(pid, signal.SIGKILL)
         assert la.wait(90) == 0, la.log()
@@ -70,7 +73,7 @@ def test_kill_coordinator_workers_exit(tiny_data, tmp_path):
     """kill -9 of the launcher alone: its workers notice within 10 s and exit; its segments go too."""
     with start(tiny_data, tmp_path, 2, 200) as la:
         run = tmp_path / "run"
-        wait_steps(run, 3)
+        wait_steps(run, 3, launch=la)
         rid = la.run_id()
         pids = [worker_pid(run, r) for r in range(2)]
         assert leftover_segments(rid)
@@ -85,7 +88,7 @@ def test_kill_coordinator_workers_exit(tiny_data, tmp_path):
 def test_interrupt_launcher(tiny_data, tmp_path, sig):
     with start(tiny_data, tmp_path, 2, 200) as la:
         run = tmp_path / "run"
-        wait_steps(run, 3)
+        wait_steps(run, 3, launch=la)
         rid = la.run_id()
         pids = [worker_pid(run, r) for r in range(2)]
         os.kill(la.pid, sig)
@@ -101,7 +104,7 @@ def test_stuck_worker_detected(tiny_data, tmp_path):
     """SIGSTOP: no process exit, no heartbeat. Named within 10 s (5 missed beats of 1 s)."""
     with start(tiny_data, tmp_path, 2, 200) as la:
         run = tmp_path / "run"
-        wait_steps(run, 3)
+        wait_steps(run, 3, launch=la)
         pid = worker_pid(run, 0)
         os.kill(pid, signal.SIGSTOP)
         t_stop = time.monotonic()
@@ -123,7 +126,7 @@ def test_bad_messages_dropped(tiny_data, tmp_path):
     with start(tiny_data, tmp_path, 2, 8) as la:
         run = tmp_path / "run"
         port, rid = la.port(), la.run_id()
-        wait_steps(run, 2)
+        wait_steps(run, 2, launch=la)
         ctx = zmq.Context()
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
