@@ -110,3 +110,14 @@ def test_eval_of_a_missing_checkpoint_fails_clearly(tmp_path, synth_set):
     r = dptrain("eval", "--checkpoint", tmp_path / "nope.npz", "--data", root / "set")
     assert r.returncode != 0 and "nope.npz" in r.stderr
     assert "Traceback" not in r.stderr, r.stderr
+
+
+def test_resume_from_a_corrupt_checkpoint_fails_clearly(trained, tmp_path):
+    root, out, _, _ = trained
+    broken = tmp_path / "run"
+    broken.mkdir()
+    (broken / "config.toml").write_text((out / "config.toml").read_text())
+    (broken / "last.npz").write_bytes((out / "last.npz").read_bytes()[:1000])  # truncated
+    r = dptrain("train", "--resume", "--out", broken, "--data", root / "set")
+    assert r.returncode != 0 and "last.npz" in r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
