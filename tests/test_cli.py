@@ -121,3 +121,22 @@ def test_resume_from_a_corrupt_checkpoint_fails_clearly(trained, tmp_path):
     r = dptrain("train", "--resume", "--out", broken, "--data", root / "set")
     assert r.returncode != 0 and "last.npz" in r.stderr
     assert "Traceback" not in r.stderr, r.stderr
+
+
+def test_stop_and_resume_in_new_processes_equals_one_run(trained, tmp_path):
+    """--stop-at-step then --resume, each its own process, against one uninterrupted process: bitwise weights."""
+    import numpy as np
+
+    from dptrain import checkpoint
+
+    root, _, _, _ = trained
+    common = ["--config", root / "tiny.toml", "--data", root / "set", "--epochs", 2]
+    assert dptrain("train", *common, "--out", tmp_path / "one").returncode == 0
+    r = dptrain("train", *common, "--out", tmp_path / "two", "--stop-at-step", 5)
+    assert r.returncode == 0 and last_json(r.stdout)["interrupted"], r.stderr
+    r = dptrain("train", "--resume", "--out", tmp_path / "two", "--data", root / "set")
+    assert r.returncode == 0, r.stderr
+    a, _ = checkpoint.load(tmp_path / "one" / "last.npz")
+    b, _ = checkpoint.load(tmp_path / "two" / "last.npz")
+    for k in ("params", "velocity", "buffers"):
+        assert np.array_equal(a[k].view(np.uint32), b[k].view(np.uint32)), k
