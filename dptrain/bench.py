@@ -182,9 +182,10 @@ def plot_scaling(rows: list[dict], path: Path) -> None:
         ax.set_xlabel("workers N")
         ax.set_ylabel(ylabel)
         ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({r["workers"] for r in rows}), [str(n) for n in sorted({r["workers"] for r in rows})])
         ax.grid(alpha=0.3)
         ax.legend()
-    a2.set_ylim(0, 1.1)
+    a2.set_ylim(0, max(1.1, 1.1 * max(r["efficiency"] for r in rows)))  # above 1 on a loaded machine
     fig.suptitle(f"dptrain bench ({os.cpu_count()} cores)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
