@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+from threadpoolctl import threadpool_limits
 
 from .. import config as config_mod, log
 from ..config import Config
@@ -193,6 +194,8 @@ def run_session(cfg: Config, stop_at_step: int, start, run_id: str | None = None
         lg.warning(f"removed {len(orphans)} shared-memory segment(s) left by dead runs: {', '.join(orphans[:4])}")
     session = Session(run_id or uuid.uuid4().hex[:10])
     old_term = signal.signal(signal.SIGTERM, _raise_terminated)
+    # The workers own the cores; the coordinator's few BLAS calls (norms) must not spin up threads against them.
+    blas = threadpool_limits(1)
     try:
         grad_slots = start(session)
         trainer, coord = session.trainer, session.coord
@@ -216,6 +219,7 @@ def run_session(cfg: Config, stop_at_step: int, start, run_id: str | None = None
         return EXIT_INTERRUPTED
     finally:
         signal.signal(signal.SIGTERM, old_term)
+        blas.restore_original_limits()
         session.close()
 
 
