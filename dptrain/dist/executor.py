@@ -81,10 +81,13 @@ class DistExecutor:
             peers = self.coord.active()
             if not peers:
                 raise WorkerFailure([])
-            ranks = [p.rank for p in peers]
-            shards, sizes = split_by_slots(indices, [p.slots for p in peers])
-            shards = dict(zip(ranks, shards))
-            sizes = dict(zip(ranks, sizes)) if any(p.slots > 1 for p in peers) else None
+            blocks, sizes = split_by_slots(indices, [p.slots for p in peers])
+            # fewer images than slots (a small batch, a short last batch, a tiny val set): a peer with no image sits
+            # the round out; an empty shard would crash its worker (a batch of 0) and stall sync BN
+            keep = [i for i, b in enumerate(blocks) if len(b)]
+            ranks = [peers[i].rank for i in keep]
+            shards = {peers[i].rank: blocks[i] for i in keep}
+            sizes = {peers[i].rank: sizes[i] for i in keep} if any(p.slots > 1 for p in peers) else None
             try:
                 return ranks, self.coord.round(step, attempt, shards, fields, self._weights(), self.version, sizes)
             except WorkerFailure as e:
