@@ -153,3 +153,13 @@ def test_socket_transport_equals_shm(tiny_data, tmp_path):
     a, b = arrays(tmp_path / "sock"), arrays(tmp_path / "shm")
     for k in ("params", "velocity", "buffers"):
         assert max_rel_diff(a[k], b[k]) < 1e-6, k
+
+
+@pytest.mark.timeout(60)
+def test_fewer_images_than_workers(tiny_data, tmp_path):
+    """A global batch of 2 over 3 workers (one has nothing to do): runs, and matches one process under sync BN."""
+    kw = dict(train__batch_size=2, train__epochs=1, train__steps_per_epoch=3, **SYNC)
+    run_local(tiny_cfg(tiny_data, tmp_path / "ref", **kw))
+    assert launch_inproc(tiny_cfg(tiny_data, tmp_path / "run", dist__workers=3, **kw)) == 0
+    assert [m["step"] for m in step_records(tmp_path / "run")] == [0, 1, 2]
+    assert max_rel_diff(params(tmp_path / "run"), params(tmp_path / "ref")) < 1e-5
