@@ -60,6 +60,10 @@ class Peer:
         return list(self.log_tail)[-n:]
 
 
+class StopTimeout(KeyboardInterrupt):
+    """The running step outlived the grace after a stop request; raised between updates, so the state is whole."""
+
+
 class WorkerFailure(RuntimeError):
     def __init__(self, peers: list[Peer]):
         self.peers = peers
@@ -192,7 +196,7 @@ class Coordinator:
         d = self.cfg.dist
         now = time.monotonic()
         if self.stop_deadline is not None and now > self.stop_deadline:
-            raise KeyboardInterrupt("the current step did not finish after the stop request")
+            raise StopTimeout("the current step did not finish after the stop request")
         for peer in self.peers.values():
             if peer.state in (PeerState.DEAD, PeerState.STOPPED):
                 continue

@@ -31,7 +31,7 @@ from threadpoolctl import threadpool_limits
 
 from .. import config as config_mod, log
 from ..config import Config
-from .coordinator import Coordinator, WorkerFailure
+from .coordinator import Coordinator, StopTimeout, WorkerFailure
 from .executor import DistExecutor, Timeline
 from ..data.shm import SharedArray, remove_orphans, segment_name
 
@@ -214,8 +214,11 @@ def run_session(cfg: Config, stop_at_step: int, start, run_id: str | None = None
             lg.error(f"checkpoint written to {Path(cfg.train.out) / 'last.npz'} (step {session.trainer.step}); "
                      f"resume with --resume")
         return EXIT_WORKER_LOST
-    except (KeyboardInterrupt, _Terminated):
+    except (KeyboardInterrupt, _Terminated) as e:
         lg.error("interrupted; stopping every worker")
+        if isinstance(e, StopTimeout) and session.trainer is not None:  # the step never finished: keep the last one
+            session.trainer.save("last")
+            lg.error(f"checkpoint written to {Path(cfg.train.out) / 'last.npz'} (step {session.trainer.step})")
         return EXIT_INTERRUPTED
     finally:
         signal.signal(signal.SIGTERM, old_term)
