@@ -172,3 +172,25 @@ def test_bad_messages_dropped(tiny_data, tmp_path):
                        "claiming rank 0 from an unknown peer"):
             assert reason in log, reason
         assert [m["step"] for m in step_records(run)] == list(range(40))
+
+
+@pytest.mark.timeout(90)
+def test_interrupt_while_a_step_hangs(tiny_data, tmp_path):
+    """Slow (~16 s: the 10 s stop grace, then SIGKILL of the stopped worker). SIGINT while rank 0 is frozen and its
+    heartbeats would not be missed for a minute: exit 130 after the grace, last.npz of the last finished step."""
+    with start(tiny_data, tmp_path, 2, 200, dist__heartbeat_misses=60) as la:
+        run = tmp_path / "run"
+        wait_steps(run, 3, launch=la)
+        pid = worker_pid(run, 0)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            time.sleep(0.5)
+            os.kill(la.pid, signal.SIGINT)
+            assert la.wait(40) == 130, la.log()
+        finally:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        assert (run / "last.npz").exists(), la.log()
+        assert wait_until(lambda: pid_gone(pid), 5) and not leftover_segments(la.run_id())
