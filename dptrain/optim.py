@@ -30,9 +30,10 @@ def sum_of_squares(g: np.ndarray) -> float:
     """Σ g²: float32 dots over blocks, accumulated in float64 across blocks. One pass over g (a float64 copy costs
     10x more); the relative error, ~1e-7·sqrt(block), only moves the clip factor in its 6th digit."""
     total = 0.0
-    for lo in range(0, g.size, CHUNK):
-        part = g[lo:lo + CHUNK]
-        total += float(np.dot(part, part))
+    with np.errstate(over="ignore"):  # an overflow is caught below and redone
+        for lo in range(0, g.size, CHUNK):
+            part = g[lo:lo + CHUNK]
+            total += float(np.dot(part, part))
     if not math.isfinite(total) and g.dtype != np.float64:  # a float32 square overflowed: redo it in float64
         total = sum(float(np.dot(p, p)) for p in (g[lo:lo + CHUNK].astype(np.float64) for lo in range(0, g.size, CHUNK)))
     return total

@@ -233,13 +233,13 @@ class Trainer:
             vloss, vcorrect = executor.evaluate(val_idx)
             val_loss, val_acc = vloss / len(val_idx), vcorrect / len(val_idx)
         else:  # no validation split: track training accuracy so best/early stopping still mean something
-            val_loss, val_acc = float("nan"), correct / max(count, 1)
+            val_loss, val_acc = None, correct / max(count, 1)  # null in metrics.jsonl (NaN is not JSON)
         record = {"epoch": self.epoch + 1, "step": self.step, "train_loss": loss_sum / max(count, 1),
                   "train_acc": correct / max(count, 1), "val_loss": val_loss, "val_acc": val_acc, "lr": lr,
                   "images_per_s": count / secs if secs else 0.0}
         self._write(record)
         self.log.info(f"epoch {self.epoch + 1}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.4f}"
-                      f" | val loss {val_loss:.4f} acc {val_acc:.4f} | {record['images_per_s']:.1f} img/s")
+                      f" | val loss {val_loss if val_loss is None else round(val_loss, 4)} acc {val_acc:.4f} | {record['images_per_s']:.1f} img/s")
         self.epoch += 1
         self.epochs_run += 1
         self.step_in_epoch = 0
