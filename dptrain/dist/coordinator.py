@@ -97,6 +97,7 @@ class Coordinator:
         self.bn_relay = None  # agents: callable(layer, phase, local_total) -> global total, via the coordinator
         self.ours = local_versions()
         self.dropped = 0
+        self.last_publish = (0.0, 0.0)  # (start, seconds) of the last round's STEP sends (weights, with sockets)
         self.stop_deadline: float | None = None  # after a stop request, give the running step this long
 
     # ---- sending -----------------------------------------------------------------------------------------------
@@ -235,6 +236,7 @@ class Coordinator:
               sizes: dict[int, list[int]] | None = None) -> dict[int, P.Message]:
         """STEP to every rank in `shards`; RESULTs back, keyed by rank. Raises WorkerFailure on a loss.
         `sizes[rank]` (agents): how the peer's block of indices splits over its slots."""
+        t_publish = time.time()
         for rank, idx in shards.items():
             peer = self.peers[rank]
             arrays = {"indices": idx}
@@ -244,6 +246,7 @@ class Coordinator:
             f = fields if sizes is None else dict(fields, flags=dict(fields["flags"], sizes=sizes[rank]))
             self.send(peer, P.Kind.STEP, step=step, arrays=arrays, weights_version=weights_version,
                       attempt=attempt, **f)
+        self.last_publish = (t_publish, time.time() - t_publish)  # (start, seconds) of handing out the step
         waiting = {r: self.peers[r] for r in shards}
         results: dict[int, P.Message] = {}
         bn: dict[int, dict[int, np.ndarray]] = {}

@@ -124,6 +124,7 @@ class DistExecutor:
                 self.timeline.add("send", rank, tm["backward"][0] + tm["backward"][1],
                                   results[rank].fields.get("sent_at", 0) - tm["backward"][0] - tm["backward"][1], step)
         if self.timeline:
+            self.timeline.add("publish", -1, *self.coord.last_publish, step)
             self.timeline.add("round", -1, wall0, t1 - t0, step)
             self.timeline.add("reduce", -1, wall0 + (t1 - t0), t2 - t1, step)
         self.phase_s["compute"] += compute
