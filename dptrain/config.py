@@ -50,7 +50,7 @@ class TrainConfig:
     patience: int = 5  # early stop after this many epochs without a better val accuracy (0: never)
     seed: int = 0
     drop_last: bool = True  # drop the last incomplete batch of an epoch
-    eval_batch_size: int = 256
+    eval_batch_size: int = 0  # validation batch per process (0: the per-worker training batch, whose buffers exist)
     steps_per_epoch: int = 0  # cap steps per epoch (0: whole epoch), for quick runs
     progress: bool = True  # tqdm progress bars
     checkpoint_every_steps: int = 0  # also save `last` every this many steps (0: at epoch ends only)

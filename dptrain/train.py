@@ -65,7 +65,8 @@ class LocalExecutor:
                           {"load": t1 - t0, "forward": t2 - t1, "backward": t3 - t2})
 
     def evaluate(self, indices: np.ndarray) -> tuple[float, int]:
-        return evaluate_local(self.model, self.ds.images, self.ds.labels, indices, self.cfg.train.eval_batch_size)
+        return evaluate_local(self.model, self.ds.images, self.ds.labels, indices,
+                              self.cfg.train.eval_batch_size or self.cfg.train.batch_size)
 
     def weights_updated(self) -> None:
         pass
@@ -181,6 +182,10 @@ class Trainer:
     def fit(self, executor, stop_at_step: int = 0) -> dict:
         t = self.cfg.train
         self.out.mkdir(parents=True, exist_ok=True)
+        if self.step == 0 and (self.out / "metrics.jsonl").exists():
+            # A fresh run in a used folder: its curves must not continue the old run's.
+            self.log.warning(f"{self.out} holds an earlier run: starting it over (use --resume to continue it)")
+            (self.out / "metrics.jsonl").unlink()
         (self.out / "config.toml").write_text(config_mod.dumps(self.cfg))
         wall0 = time.perf_counter()
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}

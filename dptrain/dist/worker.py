@@ -201,7 +201,7 @@ class Worker:
             self.store.rebind(msg.arrays["params"], self.store.grads, msg.arrays["buffers"], copy=False)
         idx = np.asarray(msg.arrays["indices"], dtype=np.int64)
         if flags.get("phase") == "eval":
-            loss_sum, correct = self._evaluate(idx)
+            loss_sum, correct = self._evaluate(idx, int(flags.get("batch") or 64))
             self.send(P.Kind.RESULT, count=len(idx), loss_sum=loss_sum, correct=correct, grad_slot=-2,
                       timings={}, attempt=self.attempt, phase="eval")
             return
@@ -224,9 +224,9 @@ class Worker:
                   grad_slot=self.rank if self.shm_weights else -1, timings=timings, attempt=self.attempt,
                   phase="train", sent_at=time.time())
 
-    def _evaluate(self, idx: np.ndarray) -> tuple[float, int]:
+    def _evaluate(self, idx: np.ndarray, batch: int) -> tuple[float, int]:
         from ..train import evaluate_local
-        return evaluate_local(self.model, self.images, self.labels, idx, self.cfg.train.eval_batch_size)
+        return evaluate_local(self.model, self.images, self.labels, idx, batch)
 
     def close(self) -> None:
         for seg in self.segments:
