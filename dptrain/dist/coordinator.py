@@ -25,6 +25,9 @@ from . import protocol as P
 from .versions import local_versions, mismatches
 
 POLL_TICK_S = 0.1
+MAX_DRAIN = 1000  # messages handled per poll before liveness is checked again
+DROP_LOG_BURST = 50  # dropped-message lines logged per window; the rest are counted
+DROP_LOG_WINDOW_S = 10.0
 LATE_WARNING_EVERY_S = 10.0
 
 
@@ -97,6 +100,7 @@ class Coordinator:
         self.bn_relay = None  # agents: callable(layer, phase, local_total) -> global total, via the coordinator
         self.ours = local_versions()
         self.dropped = 0
+        self._drop_window = [0.0, 0, 0]  # window start, lines logged, lines suppressed
         self.last_publish = (0.0, 0.0)  # (start, seconds) of the last round's STEP sends (weights, with sockets)
         self.stop_deadline: float | None = None  # after a stop request, give the running step this long
 
@@ -115,7 +119,7 @@ class Coordinator:
         """Yield (identity, Message) for every valid message arriving within timeout_s; drop the rest."""
         if not self.sock.poll(int(timeout_s * 1000)):
             return
-        while True:
+        for _ in range(MAX_DRAIN):  # bounded: a flood cannot keep the caller from its liveness checks
             try:
                 identity, *frames = self.sock.recv_multipart(copy=False, flags=zmq.NOBLOCK)
             except zmq.Again:
@@ -125,10 +129,23 @@ class Coordinator:
             try:
                 msg = P.decode(frames, run=None if not frames else self.run_id, limits=P.DEFAULT_LIMITS)
             except P.ProtocolError as e:
-                self.dropped += 1
-                self.log.warning(f"dropped a message from peer {bytes(identity.bytes)[:24]!r}: {e}")
+                self._dropped(f"dropped a message from peer {bytes(identity.bytes)[:24]!r}: {e}")
                 continue
             yield identity.bytes, msg
+
+    def _dropped(self, line: str) -> None:
+        """Log a dropped message; past DROP_LOG_BURST in a DROP_LOG_WINDOW_S window only count them."""
+        self.dropped += 1
+        now = time.monotonic()
+        if now - self._drop_window[0] > DROP_LOG_WINDOW_S:
+            if self._drop_window[2]:
+                self.log.warning(f"... and {self._drop_window[2]} more dropped messages not shown")
+            self._drop_window = [now, 0, 0]
+        if self._drop_window[1] < DROP_LOG_BURST:
+            self._drop_window[1] += 1
+            self.log.warning(line)
+        else:
+            self._drop_window[2] += 1
 
     def _handle_common(self, identity: bytes, msg: P.Message) -> bool:
         """Heartbeats, hellos, readies, errors and logs. Returns True when handled."""
@@ -142,8 +159,7 @@ class Coordinator:
             self._hello(identity, msg, peer)
             return True
         if peer is None or (peer.identity is not None and identity != peer.identity):
-            self.dropped += 1
-            self.log.warning(f"dropped {msg.kind.name} claiming rank {msg.rank} from an unknown peer")
+            self._dropped(f"dropped {msg.kind.name} claiming rank {msg.rank} from an unknown peer")
             return True
         peer.last_seen = time.monotonic()
         if msg.kind is P.Kind.READY and peer.state is PeerState.WELCOMED:
