@@ -35,6 +35,7 @@ from ..data.dataset import load_dataset
 from . import protocol as P
 from .coordinator import Coordinator, WorkerFailure
 from .executor import sum_in_order
+from .wire import grad_frame, receive_weights
 from .curve import client_setup, read_agent_keys
 from .launch import Session, blas_threads, spawn_worker, worker_env
 from .versions import local_versions
@@ -158,9 +159,7 @@ class Agent:
         self.step, self.attempt = msg.step, msg.fields.get("attempt", 0)
         flags = dict(msg.fields["flags"])
         sizes = flags.pop("sizes", None) or [len(msg.arrays["indices"])]
-        if "params" in msg.arrays:
-            np.copyto(self.params, msg.arrays["params"])
-            np.copyto(self.buffers, msg.arrays["buffers"])
+        receive_weights(self.params, self.buffers, msg.arrays, msg.fields)
         idx = np.asarray(msg.arrays["indices"], np.int64)
         bounds = np.cumsum([0, *sizes])
         shards = {r: idx[bounds[r]:bounds[r + 1]] for r in range(self.slots) if bounds[r + 1] > bounds[r]}
@@ -179,12 +178,13 @@ class Agent:
         t0 = time.time()
         sum_in_order(self.gsum, [self.grad_slots[r] for r in ranks])  # local rank order
         moments = sum(np.asarray(results[r].arrays["bn_moments"], np.float64) for r in ranks)
-        grad = self.gsum.astype(np.float16) if self.cfg.dist.wire_dtype == "float16" else self.gsum
+        grad, grad_scale = grad_frame(self.gsum, self.cfg.dist.wire_dtype)
         busiest = max(ranks, key=lambda r: sum(v[1] for k, v in results[r].fields["timings"].items() if k != "wait"))
         timings = dict(results[busiest].fields["timings"])
         timings["host_reduce"] = [t0, time.time() - t0]
         self.send(P.Kind.RESULT, arrays={"grad": grad, "bn_moments": moments}, count=len(idx), loss_sum=loss_sum,
-                  correct=correct, grad_slot=-1, timings=timings, attempt=self.attempt, phase="train",
+                  correct=correct, grad_slot=-1, grad_scale=grad_scale, timings=timings, attempt=self.attempt,
+                  phase="train",
                   sent_at=time.time())
 
     def close(self) -> None:

@@ -249,17 +249,24 @@ class Coordinator:
     # ---- one round -----------------------------------------------------------------------------------------------
     def round(self, step: int, attempt: int, shards: dict[int, np.ndarray], fields: dict,
               weights: dict | None = None, weights_version: int = 0,
-              sizes: dict[int, list[int]] | None = None) -> dict[int, P.Message]:
+              sizes: dict[int, list[int]] | None = None, delta: dict | None = None,
+              delta_fields: dict | None = None) -> dict[int, P.Message]:
         """STEP to every rank in `shards`; RESULTs back, keyed by rank. Raises WorkerFailure on a loss.
-        `sizes[rank]` (agents): how the peer's block of indices splits over its slots."""
+        `sizes[rank]` (agents): how the peer's block of indices splits over its slots. A peer whose weights are one
+        version behind gets `delta` (the last update) instead of `weights`, with `delta_fields`."""
         t_publish = time.time()
         for rank, idx in shards.items():
             peer = self.peers[rank]
-            arrays = {"indices": idx}
-            if weights is not None and peer.weights_version != weights_version:
+            arrays, f = {"indices": idx}, fields
+            if delta is not None and peer.weights_version == weights_version - 1:
+                arrays.update(delta)
+                f = dict(f, **delta_fields)
+                peer.weights_version = weights_version
+            elif weights is not None and peer.weights_version != weights_version:
                 arrays.update(weights)
                 peer.weights_version = weights_version
-            f = fields if sizes is None else dict(fields, flags=dict(fields["flags"], sizes=sizes[rank]))
+            if sizes is not None:
+                f = dict(f, flags=dict(f["flags"], sizes=sizes[rank]))
             self.send(peer, P.Kind.STEP, step=step, arrays=arrays, weights_version=weights_version,
                       attempt=attempt, **f)
         self.last_publish = (t_publish, time.time() - t_publish)  # (start, seconds) of handing out the step

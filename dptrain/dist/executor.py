@@ -16,19 +16,29 @@ from .. import log
 from ..train import StepResult
 from ..data.sampler import shard_bounds
 from ..optim import CHUNK
+from .wire import apply_update16
 from .coordinator import Coordinator, WorkerFailure
 
 
 
 
-def sum_in_order(out: np.ndarray, parts: list[np.ndarray]) -> None:
+def sum_in_order(out: np.ndarray, parts: list[np.ndarray], scales: list[float] | None = None) -> None:
     """out = ((parts[0] + parts[1]) + parts[2]) + ..., always in this order (rank order: the same bits whoever
-    arrives first), block by block so each block of `out` stays in cache while every part is added to it."""
+    arrives first), block by block so each block of `out` stays in cache while every part is added to it.
+    float16 parts (the wire format) are widened and multiplied by their power-of-two scale (exact)."""
+    scales = scales or [1.0] * len(parts)
+    tmp = np.empty(min(CHUNK, out.size), np.float32)
     for a in range(0, out.size, CHUNK):
-        block = out[a:a + CHUNK]
-        np.copyto(block, parts[0][a:a + CHUNK], casting="unsafe")  # float16 wire gradients widen here
-        for p in parts[1:]:
-            np.add(block, p[a:a + CHUNK], out=block, casting="unsafe")
+        block, t = out[a:a + CHUNK], tmp[:min(CHUNK, out.size - a)]
+        for i, (p, s) in enumerate(zip(parts, scales)):
+            src = p[a:a + CHUNK]
+            if p.dtype != out.dtype:
+                np.multiply(src, np.float32(s), out=t, casting="unsafe")
+                src = t
+            if i == 0:
+                np.copyto(block, src)
+            else:
+                np.add(block, src, out=block)
 
 
 def split_by_slots(indices: np.ndarray, slots: list[int]) -> tuple[list[np.ndarray], list[list[int]]]:
@@ -69,11 +79,21 @@ class DistExecutor:
         self.phase_s = {"compute": 0.0, "reduce": 0.0, "update": 0.0, "step": 0.0, "steps": 0}
         self._t_done = None
         self._step = 0
+        # Weights over sockets with a float16 wire: after the first full copy, peers get the float16-rounded update
+        # (wire.apply_update16 keeps the coordinator's weights equal to what the peers rebuild from it).
+        self.delta16 = grad_slots is None and trainer.cfg.dist.wire_dtype == "float16"
+        if self.delta16:
+            self.prev_params = self.store.params.copy()
+            self.update16 = np.empty(self.store.num_params, np.float16)
+            self.update_scale = 1.0
 
-    def _weights(self) -> dict | None:
+    def _weights(self) -> tuple[dict | None, dict | None]:
+        """(full weights, the last update) for peers one version behind; None, None with shared memory."""
         if self.grad_slots is not None:
-            return None  # shared memory: the workers read the coordinator's weights in place
-        return {"params": self.store.params, "buffers": self.store.buffers}
+            return None, None  # shared memory: the workers read the coordinator's weights in place
+        full = {"params": self.store.params, "buffers": self.store.buffers}
+        has_update = self.delta16 and self.version > 0  # version 0: no update yet, everyone needs a full copy
+        return full, ({"dparams": self.update16, "buffers": self.store.buffers} if has_update else None)
 
     def _round(self, indices: np.ndarray, step: int, fields: dict) -> tuple[list[int], dict]:
         attempt = 0
@@ -89,7 +109,10 @@ class DistExecutor:
             shards = {peers[i].rank: blocks[i] for i in keep}
             sizes = {peers[i].rank: sizes[i] for i in keep} if any(p.slots > 1 for p in peers) else None
             try:
-                return ranks, self.coord.round(step, attempt, shards, fields, self._weights(), self.version, sizes)
+                full, delta = self._weights()
+                return ranks, self.coord.round(step, attempt, shards, fields, full, self.version, sizes,
+                                               delta=delta, delta_fields={"dscale": self.update_scale}
+                                               if delta is not None else None)
             except WorkerFailure as e:
                 survivors = self.coord.active()
                 if self.policy != "continue" or not survivors:
@@ -105,7 +128,8 @@ class DistExecutor:
             "phase": "train", "global_count": len(indices)}})
         t1 = time.perf_counter()
         sum_in_order(self.store.grads, [self.grad_slots[r] if self.grad_slots is not None
-                                        else results[r].arrays["grad"] for r in ranks])
+                                        else results[r].arrays["grad"] for r in ranks],
+                     [float(results[r].fields.get("grad_scale", 1.0)) for r in ranks])
         moments = np.zeros_like(results[ranks[0]].arrays["bn_moments"], dtype=np.float64)
         for rank in ranks:
             moments += results[rank].arrays["bn_moments"]
@@ -136,6 +160,8 @@ class DistExecutor:
 
     def weights_updated(self) -> None:
         """Called after clip + SGD + BN update: the coordinator's share of the step ends here."""
+        if self.delta16:
+            self.update_scale = apply_update16(self.store.params, self.prev_params, self.update16)
         self.version += 1
         now = time.perf_counter()
         if self._t_done is not None:

@@ -31,6 +31,7 @@ from .curve import RunKeys
 from .hostfile import HostSlots, filter_hosts, parse_hostfile, parse_hosts
 from .launch import Session, run_session
 
+SSH_REPORT_GRACE_S = 8.0  # after one host's ssh fails, how long the others get to fail (or not) for the report
 SSH_OPTIONS = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-o", "ServerAliveInterval=2",
                "-o", "ServerAliveCountMax=3"]
 
@@ -124,7 +125,7 @@ def launch_hosts(cfg: Config, args) -> int:
             coord.wait_ready(timeout)
         except WorkerFailure:
             # the first failure ends the wait, but every host's ssh failure gets its line: give the others a moment
-            deadline = time.monotonic() + 3.0
+            deadline = time.monotonic() + SSH_REPORT_GRACE_S
             for p in coord.peers.values():
                 if p.proc is not None and p.state is not PeerState.READY:
                     try:

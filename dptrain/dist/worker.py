@@ -31,6 +31,7 @@ from ..nn.params import ParamStore
 from . import protocol as P
 from ..data.shm import SharedArray
 from .versions import local_versions
+from .wire import grad_frame, receive_weights
 
 EXIT_COORDINATOR_LOST = 3
 
@@ -199,6 +200,10 @@ class Worker:
         if not self.shm_weights and "params" in msg.arrays:
             # Socket transport: the weights frame is the weights (read-only, zero-copy view over the message).
             self.store.rebind(msg.arrays["params"], self.store.grads, msg.arrays["buffers"], copy=False)
+        elif not self.shm_weights and "dparams" in msg.arrays:  # float16 wire: the update to apply
+            if not self.store.params.flags.writeable:  # still a view over the last full copy's frame
+                self.store.rebind(self.store.params.copy(), self.store.grads, self.store.buffers.copy(), copy=False)
+            receive_weights(self.store.params, self.store.buffers, msg.arrays, msg.fields)
         idx = np.asarray(msg.arrays["indices"], dtype=np.int64)
         if flags.get("phase") == "eval":
             loss_sum, correct = self._evaluate(idx, int(flags.get("batch") or 64))
@@ -214,14 +219,14 @@ class Worker:
         t2 = time.time()
         self.model.backward(dlogits)
         t3 = time.time()
-        arrays = {"bn_moments": self.model.bn_moments()}
+        arrays, grad_scale = {"bn_moments": self.model.bn_moments()}, 1.0
         if not self.shm_weights:
-            wire = np.float16 if self.cfg.dist.wire_dtype == "float16" else np.float32
-            arrays["grad"] = self.store.grads.astype(wire) if wire != np.float32 else self.store.grads
+            arrays["grad"], grad_scale = grad_frame(self.store.grads, self.cfg.dist.wire_dtype)
         timings = {"wait": [t_recv, t0 - t_recv], "load": [t0, t1 - t0], "forward": [t1, t2 - t1],
                    "backward": [t2, t3 - t2]}
         self.send(P.Kind.RESULT, arrays=arrays, count=len(idx), loss_sum=float(loss_sum), correct=int(correct),
-                  grad_slot=self.rank if self.shm_weights else -1, timings=timings, attempt=self.attempt,
+                  grad_slot=self.rank if self.shm_weights else -1, grad_scale=grad_scale, timings=timings,
+                  attempt=self.attempt,
                   phase="train", sent_at=time.time())
 
     def _evaluate(self, idx: np.ndarray, batch: int) -> tuple[float, int]:
