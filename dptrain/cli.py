@@ -90,12 +90,9 @@ def resolve_config(args: argparse.Namespace, extra: list[str]) -> config_mod.Con
 
 
 def cmd_train(args, extra) -> int:
-    from .train import LocalExecutor, prepare
+    from .train import LocalExecutor, prepare_or_exit
     cfg = resolve_config(args, extra)
-    try:  # a missing/undecodable dataset or a bad --resume checkpoint is the user's to fix: one line, no traceback
-        trainer = prepare(cfg, resume=args.resume)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"dptrain train: {e}") from None
+    trainer = prepare_or_exit(cfg, args.resume, "train")  # a bad dataset / checkpoint: one line, no traceback
     summary = trainer.fit(LocalExecutor(cfg, trainer.model, trainer.ds), stop_at_step=args.stop_at_step)
     print(json.dumps(summary))
     return 0

@@ -290,6 +290,14 @@ def prepare(cfg: Config, resume: bool, store_factory=None) -> Trainer:
     return trainer
 
 
+def prepare_or_exit(cfg: Config, resume: bool, command: str, store_factory=None) -> Trainer:
+    """prepare(), with a missing/undecodable dataset or an unusable --resume checkpoint reported in one line."""
+    try:
+        return prepare(cfg, resume, store_factory)
+    except (ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError
+        raise SystemExit(f"dptrain {command}: {e}") from None
+
+
 def run_local(cfg: Config, resume: bool = False, stop_at_step: int = 0) -> dict:
     trainer = prepare(cfg, resume)
     return trainer.fit(LocalExecutor(cfg, trainer.model, trainer.ds), stop_at_step=stop_at_step)

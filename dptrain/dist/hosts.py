@@ -76,7 +76,7 @@ def ssh_failure(log_path: Path) -> str:
 
 
 def launch_hosts(cfg: Config, args) -> int:
-    from ..train import prepare
+    from ..train import prepare_or_exit
     lg = log.get()
     hosts = resolve_hosts(args)
     keys = RunKeys.generate()
@@ -87,7 +87,7 @@ def launch_hosts(cfg: Config, args) -> int:
     cfg.dist.transport = "socket"  # between hosts the weights and gradients are frames; shm is per host
 
     def start(session: Session):
-        trainer = session.trainer = prepare(cfg, args.resume)
+        trainer = session.trainer = prepare_or_exit(cfg, args.resume, "launch")
         out = Path(cfg.train.out)
         (out / "logs").mkdir(parents=True, exist_ok=True)
         welcome = {"config": config_mod.to_dict(cfg), "shm": {}, "num_classes": len(trainer.ds.class_names),

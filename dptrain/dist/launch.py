@@ -146,9 +146,10 @@ def launch(cfg: Config, args) -> int:
     if getattr(args, "hostfile", None) or getattr(args, "hosts", None) or getattr(args, "no_ssh", False):
         from .hosts import launch_hosts
         return launch_hosts(cfg, args)
-    if cfg.dist.workers == 0:
-        from ..train import run_local
-        print(json.dumps(run_local(cfg, resume=args.resume, stop_at_step=args.stop_at_step)))
+    if cfg.dist.workers == 0:  # the single-process fallback: the same math, no sockets
+        from ..train import LocalExecutor, prepare_or_exit
+        trainer = prepare_or_exit(cfg, args.resume, "launch")
+        print(json.dumps(trainer.fit(LocalExecutor(cfg, trainer.model, trainer.ds), stop_at_step=args.stop_at_step)))
         return 0
     return launch_local(cfg, resume=args.resume, stop_at_step=args.stop_at_step)
 
@@ -227,7 +228,7 @@ def run_session(cfg: Config, stop_at_step: int, start, run_id: str | None = None
 
 
 def launch_local(cfg: Config, resume: bool = False, stop_at_step: int = 0) -> int:
-    from ..train import prepare
+    from ..train import prepare_or_exit
     lg = log.get()
     n = cfg.dist.workers
     use_shm = cfg.dist.transport == "shm"
@@ -240,7 +241,7 @@ def launch_local(cfg: Config, resume: bool = False, stop_at_step: int = 0) -> in
                              session.shared("buffers", store.buffers.shape, np.float32, store.buffers).array,
                              copy=False)
 
-        trainer = session.trainer = prepare(cfg, resume, store_factory=to_shm)
+        trainer = session.trainer = prepare_or_exit(cfg, resume, "launch", store_factory=to_shm)
         out = Path(cfg.train.out)
         (out / "logs").mkdir(parents=True, exist_ok=True)
         images = session.shared("images", trainer.ds.images.shape, np.uint8, trainer.ds.images)
