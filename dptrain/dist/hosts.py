@@ -28,7 +28,7 @@ from .. import config as config_mod, log
 from ..config import Config
 from .coordinator import Coordinator, PeerState, WorkerFailure
 from .curve import RunKeys
-from .hostfile import HostSlots, filter_hosts, parse_hostfile, parse_hosts
+from .hostfile import HostfileError, HostSlots, filter_hosts, parse_hostfile, parse_hosts
 from .launch import Session, run_session
 
 SSH_REPORT_GRACE_S = 8.0  # after one host's ssh fails, how long the others get to fail (or not) for the report
@@ -41,8 +41,11 @@ def resolve_hosts(args) -> list[HostSlots]:
         raise SystemExit("dptrain launch: give --hostfile or -H, not both")
     if not (args.hostfile or args.hosts):
         raise SystemExit("dptrain launch --no-ssh needs the hosts (--hostfile or -H)")
-    hosts = parse_hostfile(args.hostfile) if args.hostfile else parse_hosts(args.hosts)
-    hosts = filter_hosts(hosts, include=args.include, exclude=args.exclude)
+    try:
+        hosts = parse_hostfile(args.hostfile) if args.hostfile else parse_hosts(args.hosts)
+        hosts = filter_hosts(hosts, include=args.include, exclude=args.exclude)
+    except HostfileError as e:  # it names the file and line
+        raise SystemExit(f"dptrain launch: {e}") from None
     if not hosts:
         raise SystemExit("dptrain launch: no host left after --include/--exclude")
     return hosts
