@@ -8,7 +8,6 @@ Write = temp file in the same folder, fsync, rename, fsync the folder: a crash l
 from __future__ import annotations
 
 import json
-import os
 import zipfile
 from pathlib import Path
 

@@ -86,15 +86,17 @@ def step_records(run: Path) -> list[dict]:
 
 
 # ---- launches in a subprocess ------------------------------------------------------------------------------------
-class Launch:
-    """`python -m dptrain launch ...` in its own session; the log goes to a file, polled by `wait_log`."""
+class Proc:
+    """A `python -m dptrain ...` (or any argv) in its own session, output to a log file polled by `wait_log`;
+    `close()` kills its whole process group (idempotent)."""
 
-    def __init__(self, args: list[str], log_path: Path, env: dict | None = None):
+    def __init__(self, argv: list[str], log_path: Path, env: dict | None = None, netns: str | None = None):
         self.log_path = Path(log_path)
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "dptrain", "launch", *args], stdin=subprocess.DEVNULL,
-                                     stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
-                                     env={**os.environ, **(env or {})})
+        if netns:
+            argv = ["ip", "netns", "exec", netns, *argv]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+                                     cwd=ROOT, start_new_session=True, env={**os.environ, **(env or {})})
         self.pid = self.proc.pid
 
     def log(self) -> str:
@@ -102,17 +104,48 @@ class Launch:
 
     def wait_log(self, pattern: str, timeout_s: float = 30.0) -> re.Match:
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        while True:
             m = re.search(pattern, self.log())
             if m:
                 return m
-            if self.proc.poll() is not None:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
                 m = re.search(pattern, self.log())
                 if m:
                     return m
-                raise AssertionError(f"launcher exited ({self.proc.returncode}) before {pattern!r}:\n{self.log()}")
+                raise AssertionError(f"no {pattern!r} (rc {self.proc.poll()}) after {timeout_s} s:\n{self.log()}")
             time.sleep(0.05)
-        raise AssertionError(f"no {pattern!r} in the launcher log after {timeout_s} s:\n{self.log()}")
+
+    def wait(self, timeout_s: float) -> int:
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.close()
+            raise AssertionError(f"still running after {timeout_s} s:\n{self.log()}") from None
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.kill()
+        self._log.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Launch(Proc):
+    """`python -m dptrain launch ...`; closing also reaps its workers (own sessions) and shared memory."""
+
+    def __init__(self, args: list[str], log_path: Path, env: dict | None = None):
+        super().__init__([sys.executable, "-m", "dptrain", "launch", *args], log_path, env)
 
     def run_id(self) -> str:
         return self.wait_log(r"\(run ([0-9a-f]+)\)").group(1)
@@ -120,21 +153,10 @@ class Launch:
     def port(self) -> int:
         return int(self.wait_log(r"coordinator listening on tcp://127\.0\.0\.1:(\d+)").group(1))
 
-    def wait(self, timeout_s: float) -> int:
-        try:
-            return self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(f"launcher still running after {timeout_s} s:\n{self.log()}") from None
-
     def kill(self) -> None:
         """SIGKILL the launcher's whole process group (workers are in their own sessions: those by pid)."""
         kill_workers_of(self.run_id_or_none())
-        try:
-            os.killpg(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait()
+        super().kill()
 
     def run_id_or_none(self) -> str | None:
         m = re.search(r"\(run ([0-9a-f]+)\)", self.log())
@@ -153,12 +175,6 @@ class Launch:
                 except FileNotFoundError:
                     pass
         self._log.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def run_launch(args: list[str], log_path: Path, timeout_s: float = 120.0) -> tuple[int, str]:

@@ -6,18 +6,12 @@ cluster context manager kills whatever is left inside the namespaces, so a faile
 from __future__ import annotations
 
 import json
-import os
-import re
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ROOT / "configs" / "tiny.toml"
+from distutil import ROOT, TINY, Proc, max_rel_diff, params, step_records  # noqa: F401 (re-exported)
 
 
 def make_data(root: Path) -> Path:
@@ -36,57 +30,6 @@ def train_args(data: Path, out: Path, **extra) -> list[str]:
     return ["--config", str(TINY)] + [f"--{k}={v}" for k, v in ov.items()]
 
 
-class Proc:
-    """A `python -m dptrain ...` (or any argv) in its own session, output to a log file."""
-
-    def __init__(self, argv: list[str], log_path: Path, env: dict | None = None, netns: str | None = None):
-        self.log_path = Path(log_path)
-        self._log = open(self.log_path, "wb")
-        if netns:
-            argv = ["ip", "netns", "exec", netns, *argv]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-                                     cwd=ROOT, start_new_session=True, env={**os.environ, **(env or {})})
-        self.pid = self.proc.pid
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_log(self, pattern: str, timeout_s: float = 30.0) -> re.Match:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            m = re.search(pattern, self.log())
-            if m:
-                return m
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                m = re.search(pattern, self.log())
-                if m:
-                    return m
-                raise AssertionError(f"no {pattern!r} (rc {self.proc.poll()}) after {timeout_s} s:\n{self.log()}")
-            time.sleep(0.05)
-
-    def wait(self, timeout_s: float) -> int:
-        try:
-            return self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.close()
-            raise AssertionError(f"still running after {timeout_s} s:\n{self.log()}") from None
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait()
-        self._log.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
 def launcher(args: list[str], log_path: Path, env: dict | None = None) -> Proc:
     return Proc([sys.executable, "-m", "dptrain", "launch", *args], log_path, env)
 
@@ -94,24 +37,6 @@ def launcher(args: list[str], log_path: Path, env: dict | None = None) -> Proc:
 def agent(cluster, host: str, args: list[str], log_path: Path, env: dict | None = None) -> Proc:
     """`python -m dptrain agent ARGS` inside the host's namespace (no ssh), as a Slurm/mpirun task would be."""
     return Proc([sys.executable, "-m", "dptrain", "agent", *args], log_path, env, netns=cluster.namespace(host))
-
-
-def params(run: Path, name: str = "last") -> np.ndarray:
-    from dptrain import checkpoint
-    return checkpoint.load(Path(run) / f"{name}.npz")[0]["params"]
-
-
-def max_rel_diff(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
-
-
-def step_records(run: Path) -> list[dict]:
-    path = Path(run) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    recs = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-    return [r for r in recs if "loss" in r and "step" in r]
 
 
 def summary(run: Path) -> dict:

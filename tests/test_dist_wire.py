@@ -20,7 +20,7 @@ from dptrain.nn.params import ParamStore
 from dptrain.optim import SGD
 from dptrain.train import evaluate_local
 from dptrain.data.dataset import load_dataset
-from tests.distutil import launch_inproc, tiny_cfg
+from distutil import launch_inproc, tiny_cfg
 
 
 def test_small_gradients_survive_float16():

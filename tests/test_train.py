@@ -11,7 +11,7 @@ import pytest
 
 from dptrain import checkpoint, config as C
 from dptrain.data import synth
-from dptrain.train import LocalExecutor, Trainer, prepare, run_local
+from dptrain.train import LocalExecutor, prepare, run_local
 
 NUM_CLASSES = 10
 

@@ -67,7 +67,7 @@ def make_batch(images_u8: np.ndarray, indices: np.ndarray, *, epoch: int = 0, se
     indices = np.asarray(indices, np.int64)
     if not augment:
         return normalize(images_u8[indices], out)
-    B, (H, W) = len(indices), images_u8.shape[1:3]
+    H, W = images_u8.shape[1:3]
     flip, dy, dx = augment_params(seed, epoch, indices, max(0, max_shift))
     ys = np.clip(np.arange(H)[None, :] - dy[:, None], 0, H - 1)  # (B, H) source rows
     cols = np.arange(W)[None, :]
