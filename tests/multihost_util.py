@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 
-from distutil import ROOT, TINY, Proc, max_rel_diff, params, step_records  # noqa: F401 (re-exported)
+from distutil import ROOT, TINY, Proc, max_rel_diff, params, step_records, wait_until  # noqa: F401 (re-exported)
 
 
 def make_data(root: Path) -> Path:
@@ -63,10 +62,3 @@ def dptrain_pids(cluster) -> dict[str, list[str]]:
     return out
 
 
-def wait_until(pred, timeout_s: float, every_s: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(every_s)
-    return bool(pred())
