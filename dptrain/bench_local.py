@@ -17,6 +17,7 @@ from tqdm import tqdm
 from . import log
 from .config import Config
 from .nn import layers as L
+from .nn.functional import set_threads
 from .nn.loss import softmax_cross_entropy
 from .nn.model import build_model
 from .nn.params import ParamStore
@@ -128,7 +129,11 @@ def run_local_bench(cfg: Config, classes: int, threads: int, warmup: int, steps:
     lg.info(f"single process: batch {cfg.train.batch_size}, {cfg.data.image_size}x{cfg.data.image_size}, "
             f"{classes} classes, {threads} thread(s), {warmup} warm-up + {steps} timed steps")
     with threadpool_limits(threads):
-        ours = time_numpy(cfg, classes, warmup, steps, progress)
+        prev = set_threads(threads)  # non-GEMM kernels use as many threads as BLAS
+        try:
+            ours = time_numpy(cfg, classes, warmup, steps, progress)
+        finally:
+            set_threads(prev)
         theirs = time_torch(cfg, classes, threads, warmup, steps, progress) if compare_torch else None
     out = {"mode": "single", "threads": threads, "batch_size": cfg.train.batch_size,
            "image_size": cfg.data.image_size, "classes": classes, "steps": steps, "warmup": warmup, **ours}

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from .functional import Workspace, colsum, scratch
+from .functional import Workspace, colsum, scratch, split_rows
 
 
 def _out_size(h: int, k: int, stride: int, pad: int) -> int:
@@ -41,7 +41,10 @@ def conv2d_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, stride: i
     if pad:
         # zero border written when the buffer is created; only the interior is overwritten afterwards
         xp = scratch(ws, f"{tag}.xp", (N, H + 2 * pad, W + 2 * pad, C), x.dtype, zero_new=True)
-        xp[:, pad:pad + H, pad:pad + W, :] = x
+
+        def fill(lo, hi):
+            xp[lo:hi, pad:pad + H, pad:pad + W, :] = x[lo:hi]
+        split_rows(fill, N, x.size)
     else:
         xp = x
     if kh == kw == 1 and stride == 1:
@@ -52,7 +55,10 @@ def conv2d_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, stride: i
         s0, s1, s2, s3 = xp.strides
         windows = as_strided(xp, shape=(N, OH, OW, kh, kw, C), strides=(s0, s1 * stride, s2 * stride, s1, s2, s3),
                              writeable=False)  # windows[n, oh, ow, i, j, c] = xp[n, oh*stride + i, ow*stride + j, c]
-        np.copyto(cols6, windows)
+
+        def copy(lo, hi):
+            np.copyto(cols6[lo:hi], windows[lo:hi])
+        split_rows(copy, N, cols6.size)
         cols = cols6.reshape(M, K)  # (N*OH*OW, kh*kw*C)
     out = scratch(ws, f"{tag}.out", (N, OH, OW, F), x.dtype)
     np.matmul(cols, w.reshape(K, F), out=out.reshape(M, F))  # (M, K) @ (K, F) -> (M, F) == NHWC out

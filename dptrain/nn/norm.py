@@ -19,7 +19,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from .functional import Workspace, coldot, colsum, scratch, tiled, widen
+from .functional import Workspace, coldot, colsum, scratch, split_rows, tiled, widen
 
 AllReduce = Callable[[np.ndarray], np.ndarray]
 
@@ -50,8 +50,12 @@ def batchnorm_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: f
     if not train:
         scale = (gamma / np.sqrt(running_var + eps)).astype(x.dtype)  # (C,)
         shift = (beta - running_mean * scale).astype(x.dtype)
-        np.multiply(xw, tiled(scale, k), out=outw)
-        outw += tiled(shift, k)
+        st, sh = tiled(scale, k), tiled(shift, k)
+
+        def evalblock(lo, hi):
+            np.multiply(xw[lo:hi], st, out=outw[lo:hi])
+            outw[lo:hi] += sh
+        split_rows(evalblock, xw.shape[0], xw.size)
         return out, None
     # Local and SyncBatchNorm paths both take mean/var from float64 [count, Σx, Σx²]: summed in float64, the moments
     # of a batch barely depend on how it is split, so after rounding to x.dtype N workers normalise with the bits one
@@ -65,10 +69,14 @@ def batchnorm_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: f
     var = np.maximum(g[1 + C:] / count - mean64 * mean64, 0.0)
     xc = scratch(ws, "bn.xc", (M, C), x.dtype)
     xcw, _ = widen(xc)
-    np.subtract(xw, tiled(mean64.astype(x.dtype), k), out=xcw)
     invstd = (1.0 / np.sqrt(var + eps)).astype(x.dtype)  # (C,)
-    np.multiply(xcw, tiled(gamma * invstd, k), out=outw)
-    outw += tiled(beta, k)
+    mt, gt, bt = tiled(mean64.astype(x.dtype), k), tiled(gamma * invstd, k), tiled(beta, k)
+
+    def block(lo, hi):  # rows lo:hi of the wide views
+        np.subtract(xw[lo:hi], mt, out=xcw[lo:hi])
+        np.multiply(xcw[lo:hi], gt, out=outw[lo:hi])
+        outw[lo:hi] += bt
+    split_rows(block, xw.shape[0], xw.size)
     return out, BNCache(xc, invstd, gamma, count, allreduce, x.shape, moments)
 
 
@@ -104,10 +112,14 @@ def batchnorm_backward(dout: np.ndarray, cache: BNCache, ws: Workspace | None = 
     xcw, _ = widen(xc)
     tmpw = scratch(ws, "bn.tmp", dxw.shape, dout.dtype)
     # dx = gamma * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)) = (dy - mean_dy) * k1 - xc * k2
-    np.subtract(dyw, tiled(mean_dy, k), out=dxw)
-    dxw *= tiled(k1, k)
-    np.multiply(xcw, tiled(k2, k), out=tmpw)
-    dxw -= tmpw
+    mt, k1t, k2t = tiled(mean_dy, k), tiled(k1, k), tiled(k2, k)
+
+    def block(lo, hi):  # rows lo:hi of the wide views
+        np.subtract(dyw[lo:hi], mt, out=dxw[lo:hi])
+        dxw[lo:hi] *= k1t
+        np.multiply(xcw[lo:hi], k2t, out=tmpw[lo:hi])
+        dxw[lo:hi] -= tmpw[lo:hi]
+    split_rows(block, dxw.shape[0], dxw.size)
     return dx, dgamma, dbeta
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .functional import Workspace, scratch
+from .functional import Workspace, scratch, split_rows
 
 
 def _geometry(x: np.ndarray, k: int, s: int):
@@ -82,13 +82,16 @@ def _maxpool2x2_forward(x: np.ndarray, ws: Workspace | None):
     xr = x.reshape(N, H, W2, 2, C)  # column pairs
     right = scratch(ws, "pool.right", (N, H, W2, C), np.bool_)  # right column strictly greater
     colmax = scratch(ws, "pool.colmax", (N, H, W2, C), x.dtype)
-    np.greater(xr[:, :, :, 1], xr[:, :, :, 0], out=right)
-    np.maximum(xr[:, :, :, 0], xr[:, :, :, 1], out=colmax)
     cr = colmax.reshape(N, H2, 2, W2, C)  # row pairs
     lower = scratch(ws, "pool.lower", (N, H2, W2, C), np.bool_)  # lower row strictly greater
     out = scratch(ws, "pool.out", (N, H2, W2, C), x.dtype)
-    np.greater(cr[:, :, 1], cr[:, :, 0], out=lower)
-    np.maximum(cr[:, :, 0], cr[:, :, 1], out=out)
+
+    def block(lo, hi):  # images lo:hi
+        np.greater(xr[lo:hi, :, :, 1], xr[lo:hi, :, :, 0], out=right[lo:hi])
+        np.maximum(xr[lo:hi, :, :, 0], xr[lo:hi, :, :, 1], out=colmax[lo:hi])
+        np.greater(cr[lo:hi, :, 1], cr[lo:hi, :, 0], out=lower[lo:hi])
+        np.maximum(cr[lo:hi, :, 0], cr[lo:hi, :, 1], out=out[lo:hi])
+    split_rows(block, N, x.size)
     return out, ("2x2", right, lower, x.shape)
 
 
@@ -98,12 +101,15 @@ def _maxpool2x2_backward(dout: np.ndarray, cache: tuple, ws: Workspace | None) -
     H2, W2 = H // 2, W // 2
     dcol = scratch(ws, "pool.dcol", (N, H, W2, C), dout.dtype)  # gradient of colmax
     dr = dcol.reshape(N, H2, 2, W2, C)  # (N, H2, 2, W2, C)
-    np.multiply(dout, lower, out=dr[:, :, 1])
-    np.subtract(dout, dr[:, :, 1], out=dr[:, :, 0])  # exact: d - d = 0, d - 0 = d
     dx = scratch(ws, "pool.dx", x_shape, dout.dtype)
     dxr = dx.reshape(N, H, W2, 2, C)  # (N, H, W2, 2, C)
-    np.multiply(dcol, right, out=dxr[:, :, :, 1])
-    np.subtract(dcol, dxr[:, :, :, 1], out=dxr[:, :, :, 0])
+
+    def block(lo, hi):  # images lo:hi
+        np.multiply(dout[lo:hi], lower[lo:hi], out=dr[lo:hi, :, 1])
+        np.subtract(dout[lo:hi], dr[lo:hi, :, 1], out=dr[lo:hi, :, 0])  # exact: d - d = 0, d - 0 = d
+        np.multiply(dcol[lo:hi], right[lo:hi], out=dxr[lo:hi, :, :, 1])
+        np.subtract(dcol[lo:hi], dxr[lo:hi, :, :, 1], out=dxr[lo:hi, :, :, 0])
+    split_rows(block, N, dx.size)
     return dx
 
 
