@@ -30,6 +30,7 @@ from .data.dataset import Dataset, load_dataset
 from .data.sampler import Sampler
 from .fsutil import atomic_write
 from .nn.loss import softmax_cross_entropy
+from .nn.functional import match_blas_threads
 from .nn.model import build_model
 from .nn.params import ParamStore
 from .optim import SGD, clip_factor, lr_at, sum_of_squares
@@ -50,6 +51,7 @@ class LocalExecutor:
 
     def __init__(self, cfg: Config, model, dataset: Dataset):
         self.cfg, self.model, self.ds = cfg, model, dataset
+        match_blas_threads()  # this process computes everything: its non-GEMM kernels use the BLAS threads too
 
     def train_step(self, indices: np.ndarray, epoch: int, step: int) -> StepResult:
         t0 = time.perf_counter()

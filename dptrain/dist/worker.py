@@ -26,6 +26,7 @@ import zmq
 from .. import config as config_mod, log
 from ..data.augment import make_batch
 from ..nn.loss import softmax_cross_entropy
+from ..nn.functional import match_blas_threads
 from ..nn.model import build_model
 from ..nn.params import ParamStore
 from . import protocol as P
@@ -157,6 +158,7 @@ class Worker:
         self.store = ParamStore(np.float32)
         self.model = build_model(self.cfg.model, int(f["num_classes"]), self.cfg.data.image_size, self.store,
                                  rng=np.random.default_rng(0))
+        match_blas_threads()  # launch gave this worker cores // N BLAS threads; the other kernels follow suit
         self.shm_weights = "params" in shm
         if self.shm_weights:
             params = self._attach(shm["params"], readonly=True).array

@@ -82,6 +82,15 @@ def get_threads() -> int:
     return _threads
 
 
+def match_blas_threads() -> int:
+    """set_threads(the BLAS thread limit in force): a process with k BLAS threads runs its copies and BatchNorm /
+    max-pool passes on k threads too. Call once the process's BLAS limit is settled, before the first step."""
+    from threadpoolctl import threadpool_info
+    n = min((i["num_threads"] for i in threadpool_info() if i.get("user_api") == "blas"), default=1)
+    set_threads(n)
+    return n
+
+
 def split_rows(fn: Callable[[int, int], None], n: int, elems: int) -> None:
     """Run fn(lo, hi) over [0, n) in get_threads() contiguous blocks concurrently (the caller runs the first),
     or as one fn(0, n) when single-threaded or when the kernel touches fewer than PAR_MIN_ELEMS elements.
