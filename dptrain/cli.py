@@ -90,11 +90,10 @@ def resolve_config(args: argparse.Namespace, extra: list[str]) -> config_mod.Con
 
 
 def cmd_train(args, extra) -> int:
-    from .train import LocalExecutor, prepare_or_exit
+    from .train import run_local
     cfg = resolve_config(args, extra)
-    trainer = prepare_or_exit(cfg, args.resume, "train")  # a bad dataset / checkpoint: one line, no traceback
-    summary = trainer.fit(LocalExecutor(cfg, trainer.model, trainer.ds), stop_at_step=args.stop_at_step)
-    print(json.dumps(summary))
+    # a bad dataset / checkpoint: one line, no traceback
+    print(json.dumps(run_local(cfg, args.resume, args.stop_at_step, command="train")))
     return 0
 
 

@@ -300,6 +300,7 @@ def prepare_or_exit(cfg: Config, resume: bool, command: str, store_factory=None)
         raise SystemExit(f"dptrain {command}: {e}") from None
 
 
-def run_local(cfg: Config, resume: bool = False, stop_at_step: int = 0) -> dict:
-    trainer = prepare(cfg, resume)
+def run_local(cfg: Config, resume: bool = False, stop_at_step: int = 0, command: str | None = None) -> dict:
+    """Train in this process. With `command` (a CLI's name) data/checkpoint problems exit with one line."""
+    trainer = prepare_or_exit(cfg, resume, command) if command else prepare(cfg, resume)
     return trainer.fit(LocalExecutor(cfg, trainer.model, trainer.ds), stop_at_step=stop_at_step)

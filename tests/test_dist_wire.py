@@ -13,10 +13,8 @@ import json
 import numpy as np
 import pytest
 
-from dptrain import checkpoint
+from dptrain.evaluate import load_model
 from dptrain.dist.wire import add16, apply_update16, encode16, receive_weights
-from dptrain.nn.model import build_model
-from dptrain.nn.params import ParamStore
 from dptrain.optim import SGD
 from dptrain.train import evaluate_local
 from dptrain.data.dataset import load_dataset
@@ -69,12 +67,8 @@ def test_socket_float16_workers_rebuild_the_coordinators_weights(tiny_data, tmp_
     assert launch_inproc(cfg) == 0
     last = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if '"epoch": 2,' in ln
             and "val_loss" in ln][-1]
-    arrays, meta = checkpoint.load(out / "last.npz")
+    model, _, _ = load_model(out / "last.npz")  # the coordinator's weights
     ds = load_dataset(cfg.data, cfg.train.seed, progress=False)
-    store = ParamStore(np.float32)
-    model = build_model(cfg.model, len(ds.class_names), cfg.data.image_size, store, rng=np.random.default_rng(0))
-    store.params[...] = arrays["params"]
-    store.buffers[...] = arrays["buffers"]
     loss_sum, correct = evaluate_local(model, ds.images, ds.labels, ds.val_idx, 16)
     # same weights -> same loss (to float rounding of a different batching); a missed or misapplied update would
     # move it by far more

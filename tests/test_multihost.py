@@ -214,6 +214,15 @@ def _wrapper(tmp_path: Path, name: str, body: str) -> Path:
     return path
 
 
+def _launch_with_remote_python(c, py: Path, data: Path, out: Path, tmp_path: Path) -> tuple[int, str]:
+    """A 2-host launch over ssh whose hosts run `py` as their python; returns (exit code, launcher log)."""
+    with launcher(["--hostfile", str(c.hostfile), "--ssh-config", str(c.ssh_config), "--bind", c.coordinator_addr,
+                   "--remote-python", str(py), *train_args(data, out, train__steps_per_epoch=3)],
+                  tmp_path / "launch.log") as la:
+        la.wait(60)
+    return la.proc.returncode, la.log()
+
+
 @pytest.mark.timeout(90)
 def test_preflight_code_mismatch_names_host_and_check(data, tmp_path):
     """h2 runs a modified copy of the package (a wrapper cds into its parent: `python -m` imports from cwd)."""
@@ -225,11 +234,7 @@ def test_preflight_code_mismatch_names_host_and_check(data, tmp_path):
         py = _wrapper(tmp_path, "py", f'if [ "$(ip netns identify $$)" = "{c.namespace("h2")}" ]; then '
                                        f'cd {copy}; fi\nexec {sys.executable} "$@"\n')
         out = tmp_path / "run"
-        with launcher(["--hostfile", str(c.hostfile), "--ssh-config", str(c.ssh_config), "--bind", c.coordinator_addr,
-                       "--remote-python", str(py), *train_args(data, out, train__steps_per_epoch=3)],
-                      tmp_path / "launch.log") as la:
-            rc = la.wait(60)
-        log = la.log()
+        rc, log = _launch_with_remote_python(c, py, data, out, tmp_path)
         assert rc != 0, log
         assert re.search(r"h2.*preflight failed: code hash", log), log
         assert "h1" not in " ".join(ln for ln in log.splitlines() if "code hash" in ln)
@@ -247,11 +252,7 @@ def test_preflight_missing_dataset_names_host_and_dataset(data, tmp_path):
                                        f'  exec unshare -m /bin/bash -c \'mount --bind {empty} {data} && '
                                        f'exec {sys.executable} "$@"\' py "$@"\nfi\nexec {sys.executable} "$@"\n')
         out = tmp_path / "run"
-        with launcher(["--hostfile", str(c.hostfile), "--ssh-config", str(c.ssh_config), "--bind", c.coordinator_addr,
-                       "--remote-python", str(py), *train_args(data, out, train__steps_per_epoch=3)],
-                      tmp_path / "launch.log") as la:
-            rc = la.wait(60)
-        log = la.log()
+        rc, log = _launch_with_remote_python(c, py, data, out, tmp_path)
         assert rc != 0, log
         assert re.search(rf"host h2: preflight: dataset '{re.escape(str(data))}'", log), log
         assert not re.search(r"host h1: preflight", log), log

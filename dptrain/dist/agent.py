@@ -39,7 +39,7 @@ from .wire import grad_frame, receive_weights
 from .curve import client_setup, read_agent_keys
 from .launch import Session, blas_threads, spawn_worker, worker_env
 from .versions import local_versions
-from .worker import Heartbeat, Preempted, serve_steps
+from .worker import Heartbeat, Preempted, dealer, serve_steps
 
 
 class AgentStop(Exception):
@@ -52,12 +52,7 @@ class Agent:
         self.log = log.get()
         self.curve = client_setup(keys) if keys else None
         self.ctx = zmq.Context()
-        self.up = self.ctx.socket(zmq.DEALER)
-        self.up.setsockopt(zmq.LINGER, 0)
-        self.up.setsockopt(zmq.IDENTITY, f"agent{host_index}-{os.getpid()}".encode())
-        if self.curve:
-            self.curve(self.up)
-        self.up.connect(endpoint)
+        self.up = dealer(self.ctx, endpoint, f"agent{host_index}-{os.getpid()}", self.curve)
         self.session: Session | None = None  # this host's side: shared memory, workers, local coordinator
         self.local: Coordinator | None = None
         self.step = self.attempt = 0

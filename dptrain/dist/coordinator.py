@@ -127,7 +127,7 @@ class Coordinator:
             except ValueError:  # a ROUTER always prepends the identity; an empty multipart cannot happen
                 continue
             try:
-                msg = P.decode(frames, run=None if not frames else self.run_id, limits=P.DEFAULT_LIMITS)
+                msg = P.decode(frames, run=self.run_id, limits=P.DEFAULT_LIMITS)
             except P.ProtocolError as e:
                 self._dropped(f"dropped a message from peer {bytes(identity.bytes)[:24]!r}: {e}")
                 continue

@@ -63,7 +63,6 @@ def add_internal_commands(sub) -> None:
     w.add_argument("--connect", required=True)
     w.add_argument("--rank", type=int, required=True)
     w.add_argument("--run", required=True)
-    w.add_argument("--curve-keys", default=None, help="file with the run's CURVE keys (multi-host)")
     w.set_defaults(func=_cmd_worker)
 
     a = sub.add_parser("agent", help="a host's agent: starts its workers, reduces their gradients (multi-host)")
@@ -147,9 +146,8 @@ def launch(cfg: Config, args) -> int:
         from .hosts import launch_hosts
         return launch_hosts(cfg, args)
     if cfg.dist.workers == 0:  # the single-process fallback: the same math, no sockets
-        from ..train import LocalExecutor, prepare_or_exit
-        trainer = prepare_or_exit(cfg, args.resume, "launch")
-        print(json.dumps(trainer.fit(LocalExecutor(cfg, trainer.model, trainer.ds), stop_at_step=args.stop_at_step)))
+        from ..train import run_local
+        print(json.dumps(run_local(cfg, args.resume, args.stop_at_step, command="launch")))
         return 0
     return launch_local(cfg, resume=args.resume, stop_at_step=args.stop_at_step)
 

@@ -63,6 +63,17 @@ def serve_steps(recv, run_step, lg, who: str) -> int:
             pending = p.msg
 
 
+def dealer(ctx: zmq.Context, endpoint: str, identity: str, curve=None) -> zmq.Socket:
+    """A connected DEALER that drops unsent messages on close; `curve` makes it a CURVE client (agents only)."""
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.IDENTITY, identity.encode())
+    if curve:
+        curve(sock)
+    sock.connect(endpoint)
+    return sock
+
+
 class Heartbeat(threading.Thread):
     """Beats on its own DEALER socket; kills the process when the coordinator (or the parent) goes silent."""
 
@@ -75,12 +86,7 @@ class Heartbeat(threading.Thread):
         self.stopped = threading.Event()
 
     def run(self) -> None:
-        sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.IDENTITY, f"hb{self.rank}-{os.getpid()}".encode())
-        if self.curve:
-            self.curve(sock)
-        sock.connect(self.endpoint)
+        sock = dealer(self.ctx, self.endpoint, f"hb{self.rank}-{os.getpid()}", self.curve)
         last_answer = time.monotonic()
         try:
             while not self.stopped.is_set():
@@ -101,22 +107,16 @@ class Heartbeat(threading.Thread):
 
 
 class Worker:
-    def __init__(self, endpoint: str, rank: int, run_id: str, curve=None, host: str | None = None):
+    def __init__(self, endpoint: str, rank: int, run_id: str, host: str | None = None):
+        # Workers only ever talk to a coordinator on their own host (launch's, or their agent's): no CURVE.
         self.endpoint, self.rank, self.run_id = endpoint, rank, run_id
         self.host = host or pysocket.gethostname()
         self.ctx = zmq.Context()
-        self.curve = curve
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.IDENTITY, f"w{rank}-{os.getpid()}".encode())
-        if curve:
-            curve(self.sock)
-        self.sock.connect(endpoint)
+        self.sock = dealer(self.ctx, endpoint, f"w{rank}-{os.getpid()}")
         self.log = log.get()
         self.segments: list[SharedArray] = []
         self.bn_calls = 0
         self.step = self.attempt = -1
-        self.pending: P.Message | None = None
 
     # ---- messaging ---------------------------------------------------------------------------------------------
     def send(self, kind, arrays=None, **fields) -> None:
@@ -149,8 +149,7 @@ class Worker:
         f = msg.fields
         self.cfg = config_mod.from_dict(f["config"])
         d = self.cfg.dist
-        Heartbeat(self.ctx, self.endpoint, self.run_id, self.rank, d.heartbeat_interval_s, d.heartbeat_misses,
-                  self.curve).start()
+        Heartbeat(self.ctx, self.endpoint, self.run_id, self.rank, d.heartbeat_interval_s, d.heartbeat_misses).start()
         self.labels = np.array(msg.arrays["labels"], dtype=np.int64)
         shm = f["shm"]
         images = self._attach(shm["images"], readonly=True)
@@ -243,9 +242,9 @@ class Worker:
         self.sock.close(0)
 
 
-def run_worker(endpoint: str, rank: int, run_id: str, curve=None) -> int:
+def run_worker(endpoint: str, rank: int, run_id: str) -> int:
     log.setup(f"rank{rank}")
-    w = Worker(endpoint, rank, run_id, curve)
+    w = Worker(endpoint, rank, run_id)
     try:
         w.handshake()
         return w.serve()
