@@ -118,9 +118,12 @@ def launch_hosts(cfg: Config, args) -> int:
                 with open(log_path, "wb") as f:
                     proc = subprocess.Popen(ssh_argv(args, h) + [remote], stdin=subprocess.PIPE, stdout=f,
                                             stderr=subprocess.STDOUT, start_new_session=True)
-                proc.stdin.write(secret)  # the channel stays open: its closing tells the agent to stop
-                proc.stdin.flush()
                 session.procs.append(proc)
+                try:
+                    proc.stdin.write(secret)  # the channel stays open: its closing tells the agent to stop
+                    proc.stdin.flush()
+                except BrokenPipeError:
+                    pass  # ssh already gave up (unknown host...): its exit code and words are reported below
                 peer = coord.peers[i]
                 peer.proc, peer.host, peer.log_path = proc, h.hostname, log_path
             timeout = args.wait_agents_s
