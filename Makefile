@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 DATA   ?= data/synth
 WORKERS ?= 2
 
-.PHONY: venv demo test data bench clean
+.PHONY: venv demo test lint data bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,11 @@ demo: $(VENV)/.installed $(DATA)/summary.json
 	$(PY) -m dptrain plot runs/demo
 
 # The oracle extra (torch==2.13.0, a CPU wheel) is optional: the PyTorch comparison tests skip without it.
-test: $(VENV)/.installed
+# Lint first (pyflakes + import order, configured in pyproject.toml): it takes a second and catches dead imports.
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+
+test: lint
 	$(PY) -m pytest -q tests
 
 bench: $(VENV)/.installed

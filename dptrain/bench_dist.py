@@ -27,7 +27,8 @@ from pathlib import Path
 
 import psutil
 
-from . import config as config_mod, log
+from . import config as config_mod
+from . import log
 
 
 def synth_dataset(images: int, image_size: int, classes: int, data_dir: str | None, progress: bool = True) -> Path:
@@ -110,7 +111,7 @@ def split_from_timeline(trace_path: Path, first_step: int) -> dict:
 
 def run_workers(n: int, data: Path, out_root: Path, args, overrides: dict[str, str], transport: str) -> dict:
     """Train warm-up + timed steps with N real workers; returns one result row."""
-    from .dist.launch import launch_local
+    from .distributed.launch import launch_local
     batch = args.batch_size
     total = args.warmup + args.steps
     run_dir = out_root / f"run-{transport}-w{n}"

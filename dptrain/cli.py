@@ -19,7 +19,8 @@ import json
 import sys
 from pathlib import Path
 
-from . import config as config_mod, log
+from . import config as config_mod
+from . import log
 
 # short flag -> config key
 ALIASES = {
@@ -99,7 +100,7 @@ def cmd_train(args, extra) -> int:
 
 def cmd_launch(args, extra) -> int:
     cfg = resolve_config(args, extra)
-    from .dist.launch import launch
+    from .distributed.launch import launch
     return launch(cfg, args)
 
 
@@ -146,11 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     la = sub.add_parser("launch", help="train with a coordinator and worker processes")
     add_train_flags(la, distributed=True)
-    from .dist.launch import add_launch_flags
+    from .distributed.launch import add_launch_flags
     add_launch_flags(la)
     la.set_defaults(func=cmd_launch)
 
-    from .dist.launch import add_internal_commands
+    from .distributed.launch import add_internal_commands
     add_internal_commands(sub)
 
     e = sub.add_parser("eval", help="accuracy of a checkpoint on a dataset folder")

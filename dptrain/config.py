@@ -80,7 +80,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         if self.dist.bn not in ("stats", "sync"):
             raise ValueError(f"dist.bn must be 'stats' or 'sync', got {self.dist.bn!r}")
         if self.dist.on_worker_failure not in ("abort", "continue"):

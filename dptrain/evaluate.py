@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, config as config_mod
+from . import checkpoint
+from . import config as config_mod
 from .data.augment import make_batch
 from .data.dataset import load_folder_for_eval
 from .nn.loss import softmax_cross_entropy

@@ -23,14 +23,15 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from . import checkpoint, config as config_mod, log
+from . import checkpoint, log
+from . import config as config_mod
 from .config import Config
 from .data.augment import make_batch
 from .data.dataset import Dataset, load_dataset
 from .data.sampler import Sampler
 from .fsutil import atomic_write
-from .nn.loss import softmax_cross_entropy
 from .nn.functional import match_blas_threads
+from .nn.loss import softmax_cross_entropy
 from .nn.model import build_model
 from .nn.params import ParamStore
 from .optim import SGD, clip_factor, lr_at, sum_of_squares

@@ -20,7 +20,7 @@ PY=${PY:-$(command -v python)}   # the same interpreter path on every node
 
 # slots of each host, in hostfile order (after --include/--exclude, if you pass them to both)
 mapfile -t SLOTS < <("$PY" -c 'import sys
-from dptrain.dist.hostfile import parse_hostfile
+from dptrain.distributed.hostfile import parse_hostfile
 for h in parse_hostfile(sys.argv[1]): print(h.slots)' "$HOSTFILE")
 NHOSTS=${#SLOTS[@]}
 mkdir -p "$RUN"

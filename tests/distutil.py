@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from dptrain import checkpoint, config as config_mod
+from dptrain import checkpoint
+from dptrain import config as config_mod
 from dptrain.data.shm import leftover_segments
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,8 +43,8 @@ def cli_args(data: Path, out: Path, **extra) -> list[str]:
 
 def launch_inproc(cfg: config_mod.Config, resume: bool = False, stop_at_step: int = 0) -> int:
     """`launch_local` in this process; afterwards no worker child may be left (any that is gets killed, and fails)."""
-    from dptrain.dist import versions
-    from dptrain.dist.launch import launch_local
+    from dptrain.distributed import versions
+    from dptrain.distributed.launch import launch_local
     versions.code_hash.cache_clear()  # other sessions edit dptrain while the suite runs: hash the code as it is now
     try:
         return launch_local(cfg, resume=resume, stop_at_step=stop_at_step)

@@ -1,7 +1,7 @@
 """Centred finite differences and the relative error used by the nn tests (CS231n gradient_check style)."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

@@ -9,7 +9,6 @@ import json
 import sys
 from pathlib import Path
 
-
 from distutil import ROOT, TINY, Proc, max_rel_diff, params, step_records, wait_until  # noqa: F401 (re-exported)
 
 

@@ -30,8 +30,8 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "launch" / "netns-cluster.sh"
@@ -164,7 +164,7 @@ def _base36(n: int) -> str:
 
 
 _counter = 0
-_live: set["NetnsCluster"] = set()
+_live: set[NetnsCluster] = set()
 
 
 def _networks_in_use() -> list[ipaddress.IPv4Network]:
@@ -242,7 +242,7 @@ class NetnsCluster:
         self._is_up = False
 
     # -- lifecycle
-    def up(self) -> "NetnsCluster":
+    def up(self) -> NetnsCluster:
         ok, why = netns_available()
         if not ok:
             raise RuntimeError(f"netns cluster unavailable: {why}")
@@ -280,7 +280,7 @@ class NetnsCluster:
             _live.discard(self)
             shutil.rmtree(self.state_dir, ignore_errors=True)
 
-    def __enter__(self) -> "NetnsCluster":
+    def __enter__(self) -> NetnsCluster:
         try:
             return self.up()
         except BaseException:

@@ -49,8 +49,8 @@ def test_child_attach_and_exit_leaves_segment_then_unlink_leaves_nothing():
                     p.join()
         assert sums == [int(images.astype(np.int64).sum())] * 2
         assert os.path.exists(path)
-        code = ("from dptrain.data.shm import SharedImageCache as S; r = S.attach(%r); "
-                "print(int(r.array.astype('int64').sum())); r.close()" % (cache.spec(),))
+        code = (f"from dptrain.data.shm import SharedImageCache as S; r = S.attach({cache.spec()!r}); "
+                "print(int(r.array.astype('int64').sum())); r.close()")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
         assert int(out.stdout) == sums[0]
         time.sleep(0.2)  # a tracker would unlink right after the child's exit

@@ -13,8 +13,8 @@ import json
 
 import numpy as np
 import pytest
-
 from distutil import arrays, launch_inproc, max_rel_diff, metrics, params, step_records, tiny_cfg
+
 from dptrain.train import prepare, run_local
 
 SYNC = dict(dist__bn="sync", data__augment=False)

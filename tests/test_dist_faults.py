@@ -16,10 +16,10 @@ import time
 import msgpack
 import pytest
 import zmq
+from distutil import Launch, cli_args, pid_gone, step_records, wait_steps, wait_until, worker_pid, workers_of
 
-from distutil import (Launch, cli_args, pid_gone, step_records, wait_steps, wait_until, worker_pid, workers_of)
 from dptrain.data.shm import leftover_segments
-from dptrain.dist import protocol as P
+from dptrain.distributed import protocol as P
 
 FAST_HB = {"dist__heartbeat_interval_s": 1.0, "dist__heartbeat_misses": 5}
 

@@ -5,8 +5,8 @@ import json
 
 import psutil
 import pytest
-
 from distutil import Launch, cli_args, launch_inproc, step_records, tiny_cfg, wait_until, workers_of
+
 from dptrain.data.shm import leftover_segments
 
 

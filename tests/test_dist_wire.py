@@ -1,4 +1,4 @@
-"""float16 on the wire (dptrain/dist/wire.py), compared against float32 arithmetic and against the coordinator.
+"""float16 on the wire (dptrain/distributed/wire.py), compared against float32 arithmetic and against the coordinator.
 
 - encode16/add16 keep small gradients (1e-7..1e-4) to float16's relative precision, where a plain cast flushes them.
 - A peer that starts from a full copy and applies the coordinator's float16 updates holds, step after step, the
@@ -12,13 +12,13 @@ import json
 
 import numpy as np
 import pytest
+from distutil import launch_inproc, tiny_cfg
 
+from dptrain.data.dataset import load_dataset
+from dptrain.distributed.wire import add16, apply_update16, encode16, receive_weights
 from dptrain.evaluate import load_model
-from dptrain.dist.wire import add16, apply_update16, encode16, receive_weights
 from dptrain.optim import SGD
 from dptrain.train import evaluate_local
-from dptrain.data.dataset import load_dataset
-from distutil import launch_inproc, tiny_cfg
 
 
 def test_small_gradients_survive_float16():

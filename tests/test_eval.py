@@ -6,7 +6,8 @@ import shutil
 import numpy as np
 import pytest
 
-from dptrain import checkpoint, config as C
+from dptrain import checkpoint
+from dptrain import config as C
 from dptrain.data import synth
 from dptrain.evaluate import evaluate_checkpoint, load_model
 from dptrain.train import evaluate_local, prepare, run_local

@@ -1,9 +1,18 @@
-"""dptrain.dist.hostfile: parsed hosts and rank tables compare against hand-written expectations taken from
+"""dptrain.distributed.hostfile: parsed hosts and rank tables compare against hand-written expectations taken from
 the OpenMPI/Horovod/DeepSpeed hostfile and filter documentation; each error must name its file and line."""
 import pytest
 
-from dptrain.dist.hostfile import (HostfileError, HostSlots, RankEntry, assign_ranks, filter_hosts,
-                                   parse_filter, parse_hostfile, parse_hostfile_text, parse_hosts)
+from dptrain.distributed.hostfile import (
+    HostfileError,
+    HostSlots,
+    RankEntry,
+    assign_ranks,
+    filter_hosts,
+    parse_filter,
+    parse_hostfile,
+    parse_hostfile_text,
+    parse_hosts,
+)
 
 HOSTFILE = """\
 # cluster for the LFW run

@@ -18,12 +18,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from dptrain.dist import protocol as P
-from dptrain.dist.versions import local_versions
-from multihost_util import (agent, dptrain_pids, launcher, make_data, max_rel_diff, params, step_records, summary,
-                            train_args, wait_until)
+from multihost_util import (
+    agent,
+    dptrain_pids,
+    launcher,
+    make_data,
+    max_rel_diff,
+    params,
+    step_records,
+    summary,
+    train_args,
+    wait_until,
+)
 from netns import cluster, require_netns
+
+from dptrain.distributed import protocol as P
+from dptrain.distributed.versions import local_versions
 
 STEPS = 5  # steps of the equivalence runs: one epoch of the tiny data set (169 train images, batch 32)
 

@@ -65,7 +65,7 @@ def test_ssh_into_each_host_shows_its_namespace_address(shared: NetnsCluster):
 
 @pytest.mark.timeout(30)
 def test_ssh_runs_callers_python_by_absolute_path_on_shared_fs(shared: NetnsCluster):
-    code = "import sys, os; print(sys.executable); print(os.path.isfile(%r))" % __file__
+    code = f"import sys, os; print(sys.executable); print(os.path.isfile({__file__!r}))"
     r = shared.ssh("h1", [sys.executable, "-c", code], timeout=15)
     assert r.returncode == 0, r.stderr
     exe, visible = r.stdout.split()

@@ -7,13 +7,14 @@ import threading
 
 import numpy as np
 import pytest
+from gradcheck import numeric_grad, rel_error
 
 from dptrain.config import ModelConfig
-from dptrain.nn import conv, functional as F, norm, pool
+from dptrain.nn import conv, norm, pool
+from dptrain.nn import functional as F
 from dptrain.nn.loss import softmax_cross_entropy
 from dptrain.nn.model import build_model
 from dptrain.nn.params import ParamStore
-from gradcheck import numeric_grad, rel_error
 
 TOL = 1e-6
 

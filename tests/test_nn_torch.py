@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from gradcheck import rel_error
 
 from dptrain.config import ModelConfig
 from dptrain.nn import layers as L
 from dptrain.nn.loss import softmax_cross_entropy
 from dptrain.nn.model import build_model
 from dptrain.nn.params import ParamStore
-from gradcheck import rel_error
 
 torch = pytest.importorskip("torch")
 nn = torch.nn

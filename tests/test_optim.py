@@ -6,12 +6,12 @@ import math
 
 import numpy as np
 import pytest
+from gradcheck import rel_error
 
 from dptrain.config import Config
 from dptrain.data.dataset import Dataset
 from dptrain.optim import SGD, clip_factor, lr_at, sum_of_squares
 from dptrain.train import LocalExecutor, Trainer
-from gradcheck import rel_error
 
 
 # ---- schedule ----------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""dptrain.dist.protocol: round trips compare against the arrays and fields that went in (bit for bit);
+"""dptrain.distributed.protocol: round trips compare against the arrays and fields that went in (bit for bit);
 the rules are checked one by one; hypothesis fuzzes decode with random and mutated frames and asserts it
 only ever raises ProtocolError, with a specific reason (never the catch-all); and a real pyzmq
 ROUTER/DEALER pair on 127.0.0.1 carries a 40 MB float32 array zero-copy both ways."""
@@ -11,8 +11,17 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dptrain.dist.protocol import (DTYPES, PROTOCOL_VERSION, Kind, Limits, Message, ProtocolError,
-                                   decode, encode)
+from dptrain.distributed.protocol import (
+    DEFAULT_LIMITS,
+    DTYPES,
+    PROTOCOL_VERSION,
+    Kind,
+    Limits,
+    Message,
+    ProtocolError,
+    decode,
+    encode,
+)
 
 RUN = "run-42"
 
@@ -41,7 +50,7 @@ def valid_frames(kind=Kind.RESULT, **kw):
     return encode(kind, RUN, step=3, rank=1, arrays=arrays, **{**fields, **kw})
 
 
-def reason(frames, run=RUN, limits=Limits()):
+def reason(frames, run=RUN, limits=DEFAULT_LIMITS):
     with pytest.raises(ProtocolError) as e:
         decode(frames, run=run, limits=limits)
     return str(e.value)

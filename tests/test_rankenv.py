@@ -1,8 +1,8 @@
-"""dptrain.dist.rankenv: environments as srun, mpirun and a hand export set them, compared against the
+"""dptrain.distributed.rankenv: environments as srun, mpirun and a hand export set them, compared against the
 rank each process must get; inconsistent environments must raise an error naming the variable."""
 import pytest
 
-from dptrain.dist.rankenv import RankEnv, RankEnvError, from_env
+from dptrain.distributed.rankenv import RankEnv, RankEnvError, from_env
 
 SLURM = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_NODEID": "2",
          "SLURM_JOB_ID": "123"}

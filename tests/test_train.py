@@ -9,7 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from dptrain import checkpoint, config as C
+from dptrain import checkpoint
+from dptrain import config as C
 from dptrain.data import synth
 from dptrain.train import LocalExecutor, prepare, run_local
 

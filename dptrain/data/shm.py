@@ -61,7 +61,7 @@ class SharedArray:
 
     @classmethod
     def create(cls, array: np.ndarray | None = None, name: str | None = None, *, shape=None, dtype=None,
-               writable: bool = False) -> "SharedArray":
+               writable: bool = False) -> SharedArray:
         """Copy `array` (or zeros of shape/dtype) into a new segment (name: dptrain_<random> unless given) owned by
         this process. writable=False (the image cache) maps the creator's view read-only too."""
         if array is not None:
@@ -88,7 +88,7 @@ class SharedArray:
         return cls(name, shape, dtype, buf, True, shm, writable)
 
     @classmethod
-    def attach(cls, spec: dict, writable: bool = False) -> "SharedArray":
+    def attach(cls, spec: dict, writable: bool = False) -> SharedArray:
         """Attach (read-only unless writable) to the segment described by spec() of its creator, without
         registering it."""
         name, shape, dtype = spec["name"], tuple(spec["shape"]), np.dtype(spec["dtype"])
@@ -124,7 +124,7 @@ class SharedArray:
                 resource_tracker.unregister(self._shm._name, "shared_memory")
         self.owner = False
 
-    def __enter__(self) -> "SharedArray":
+    def __enter__(self) -> SharedArray:
         return self
 
     def __exit__(self, *exc) -> None:

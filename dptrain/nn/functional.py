@@ -12,8 +12,8 @@ Conventions for all of dptrain.nn (conv.py, pool.py, norm.py, this file):
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 
 import numpy as np
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import conv, functional as F, norm, pool
+from . import conv, norm, pool
+from . import functional as F
 from .params import ParamStore, he_normal, ones, uniform_fan_in, zeros
 
 
@@ -23,7 +24,7 @@ class Layer:
     def backward(self, dout: np.ndarray) -> np.ndarray | None:
         raise NotImplementedError
 
-    def children(self) -> list["Layer"]:
+    def children(self) -> list[Layer]:
         return []
 
 

@@ -22,8 +22,20 @@ from __future__ import annotations
 import numpy as np
 
 from ..config import ModelConfig
-from .layers import (BatchNorm1D, BatchNorm2D, Conv2D, Flatten, Layer, Linear, MaxPool2D, ReLU, ResidualBlock,
-                     Sequential, _BatchNorm, walk)
+from .layers import (
+    BatchNorm1D,
+    BatchNorm2D,
+    Conv2D,
+    Flatten,
+    Layer,
+    Linear,
+    MaxPool2D,
+    ReLU,
+    ResidualBlock,
+    Sequential,
+    _BatchNorm,
+    walk,
+)
 from .norm import AllReduce
 from .params import ParamStore
 

@@ -15,7 +15,8 @@ compute what one process computes on the whole batch.
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 

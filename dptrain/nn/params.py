@@ -7,8 +7,8 @@ checkpoint is three arrays. `rebind()` moves the views onto other backing arrays
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -98,7 +98,7 @@ class ParamStore:
         self.num_buffers += b.size
         return b
 
-    def allocate(self, rng: np.random.Generator) -> "ParamStore":
+    def allocate(self, rng: np.random.Generator) -> ParamStore:
         """Create the flat arrays and initialise them in registration order (so a seed fixes every weight)."""
         params = np.empty(self.num_params, self.dtype)
         for p in self.param_list:

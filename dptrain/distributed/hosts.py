@@ -22,9 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
-from .. import config as config_mod, log
+from .. import config as config_mod
+from .. import log
 from ..config import Config
 from .coordinator import Coordinator, PeerState, WorkerFailure
 from .curve import RunKeys

@@ -13,13 +13,11 @@ import time
 import numpy as np
 
 from .. import log
-from ..train import StepResult
 from ..data.sampler import shard_bounds
 from ..optim import CHUNK
-from .wire import apply_update16
+from ..train import StepResult
 from .coordinator import Coordinator, WorkerFailure
-
-
+from .wire import apply_update16
 
 
 def sum_in_order(out: np.ndarray, parts: list[np.ndarray], scales: list[float] | None = None) -> None:

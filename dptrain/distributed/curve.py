@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
@@ -24,7 +24,7 @@ class RunKeys:
     client_secret: str
 
     @classmethod
-    def generate(cls) -> "RunKeys":
+    def generate(cls) -> RunKeys:
         sp, ss = zmq.curve_keypair()
         cp, cs = zmq.curve_keypair()
         return cls(sp.decode(), ss.decode(), cp.decode(), cs.decode())

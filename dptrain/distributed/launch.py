@@ -29,11 +29,12 @@ import numpy as np
 import psutil
 from threadpoolctl import threadpool_limits
 
-from .. import config as config_mod, log
+from .. import config as config_mod
+from .. import log
 from ..config import Config
+from ..data.shm import SharedArray, remove_orphans, segment_name
 from .coordinator import Coordinator, StopTimeout, WorkerFailure
 from .executor import DistExecutor, Timeline
-from ..data.shm import SharedArray, remove_orphans, segment_name
 
 EXIT_WORKER_LOST = 1
 EXIT_INTERRUPTED = 130

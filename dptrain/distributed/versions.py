@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 import dptrain
+
 from . import protocol
 
 

@@ -30,15 +30,16 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from .. import config as config_mod, log
+from .. import config as config_mod
+from .. import log
 from ..data.dataset import load_dataset
 from . import protocol as P
 from .coordinator import Coordinator, WorkerFailure
-from .executor import sum_in_order
-from .wire import grad_frame, receive_weights
 from .curve import client_setup, read_agent_keys
+from .executor import sum_in_order
 from .launch import Session, blas_threads, spawn_worker, worker_env
 from .versions import local_versions
+from .wire import grad_frame, receive_weights
 from .worker import Heartbeat, Preempted, dealer, serve_steps
 
 

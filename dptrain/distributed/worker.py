@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import socket as pysocket
-import sys
 import threading
 import time
 import traceback
@@ -23,14 +22,15 @@ import traceback
 import numpy as np
 import zmq
 
-from .. import config as config_mod, log
+from .. import config as config_mod
+from .. import log
 from ..data.augment import make_batch
-from ..nn.loss import softmax_cross_entropy
+from ..data.shm import SharedArray
 from ..nn.functional import match_blas_threads
+from ..nn.loss import softmax_cross_entropy
 from ..nn.model import build_model
 from ..nn.params import ParamStore
 from . import protocol as P
-from ..data.shm import SharedArray
 from .versions import local_versions
 from .wire import grad_frame, receive_weights
 
