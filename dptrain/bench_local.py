@@ -17,10 +17,10 @@ from tqdm import tqdm
 from . import log
 from .config import Config
 from .nn import layers as L
-from .nn.functional import set_threads
 from .nn.loss import softmax_cross_entropy
 from .nn.model import build_model
 from .nn.params import ParamStore
+from .nn.threads import set_threads
 from .optim import SGD, clip_factor, sum_of_squares
 
 

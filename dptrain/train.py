@@ -30,10 +30,10 @@ from .data.augment import make_batch
 from .data.dataset import Dataset, load_dataset
 from .data.sampler import Sampler
 from .fsutil import atomic_write
-from .nn.functional import match_blas_threads
 from .nn.loss import softmax_cross_entropy
 from .nn.model import build_model
 from .nn.params import ParamStore
+from .nn.threads import match_blas_threads
 from .optim import SGD, clip_factor, lr_at, sum_of_squares
 
 

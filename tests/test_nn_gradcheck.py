@@ -15,6 +15,7 @@ from dptrain.nn import functional as F
 from dptrain.nn.loss import softmax_cross_entropy
 from dptrain.nn.model import build_model
 from dptrain.nn.params import ParamStore
+from dptrain.nn.workspace import Workspace
 
 TOL = 1e-6
 
@@ -45,7 +46,7 @@ def test_conv2d(case, bias):
     x = rng.standard_normal((N, H, W, C))
     w = rng.standard_normal((k, k, C, Fo))
     b = rng.standard_normal(Fo) if bias else None
-    ws = F.Workspace()
+    ws = Workspace()
     fwd = lambda: conv.conv2d_forward(x, w, b, s, p, ws)[0].copy()
     out_shape = fwd().shape
 

@@ -26,10 +26,10 @@ from .. import config as config_mod
 from .. import log
 from ..data.augment import make_batch
 from ..data.shm import SharedArray
-from ..nn.functional import match_blas_threads
 from ..nn.loss import softmax_cross_entropy
 from ..nn.model import build_model
 from ..nn.params import ParamStore
+from ..nn.threads import match_blas_threads
 from . import protocol as P
 from .versions import local_versions
 from .wire import grad_frame, receive_weights

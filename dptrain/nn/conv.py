@@ -18,7 +18,9 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from .functional import Workspace, colsum, scratch, split_rows
+from .functional import colsum
+from .threads import split_rows
+from .workspace import Workspace, scratch
 
 
 def _out_size(h: int, k: int, stride: int, pad: int) -> int:

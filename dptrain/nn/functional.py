@@ -1,4 +1,4 @@
-"""Elementwise and dense kernels, plus the scratch-buffer `Workspace` every kernel module shares.
+"""Elementwise and dense kernels (ReLU, Linear, Flatten, column sums).
 
 Conventions for all of dptrain.nn (conv.py, pool.py, norm.py, this file):
 - Layout is NHWC: images are (N, H, W, C). im2col of NHWC gives (N*OH*OW, kh*kw*C) rows directly and the GEMM
@@ -12,124 +12,9 @@ Conventions for all of dptrain.nn (conv.py, pool.py, norm.py, this file):
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 
-# Threads for the non-GEMM work: `set_threads(n)` with n > 1 splits the im2col / padding copies (conv.py), the
-# elementwise passes of BatchNorm (norm.py) and 2x2 max-pooling (pool.py) into n contiguous row blocks run
-# concurrently (numpy releases the GIL on large arrays). Reductions (BN moments, colsum, coldot) stay in the calling
-# thread: splitting them was measured slower here, and only elementwise work is split, so results are bitwise
-# identical for every thread count. ReLU and the residual add were measured too small to gain (~1 % of a step).
-# Default 1: everything runs in the calling thread, as before.
-_threads = 1
-_pool: ThreadPoolExecutor | None = None
-PAR_MIN_ELEMS = 1 << 16  # below this a kernel runs in the calling thread (pool hand-off costs ~10-50 us)
-
-
-# OpenBLAS worker threads busy-wait for 2**28 cycles (~0.1 s) after each parallel GEMM before sleeping, i.e. through
-# every non-GEMM kernel between two GEMMs, taking the second core from our pool thread (measured: no gain at all).
-# With threads > 1 we shorten that wait to 2**16 cycles (~25 us) unless the user set OPENBLAS_THREAD_TIMEOUT.
-_BLAS_SPIN_SHORT = 16
-_BLAS_SPIN_DEFAULT = 28  # OpenBLAS's compiled-in THREAD_TIMEOUT
-
-
-def _openblas_spin(log2_cycles: int) -> None:
-    """Set OpenBLAS's thread timeout (as OPENBLAS_THREAD_TIMEOUT would at start-up): re-read it from the environment
-    through `openblas_read_env`, then stop the idle worker threads, which the next parallel GEMM restarts with the
-    new timeout. GEMM results do not depend on it. Any failure (not OpenBLAS, symbols missing) leaves things as they
-    are. Must not run while another thread is inside BLAS."""
-    import ctypes
-    import os
-
-    if "OPENBLAS_THREAD_TIMEOUT" in os.environ or "GOTO_THREAD_TIMEOUT" in os.environ:
-        return  # the user's choice
-    try:
-        from threadpoolctl import threadpool_info
-        libs = [ctypes.CDLL(i["filepath"]) for i in threadpool_info() if i.get("internal_api") == "openblas"]
-        for lib in libs:
-            lib.openblas_read_env, lib.blas_thread_shutdown_  # both exist, or AttributeError before any change
-        os.environ["OPENBLAS_THREAD_TIMEOUT"] = str(log2_cycles)
-        try:
-            for lib in libs:
-                lib.openblas_read_env()
-        finally:
-            del os.environ["OPENBLAS_THREAD_TIMEOUT"]  # only OpenBLAS's copy keeps it; child processes do not inherit it
-        for lib in libs:
-            lib.blas_thread_shutdown_()
-    except (ImportError, OSError, AttributeError):
-        pass
-
-
-def set_threads(n: int) -> int:
-    """Use n threads (the caller plus n - 1 pool threads) for large non-GEMM kernels; call with the BLAS limit,
-    before training, while no other thread is running BLAS. Returns the previous setting."""
-    global _threads, _pool
-    n, prev = max(1, int(n)), _threads
-    if n == _threads:
-        return prev
-    if _pool is not None:
-        _pool.shutdown(wait=True)
-    _pool = ThreadPoolExecutor(n - 1, thread_name_prefix="dptrain-nn") if n > 1 else None
-    if (n > 1) != (prev > 1):
-        _openblas_spin(_BLAS_SPIN_SHORT if n > 1 else _BLAS_SPIN_DEFAULT)
-    _threads = n
-    return prev
-
-
-def get_threads() -> int:
-    return _threads
-
-
-def match_blas_threads() -> int:
-    """set_threads(the BLAS thread limit in force): a process with k BLAS threads runs its copies and BatchNorm /
-    max-pool passes on k threads too. Call once the process's BLAS limit is settled, before the first step."""
-    from threadpoolctl import threadpool_info
-    n = min((i["num_threads"] for i in threadpool_info() if i.get("user_api") == "blas"), default=1)
-    set_threads(n)
-    return n
-
-
-def split_rows(fn: Callable[[int, int], None], n: int, elems: int) -> None:
-    """Run fn(lo, hi) over [0, n) in get_threads() contiguous blocks concurrently (the caller runs the first),
-    or as one fn(0, n) when single-threaded or when the kernel touches fewer than PAR_MIN_ELEMS elements.
-    fn must only write rows lo:hi of its outputs, and must not call split_rows itself (the pool is not reentrant)."""
-    t = min(_threads, n)
-    if t <= 1 or elems < PAR_MIN_ELEMS:
-        fn(0, n)
-        return
-    bounds = [n * i // t for i in range(t + 1)]
-    futs = [_pool.submit(fn, bounds[i], bounds[i + 1]) for i in range(1, t)]
-    try:
-        fn(bounds[0], bounds[1])
-    finally:
-        for f in futs:
-            f.result()
-
-
-class Workspace:
-    """One reusable array per tag; reallocated only when the requested shape or dtype changes."""
-
-    def __init__(self) -> None:
-        self._bufs: dict[str, np.ndarray] = {}
-
-    def get(self, tag: str, shape: tuple[int, ...], dtype, zero_new: bool = False) -> np.ndarray:
-        buf = self._bufs.get(tag)
-        if buf is None or buf.shape != shape or buf.dtype != dtype:
-            buf = np.zeros(shape, dtype) if zero_new else np.empty(shape, dtype)
-            self._bufs[tag] = buf
-        return buf
-
-    def nbytes(self) -> int:
-        return sum(b.nbytes for b in self._bufs.values())
-
-
-def scratch(ws: Workspace | None, tag: str, shape: tuple[int, ...], dtype, zero_new: bool = False) -> np.ndarray:
-    """A buffer from `ws`, or a fresh one when there is no workspace."""
-    if ws is None:
-        return np.zeros(shape, dtype) if zero_new else np.empty(shape, dtype)
-    return ws.get(tag, shape, dtype, zero_new)
+from .workspace import Workspace, scratch
 
 
 def widen(a: np.ndarray) -> tuple[np.ndarray, int]:

@@ -20,7 +20,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .functional import Workspace, coldot, colsum, scratch, split_rows, tiled, widen
+from .functional import coldot, colsum, tiled, widen
+from .threads import split_rows
+from .workspace import Workspace, scratch
 
 AllReduce = Callable[[np.ndarray], np.ndarray]
 

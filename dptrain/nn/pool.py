@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .functional import Workspace, scratch, split_rows
+from .threads import split_rows
+from .workspace import Workspace, scratch
 
 
 def _geometry(x: np.ndarray, k: int, s: int):

@@ -1,0 +1,101 @@
+"""The thread pool for non-GEMM kernels, and the OpenBLAS busy-wait adjustment that lets it use the cores.
+
+Kernels (conv.py, norm.py, pool.py) call `split_rows`; a process calls `match_blas_threads` once before training.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from threadpoolctl import threadpool_info
+
+# Threads for the non-GEMM work: `set_threads(n)` with n > 1 splits the im2col / padding copies (conv.py), the
+# elementwise passes of BatchNorm (norm.py) and 2x2 max-pooling (pool.py) into n contiguous row blocks run
+# concurrently (numpy releases the GIL on large arrays). Reductions (BN moments, colsum, coldot) stay in the calling
+# thread: splitting them was measured slower here, and only elementwise work is split, so results are bitwise
+# identical for every thread count. ReLU and the residual add were measured too small to gain (~1 % of a step).
+# Default 1: everything runs in the calling thread, as before.
+_threads = 1
+_pool: ThreadPoolExecutor | None = None
+_short_spin = True  # match_blas_threads(short_spin=False) (config train.short_blas_spin) keeps OpenBLAS's wait
+PAR_MIN_ELEMS = 1 << 16  # below this a kernel runs in the calling thread (pool hand-off costs ~10-50 us)
+
+
+# OpenBLAS worker threads busy-wait for 2**28 cycles (~0.1 s) after each parallel GEMM before sleeping, i.e. through
+# every non-GEMM kernel between two GEMMs, taking the second core from our pool thread (measured: no gain at all).
+# With threads > 1 we shorten that wait to 2**16 cycles (~25 us) unless the user set OPENBLAS_THREAD_TIMEOUT.
+_BLAS_SPIN_SHORT = 16
+_BLAS_SPIN_DEFAULT = 28  # OpenBLAS's compiled-in THREAD_TIMEOUT
+
+
+def _openblas_spin(log2_cycles: int) -> None:
+    """Set OpenBLAS's thread timeout (as OPENBLAS_THREAD_TIMEOUT would at start-up): re-read it from the environment
+    through `openblas_read_env`, then stop the idle worker threads, which the next parallel GEMM restarts with the
+    new timeout. GEMM results do not depend on it. Any failure (not OpenBLAS, symbols missing) leaves things as they
+    are. Must not run while another thread is inside BLAS."""
+    if "OPENBLAS_THREAD_TIMEOUT" in os.environ or "GOTO_THREAD_TIMEOUT" in os.environ:
+        return  # the user's choice
+    try:
+        libs = [ctypes.CDLL(i["filepath"]) for i in threadpool_info() if i.get("internal_api") == "openblas"]
+        for lib in libs:
+            lib.openblas_read_env, lib.blas_thread_shutdown_  # both exist, or AttributeError before any change
+        os.environ["OPENBLAS_THREAD_TIMEOUT"] = str(log2_cycles)
+        try:
+            for lib in libs:
+                lib.openblas_read_env()
+        finally:
+            del os.environ["OPENBLAS_THREAD_TIMEOUT"]  # only OpenBLAS's copy keeps it; child processes do not inherit it
+        for lib in libs:
+            lib.blas_thread_shutdown_()
+    except (ImportError, OSError, AttributeError):
+        pass
+
+
+def set_threads(n: int) -> int:
+    """Use n threads (the caller plus n - 1 pool threads) for large non-GEMM kernels; call with the BLAS limit,
+    before training, while no other thread is running BLAS. Returns the previous setting."""
+    global _threads, _pool
+    n, prev = max(1, int(n)), _threads
+    if n == _threads:
+        return prev
+    if _pool is not None:
+        _pool.shutdown(wait=True)
+    _pool = ThreadPoolExecutor(n - 1, thread_name_prefix="dptrain-nn") if n > 1 else None
+    if (n > 1) != (prev > 1) and _short_spin:
+        _openblas_spin(_BLAS_SPIN_SHORT if n > 1 else _BLAS_SPIN_DEFAULT)
+    _threads = n
+    return prev
+
+
+def get_threads() -> int:
+    return _threads
+
+
+def match_blas_threads(short_spin: bool = True) -> int:
+    """set_threads(the BLAS thread limit in force): a process with k BLAS threads runs its copies and BatchNorm /
+    max-pool passes on k threads too. Call once the process's BLAS limit is settled, before the first step.
+    short_spin=False leaves OpenBLAS's post-GEMM busy-wait as it is (config `train.short_blas_spin`)."""
+    global _short_spin
+    _short_spin = short_spin
+    n = min((i["num_threads"] for i in threadpool_info() if i.get("user_api") == "blas"), default=1)
+    set_threads(n)
+    return n
+
+
+def split_rows(fn: Callable[[int, int], None], n: int, elems: int) -> None:
+    """Run fn(lo, hi) over [0, n) in get_threads() contiguous blocks concurrently (the caller runs the first),
+    or as one fn(0, n) when single-threaded or when the kernel touches fewer than PAR_MIN_ELEMS elements.
+    fn must only write rows lo:hi of its outputs, and must not call split_rows itself (the pool is not reentrant)."""
+    t = min(_threads, n)
+    if t <= 1 or elems < PAR_MIN_ELEMS:
+        fn(0, n)
+        return
+    bounds = [n * i // t for i in range(t + 1)]
+    futs = [_pool.submit(fn, bounds[i], bounds[i + 1]) for i in range(1, t)]
+    try:
+        fn(bounds[0], bounds[1])
+    finally:
+        for f in futs:
+            f.result()
