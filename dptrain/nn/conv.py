@@ -15,6 +15,8 @@ adjoint of im2col: kh*kw strided adds into a zeroed padded buffer).
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
@@ -23,12 +25,21 @@ from .threads import split_rows
 from .workspace import Workspace, scratch
 
 
+class ConvCache(NamedTuple):
+    x_shape: tuple[int, int, int, int]  # (N, H, W, C)
+    cols: np.ndarray  # (N*OH*OW, kh*kw*C) im2col rows: a workspace buffer, or x itself for a 1x1 stride-1 conv
+    w: np.ndarray  # (kh, kw, C, F)
+    has_bias: bool
+    stride: int
+    pad: int
+
+
 def _out_size(h: int, k: int, stride: int, pad: int) -> int:
     return (h + 2 * pad - k) // stride + 1
 
 
 def conv2d_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, stride: int = 1, pad: int = 0,
-                   ws: Workspace | None = None, tag: str = "conv") -> tuple[np.ndarray, tuple]:
+                   ws: Workspace | None = None, tag: str = "conv") -> tuple[np.ndarray, ConvCache]:
     """x: (N, H, W, C), w: (kh, kw, C, F), b: (F,) | None -> out (N, OH, OW, F), cache.
 
     tag: prefix of the workspace buffers (the backward pass runs a second convolution under another tag)."""
@@ -66,10 +77,10 @@ def conv2d_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, stride: i
     np.matmul(cols, w.reshape(K, F), out=out.reshape(M, F))  # (M, K) @ (K, F) -> (M, F) == NHWC out
     if b is not None:
         out += b
-    return out, (x.shape, cols, w, b is not None, stride, pad)
+    return out, ConvCache(x.shape, cols, w, b is not None, stride, pad)
 
 
-def conv2d_backward(dout: np.ndarray, cache: tuple, need_dx: bool = True, ws: Workspace | None = None,
+def conv2d_backward(dout: np.ndarray, cache: ConvCache, need_dx: bool = True, ws: Workspace | None = None,
                     dw_out: np.ndarray | None = None, db_out: np.ndarray | None = None):
     """dout: (N, OH, OW, F) -> dx (N, H, W, C) | None, dw (kh, kw, C, F), db (F,) | None.
 
@@ -77,15 +88,16 @@ def conv2d_backward(dout: np.ndarray, cache: tuple, need_dx: bool = True, ws: Wo
     gradients into (the layer's Param.grad views); without them new arrays are returned. dx may be a view into
     a workspace buffer (the interior of the padded gradient).
     """
-    (N, H, W, C), cols, w, has_bias, stride, pad = cache
+    N, H, W, C = cache.x_shape
+    w, stride, pad = cache.w, cache.stride, cache.pad
     kh, kw, _, F = w.shape
     OH, OW = dout.shape[1], dout.shape[2]
     M, K = N * OH * OW, kh * kw * C
     dout2 = dout.reshape(M, F)  # (N*OH*OW, F); copies only if dout is a strided view
-    dw2 = np.matmul(cols.T, dout2, out=None if dw_out is None else dw_out.reshape(K, F))  # (K, M) @ (M, F)
+    dw2 = np.matmul(cache.cols.T, dout2, out=None if dw_out is None else dw_out.reshape(K, F))  # (K, M) @ (M, F)
     dw = dw2.reshape(kh, kw, C, F) if dw_out is None else dw_out
     db = None
-    if has_bias:
+    if cache.has_bias:
         db = colsum(dout2)  # (F,)
         if db_out is not None:
             db_out[...] = db

@@ -12,6 +12,8 @@ Conventions for all of dptrain.nn (conv.py, pool.py, norm.py, this file):
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from .workspace import Workspace, scratch
@@ -21,9 +23,10 @@ def widen(a: np.ndarray) -> tuple[np.ndarray, int]:
     """View a C-contiguous (M, C) array as (M/k, k*C) with k*C around 2048, returning (view, k).
 
     Per-channel reductions and (C,)-vector broadcasts over (M, C) with small C run numpy's inner loop C elements at
-    a time; on the wide view the loops are k times longer (measured 2-4x faster here). Row sums of the wide view
-    then fold back with `.reshape(k, C).sum(0)`. Every accumulator sums only M/k terms, which also keeps float32
-    sums accurate (~1e-7 relative here, against ~1e-5 for a naive column sum).
+    a time; on the wide view the loops are k times longer (measured 2-4x faster here). A (C,) vector broadcasts
+    against the wide view as `np.tile(v, k)`; row sums of the wide view fold back with `.reshape(k, C).sum(0)`.
+    Every accumulator sums only M/k terms, which also keeps float32 sums accurate (~1e-7 relative here, against
+    ~1e-5 for a naive column sum).
     """
     M, C = a.shape
     k = max(1, min(M, 2048 // C))
@@ -45,42 +48,50 @@ def coldot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.einsum("mc,mc->c", aw, bw).reshape(k, -1).sum(0)
 
 
-def tiled(v: np.ndarray, k: int) -> np.ndarray:
-    """A (C,) vector repeated k times, to broadcast against the (M/k, k*C) view of widen()."""
-    return np.tile(v, k)
+class ReluCache(NamedTuple):
+    out: np.ndarray  # like x: the forward output, whose sign is the derivative
 
 
-def relu_forward(x: np.ndarray, ws: Workspace | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """out = max(x, 0). x: any shape. cache: out (its sign is the derivative)."""
+class LinearCache(NamedTuple):
+    x: np.ndarray  # (N, D)
+    w: np.ndarray  # (D, O)
+
+
+class FlattenCache(NamedTuple):
+    x_shape: tuple[int, ...]  # (N, H, W, C)
+
+
+def relu_forward(x: np.ndarray, ws: Workspace | None = None) -> tuple[np.ndarray, ReluCache]:
+    """out = max(x, 0). x: any shape."""
     out = scratch(ws, "relu.out", x.shape, x.dtype)
     np.maximum(x, 0, out=out)
-    return out, out
+    return out, ReluCache(out)
 
 
-def relu_backward(dout: np.ndarray, cache: np.ndarray, ws: Workspace | None = None) -> np.ndarray:
+def relu_backward(dout: np.ndarray, cache: ReluCache, ws: Workspace | None = None) -> np.ndarray:
     """dx = dout * (out > 0); sign(out) is that mask as floats, computed in one SIMD pass (out >= 0)."""
-    out = cache
+    out = cache.out
     dx = scratch(ws, "relu.dx", out.shape, out.dtype)
     np.sign(out, out=dx)  # 1 where out > 0, 0 where out == 0
     dx *= dout
     return dx
 
 
-def linear_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> tuple[np.ndarray, tuple]:
+def linear_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> tuple[np.ndarray, LinearCache]:
     """out = x @ w + b. x: (N, D), w: (D, O), b: (O,) or None -> out (N, O)."""
     out = x @ w  # (N, O)
     if b is not None:
         out += b
-    return out, (x, w)
+    return out, LinearCache(x, w)
 
 
-def linear_backward(dout: np.ndarray, cache: tuple, need_dx: bool = True, dw_out: np.ndarray | None = None,
+def linear_backward(dout: np.ndarray, cache: LinearCache, need_dx: bool = True, dw_out: np.ndarray | None = None,
                     db_out: np.ndarray | None = None) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
     """dout: (N, O) -> dx (N, D) (None if not need_dx), dw (D, O), db (O,).
 
     dw_out / db_out: optional arrays the gradients are written into (the layer's Param.grad views).
     """
-    x, w = cache
+    x, w = cache.x, cache.w
     dw = np.matmul(x.T, dout, out=dw_out)  # (D, N) @ (N, O) -> (D, O)
     db = colsum(dout)
     if db_out is not None:
@@ -90,10 +101,10 @@ def linear_backward(dout: np.ndarray, cache: tuple, need_dx: bool = True, dw_out
     return dx, dw, db
 
 
-def flatten_forward(x: np.ndarray) -> tuple[np.ndarray, tuple[int, ...]]:
+def flatten_forward(x: np.ndarray) -> tuple[np.ndarray, FlattenCache]:
     """(N, H, W, C) -> (N, H*W*C) in NHWC order (a view when x is contiguous)."""
-    return x.reshape(x.shape[0], -1), x.shape  # (N, H*W*C)
+    return x.reshape(x.shape[0], -1), FlattenCache(x.shape)  # (N, H*W*C)
 
 
-def flatten_backward(dout: np.ndarray, cache: tuple[int, ...]) -> np.ndarray:
-    return dout.reshape(cache)  # (N, H*W*C) -> (N, H, W, C)
+def flatten_backward(dout: np.ndarray, cache: FlattenCache) -> np.ndarray:
+    return dout.reshape(cache.x_shape)  # (N, H*W*C) -> (N, H, W, C)

@@ -1,6 +1,6 @@
 """Thin layer classes over the kernels: they register their tensors on a ParamStore, keep the forward cache and
 write gradients in place into their `Param.grad` views (`p.grad[...] = ...`, never rebinding), so a whole
-backward pass fills `store.grads` (DESIGN §2). Every backward fully overwrites its layer's gradients.
+backward pass fills `store.grads` (see params.py). Every backward fully overwrites its layer's gradients.
 
 Layout is NHWC; conv weights (kh, kw, C, F); Linear weights (in, out); see functional.py.
 Every layer: `forward(x, train) -> out`, `backward(dout) -> dx` (None when `need_dx` is False, which the model
@@ -13,6 +13,7 @@ import numpy as np
 from . import conv, norm, pool
 from . import functional as F
 from .params import ParamStore, he_normal, ones, uniform_fan_in, zeros
+from .workspace import Workspace
 
 
 class Layer:
@@ -33,11 +34,11 @@ class Conv2D(Layer):
 
     def __init__(self, store: ParamStore, name: str, cin: int, cout: int, k: int = 3, stride: int = 1,
                  pad: int = 0, bias: bool = True):
-        self.name, self.stride, self.pad = name, stride, pad
+        self.stride, self.pad = stride, pad
         self.w = store.param(f"{name}.w", (k, k, cin, cout), he_normal(k * k * cin), decay=True)
         self.b = store.param(f"{name}.b", (cout,), zeros, decay=False) if bias else None
-        self.ws = F.Workspace()
-        self.cache = None
+        self.ws = Workspace()
+        self.cache: conv.ConvCache | None = None
 
     def forward(self, x, train):
         out, self.cache = conv.conv2d_forward(x, self.w.data, None if self.b is None else self.b.data,
@@ -50,7 +51,7 @@ class Conv2D(Layer):
         return dx
 
 
-class _BatchNorm(Layer):
+class BatchNorm(Layer):
     """Params `{name}.gamma` (ones), `{name}.beta` (zeros), both decay=False; buffers `{name}.running_mean`
     (0) and `{name}.running_var` (1). After a train-mode forward, `moments` holds this step's local float64
     `[count, sum, sumsq]`. `allreduce`: the SyncBatchNorm hook (see norm.py); None = ordinary BN."""
@@ -63,8 +64,8 @@ class _BatchNorm(Layer):
         self.running_var = store.buffer(f"{name}.running_var", (C,), 1.0)
         self.allreduce: norm.AllReduce | None = None
         self.moments: np.ndarray | None = None
-        self.ws = F.Workspace()
-        self.cache = None
+        self.ws = Workspace()
+        self.cache: norm.BNCache | None = None
 
     @property
     def moments_size(self) -> int:
@@ -90,18 +91,18 @@ class _BatchNorm(Layer):
         norm.running_stats_from_moments(moments, self.running_mean.data, self.running_var.data, momentum)
 
 
-class BatchNorm2D(_BatchNorm):
+class BatchNorm2D(BatchNorm):
     """BatchNorm over (N, H, W, C): statistics over N*H*W per channel."""
 
 
-class BatchNorm1D(_BatchNorm):
+class BatchNorm1D(BatchNorm):
     """BatchNorm over (N, C): statistics over N per feature."""
 
 
 class ReLU(Layer):
     def __init__(self):
-        self.ws = F.Workspace()
-        self.cache = None
+        self.ws = Workspace()
+        self.cache: F.ReluCache | None = None
 
     def forward(self, x, train):
         out, self.cache = F.relu_forward(x, self.ws)
@@ -114,8 +115,8 @@ class ReLU(Layer):
 class MaxPool2D(Layer):
     def __init__(self, k: int = 2, stride: int | None = None):
         self.k, self.stride = k, stride or k
-        self.ws = F.Workspace()
-        self.cache = None
+        self.ws = Workspace()
+        self.cache: pool.MaxPoolCache | pool.MaxPool2x2Cache | pool.AvgPoolCache | None = None
 
     def forward(self, x, train):
         out, self.cache = pool.maxpool2d_forward(x, self.k, self.stride, self.ws)
@@ -135,16 +136,17 @@ class AvgPool2D(MaxPool2D):
 
 
 class Linear(Layer):
-    """x (N, din) @ w (din, dout) + b. Params `{name}.w` (din, dout), `{name}.b` (dout,) (decay=False).
-    init="he" (He-normal, for a hidden layer followed by ReLU) or "uniform" (PyTorch's default, for the head)."""
+    """x (N, in_features) @ w + b. Params `{name}.w` (in_features, out_features), `{name}.b` (out_features,)
+    (decay=False). init="he" (He-normal, for a hidden layer followed by ReLU) or "uniform" (PyTorch's default, for
+    the head)."""
 
-    def __init__(self, store: ParamStore, name: str, din: int, dout: int, bias: bool = True, init: str = "he"):
-        self.name = name
-        winit = he_normal(din) if init == "he" else uniform_fan_in(din)
-        self.w = store.param(f"{name}.w", (din, dout), winit, decay=True)
-        self.b = store.param(f"{name}.b", (dout,), zeros if init == "he" else uniform_fan_in(din),
+    def __init__(self, store: ParamStore, name: str, in_features: int, out_features: int, bias: bool = True,
+                 init: str = "he"):
+        winit = he_normal(in_features) if init == "he" else uniform_fan_in(in_features)
+        self.w = store.param(f"{name}.w", (in_features, out_features), winit, decay=True)
+        self.b = store.param(f"{name}.b", (out_features,), zeros if init == "he" else uniform_fan_in(in_features),
                              decay=False) if bias else None
-        self.cache = None
+        self.cache: F.LinearCache | None = None
 
     def forward(self, x, train):
         out, self.cache = F.linear_forward(x, self.w.data, None if self.b is None else self.b.data)
@@ -158,6 +160,9 @@ class Linear(Layer):
 
 class Flatten(Layer):
     """(N, H, W, C) -> (N, H*W*C) in NHWC order."""
+
+    def __init__(self):
+        self.cache: F.FlattenCache | None = None
 
     def forward(self, x, train):
         out, self.cache = F.flatten_forward(x)
@@ -210,7 +215,7 @@ class ResidualBlock(Layer):
             self.short = Sequential([Conv2D(store, f"{name}.short.conv", cin, cout, 1, stride, 0, bias=False),
                                      BatchNorm2D(store, f"{name}.short.bn", cout, eps)])
         self.relu = ReLU()
-        self.ws = F.Workspace()
+        self.ws = Workspace()
 
     def children(self):
         return [self.main] + ([self.short] if self.short else []) + [self.relu]

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from .layers import (
+    BatchNorm,
     BatchNorm1D,
     BatchNorm2D,
     Conv2D,
@@ -33,7 +34,6 @@ from .layers import (
     ReLU,
     ResidualBlock,
     Sequential,
-    _BatchNorm,
     walk,
 )
 from .norm import AllReduce
@@ -46,7 +46,7 @@ class Model:
     def __init__(self, net: Sequential, store: ParamStore):
         self.net = net
         self.store = store
-        self.bn_layers: list[_BatchNorm] = [m for m in walk(net) if isinstance(m, _BatchNorm)]
+        self.bn_layers: list[BatchNorm] = [m for m in walk(net) if isinstance(m, BatchNorm)]
         self.bn_moments_size = sum(bn.moments_size for bn in self.bn_layers)
         net.need_dx = False  # nobody needs the gradient of the input images
 

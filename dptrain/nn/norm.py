@@ -7,7 +7,7 @@ Train mode normalises with batch statistics (biased variance) and reports the *l
 update running statistics from the exact global moments (`update_running_stats`). It never touches the running
 statistics itself.
 
-SyncBatchNorm (DESIGN §4): with `allreduce` set (a function summing a float64 array over all workers), forward
+SyncBatchNorm: with `allreduce` set (a function summing a float64 array over all workers), forward
 normalises with the mean/var of the all-reduced moments, and backward all-reduces `[sum(dy), sum(dy*xhat)]` and uses
 the global count M:  dx = gamma * invstd * (dy - sum_dy/M - xhat * sum_dy_xhat/M).
 dgamma/dbeta stay local sums (gradients are summed across workers elsewhere). N workers each holding a shard thus
@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .functional import coldot, colsum, tiled, widen
+from .functional import coldot, colsum, widen
 from .threads import split_rows
 from .workspace import Workspace, scratch
 
@@ -32,8 +32,8 @@ class BNCache(NamedTuple):
     invstd: np.ndarray  # (C,) 1 / sqrt(var + eps)
     gamma: np.ndarray  # (C,)
     count: float  # M of the normalisation (global under SyncBatchNorm)
-    allreduce: AllReduce | None
-    x_shape: tuple[int, ...]
+    allreduce: AllReduce | None  # the SyncBatchNorm sum over workers; None: local statistics
+    x_shape: tuple[int, ...]  # (N, C) or (N, H, W, C)
     moments: np.ndarray  # (1 + 2C,) float64 local [count, sum, sumsq]
 
 
@@ -53,7 +53,7 @@ def batchnorm_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: f
     if not train:
         scale = (gamma / np.sqrt(running_var + eps)).astype(x.dtype)  # (C,)
         shift = (beta - running_mean * scale).astype(x.dtype)
-        st, sh = tiled(scale, k), tiled(shift, k)
+        st, sh = np.tile(scale, k), np.tile(shift, k)
 
         def evalblock(lo, hi):
             np.multiply(xw[lo:hi], st, out=outw[lo:hi])
@@ -73,7 +73,7 @@ def batchnorm_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: f
     xc = scratch(ws, "bn.xc", (M, C), x.dtype)
     xcw, _ = widen(xc)
     invstd = (1.0 / np.sqrt(var + eps)).astype(x.dtype)  # (C,)
-    mt, gt, bt = tiled(mean64.astype(x.dtype), k), tiled(gamma * invstd, k), tiled(beta, k)
+    mt, gt, bt = np.tile(mean64.astype(x.dtype), k), np.tile(gamma * invstd, k), np.tile(beta, k)
 
     def block(lo, hi):  # rows lo:hi of the wide views
         np.subtract(xw[lo:hi], mt, out=xcw[lo:hi])
@@ -97,25 +97,25 @@ def colmoments64(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def batchnorm_backward(dout: np.ndarray, cache: BNCache, ws: Workspace | None = None):
     """dout: like x -> dx (like x), dgamma (C,), dbeta (C,) (local sums)."""
-    xc, invstd, gamma, count, allreduce, x_shape, _ = cache
+    xc, invstd, count = cache.xc, cache.invstd, cache.count
     M, C = xc.shape
     dy = dout.reshape(M, C)  # (M, C); copies only if dout is a strided view
     dbeta = colsum(dy)  # (C,)
     dgamma = coldot(dy, xc) * invstd  # (C,) sum(dy * xhat)
     sum_dy, sum_dy_xhat = dbeta, dgamma
-    if allreduce is not None:
-        g = np.asarray(allreduce(np.concatenate((dbeta, dgamma)).astype(np.float64)), dtype=np.float64)
+    if cache.allreduce is not None:
+        g = np.asarray(cache.allreduce(np.concatenate((dbeta, dgamma)).astype(np.float64)), dtype=np.float64)
         sum_dy, sum_dy_xhat = g[:C].astype(dout.dtype), g[C:].astype(dout.dtype)
-    k1 = gamma * invstd  # (C,)
+    k1 = cache.gamma * invstd  # (C,)
     k2 = k1 * invstd * (sum_dy_xhat / dout.dtype.type(count))  # coefficient of xc
     mean_dy = sum_dy / dout.dtype.type(count)
-    dx = scratch(ws, "bn.dx", x_shape, dout.dtype)
+    dx = scratch(ws, "bn.dx", cache.x_shape, dout.dtype)
     dxw, k = widen(dx.reshape(M, C))
     dyw, _ = widen(dy)
     xcw, _ = widen(xc)
     tmpw = scratch(ws, "bn.tmp", dxw.shape, dout.dtype)
     # dx = gamma * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)) = (dy - mean_dy) * k1 - xc * k2
-    mt, k1t, k2t = tiled(mean_dy, k), tiled(k1, k), tiled(k2, k)
+    mt, k1t, k2t = np.tile(mean_dy, k), np.tile(k1, k), np.tile(k2, k)
 
     def block(lo, hi):  # rows lo:hi of the wide views
         np.subtract(dyw[lo:hi], mt, out=dxw[lo:hi])

@@ -11,10 +11,31 @@ Ties still go to the first element in row-major order: within a row the left one
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from .threads import split_rows
 from .workspace import Workspace, scratch
+
+
+class MaxPoolCache(NamedTuple):
+    idx: np.ndarray  # (N, OH, OW, C) uint8: row-major index in its window of each output's first maximum
+    x_shape: tuple[int, int, int, int]  # (N, H, W, C)
+    k: int
+    s: int
+
+
+class MaxPool2x2Cache(NamedTuple):
+    right: np.ndarray  # (N, H, W/2, C) bool: the right column of a pair is strictly greater
+    lower: np.ndarray  # (N, H/2, W/2, C) bool: the lower row of a pair (of column maxima) is strictly greater
+    x_shape: tuple[int, int, int, int]  # (N, H, W, C)
+
+
+class AvgPoolCache(NamedTuple):
+    x_shape: tuple[int, int, int, int]  # (N, H, W, C)
+    k: int
+    s: int
 
 
 def _geometry(x: np.ndarray, k: int, s: int):
@@ -37,8 +58,9 @@ def _tiles(x_shape, k: int, s: int, OH: int, OW: int) -> bool:
     return k == s and x_shape[1] == OH * s and x_shape[2] == OW * s
 
 
-def maxpool2d_forward(x: np.ndarray, k: int = 2, stride: int | None = None, ws: Workspace | None = None):
-    """x: (N, H, W, C) -> out (N, OH, OW, C), cache (argmax index per output, x shape, k, s)."""
+def maxpool2d_forward(x: np.ndarray, k: int = 2, stride: int | None = None, ws: Workspace | None = None
+                      ) -> tuple[np.ndarray, MaxPoolCache | MaxPool2x2Cache]:
+    """x: (N, H, W, C) -> out (N, OH, OW, C), cache (MaxPool2x2Cache on the fast path, else MaxPoolCache)."""
     s = stride or k
     N, H, W, C, OH, OW = _geometry(x, k, s)
     if k == s == 2 and H % 2 == 0 and W % 2 == 0:
@@ -53,14 +75,15 @@ def maxpool2d_forward(x: np.ndarray, k: int = 2, stride: int | None = None, ws: 
         np.greater(v, out, out=upd)  # strictly greater: the first maximum wins ties
         np.copyto(idx, t, where=upd)
         np.maximum(out, v, out=out)
-    return out, (idx, x.shape, k, s)
+    return out, MaxPoolCache(idx, x.shape, k, s)
 
 
-def maxpool2d_backward(dout: np.ndarray, cache: tuple, ws: Workspace | None = None) -> np.ndarray:
+def maxpool2d_backward(dout: np.ndarray, cache: MaxPoolCache | MaxPool2x2Cache,
+                       ws: Workspace | None = None) -> np.ndarray:
     """dout: (N, OH, OW, C) -> dx (N, H, W, C): dout routed to each window's recorded argmax."""
-    if isinstance(cache[0], str):  # ("2x2", ...)
+    if isinstance(cache, MaxPool2x2Cache):
         return _maxpool2x2_backward(dout, cache, ws)
-    idx, x_shape, k, s = cache
+    idx, x_shape, k, s = cache.idx, cache.x_shape, cache.k, cache.s
     OH, OW = idx.shape[1], idx.shape[2]
     tiles = _tiles(x_shape, k, s, OH, OW)
     dx = scratch(ws, "pool.dx", x_shape, dout.dtype)
@@ -77,7 +100,7 @@ def maxpool2d_backward(dout: np.ndarray, cache: tuple, ws: Workspace | None = No
     return dx
 
 
-def _maxpool2x2_forward(x: np.ndarray, ws: Workspace | None):
+def _maxpool2x2_forward(x: np.ndarray, ws: Workspace | None) -> tuple[np.ndarray, MaxPool2x2Cache]:
     N, H, W, C = x.shape
     H2, W2 = H // 2, W // 2
     xr = x.reshape(N, H, W2, 2, C)  # column pairs
@@ -93,11 +116,11 @@ def _maxpool2x2_forward(x: np.ndarray, ws: Workspace | None):
         np.greater(cr[lo:hi, :, 1], cr[lo:hi, :, 0], out=lower[lo:hi])
         np.maximum(cr[lo:hi, :, 0], cr[lo:hi, :, 1], out=out[lo:hi])
     split_rows(block, N, x.size)
-    return out, ("2x2", right, lower, x.shape)
+    return out, MaxPool2x2Cache(right, lower, x.shape)
 
 
-def _maxpool2x2_backward(dout: np.ndarray, cache: tuple, ws: Workspace | None) -> np.ndarray:
-    _, right, lower, x_shape = cache
+def _maxpool2x2_backward(dout: np.ndarray, cache: MaxPool2x2Cache, ws: Workspace | None) -> np.ndarray:
+    right, lower, x_shape = cache.right, cache.lower, cache.x_shape
     N, H, W, C = x_shape
     H2, W2 = H // 2, W // 2
     dcol = scratch(ws, "pool.dcol", (N, H, W2, C), dout.dtype)  # gradient of colmax
@@ -114,7 +137,8 @@ def _maxpool2x2_backward(dout: np.ndarray, cache: tuple, ws: Workspace | None) -
     return dx
 
 
-def avgpool2d_forward(x: np.ndarray, k: int = 2, stride: int | None = None, ws: Workspace | None = None):
+def avgpool2d_forward(x: np.ndarray, k: int = 2, stride: int | None = None, ws: Workspace | None = None
+                      ) -> tuple[np.ndarray, AvgPoolCache]:
     """x: (N, H, W, C) -> out (N, OH, OW, C) = mean of each k x k window."""
     s = stride or k
     N, H, W, C, OH, OW = _geometry(x, k, s)
@@ -123,12 +147,12 @@ def avgpool2d_forward(x: np.ndarray, k: int = 2, stride: int | None = None, ws: 
     for t in range(1, k * k):
         out += _tap(x, t // k, t % k, s, OH, OW)
     out *= 1.0 / (k * k)
-    return out, (x.shape, k, s)
+    return out, AvgPoolCache(x.shape, k, s)
 
 
-def avgpool2d_backward(dout: np.ndarray, cache: tuple, ws: Workspace | None = None) -> np.ndarray:
+def avgpool2d_backward(dout: np.ndarray, cache: AvgPoolCache, ws: Workspace | None = None) -> np.ndarray:
     """dout: (N, OH, OW, C) -> dx (N, H, W, C): each window element gets dout / k^2."""
-    x_shape, k, s = cache
+    x_shape, k, s = cache.x_shape, cache.k, cache.s
     OH, OW = dout.shape[1], dout.shape[2]
     tiles = _tiles(x_shape, k, s, OH, OW)
     dx = scratch(ws, "pool.dx", x_shape, dout.dtype)
