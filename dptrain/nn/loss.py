@@ -28,8 +28,3 @@ def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray, denom: float |
     dlogits *= dlogits.dtype.type(1.0 / (N if denom is None else denom))
     correct = int((logits.argmax(axis=1) == labels).sum())
     return loss_sum, dlogits, correct
-
-
-def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
-    """Fraction of rows whose argmax is the label."""
-    return float((np.asarray(logits).argmax(axis=1) == np.asarray(labels)).mean()) if len(labels) else 0.0

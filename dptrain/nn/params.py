@@ -1,4 +1,4 @@
-"""Parameters, gradients and BatchNorm buffers as three flat arrays with named views (DESIGN §2).
+"""Parameters, gradients and BatchNorm buffers as three flat arrays with named views.
 
 Layers register tensors at build time (name, shape, init, decay); `ParamStore.allocate()` then creates one `(P,)`
 array for weights, one for gradients and one `(B,)` array for running statistics, and hands every `Param` /
@@ -98,7 +98,7 @@ class ParamStore:
         self.num_buffers += b.size
         return b
 
-    def allocate(self, rng: np.random.Generator) -> ParamStore:
+    def allocate(self, rng: np.random.Generator) -> None:
         """Create the flat arrays and initialise them in registration order (so a seed fixes every weight)."""
         params = np.empty(self.num_params, self.dtype)
         for p in self.param_list:
@@ -107,7 +107,6 @@ class ParamStore:
         for b in self.buffer_list:
             buffers[b.offset:b.offset + b.size] = b.fill
         self.rebind(params, np.zeros(self.num_params, self.dtype), buffers, copy=False)
-        return self
 
     def rebind(self, params: np.ndarray, grads: np.ndarray, buffers: np.ndarray, copy: bool = True) -> None:
         """Point every view at new backing arrays (e.g. shared memory); with copy=True the current values move too."""
@@ -140,6 +139,3 @@ class ParamStore:
             else:
                 out.append((p.offset, p.offset + p.size))
         return out
-
-    def state(self) -> dict[str, np.ndarray]:
-        return {p.name: p.data for p in self.param_list} | {b.name: b.data for b in self.buffer_list}

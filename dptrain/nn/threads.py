@@ -16,7 +16,7 @@ from threadpoolctl import threadpool_info
 # concurrently (numpy releases the GIL on large arrays). Reductions (BN moments, colsum, coldot) stay in the calling
 # thread: splitting them was measured slower here, and only elementwise work is split, so results are bitwise
 # identical for every thread count. ReLU and the residual add were measured too small to gain (~1 % of a step).
-# Default 1: everything runs in the calling thread, as before.
+# Default 1: everything runs in the calling thread.
 _threads = 1
 _pool: ThreadPoolExecutor | None = None
 _short_spin = True  # match_blas_threads(short_spin=False) (config train.short_blas_spin) keeps OpenBLAS's wait
@@ -69,11 +69,7 @@ def set_threads(n: int) -> int:
     return prev
 
 
-def get_threads() -> int:
-    return _threads
-
-
-def match_blas_threads(short_spin: bool = True) -> int:
+def match_blas_threads(short_spin: bool = True) -> None:
     """set_threads(the BLAS thread limit in force): a process with k BLAS threads runs its copies and BatchNorm /
     max-pool passes on k threads too. Call once the process's BLAS limit is settled, before the first step.
     short_spin=False leaves OpenBLAS's post-GEMM busy-wait as it is (config `train.short_blas_spin`)."""
@@ -81,11 +77,10 @@ def match_blas_threads(short_spin: bool = True) -> int:
     _short_spin = short_spin
     n = min((i["num_threads"] for i in threadpool_info() if i.get("user_api") == "blas"), default=1)
     set_threads(n)
-    return n
 
 
 def split_rows(fn: Callable[[int, int], None], n: int, elems: int) -> None:
-    """Run fn(lo, hi) over [0, n) in get_threads() contiguous blocks concurrently (the caller runs the first),
+    """Run fn(lo, hi) over [0, n) in set_threads()'s number of contiguous blocks concurrently (the caller runs the first),
     or as one fn(0, n) when single-threaded or when the kernel touches fewer than PAR_MIN_ELEMS elements.
     fn must only write rows lo:hi of its outputs, and must not call split_rows itself (the pool is not reentrant)."""
     t = min(_threads, n)

@@ -17,9 +17,6 @@ class Workspace:
             self._bufs[tag] = buf
         return buf
 
-    def nbytes(self) -> int:
-        return sum(b.nbytes for b in self._bufs.values())
-
 
 def scratch(ws: Workspace | None, tag: str, shape: tuple[int, ...], dtype, zero_new: bool = False) -> np.ndarray:
     """A buffer from `ws`, or a fresh one when there is no workspace."""
