@@ -1,4 +1,5 @@
-"""Centred finite differences and the relative error used by the nn tests (CS231n gradient_check style)."""
+"""Centred finite differences, the relative error every numeric test uses, and a kernel checker built on both
+(CS231n gradient_check style)."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -29,3 +30,24 @@ def numeric_grad(f: Callable[[], float], x: np.ndarray, h: float = 1e-5,
         x[ix] = old
         grad[ix] = (fp - fm) / (2 * h)
     return grad
+
+
+def check_kernel(forward: Callable, backward: Callable, inputs: tuple, *args, seed: int = 0,
+                 tol: float = 1e-6) -> None:
+    """A kernel pair against finite differences of L = sum(out * dout) for a random dout, in float64.
+
+    forward(*inputs, *args) -> (out, cache); backward(dout, cache) -> the gradient, or a tuple with one per input
+    (an input that is None, such as an absent bias, is not checked).
+    """
+    out, cache = forward(*inputs, *args)
+    dout = np.random.default_rng(seed).standard_normal(out.shape)
+    grads = backward(dout, cache)
+    grads = [None if g is None else np.array(g) for g in (grads if isinstance(grads, tuple) else (grads,))]
+
+    def loss() -> float:
+        return float(np.sum(forward(*inputs, *args)[0] * dout))
+
+    for i, (x, g) in enumerate(zip(inputs, grads, strict=True)):
+        if x is not None:
+            err = rel_error(g, numeric_grad(loss, x))
+            assert err < tol, f"input {i}: rel error {err:.2e}"

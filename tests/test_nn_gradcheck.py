@@ -1,35 +1,22 @@
-"""Every kernel's and layer's analytic gradient against centred finite differences in float64 (rel error < 1e-6),
-over a loop of shapes, strides, paddings and kernel sizes; then the whole small model, and SyncBatchNorm over
-shards against the single-process full batch."""
+"""Every kernel's analytic gradient against centred finite differences in float64 (rel error < 1e-6), over a loop of
+shapes, strides, paddings and kernel sizes; max-pool ties and BN moments / running statistics / eval mode against
+hand-written expectations; the whole small model's gradient against finite differences; SyncBatchNorm over shards
+against the single-process full batch."""
 from __future__ import annotations
 
 import threading
 
 import numpy as np
 import pytest
-from gradcheck import numeric_grad, rel_error
+from gradcheck import check_kernel, numeric_grad, rel_error
+from helpers import small_model
 
 from dptrain.config import ModelConfig
-from dptrain.nn import conv, norm, pool
-from dptrain.nn import functional as F
+from dptrain.nn import conv, functional, norm, pool
 from dptrain.nn.loss import softmax_cross_entropy
-from dptrain.nn.model import build_model
-from dptrain.nn.params import ParamStore
 from dptrain.nn.workspace import Workspace
 
 TOL = 1e-6
-
-
-def _check(forward, backward, inputs: dict[str, np.ndarray], out_shape, rng, h=1e-5):
-    """L = sum(forward() * dout) with a random dout; compare backward(dout)[name] with d L / d inputs[name]."""
-    dout = rng.standard_normal(out_shape)
-    loss = lambda: float(np.sum(forward() * dout))
-    analytic = backward(dout)
-    for name, x in inputs.items():
-        num = numeric_grad(loss, x, h)
-        err = rel_error(analytic[name], num)
-        assert err < TOL, f"{name}: rel error {err:.2e}"
-
 
 CONV_CASES = [  # (N, H, W, C, F, k, stride, pad)
     (2, 5, 6, 3, 4, 3, 1, 1), (1, 7, 5, 2, 3, 3, 2, 1), (2, 6, 6, 3, 2, 1, 1, 0), (1, 7, 6, 2, 3, 1, 2, 0),
@@ -47,15 +34,7 @@ def test_conv2d(case, bias):
     w = rng.standard_normal((k, k, C, Fo))
     b = rng.standard_normal(Fo) if bias else None
     ws = Workspace()
-    fwd = lambda: conv.conv2d_forward(x, w, b, s, p, ws)[0].copy()
-    out_shape = fwd().shape
-
-    def bwd(dout):
-        _, cache = conv.conv2d_forward(x, w, b, s, p, ws)
-        dx, dw, db = conv.conv2d_backward(dout, cache, True, ws)
-        return {"x": dx.copy(), "w": dw, "b": db}
-
-    _check(fwd, bwd, {"x": x, "w": w} | ({"b": b} if bias else {}), out_shape, rng)
+    check_kernel(conv.conv2d_forward, lambda d, c: conv.conv2d_backward(d, c, ws=ws), (x, w, b), s, p, ws)
 
 
 def test_conv2d_writes_into_grad_views_and_skips_dx():
@@ -83,14 +62,9 @@ def test_pool(case, kind):
     rng = np.random.default_rng(sum(case))
     # distinct values spaced well beyond h, so finite differences never cross a max-pool tie
     x = rng.permutation(N * H * W * C).reshape(N, H, W, C) * 0.01 + rng.uniform(0, 1e-3, (N, H, W, C))
-    fwd_k, bwd_k = ((pool.maxpool2d_forward, pool.maxpool2d_backward) if kind == "max"
-                    else (pool.avgpool2d_forward, pool.avgpool2d_backward))
-    fwd = lambda: fwd_k(x, k, s)[0].copy()
-
-    def bwd(dout):
-        return {"x": bwd_k(dout, fwd_k(x, k, s)[1])}
-
-    _check(fwd, bwd, {"x": x}, fwd().shape, rng)
+    kernels = ((pool.maxpool2d_forward, pool.maxpool2d_backward) if kind == "max"
+               else (pool.avgpool2d_forward, pool.avgpool2d_backward))
+    check_kernel(*kernels, (x,), k, s)
 
 
 @pytest.mark.parametrize("H", [2, 3])  # fast 2x2 path and generic path
@@ -106,25 +80,17 @@ def test_maxpool_ties_go_to_first_element(H):
 
 
 def test_relu():
-    rng = np.random.default_rng(3)
-    x = rng.standard_normal((3, 4, 5, 2))
+    x = np.random.default_rng(3).standard_normal((3, 4, 5, 2))
     x[np.abs(x) < 1e-3] = 0.5  # keep away from the kink
-    fwd = lambda: F.relu_forward(x)[0]
-    _check(fwd, lambda d: {"x": F.relu_backward(d, F.relu_forward(x)[1])}, {"x": x}, x.shape, rng)
+    check_kernel(functional.relu_forward, functional.relu_backward, (x,))
 
 
 @pytest.mark.parametrize("shape", [(5, 7), (3, 4)])
 def test_linear(shape):
     rng = np.random.default_rng(4)
     N, D, O = 4, *shape
-    x, w, b = rng.standard_normal((N, D)), rng.standard_normal((D, O)), rng.standard_normal(O)
-    fwd = lambda: F.linear_forward(x, w, b)[0]
-
-    def bwd(dout):
-        dx, dw, db = F.linear_backward(dout, F.linear_forward(x, w, b)[1])
-        return {"x": dx, "w": dw, "b": db}
-
-    _check(fwd, bwd, {"x": x, "w": w, "b": b}, (N, O), rng)
+    check_kernel(functional.linear_forward, functional.linear_backward,
+                 (rng.standard_normal((N, D)), rng.standard_normal((D, O)), rng.standard_normal(O)))
 
 
 @pytest.mark.parametrize("shape", [(6, 3), (4, 5), (2, 3, 4, 3), (3, 2, 5, 4)])
@@ -132,14 +98,8 @@ def test_batchnorm_train(shape):
     rng = np.random.default_rng(len(shape) * 10 + shape[-1])
     C = shape[-1]
     x = rng.standard_normal(shape) * 2 + 1
-    gamma, beta = rng.standard_normal(C), rng.standard_normal(C)
-    fwd = lambda: norm.batchnorm_forward(x, gamma, beta, 1e-5, True)[0].copy()
-
-    def bwd(dout):
-        dx, dg, db = norm.batchnorm_backward(dout, norm.batchnorm_forward(x, gamma, beta, 1e-5, True)[1])
-        return {"x": dx, "gamma": dg, "beta": db}
-
-    _check(fwd, bwd, {"x": x, "gamma": gamma, "beta": beta}, shape, rng)
+    check_kernel(norm.batchnorm_forward, norm.batchnorm_backward,
+                 (x, rng.standard_normal(C), rng.standard_normal(C)), 1e-5, True)
 
 
 def test_batchnorm_moments_and_eval():
@@ -172,11 +132,8 @@ TINY = ModelConfig(widths=[4, 8], res_width=8, hidden=16)
 TINY_SHORTCUT = ModelConfig(widths=[4, 6], res_width=8, hidden=16)  # channel change: 1x1 conv + BN shortcut
 
 
-def _tiny_model(mcfg, seed=0, classes=5):
-    store = ParamStore(np.float64)
-    model = build_model(mcfg, classes, 16, store, rng=np.random.default_rng(seed))
-    store.params[...] += np.random.default_rng(seed + 1).normal(0, 0.1, store.num_params)  # gamma != 1 etc.
-    return model, store
+def _tiny_model(mcfg):
+    return small_model(mcfg, dtype=np.float64, jitter=0.1)
 
 
 @pytest.mark.parametrize("mcfg", [TINY, TINY_SHORTCUT])

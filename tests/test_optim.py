@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 from gradcheck import rel_error
+from helpers import make_config
 
-from dptrain.config import Config
 from dptrain.data.dataset import Dataset
 from dptrain.optim import SGD, clip_factor, lr_at, sum_of_squares
 from dptrain.train import LocalExecutor, Trainer
@@ -125,12 +125,9 @@ def test_sgd_and_clip_match_torch():
 
 # ---- weight decay ranges and clipping, wired through the Trainer -----------------------------------------------
 def _tiny_trainer(tmp_path, **train):
-    cfg = Config()
-    cfg.data.image_size, cfg.data.augment = 8, False
-    cfg.model.widths, cfg.model.res_width, cfg.model.hidden = [4], 4, 6
-    cfg.train.out, cfg.train.batch_size, cfg.train.progress = str(tmp_path), 8, False
-    for k, v in train.items():
-        setattr(cfg.train, k, v)
+    cfg = make_config({"data.image_size": 8, "data.augment": False, "model.widths": [4], "model.res_width": 4,
+                       "model.hidden": 6, "train.out": tmp_path, "train.batch_size": 8, "train.progress": False}
+                      | {f"train.{k}": v for k, v in train.items()})
     rng = np.random.default_rng(3)
     n = 24
     ds = Dataset(rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8), np.arange(n) % 3, ["a", "b", "c"],

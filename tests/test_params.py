@@ -1,8 +1,9 @@
-"""The flat ParamStore contract (DESIGN §2) on the real model: every Param/Buffer is a view into the store's three
-flat arrays, backward writes gradients in place, and rebind() keeps layers pointing at the new arrays."""
+"""The flat ParamStore contract on the real model, against the store's own arrays: every Param/Buffer is a view into
+its three flat arrays, backward writes gradients in place, and rebind() keeps layers pointing at the new arrays."""
 from __future__ import annotations
 
 import numpy as np
+from helpers import small_model
 
 from dptrain.config import ModelConfig
 from dptrain.nn.loss import softmax_cross_entropy
@@ -10,11 +11,6 @@ from dptrain.nn.model import build_model
 from dptrain.nn.params import ParamStore
 
 SMALL = ModelConfig(widths=[4, 8], res_width=16, hidden=16)
-
-
-def _model(mcfg=SMALL, size=16, classes=5, dtype=np.float32):
-    store = ParamStore(dtype)
-    return build_model(mcfg, classes, size, store, rng=np.random.default_rng(0)), store
 
 
 def _step(model, seed=1, n=4, size=16, classes=5):
@@ -41,7 +37,7 @@ def test_default_model_size_and_names():
 
 
 def test_views_share_memory_with_store_after_backward():
-    model, store = _model()
+    model, store = small_model(SMALL)
     params_before, grads_before = store.params, store.grads
     store.grads.fill(np.nan)
     _step(model)
@@ -54,19 +50,19 @@ def test_views_share_memory_with_store_after_backward():
         assert np.shares_memory(b.data, store.buffers), b.name
 
 
-def test_backward_overwrites_and_tolerates_zero_grad():
-    model, store = _model()
+def test_backward_overwrites_and_tolerates_zeroed_grads():
+    model, store = small_model(SMALL)
     _step(model)
     g1 = store.grads.copy()
-    _step(model)  # no zero_grad: same batch, same gradient (overwrite, not accumulate)
+    _step(model)  # grads not zeroed: same batch, same gradient (overwrite, not accumulate)
     np.testing.assert_array_equal(store.grads, g1)
-    store.zero_grad()
+    store.grads.fill(0)
     _step(model)
     np.testing.assert_array_equal(store.grads, g1)
 
 
 def test_rebind_moves_layers_to_new_arrays():
-    model, store = _model()
+    model, store = small_model(SMALL)
     _step(model)
     g1 = store.grads.copy()
     params, grads, buffers = (np.zeros_like(store.params), np.zeros_like(store.grads),
@@ -80,7 +76,7 @@ def test_rebind_moves_layers_to_new_arrays():
 
 
 def test_float64_store_runs_in_float64():
-    model, store = _model(dtype=np.float64)
+    model, store = small_model(SMALL, dtype=np.float64)
     _step(model)
     assert store.grads.dtype == np.float64 and np.isfinite(store.grads).all()
     rng = np.random.default_rng(2)
@@ -88,7 +84,7 @@ def test_float64_store_runs_in_float64():
 
 
 def test_running_stats_from_summed_moments():
-    model, store = _model()
+    model, store = small_model(SMALL)
     _step(model, seed=1)
     m1 = model.bn_moments()
     _step(model, seed=2)

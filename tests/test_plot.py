@@ -1,4 +1,6 @@
-"""`dptrain plot`: a synthetic metrics.jsonl (the two record kinds train.py writes) becomes a PNG."""
+"""`dptrain plot` on a synthetic metrics.jsonl (the two record kinds train.py writes, a repeated step, a torn last
+line): the records read back against the ones written (the repeated step's last value wins, the torn line is
+skipped), the output against the PNG signature and the path the command prints."""
 from __future__ import annotations
 
 import json

@@ -125,9 +125,6 @@ class ParamStore:
         for b in self.buffer_list:
             b.data = buffers[b.offset:b.offset + b.size].reshape(b.shape)
 
-    def zero_grad(self) -> None:
-        self.grads.fill(0)
-
     def decay_ranges(self) -> list[tuple[int, int]]:
         """Merged [start, stop) ranges of the flat array that take weight decay."""
         out: list[tuple[int, int]] = []
