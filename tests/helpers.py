@@ -11,6 +11,8 @@ from dptrain.config import Config, ModelConfig
 from dptrain.nn.model import Model, build_model
 from dptrain.nn.params import ParamStore
 
+TINY_TOML = Path(__file__).resolve().parent.parent / "configs" / "tiny.toml"  # the small model the run tests train
+
 
 def make_config(values: dict | None = None, toml: str | Path | None = None) -> Config:
     """The defaults, then the TOML file `toml` if given (e.g. configs/tiny.toml), then `values`, validated.
