@@ -23,8 +23,7 @@ import json
 import os
 from pathlib import Path
 
-from . import config as config_mod
-from . import log
+from . import config as config_mod, log
 
 CSV_KEYS = ["impl", "transport", "workers", "images_per_s", "speedup", "efficiency", "vs_torch", "step_s",
             "compute_s", "comm_s", "reduce_s", "update_s", "coordinator_frac", "pss_total_mb",

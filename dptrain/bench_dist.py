@@ -27,8 +27,7 @@ from pathlib import Path
 
 import psutil
 
-from . import config as config_mod
-from . import log
+from . import config as config_mod, log
 
 
 def synth_dataset(images: int, image_size: int, classes: int, data_dir: str | None, progress: bool = True) -> Path:

@@ -19,8 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import config as config_mod
-from . import log
+from . import config as config_mod, log
 
 # short flag -> config key
 ALIASES = {

@@ -54,6 +54,9 @@ class TrainConfig:
     steps_per_epoch: int = 0  # cap steps per epoch (0: whole epoch), for quick runs
     progress: bool = True  # tqdm progress bars
     checkpoint_every_steps: int = 0  # also save `last` every this many steps (0: at epoch ends only)
+    # With more than one thread per process, shorten OpenBLAS's ~0.1 s post-GEMM busy-wait so the non-GEMM kernels'
+    # threads get the cores (nn/threads.py); false leaves OpenBLAS as configured.
+    short_blas_spin: bool = True
 
 
 @dataclass

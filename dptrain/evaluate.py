@@ -17,11 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint
-from . import config as config_mod
-from .data.augment import make_batch
+from . import checkpoint, config as config_mod
+from .compute import evaluate_batches
 from .data.dataset import load_folder_for_eval
-from .nn.loss import softmax_cross_entropy
 from .nn.model import build_model
 from .nn.params import ParamStore
 
@@ -57,15 +55,7 @@ def evaluate_checkpoint(checkpoint_path: str | Path, data_path: str | Path, batc
     ds = load_folder_for_eval(data_path, class_names, cfg.data.image_size, cfg.data.center_crop,
                               cache_dir=cfg.data.cache_dir if cache_dir is None else cache_dir, progress=progress)
     idx = ds.val_idx
-    loss_total = 0.0
-    pred = np.empty(len(idx), np.int64)
-    for lo in range(0, len(idx), batch_size):
-        batch = idx[lo:lo + batch_size]
-        x = make_batch(ds.images, batch, augment=False)  # (B, S, S, 3) float32
-        logits = model.forward(x, train=False)  # (B, K)
-        loss_sum, _, _ = softmax_cross_entropy(logits, ds.labels[batch])
-        loss_total += loss_sum
-        pred[lo:lo + len(batch)] = logits.argmax(axis=1)
+    loss_total, _, pred = evaluate_batches(model, ds.images, ds.labels, idx, batch_size)
     labels = ds.labels[idx]
     hits = pred == labels
     images_per_class = np.bincount(labels, minlength=len(class_names))

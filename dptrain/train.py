@@ -1,15 +1,18 @@
 """The training loop, once: `Trainer` owns every piece of state and asks an executor for gradients.
 
 `dptrain train` plugs in `LocalExecutor` (this process computes the gradient, no sockets: the debugging fallback and
-the reference the distributed run is tested against); `dptrain launch` plugs in the coordinator's executor, which
+the reference the distributed run is tested against); `dptrain launch` plugs in the distributed executor, which
 shards the same global batch over worker processes. Everything else — sampler, schedule, clipping, SGD, BatchNorm
-running statistics, validation, early stopping, checkpoints, metrics — is this file, for both.
+running statistics, validation, early stopping, checkpoints, metrics, summary.json — is this file, for both.
 
 A step, whoever computes it:
     indices = global batch k of epoch e (pure function of seed, e, k)
     executor.train_step  -> store.grads = ∇ mean loss over the batch; BN moments summed over the batch
     norm = ‖g‖₂ → clip → SGD at lr(step) → BN running stats from the batch's exact moments
     executor.weights_updated()
+
+The seam runs one way: the Trainer calls an `Executor`; an executor never sees the Trainer, only the flat buffers of
+the store it was given.
 """
 from __future__ import annotations
 
@@ -17,24 +20,25 @@ import json
 import math
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from tqdm import tqdm
 
-from . import checkpoint, log
-from . import config as config_mod
+from . import checkpoint, config as config_mod, log
+from .compute import evaluate_batches, shard_gradient
 from .config import Config
-from .data.augment import make_batch
 from .data.dataset import Dataset, load_dataset
 from .data.sampler import Sampler
 from .fsutil import atomic_write
-from .nn.loss import softmax_cross_entropy
 from .nn.model import build_model
 from .nn.params import ParamStore
 from .nn.threads import match_blas_threads
 from .optim import SGD, clip_factor, lr_at, sum_of_squares
+
+STOP_GRACE_S = 10.0  # after the first Ctrl-C / SIGTERM the running step gets this long before it is abandoned
 
 
 @dataclass
@@ -43,8 +47,39 @@ class StepResult:
     loss_sum: float  # Σ per-sample loss
     correct: int  # Σ argmax hits
     bn_moments: np.ndarray  # float64, Σ over the batch of every BN layer's [count, Σx, Σx²]
-    timings: dict = field(default_factory=dict)  # phase -> seconds (for the progress bar and the timeline)
     slowest: str = ""  # who the step waited on last (distributed runs)
+
+
+class StepInterrupted(Exception):
+    """An executor gave up the running step after `request_stop`; nothing of the step was applied."""
+
+
+class ExecutorFailure(RuntimeError):
+    """An executor cannot compute steps any more (a worker lost under `abort`). The Trainer saves `last` (the
+    failed step changed nothing) and re-raises."""
+
+
+class Executor(Protocol):
+    """What the Trainer asks of whoever computes the gradients."""
+
+    def train_step(self, indices: np.ndarray, epoch: int, step: int) -> StepResult:
+        """Fill the store's gradient with ∇ of the mean loss over images[indices]; may raise StepInterrupted or
+        ExecutorFailure."""
+
+    def weights_updated(self) -> None:
+        """The store's weights and BN buffers now hold the next step's values."""
+
+    def evaluate(self, indices: np.ndarray) -> tuple[float, int]:
+        """(Σ loss, Σ correct) over images[indices] in eval mode."""
+
+    def request_stop(self, grace_s: float) -> None:
+        """A stop was asked for (Ctrl-C, SIGTERM): let the running step take at most grace_s more."""
+
+    def summary(self) -> dict:
+        """Extra fields for summary.json."""
+
+    def close(self) -> None:
+        """Release what the executor holds (called once, after the last step)."""
 
 
 class LocalExecutor:
@@ -52,43 +87,30 @@ class LocalExecutor:
 
     def __init__(self, cfg: Config, model, dataset: Dataset):
         self.cfg, self.model, self.ds = cfg, model, dataset
-        match_blas_threads()  # this process computes everything: its non-GEMM kernels use the BLAS threads too
+        # this process computes everything: its non-GEMM kernels use the BLAS threads too
+        match_blas_threads(cfg.train.short_blas_spin)
 
     def train_step(self, indices: np.ndarray, epoch: int, step: int) -> StepResult:
-        t0 = time.perf_counter()
-        x = make_batch(self.ds.images, indices, epoch=epoch, seed=self.cfg.train.seed,
-                       augment=self.cfg.data.augment, max_shift=self.cfg.data.max_shift)
-        t1 = time.perf_counter()
-        logits = self.model.forward(x, train=True)
-        loss_sum, dlogits, correct = softmax_cross_entropy(logits, self.ds.labels[indices], len(indices))
-        t2 = time.perf_counter()
-        self.model.backward(dlogits)
-        t3 = time.perf_counter()
-        return StepResult(len(indices), loss_sum, correct, self.model.bn_moments(),
-                          {"load": t1 - t0, "forward": t2 - t1, "backward": t3 - t2})
+        r = shard_gradient(self.model, self.ds.images, self.ds.labels, indices, epoch=epoch,
+                           global_count=len(indices), data=self.cfg.data, seed=self.cfg.train.seed)
+        return StepResult(len(indices), r.loss_sum, r.correct, self.model.bn_moments())
 
     def evaluate(self, indices: np.ndarray) -> tuple[float, int]:
-        return evaluate_local(self.model, self.ds.images, self.ds.labels, indices,
-                              self.cfg.train.eval_batch_size or self.cfg.train.batch_size)
+        batch = self.cfg.train.eval_batch_size or self.cfg.train.batch_size
+        loss_sum, correct, _ = evaluate_batches(self.model, self.ds.images, self.ds.labels, indices, batch)
+        return loss_sum, correct
 
     def weights_updated(self) -> None:
         pass
 
+    def request_stop(self, grace_s: float) -> None:
+        pass  # the step runs in this thread: it finishes first
+
+    def summary(self) -> dict:
+        return {}
+
     def close(self) -> None:
         pass
-
-
-def evaluate_local(model, images, labels, indices, batch_size: int) -> tuple[float, int]:
-    """(Σ loss, Σ correct) over `indices`, running statistics for BN, no augmentation."""
-    loss_total, correct_total = 0.0, 0
-    for lo in range(0, len(indices), batch_size):
-        idx = indices[lo:lo + batch_size]
-        x = make_batch(images, idx, epoch=0, seed=0, augment=False, max_shift=0)
-        logits = model.forward(x, train=False)
-        loss_sum, _, correct = softmax_cross_entropy(logits, labels[idx], len(idx))
-        loss_total += loss_sum
-        correct_total += correct
-    return loss_total, correct_total
 
 
 class Trainer:
@@ -119,7 +141,7 @@ class Trainer:
         self.epoch_sums = [0.0, 0, 0, 0.0]  # loss_sum, correct, count, compute seconds of the running epoch
         self.epochs_run = 0
         self.stop_requested = False
-        self.on_stop_request = None  # callback: a distributed run bounds how long the running step may take
+        self.executor: Executor | None = None  # during fit()
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
     def _meta(self) -> dict:
@@ -182,7 +204,9 @@ class Trainer:
         self.model.update_running_stats(res.bn_moments, self.cfg.model.bn_momentum)
         return lr, norm
 
-    def fit(self, executor, stop_at_step: int = 0) -> dict:
+    def fit(self, executor: Executor, stop_at_step: int = 0) -> dict:
+        """Train to the end (or early stop, or a stop request, or stop_at_step); write last.npz and summary.json
+        and return the summary. ExecutorFailure propagates after last.npz is written."""
         t = self.cfg.train
         self.out.mkdir(parents=True, exist_ok=True)
         if self.step == 0 and (self.out / "metrics.jsonl").exists():
@@ -193,6 +217,7 @@ class Trainer:
         wall0 = time.perf_counter()
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         stopped_early = interrupted = False
+        self.executor = executor
         try:
             while self.epoch < t.epochs and not stopped_early:
                 batches = self.sampler.batches(self.epoch)
@@ -226,11 +251,19 @@ class Trainer:
                 if interrupted:
                     break
                 stopped_early = self._end_epoch(executor, lr)
+        except StepInterrupted as e:  # a training step or the validation pass; the state is whole either way
+            self.log.error(f"step {self.step}: {e}; stopping")
+            interrupted = True
+        except ExecutorFailure:
+            self.save("last")
+            self.log.error(f"checkpoint written to {self.out / 'last.npz'} (step {self.step}); resume with --resume")
+            raise
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
+            self.executor = None
         self.save("last")
-        summary = self._summary(time.perf_counter() - wall0, stopped_early, interrupted)
+        summary = {**self._summary(time.perf_counter() - wall0, stopped_early, interrupted), **executor.summary()}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
 
@@ -275,8 +308,8 @@ class Trainer:
         self.log.warning(f"signal {signum}: finishing this step, saving the last checkpoint, then stopping "
                          f"(again to stop at once)")
         self.stop_requested = True
-        if self.on_stop_request is not None:
-            self.on_stop_request()
+        if self.executor is not None:
+            self.executor.request_stop(STOP_GRACE_S)
 
 
 def prepare(cfg: Config, resume: bool, store_factory=None) -> Trainer:
@@ -304,4 +337,8 @@ def prepare_or_exit(cfg: Config, resume: bool, command: str, store_factory=None)
 def run_local(cfg: Config, resume: bool = False, stop_at_step: int = 0, command: str | None = None) -> dict:
     """Train in this process. With `command` (a CLI's name) data/checkpoint problems exit with one line."""
     trainer = prepare_or_exit(cfg, resume, command) if command else prepare(cfg, resume)
-    return trainer.fit(LocalExecutor(cfg, trainer.model, trainer.ds), stop_at_step=stop_at_step)
+    executor = LocalExecutor(cfg, trainer.model, trainer.ds)
+    try:
+        return trainer.fit(executor, stop_at_step=stop_at_step)
+    finally:
+        executor.close()

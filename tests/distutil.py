@@ -16,29 +16,29 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+from helpers import TINY_TOML, make_config
 
-from dptrain import checkpoint
-from dptrain import config as config_mod
+from dptrain import checkpoint, config as config_mod
 from dptrain.data.shm import leftover_segments
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ROOT / "configs" / "tiny.toml"
+TINY = TINY_TOML
 
 
-def tiny_overrides(data: Path, out: Path, **extra) -> dict[str, str]:
-    """`section.key -> text` for the tiny model on the session's dataset; `extra` uses section__key names."""
-    ov = {"data.path": str(data), "data.cache_dir": str(data.parent / "cache"), "data.min_images_per_class": "10",
-          "train.out": str(out), "train.progress": "false", "train.patience": "0"}
-    ov.update({k.replace("__", "."): (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in extra.items()})
-    return ov
+def tiny_values(data: Path, out: Path, **extra) -> dict:
+    """`section.key -> value` for the tiny model on the session's dataset; `extra` uses section__key names."""
+    return {"data.path": data, "data.cache_dir": data.parent / "cache", "data.min_images_per_class": 10,
+            "train.out": out, "train.progress": False, "train.patience": 0} | {
+        k.replace("__", "."): v for k, v in extra.items()}
 
 
 def tiny_cfg(data: Path, out: Path, **extra) -> config_mod.Config:
-    return config_mod.load(TINY, tiny_overrides(data, out, **extra))
+    return make_config(tiny_values(data, out, **extra), toml=TINY)
 
 
 def cli_args(data: Path, out: Path, **extra) -> list[str]:
-    return ["--config", str(TINY)] + [f"--{k}={v}" for k, v in tiny_overrides(data, out, **extra).items()]
+    return ["--config", str(TINY)] + [f"--{k}={str(v).lower() if isinstance(v, bool) else v}"
+                                      for k, v in tiny_values(data, out, **extra).items()]
 
 
 def launch_inproc(cfg: config_mod.Config, resume: bool = False, stop_at_step: int = 0) -> int:
@@ -69,11 +69,6 @@ def params(run: Path, name: str = "last") -> np.ndarray:
 
 def arrays(run: Path, name: str = "last") -> dict:
     return checkpoint.load(Path(run) / f"{name}.npz")[0]
-
-
-def max_rel_diff(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
 def metrics(run: Path) -> list[dict]:

@@ -16,6 +16,13 @@ def rel_error(a: np.ndarray, b: np.ndarray, tiny: float = 1e-12) -> float:
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(a)), np.max(np.abs(b)), tiny))
 
 
+def norm_rel_error(a: np.ndarray, b: np.ndarray) -> float:
+    """‖a - b‖₂ / ‖b‖₂: the whole tensor's relative error against the reference b (rounding spread over many
+    elements shows here before any single element's does in rel_error)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
 def numeric_grad(f: Callable[[], float], x: np.ndarray, h: float = 1e-5,
                  indices: list[tuple[int, ...]] | None = None) -> np.ndarray:
     """d f() / d x by centred differences, perturbing x in place (every entry, or only `indices`; the others

@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from distutil import ROOT, TINY, Proc, max_rel_diff, params, step_records, wait_until  # noqa: F401 (re-exported)
+from distutil import ROOT, TINY, Proc, params, step_records, wait_until  # noqa: F401 (re-exported)
 
 
 def make_data(root: Path) -> Path:

@@ -3,8 +3,7 @@
 deterministic for a seed."""
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from dptrain.config import DataConfig
 from dptrain.data import split

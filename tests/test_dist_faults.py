@@ -136,7 +136,8 @@ def test_bad_messages_dropped(tiny_data, tmp_path):
 
         def header(**over):
             h = {"v": P.PROTOCOL_VERSION, "kind": int(P.Kind.RESULT), "run": rid, "step": 0, "rank": 0,
-                 "arrays": [], "count": 1, "loss_sum": 0.0, "correct": 0, "grad_slot": -1, "timings": {}}
+                 "arrays": [], "phase": "train", "attempt": 0, "count": 1, "loss_sum": 0.0, "correct": 0, "grad_in": "frame",
+                 "grad_scale": 1.0, "timings": {}}
             h.update(over)
             return msgpack.packb(h)
 
@@ -154,8 +155,8 @@ def test_bad_messages_dropped(tiny_data, tmp_path):
             [msgpack.packb([1, 2, 3])],  # header not a map
             [b""],  # empty frame
             [header()] + [b""] * 100,  # too many frames
-            P.encode(P.Kind.RESULT, rid, step=1, rank=0, count=1, loss_sum=0.0, correct=0, grad_slot=0,
-                     timings={}),  # valid, but from an identity that is not rank 0's
+            P.encode(P.Kind.RESULT, rid, step=1, rank=0, phase="train", attempt=0, count=1, loss_sum=0.0,
+                     correct=0, grad_in="shm", grad_scale=1.0, timings={}),  # valid, but from an identity that is not rank 0's
         ]
         try:
             for _ in range(3):

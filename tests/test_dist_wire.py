@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from distutil import launch_inproc, tiny_cfg
 
+from dptrain.compute import evaluate_batches
 from dptrain.data.dataset import load_dataset
 from dptrain.distributed.wire import add16, apply_update16, encode16, receive_weights
 from dptrain.evaluate import load_model
 from dptrain.optim import SGD
-from dptrain.train import evaluate_local
 
 
 def test_small_gradients_survive_float16():
@@ -52,8 +52,8 @@ def test_peer_replica_stays_bitwise_equal_over_many_steps():
         grads = (rng.standard_normal(P) * 1e-3).astype(np.float32)
         opt.step(params, grads, lr=0.05)
         scale = apply_update16(params, prev, upd)
-        assert receive_weights(replica, replica_buffers, {"dparams": upd, "buffers": np.full(4, step, np.float32)},
-                               {"dscale": scale})
+        assert receive_weights(replica, replica_buffers, {"update": upd, "buffers": np.full(4, step, np.float32)},
+                               {"update_scale": scale})
         assert np.array_equal(replica, params), step
         assert np.array_equal(prev, params)
     assert replica_buffers[0] == 24
@@ -62,14 +62,14 @@ def test_peer_replica_stays_bitwise_equal_over_many_steps():
 @pytest.mark.timeout(120)
 def test_socket_float16_workers_rebuild_the_coordinators_weights(tiny_data, tmp_path):
     out = tmp_path / "run"
-    cfg = tiny_cfg(tiny_data, out, **{"dist.workers": "2", "dist.transport": "socket", "dist.wire_dtype": "float16",
-                                      "train.epochs": "2", "data.augment": "false"})
+    cfg = tiny_cfg(tiny_data, out, dist__workers=2, dist__transport="socket", dist__wire_dtype="float16",
+                   train__epochs=2, data__augment=False)
     assert launch_inproc(cfg) == 0
     last = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if '"epoch": 2,' in ln
             and "val_loss" in ln][-1]
     model, _, _ = load_model(out / "last.npz")  # the coordinator's weights
     ds = load_dataset(cfg.data, cfg.train.seed, progress=False)
-    loss_sum, correct = evaluate_local(model, ds.images, ds.labels, ds.val_idx, 16)
+    loss_sum, correct, _ = evaluate_batches(model, ds.images, ds.labels, ds.val_idx, 16)
     # same weights -> same loss (to float rounding of a different batching); a missed or misapplied update would
     # move it by far more
     assert loss_sum / len(ds.val_idx) == pytest.approx(last["val_loss"], rel=1e-5)

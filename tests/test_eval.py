@@ -5,12 +5,13 @@ import shutil
 
 import numpy as np
 import pytest
+from helpers import make_config
 
 from dptrain import checkpoint
-from dptrain import config as C
+from dptrain.compute import evaluate_batches
 from dptrain.data import synth
 from dptrain.evaluate import evaluate_checkpoint, load_model
-from dptrain.train import evaluate_local, prepare, run_local
+from dptrain.train import prepare, run_local
 
 
 @pytest.fixture(scope="module")
@@ -18,10 +19,10 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     synth.generate(root / "set", num_classes=6, seed=2, image_size=32, num_rich=6, max_images=24, min_rich=14,
                    progress=False)
-    cfg = C.load(None, {"data.path": str(root / "set"), "data.image_size": "32", "data.min_images_per_class": "10",
-                        "data.cache_dir": str(root / "cache"), "model.widths": "[8, 16]", "model.res_width": "16",
-                        "model.hidden": "32", "train.epochs": "3", "train.batch_size": "16",
-                        "train.out": str(root / "run"), "train.progress": "false"})
+    cfg = make_config({"data.path": root / "set", "data.image_size": 32, "data.min_images_per_class": 10,
+                       "data.cache_dir": root / "cache", "model.widths": [8, 16], "model.res_width": 16,
+                       "model.hidden": 32, "train.epochs": 3, "train.batch_size": 16, "train.out": root / "run",
+                       "train.progress": False})
     run_local(cfg)
     return root, cfg
 
@@ -33,7 +34,7 @@ def test_matches_trainer_evaluation(run):
     tr = prepare(cfg, resume=False)
     tr.restore(ckpt)
     everything = np.arange(len(tr.ds.images))
-    loss_sum, correct = evaluate_local(tr.model, tr.ds.images, tr.ds.labels, everything, 64)
+    loss_sum, correct, _ = evaluate_batches(tr.model, tr.ds.images, tr.ds.labels, everything, 64)
     assert res["num_images"] == len(everything) and res["correct"] == correct
     assert res["accuracy"] == correct / len(everything)
     assert res["loss"] == pytest.approx(loss_sum / len(everything), rel=1e-5)

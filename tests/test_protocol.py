@@ -8,8 +8,7 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from dptrain.distributed.protocol import (
     DEFAULT_LIMITS,
@@ -26,22 +25,24 @@ from dptrain.distributed.protocol import (
 RUN = "run-42"
 
 # One valid example per kind: (fields, arrays).
+STEP_FIELDS = dict(phase="train", epoch=1, attempt=0, weights_version=7, global_count=64, eval_batch=0,
+                   shard_sizes=[16])
+RESULT_FIELDS = dict(phase="train", attempt=0, count=16, loss_sum=11.5, correct=9, grad_in="frame", grad_scale=1.0,
+                     timings={"forward": [0.0, 0.1]})
 EXAMPLES = {
-    Kind.HELLO: (dict(role="worker", host="node-a", pid=4711, versions={"numpy": "2.4"}, code_hash="ab12"), {}),
-    Kind.WELCOME: (dict(world_size=4, config={"bn": "stats", "batch": 64}, shm={"weights": "dpt_w"}), {}),
+    Kind.HELLO: (dict(role="worker", host="node-a", pid=4711, slots=1, versions={"numpy": "2.4"}, code_hash="ab12"),
+                 {}),
+    Kind.WELCOME: (dict(world_size=4, rank_base=0, config={"bn": "stats", "batch": 64}, shm={"weights": "dpt_w"},
+                        num_classes=5), {"labels": np.arange(5, dtype=np.int64)}),
     Kind.READY: ({}, {}),
-    Kind.STEP: (dict(weights_version=7, epoch=1, flags={"train": True}),
-                {"indices": np.arange(16, dtype=np.int64), "weights": np.ones(10, np.float32)}),
-    Kind.RESULT: (dict(count=16, loss_sum=11.5, correct=9, grad_slot=-1, timings={"fwd_s": 0.1}),
+    Kind.STEP: (STEP_FIELDS, {"indices": np.arange(16, dtype=np.int64), "params": np.ones(10, np.float32)}),
+    Kind.RESULT: (RESULT_FIELDS,
                   {"grad": np.linspace(0, 1, 33, dtype=np.float32), "bn_moments": np.ones((3, 8))}),
-    Kind.BN_REDUCE: (dict(layer=2, phase="fwd"), {"moments": np.ones((3, 8), np.float64)}),
-    Kind.BN_REDUCED: (dict(layer=2, phase="bwd"), {"moments": np.ones((2, 8), np.float32)}),
+    Kind.BN_REDUCE: (dict(layer=2, phase="fwd", attempt=0), {"moments": np.ones((3, 8), np.float64)}),
+    Kind.BN_REDUCED: (dict(layer=2, phase="bwd", attempt=0), {"moments": np.ones((2, 8), np.float64)}),
     Kind.HEARTBEAT: ({}, {}),
     Kind.STOP: (dict(reason="done"), {}),
     Kind.ERROR: (dict(message="boom", traceback="Traceback...\nValueError: boom"), {}),
-    Kind.PREFLIGHT: (dict(checks={"numpy": "2.4", "dataset": "/data/lfw"}), {}),
-    Kind.PREFLIGHT_REPLY: (dict(results={"numpy": [True, ""], "dataset": [False, "missing"]}), {}),
-    Kind.LOG: (dict(lines=["I: step 3", "W: slow"]), {}),
 }
 
 
@@ -70,8 +71,8 @@ DELETE = object()
 # --- round trips ---------------------------------------------------------------------------------
 
 def test_kinds_are_stable_wire_bytes():
-    assert PROTOCOL_VERSION == 1
-    assert [k.value for k in Kind] == list(range(1, 14))
+    assert PROTOCOL_VERSION == 2  # 2: typed STEP/RESULT fields, no PREFLIGHT/LOG kinds
+    assert [k.value for k in Kind] == list(range(1, 11))
 
 
 @pytest.mark.parametrize("kind", list(Kind))
@@ -121,9 +122,11 @@ def test_numpy_scalars_in_fields_become_plain_values():
 
 
 def test_result_without_gradient_for_eval_or_shm():
-    for slot in (-2, 0, 3):
-        msg = decode(encode(Kind.RESULT, RUN, count=4, loss_sum=1.0, correct=2, grad_slot=slot, timings={}), run=RUN)
-        assert msg.fields["grad_slot"] == slot and msg.arrays == {}
+    for grad_in in ("none", "shm"):
+        msg = decode(encode(Kind.RESULT, RUN, **{**RESULT_FIELDS, "grad_in": grad_in}), run=RUN)
+        assert msg.fields["grad_in"] == grad_in and msg.arrays == {}
+    no_grad = encode(Kind.RESULT, RUN, **{**RESULT_FIELDS, "grad_in": "none"})
+    assert "grad_in 'slot' is not one of" in reason(repack(no_grad, grad_in="slot"))
 
 
 def test_hello_run_is_left_to_the_caller_and_run_none_accepts_any():
@@ -141,7 +144,7 @@ def test_hello_run_is_left_to_the_caller_and_run_none_accepts_any():
     (lambda: encode(Kind.HEARTBEAT, RUN, v=2), "reserved"),
     (lambda: encode(Kind.HEARTBEAT, RUN, step="3"), "step"),
     (lambda: encode(Kind.STOP, RUN), "missing field 'reason'"),
-    (lambda: encode(Kind.STEP, RUN, weights_version=1, epoch=0, flags={}), "missing array 'indices'"),
+    (lambda: encode(Kind.STEP, RUN, **STEP_FIELDS), "missing array 'indices'"),
     (lambda: encode(Kind.HEARTBEAT, RUN, note=object()), "does not pack"),
 ])
 def test_encode_rejects(call, match):
@@ -159,7 +162,7 @@ def test_decode_rules():
     assert "bad msgpack" in reason([b"\xc1"])
     assert "bad msgpack" in reason([f[0] + b"\x00", *f[1:]])  # trailing bytes
     assert "header is list" in reason([msgpack.packb([1, 2])])
-    assert "protocol version 2" in reason(repack(f, v=2))
+    assert f"protocol version {PROTOCOL_VERSION + 1}" in reason(repack(f, v=PROTOCOL_VERSION + 1))
     assert "protocol version True" in reason(repack(f, v=True))
     assert "unknown kind 77" in reason(repack(f, kind=77))
     assert "lacks 'step'" in reason(repack(f, step=DELETE))
@@ -177,7 +180,7 @@ def test_decode_rules():
     assert "frame 2" in reason([f[0], f[1], bytes(f[2])[:-1]])  # truncated
     assert "field 'count' is str" in reason(repack(f, count="16"))
     assert "field 'count' is bool" in reason(repack(f, count=True))
-    assert "grad_slot -1 but no 'grad'" in reason(
+    assert "grad_in 'frame' but no 'grad'" in reason(
         [repack(f, arrays=[["bn_moments", "float64", [3, 8]]])[0], f[2]])
     assert "non-string keys" in reason([msgpack.packb({b"v": 1}, use_bin_type=True)])
     assert "bad msgpack" in reason([msgpack.packb({1: 2})])  # strict_map_key refuses int keys outright
@@ -322,8 +325,7 @@ def test_router_dealer_zero_copy_40mb_round_trip():
         assert hello.kind is Kind.HELLO and hello.fields["pid"] == 4711
 
         weights = np.random.default_rng(1).standard_normal(10_000_000).astype(np.float32)  # 40 MB
-        step = encode(Kind.STEP, RUN, step=5, weights_version=5, epoch=0, flags={},
-                      arrays={"indices": np.arange(64), "weights": weights})
+        step = encode(Kind.STEP, RUN, step=5, **STEP_FIELDS, arrays={"indices": np.arange(64), "weights": weights})
         router.send_multipart([identity, *step], copy=False)
         frames = _recv(dealer)
         assert isinstance(frames[0], zmq.Frame)
@@ -337,8 +339,8 @@ def test_router_dealer_zero_copy_40mb_round_trip():
         t0 = time.perf_counter()
         reps = 3
         for k in range(reps):
-            dealer.send_multipart(encode(Kind.RESULT, RUN, step=5, rank=0, count=64, loss_sum=1.0, correct=3,
-                                         grad_slot=-1, timings={}, arrays={"grad": grad}), copy=False)
+            dealer.send_multipart(encode(Kind.RESULT, RUN, step=5, rank=0, **RESULT_FIELDS, arrays={"grad": grad}),
+                                  copy=False)
             identity, *frames = _recv(router)
             res = decode(frames, run=RUN, limits=Limits())
         dt = (time.perf_counter() - t0) / reps
@@ -349,3 +351,51 @@ def test_router_dealer_zero_copy_40mb_round_trip():
         router.close(linger=0)
         dealer.close(linger=0)
         ctx.term()
+
+
+# --- the module is the truth: its table, its schema and the code agree ------------------------------
+
+def test_docstring_table_lists_the_schema_kinds_and_fields():
+    """Every kind of `Kind` has a row in protocol.py's docstring table naming each of its required fields."""
+    import dptrain.distributed.protocol as protocol
+    doc = protocol.__doc__
+    table = doc[doc.index("    kind        direction"):]
+    rows = {}
+    for line in table.splitlines()[1:]:
+        first = line[4:16].strip()
+        if first and line.startswith("    "):
+            current = rows.setdefault(first, [])
+        elif not line.strip():
+            break  # the table ends at its first blank line
+        current.append(line)
+    assert set(rows) == {k.name for k in Kind} == {k.name for k in protocol.SCHEMA}
+    for kind, fields in protocol.SCHEMA.items():
+        text = " ".join(rows[kind.name])
+        for name in fields:
+            assert f"{name} " in text, f"{kind.name}: field {name!r} missing from the docstring table"
+
+
+def test_every_kind_is_sent_and_handled():
+    """Scan dptrain/distributed/: each kind appears as the kind of a send/encode call (sent) and in a comparison
+    with a received message's kind (handled). A kind nobody sends or nobody reads is dead protocol."""
+    import ast
+    from pathlib import Path
+
+    import dptrain.distributed as pkg
+    sent, handled = set(), set()
+    for path in Path(pkg.__file__).parent.glob("*.py"):
+        if path.name == "protocol.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in (
+                    "send", "encode"):
+                for k in node.args[:2]:  # encode(kind, ...), link.send(kind, ...), coordinator.send(peer, kind, ...)
+                    if isinstance(k, ast.Attribute) and getattr(k.value, "attr", getattr(k.value, "id", "")) == "Kind":
+                        sent.add(k.attr)
+            if isinstance(node, ast.Compare):
+                for c in ast.walk(node):
+                    if isinstance(c, ast.Attribute) and getattr(c.value, "attr", "") == "Kind":
+                        handled.add(c.attr)
+    kinds = {k.name for k in Kind}
+    assert kinds - sent == set(), f"never sent: {kinds - sent}"
+    assert kinds - handled == set(), f"never handled: {kinds - handled}"

@@ -8,9 +8,9 @@ import math
 
 import numpy as np
 import pytest
+from helpers import make_config
 
-from dptrain import checkpoint
-from dptrain import config as C
+from dptrain import checkpoint, config as C
 from dptrain.data import synth
 from dptrain.train import LocalExecutor, prepare, run_local
 
@@ -26,12 +26,10 @@ def data(tmp_path_factory):
 
 
 def make_cfg(data, out, **overrides):
-    o = {"data.path": str(data / "set"), "data.image_size": "32", "data.min_images_per_class": "10",
-         "data.cache_dir": str(data / "cache"), "model.widths": "[8, 16]", "model.res_width": "16",
-         "model.hidden": "32", "train.epochs": "3", "train.batch_size": "32", "train.lr": "0.05",
-         "train.out": str(out), "train.progress": "false"}
-    o.update({k: str(v) for k, v in overrides.items()})
-    return C.load(None, o)
+    return make_config({"data.path": data / "set", "data.image_size": 32, "data.min_images_per_class": 10,
+                        "data.cache_dir": data / "cache", "model.widths": [8, 16], "model.res_width": 16,
+                        "model.hidden": 32, "train.epochs": 3, "train.batch_size": 32, "train.lr": 0.05,
+                        "train.out": out, "train.progress": False, **overrides})
 
 
 def read_metrics(out):
@@ -138,7 +136,7 @@ def test_run_folder_contents(data, full_run):
 
 def test_restore_refuses_another_model(data, full_run):
     cfg, out, _ = full_run
-    other = make_cfg(data, data / "other", **{"model.hidden": "16"})
+    other = make_cfg(data, data / "other", **{"model.hidden": 16})
     tr = prepare(other, resume=False)
     with pytest.raises(checkpoint.CheckpointError, match="last.npz"):
         tr.restore(out / "last.npz")

@@ -23,24 +23,22 @@ import socket as pysocket
 import sys
 import threading
 import time
-import traceback
 import uuid
 from pathlib import Path
 
 import numpy as np
-import zmq
 
-from .. import config as config_mod
-from .. import log
+from .. import config as config_mod, log
 from ..data.dataset import load_dataset
+from ..nn.model import build_model
+from ..nn.params import ParamStore
 from . import protocol as P
 from .coordinator import Coordinator, WorkerFailure
 from .curve import client_setup, read_agent_keys
-from .executor import sum_in_order
-from .launch import Session, blas_threads, spawn_worker, worker_env
-from .versions import local_versions
+from .peer import PeerLink, run_peer
+from .reduce import sum_in_order
+from .session import Session
 from .wire import grad_frame, receive_weights
-from .worker import Heartbeat, Preempted, dealer, serve_steps
 
 
 class AgentStop(Exception):
@@ -49,48 +47,25 @@ class AgentStop(Exception):
 
 class Agent:
     def __init__(self, endpoint: str, host_index: int, slots: int, run_id: str, keys: dict | None, host: str):
-        self.endpoint, self.index, self.slots, self.run_id, self.host = endpoint, host_index, slots, run_id, host
+        self.endpoint, self.index, self.slots, self.host = endpoint, host_index, slots, host
         self.log = log.get()
-        self.curve = client_setup(keys) if keys else None
-        self.ctx = zmq.Context()
-        self.up = dealer(self.ctx, endpoint, f"agent{host_index}-{os.getpid()}", self.curve)
+        # While it waits upstream the agent answers its own workers (heartbeats, hellos, deaths).
+        self.link = PeerLink(endpoint, run_id, host_index, f"host {host}", client_setup(keys) if keys else None,
+                             idle=self._serve_local)
         self.session: Session | None = None  # this host's side: shared memory, workers, local coordinator
-        self.local: Coordinator | None = None
-        self.step = self.attempt = 0
 
-    def send(self, kind, arrays=None, step=None, **fields) -> None:
-        self.up.send_multipart(P.encode(kind, self.run_id, step=self.step if step is None else step,
-                                        rank=self.index, arrays=arrays, **fields), copy=False)
-
-    def recv_up(self, timeout_s: float) -> P.Message | None:
-        """Next valid upstream message within timeout_s, serving the local workers' heartbeats meanwhile."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.local is not None:
-                self.local.service(0.0)
-            if self.up.poll(50):
-                frames = self.up.recv_multipart(copy=False)
-                try:
-                    return P.decode(frames, run=self.run_id)
-                except P.ProtocolError as e:
-                    self.log.warning(f"dropped a malformed message from the coordinator: {e}")
-        return None
+    def _serve_local(self) -> None:
+        if self.session is not None and self.session.coord is not None:
+            self.session.coord.service(0.0)
 
     # ---- set-up and preflight ------------------------------------------------------------------------------------
-    def handshake(self, timeout_s: float = 120.0) -> None:
+    def start(self, timeout_s: float = 120.0) -> None:
         probe_port(self.endpoint, self.host)
-        self.send(P.Kind.HELLO, role="agent", host=self.host, pid=os.getpid(), slots=self.slots, **local_versions())
-        msg = self.recv_up(timeout_s)
-        if msg is None:
-            raise SystemExit(f"host {self.host}: no answer from the coordinator at {self.endpoint} within "
-                             f"{timeout_s:.0f} s (is the address reachable from this host, and are the keys right?)")
-        if msg.kind is P.Kind.STOP:
-            raise SystemExit(f"host {self.host}: coordinator refused: {msg.fields['reason']}")
+        msg = self.link.handshake("agent", self.host, self.slots, timeout_s)
         f = msg.fields
         self.cfg = config_mod.from_dict(f["config"])
         d = self.cfg.dist
-        Heartbeat(self.ctx, self.endpoint, self.run_id, self.index, d.heartbeat_interval_s, d.heartbeat_misses,
-                  self.curve, watch_parent=False).start()
+        self.link.start_heartbeat(d.heartbeat_interval_s, d.heartbeat_misses, watch_parent=False)
         try:  # preflight: this host's copy of the dataset
             ds = load_dataset(self.cfg.data, self.cfg.train.seed, progress=False)
         except (OSError, ValueError) as e:
@@ -99,14 +74,12 @@ class Agent:
             raise SystemExit(f"host {self.host}: preflight: dataset {self.cfg.data.path!r} differs from the "
                              f"coordinator's (fingerprint {ds.fingerprint[:12]} != {f['fingerprint'][:12]})")
         self._start_local(ds, int(f["num_classes"]), int(f["rank_base"]))
-        self.send(P.Kind.READY)
+        self.link.send(P.Kind.READY)
         self.log.info(f"host {self.host}: {self.slots} workers ready (ranks {f['rank_base']}.."
                       f"{f['rank_base'] + self.slots - 1})")
 
     def _start_local(self, ds, num_classes: int, rank_base: int) -> None:
-        from ..nn.model import build_model
-        from ..nn.params import ParamStore
-        self.session = Session(f"{self.run_id}h{self.index}{uuid.uuid4().hex[:4]}")
+        self.session = Session(f"{self.link.run_id}h{self.index}{uuid.uuid4().hex[:4]}")
         shared = self.session.shared
         store = ParamStore(np.float32)
         build_model(self.cfg.model, num_classes, self.cfg.data.image_size, store)
@@ -120,56 +93,30 @@ class Agent:
         local_cfg = config_mod.from_dict(config_mod.to_dict(self.cfg))
         local_cfg.dist.port, local_cfg.dist.transport = 0, "shm"
         welcome = {"config": config_mod.to_dict(local_cfg), "shm": shm, "num_classes": num_classes}
-        self.local = self.session.coord = Coordinator(local_cfg, self.session.run_id, self.slots, welcome,
-                                                      {"labels": ds.labels}, bind="127.0.0.1")
-        self.local.bn_relay = self._relay
+        self.session.coord = Coordinator(local_cfg, self.session.run_id, self.slots, welcome, {"labels": ds.labels},
+                                         bind="127.0.0.1", bn_relay=self.link.allreduce)
         out = Path(self.cfg.train.out) / "logs"
         out.mkdir(parents=True, exist_ok=True)
-        env = worker_env(blas_threads(self.cfg, self.slots))
-        for r in range(self.slots):
-            path = out / f"{self.host}-rank{rank_base + r}.log"
-            path.write_bytes(b"")
-            proc = spawn_worker(self.local.endpoint, r, self.session.run_id, env, path)
-            self.session.procs.append(proc)
-            peer = self.local.peers[r]
-            peer.proc, peer.pid, peer.log_path, peer.host = proc, proc.pid, path, self.host
-        self.local.wait_ready()
+        self.session.start_workers(self.cfg, self.host,
+                                   [out / f"{self.host}-rank{rank_base + r}.log" for r in range(self.slots)])
 
     # ---- steps ---------------------------------------------------------------------------------------------------
-    def _relay(self, layer: int, phase: str, total: np.ndarray) -> np.ndarray:
-        self.send(P.Kind.BN_REDUCE, arrays={"moments": total}, layer=layer, phase=phase, attempt=self.attempt)
-        while True:
-            msg = self.recv_up(3600.0)
-            if msg is None:
-                continue
-            if msg.kind is P.Kind.BN_REDUCED and msg.step == self.step and msg.fields["layer"] == layer \
-                    and msg.fields.get("attempt") == self.attempt:
-                return np.array(msg.arrays["moments"], np.float64)
-            if msg.kind in (P.Kind.STEP, P.Kind.STOP):
-                raise Preempted(msg)
-
-    def serve(self) -> int:
-        return serve_steps(lambda: self.recv_up(3600.0), self.run_step, self.log, f"host {self.host}: ")
-
     def run_step(self, msg: P.Message) -> None:
-        self.step, self.attempt = msg.step, msg.fields.get("attempt", 0)
-        flags = dict(msg.fields["flags"])
-        sizes = flags.pop("sizes", None) or [len(msg.arrays["indices"])]
-        receive_weights(self.params, self.buffers, msg.arrays, msg.fields)
+        f = msg.fields
+        receive_weights(self.params, self.buffers, msg.arrays, f)
         idx = np.asarray(msg.arrays["indices"], np.int64)
-        bounds = np.cumsum([0, *sizes])
+        bounds = np.cumsum([0, *f["shard_sizes"]])
         shards = {r: idx[bounds[r]:bounds[r + 1]] for r in range(self.slots) if bounds[r + 1] > bounds[r]}
-        fields = {"epoch": msg.fields["epoch"], "flags": flags}
+        fields = {k: f[k] for k in ("phase", "epoch", "global_count", "eval_batch")}
         try:
-            results = self.local.round(self.step, self.attempt, shards, fields)
+            results = self.session.coord.round(self.link.step, self.link.attempt, shards, fields)
         except WorkerFailure as e:
             raise SystemExit(f"host {self.host}: lost {e}") from None
         ranks = sorted(results)
         loss_sum = sum(results[r].fields["loss_sum"] for r in ranks)
         correct = sum(results[r].fields["correct"] for r in ranks)
-        if flags.get("phase") == "eval":
-            self.send(P.Kind.RESULT, count=len(idx), loss_sum=loss_sum, correct=correct, grad_slot=-2, timings={},
-                      attempt=self.attempt, phase="eval")
+        if f["phase"] == "eval":
+            self.link.send_result("eval", len(idx), loss_sum, correct)
             return
         t0 = time.time()
         sum_in_order(self.gsum, [self.grad_slots[r] for r in ranks])  # local rank order
@@ -178,15 +125,13 @@ class Agent:
         busiest = max(ranks, key=lambda r: sum(v[1] for k, v in results[r].fields["timings"].items() if k != "wait"))
         timings = dict(results[busiest].fields["timings"])
         timings["host_reduce"] = [t0, time.time() - t0]
-        self.send(P.Kind.RESULT, arrays={"grad": grad, "bn_moments": moments}, count=len(idx), loss_sum=loss_sum,
-                  correct=correct, grad_slot=-1, grad_scale=grad_scale, timings=timings, attempt=self.attempt,
-                  phase="train",
-                  sent_at=time.time())
+        self.link.send_result("train", len(idx), loss_sum, correct, timings, grad_in="frame", grad=grad,
+                              grad_scale=grad_scale, bn_moments=moments)
 
     def close(self) -> None:
         if self.session is not None:
             self.session.close()
-        self.up.close(0)
+        self.link.close()
 
 
 def probe_port(endpoint: str, host: str, timeout_s: float = 10.0) -> None:
@@ -218,7 +163,6 @@ def run_agent(args) -> int:
     from .rankenv import from_env
     host = args.host_label or pysocket.gethostname()
     log.setup(f"agent@{host}")
-    lg = log.get()
     index, slots = args.host_index, args.slots
     env = from_env()
     if index is None:
@@ -247,27 +191,6 @@ def run_agent(args) -> int:
     signal.signal(signal.SIGINT, _raise_stop)
     agent = Agent(args.connect, index, slots, args.run, keys, host)
     try:
-        agent.handshake()
-        return agent.serve()
-    except SystemExit as e:
-        lg.error(str(e))
-        try:
-            agent.send(P.Kind.ERROR, message=str(e), traceback="")
-            time.sleep(0.2)
-        except Exception:
-            pass
-        return 1
-    except AgentStop as e:
-        lg.warning(f"host {host}: stopping on {e}")
-        return 0
-    except Exception:
-        tb = traceback.format_exc()
-        lg.error(f"host {host}: failed:\n{tb}")
-        try:
-            agent.send(P.Kind.ERROR, message=f"host {host}: " + tb.strip().splitlines()[-1], traceback=tb)
-            time.sleep(0.2)
-        except Exception:
-            pass
-        return 1
+        return run_peer(agent.link, lambda: (agent.start(), agent.link.serve(agent.run_step))[1], (AgentStop,))
     finally:
         agent.close()

@@ -21,7 +21,9 @@ import zmq
 
 from .. import log
 from ..config import Config
+from ..train import ExecutorFailure
 from . import protocol as P
+from .hostfile import rank_bases
 from .versions import local_versions, mismatches
 
 POLL_TICK_S = 0.1
@@ -63,11 +65,12 @@ class Peer:
         return list(self.log_tail)[-n:]
 
 
-class StopTimeout(KeyboardInterrupt):
-    """The running step outlived the grace after a stop request; raised between updates, so the state is whole."""
+class StopTimeout(Exception):
+    """The running step outlived its grace after a stop request (`stop_within`); raised before any update of this
+    step, so the state is whole."""
 
 
-class WorkerFailure(RuntimeError):
+class WorkerFailure(ExecutorFailure):
     def __init__(self, peers: list[Peer]):
         self.peers = peers
         super().__init__("; ".join(f"{p.describe()}: {p.death}" for p in peers))
@@ -75,7 +78,7 @@ class WorkerFailure(RuntimeError):
 
 class Coordinator:
     def __init__(self, cfg: Config, run_id: str, world_size: int, welcome: dict, welcome_arrays: dict,
-                 curve_keys=None, slots: list[int] | None = None, bind: str | None = None):
+                 curve_keys=None, slots: list[int] | None = None, bind: str | None = None, bn_relay=None):
         self.cfg, self.run_id, self.world_size = cfg, run_id, world_size
         self.welcome, self.welcome_arrays = welcome, welcome_arrays
         self.log = log.get()
@@ -97,12 +100,25 @@ class Coordinator:
             self.port = self.sock.bind_to_random_port(f"tcp://{bind}")
         self.endpoint = f"tcp://{bind}:{self.port}"
         self.peers = {r: Peer(r, slots=(slots[r] if slots else 1)) for r in range(world_size)}
-        self.bn_relay = None  # agents: callable(layer, phase, local_total) -> global total, via the coordinator
+        self.rank_base = rank_bases([self.peers[r].slots for r in range(world_size)])  # first worker rank of a peer
+        self.bn_relay = bn_relay  # agents: (layer, phase, host total) -> global total, through their coordinator
         self.ours = local_versions()
         self.dropped = 0
         self._drop_window = [0.0, 0, 0]  # window start, lines logged, lines suppressed
         self.last_publish = (0.0, 0.0)  # (start, seconds) of the last round's STEP sends (weights, with sockets)
         self.stop_deadline: float | None = None  # after a stop request, give the running step this long
+
+    def adopt(self, rank: int, host: str, proc=None, log_path: Path | None = None) -> None:
+        """Record what the launcher knows of rank's peer before it says HELLO: its host, and the process and log
+        file when this process started it (so its exit is seen at once and its last lines can be shown)."""
+        peer = self.peers[rank]
+        peer.host, peer.proc, peer.log_path = host, proc, log_path
+        if proc is not None:
+            peer.pid = proc.pid
+
+    def stop_within(self, grace_s: float) -> None:
+        """A stop was requested: the running step may take grace_s more, then StopTimeout."""
+        self.stop_deadline = time.monotonic() + grace_s
 
     # ---- sending -----------------------------------------------------------------------------------------------
     def send(self, peer: Peer, kind, step: int = 0, arrays=None, **fields) -> None:
@@ -169,9 +185,6 @@ class Coordinator:
             self._mark_dead(peer, f"reported an error: {msg.fields['message']}")
             peer.log_tail.extend(msg.fields["traceback"].splitlines())
             return True
-        if msg.kind is P.Kind.LOG:
-            peer.log_tail.extend(str(x) for x in msg.fields["lines"])
-            return True
         return False
 
     def _hello(self, identity: bytes, msg: P.Message, peer: Peer | None) -> None:
@@ -188,15 +201,14 @@ class Coordinator:
             refuse("version mismatch: " + ", ".join(bad))
             self._mark_dead(peer, "preflight failed: " + ", ".join(bad))
             return
-        if msg.fields.get("slots", 1) != peer.slots:
-            refuse(f"peer {msg.rank} brings {msg.fields.get('slots')} slots, the launcher expected {peer.slots}")
-            self._mark_dead(peer, f"preflight failed: slots {msg.fields.get('slots')} != {peer.slots}")
+        if msg.fields["slots"] != peer.slots:
+            refuse(f"peer {msg.rank} brings {msg.fields['slots']} slots, the launcher expected {peer.slots}")
+            self._mark_dead(peer, f"preflight failed: slots {msg.fields['slots']} != {peer.slots}")
             return
         peer.state = PeerState.WELCOMED
         peer.last_seen = time.monotonic()
-        rank_base = sum(p.slots for r, p in self.peers.items() if r < peer.rank)
         self.send(peer, P.Kind.WELCOME, arrays=self.welcome_arrays, world_size=self.world_size,
-                  rank_base=rank_base, **self.welcome)
+                  rank_base=self.rank_base[peer.rank], **self.welcome)
 
     # ---- liveness ----------------------------------------------------------------------------------------------
     def _mark_dead(self, peer: Peer, why: str) -> None:
@@ -248,31 +260,30 @@ class Coordinator:
 
     # ---- one round -----------------------------------------------------------------------------------------------
     def round(self, step: int, attempt: int, shards: dict[int, np.ndarray], fields: dict,
-              weights: dict | None = None, weights_version: int = 0,
-              sizes: dict[int, list[int]] | None = None, delta: dict | None = None,
-              delta_fields: dict | None = None) -> dict[int, P.Message]:
-        """STEP to every rank in `shards`; RESULTs back, keyed by rank. Raises WorkerFailure on a loss.
-        `sizes[rank]` (agents): how the peer's block of indices splits over its slots. A peer whose weights are one
-        version behind gets `delta` (the last update) instead of `weights`, with `delta_fields`."""
+              weights: dict | None = None, weights_version: int = 0, update: dict | None = None,
+              shard_sizes: dict[int, list[int]] | None = None) -> dict[int, P.Message]:
+        """STEP to every rank in `shards`; their RESULTs, keyed by rank. Raises WorkerFailure on a loss.
+
+        fields: STEP's phase, epoch, global_count and eval_batch. With sockets, a peer that lacks `weights_version`
+        gets `weights` (params + buffers), or `update` (update + buffers + update_scale) when it is one version
+        behind. `shard_sizes[rank]` (agents): how the peer's block of indices splits over its slots."""
         t_publish = time.time()
         for rank, idx in shards.items():
             peer = self.peers[rank]
-            arrays, f = {"indices": idx}, fields
-            if delta is not None and peer.weights_version == weights_version - 1:
-                arrays.update(delta)
-                f = dict(f, **delta_fields)
+            arrays, extra = {"indices": idx}, {}
+            if update is not None and peer.weights_version == weights_version - 1:
+                arrays.update(update["arrays"])
+                extra["update_scale"] = update["scale"]
                 peer.weights_version = weights_version
             elif weights is not None and peer.weights_version != weights_version:
                 arrays.update(weights)
                 peer.weights_version = weights_version
-            if sizes is not None:
-                f = dict(f, flags=dict(f["flags"], sizes=sizes[rank]))
-            self.send(peer, P.Kind.STEP, step=step, arrays=arrays, weights_version=weights_version,
-                      attempt=attempt, **f)
+            self.send(peer, P.Kind.STEP, step=step, arrays=arrays, attempt=attempt, weights_version=weights_version,
+                      shard_sizes=shard_sizes[rank] if shard_sizes else [len(idx)], **fields, **extra)
         self.last_publish = (t_publish, time.time() - t_publish)  # (start, seconds) of handing out the step
         waiting = {r: self.peers[r] for r in shards}
         results: dict[int, P.Message] = {}
-        bn: dict[int, dict[int, np.ndarray]] = {}
+        bn: dict[tuple[int, str], dict[int, np.ndarray]] = {}
         since = last_warning = time.monotonic()
         while waiting:
             for identity, msg in self._poll(POLL_TICK_S):
@@ -283,7 +294,6 @@ class Coordinator:
                 if msg.kind is P.Kind.RESULT and msg.rank in waiting:
                     results[msg.rank] = msg
                     del waiting[msg.rank]
-                    self.last_arrival = msg.rank
                 elif msg.kind is P.Kind.BN_REDUCE and msg.rank in shards:
                     self._bn_reduce(bn, msg, step, attempt, shards)
             self.check_liveness(list(waiting.values()), since)
@@ -297,24 +307,26 @@ class Coordinator:
         return results
 
     def _bn_reduce(self, bn: dict, msg: P.Message, step: int, attempt: int, shards: dict) -> None:
-        layer = msg.fields["layer"]
-        got = bn.setdefault(layer, {})
+        """Collect one (layer, phase) reduction from every rank of the round; when complete, sum it in rank order
+        and hand the total back to each of them."""
+        layer, phase = msg.fields["layer"], msg.fields["phase"]
+        got = bn.setdefault((layer, phase), {})
         got[msg.rank] = msg.arrays["moments"]
         if len(got) < len(shards):
             return
         sizes = {a.shape for a in got.values()}
         if len(sizes) != 1:
-            self.log.warning(f"step {step}: BN layer {layer} moments of different shapes {sizes}; dropped")
+            self.log.warning(f"step {step}: BN layer {layer} ({phase}) sums of different shapes {sizes}; dropped")
             return
         total = np.zeros(next(iter(sizes)), np.float64)
         for rank in sorted(got):  # rank order, never arrival order
             total += got[rank]
-        del bn[layer]
+        del bn[(layer, phase)]
         if self.bn_relay is not None:  # an agent: the host's sum goes up, the global sum comes back
-            total = self.bn_relay(layer, msg.fields["phase"], total)
+            total = self.bn_relay(layer, phase, total)
         for rank in shards:
             self.send(self.peers[rank], P.Kind.BN_REDUCED, step=step, arrays={"moments": total}, layer=layer,
-                      phase=msg.fields["phase"], attempt=attempt)
+                      phase=phase, attempt=attempt)
 
     def stop_all(self, reason: str) -> None:
         for peer in self.peers.values():

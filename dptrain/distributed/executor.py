@@ -7,70 +7,41 @@ policy a lost rank's step is re-sharded over the survivors and redone from the s
 """
 from __future__ import annotations
 
-import json
 import time
 
 import numpy as np
 
 from .. import log
+from ..config import Config
 from ..data.sampler import shard_bounds
-from ..optim import CHUNK
-from ..train import StepResult
-from .coordinator import Coordinator, WorkerFailure
+from ..nn.params import ParamStore
+from ..train import StepInterrupted, StepResult
+from .coordinator import Coordinator, StopTimeout, WorkerFailure
+from .hostfile import rank_bases
+from .reduce import sum_in_order
+from .timeline import Timeline
 from .wire import apply_update16
-
-
-def sum_in_order(out: np.ndarray, parts: list[np.ndarray], scales: list[float] | None = None) -> None:
-    """out = ((parts[0] + parts[1]) + parts[2]) + ..., always in this order (rank order: the same bits whoever
-    arrives first), block by block so each block of `out` stays in cache while every part is added to it.
-    float16 parts (the wire format) are widened and multiplied by their power-of-two scale (exact)."""
-    scales = scales or [1.0] * len(parts)
-    tmp = np.empty(min(CHUNK, out.size), np.float32)
-    for a in range(0, out.size, CHUNK):
-        block, t = out[a:a + CHUNK], tmp[:min(CHUNK, out.size - a)]
-        for i, (p, s) in enumerate(zip(parts, scales)):
-            src = p[a:a + CHUNK]
-            if p.dtype != out.dtype:
-                np.multiply(src, np.float32(s), out=t, casting="unsafe")
-                src = t
-            if i == 0:
-                np.copyto(block, src)
-            else:
-                np.add(block, src, out=block)
 
 
 def split_by_slots(indices: np.ndarray, slots: list[int]) -> tuple[list[np.ndarray], list[list[int]]]:
     """Shard over sum(slots) worker ranks (sizes differ by at most one), then hand each peer the contiguous block
     of its ranks' shards and their sizes: an agent's workers get exactly the shards ranks would get one by one."""
-    total, blocks, sizes, rank = sum(slots), [], [], 0
-    for n in slots:
-        bounds = [shard_bounds(len(indices), r, total) for r in range(rank, rank + n)]
+    total, blocks, sizes = sum(slots), [], []
+    for n, base in zip(slots, rank_bases(slots)):
+        bounds = [shard_bounds(len(indices), r, total) for r in range(base, base + n)]
         blocks.append(indices[bounds[0][0]:bounds[-1][1]])
         sizes.append([b - a for a, b in bounds])
-        rank += n
     return blocks, sizes
 
 
-class Timeline:
-    """Chrome trace events (chrome://tracing, Perfetto): one row per rank plus the coordinator's."""
-
-    def __init__(self, path: str):
-        self.path, self.events = path, []
-
-    def add(self, name: str, rank: int, start_s: float, dur_s: float, step: int) -> None:
-        self.events.append({"name": name, "ph": "X", "ts": start_s * 1e6, "dur": max(dur_s, 0) * 1e6,
-                            "pid": 0, "tid": "coordinator" if rank < 0 else f"rank {rank}", "args": {"step": step}})
-
-    def write(self) -> None:
-        with open(self.path, "w") as f:
-            json.dump({"traceEvents": self.events, "displayTimeUnit": "ms"}, f)
-
-
 class DistExecutor:
-    def __init__(self, coord: Coordinator, trainer, grad_slots: np.ndarray | None, policy: str,
+    """The Trainer's executor (train.Executor) over a coordinator's peers. It reads and writes the store's flat
+    buffers (the gradient it reduces, the weights it publishes) and nothing else of the Trainer's."""
+
+    def __init__(self, coord: Coordinator, store: ParamStore, cfg: Config, grad_slots: np.ndarray | None,
                  timeline: Timeline | None = None):
-        self.coord, self.trainer, self.grad_slots, self.policy = coord, trainer, grad_slots, policy
-        self.store = trainer.store
+        self.coord, self.store, self.cfg, self.grad_slots = coord, store, cfg, grad_slots
+        self.policy = cfg.dist.on_worker_failure
         self.timeline = timeline
         self.version = 0
         self.log = log.get()
@@ -79,19 +50,11 @@ class DistExecutor:
         self._step = 0
         # Weights over sockets with a float16 wire: after the first full copy, peers get the float16-rounded update
         # (wire.apply_update16 keeps the coordinator's weights equal to what the peers rebuild from it).
-        self.delta16 = grad_slots is None and trainer.cfg.dist.wire_dtype == "float16"
-        if self.delta16:
-            self.prev_params = self.store.params.copy()
-            self.update16 = np.empty(self.store.num_params, np.float16)
+        self.update16 = grad_slots is None and cfg.dist.wire_dtype == "float16"
+        if self.update16:
+            self.prev_params = store.params.copy()
+            self.update_f16 = np.empty(store.num_params, np.float16)
             self.update_scale = 1.0
-
-    def _weights(self) -> tuple[dict | None, dict | None]:
-        """(full weights, the last update) for peers one version behind; None, None with shared memory."""
-        if self.grad_slots is not None:
-            return None, None  # shared memory: the workers read the coordinator's weights in place
-        full = {"params": self.store.params, "buffers": self.store.buffers}
-        has_update = self.delta16 and self.version > 0  # version 0: no update yet, everyone needs a full copy
-        return full, ({"dparams": self.update16, "buffers": self.store.buffers} if has_update else None)
 
     def _round(self, indices: np.ndarray, step: int, fields: dict) -> tuple[list[int], dict]:
         attempt = 0
@@ -105,12 +68,18 @@ class DistExecutor:
             keep = [i for i, b in enumerate(blocks) if len(b)]
             ranks = [peers[i].rank for i in keep]
             shards = {peers[i].rank: blocks[i] for i in keep}
-            sizes = {peers[i].rank: sizes[i] for i in keep} if any(p.slots > 1 for p in peers) else None
+            shard_sizes = {peers[i].rank: sizes[i] for i in keep}
+            weights = update = None
+            if self.grad_slots is None:  # sockets; with shared memory the workers read the weights in place
+                weights = {"params": self.store.params, "buffers": self.store.buffers}
+                if self.update16 and self.version > 0:  # version 0: no update yet, everyone needs a full copy
+                    update = {"arrays": {"update": self.update_f16, "buffers": self.store.buffers},
+                              "scale": self.update_scale}
             try:
-                full, delta = self._weights()
-                return ranks, self.coord.round(step, attempt, shards, fields, full, self.version, sizes,
-                                               delta=delta, delta_fields={"dscale": self.update_scale}
-                                               if delta is not None else None)
+                return ranks, self.coord.round(step, attempt, shards, fields, weights, self.version, update,
+                                               shard_sizes)
+            except StopTimeout as e:
+                raise StepInterrupted(str(e)) from None
             except WorkerFailure as e:
                 survivors = self.coord.active()
                 if self.policy != "continue" or not survivors:
@@ -122,12 +91,12 @@ class DistExecutor:
     def train_step(self, indices: np.ndarray, epoch: int, step: int) -> StepResult:
         t0 = time.perf_counter()
         wall0 = time.time()
-        ranks, results = self._round(indices, step, {"epoch": epoch, "flags": {
-            "phase": "train", "global_count": len(indices)}})
+        ranks, results = self._round(indices, step, {"phase": "train", "epoch": epoch,
+                                                     "global_count": len(indices), "eval_batch": 0})
         t1 = time.perf_counter()
         sum_in_order(self.store.grads, [self.grad_slots[r] if self.grad_slots is not None
                                         else results[r].arrays["grad"] for r in ranks],
-                     [float(results[r].fields.get("grad_scale", 1.0)) for r in ranks])
+                     [float(results[r].fields["grad_scale"]) for r in ranks])
         moments = np.zeros_like(results[ranks[0]].arrays["bn_moments"], dtype=np.float64)
         for rank in ranks:
             moments += results[rank].arrays["bn_moments"]
@@ -143,8 +112,8 @@ class DistExecutor:
             if self.timeline:
                 for name, (start, dur) in tm.items():
                     self.timeline.add(name, rank, start, dur, step)
-                self.timeline.add("send", rank, tm["backward"][0] + tm["backward"][1],
-                                  results[rank].fields.get("sent_at", 0) - tm["backward"][0] - tm["backward"][1], step)
+                end_backward = tm["backward"][0] + tm["backward"][1]
+                self.timeline.add("send", rank, end_backward, results[rank].fields["sent_at"] - end_backward, step)
         if self.timeline:
             self.timeline.add("publish", -1, *self.coord.last_publish, step)
             self.timeline.add("round", -1, wall0, t1 - t0, step)
@@ -153,13 +122,12 @@ class DistExecutor:
         self.phase_s["reduce"] += t2 - t1
         self._t_done, self._t_start, self._wall_done, self._step = time.perf_counter(), t0, time.time(), step
         return StepResult(len(indices), sum(results[r].fields["loss_sum"] for r in ranks),
-                          sum(results[r].fields["correct"] for r in ranks), moments,
-                          {"round": t1 - t0, "reduce": t2 - t1}, slowest=f"rank {slowest}")
+                          sum(results[r].fields["correct"] for r in ranks), moments, slowest=f"rank {slowest}")
 
     def weights_updated(self) -> None:
         """Called after clip + SGD + BN update: the coordinator's share of the step ends here."""
-        if self.delta16:
-            self.update_scale = apply_update16(self.store.params, self.prev_params, self.update16)
+        if self.update16:
+            self.update_scale = apply_update16(self.store.params, self.prev_params, self.update_f16)
         self.version += 1
         now = time.perf_counter()
         if self._t_done is not None:
@@ -172,18 +140,24 @@ class DistExecutor:
     def evaluate(self, indices: np.ndarray) -> tuple[float, int]:
         # Each worker evaluates in batches of its training shard's size: the layer buffers of that shape exist
         # already (a batch of 256 would make every worker allocate ~0.7 GB more for a few forward passes).
-        per_worker = -(-self.trainer.cfg.train.batch_size // sum(p.slots for p in self.coord.active()))
-        batch = self.trainer.cfg.train.eval_batch_size or per_worker
-        ranks, results = self._round(indices, -1, {"epoch": 0, "flags": {"phase": "eval", "batch": batch}})
+        per_worker = -(-self.cfg.train.batch_size // sum(p.slots for p in self.coord.active()))
+        batch = self.cfg.train.eval_batch_size or per_worker
+        _, results = self._round(indices, -1, {"phase": "eval", "epoch": 0, "global_count": len(indices),
+                                               "eval_batch": batch})
         return sum(r.fields["loss_sum"] for r in results.values()), sum(r.fields["correct"] for r in results.values())
 
-    def breakdown(self) -> dict:
-        """Mean seconds per step: compute (slowest worker), communication (the rest of the round), reduce, update."""
+    def request_stop(self, grace_s: float) -> None:
+        self.coord.stop_within(grace_s)
+
+    def summary(self) -> dict:
+        """Mean seconds per step: compute (slowest worker), communication (the rest of the round), reduce, update;
+        and how many malformed or unexpected messages the coordinator dropped."""
         n = max(self.phase_s["steps"], 1)
         step = self.phase_s["step"] / n
         compute, reduce, update = self.phase_s["compute"] / n, self.phase_s["reduce"] / n, self.phase_s["update"] / n
-        return {"step_s": step, "compute_s": compute, "comm_s": max(step - compute - reduce - update, 0.0),
-                "reduce_s": reduce, "update_s": update}
+        return {"breakdown": {"step_s": step, "compute_s": compute, "comm_s": max(step - compute - reduce - update, 0.0),
+                              "reduce_s": reduce, "update_s": update},
+                "dropped_messages": self.coord.dropped}
 
     def close(self) -> None:
         if self.timeline:

@@ -205,11 +205,14 @@ def filter_hosts(hosts: list[HostSlots], include: str | None = None,
     return out
 
 
+def rank_bases(slots: list[int]) -> list[int]:
+    """The first global rank of each host, filling each host before the next: the one place ranks are assigned
+    (the coordinator tells each agent its base; the executor shards a batch over the same ranks)."""
+    return [sum(slots[:i]) for i in range(len(slots))]
+
+
 def assign_ranks(hosts: list[HostSlots]) -> list[RankEntry]:
-    """Rank table ``[(rank, host, local_rank)]``, filling each host before the next."""
-    table, rank = [], 0
-    for hs in hosts:
-        for local_rank in range(hs.slots):
-            table.append(RankEntry(rank, hs.host, local_rank))
-            rank += 1
-    return table
+    """Rank table ``[(rank, host, local_rank)]`` (for display and pinning), from `rank_bases`."""
+    bases = rank_bases([hs.slots for hs in hosts])
+    return [RankEntry(base + local_rank, hs.host, local_rank)
+            for hs, base in zip(hosts, bases) for local_rank in range(hs.slots)]

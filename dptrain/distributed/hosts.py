@@ -22,13 +22,13 @@ import sys
 import time
 from pathlib import Path
 
-from .. import config as config_mod
-from .. import log
+from .. import config as config_mod, log
 from ..config import Config
 from .coordinator import Coordinator, PeerState, WorkerFailure
 from .curve import RunKeys
-from .hostfile import HostfileError, HostSlots, filter_hosts, parse_hostfile, parse_hosts
-from .launch import Session, run_session
+from .hostfile import HostfileError, HostSlots, assign_ranks, filter_hosts, parse_hostfile, parse_hosts
+from .launch import run_session
+from .session import Session
 
 SSH_REPORT_GRACE_S = 8.0  # after one host's ssh fails, how long the others get to fail (or not) for the report
 SSH_OPTIONS = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-o", "ServerAliveInterval=2",
@@ -89,7 +89,7 @@ def launch_hosts(cfg: Config, args) -> int:
     cfg.dist.transport = "socket"  # between hosts the weights and gradients are frames; shm is per host
 
     def start(session: Session):
-        trainer = session.trainer = prepare_or_exit(cfg, args.resume, "launch")
+        trainer = prepare_or_exit(cfg, args.resume, "launch")
         out = Path(cfg.train.out)
         (out / "logs").mkdir(parents=True, exist_ok=True)
         welcome = {"config": config_mod.to_dict(cfg), "shm": {}, "num_classes": len(trainer.ds.class_names),
@@ -99,10 +99,14 @@ def launch_hosts(cfg: Config, args) -> int:
         endpoint = coord.endpoint
         lg.info(f"coordinator listening on {endpoint} (run {session.run_id}) for {len(hosts)} hosts, "
                 f"{sum(h.slots for h in hosts)} workers, CURVE on")
+        ranks = assign_ranks(hosts)
+        lg.info("worker ranks: " + ", ".join(
+            f"{h.hostname} {min(e.rank for e in ranks if e.host == h.host)}.."
+            f"{max(e.rank for e in ranks if e.host == h.host)}" for h in hosts))
         if args.no_ssh:
             key_file = keys.write_agent_file(out / "agent-keys.json")
             for i, h in enumerate(hosts):
-                coord.peers[i].host = h.hostname
+                coord.adopt(i, h.hostname)
                 cmd = agent_argv(python, endpoint, session.run_id, i, h, str(key_file.resolve()))
                 if not args.remote_python:  # the console script, not `dptrain -m dptrain agent`
                     cmd = ["dptrain", *cmd[3:]]
@@ -123,8 +127,7 @@ def launch_hosts(cfg: Config, args) -> int:
                     proc.stdin.flush()
                 except BrokenPipeError:
                     pass  # ssh already gave up (unknown host...): its exit code and words are reported below
-                peer = coord.peers[i]
-                peer.proc, peer.host, peer.log_path = proc, h.hostname, log_path
+                coord.adopt(i, h.hostname, proc, log_path)
             timeout = args.wait_agents_s
         try:
             coord.wait_ready(timeout)
@@ -142,6 +145,6 @@ def launch_hosts(cfg: Config, args) -> int:
                     lg.error(f"host {p.host}: ssh failed: {ssh_failure(p.log_path)}")
             raise
         lg.info(f"all {len(hosts)} hosts ready")
-        return None  # gradients arrive as frames (one summed buffer per host)
+        return trainer, None  # gradients arrive as frames (one summed buffer per host)
 
     return run_session(cfg, args.stop_at_step, start, run_id=getattr(args, "run_id", None))

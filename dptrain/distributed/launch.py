@@ -16,29 +16,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import signal
-import subprocess
-import sys
-import time
+import socket as pysocket
 import uuid
 from pathlib import Path
 
 import numpy as np
-import psutil
 from threadpoolctl import threadpool_limits
 
-from .. import config as config_mod
-from .. import log
+from .. import config as config_mod, log
 from ..config import Config
-from ..data.shm import SharedArray, remove_orphans, segment_name
-from .coordinator import Coordinator, StopTimeout, WorkerFailure
-from .executor import DistExecutor, Timeline
+from ..data.shm import remove_orphans
+from .coordinator import Coordinator, WorkerFailure
+from .executor import DistExecutor
+from .session import Session, blas_threads
+from .timeline import Timeline
 
 EXIT_WORKER_LOST = 1
 EXIT_INTERRUPTED = 130
-STOP_GRACE_S = 10.0  # after Ctrl-C / SIGTERM the running step gets this long before everything is torn down
 
 
 def add_launch_flags(p: argparse.ArgumentParser) -> None:
@@ -89,45 +85,6 @@ def _cmd_agent(args, extra) -> int:
     return run_agent(args)
 
 
-def blas_threads(cfg: Config, n_local: int) -> int:
-    return cfg.dist.blas_threads or max(1, (os.cpu_count() or 1) // max(n_local, 1))
-
-
-def worker_env(threads: int) -> dict:
-    env = dict(os.environ)
-    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        env[var] = str(threads)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def spawn_worker(endpoint: str, rank: int, run_id: str, env: dict, log_path: Path, pin_core: int | None = None):
-    cmd = [sys.executable, "-m", "dptrain", "worker", "--connect", endpoint, "--rank", str(rank), "--run", run_id]
-    with open(log_path, "ab") as f:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
-    if pin_core is not None:
-        try:
-            psutil.Process(proc.pid).cpu_affinity([pin_core])
-        except (psutil.Error, AttributeError, ValueError) as e:
-            log.get().warning(f"could not pin rank {rank} to core {pin_core}: {e}")
-    return proc
-
-
-def reap(procs: list, grace_s: float = 5.0) -> None:
-    """SIGTERM, wait up to grace_s, then SIGKILL: nothing outlives the launcher."""
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    deadline = time.monotonic() + grace_s
-    for p in procs:
-        try:
-            p.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-
-
 def _run_id(text: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", text):
         raise argparse.ArgumentTypeError(f"{text!r}: 1-64 of [A-Za-z0-9_-] (it names shared memory)")
@@ -153,41 +110,9 @@ def launch(cfg: Config, args) -> int:
     return launch_local(cfg, resume=args.resume, stop_at_step=args.stop_at_step)
 
 
-class Session:
-    """Everything a launch started, torn down in `close()` whatever happened: STOP to every peer, then SIGTERM /
-    SIGKILL to every child process, then the sockets, then the shared-memory segments."""
-
-    def __init__(self, run_id: str):
-        self.run_id = run_id
-        self.segments: list[SharedArray] = []
-        self.procs: list = []
-        self.coord: Coordinator | None = None
-        self.executor: DistExecutor | None = None
-        self.trainer = None
-
-    def shared(self, what: str, shape, dtype, fill=None) -> SharedArray:
-        seg = SharedArray.create(fill, segment_name(self.run_id, what), shape=shape, dtype=dtype, writable=True)
-        self.segments.append(seg)
-        return seg
-
-    def close(self) -> None:
-        if self.executor is not None:
-            self.executor.close()
-        if self.coord is not None:
-            self.coord.stop_all("run finished")
-            time.sleep(0.05)  # let STOP leave before the socket closes
-        reap(self.procs)
-        if self.coord is not None:
-            self.coord.close()
-        for seg in self.segments:
-            seg.close()
-            if seg.owner:
-                seg.unlink()
-
-
 def run_session(cfg: Config, stop_at_step: int, start, run_id: str | None = None) -> int:
-    """`start(session)` loads data, starts the peers and returns once they are READY (setting session.trainer,
-    session.coord and the gradient slots); this trains, reports, and maps failures to exit codes."""
+    """`start(session)` loads data, starts the peers and returns (trainer, grad_slots) once they are READY, with
+    session.coord set; this trains, prints the summary, and maps the ways a run ends to exit codes."""
     lg = log.get()
     orphans = remove_orphans()
     if orphans:
@@ -196,33 +121,25 @@ def run_session(cfg: Config, stop_at_step: int, start, run_id: str | None = None
     old_term = signal.signal(signal.SIGTERM, _raise_terminated)
     # The workers own the cores; the coordinator's few BLAS calls (norms) must not spin up threads against them.
     blas = threadpool_limits(1)
+    executor = None
     try:
-        grad_slots = start(session)
-        trainer, coord = session.trainer, session.coord
-        trainer.on_stop_request = lambda: setattr(coord, "stop_deadline", time.monotonic() + STOP_GRACE_S)
+        trainer, grad_slots = start(session)
         timeline = Timeline(cfg.dist.timeline) if cfg.dist.timeline else None
-        session.executor = DistExecutor(coord, trainer, grad_slots, cfg.dist.on_worker_failure, timeline)
-        summary = trainer.fit(session.executor, stop_at_step=stop_at_step)
-        summary["breakdown"] = session.executor.breakdown()
-        (Path(cfg.train.out) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        executor = DistExecutor(session.coord, trainer.store, cfg, grad_slots, timeline)
+        summary = trainer.fit(executor, stop_at_step=stop_at_step)
         print(json.dumps(summary))
         return EXIT_INTERRUPTED if trainer.stop_requested else 0
-    except WorkerFailure as e:
+    except WorkerFailure as e:  # the trainer wrote last.npz if training had started
         lg.error(f"aborting: {e}")
-        if session.trainer is not None and session.executor is not None:  # not when start-up/preflight failed
-            session.trainer.save("last")
-            lg.error(f"checkpoint written to {Path(cfg.train.out) / 'last.npz'} (step {session.trainer.step}); "
-                     f"resume with --resume")
         return EXIT_WORKER_LOST
-    except (KeyboardInterrupt, _Terminated) as e:
+    except (KeyboardInterrupt, _Terminated):
         lg.error("interrupted; stopping every worker")
-        if isinstance(e, StopTimeout) and session.trainer is not None:  # the step never finished: keep the last one
-            session.trainer.save("last")
-            lg.error(f"checkpoint written to {Path(cfg.train.out) / 'last.npz'} (step {session.trainer.step})")
         return EXIT_INTERRUPTED
     finally:
         signal.signal(signal.SIGTERM, old_term)
         blas.restore_original_limits()
+        if executor is not None:
+            executor.close()
         session.close()
 
 
@@ -240,7 +157,7 @@ def launch_local(cfg: Config, resume: bool = False, stop_at_step: int = 0) -> in
                              session.shared("buffers", store.buffers.shape, np.float32, store.buffers).array,
                              copy=False)
 
-        trainer = session.trainer = prepare_or_exit(cfg, resume, "launch", store_factory=to_shm)
+        trainer = prepare_or_exit(cfg, resume, "launch", store_factory=to_shm)
         out = Path(cfg.train.out)
         (out / "logs").mkdir(parents=True, exist_ok=True)
         images = session.shared("images", trainer.ds.images.shape, np.uint8, trainer.ds.images)
@@ -252,20 +169,11 @@ def launch_local(cfg: Config, resume: bool = False, stop_at_step: int = 0) -> in
             grads = session.shared("grads", (n, trainer.store.num_params), np.float32)
             grad_slots, shm_specs["grads"] = grads.array, grads.spec()
         welcome = {"config": config_mod.to_dict(cfg), "shm": shm_specs, "num_classes": len(trainer.ds.class_names)}
-        coord = session.coord = Coordinator(cfg, session.run_id, n, welcome, {"labels": trainer.ds.labels})
-        lg.info(f"coordinator listening on {coord.endpoint} (run {session.run_id}); starting {n} workers, "
+        session.coord = Coordinator(cfg, session.run_id, n, welcome, {"labels": trainer.ds.labels})
+        lg.info(f"coordinator listening on {session.coord.endpoint} (run {session.run_id}); starting {n} workers, "
                 f"{blas_threads(cfg, n)} BLAS thread(s) each, {cfg.dist.transport} transport, bn={cfg.dist.bn}")
-        env = worker_env(blas_threads(cfg, n))
-        cores = os.cpu_count() or 1
-        for r in range(n):
-            log_path = out / "logs" / f"rank{r}.log"
-            log_path.write_bytes(b"")
-            proc = spawn_worker(coord.endpoint, r, session.run_id, env, log_path,
-                                (r % cores) if cfg.dist.pin_cores else None)
-            session.procs.append(proc)
-            coord.peers[r].proc, coord.peers[r].pid, coord.peers[r].log_path = proc, proc.pid, log_path
-        coord.wait_ready()
+        session.start_workers(cfg, pysocket.gethostname(), [out / "logs" / f"rank{r}.log" for r in range(n)])
         lg.info(f"all {n} workers ready")
-        return grad_slots
+        return trainer, grad_slots
 
     return run_session(cfg, stop_at_step, start)

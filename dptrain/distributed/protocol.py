@@ -31,26 +31,28 @@ There is no empty delimiter frame (that is REQ's envelope, and we never use REQ)
 Header fields per kind (required; the sender may add others, passed through unchecked).
 decode checks each required field's top-level type only (bool never counts as int):
 the values of role/phase and what is inside a map or list are the receiver's to check.
+The table below and `SCHEMA` list the same kinds and fields (tests/test_protocol.py checks it).
 
-    kind             direction              fields                                      arrays
-    HELLO            peer -> coordinator    role str ("worker"|"agent"), host str,      -
-                                            pid int, versions map, code_hash str
-    WELCOME          coordinator -> peer    world_size int, config map, shm map         -
-    READY            peer -> coordinator    -                                           -
-    STEP             coordinator -> worker  weights_version int, epoch int, flags map   indices (int32|int64),
-                                                                                        optional weights
-    RESULT           worker -> coordinator  count int, loss_sum float, correct int,     grad if grad_slot == -1,
-                                            grad_slot int (>=0: shm slot, -1: grad in   optional bn_moments
-                                            a frame, -2: no gradient, e.g. eval),
-                                            timings map
-    BN_REDUCE        worker -> coordinator  layer int, phase str ("fwd"|"bwd")          moments (float32|float64)
-    BN_REDUCED       coordinator -> workers layer int, phase str                        moments (float32|float64)
-    HEARTBEAT        both ways              -                                           -
-    STOP             coordinator -> peer    reason str                                  -
-    ERROR            peer -> coordinator    message str, traceback str                  -
-    PREFLIGHT        coordinator -> peer    checks map (check name -> expected value)   -
-    PREFLIGHT_REPLY  peer -> coordinator    results map (check name -> [ok, detail])    -
-    LOG              peer -> coordinator    lines list of str                           -
+    kind        direction             fields                                          arrays
+    HELLO       peer -> coordinator   role str ("worker"|"agent"), host str, pid int, -
+                                      slots int, versions map, code_hash str
+    WELCOME     coordinator -> peer   world_size int, rank_base int, config map,      labels (int64)
+                                      shm map, num_classes int
+    READY       peer -> coordinator   -                                               -
+    STEP        coordinator -> peer   phase str ("train"|"eval"), epoch int,          indices (int32|int64);
+                                      attempt int, weights_version int,               params + buffers, or
+                                      global_count int (train: the loss's divisor),   update + buffers
+                                      eval_batch int (eval: forward batch size),      (float16 wire), or none
+                                      shard_sizes list (agents: per-slot split)       (shared memory)
+    RESULT      peer -> coordinator   phase str, attempt int, count int,              grad if grad_in ==
+                                      loss_sum float, correct int, grad_in str        "frame"; bn_moments
+                                      ("shm"|"frame"|"none"), grad_scale float,       (train)
+                                      timings map (phase -> [start, seconds])
+    BN_REDUCE   peer -> coordinator   layer int, phase str ("fwd"|"bwd"), attempt int moments (float64)
+    BN_REDUCED  coordinator -> peer   layer int, phase str, attempt int               moments (float64)
+    HEARTBEAT   both ways             -                                               -
+    STOP        coordinator -> peer   reason str                                      -
+    ERROR       peer -> coordinator   message str, traceback str                      -
 
 `rank` is -1 for the coordinator and for a peer that has no rank yet. HELLO is the one
 kind whose `run` is not checked by decode: the caller compares it and answers STOP.
@@ -65,24 +67,21 @@ from typing import Any
 import msgpack
 import numpy as np
 
-PROTOCOL_VERSION = 1  # bump on any incompatible change to the header or the kinds
+PROTOCOL_VERSION = 2  # bump on any incompatible change to the header or the kinds
 
 
 class Kind(enum.IntEnum):
     """Message kinds; the values are what travels in the header's "kind"."""
-    HELLO = 1            # peer -> coordinator: who I am (rank, host, pid, versions, code hash)
-    WELCOME = 2          # coordinator -> peer: run config subset, world size, shared-memory names
-    READY = 3            # peer -> coordinator: attached shm, built the model, waiting for STEP
-    STEP = 4             # coordinator -> worker: run step k on this shard with weights version v
-    RESULT = 5           # worker -> coordinator: grad (frame or shm slot), counts, loss, BN moments, timings
-    BN_REDUCE = 6        # worker -> coordinator: one sync-BN layer's local moments
-    BN_REDUCED = 7       # coordinator -> workers: that layer's globally reduced moments
-    HEARTBEAT = 8        # both ways: I am alive (about every second)
-    STOP = 9             # coordinator -> peer: exit now, with a reason
-    ERROR = 10           # peer -> coordinator: I failed, here is the traceback
-    PREFLIGHT = 11       # coordinator -> peer: run these checks before step 0
-    PREFLIGHT_REPLY = 12 # peer -> coordinator: the check results
-    LOG = 13             # peer -> coordinator: my last log lines
+    HELLO = 1       # peer -> coordinator: who I am (rank, host, pid, slots, versions, code hash)
+    WELCOME = 2     # coordinator -> peer: config, world size, first global rank, shared-memory names, labels
+    READY = 3       # peer -> coordinator: attached shm, built the model, waiting for STEP
+    STEP = 4        # coordinator -> peer: run this phase of step k on this shard, with weights version v
+    RESULT = 5      # peer -> coordinator: counts, loss, BN moments, timings; the gradient in shm or a frame
+    BN_REDUCE = 6   # peer -> coordinator: one sync-BN layer's local sums (forward moments or backward sums)
+    BN_REDUCED = 7  # coordinator -> peers: that layer's sums over every rank, added in rank order
+    HEARTBEAT = 8   # both ways: I am alive (about every second)
+    STOP = 9        # coordinator -> peer: exit now, with a reason
+    ERROR = 10      # peer -> coordinator: I failed, here is the traceback
 
 
 # Wire dtypes by name; always little-endian on the wire whatever the host.
@@ -97,27 +96,29 @@ RESERVED = frozenset({"v", "kind", "run", "step", "rank", "arrays"})  # header k
 _NUM = (int, float)
 # kind -> required field -> accepted Python types (bool is rejected where int/float is asked).
 SCHEMA: dict[Kind, dict[str, tuple[type, ...]]] = {
-    Kind.HELLO: {"role": (str,), "host": (str,), "pid": (int,), "versions": (dict,), "code_hash": (str,)},
-    Kind.WELCOME: {"world_size": (int,), "config": (dict,), "shm": (dict,)},
+    Kind.HELLO: {"role": (str,), "host": (str,), "pid": (int,), "slots": (int,), "versions": (dict,),
+                 "code_hash": (str,)},
+    Kind.WELCOME: {"world_size": (int,), "rank_base": (int,), "config": (dict,), "shm": (dict,),
+                   "num_classes": (int,)},
     Kind.READY: {},
-    Kind.STEP: {"weights_version": (int,), "epoch": (int,), "flags": (dict,)},
-    Kind.RESULT: {"count": (int,), "loss_sum": _NUM, "correct": (int,), "grad_slot": (int,),
-                  "timings": (dict,)},
-    Kind.BN_REDUCE: {"layer": (int,), "phase": (str,)},
-    Kind.BN_REDUCED: {"layer": (int,), "phase": (str,)},
+    Kind.STEP: {"phase": (str,), "epoch": (int,), "attempt": (int,), "weights_version": (int,),
+                "global_count": (int,), "eval_batch": (int,), "shard_sizes": (list,)},
+    Kind.RESULT: {"phase": (str,), "attempt": (int,), "count": (int,), "loss_sum": _NUM, "correct": (int,),
+                  "grad_in": (str,), "grad_scale": _NUM, "timings": (dict,)},
+    Kind.BN_REDUCE: {"layer": (int,), "phase": (str,), "attempt": (int,)},
+    Kind.BN_REDUCED: {"layer": (int,), "phase": (str,), "attempt": (int,)},
     Kind.HEARTBEAT: {},
     Kind.STOP: {"reason": (str,)},
     Kind.ERROR: {"message": (str,), "traceback": (str,)},
-    Kind.PREFLIGHT: {"checks": (dict,)},
-    Kind.PREFLIGHT_REPLY: {"results": (dict,)},
-    Kind.LOG: {"lines": (list,)},
 }
 # kind -> array that must be present -> accepted dtype names
 REQUIRED_ARRAYS: dict[Kind, dict[str, tuple[str, ...]]] = {
+    Kind.WELCOME: {"labels": ("int64",)},
     Kind.STEP: {"indices": ("int32", "int64")},
-    Kind.BN_REDUCE: {"moments": ("float32", "float64")},
-    Kind.BN_REDUCED: {"moments": ("float32", "float64")},
+    Kind.BN_REDUCE: {"moments": ("float64",)},
+    Kind.BN_REDUCED: {"moments": ("float64",)},
 }
+GRAD_IN = ("shm", "frame", "none")  # RESULT's grad_in: in this rank's shared-memory slot, in a frame, no gradient
 
 
 class ProtocolError(ValueError):
@@ -177,8 +178,11 @@ def _check_schema(kind: Kind, fields: dict[str, Any], names: dict[str, str]) -> 
             raise ProtocolError(f"{kind.name}: missing array {name!r}")
         if names[name] not in dtypes:
             raise ProtocolError(f"{kind.name}: array {name!r} is {names[name]}, expected {'/'.join(dtypes)}")
-    if kind is Kind.RESULT and fields["grad_slot"] == -1 and "grad" not in names:
-        raise ProtocolError("RESULT: grad_slot -1 but no 'grad' array")
+    if kind is Kind.RESULT:
+        if fields["grad_in"] not in GRAD_IN:
+            raise ProtocolError(f"RESULT: grad_in {_short(fields['grad_in'])} is not one of {GRAD_IN}")
+        if fields["grad_in"] == "frame" and "grad" not in names:
+            raise ProtocolError("RESULT: grad_in 'frame' but no 'grad' array")
 
 
 def _plain(x: Any) -> Any:

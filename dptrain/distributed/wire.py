@@ -77,8 +77,8 @@ def receive_weights(params: np.ndarray, buffers: np.ndarray, arrays: dict, field
     """A peer with its own copies of the weights: take a full copy or apply an update. True when either came."""
     if "params" in arrays:
         np.copyto(params, arrays["params"])
-    elif "dparams" in arrays:
-        add16(params, arrays["dparams"], float(fields["dscale"]))
+    elif "update" in arrays:
+        add16(params, arrays["update"], float(fields["update_scale"]))
     else:
         return False
     np.copyto(buffers, arrays["buffers"])

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import conv, norm, pool
-from . import functional as F
+from . import conv, functional as F, norm, pool
 from .params import ParamStore, he_normal, ones, uniform_fan_in, zeros
 from .workspace import Workspace
 

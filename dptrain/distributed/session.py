@@ -1,0 +1,101 @@
+"""What one host's side of a run starts and must tear down: processes, shared memory, the coordinator socket.
+
+`Session` collects them as they are made and `close()` undoes them whatever happened: STOP to every peer, then
+SIGTERM / SIGKILL to every child process, then the socket, then the shared-memory segments. `start_workers` spawns
+a host's workers (`python -m dptrain worker ...`, each in its own session so a terminal's Ctrl-C reaches only the
+launcher, BLAS threads = cores // N set before numpy loads) and hands each to the coordinator with `adopt`; the
+launcher (one host) and an agent (one host of many) both use it.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from .. import log
+from ..config import Config
+from ..data.shm import SharedArray, segment_name
+from .coordinator import Coordinator
+
+
+def blas_threads(cfg: Config, n_local: int) -> int:
+    return cfg.dist.blas_threads or max(1, (os.cpu_count() or 1) // max(n_local, 1))
+
+
+def worker_env(threads: int) -> dict:
+    env = dict(os.environ)
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = str(threads)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def spawn_worker(endpoint: str, rank: int, run_id: str, env: dict, log_path: Path, pin_core: int | None = None):
+    cmd = [sys.executable, "-m", "dptrain", "worker", "--connect", endpoint, "--rank", str(rank), "--run", run_id]
+    with open(log_path, "ab") as f:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    if pin_core is not None:
+        try:
+            psutil.Process(proc.pid).cpu_affinity([pin_core])
+        except (psutil.Error, AttributeError, ValueError) as e:
+            log.get().warning(f"could not pin rank {rank} to core {pin_core}: {e}")
+    return proc
+
+
+def reap(procs: list, grace_s: float = 5.0) -> None:
+    """SIGTERM, wait up to grace_s, then SIGKILL: nothing outlives the launcher."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+class Session:
+    """Everything one host's side of a run started, torn down in `close()`."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+        self.segments: list[SharedArray] = []
+        self.procs: list = []
+        self.coord: Coordinator | None = None
+
+    def shared(self, what: str, shape, dtype, fill=None) -> SharedArray:
+        seg = SharedArray.create(fill, segment_name(self.run_id, what), shape=shape, dtype=dtype, writable=True)
+        self.segments.append(seg)
+        return seg
+
+    def start_workers(self, cfg: Config, host: str, log_paths: list[Path]) -> None:
+        """Spawn one worker per log path (local ranks 0..n-1 of self.coord) and wait until every one is READY."""
+        n = len(log_paths)
+        env = worker_env(blas_threads(cfg, n))
+        cores = os.cpu_count() or 1
+        for r, path in enumerate(log_paths):
+            path.write_bytes(b"")
+            proc = spawn_worker(self.coord.endpoint, r, self.run_id, env, path,
+                                (r % cores) if cfg.dist.pin_cores else None)
+            self.procs.append(proc)
+            self.coord.adopt(r, host, proc, path)
+        self.coord.wait_ready()
+
+    def close(self) -> None:
+        if self.coord is not None:
+            self.coord.stop_all("run finished")
+            time.sleep(0.05)  # let STOP leave before the socket closes
+        reap(self.procs)
+        if self.coord is not None:
+            self.coord.close()
+        for seg in self.segments:
+            seg.close()
+            if seg.owner:
+                seg.unlink()
