@@ -21,37 +21,42 @@ from pathlib import Path
 
 from . import config as config_mod, log
 
-# short flag -> config key
-ALIASES = {
-    "data": "data.path", "image_size": "data.image_size", "min_images_per_class": "data.min_images_per_class",
-    "epochs": "train.epochs", "batch_size": "train.batch_size", "lr": "train.lr", "out": "train.out",
-    "seed": "train.seed", "workers": "dist.workers", "bn": "dist.bn", "on_worker_failure": "dist.on_worker_failure",
-    "port": "dist.port", "bind": "dist.bind", "timeline": "dist.timeline", "wire_dtype": "dist.wire_dtype",
-}
+# Short flags, each an alias of one config key: (flag, config key, type, choices, help). The one table both the
+# parser and the config resolution read; distributed-only ones are the `dist.` keys, offered by `launch` alone.
+TRAIN_FLAGS = [
+    ("--data", "data.path", str, None, "dataset folder or .tgz"),
+    ("--image-size", "data.image_size", int, None, "images are resized to this many pixels square"),
+    ("--min-images-per-class", "data.min_images_per_class", int, None, "drop classes with fewer images"),
+    ("--epochs", "train.epochs", int, None, None),
+    ("--batch-size", "train.batch_size", int, None, "global batch size"),
+    ("--lr", "train.lr", float, None, "peak learning rate"),
+    ("--out", "train.out", str, None, "run folder"),
+    ("--seed", "train.seed", int, None, None),
+    ("--workers", "dist.workers", int, None, "worker processes on this host (0: run in this process)"),
+    ("--bn", "dist.bn", str, ["stats", "sync"], None),
+    ("--on-worker-failure", "dist.on_worker_failure", str, ["abort", "continue"], None),
+    ("--bind", "dist.bind", str, None, "interface the coordinator listens on"),
+    ("--port", "dist.port", int, None, "coordinator port (0: pick a free one)"),
+    ("--timeline", "dist.timeline", str, None, "write a Chrome-trace JSON of every phase"),
+    ("--wire-dtype", "dist.wire_dtype", str, ["float32", "float16"], None),
+]
+
+
+def _dest(flag: str) -> str:
+    return flag[2:].replace("-", "_")
 
 
 def add_train_flags(p: argparse.ArgumentParser, distributed: bool = False) -> None:
     g = p.add_argument_group("training (each is an alias of a config key; --section.key=value sets any key)")
     g.add_argument("--config", help="TOML file with [data] [model] [train] [dist] tables")
-    g.add_argument("--data", help="dataset folder or .tgz (data.path)")
-    g.add_argument("--image-size", type=int)
-    g.add_argument("--min-images-per-class", type=int)
-    g.add_argument("--epochs", type=int)
-    g.add_argument("--batch-size", type=int, help="global batch size")
-    g.add_argument("--lr", type=float, help="peak learning rate")
-    g.add_argument("--out", help="run folder (train.out)")
-    g.add_argument("--seed", type=int)
     g.add_argument("--resume", action="store_true", help="continue from OUT/last.npz")
     g.add_argument("--stop-at-step", type=int, default=0, help="stop (with a checkpoint) once this step is reached")
-    if distributed:
-        d = p.add_argument_group("distribution")
-        d.add_argument("--workers", type=int, help="worker processes on this host (0: run in this process)")
-        d.add_argument("--bn", choices=["stats", "sync"])
-        d.add_argument("--on-worker-failure", choices=["abort", "continue"])
-        d.add_argument("--bind", help="interface the coordinator listens on")
-        d.add_argument("--port", type=int, help="coordinator port (0: pick a free one)")
-        d.add_argument("--timeline", help="write a Chrome-trace JSON of every phase")
-        d.add_argument("--wire-dtype", choices=["float32", "float16"])
+    d = p.add_argument_group("distribution") if distributed else None
+    for flag, key, typ, choices, text in TRAIN_FLAGS:
+        if key.startswith("dist.") and d is None:
+            continue
+        (d if key.startswith("dist.") else g).add_argument(flag, type=typ, choices=choices,
+                                                           help=f"{text} ({key})" if text else f"({key})")
 
 
 def parse_overrides(extra: list[str]) -> dict[str, str]:
@@ -74,8 +79,8 @@ def parse_overrides(extra: list[str]) -> dict[str, str]:
 
 def resolve_config(args: argparse.Namespace, extra: list[str]) -> config_mod.Config:
     overrides = {}
-    for flag, key in ALIASES.items():
-        v = getattr(args, flag, None)
+    for flag, key, *_ in TRAIN_FLAGS:
+        v = getattr(args, _dest(flag), None)
         if v is not None:
             overrides[key] = str(v)
     overrides.update(parse_overrides(extra))
