@@ -2,7 +2,7 @@
 
 Per image: open with Pillow, ask JPEGs for a DCT-downscaled draft no smaller than needed (250 px -> 64 px with a
 150 px crop decodes at 1/2 scale: 30% faster here, pixels within 1 grey level on average), convert to RGB (first
-frame of a GIF, palette/greyscale expanded), then one `Image.resize(..., BILINEAR, box=crop)`: the centre crop of `center_crop`
+frame of a GIF, palette/greyscale expanded, alpha dropped; see `to_rgb` for 16-bit greyscale), then one `Image.resize(..., BILINEAR, box=crop)`: the centre crop of `center_crop`
 source pixels (clamped to the image; 0 = whole image) is resampled to S x S in one pass. Pillow's BILINEAR widens
 its triangle filter by the downscale factor, so downscaling is antialiased (area-like), not point-sampled.
 Non-square images without a crop are squashed to a square.
@@ -33,7 +33,7 @@ from .discover import Discovered
 
 log = logging.getLogger(__name__)
 
-DECODER_VERSION = 1  # bump when decoded pixels change; part of the cache key
+DECODER_VERSION = 2  # bump when decoded pixels change; part of the cache key (2: 16-bit grey scaled)
 PARALLEL_MIN_FILES = 400  # below this a pool costs more to start than it saves
 CHUNK = 64  # files per pool task
 
@@ -44,6 +44,21 @@ class Decoded:
     names: list[str]  # M relative names ("Class/file.jpg") matching images
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative name, reason) of files not decoded
     from_cache: bool = False  # True when read from the decode cache instead of decoding
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """`im` as 8-bit RGB: Pillow's `convert("RGB")`, except for 16-bit greyscale.
+
+    Pillow opens 16-bit greyscale PNG/TIFF as "I;16" (or "I;16B"...) and 16-bit PGM (any maxval > 255, rescaled to
+    65535) as "I", and its convert() clips those values at 255: almost every pixel turns white. Here "I;16*" and "I"
+    are read as 0..65535 and scaled by 255/65535 (a pixel v * 257 gives v). An "I" image holding 8-bit values (made
+    by `convert("I")`, rare in files) therefore comes out dark: one fixed rule rather than a guess per image.
+    "F" (32-bit float TIFF) keeps Pillow's rule: values taken as 0..255, clipped.
+    """
+    if im.mode == "I" or im.mode.startswith("I;16"):
+        grey = np.rint(np.asarray(im, dtype=np.float64) * (255.0 / 65535.0))
+        return Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8), "L").convert("RGB")
+    return im.convert("RGB")
 
 
 def decode_image(src, image_size: int, center_crop: int = 0) -> np.ndarray:
@@ -59,7 +74,7 @@ def decode_image(src, image_size: int, center_crop: int = 0) -> np.ndarray:
             fx = image_size / (crop or w0)
             fy = image_size / (crop or h0)
             im.draft("RGB", (math.ceil(w0 * fx), math.ceil(h0 * fy)))
-            rgb = im.convert("RGB")  # forces the decode: truncation/corruption raises here
+            rgb = to_rgb(im)  # forces the decode: truncation/corruption raises here
     w, h = rgb.size
     sx, sy = w / w0, h / h0  # draft scale
     if crop:

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".gif", ".webp"})
 ARCHIVE_SUFFIXES = (".tgz", ".tar.gz", ".tar")
+Item = tuple[tuple[str, ...], str, int, int]  # (parts relative to the root, ref, size, mtime)
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,8 @@ def _is_hidden(parts: tuple[str, ...]) -> bool:
     return any(p.startswith(".") or p == "__MACOSX" for p in parts)
 
 
-def _is_image(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+def _is_image(name: str, extensions=IMAGE_EXTENSIONS) -> bool:
+    return os.path.splitext(name)[1].lower() in extensions
 
 
 def _strip_common_top(paths: list[tuple[str, ...]]) -> int:
@@ -69,7 +70,7 @@ def _strip_common_top(paths: list[tuple[str, ...]]) -> int:
     return depth
 
 
-def _build(path: Path, kind: str, items: list[tuple[tuple[str, ...], str, int, int]], seen: int) -> Discovered:
+def _build(path: Path, kind: str, items: list[Item], seen: int) -> Discovered:
     """items: (relative parts, ref, size, mtime) for visible image files."""
     top = _strip_common_top([p for p, _, _, _ in items])
     entries, keyed = [], []
@@ -87,22 +88,26 @@ def _build(path: Path, kind: str, items: list[tuple[tuple[str, ...], str, int, i
     return Discovered(path, kind, entries, h.hexdigest(), seen - len(entries))
 
 
-def discover_dir(path: Path) -> Discovered:
+def dir_images(path: Path, extensions=IMAGE_EXTENSIONS) -> tuple[list[Item], int]:
+    """(visible files under `path` (recursively) whose extension is in `extensions`, files seen); ref: absolute
+    path. Folders are walked in sorted order, files in directory order."""
     items, seen = [], 0
     for dirpath, dirnames, filenames in os.walk(path):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__MACOSX")
         rel = Path(dirpath).relative_to(path).parts
         for fn in filenames:
             seen += 1
-            if fn.startswith(".") or not _is_image(fn):
+            if fn.startswith(".") or not _is_image(fn, extensions):
                 continue
             full = os.path.join(dirpath, fn)
             st = os.stat(full)
             items.append((rel + (fn,), os.path.abspath(full), st.st_size, st.st_mtime_ns))
-    return _build(path, "dir", items, seen)
+    return items, seen
 
 
-def discover_tar(path: Path) -> Discovered:
+def tar_images(path: Path, extensions=IMAGE_EXTENSIONS) -> tuple[list[Item], int]:
+    """(visible members of the archive whose extension is in `extensions`, in member order; files seen); ref: the
+    member name. Raises tarfile.TarError / OSError / EOFError on an unreadable archive."""
     items, seen = [], 0
     with tarfile.open(path, "r:*") as tf:
         for m in tf:  # streaming: listing a .tgz reads it once, never holding more than one member
@@ -110,10 +115,18 @@ def discover_tar(path: Path) -> Discovered:
                 continue
             seen += 1
             parts = tuple(p for p in m.name.split("/") if p not in ("", "."))
-            if not parts or _is_hidden(parts) or not _is_image(parts[-1]):
+            if not parts or _is_hidden(parts) or not _is_image(parts[-1], extensions):
                 continue
             items.append((parts, m.name, m.size, int(m.mtime)))
-    return _build(path, "tar", items, seen)
+    return items, seen
+
+
+def discover_dir(path: Path) -> Discovered:
+    return _build(path, "dir", *dir_images(path))
+
+
+def discover_tar(path: Path) -> Discovered:
+    return _build(path, "tar", *tar_images(path))
 
 
 def discover(path: str | os.PathLike) -> Discovered:
