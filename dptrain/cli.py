@@ -6,6 +6,7 @@
     dptrain launch --hostfile FILE | -H a:2,b:2    one agent per host over ssh, workers under it
     dptrain agent  --connect tcp://HOST:PORT ...   run a host's agent by hand (no-ssh mode, Slurm, mpirun)
     dptrain eval   --checkpoint C --data DIR       accuracy of a checkpoint on a folder
+    dptrain predict --checkpoint C PATH...         class probabilities of images, folders, .tgz
     dptrain bench  [--workers 1,2,4] [--compare torch]
     dptrain plot   RUN_DIR                          metrics.jsonl -> PNG curves
 
@@ -118,6 +119,19 @@ def cmd_eval(args, extra) -> int:
     return 0
 
 
+def cmd_predict(args, extra) -> int:
+    from .predict import FORMATS, predict
+    try:
+        result = predict(args.checkpoint, args.paths, top_k=args.top_k, batch_size=args.batch_size)
+    except (ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError; the messages name the path
+        raise SystemExit(f"dptrain predict: {e}") from None
+    sys.stdout.write(FORMATS[args.format](result))
+    if not result.paths:
+        print(f"dptrain predict: none of the {len(result.skipped)} image file(s) could be read", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_data_synth(args, extra) -> int:
     from .data.synth import generate
     kwargs = {k: v for k, v in (("num_classes", args.classes), ("image_size", args.image_size),
@@ -163,6 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True)
     e.add_argument("--batch-size", type=int, default=256)
     e.set_defaults(func=cmd_eval)
+
+    pr = sub.add_parser("predict", help="class probabilities of unlabelled images")
+    pr.add_argument("--checkpoint", required=True)
+    pr.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (recursive) or .tgz/.tar")
+    pr.add_argument("--top-k", type=int, default=5, help="classes listed per image")
+    pr.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    pr.add_argument("--batch-size", type=int, default=64)
+    pr.set_defaults(func=cmd_predict)
 
     d = sub.add_parser("data", help="dataset tools")
     dsub = d.add_subparsers(dest="data_command", required=True)
