@@ -7,6 +7,7 @@
     dptrain agent  --connect tcp://HOST:PORT ...   run a host's agent by hand (no-ssh mode, Slurm, mpirun)
     dptrain eval   --checkpoint C --data DIR       accuracy of a checkpoint on a folder
     dptrain predict --checkpoint C PATH...         class probabilities of images, folders, .tgz
+    dptrain export --checkpoint C --format onnx|torch|safetensors --out F
     dptrain bench  [--workers 1,2,4] [--compare torch]
     dptrain plot   RUN_DIR                          metrics.jsonl -> PNG curves
 
@@ -132,6 +133,16 @@ def cmd_predict(args, extra) -> int:
     return 0
 
 
+def cmd_export(args, extra) -> int:
+    from .export import export
+    try:
+        summary = export(args.checkpoint, args.format, args.out)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"dptrain export: {e}") from None
+    print(json.dumps(summary))
+    return 0
+
+
 def cmd_data_synth(args, extra) -> int:
     from .data.synth import generate
     kwargs = {k: v for k, v in (("num_classes", args.classes), ("image_size", args.image_size),
@@ -185,6 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--format", choices=["table", "json", "csv"], default="table")
     pr.add_argument("--batch-size", type=int, default=64)
     pr.set_defaults(func=cmd_predict)
+
+    ex = sub.add_parser("export", help="write a checkpoint's network as ONNX, a torch state_dict or safetensors")
+    ex.add_argument("--checkpoint", required=True)
+    ex.add_argument("--format", required=True, choices=["onnx", "torch", "safetensors"])
+    ex.add_argument("--out", required=True)
+    ex.set_defaults(func=cmd_export)
 
     d = sub.add_parser("data", help="dataset tools")
     dsub = d.add_subparsers(dest="data_command", required=True)

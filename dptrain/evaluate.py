@@ -24,17 +24,29 @@ from .nn.model import build_model
 from .nn.params import ParamStore
 
 
+def empty_model(cfg: config_mod.Config, num_classes: int):
+    """The network `cfg` describes on a float32 ParamStore, allocated, its weights to be overwritten."""
+    # The rng only fills weights that the caller overwrites; it is needed to allocate the store.
+    return build_model(cfg.model, num_classes, cfg.data.image_size, ParamStore(np.float32),
+                       rng=np.random.default_rng(0))
+
+
 def load_model(checkpoint_path: str | Path):
-    """(model, cfg, class_names) rebuilt from a checkpoint, weights and BN running statistics loaded."""
+    """(model, cfg, class_names) rebuilt from a checkpoint, weights and BN running statistics loaded.
+
+    A `.safetensors` file written by `dptrain export` is read too (see export.load_safetensors).
+    """
+    if str(checkpoint_path).endswith(".safetensors"):
+        from .export import load_safetensors
+        return load_safetensors(checkpoint_path)
     arrays, meta = checkpoint.load(checkpoint_path)
     try:
         cfg = config_mod.from_dict(meta["config"])
         class_names = list(meta["class_names"])
     except (KeyError, TypeError, ValueError) as e:
         raise checkpoint.CheckpointError(f"{checkpoint_path}: unusable config/class names in meta ({e})") from None
-    store = ParamStore(np.float32)
-    # The rng only fills weights that are overwritten just below; it is needed to allocate the store.
-    model = build_model(cfg.model, len(class_names), cfg.data.image_size, store, rng=np.random.default_rng(0))
+    model = empty_model(cfg, len(class_names))
+    store = model.store
     for name, dst in (("params", store.params), ("buffers", store.buffers)):
         if arrays[name].shape != dst.shape:
             raise checkpoint.CheckpointError(f"{checkpoint_path}: {name} has shape {arrays[name].shape}, the model "
