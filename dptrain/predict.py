@@ -174,7 +174,7 @@ def predict(checkpoint_path: str | os.PathLike, inputs: list[str | os.PathLike],
             prob_parts.append(np.take_along_axis(probs, order, axis=1))
     out.top_index = np.concatenate(index_parts) if index_parts else np.zeros((0, k), np.int64)
     out.top_prob = np.concatenate(prob_parts) if prob_parts else np.zeros((0, k))
-    warn_skipped(out.skipped, ", ".join(map(str, inputs)))
+    warn_skipped(out.skipped, str(inputs[0]) if len(inputs) == 1 else f"the {len(inputs)} inputs")
     return out
 
 
