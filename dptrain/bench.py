@@ -26,7 +26,7 @@ from pathlib import Path
 from . import config as config_mod, log
 
 CSV_KEYS = ["impl", "transport", "workers", "images_per_s", "speedup", "efficiency", "vs_torch", "step_s",
-            "compute_s", "comm_s", "reduce_s", "update_s", "coordinator_frac", "pss_total_mb",
+            "compute_s", "comm_s", "reduce_s", "update_s", "serial_s", "update_by", "coordinator_frac", "pss_total_mb",
             "pss_coordinator_mb", "pss_worker_mean_mb", "images_mb", "blas_threads", "threads"]
 
 
@@ -137,7 +137,7 @@ def add_scaling(rows: list[dict]) -> None:
 
 def format_table(rows: list[dict]) -> str:
     head = (f"{'impl':<10}{'transport':<10}{'N':>3}{'img/s':>9}{'speedup':>9}{'eff':>6}{'vs torch':>9}"
-            f"{'step ms':>9}{'compute':>9}{'comm':>8}{'reduce':>8}{'update':>8}{'coord%':>8}{'PSS MB':>9}"
+            f"{'step ms':>9}{'compute':>9}{'comm':>8}{'reduce':>8}{'update':>8}{'serial':>8}{'ser%':>7}{'PSS MB':>9}"
             f"{'/worker':>9}")
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -146,8 +146,8 @@ def format_table(rows: list[dict]) -> str:
             f"{r['impl']:<10}{r['transport']:<10}{r['workers']:>3}{r['images_per_s']:9.1f}{r['speedup']:9.2f}"
             f"{r['efficiency']:6.2f}" + (f"{r['vs_torch']:9.2f}" if "vs_torch" in r else f"{'':>9}")
             + f"{1e3 * r['step_s'] if 'step_s' in r else r.get('step_ms', 0.0):9.1f}"
-            + (f"{ms('compute_s')} {ms('comm_s')}{ms('reduce_s')}{ms('update_s')}"
-               f"{100 * r['coordinator_frac']:7.1f}%{_mb(r['pss_total_mb'])}{_mb(r['pss_worker_mean_mb'])}"
+            + (f"{ms('compute_s')} {ms('comm_s')}{ms('reduce_s')}{ms('update_s')}{ms('serial_s')}"
+               f"{100 * r.get('coordinator_frac', 0.0):6.1f}%{_mb(r['pss_total_mb'])}{_mb(r['pss_worker_mean_mb'])}"
                if "compute_s" in r else ""))
     return "\n".join(lines)
 

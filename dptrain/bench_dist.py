@@ -105,7 +105,7 @@ def split_from_timeline(trace_path: Path, first_step: int) -> dict:
     rnd, red, upd = (mean(lambda s, k=k: coord[s][k]) for k in ("round", "reduce", "clip+update"))
     step = rnd + red + upd
     return {"step_s": step, "compute_s": compute, "comm_s": max(rnd - compute, 0.0), "reduce_s": red,
-            "update_s": upd, "coordinator_frac": (red + upd) / step, "timed_steps": len(steps)}
+            "update_s": upd, "timed_steps": len(steps)}
 
 
 def run_workers(n: int, data: Path, out_root: Path, args, overrides: dict[str, str], transport: str) -> dict:
@@ -142,6 +142,11 @@ def run_workers(n: int, data: Path, out_root: Path, args, overrides: dict[str, s
     row = {"impl": "dptrain", "transport": transport, "workers": n, "images_per_s": ips,
            "blas_threads": cfg.dist.blas_threads or max(1, (os.cpu_count() or 1) // n), "wall_s": wall,
            **split_from_timeline(run_dir / "timeline.json", args.warmup), **mem}
+    # serial: the coordinator alone between the workers' phases (its decisions, bookkeeping; with update by the
+    # coordinator also the sum and SGD), measured by the executor over every step
+    breakdown = json.loads((run_dir / "summary.json").read_text())["breakdown"]
+    row["serial_s"], row["update_by"] = breakdown["serial_s"], breakdown["update_by"]
+    row["coordinator_frac"] = row["serial_s"] / row["step_s"]
     row["images_mb"] = len_images_mb(run_dir, args.images, args.image_size)
     return row
 

@@ -72,6 +72,9 @@ class DistConfig:
     blas_threads: int = 0  # BLAS threads per worker (0: cores // workers, at least 1)
     pin_cores: bool = False  # pin each worker to a core with psutil
     transport: str = "shm"  # "shm": bulk arrays through shared memory on one host; "socket": raw frames
+    # With shm: "workers" = each worker sums its slice of every gradient slot and applies SGD to that slice (the
+    # coordinator only decides); "coordinator" = the coordinator sums and updates alone. The same bits either way.
+    update: str = "workers"
     wire_dtype: str = "float32"  # dtype of gradients sent between hosts ("float16" halves the bytes)
     timeline: str = ""  # write a Chrome-trace JSON of every phase to this file
 
@@ -90,6 +93,8 @@ class Config:
             raise ValueError(f"dist.on_worker_failure must be 'abort' or 'continue', got {self.dist.on_worker_failure!r}")
         if self.dist.transport not in ("shm", "socket"):
             raise ValueError(f"dist.transport must be 'shm' or 'socket', got {self.dist.transport!r}")
+        if self.dist.update not in ("workers", "coordinator"):
+            raise ValueError(f"dist.update must be 'workers' or 'coordinator', got {self.dist.update!r}")
         if self.dist.wire_dtype not in ("float32", "float16"):
             raise ValueError(f"dist.wire_dtype must be 'float32' or 'float16', got {self.dist.wire_dtype!r}")
         for name in ("epochs", "batch_size", "image_size"):

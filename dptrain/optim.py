@@ -26,16 +26,28 @@ def lr_at(step: int, *, base_lr: float, warmup_steps: int, total_steps: int, min
 CHUNK = 1 << 16  # elements per block: w, g, v and a scratch block (1 MiB) stay in L2 between the vector ops
 
 
-def sum_of_squares(g: np.ndarray) -> float:
-    """Σ g²: float32 dots over blocks, accumulated in float64 across blocks. One pass over g (a float64 copy costs
-    10x more); the relative error, ~1e-7·sqrt(block), only moves the clip factor in its 6th digit."""
-    total = 0.0
+def chunk_squares(g: np.ndarray) -> np.ndarray:
+    """Σ g² of every CHUNK-element block of g (float64, one per block): a float32 dot per block, redone in float64
+    for a block whose float32 squares overflow. Blocks are independent, so a slice starting on a block boundary
+    gives exactly the entries of the whole array's list: workers can each take a slice and the sums still match."""
+    parts = np.empty(-(-g.size // CHUNK), np.float64)
     with np.errstate(over="ignore"):  # an overflow is caught below and redone
-        for lo in range(0, g.size, CHUNK):
+        for i, lo in enumerate(range(0, g.size, CHUNK)):
             part = g[lo:lo + CHUNK]
-            total += float(np.dot(part, part))
-    if not math.isfinite(total) and g.dtype != np.float64:  # a float32 square overflowed: redo it in float64
-        total = sum(float(np.dot(p, p)) for p in (g[lo:lo + CHUNK].astype(np.float64) for lo in range(0, g.size, CHUNK)))
+            parts[i] = float(np.dot(part, part))
+            if not math.isfinite(parts[i]) and g.dtype != np.float64:
+                wide = part.astype(np.float64)
+                parts[i] = float(np.dot(wide, wide))
+    return parts
+
+
+def sum_of_squares(g: np.ndarray, parts: np.ndarray | None = None) -> float:
+    """Σ g²: the block sums of `chunk_squares` added in block order (pass `parts` when they were computed elsewhere,
+    e.g. by the workers slice by slice). One pass over g in float32 (a float64 copy costs 10x more); the relative
+    error, ~1e-7·sqrt(block), only moves the clip factor in its 6th digit."""
+    total = 0.0
+    for x in chunk_squares(g) if parts is None else parts:
+        total += float(x)
     return total
 
 
@@ -68,22 +80,43 @@ class SGD:
             yield a, b, [(max(x, a) - a, min(y, b) - a) for x, y in self.decay_ranges if x < b and y > a]
 
     def step(self, params: np.ndarray, grads: np.ndarray, lr: float, scale: float = 1.0,
-             lo: int = 0, hi: int | None = None) -> None:
-        """One update of params[lo:hi] in place with grads[lo:hi] * scale (scale = clip factor).
-        `grads` is modified (it receives the weight-decay term). Done block by block so that the five vector
-        operations touch memory once instead of five times (9.4 M parameters: ~15 ms instead of ~60 ms)."""
+             lo: int = 0, hi: int | None = None, params_out: np.ndarray | None = None,
+             velocity_in: np.ndarray | None = None, velocity_out: np.ndarray | None = None) -> None:
+        """One update of params[lo:hi] with grads[lo:hi] * scale (scale = clip factor), in place by default.
+        `grads` is modified (it receives the weight-decay term). With params_out / velocity_in / velocity_out the
+        new weights and velocity go to other arrays and the old ones stay as they were (a double buffer that a
+        failed step can fall back on); the bits are the same either way. Done block by block so that the five
+        vector operations touch memory once instead of five times (9.4 M parameters: ~15 ms instead of ~60 ms)."""
         hi = params.size if hi is None else hi
+        w_out = params if params_out is None else params_out
+        v_in = self.velocity if velocity_in is None else velocity_in
+        v_out = v_in if velocity_out is None else velocity_out
         dt = params.dtype.type
         scale, wd, mu, lr = dt(scale), dt(self.weight_decay), dt(self.momentum), dt(lr)
         for a, b, decay in self._blocks(lo, hi):
-            w, g, v, tmp = params[a:b], grads[a:b], self.velocity[a:b], self._scratch[:b - a]
+            w, g, tmp = params[a:b], grads[a:b], self._scratch[:b - a]
             if scale != 1:
                 g *= scale
             if wd:
                 for x, y in decay:
                     np.multiply(w[x:y], wd, out=tmp[x:y])
                     g[x:y] += tmp[x:y]
-            v *= mu
+            v = v_out[a:b]
+            np.multiply(v_in[a:b], mu, out=v)
             v += g
             np.multiply(v, lr, out=tmp)
-            w -= tmp
+            np.subtract(w, tmp, out=w_out[a:b])
+
+
+def clipped_step(opt: SGD, params: np.ndarray, grads: np.ndarray, lr: float, clip_norm: float, step: int) -> float:
+    """The whole update of one step in one process: the global norm, the clip, SGD. Returns the pre-clip norm."""
+    norm = math.sqrt(sum_of_squares(grads))
+    opt.step(params, grads, lr, scale=checked_clip(norm, clip_norm, step))
+    return norm
+
+
+def checked_clip(norm: float, clip_norm: float, step: int) -> float:
+    """clip_factor, after refusing a non-finite norm (a diverged loss) before any weight changes."""
+    if not math.isfinite(norm):
+        raise FloatingPointError(f"step {step}: gradient norm is {norm} (loss diverged; lower --lr)")
+    return clip_factor(norm, clip_norm)

@@ -6,18 +6,17 @@ shards the same global batch over worker processes. Everything else — sampler,
 running statistics, validation, early stopping, checkpoints, metrics, summary.json — is this file, for both.
 
 A step, whoever computes it:
-    indices = global batch k of epoch e (pure function of seed, e, k)
-    executor.train_step  -> store.grads = ∇ mean loss over the batch; BN moments summed over the batch
-    norm = ‖g‖₂ → clip → SGD at lr(step) → BN running stats from the batch's exact moments
-    executor.weights_updated()
+    indices = global batch k of epoch e (pure function of seed, e, k); lr = lr(k)    <- the Trainer decides
+    executor.train_step(indices, epoch, k, lr): ∇ mean loss over the batch, reduced; norm = ‖g‖₂ → clip at
+        train.clip_norm → SGD at lr on the store's weights and the optimizer's velocity; BN moments summed
+    BN running stats from the batch's exact moments; metrics; checkpoints                <- the Trainer again
 
-The seam runs one way: the Trainer calls an `Executor`; an executor never sees the Trainer, only the flat buffers of
-the store it was given.
+The seam runs one way: the Trainer calls an `Executor`; an executor never sees the Trainer, only the store and the
+optimizer it was given (whose arrays the Trainer checkpoints between steps).
 """
 from __future__ import annotations
 
 import json
-import math
 import signal
 import time
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from .fsutil import atomic_write
 from .nn.model import build_model
 from .nn.params import ParamStore
 from .nn.threads import match_blas_threads
-from .optim import SGD, clip_factor, lr_at, sum_of_squares
+from .optim import SGD, clipped_step, lr_at
 
 STOP_GRACE_S = 10.0  # after the first Ctrl-C / SIGTERM the running step gets this long before it is abandoned
 
@@ -47,6 +46,7 @@ class StepResult:
     loss_sum: float  # Σ per-sample loss
     correct: int  # Σ argmax hits
     bn_moments: np.ndarray  # float64, Σ over the batch of every BN layer's [count, Σx, Σx²]
+    grad_norm: float  # global L2 norm of the gradient before clipping
     slowest: str = ""  # who the step waited on last (distributed runs)
 
 
@@ -62,12 +62,9 @@ class ExecutorFailure(RuntimeError):
 class Executor(Protocol):
     """What the Trainer asks of whoever computes the gradients."""
 
-    def train_step(self, indices: np.ndarray, epoch: int, step: int) -> StepResult:
-        """Fill the store's gradient with ∇ of the mean loss over images[indices]; may raise StepInterrupted or
-        ExecutorFailure."""
-
-    def weights_updated(self) -> None:
-        """The store's weights and BN buffers now hold the next step's values."""
+    def train_step(self, indices: np.ndarray, epoch: int, step: int, lr: float) -> StepResult:
+        """One optimizer step on the mean loss over images[indices]: gradient, global-norm clip at
+        train.clip_norm, SGD at lr. Either all of it happens or none (StepInterrupted, ExecutorFailure)."""
 
     def evaluate(self, indices: np.ndarray) -> tuple[float, int]:
         """(Σ loss, Σ correct) over images[indices] in eval mode."""
@@ -85,23 +82,21 @@ class Executor(Protocol):
 class LocalExecutor:
     """Computes a whole global batch in this process."""
 
-    def __init__(self, cfg: Config, model, dataset: Dataset):
-        self.cfg, self.model, self.ds = cfg, model, dataset
+    def __init__(self, cfg: Config, model, dataset: Dataset, store: ParamStore, opt: SGD):
+        self.cfg, self.model, self.ds, self.store, self.opt = cfg, model, dataset, store, opt
         # this process computes everything: its non-GEMM kernels use the BLAS threads too
         match_blas_threads(cfg.train.short_blas_spin)
 
-    def train_step(self, indices: np.ndarray, epoch: int, step: int) -> StepResult:
+    def train_step(self, indices: np.ndarray, epoch: int, step: int, lr: float) -> StepResult:
         r = shard_gradient(self.model, self.ds.images, self.ds.labels, indices, epoch=epoch,
                            global_count=len(indices), data=self.cfg.data, seed=self.cfg.train.seed)
-        return StepResult(len(indices), r.loss_sum, r.correct, self.model.bn_moments())
+        norm = clipped_step(self.opt, self.store.params, self.store.grads, lr, self.cfg.train.clip_norm, step)
+        return StepResult(len(indices), r.loss_sum, r.correct, self.model.bn_moments(), norm)
 
     def evaluate(self, indices: np.ndarray) -> tuple[float, int]:
         batch = self.cfg.train.eval_batch_size or self.cfg.train.batch_size
         loss_sum, correct, _ = evaluate_batches(self.model, self.ds.images, self.ds.labels, indices, batch)
         return loss_sum, correct
-
-    def weights_updated(self) -> None:
-        pass
 
     def request_stop(self, grace_s: float) -> None:
         pass  # the step runs in this thread: it finishes first
@@ -192,17 +187,11 @@ class Trainer:
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def apply_update(self, res: StepResult) -> tuple[float, float]:
-        """Clip, SGD at the scheduled LR, BN running stats. Returns (lr, pre-clip grad norm)."""
+    def lr(self) -> float:
+        """The scheduled learning rate of the current step."""
         t = self.cfg.train
-        lr = lr_at(self.step, base_lr=t.lr, warmup_steps=self.warmup_steps, total_steps=self.total_steps,
-                   min_lr=t.min_lr)
-        norm = math.sqrt(sum_of_squares(self.store.grads))
-        if not math.isfinite(norm):
-            raise FloatingPointError(f"step {self.step}: gradient norm is {norm} (loss diverged; lower --lr)")
-        self.opt.step(self.store.params, self.store.grads, lr, scale=clip_factor(norm, t.clip_norm))
-        self.model.update_running_stats(res.bn_moments, self.cfg.model.bn_momentum)
-        return lr, norm
+        return lr_at(self.step, base_lr=t.lr, warmup_steps=self.warmup_steps, total_steps=self.total_steps,
+                     min_lr=t.min_lr)
 
     def fit(self, executor: Executor, stop_at_step: int = 0) -> dict:
         """Train to the end (or early stop, or a stop request, or stop_at_step); write last.npz and summary.json
@@ -230,9 +219,10 @@ class Trainer:
                         break
                     indices = batches[self.step_in_epoch]
                     t0 = time.perf_counter()
-                    res = executor.train_step(indices, self.epoch, self.step)
-                    lr, norm = self.apply_update(res)
-                    executor.weights_updated()
+                    lr = self.lr()
+                    res = executor.train_step(indices, self.epoch, self.step, lr)
+                    self.model.update_running_stats(res.bn_moments, self.cfg.model.bn_momentum)
+                    norm = res.grad_norm
                     dt = time.perf_counter() - t0
                     self.epoch_sums = [self.epoch_sums[0] + res.loss_sum, self.epoch_sums[1] + res.correct,
                                        self.epoch_sums[2] + res.count, self.epoch_sums[3] + dt]
@@ -337,7 +327,7 @@ def prepare_or_exit(cfg: Config, resume: bool, command: str, store_factory=None)
 def run_local(cfg: Config, resume: bool = False, stop_at_step: int = 0, command: str | None = None) -> dict:
     """Train in this process. With `command` (a CLI's name) data/checkpoint problems exit with one line."""
     trainer = prepare_or_exit(cfg, resume, command) if command else prepare(cfg, resume)
-    executor = LocalExecutor(cfg, trainer.model, trainer.ds)
+    executor = LocalExecutor(cfg, trainer.model, trainer.ds, trainer.store, trainer.opt)
     try:
         return trainer.fit(executor, stop_at_step=stop_at_step)
     finally:

@@ -9,6 +9,7 @@ import pytest
 from gradcheck import rel_error
 from helpers import make_config
 
+from dptrain.compute import shard_gradient
 from dptrain.data.dataset import Dataset
 from dptrain.optim import SGD, clip_factor, lr_at, sum_of_squares
 from dptrain.train import LocalExecutor, Trainer
@@ -157,13 +158,16 @@ def test_weight_decay_only_on_decay_ranges(tmp_path, decay_bn_and_bias):
 
 @pytest.mark.parametrize("clip_norm", [1e-3, 1e6, 0.0])
 def test_trainer_clips_global_norm_of_all_params(tmp_path, clip_norm):
-    """apply_update reports the pre-clip norm over every parameter and scales the whole gradient by clip/norm."""
+    """A step reports the pre-clip norm over every parameter and scales the whole gradient by clip/norm."""
     tr = _tiny_trainer(tmp_path, clip_norm=clip_norm, momentum=0.0, weight_decay=0.0, warmup_epochs=0.0)
-    ex = LocalExecutor(tr.cfg, tr.model, tr.ds)
-    res = ex.train_step(tr.sampler.batches(0)[0], 0, 0)
+    ex = LocalExecutor(tr.cfg, tr.model, tr.ds, tr.store, tr.opt)
+    idx = tr.sampler.batches(0)[0]
+    shard_gradient(tr.model, tr.ds.images, tr.ds.labels, idx, epoch=0, global_count=len(idx), data=tr.cfg.data,
+                   seed=tr.cfg.train.seed)  # the gradient the step will compute, before the step scales it
     g = tr.store.grads.astype(np.float64)
     w0 = tr.store.params.astype(np.float64)
-    lr, norm = tr.apply_update(res)
+    lr = tr.lr()
+    norm = ex.train_step(idx, 0, 0, lr).grad_norm
     assert lr == pytest.approx(tr.cfg.train.lr)
     assert norm == pytest.approx(math.sqrt(math.fsum(g * g)), rel=1e-6)
     # the largest per-tensor norm is well below the global one: a per-tensor clip would not match this

@@ -25,8 +25,8 @@ from dptrain.distributed.protocol import (
 RUN = "run-42"
 
 # One valid example per kind: (fields, arrays).
-STEP_FIELDS = dict(phase="train", epoch=1, attempt=0, weights_version=7, global_count=64, eval_batch=0,
-                   shard_sizes=[16])
+STEP_FIELDS = dict(phase="train", epoch=1, attempt=0, weights_version=7, weights_slot=-1, global_count=64,
+                   eval_batch=0, shard_sizes=[16])
 RESULT_FIELDS = dict(phase="train", attempt=0, count=16, loss_sum=11.5, correct=9, grad_in="frame", grad_scale=1.0,
                      timings={"forward": [0.0, 0.1]})
 EXAMPLES = {
@@ -40,6 +40,10 @@ EXAMPLES = {
                   {"grad": np.linspace(0, 1, 33, dtype=np.float32), "bn_moments": np.ones((3, 8))}),
     Kind.BN_REDUCE: (dict(layer=2, phase="fwd", attempt=0), {"moments": np.ones((3, 8), np.float64)}),
     Kind.BN_REDUCED: (dict(layer=2, phase="bwd", attempt=0), {"moments": np.ones((2, 8), np.float64)}),
+    Kind.REDUCE: (dict(attempt=0, lo=0, hi=65536, ranks=[0, 1, 2]), {}),
+    Kind.REDUCED: (dict(attempt=0), {"squares": np.ones(1, np.float64)}),
+    Kind.UPDATE: (dict(attempt=0, lo=0, hi=65536, lr=0.05, scale=1.0, src=1), {}),
+    Kind.UPDATED: (dict(attempt=0), {}),
     Kind.HEARTBEAT: ({}, {}),
     Kind.STOP: (dict(reason="done"), {}),
     Kind.ERROR: (dict(message="boom", traceback="Traceback...\nValueError: boom"), {}),
@@ -71,8 +75,8 @@ DELETE = object()
 # --- round trips ---------------------------------------------------------------------------------
 
 def test_kinds_are_stable_wire_bytes():
-    assert PROTOCOL_VERSION == 2  # 2: typed STEP/RESULT fields, no PREFLIGHT/LOG kinds
-    assert [k.value for k in Kind] == list(range(1, 11))
+    assert PROTOCOL_VERSION == 3  # 2: typed STEP/RESULT fields, no PREFLIGHT/LOG; 3: REDUCE/UPDATE by workers
+    assert [k.value for k in Kind] == list(range(1, 15))
 
 
 @pytest.mark.parametrize("kind", list(Kind))
@@ -387,13 +391,20 @@ def test_every_kind_is_sent_and_handled():
         if path.name == "protocol.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in (
-                    "send", "encode"):
-                for k in node.args[:2]:  # encode(kind, ...), link.send(kind, ...), coordinator.send(peer, kind, ...)
-                    if isinstance(k, ast.Attribute) and getattr(k.value, "attr", getattr(k.value, "id", "")) == "Kind":
-                        sent.add(k.attr)
-            if isinstance(node, ast.Compare):
-                for c in ast.walk(node):
+            name = getattr(node, "func", None) and getattr(node.func, "attr", getattr(node.func, "id", ""))
+            if isinstance(node, ast.Call) and name in ("send", "encode", "exchange"):
+                # encode(kind, ...), link.send(kind, ...), coordinator.send(peer, kind, ...),
+                # coordinator.exchange(kind, reply_kind, ...): the reply kind is what it waits for (handled)
+                kinds = [k for k in node.args[:2] if isinstance(k, ast.Attribute)
+                         and getattr(k.value, "attr", getattr(k.value, "id", "")) == "Kind"]
+                if name == "exchange" and len(kinds) == 2:
+                    handled.add(kinds.pop().attr)
+                sent.update(k.attr for k in kinds)
+            if isinstance(node, ast.Call) and name == "_collect":  # the coordinator waits for this reply kind
+                handled.update(a.attr for a in node.args if isinstance(a, ast.Attribute)
+                               and getattr(a.value, "attr", "") == "Kind")
+            if isinstance(node, (ast.Compare, ast.Dict)):  # msg.kind is Kind.X; a {Kind.X: handler} table
+                for c in ast.walk(node) if isinstance(node, ast.Compare) else node.keys:
                     if isinstance(c, ast.Attribute) and getattr(c.value, "attr", "") == "Kind":
                         handled.add(c.attr)
     kinds = {k.name for k in Kind}

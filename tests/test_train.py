@@ -130,7 +130,7 @@ def test_run_folder_contents(data, full_run):
     # best.npz holds the weights that scored best_val_acc: restoring it reproduces that accuracy exactly
     tr = prepare(cfg, resume=False)
     tr.restore(out / "best.npz")
-    loss_sum, correct = LocalExecutor(cfg, tr.model, tr.ds).evaluate(tr.ds.val_idx)
+    loss_sum, correct = LocalExecutor(cfg, tr.model, tr.ds, tr.store, tr.opt).evaluate(tr.ds.val_idx)
     assert correct / len(tr.ds.val_idx) == on_disk["best_val_acc"]
 
 

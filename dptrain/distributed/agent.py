@@ -107,7 +107,7 @@ class Agent:
         idx = np.asarray(msg.arrays["indices"], np.int64)
         bounds = np.cumsum([0, *f["shard_sizes"]])
         shards = {r: idx[bounds[r]:bounds[r + 1]] for r in range(self.slots) if bounds[r + 1] > bounds[r]}
-        fields = {k: f[k] for k in ("phase", "epoch", "global_count", "eval_batch")}
+        fields = {k: f[k] for k in ("phase", "epoch", "global_count", "eval_batch")} | {"weights_slot": -1}
         try:
             results = self.session.coord.round(self.link.step, self.link.attempt, shards, fields)
         except WorkerFailure as e:

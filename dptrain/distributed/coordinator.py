@@ -281,7 +281,21 @@ class Coordinator:
             self.send(peer, P.Kind.STEP, step=step, arrays=arrays, attempt=attempt, weights_version=weights_version,
                       shard_sizes=shard_sizes[rank] if shard_sizes else [len(idx)], **fields, **extra)
         self.last_publish = (t_publish, time.time() - t_publish)  # (start, seconds) of handing out the step
-        waiting = {r: self.peers[r] for r in shards}
+        return self._collect(step, attempt, list(shards), P.Kind.RESULT, sync_bn=True)
+
+    def exchange(self, kind: P.Kind, reply: P.Kind, step: int, attempt: int, fields: dict[int, dict],
+                 arrays: dict | None = None) -> dict[int, P.Message]:
+        """`kind` with fields[rank] (and the same `arrays`) to every rank in `fields`; their `reply`s, keyed by
+        rank. Raises WorkerFailure on a loss, like a round."""
+        for rank, f in fields.items():
+            self.send(self.peers[rank], kind, step=step, arrays=arrays, attempt=attempt, **f)
+        return self._collect(step, attempt, list(fields), reply)
+
+    def _collect(self, step: int, attempt: int, ranks: list[int], reply: P.Kind,
+                 sync_bn: bool = False) -> dict[int, P.Message]:
+        """Wait for `reply` from every rank in `ranks` (serving sync-BN reductions among them when asked),
+        checking liveness every poll tick and naming the late every LATE_WARNING_EVERY_S."""
+        waiting = {r: self.peers[r] for r in ranks}
         results: dict[int, P.Message] = {}
         bn: dict[tuple[int, str], dict[int, np.ndarray]] = {}
         since = last_warning = time.monotonic()
@@ -291,22 +305,23 @@ class Coordinator:
                     continue
                 if msg.step != step or msg.fields.get("attempt") != attempt:
                     continue  # a late answer to an abandoned attempt
-                if msg.kind is P.Kind.RESULT and msg.rank in waiting:
+                if msg.kind is reply and msg.rank in waiting:
                     results[msg.rank] = msg
                     del waiting[msg.rank]
-                elif msg.kind is P.Kind.BN_REDUCE and msg.rank in shards:
-                    self._bn_reduce(bn, msg, step, attempt, shards)
+                elif sync_bn and msg.kind is P.Kind.BN_REDUCE and msg.rank in ranks:
+                    self._bn_reduce(bn, msg, step, attempt, ranks)
             self.check_liveness(list(waiting.values()), since)
-            dead = [self.peers[r] for r in shards if self.peers[r].state is PeerState.DEAD]
+            dead = [self.peers[r] for r in ranks if self.peers[r].state is PeerState.DEAD]
             if dead:
                 raise WorkerFailure(dead)
             if time.monotonic() - last_warning > LATE_WARNING_EVERY_S and waiting:
                 last_warning = time.monotonic()
                 late = ", ".join(p.describe() for p in waiting.values())
-                self.log.warning(f"step {step}: waiting on {late} for {last_warning - since:.0f} s")
+                self.log.warning(f"step {step}: waiting on {late} for {last_warning - since:.0f} s "
+                                 f"({reply.name})")
         return results
 
-    def _bn_reduce(self, bn: dict, msg: P.Message, step: int, attempt: int, shards: dict) -> None:
+    def _bn_reduce(self, bn: dict, msg: P.Message, step: int, attempt: int, shards: list[int]) -> None:
         """Collect one (layer, phase) reduction from every rank of the round; when complete, sum it in rank order
         and hand the total back to each of them."""
         layer, phase = msg.fields["layer"], msg.fields["phase"]

@@ -15,7 +15,9 @@ from .. import log
 from ..config import Config
 from ..data.sampler import shard_bounds
 from ..nn.params import ParamStore
+from ..optim import CHUNK, SGD, checked_clip, clipped_step, sum_of_squares
 from ..train import StepInterrupted, StepResult
+from . import protocol as P
 from .coordinator import Coordinator, StopTimeout, WorkerFailure
 from .hostfile import rank_bases
 from .reduce import sum_in_order
@@ -34,20 +36,42 @@ def split_by_slots(indices: np.ndarray, slots: list[int]) -> tuple[list[np.ndarr
     return blocks, sizes
 
 
+class SharedUpdate:
+    """dist.update = "workers" on one host: the arrays the workers reduce and update in place of the coordinator.
+
+    params and velocity are (2, P) double buffers: step k reads half `cur` and writes half 1 - cur, so a step that
+    fails half-way leaves the weights it started from whole (it is redone from them, or they are checkpointed).
+    gsum (P,) receives the reduced gradient; grad_slots (N, P) one row per rank."""
+
+    def __init__(self, params2: np.ndarray, velocity2: np.ndarray, gsum: np.ndarray, grad_slots: np.ndarray):
+        self.params2, self.velocity2, self.gsum, self.grad_slots = params2, velocity2, gsum, grad_slots
+        self.cur = 0
+
+
+def chunk_slices(size: int, n: int) -> list[tuple[int, int]]:
+    """[lo, hi) slices of range(size) for n workers, on CHUNK boundaries (so the blocks of the sum of squares are the
+    same as one process's), as even as the blocks allow; trailing slices may be empty."""
+    blocks = -(-size // CHUNK)
+    return [(min(size, blocks * r // n * CHUNK), min(size, blocks * (r + 1) // n * CHUNK)) for r in range(n)]
+
+
 class DistExecutor:
     """The Trainer's executor (train.Executor) over a coordinator's peers. It reads and writes the store's flat
-    buffers (the gradient it reduces, the weights it publishes) and nothing else of the Trainer's."""
+    buffers and the optimizer's velocity (the reduced gradient, the weights it publishes) and nothing else of the
+    Trainer's. `grad_slots`: one host's shared gradient rows (None: gradients arrive as frames); `shared`: the
+    double buffers when the workers reduce and update (dist.update = "workers")."""
 
-    def __init__(self, coord: Coordinator, store: ParamStore, cfg: Config, grad_slots: np.ndarray | None,
-                 timeline: Timeline | None = None):
-        self.coord, self.store, self.cfg, self.grad_slots = coord, store, cfg, grad_slots
+    def __init__(self, coord: Coordinator, store: ParamStore, opt: SGD, cfg: Config,
+                 grad_slots: np.ndarray | None, shared: SharedUpdate | None = None, timeline: Timeline | None = None):
+        self.coord, self.store, self.opt, self.cfg = coord, store, opt, cfg
+        self.grad_slots, self.shared = grad_slots, shared
         self.policy = cfg.dist.on_worker_failure
         self.timeline = timeline
         self.version = 0
         self.log = log.get()
-        self.phase_s = {"compute": 0.0, "reduce": 0.0, "update": 0.0, "step": 0.0, "steps": 0}
-        self._t_done = None
-        self._step = 0
+        self.phase_s = {"compute": 0.0, "round": 0.0, "reduce": 0.0, "update": 0.0, "serial": 0.0, "step": 0.0,
+                        "steps": 0}
+        self._t_end: float | None = None  # when the coordinator last stopped waiting on the workers
         # Weights over sockets with a float16 wire: after the first full copy, peers get the float16-rounded update
         # (wire.apply_update16 keeps the coordinator's weights equal to what the peers rebuild from it).
         self.update16 = grad_slots is None and cfg.dist.wire_dtype == "float16"
@@ -56,28 +80,13 @@ class DistExecutor:
             self.update_f16 = np.empty(store.num_params, np.float16)
             self.update_scale = 1.0
 
-    def _round(self, indices: np.ndarray, step: int, fields: dict) -> tuple[list[int], dict]:
+    # ---- rounds ------------------------------------------------------------------------------------------------
+    def _retrying(self, step: int, body):
+        """body(attempt), redone over the survivors while the policy is `continue` and someone survives."""
         attempt = 0
         while True:
-            peers = self.coord.active()
-            if not peers:
-                raise WorkerFailure([])
-            blocks, sizes = split_by_slots(indices, [p.slots for p in peers])
-            # fewer images than slots (a small batch, a short last batch, a tiny val set): a peer with no image sits
-            # the round out; an empty shard would crash its worker (a batch of 0) and stall sync BN
-            keep = [i for i, b in enumerate(blocks) if len(b)]
-            ranks = [peers[i].rank for i in keep]
-            shards = {peers[i].rank: blocks[i] for i in keep}
-            shard_sizes = {peers[i].rank: sizes[i] for i in keep}
-            weights = update = None
-            if self.grad_slots is None:  # sockets; with shared memory the workers read the weights in place
-                weights = {"params": self.store.params, "buffers": self.store.buffers}
-                if self.update16 and self.version > 0:  # version 0: no update yet, everyone needs a full copy
-                    update = {"arrays": {"update": self.update_f16, "buffers": self.store.buffers},
-                              "scale": self.update_scale}
             try:
-                return ranks, self.coord.round(step, attempt, shards, fields, weights, self.version, update,
-                                               shard_sizes)
+                return body(attempt)
             except StopTimeout as e:
                 raise StepInterrupted(str(e)) from None
             except WorkerFailure as e:
@@ -88,19 +97,93 @@ class DistExecutor:
                 self.log.warning(f"step {step}: lost {', '.join(p.describe() for p in e.peers)}; redoing the step "
                                  f"on {len(survivors)} surviving rank(s)")
 
-    def train_step(self, indices: np.ndarray, epoch: int, step: int) -> StepResult:
+    def _round(self, indices: np.ndarray, step: int, attempt: int, fields: dict) -> tuple[list[int], dict]:
+        peers = self.coord.active()
+        if not peers:
+            raise WorkerFailure([])
+        blocks, sizes = split_by_slots(indices, [p.slots for p in peers])
+        # fewer images than slots (a small batch, a short last batch, a tiny val set): a peer with no image sits
+        # the round out; an empty shard would crash its worker (a batch of 0) and stall sync BN
+        keep = [i for i, b in enumerate(blocks) if len(b)]
+        ranks = [peers[i].rank for i in keep]
+        shards = {peers[i].rank: blocks[i] for i in keep}
+        shard_sizes = {peers[i].rank: sizes[i] for i in keep}
+        weights = update = None
+        if self.grad_slots is None:  # sockets; with shared memory the workers read the weights in place
+            weights = {"params": self.store.params, "buffers": self.store.buffers}
+            if self.update16 and self.version > 0:  # version 0: no update yet, everyone needs a full copy
+                update = {"arrays": {"update": self.update_f16, "buffers": self.store.buffers},
+                          "scale": self.update_scale}
+        fields = fields | {"weights_slot": self.shared.cur if self.shared else -1}
+        self._serial_until_now()
+        results = self.coord.round(step, attempt, shards, fields, weights, self.version, update, shard_sizes)
+        self._t_end = time.perf_counter()
+        return ranks, results
+
+    def _serial_until_now(self) -> None:
+        """Time since the coordinator last heard back from every worker: nobody else was working."""
+        if self._t_end is not None:
+            self.phase_s["serial"] += time.perf_counter() - self._t_end
+
+    # ---- the executor contract ---------------------------------------------------------------------------------
+    def train_step(self, indices: np.ndarray, epoch: int, step: int, lr: float) -> StepResult:
         t0 = time.perf_counter()
         wall0 = time.time()
-        ranks, results = self._round(indices, step, {"phase": "train", "epoch": epoch,
-                                                     "global_count": len(indices), "eval_batch": 0})
-        t1 = time.perf_counter()
-        sum_in_order(self.store.grads, [self.grad_slots[r] if self.grad_slots is not None
-                                        else results[r].arrays["grad"] for r in ranks],
-                     [float(results[r].fields["grad_scale"]) for r in ranks])
+        fields = {"phase": "train", "epoch": epoch, "global_count": len(indices), "eval_batch": 0}
+
+        def attempt_step(attempt: int):
+            ranks, results = self._round(indices, step, attempt, fields)
+            t1 = time.perf_counter()
+            if self.shared is not None:
+                norm, t2 = self._update_by_workers(step, attempt, ranks, lr)
+            else:
+                sum_in_order(self.store.grads, [self.grad_slots[r] if self.grad_slots is not None
+                                                else results[r].arrays["grad"] for r in ranks],
+                             [float(results[r].fields["grad_scale"]) for r in ranks])
+                t2 = time.perf_counter()
+                norm = clipped_step(self.opt, self.store.params, self.store.grads, lr, self.cfg.train.clip_norm, step)
+                if self.update16:
+                    self.update_scale = apply_update16(self.store.params, self.prev_params, self.update_f16)
+            return ranks, results, norm, t1, t2
+
+        ranks, results, norm, t1, t2 = self._retrying(step, attempt_step)
         moments = np.zeros_like(results[ranks[0]].arrays["bn_moments"], dtype=np.float64)
         for rank in ranks:
             moments += results[rank].arrays["bn_moments"]
-        t2 = time.perf_counter()
+        t3 = time.perf_counter()
+        if self.shared is None:  # the coordinator did the bulk work itself: all of it was serial
+            self.phase_s["serial"] += t3 - t1
+            self._t_end = t3
+        self.version += 1
+        slowest = self._account(ranks, results, step, t0, wall0, t1, t2, t3)
+        return StepResult(len(indices), sum(results[r].fields["loss_sum"] for r in ranks),
+                          sum(results[r].fields["correct"] for r in ranks), moments, norm, slowest=f"rank {slowest}")
+
+    def _update_by_workers(self, step: int, attempt: int, ranks: list[int], lr: float) -> tuple[float, float]:
+        """Reduce-scatter, exact global norm, clip + SGD, all by the workers on slices of the shared buffers;
+        the coordinator decides (norm -> clip factor) and flips the double buffer. Returns (norm, reduce end)."""
+        sh = self.shared
+        peers = [p.rank for p in self.coord.active()]
+        slices = dict(zip(peers, chunk_slices(self.store.num_params, len(peers))))
+        self._serial_until_now()
+        got = self.coord.exchange(P.Kind.REDUCE, P.Kind.REDUCED, step, attempt,
+                                  {r: {"lo": lo, "hi": hi, "ranks": ranks} for r, (lo, hi) in slices.items()})
+        t_reduced = self._t_end = time.perf_counter()
+        squares = np.concatenate([got[r].arrays["squares"] for r in peers])  # slice order = block order
+        norm = float(np.sqrt(sum_of_squares(sh.gsum, squares)))
+        scale = checked_clip(norm, self.cfg.train.clip_norm, step)
+        self._serial_until_now()
+        self.coord.exchange(P.Kind.UPDATE, P.Kind.UPDATED, step, attempt,
+                            {r: {"lo": lo, "hi": hi, "lr": lr, "scale": scale, "src": sh.cur}
+                             for r, (lo, hi) in slices.items()})
+        self._t_end = time.perf_counter()
+        sh.cur = 1 - sh.cur  # the step is whole: its weights become the current ones
+        self.store.rebind(sh.params2[sh.cur], sh.gsum, self.store.buffers, copy=False)
+        self.opt.velocity = sh.velocity2[sh.cur]
+        return norm, t_reduced
+
+    def _account(self, ranks, results, step, t0, wall0, t1, t2, t3) -> int:
+        """Per-phase seconds and timeline events of one step; returns the slowest rank."""
         compute = 0.0
         slowest, slowest_s = ranks[0], -1.0
         for rank in ranks:
@@ -118,45 +201,38 @@ class DistExecutor:
             self.timeline.add("publish", -1, *self.coord.last_publish, step)
             self.timeline.add("round", -1, wall0, t1 - t0, step)
             self.timeline.add("reduce", -1, wall0 + (t1 - t0), t2 - t1, step)
-        self.phase_s["compute"] += compute
-        self.phase_s["reduce"] += t2 - t1
-        self._t_done, self._t_start, self._wall_done, self._step = time.perf_counter(), t0, time.time(), step
-        return StepResult(len(indices), sum(results[r].fields["loss_sum"] for r in ranks),
-                          sum(results[r].fields["correct"] for r in ranks), moments, slowest=f"rank {slowest}")
-
-    def weights_updated(self) -> None:
-        """Called after clip + SGD + BN update: the coordinator's share of the step ends here."""
-        if self.update16:
-            self.update_scale = apply_update16(self.store.params, self.prev_params, self.update_f16)
-        self.version += 1
-        now = time.perf_counter()
-        if self._t_done is not None:
-            self.phase_s["update"] += now - self._t_done
-            self.phase_s["step"] += now - self._t_start
-            self.phase_s["steps"] += 1
-            if self.timeline:
-                self.timeline.add("clip+update", -1, self._wall_done, now - self._t_done, self._step)
+            self.timeline.add("clip+update", -1, wall0 + (t2 - t0), t3 - t2, step)
+        ph = self.phase_s
+        ph["compute"] += compute
+        ph["round"] += t1 - t0
+        ph["reduce"] += t2 - t1
+        ph["update"] += t3 - t2
+        ph["step"] += t3 - t0
+        ph["steps"] += 1
+        return slowest
 
     def evaluate(self, indices: np.ndarray) -> tuple[float, int]:
         # Each worker evaluates in batches of its training shard's size: the layer buffers of that shape exist
         # already (a batch of 256 would make every worker allocate ~0.7 GB more for a few forward passes).
         per_worker = -(-self.cfg.train.batch_size // sum(p.slots for p in self.coord.active()))
         batch = self.cfg.train.eval_batch_size or per_worker
-        _, results = self._round(indices, -1, {"phase": "eval", "epoch": 0, "global_count": len(indices),
-                                               "eval_batch": batch})
+        fields = {"phase": "eval", "epoch": 0, "global_count": len(indices), "eval_batch": batch}
+        _, results = self._retrying(-1, lambda attempt: self._round(indices, -1, attempt, fields))
+        self._t_end = None  # the time until the next step is the Trainer's epoch end, not a step's serial part
         return sum(r.fields["loss_sum"] for r in results.values()), sum(r.fields["correct"] for r in results.values())
 
     def request_stop(self, grace_s: float) -> None:
         self.coord.stop_within(grace_s)
 
     def summary(self) -> dict:
-        """Mean seconds per step: compute (slowest worker), communication (the rest of the round), reduce, update;
-        and how many malformed or unexpected messages the coordinator dropped."""
-        n = max(self.phase_s["steps"], 1)
-        step = self.phase_s["step"] / n
-        compute, reduce, update = self.phase_s["compute"] / n, self.phase_s["reduce"] / n, self.phase_s["update"] / n
-        return {"breakdown": {"step_s": step, "compute_s": compute, "comm_s": max(step - compute - reduce - update, 0.0),
-                              "reduce_s": reduce, "update_s": update},
+        """Mean seconds per step: compute (slowest worker), communication (the rest of the round), reduce, update,
+        serial (the coordinator alone, no worker busy); and how many messages the coordinator dropped."""
+        ph = self.phase_s
+        n = max(ph["steps"], 1)
+        return {"breakdown": {"step_s": ph["step"] / n, "compute_s": ph["compute"] / n,
+                              "comm_s": max(ph["round"] - ph["compute"], 0.0) / n, "reduce_s": ph["reduce"] / n,
+                              "update_s": ph["update"] / n, "serial_s": ph["serial"] / n,
+                              "update_by": "workers" if self.shared else "coordinator"},
                 "dropped_messages": self.coord.dropped}
 
     def close(self) -> None:

@@ -145,6 +145,6 @@ def launch_hosts(cfg: Config, args) -> int:
                     lg.error(f"host {p.host}: ssh failed: {ssh_failure(p.log_path)}")
             raise
         lg.info(f"all {len(hosts)} hosts ready")
-        return trainer, None  # gradients arrive as frames (one summed buffer per host)
+        return trainer, None, None  # gradients arrive as frames (one summed buffer per host)
 
     return run_session(cfg, args.stop_at_step, start, run_id=getattr(args, "run_id", None))

@@ -29,7 +29,7 @@ from .. import config as config_mod, log
 from ..config import Config
 from ..data.shm import remove_orphans
 from .coordinator import Coordinator, WorkerFailure
-from .executor import DistExecutor
+from .executor import DistExecutor, SharedUpdate
 from .session import Session, blas_threads
 from .timeline import Timeline
 
@@ -111,8 +111,8 @@ def launch(cfg: Config, args) -> int:
 
 
 def run_session(cfg: Config, stop_at_step: int, start, run_id: str | None = None) -> int:
-    """`start(session)` loads data, starts the peers and returns (trainer, grad_slots) once they are READY, with
-    session.coord set; this trains, prints the summary, and maps the ways a run ends to exit codes."""
+    """`start(session)` loads data, starts the peers and returns (trainer, grad_slots, shared) once they are READY,
+    with session.coord set; this trains, prints the summary, and maps the ways a run ends to exit codes."""
     lg = log.get()
     orphans = remove_orphans()
     if orphans:
@@ -123,9 +123,9 @@ def run_session(cfg: Config, stop_at_step: int, start, run_id: str | None = None
     blas = threadpool_limits(1)
     executor = None
     try:
-        trainer, grad_slots = start(session)
+        trainer, grad_slots, shared = start(session)
         timeline = Timeline(cfg.dist.timeline) if cfg.dist.timeline else None
-        executor = DistExecutor(session.coord, trainer.store, cfg, grad_slots, timeline)
+        executor = DistExecutor(session.coord, trainer.store, trainer.opt, cfg, grad_slots, shared, timeline)
         summary = trainer.fit(executor, stop_at_step=stop_at_step)
         print(json.dumps(summary))
         return EXIT_INTERRUPTED if trainer.stop_requested else 0
@@ -148,32 +148,50 @@ def launch_local(cfg: Config, resume: bool = False, stop_at_step: int = 0) -> in
     lg = log.get()
     n = cfg.dist.workers
     use_shm = cfg.dist.transport == "shm"
+    by_workers = use_shm and cfg.dist.update == "workers"
+    shm: dict = {}
 
     def start(session: Session):
         def to_shm(store) -> None:
-            if use_shm:  # weights and BN buffers live in shared memory; the coordinator's grads stay private
-                store.rebind(session.shared("params", store.params.shape, np.float32, store.params).array,
-                             store.grads,
-                             session.shared("buffers", store.buffers.shape, np.float32, store.buffers).array,
-                             copy=False)
+            """Weights and BN buffers into shared memory (with dist.update = "workers": double buffers, and the
+            reduced gradient too; otherwise the coordinator's gradient stays private)."""
+            if not use_shm:
+                return
+            P = store.num_params
+            if by_workers:
+                shm["params"] = session.shared("params", (2, P), np.float32)
+                shm["params"].array[0] = store.params
+                shm["velocity"] = session.shared("velocity", (2, P), np.float32)
+                shm["gsum"] = session.shared("gsum", (P,), np.float32)
+                params, grads = shm["params"].array[0], shm["gsum"].array
+            else:
+                shm["params"] = session.shared("params", (P,), np.float32, store.params)
+                params, grads = shm["params"].array, store.grads
+            shm["buffers"] = session.shared("buffers", store.buffers.shape, np.float32, store.buffers)
+            store.rebind(params, grads, shm["buffers"].array, copy=False)
 
         trainer = prepare_or_exit(cfg, resume, "launch", store_factory=to_shm)
         out = Path(cfg.train.out)
         (out / "logs").mkdir(parents=True, exist_ok=True)
         images = session.shared("images", trainer.ds.images.shape, np.uint8, trainer.ds.images)
         trainer.ds.images = images.array  # one copy of the images on this host: the shared one
-        shm_specs = {"images": images.spec()}
-        grad_slots = None
+        shm_specs = {"images": images.spec(), **{k: seg.spec() for k, seg in shm.items()}}
+        grad_slots = shared = None
         if use_shm:
-            shm_specs["params"], shm_specs["buffers"] = session.segments[0].spec(), session.segments[1].spec()
             grads = session.shared("grads", (n, trainer.store.num_params), np.float32)
             grad_slots, shm_specs["grads"] = grads.array, grads.spec()
+        if by_workers:  # the (possibly resumed) velocity moves into the shared double buffer
+            velocity2 = shm["velocity"].array
+            velocity2[0] = trainer.opt.velocity
+            trainer.opt.velocity = velocity2[0]
+            shared = SharedUpdate(shm["params"].array, velocity2, shm["gsum"].array, grad_slots)
         welcome = {"config": config_mod.to_dict(cfg), "shm": shm_specs, "num_classes": len(trainer.ds.class_names)}
         session.coord = Coordinator(cfg, session.run_id, n, welcome, {"labels": trainer.ds.labels})
         lg.info(f"coordinator listening on {session.coord.endpoint} (run {session.run_id}); starting {n} workers, "
-                f"{blas_threads(cfg, n)} BLAS thread(s) each, {cfg.dist.transport} transport, bn={cfg.dist.bn}")
+                f"{blas_threads(cfg, n)} BLAS thread(s) each, {cfg.dist.transport} transport, bn={cfg.dist.bn}"
+                + (", update by the workers" if by_workers else ""))
         session.start_workers(cfg, pysocket.gethostname(), [out / "logs" / f"rank{r}.log" for r in range(n)])
         lg.info(f"all {n} workers ready")
-        return trainer, grad_slots
+        return trainer, grad_slots, shared
 
     return run_session(cfg, stop_at_step, start)

@@ -161,14 +161,20 @@ class PeerLink:
                   timings=timings or {}, sent_at=time.time())
 
     # ---- the loop ----------------------------------------------------------------------------------------------
-    def serve(self, run_step: Callable[[P.Message], None]) -> int:
-        """Run every STEP until STOP. A STEP or STOP that preempted a sync-BN wait is handled next."""
+    def serve(self, run_step: Callable[[P.Message], None],
+              handlers: dict[P.Kind, Callable[[P.Message], None]] | None = None) -> int:
+        """Run every STEP (and every message of a kind in `handlers`) until STOP. A STEP or STOP that preempted a
+        sync-BN wait is handled next."""
         pending = None
         while True:
             msg, pending = (pending, None) if pending else (self.recv(), None)
             if msg.kind is P.Kind.STOP:
                 self.log.info(f"{self.who}: stopping: {msg.fields['reason']}")
                 return 0
+            if handlers and msg.kind in handlers:
+                self.step, self.attempt = msg.step, msg.fields["attempt"]
+                handlers[msg.kind](msg)
+                continue
             if msg.kind is not P.Kind.STEP:
                 continue
             self.step, self.attempt = msg.step, msg.fields["attempt"]

@@ -41,6 +41,7 @@ The table below and `SCHEMA` list the same kinds and fields (tests/test_protocol
     READY       peer -> coordinator   -                                               -
     STEP        coordinator -> peer   phase str ("train"|"eval"), epoch int,          indices (int32|int64);
                                       attempt int, weights_version int,               params + buffers, or
+                                      weights_slot int (shared double buffer, or -1),
                                       global_count int (train: the loss's divisor),   update + buffers
                                       eval_batch int (eval: forward batch size),      (float16 wire), or none
                                       shard_sizes list (agents: per-slot split)       (shared memory)
@@ -50,6 +51,15 @@ The table below and `SCHEMA` list the same kinds and fields (tests/test_protocol
                                       timings map (phase -> [start, seconds])
     BN_REDUCE   peer -> coordinator   layer int, phase str ("fwd"|"bwd"), attempt int moments (float64)
     BN_REDUCED  coordinator -> peer   layer int, phase str, attempt int               moments (float64)
+    REDUCE      coordinator -> worker attempt int, lo int, hi int, ranks list: sum   -
+                                      [lo, hi) of those ranks' gradient slots in
+                                      that order (shared memory)
+    REDUCED     worker -> coordinator attempt int                                     squares (float64: Σ g²
+                                                                                      per CHUNK block of it)
+    UPDATE      coordinator -> worker attempt int, lo int, hi int, lr float,          -
+                                      scale float, src int: SGD on [lo, hi) from
+                                      buffer src into the other one
+    UPDATED     worker -> coordinator attempt int                                     -
     HEARTBEAT   both ways             -                                               -
     STOP        coordinator -> peer   reason str                                      -
     ERROR       peer -> coordinator   message str, traceback str                      -
@@ -67,7 +77,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-PROTOCOL_VERSION = 2  # bump on any incompatible change to the header or the kinds
+PROTOCOL_VERSION = 3  # bump on any incompatible change to the header or the kinds
 
 
 class Kind(enum.IntEnum):
@@ -82,6 +92,10 @@ class Kind(enum.IntEnum):
     HEARTBEAT = 8   # both ways: I am alive (about every second)
     STOP = 9        # coordinator -> peer: exit now, with a reason
     ERROR = 10      # peer -> coordinator: I failed, here is the traceback
+    REDUCE = 11     # coordinator -> worker: sum your slice of every rank's gradient slot (one host, shared memory)
+    REDUCED = 12    # worker -> coordinator: done; the slice's sums of squares for the global norm
+    UPDATE = 13     # coordinator -> worker: clip + SGD on your slice, into the other weight buffer
+    UPDATED = 14    # worker -> coordinator: done
 
 
 # Wire dtypes by name; always little-endian on the wire whatever the host.
@@ -102,11 +116,15 @@ SCHEMA: dict[Kind, dict[str, tuple[type, ...]]] = {
                    "num_classes": (int,)},
     Kind.READY: {},
     Kind.STEP: {"phase": (str,), "epoch": (int,), "attempt": (int,), "weights_version": (int,),
-                "global_count": (int,), "eval_batch": (int,), "shard_sizes": (list,)},
+                "weights_slot": (int,), "global_count": (int,), "eval_batch": (int,), "shard_sizes": (list,)},
     Kind.RESULT: {"phase": (str,), "attempt": (int,), "count": (int,), "loss_sum": _NUM, "correct": (int,),
                   "grad_in": (str,), "grad_scale": _NUM, "timings": (dict,)},
     Kind.BN_REDUCE: {"layer": (int,), "phase": (str,), "attempt": (int,)},
     Kind.BN_REDUCED: {"layer": (int,), "phase": (str,), "attempt": (int,)},
+    Kind.REDUCE: {"attempt": (int,), "lo": (int,), "hi": (int,), "ranks": (list,)},
+    Kind.REDUCED: {"attempt": (int,)},
+    Kind.UPDATE: {"attempt": (int,), "lo": (int,), "hi": (int,), "lr": _NUM, "scale": _NUM, "src": (int,)},
+    Kind.UPDATED: {"attempt": (int,)},
     Kind.HEARTBEAT: {},
     Kind.STOP: {"reason": (str,)},
     Kind.ERROR: {"message": (str,), "traceback": (str,)},
@@ -117,6 +135,7 @@ REQUIRED_ARRAYS: dict[Kind, dict[str, tuple[str, ...]]] = {
     Kind.STEP: {"indices": ("int32", "int64")},
     Kind.BN_REDUCE: {"moments": ("float64",)},
     Kind.BN_REDUCED: {"moments": ("float64",)},
+    Kind.REDUCED: {"squares": ("float64",)},
 }
 GRAD_IN = ("shm", "frame", "none")  # RESULT's grad_in: in this rank's shared-memory slot, in a frame, no gradient
 

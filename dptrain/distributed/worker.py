@@ -26,9 +26,22 @@ from ..data.shm import SharedArray
 from ..nn.model import build_model
 from ..nn.params import ParamStore
 from ..nn.threads import match_blas_threads
+from ..optim import SGD, chunk_squares
 from . import protocol as P
 from .peer import PeerLink, run_peer
+from .reduce import sum_in_order
 from .wire import grad_frame, receive_weights
+
+
+def _fault(spec: str) -> tuple | None:
+    """DPTRAIN_FAULT=PHASE:STEP:RANK (tests only): the worker of that rank dies inside that phase of that step."""
+    if not spec:
+        return None
+    phase, step, rank = spec.split(":")
+    return phase, int(step), int(rank)
+
+
+FAULT = _fault(os.environ.get("DPTRAIN_FAULT", ""))
 
 
 class Worker:
@@ -54,11 +67,20 @@ class Worker:
                                  rng=np.random.default_rng(0))
         match_blas_threads(self.cfg.train.short_blas_spin)  # BLAS got cores // N threads; other kernels follow
         self.shm_weights = "params" in shm
+        self.slot = -1  # which half of a double weight buffer the model reads (-1: a single buffer)
         if self.shm_weights:
-            params = self._attach(shm["params"], readonly=True).array
+            params = self._attach(shm["params"], readonly="velocity" not in shm).array
             buffers = self._attach(shm["buffers"], readonly=True).array
-            grads = self._attach(shm["grads"]).array[self.rank]
-            self.store.rebind(params, grads, buffers, copy=False)
+            self.grad_slots = self._attach(shm["grads"]).array  # (N, P): this rank writes its row, reduces a slice
+            if "velocity" in shm:  # dist.update = "workers": (2, P) weights and velocity, the reduced gradient
+                self.params2, self.velocity2 = params, self._attach(shm["velocity"]).array
+                self.gsum = self._attach(shm["gsum"]).array
+                t = self.cfg.train
+                ranges = [(0, self.store.num_params)] if t.decay_bn_and_bias else self.store.decay_ranges()
+                self.opt = SGD(self.store.num_params, momentum=t.momentum, weight_decay=t.weight_decay,
+                               decay_ranges=ranges, velocity=self.velocity2[0])
+                self.slot, params = 0, params[0]
+            self.store.rebind(params, self.grad_slots[self.rank], buffers, copy=False)
         if self.cfg.dist.bn == "sync":
             self.model.set_bn_allreduce(self._allreduce)
         self.link.send(P.Kind.READY)
@@ -79,12 +101,42 @@ class Worker:
         layer, phase = (call, "fwd") if call < n_bn else (call - n_bn, "bwd")
         return self.link.allreduce(layer, phase, local)
 
+    def serve(self) -> int:
+        return self.link.serve(self.run_step, {P.Kind.REDUCE: self.reduce_slice, P.Kind.UPDATE: self.update_slice})
+
+    def reduce_slice(self, msg: P.Message) -> None:
+        """gsum[lo:hi] = Σ of the listed ranks' slots over [lo, hi), in their order (elementwise: the same bits as
+        one process summing everything), and the slice's block sums of squares for the global norm."""
+        f = msg.fields
+        lo, hi = f["lo"], f["hi"]
+        sum_in_order(self.gsum[lo:hi], [self.grad_slots[r][lo:hi] for r in f["ranks"]])
+        self.link.send(P.Kind.REDUCED, arrays={"squares": chunk_squares(self.gsum[lo:hi])}, attempt=f["attempt"])
+
+    def update_slice(self, msg: P.Message) -> None:
+        """Clip + SGD on [lo, hi) from weights/velocity buffer `src` into the other: the `src` half is left as it
+        was, so a step that fails half-way is redone from it."""
+        f = msg.fields
+        src, dst = f["src"], 1 - f["src"]
+        if FAULT == ("update", msg.step, self.rank):  # a test's fault: die with half of the slice written
+            mid = f["lo"] + (f["hi"] - f["lo"]) // 2
+            self.opt.step(self.params2[src], self.gsum, f["lr"], f["scale"], f["lo"], mid,
+                          params_out=self.params2[dst], velocity_in=self.velocity2[src],
+                          velocity_out=self.velocity2[dst])
+            os._exit(17)
+        self.opt.step(self.params2[src], self.gsum, f["lr"], f["scale"], f["lo"], f["hi"],
+                      params_out=self.params2[dst], velocity_in=self.velocity2[src],
+                      velocity_out=self.velocity2[dst])
+        self.link.send(P.Kind.UPDATED, attempt=f["attempt"])
+
     def run_step(self, msg: P.Message) -> None:
         t_recv = time.time()
         self.bn_calls = 0
         f = msg.fields
         if not self.shm_weights:
             self._take_weights(msg)
+        elif f["weights_slot"] != self.slot and f["weights_slot"] >= 0:
+            self.slot = f["weights_slot"]
+            self.store.rebind(self.params2[self.slot], self.store.grads, self.store.buffers, copy=False)
         idx = np.asarray(msg.arrays["indices"], dtype=np.int64)
         if f["phase"] == "eval":
             loss_sum, correct, _ = evaluate_batches(self.model, self.images, self.labels, idx, f["eval_batch"])
@@ -121,6 +173,6 @@ def run_worker(endpoint: str, rank: int, run_id: str) -> int:
     log.setup(f"rank{rank}")
     w = Worker(endpoint, rank, run_id)
     try:
-        return run_peer(w.link, lambda: (w.start(), w.link.serve(w.run_step))[1])
+        return run_peer(w.link, lambda: (w.start(), w.serve())[1])
     finally:
         w.close()
