@@ -41,12 +41,16 @@ def chunk_squares(g: np.ndarray) -> np.ndarray:
     return parts
 
 
-def sum_of_squares(g: np.ndarray, parts: np.ndarray | None = None) -> float:
-    """Σ g²: the block sums of `chunk_squares` added in block order (pass `parts` when they were computed elsewhere,
-    e.g. by the workers slice by slice). One pass over g in float32 (a float64 copy costs 10x more); the relative
-    error, ~1e-7·sqrt(block), only moves the clip factor in its 6th digit."""
+def sum_of_squares(g: np.ndarray) -> float:
+    """Σ g²: the block sums of `chunk_squares`, added by `add_blocks`. One pass over g in float32 (a float64 copy
+    costs 10x more); the relative error, ~1e-7·sqrt(block), only moves the clip factor in its 6th digit."""
+    return add_blocks(chunk_squares(g))
+
+
+def add_blocks(parts: np.ndarray) -> float:
+    """Block sums added in block order, whoever computed them (this process, or the workers slice by slice)."""
     total = 0.0
-    for x in chunk_squares(g) if parts is None else parts:
+    for x in parts:
         total += float(x)
     return total
 

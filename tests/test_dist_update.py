@@ -10,7 +10,7 @@ import pytest
 from distutil import arrays, launch_inproc, step_records, tiny_cfg
 
 from dptrain.distributed.executor import chunk_slices
-from dptrain.optim import CHUNK, SGD, chunk_squares, sum_of_squares
+from dptrain.optim import CHUNK, SGD, add_blocks, chunk_squares, sum_of_squares
 
 WIDE = dict(model__hidden=256, train__batch_size=31, train__epochs=2)
 
@@ -29,7 +29,7 @@ def test_slices_reproduce_the_whole_array_bitwise():
     size = CHUNK * 3 + 123
     w, g, v = (rng.standard_normal(size).astype(np.float32) for _ in range(3))
     parts = np.concatenate([chunk_squares(g[lo:hi]) for lo, hi in chunk_slices(size, 3)])
-    assert sum_of_squares(g, parts) == sum_of_squares(g)
+    assert add_blocks(parts) == sum_of_squares(g)
     ranges = [(0, 1000), (5000, size - 7)]
     whole = SGD(size, momentum=0.9, weight_decay=5e-4, decay_ranges=ranges, velocity=v.copy())
     w_whole, g_whole = w.copy(), g.copy()

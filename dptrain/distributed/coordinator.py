@@ -283,12 +283,12 @@ class Coordinator:
         self.last_publish = (t_publish, time.time() - t_publish)  # (start, seconds) of handing out the step
         return self._collect(step, attempt, list(shards), P.Kind.RESULT, sync_bn=True)
 
-    def exchange(self, kind: P.Kind, reply: P.Kind, step: int, attempt: int, fields: dict[int, dict],
-                 arrays: dict | None = None) -> dict[int, P.Message]:
-        """`kind` with fields[rank] (and the same `arrays`) to every rank in `fields`; their `reply`s, keyed by
-        rank. Raises WorkerFailure on a loss, like a round."""
+    def exchange(self, kind: P.Kind, reply: P.Kind, step: int, attempt: int,
+                 fields: dict[int, dict]) -> dict[int, P.Message]:
+        """`kind` with fields[rank] to every rank in `fields`; their `reply`s, keyed by rank. Raises WorkerFailure
+        on a loss, like a round."""
         for rank, f in fields.items():
-            self.send(self.peers[rank], kind, step=step, arrays=arrays, attempt=attempt, **f)
+            self.send(self.peers[rank], kind, step=step, attempt=attempt, **f)
         return self._collect(step, attempt, list(fields), reply)
 
     def _collect(self, step: int, attempt: int, ranks: list[int], reply: P.Kind,

@@ -7,6 +7,7 @@ policy a lost rank's step is re-sharded over the survivors and redone from the s
 """
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -15,7 +16,7 @@ from .. import log
 from ..config import Config
 from ..data.sampler import shard_bounds
 from ..nn.params import ParamStore
-from ..optim import CHUNK, SGD, checked_clip, clipped_step, sum_of_squares
+from ..optim import CHUNK, SGD, add_blocks, checked_clip, clipped_step
 from ..train import StepInterrupted, StepResult
 from . import protocol as P
 from .coordinator import Coordinator, StopTimeout, WorkerFailure
@@ -41,10 +42,10 @@ class SharedUpdate:
 
     params and velocity are (2, P) double buffers: step k reads half `cur` and writes half 1 - cur, so a step that
     fails half-way leaves the weights it started from whole (it is redone from them, or they are checkpointed).
-    gsum (P,) receives the reduced gradient; grad_slots (N, P) one row per rank."""
+    gsum (P,) receives the reduced gradient (the rank slots it sums are the executor's grad_slots)."""
 
-    def __init__(self, params2: np.ndarray, velocity2: np.ndarray, gsum: np.ndarray, grad_slots: np.ndarray):
-        self.params2, self.velocity2, self.gsum, self.grad_slots = params2, velocity2, gsum, grad_slots
+    def __init__(self, params2: np.ndarray, velocity2: np.ndarray, gsum: np.ndarray):
+        self.params2, self.velocity2, self.gsum = params2, velocity2, gsum
         self.cur = 0
 
 
@@ -170,7 +171,7 @@ class DistExecutor:
                                   {r: {"lo": lo, "hi": hi, "ranks": ranks} for r, (lo, hi) in slices.items()})
         t_reduced = self._t_end = time.perf_counter()
         squares = np.concatenate([got[r].arrays["squares"] for r in peers])  # slice order = block order
-        norm = float(np.sqrt(sum_of_squares(sh.gsum, squares)))
+        norm = math.sqrt(add_blocks(squares))
         scale = checked_clip(norm, self.cfg.train.clip_norm, step)
         self._serial_until_now()
         self.coord.exchange(P.Kind.UPDATE, P.Kind.UPDATED, step, attempt,

@@ -184,7 +184,7 @@ def launch_local(cfg: Config, resume: bool = False, stop_at_step: int = 0) -> in
             velocity2 = shm["velocity"].array
             velocity2[0] = trainer.opt.velocity
             trainer.opt.velocity = velocity2[0]
-            shared = SharedUpdate(shm["params"].array, velocity2, shm["gsum"].array, grad_slots)
+            shared = SharedUpdate(shm["params"].array, velocity2, shm["gsum"].array)
         welcome = {"config": config_mod.to_dict(cfg), "shm": shm_specs, "num_classes": len(trainer.ds.class_names)}
         session.coord = Coordinator(cfg, session.run_id, n, welcome, {"labels": trainer.ds.labels})
         lg.info(f"coordinator listening on {session.coord.endpoint} (run {session.run_id}); starting {n} workers, "

@@ -117,15 +117,13 @@ class Worker:
         was, so a step that fails half-way is redone from it."""
         f = msg.fields
         src, dst = f["src"], 1 - f["src"]
-        if FAULT == ("update", msg.step, self.rank):  # a test's fault: die with half of the slice written
-            mid = f["lo"] + (f["hi"] - f["lo"]) // 2
-            self.opt.step(self.params2[src], self.gsum, f["lr"], f["scale"], f["lo"], mid,
-                          params_out=self.params2[dst], velocity_in=self.velocity2[src],
-                          velocity_out=self.velocity2[dst])
-            os._exit(17)
-        self.opt.step(self.params2[src], self.gsum, f["lr"], f["scale"], f["lo"], f["hi"],
+        dying = FAULT == ("update", msg.step, self.rank)  # a test's fault: die with half of the slice written
+        hi = f["lo"] + (f["hi"] - f["lo"]) // 2 if dying else f["hi"]
+        self.opt.step(self.params2[src], self.gsum, f["lr"], f["scale"], f["lo"], hi,
                       params_out=self.params2[dst], velocity_in=self.velocity2[src],
                       velocity_out=self.velocity2[dst])
+        if dying:
+            os._exit(17)
         self.link.send(P.Kind.UPDATED, attempt=f["attempt"])
 
     def run_step(self, msg: P.Message) -> None:
