@@ -10,6 +10,7 @@
     dptrain export --checkpoint C --format onnx|torch|safetensors --out F
     dptrain bench  [--workers 1,2,4] [--compare torch]
     dptrain plot   RUN_DIR                          metrics.jsonl -> PNG curves
+    dptrain plan   --hosts 1,16 --slots 8 --bandwidth 10gbit   predicted multi-host step time and scaling
 
 Training flags are aliases of config keys (`--lr` is `--train.lr`); any key can be set as `--section.key=value`;
 `--config FILE.toml` sets many at once. Precedence: defaults < --config < flags.
@@ -165,6 +166,11 @@ def cmd_plot(args, extra) -> int:
     return 0
 
 
+def cmd_plan(args, extra) -> int:
+    from .plan import main as plan_main
+    return plan_main(args, extra)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dptrain", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -223,6 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("run")
     pl.add_argument("--output", "-o", default=None)
     pl.set_defaults(func=cmd_plot)
+
+    pn = sub.add_parser("plan", help="predict multi-host step time, traffic and scaling (a cost model)")
+    from .plan import add_plan_flags
+    add_plan_flags(pn)
+    pn.set_defaults(func=cmd_plan)
     return p
 
 
@@ -230,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command not in ("train", "launch", "bench"):
+    if extra and args.command not in ("train", "launch", "bench", "plan"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     log.setup("coord" if args.command == "launch" else "main")
     return args.func(args, extra) or 0

@@ -1,0 +1,514 @@
+"""`dptrain plan`: a cost model of one data-parallel training step on H hosts of S worker slots each.
+
+    dptrain plan --hosts 1,16,64 --slots 8 --bandwidth 10gbit,25gbit [--wire-dtype float16] [--batch-size B]
+                 [--plane star,mesh,ddp] [--latency-us 50] [--compute-ms-per-image X | --calibrate] [--json]
+    dptrain plan --validate bench-hosts.json        measured rows (dptrain bench --hosts) against the model
+
+Per host count it predicts the step time, its compute / local-reduce / communication (total and exposed) / update
+parts, images/s, scaling efficiency against one host, and the bytes per step on a host's link and on the
+coordinator's. Model and image keys are overridden like in `dptrain bench` (`--model.widths=[8,16]`).
+
+The model (every constant is a field of `CostModel`, so predictions can be fitted to measurements):
+
+    M      = num_params × wire bytes (4, or 2 with float16: gradients up and the float16-rounded update down)
+    Bw     = bandwidth / 8 × link_efficiency    bytes/s per direction per host (full duplex)
+    b      = ceil(B / (H·S))                    per-worker batch; S workers share a host's S cores
+    compute = ms_per_step + b × ms_per_image    one forward + backward on one core (calibrated: both terms)
+    local  = S × num_params × 4 / mem_bytes_per_s    when S > 1: the host sums its S float32 gradients
+    U      = num_params × update_ns_per_param   clip + momentum SGD of the whole model, one core
+
+    star  (today's: every host sends M to the coordinator, which sums, updates and sends M back)
+          comm = 2·H·M/Bw + 2α   (the coordinator's link carries H·M each way)   exposed = comm   update = U
+    mesh  (reduce-scatter to slice owners, a norm round trip through the coordinator, owners update their 1/H slice,
+          all-gather):  rs = (H−1)/H·M/Bw + (H−1)·α;  comm = 2·rs + 2α;  exposed = comm − min(overlap·compute, rs);
+          update = U/H.  The owners' reduced slices (M in all) reach the coordinator off the critical path; a step
+          is never shorter than M/Bw on its link (reported as coord-bound).
+    ddp   (PyTorch DDP's ring all-reduce, for comparison): comm = 2·(H−1)/H·M/Bw + 2·(H−1)·α;
+          exposed = max(0, comm − overlap_ddp·compute); update = U (every rank updates the whole model)
+
+    step = compute + local + exposed + update;  images/s = B / step
+    efficiency = images/s ÷ (H × images/s of one host alone: compute(ceil(B/S)) + local + U/S, no network) ≤ 1
+
+Compute comes from --compute-ms-per-image [--compute-ms-per-step], from --calibrate (a few real training steps of
+the model at two batch sizes in this process, one BLAS thread, warm-up excluded, via dptrain.bench_local), or from
+the calibration cache ($DPTRAIN_CACHE or ~/.cache/dptrain, file plan-calibration.json, keyed by CPU model and
+network); with neither flag and no matching cache entry it calibrates once and saves. The per-image cost is not
+constant in the batch (a step has a fixed part: the 16384×512 hidden Linear's weight gradient is a full pass over
+its 32 MB whatever the batch), hence the fixed + per-image fit.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import platform
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import config as config_mod, log
+
+PLANES = ("star", "mesh", "ddp")
+WIRE_BYTES = {"float32": 4, "float16": 2}
+CALIBRATION_FILE = "plan-calibration.json"
+CALIBRATION_BATCHES = (2, 32)  # the fixed + per-image fit: two points, about 2 s for the default model
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Every constant of the model, with the defaults `dptrain plan` uses; `dataclasses.replace` to fit."""
+    ms_per_image: float  # forward + backward of one image on one core (BLAS 1 thread), the slope in the batch
+    ms_per_step: float = 0.0  # the part of a worker's forward + backward that does not scale with its batch
+    latency_s: float = 50e-6  # α: per message (one-way), software + wire
+    link_efficiency: float = 1.0  # payload bytes per line-rate byte (TCP over 1500-byte MTU: about 0.94)
+    update_ns_per_param: float = 4.0  # clip + momentum SGD (+ weight decay) per parameter on one core
+    mem_bytes_per_s: float = 5e9  # a host summing its S float32 gradients in shared memory
+    overlap: float = 0.0  # fraction of compute during which mesh's reduce-scatter runs hidden (0: none)
+    overlap_ddp: float | None = None  # the same for DDP's bucketed all-reduce (None: `overlap`)
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if v is not None and (not math.isfinite(v) or v < 0):
+                raise ValueError(f"{f.name} must be a finite number >= 0, got {v!r}")
+        for name in ("overlap", "overlap_ddp", "link_efficiency"):
+            v = getattr(self, name)
+            if v is not None and v > 1:
+                raise ValueError(f"{name} must be in [0, 1], got {v!r}")
+        for name in ("ms_per_image", "link_efficiency", "mem_bytes_per_s"):
+            if getattr(self, name) == 0:
+                raise ValueError(f"{name} must be > 0")
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+
+_BW_RE = re.compile(r"(?P<num>[0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(?P<prefix>[kmgt]?)(?:bits?)?(?:/s)?", re.I)
+_PREFIX = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+
+
+def parse_bandwidth(text: str | float | int) -> float:
+    """A link rate in bits per second: 10gbit, 25Gbit, 1g, 100mbit, 2.5gbit/s, 1e9 (a bare number is bit/s).
+    Byte units (10gbps, 1GB/s) are refused: tc reads `gbps` as gigabytes per second, most people as gigabits."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value = float(text)
+    else:
+        s = str(text).strip()
+        m = _BW_RE.fullmatch(s)
+        if m is None:
+            if re.fullmatch(r"[0-9.e+-]+\s*[kmgt]?(bps|b/s|b|bytes?(/s)?)", s, re.I):
+                raise ValueError(f"bandwidth {text!r} is ambiguous (bits or bytes? tc reads 'gbps' as bytes/s): "
+                                 "write it in bits per second, e.g. 10gbit, 100mbit")
+            raise ValueError(f"bandwidth {text!r}: expected bits per second such as 10gbit, 25Gbit, 1g, 100mbit, 1e9")
+        value = float(m["num"]) * _PREFIX[m["prefix"].lower()]
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"bandwidth {text!r} must be a positive, finite rate")
+    return value
+
+
+def format_bandwidth(bps: float) -> str:
+    for div, unit in ((1e12, "Tbit"), (1e9, "Gbit"), (1e6, "Mbit"), (1e3, "kbit")):
+        if bps >= div:
+            return f"{bps / div:g}{unit}"
+    return f"{bps:g}bit"
+
+
+def parse_hosts(text: str) -> list[int]:
+    try:
+        hosts = sorted({int(h) for h in text.split(",") if h.strip()})
+    except ValueError:
+        raise ValueError(f"--hosts wants a comma list of host counts, got {text!r}") from None
+    if not hosts or hosts[0] < 1:
+        raise ValueError(f"--hosts wants host counts >= 1, got {text!r}")
+    return hosts
+
+
+# ---------------------------------------------------------------------------------------------- the model
+
+def per_worker_batch(batch: int, hosts: int, slots: int) -> int:
+    return max(1, math.ceil(batch / (hosts * slots)))
+
+
+def compute_s(model: CostModel, b: int) -> float:
+    return (model.ms_per_step + b * model.ms_per_image) / 1e3
+
+
+def local_reduce_s(model: CostModel, slots: int, num_params: int) -> float:
+    return slots * num_params * 4 / model.mem_bytes_per_s if slots > 1 else 0.0
+
+
+def update_s(model: CostModel, num_params: int) -> float:
+    return num_params * model.update_ns_per_param * 1e-9
+
+
+def baseline(slots: int, batch: int, num_params: int, model: CostModel) -> dict:
+    """One host alone, no network: its S workers compute, sum locally and update S slices in parallel."""
+    b = per_worker_batch(batch, 1, slots)
+    step = compute_s(model, b) + local_reduce_s(model, slots, num_params) + update_s(model, num_params) / slots
+    return {"per_worker_batch": b, "step_s": step, "images_per_s": batch / step}
+
+
+def predict(plane: str, hosts: int, slots: int, batch: int, bandwidth_bps: float, wire_bytes: int, num_params: int,
+            model: CostModel) -> dict:
+    """Predicted seconds, bytes and throughput of one step (see the module docstring for the formulas). Pure."""
+    if plane not in PLANES:
+        raise ValueError(f"plane must be one of {', '.join(PLANES)}, got {plane!r}")
+    if wire_bytes not in (2, 4):
+        raise ValueError(f"wire_bytes must be 2 (float16) or 4 (float32), got {wire_bytes!r}")
+    for name, v in (("hosts", hosts), ("slots", slots), ("batch", batch), ("num_params", num_params)):
+        if int(v) != v or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    if not bandwidth_bps > 0 or not math.isfinite(bandwidth_bps):
+        raise ValueError(f"bandwidth_bps must be positive and finite, got {bandwidth_bps!r}")
+    H, S, M, a = hosts, slots, num_params * wire_bytes, model.latency_s
+    bw = bandwidth_bps / 8 * model.link_efficiency
+    b = per_worker_batch(batch, H, S)
+    t_compute = compute_s(model, b)
+    t_local = local_reduce_s(model, S, num_params)
+    U = update_s(model, num_params)
+    rs = None
+    if plane == "star":
+        comm = 2 * H * M / bw + 2 * a
+        hidden = 0.0
+        upd = U
+        send = recv = M
+        coord_in = coord_out = H * M
+    elif plane == "mesh":
+        rs = (H - 1) / H * M / bw + (H - 1) * a
+        comm = 2 * rs + 2 * a
+        hidden = min(model.overlap * t_compute, rs)
+        upd = U / H
+        send, recv = 2 * (H - 1) / H * M + M / H, 2 * (H - 1) / H * M  # + its reduced slice to the coordinator
+        coord_in, coord_out = M, 0
+    else:
+        comm = 2 * (H - 1) / H * M / bw + 2 * (H - 1) * a
+        ov = model.overlap if model.overlap_ddp is None else model.overlap_ddp
+        hidden = min(ov * t_compute, comm)
+        upd = U
+        send = recv = 2 * (H - 1) / H * M
+        coord_in = coord_out = 0
+    exposed = max(0.0, comm - hidden)
+    step = t_compute + t_local + exposed + upd
+    coord_link = max(coord_in, coord_out) / bw
+    coord_bound = plane == "mesh" and coord_link > step  # the slices' upload must fit in a step
+    if coord_bound:
+        step = coord_link
+    base = baseline(S, batch, num_params, model)
+    ips = batch / step
+    out = {"plane": plane, "hosts": H, "slots": S, "workers": H * S, "batch": batch, "per_worker_batch": b,
+           "idle_workers": max(0, H * S - batch), "bandwidth_bps": float(bandwidth_bps), "wire_bytes": wire_bytes,
+           "num_params": num_params, "model_bytes": M, "compute_s": t_compute, "local_reduce_s": t_local,
+           "comm_s": comm, "comm_hidden_s": comm - exposed, "comm_exposed_s": exposed, "update_s": upd,
+           "step_s": step, "images_per_s": ips, "speedup": ips / base["images_per_s"],
+           "efficiency": ips / (H * base["images_per_s"]), "baseline_step_s": base["step_s"],
+           "host_send_bytes": send, "host_recv_bytes": recv, "coord_in_bytes": coord_in, "coord_out_bytes": coord_out,
+           "coord_link_s": coord_link, "coord_bound": coord_bound}
+    if rs is not None:
+        out["reduce_scatter_s"] = rs
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the network
+
+def count_params(cfg: config_mod.Config, classes: int) -> int:
+    import numpy as np
+
+    from .nn.model import build_model
+    from .nn.params import ParamStore
+    store = ParamStore(np.float32)
+    build_model(cfg.model, classes, cfg.data.image_size, store)  # registration only: nothing allocated
+    return store.num_params
+
+
+# ---------------------------------------------------------------------------------------------- calibration
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def calibration_path() -> Path:
+    return Path(os.environ.get("DPTRAIN_CACHE") or "~/.cache/dptrain").expanduser() / CALIBRATION_FILE
+
+
+def _key(cfg: config_mod.Config, classes: int, cpu: str) -> dict:
+    return {"cpu_model": cpu, "model": dataclasses.asdict(cfg.model), "image_size": cfg.data.image_size,
+            "classes": classes}
+
+
+def fit_affine(points: dict[int, float]) -> tuple[float, float]:
+    """(ms_per_step, ms_per_image) through two (batch, ms) points; a negative part is dropped (noise)."""
+    (b0, t0), (b1, t1) = sorted(points.items())[:1] + sorted(points.items())[-1:]
+    slope = (t1 - t0) / (b1 - b0) if b1 != b0 else t1 / b1
+    fixed = t0 - b0 * slope
+    if slope <= 0 or fixed < 0:
+        return 0.0, t1 / b1
+    return fixed, slope
+
+
+def calibrate(cfg: config_mod.Config, classes: int, batches=CALIBRATION_BATCHES, warmup: int = 1,
+              steps: int = 3) -> dict:
+    """Time forward + loss + backward of the model at each batch (one BLAS thread, warm-up excluded)."""
+    from .bench_local import run_local_bench
+    points, sgd_ns = {}, []
+    for b in batches:
+        c = copy.deepcopy(cfg)
+        c.train.batch_size = b
+        r = run_local_bench(c, classes, 1, warmup, steps + (2 if b <= 8 else 0), False, progress=False)
+        p = r["phases_ms"]
+        points[b] = p["forward"] + p["loss"] + p["backward"]
+        sgd_ns.append((p["grad_norm"] + p["sgd_update"]) * 1e6 / r["num_params"])
+    fixed, slope = fit_affine(points)
+    return {**_key(cfg, classes, cpu_model()), "ms_per_step": fixed, "ms_per_image": slope,
+            "batches": list(batches), "measured_ms": {str(b): t for b, t in points.items()},
+            "measured_update_ns_per_param": min(sgd_ns), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def load_calibration(cfg: config_mod.Config, classes: int, path: Path | None = None) -> dict | None:
+    path = path or calibration_path()
+    try:
+        entries = json.loads(path.read_text())["entries"]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.get().warning(f"{path}: unreadable calibration cache ({e}); calibrating again")
+        return None
+    key = _key(cfg, classes, cpu_model())
+    for e in entries:
+        if isinstance(e, dict) and all(e.get(k) == v for k, v in key.items()):
+            return e
+    return None
+
+
+def save_calibration(entry: dict, path: Path | None = None) -> Path:
+    from .fsutil import atomic_write
+    path = path or calibration_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        entries = json.loads(path.read_text())["entries"]
+        if not isinstance(entries, list):
+            entries = []
+    except (OSError, ValueError, KeyError, TypeError):
+        entries = []
+    keys = ("cpu_model", "model", "image_size", "classes")
+    entries = [e for e in entries if not (isinstance(e, dict) and all(e.get(k) == entry[k] for k in keys))]
+    entries.append(entry)
+    blob = json.dumps({"version": 1, "entries": entries}, indent=1).encode()
+    atomic_write(path, lambda f: f.write(blob))
+    return path
+
+
+def compute_source(args, cfg: config_mod.Config, classes: int) -> tuple[float, float, str]:
+    """(ms_per_step, ms_per_image, where they come from)."""
+    lg = log.get()
+    if args.compute_ms_per_image is not None:
+        return args.compute_ms_per_step, args.compute_ms_per_image, "given"
+    entry = None if args.calibrate else load_calibration(cfg, classes)
+    if entry is None:
+        lg.info(f"calibrating: training steps of the model at batch {' and '.join(map(str, CALIBRATION_BATCHES))}, "
+                "1 BLAS thread, in this process")
+        entry = calibrate(cfg, classes)
+        where = save_calibration(entry)
+        lg.info(f"saved the calibration to {where}")
+        how = "calibrated now"
+    else:
+        how = f"calibration of {entry.get('created', '?')}"
+    return (float(entry["ms_per_step"]), float(entry["ms_per_image"]),
+            f"{how}, batch {' and '.join(map(str, entry.get('batches', [])))}, {entry['cpu_model']}, "
+            f"1 BLAS thread; its SGD measured {entry.get('measured_update_ns_per_param', float('nan')):.1f} ns/param")
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+def predict_row(row: dict, num_params: int, model: CostModel, default_bps: float | None) -> dict:
+    """Prediction for one measured row of `dptrain bench --hosts` (extra keys are ignored)."""
+    missing = [k for k in ("hosts", "slots", "plane", "batch_size", "step_s") if k not in row]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)}")
+    rate = row.get("rate")
+    bps = parse_bandwidth(rate) if rate not in (None, "", 0) else default_bps
+    if bps is None:
+        raise ValueError("no rate in the row and no --bandwidth")
+    wire = row.get("wire_dtype") or "float32"
+    if wire not in WIRE_BYTES:
+        raise ValueError(f"wire_dtype {wire!r}")
+    p = predict(row["plane"], int(row["hosts"]), int(row["slots"]), int(row["batch_size"]), bps, WIRE_BYTES[wire],
+                int(row.get("num_params") or num_params), model)
+    out = {"hosts": p["hosts"], "slots": p["slots"], "plane": p["plane"], "wire_dtype": wire, "bandwidth_bps": bps,
+           "batch_size": p["batch"], "step_s": float(row["step_s"]), "pred_step_s": p["step_s"],
+           "step_err": p["step_s"] / float(row["step_s"]) - 1}
+    if row.get("comm_s") is not None:
+        out.update(comm_s=float(row["comm_s"]), pred_comm_s=p["comm_exposed_s"])
+        out["comm_err"] = p["comm_exposed_s"] / out["comm_s"] - 1 if out["comm_s"] > 0 else None
+    if row.get("compute_s") is not None:  # the rest of the model on top of the measured compute
+        out["pred_step_given_compute_s"] = p["step_s"] - p["compute_s"] + float(row["compute_s"])
+    return out
+
+
+def validate(rows, num_params: int, model: CostModel, default_bps: float | None) -> dict:
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise ValueError("expected a JSON list of objects (rows of dptrain bench --hosts)")
+    out, skipped = [], []
+    for i, r in enumerate(rows):
+        try:
+            out.append(predict_row(r, num_params, model, default_bps))
+        except (ValueError, TypeError) as e:
+            skipped.append({"row": i, "reason": str(e)})
+    errs = [abs(r["step_err"]) for r in out]
+    return {"rows": out, "skipped": skipped, "mean_abs_step_err": sum(errs) / len(errs) if errs else None}
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+def add_plan_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hosts", help="comma list of host counts, e.g. 1,16,64")
+    p.add_argument("--slots", type=int, help="worker slots (cores) per host")
+    p.add_argument("--bandwidth", help="link rate per host and direction, bits/s: 10gbit, 25gbit,1gbit, 1e9")
+    p.add_argument("--plane", default="star,mesh,ddp", help="star, mesh and/or ddp (comma list)")
+    p.add_argument("--wire-dtype", choices=list(WIRE_BYTES), default=None, help="(default: dist.wire_dtype)")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch (default: train.batch_size)")
+    p.add_argument("--image-size", type=int, default=None, help="(default: data.image_size)")
+    p.add_argument("--classes", type=int, default=62)
+    p.add_argument("--config", default=None, help="TOML file whose [model]/[data] the plan uses")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--compute-ms-per-image", type=float, default=None,
+                   help="forward+backward ms per image on one core (default: the calibration cache)")
+    g.add_argument("--calibrate", action="store_true", help="time the model here now (a few s) and save it")
+    p.add_argument("--compute-ms-per-step", type=float, default=0.0,
+                   help="with --compute-ms-per-image: the per-step part that does not grow with the batch")
+    d = CostModel(1.0)
+    p.add_argument("--latency-us", type=float, default=d.latency_s * 1e6, help="per-message latency α")
+    p.add_argument("--link-efficiency", type=float, default=d.link_efficiency, help="payload / line rate")
+    p.add_argument("--update-ns-per-param", type=float, default=d.update_ns_per_param,
+                   help="clip + momentum SGD per parameter, one core")
+    p.add_argument("--mem-gb-per-s", type=float, default=d.mem_bytes_per_s / 1e9,
+                   help="a host summing its S gradients in shared memory")
+    p.add_argument("--overlap", type=float, default=d.overlap,
+                   help="fraction of compute that hides mesh's reduce-scatter (0: none)")
+    p.add_argument("--overlap-ddp", type=float, default=None, help="the same for DDP (default: --overlap)")
+    p.add_argument("--validate", metavar="FILE", default=None,
+                   help="JSON list of measured rows (dptrain bench --hosts): measured vs predicted")
+    p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+
+
+def _config(args, extra: list[str]) -> config_mod.Config:
+    from .cli import parse_overrides
+    overrides = parse_overrides(extra)
+    if args.image_size is not None:
+        overrides.setdefault("data.image_size", str(args.image_size))
+    if args.batch_size is not None:
+        overrides.setdefault("train.batch_size", str(args.batch_size))
+    if args.wire_dtype is not None:
+        overrides.setdefault("dist.wire_dtype", args.wire_dtype)
+    try:
+        return config_mod.load(args.config, overrides)
+    except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"dptrain plan: config error: {e}") from None
+
+
+def _ms(s: float) -> str:
+    return f"{1e3 * s:9.1f}"
+
+
+def format_table(rows: list[dict]) -> str:
+    head = (f"{'plane':<6}{'link':>8}{'hosts':>6}{'H×S':>6}{'b':>5}{'compute':>9}{'local':>9}{'comm':>9}"
+            f"{'exposed':>9}{'update':>9}{'step ms':>9}{'img/s':>9}{'eff':>6}{'host MB':>9}{'coord MB':>9}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        coord = r["coord_in_bytes"] / 1e6
+        lines.append(
+            f"{r['plane']:<6}{format_bandwidth(r['bandwidth_bps']):>8}{r['hosts']:>6}{r['workers']:>6}"
+            f"{r['per_worker_batch']:>5}{_ms(r['compute_s'])}{_ms(r['local_reduce_s'])}{_ms(r['comm_s'])}"
+            f"{_ms(r['comm_exposed_s'])}{_ms(r['update_s'])}{_ms(r['step_s'])}{r['images_per_s']:9.1f}"
+            f"{r['efficiency']:6.2f}{r['host_send_bytes'] / 1e6:9.1f}{coord:9.1f}" + (" coord-bound" if r["coord_bound"]
+                                                                                     else ""))
+    return "\n".join(lines)
+
+
+def format_validation(v: dict) -> str:
+    head = (f"{'plane':<6}{'wire':>8}{'link':>8}{'H':>4}{'S':>4}{'B':>6}{'step ms':>9}{'pred':>9}{'err':>7}"
+            f"{'comm ms':>9}{'pred':>9}{'err':>7}{'pred|compute':>14}")
+    lines = [head, "-" * len(head)]
+    pct = lambda e: f"{100 * e:+6.0f}%" if e is not None else f"{'':>7}"  # noqa: E731
+    for r in v["rows"]:
+        comm = (f"{_ms(r['comm_s'])}{_ms(r['pred_comm_s'])}{pct(r['comm_err'])}" if "comm_s" in r else " " * 25)
+        given = f"{_ms(r['pred_step_given_compute_s']):>14}" if "pred_step_given_compute_s" in r else ""
+        lines.append(f"{r['plane']:<6}{r['wire_dtype']:>8}{format_bandwidth(r['bandwidth_bps']):>8}{r['hosts']:>4}"
+                     f"{r['slots']:>4}{r['batch_size']:>6}{_ms(r['step_s'])}{_ms(r['pred_step_s'])}"
+                     f"{pct(r['step_err'])}{comm}{given}")
+    for s in v["skipped"]:
+        lines.append(f"row {s['row']} skipped: {s['reason']}")
+    if v["mean_abs_step_err"] is not None:
+        lines.append(f"mean |step error| {100 * v['mean_abs_step_err']:.0f}% over {len(v['rows'])} row(s); "
+                     "comm: measured comm_s against the predicted exposed network time (local sum and update excluded)")
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace, extra: list[str]) -> int:
+    cfg = _config(args, extra)
+    err = lambda msg: SystemExit(f"dptrain plan: {msg}")  # noqa: E731
+    if args.validate is None and (args.hosts is None or args.slots is None or args.bandwidth is None):
+        raise err("--hosts, --slots and --bandwidth are required (or --validate FILE)")
+    try:
+        hosts = parse_hosts(args.hosts) if args.hosts is not None else []
+        rates = [parse_bandwidth(b) for b in args.bandwidth.split(",") if b.strip()] if args.bandwidth else []
+        planes = [p.strip() for p in args.plane.split(",") if p.strip()]
+        if not planes or any(p not in PLANES for p in planes):
+            raise ValueError(f"--plane wants star, mesh and/or ddp, got {args.plane!r}")
+        if args.slots is not None and args.slots < 1:
+            raise ValueError("--slots must be >= 1")
+        if args.classes < 1:
+            raise ValueError("--classes must be >= 1")
+        num_params = count_params(cfg, args.classes)
+    except ValueError as e:
+        raise err(e) from None
+    fixed, per_image, source = compute_source(args, cfg, args.classes)
+    try:
+        model = CostModel(ms_per_image=per_image, ms_per_step=fixed, latency_s=args.latency_us * 1e-6,
+                          link_efficiency=args.link_efficiency, update_ns_per_param=args.update_ns_per_param,
+                          mem_bytes_per_s=args.mem_gb_per_s * 1e9, overlap=args.overlap, overlap_ddp=args.overlap_ddp)
+    except ValueError as e:
+        raise err(e) from None
+    wire = cfg.dist.wire_dtype
+    batch = cfg.train.batch_size
+    info = {"num_params": num_params, "model": dataclasses.asdict(cfg.model), "image_size": cfg.data.image_size,
+            "classes": args.classes, "compute_source": source, "cost_model": dataclasses.asdict(model)}
+    if args.validate is not None:
+        try:
+            rows = json.loads(Path(args.validate).read_text())
+            v = validate(rows, num_params, model, rates[0] if rates else None)
+        except (OSError, ValueError) as e:
+            raise err(f"{args.validate}: {e}") from None
+        print(json.dumps({**info, **v}) if args.json else format_validation(v), flush=True)
+        return 0 if v["rows"] else 1
+    rows = [predict(plane, h, args.slots, batch, bps, WIRE_BYTES[wire], num_params, model)
+            for bps in rates for plane in planes for h in hosts]
+    base = baseline(args.slots, batch, num_params, model)
+    if args.json:
+        print(json.dumps({**info, "wire_dtype": wire, "batch": batch, "slots": args.slots, "baseline": base,
+                          "rows": rows}), flush=True)
+        return 0
+    idle = [r["hosts"] for r in rows if r["idle_workers"]]
+    print(f"model: {num_params:,} params, {cfg.data.image_size}x{cfg.data.image_size}, {args.classes} classes; "
+          f"M = {num_params * WIRE_BYTES[wire] / 1e6:.1f} MB per step on the wire ({wire})\n"
+          f"compute: {fixed:.1f} ms/step + {per_image:.2f} ms/image per worker ({source})\n"
+          f"update {model.update_ns_per_param:g} ns/param, latency {model.latency_s * 1e6:g} us, link efficiency "
+          f"{model.link_efficiency:g}, local sum {model.mem_bytes_per_s / 1e9:g} GB/s, overlap {model.overlap:g}"
+          + (f" (ddp {model.overlap_ddp:g})" if model.overlap_ddp is not None else "") + "\n"
+          f"global batch {batch}, {args.slots} slot(s) per host; efficiency against 1 host alone, no network: "
+          f"b={base['per_worker_batch']}, {1e3 * base['step_s']:.1f} ms/step, {base['images_per_s']:.1f} img/s\n"
+          "ms per step; host MB = bytes a host sends per step (it receives about as many); coord MB = into the "
+          "coordinator per step\n", flush=True)
+    print(format_table(rows), flush=True)
+    if idle:
+        print(f"\nnote: global batch {batch} < workers for {sorted(set(idle))} host(s): some workers get no images",
+              flush=True)
+    return 0
