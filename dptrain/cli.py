@@ -42,6 +42,8 @@ TRAIN_FLAGS = [
     ("--port", "dist.port", int, None, "coordinator port (0: pick a free one)"),
     ("--timeline", "dist.timeline", str, None, "write a Chrome-trace JSON of every phase"),
     ("--wire-dtype", "dist.wire_dtype", str, ["float32", "float16"], None),
+    ("--plane", "dist.plane", str, ["mesh", "star"], "across hosts: agents reduce among themselves, or via the "
+     "coordinator"),
 ]
 
 

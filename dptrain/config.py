@@ -76,6 +76,10 @@ class DistConfig:
     # coordinator only decides); "coordinator" = the coordinator sums and updates alone. The same bits either way.
     update: str = "workers"
     wire_dtype: str = "float32"  # dtype of gradients sent between hosts ("float16" halves the bytes)
+    # Across hosts: "mesh" = the agents reduce-scatter their gradients among themselves, each updates its slice and
+    # all-gathers the weights (bytes per link flat in the number of hosts); "star" = through the coordinator.
+    plane: str = "mesh"
+    checksum_every: int = 10  # mesh: compare every host's weights with the coordinator's every this many steps
     timeline: str = ""  # write a Chrome-trace JSON of every phase to this file
 
 
@@ -95,6 +99,8 @@ class Config:
             raise ValueError(f"dist.transport must be 'shm' or 'socket', got {self.dist.transport!r}")
         if self.dist.update not in ("workers", "coordinator"):
             raise ValueError(f"dist.update must be 'workers' or 'coordinator', got {self.dist.update!r}")
+        if self.dist.plane not in ("mesh", "star"):
+            raise ValueError(f"dist.plane must be 'mesh' or 'star', got {self.dist.plane!r}")
         if self.dist.wire_dtype not in ("float32", "float16"):
             raise ValueError(f"dist.wire_dtype must be 'float32' or 'float16', got {self.dist.wire_dtype!r}")
         for name in ("epochs", "batch_size", "image_size"):

@@ -26,6 +26,13 @@ def lr_at(step: int, *, base_lr: float, warmup_steps: int, total_steps: int, min
 CHUNK = 1 << 16  # elements per block: w, g, v and a scratch block (1 MiB) stay in L2 between the vector ops
 
 
+def chunk_slices(size: int, n: int) -> list[tuple[int, int]]:
+    """[lo, hi) slices of range(size) for n owners (workers, hosts), on CHUNK boundaries (so the blocks of the sum
+    of squares are the same as one process's), as even as the blocks allow; trailing slices may be empty."""
+    blocks = -(-size // CHUNK)
+    return [(min(size, blocks * r // n * CHUNK), min(size, blocks * (r + 1) // n * CHUNK)) for r in range(n)]
+
+
 def chunk_squares(g: np.ndarray) -> np.ndarray:
     """Σ g² of every CHUNK-element block of g (float64, one per block): a float32 dot per block, redone in float64
     for a block whose float32 squares overflow. Blocks are independent, so a slice starting on a block boundary
@@ -110,6 +117,14 @@ class SGD:
             v += g
             np.multiply(v, lr, out=tmp)
             np.subtract(w, tmp, out=w_out[a:b])
+
+
+def sgd_for(store, t, velocity: np.ndarray | None = None) -> SGD:
+    """The run's optimizer over a ParamStore `store` from its train config `t` (weight decay on weights only, or on
+    everything with t.decay_bn_and_bias): the one recipe for the trainer, the workers and the host agents."""
+    ranges = [(0, store.num_params)] if t.decay_bn_and_bias else store.decay_ranges()
+    return SGD(store.num_params, momentum=t.momentum, weight_decay=t.weight_decay, decay_ranges=ranges,
+               velocity=velocity)
 
 
 def clipped_step(opt: SGD, params: np.ndarray, grads: np.ndarray, lr: float, clip_norm: float, step: int) -> float:

@@ -35,7 +35,7 @@ from .fsutil import atomic_write
 from .nn.model import build_model
 from .nn.params import ParamStore
 from .nn.threads import match_blas_threads
-from .optim import SGD, clipped_step, lr_at
+from .optim import SGD, clipped_step, lr_at, sgd_for
 
 STOP_GRACE_S = 10.0  # after the first Ctrl-C / SIGTERM the running step gets this long before it is abandoned
 
@@ -72,6 +72,11 @@ class Executor(Protocol):
     def request_stop(self, grace_s: float) -> None:
         """A stop was asked for (Ctrl-C, SIGTERM): let the running step take at most grace_s more."""
 
+    def settle(self) -> int:
+        """Bring the store and the optimizer up to the last step train_step returned, before a checkpoint. Returns
+        how many of the latest steps it could not bring in (0; 1 when a mesh host was lost holding part of the
+        last update under `abort`): the checkpoint then says so by its step."""
+
     def summary(self) -> dict:
         """Extra fields for summary.json."""
 
@@ -101,6 +106,9 @@ class LocalExecutor:
     def request_stop(self, grace_s: float) -> None:
         pass  # the step runs in this thread: it finishes first
 
+    def settle(self) -> int:
+        return 0  # every step is whole when train_step returns
+
     def summary(self) -> dict:
         return {}
 
@@ -121,8 +129,7 @@ class Trainer:
         self.model = build_model(cfg.model, len(dataset.class_names), cfg.data.image_size, self.store, rng=rng)
         if store_factory is not None:  # e.g. move the flat buffers into shared memory
             store_factory(self.store)
-        self.opt = SGD(self.store.num_params, momentum=t.momentum, weight_decay=t.weight_decay,
-                       decay_ranges=[(0, self.store.num_params)] if t.decay_bn_and_bias else self.store.decay_ranges())
+        self.opt = sgd_for(self.store, t)
         self.sampler = Sampler(dataset.train_idx, t.batch_size, t.seed, t.drop_last, t.steps_per_epoch)
         self.steps_per_epoch = self.sampler.num_steps()
         if self.steps_per_epoch == 0:
@@ -147,8 +154,14 @@ class Trainer:
                 "num_params": self.store.num_params}
 
     def save(self, name: str) -> None:
+        meta = self._meta()
+        lag = self.executor.settle() if self.executor is not None else 0
+        if lag:  # the state is that many steps behind the counters: the checkpoint resumes from there
+            meta["step"], meta["step_in_epoch"] = self.step - lag, max(self.step_in_epoch - lag, 0)
+            self.log.warning(f"checkpoint {name}: the last {lag} step(s) could not be brought in (a lost host "
+                             f"held part of the update); it resumes at step {meta['step']}")
         checkpoint.save(self.out / f"{name}.npz", params=self.store.params, velocity=self.opt.velocity,
-                        buffers=self.store.buffers, meta=self._meta())
+                        buffers=self.store.buffers, meta=meta)
 
     def restore(self, path: Path) -> None:
         arrays, meta = checkpoint.load(path)
@@ -251,8 +264,8 @@ class Trainer:
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
-            self.executor = None
         self.save("last")
+        self.executor = None
         summary = {**self._summary(time.perf_counter() - wall0, stopped_early, interrupted), **executor.summary()}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from distutil import arrays, launch_inproc, step_records, tiny_cfg
 
-from dptrain.distributed.executor import chunk_slices
-from dptrain.optim import CHUNK, SGD, add_blocks, chunk_squares, sum_of_squares
+from dptrain.optim import CHUNK, SGD, add_blocks, chunk_slices, chunk_squares, sum_of_squares
 
 WIDE = dict(model__hidden=256, train__batch_size=31, train__epochs=2)
 

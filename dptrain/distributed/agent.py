@@ -12,6 +12,11 @@ feeds them the shards of its block of each global batch. It then sums its worker
 sends ONE buffer up (optionally as float16): cross-host traffic grows with hosts, not workers. Sync-BN moments are
 summed on the host, reduced globally through the coordinator, and handed back down.
 
+Across hosts the gradients take one of two planes (dist.plane): "mesh" (default; mesh.py) reduce-scatters them
+among the agents and each agent updates its slice of the weights and all-gathers the rest, so every link carries
+O(model) bytes whatever the number of hosts; "star" sends the host's sum to the coordinator and takes the weights
+back from it.
+
 It exits when the coordinator says STOP, when the coordinator goes silent (heartbeats), when its ssh channel closes
 (stdin EOF, with --keys-stdin), or on SIGTERM; its workers follow within a second, and its shared memory goes with it.
 """
@@ -32,9 +37,11 @@ from .. import config as config_mod, log
 from ..data.dataset import load_dataset
 from ..nn.model import build_model
 from ..nn.params import ParamStore
+from ..optim import sgd_for
 from . import protocol as P
 from .coordinator import Coordinator, WorkerFailure
 from .curve import client_setup, read_agent_keys
+from .mesh import MeshLink, MeshReplica, checksum
 from .peer import PeerLink, run_peer
 from .reduce import sum_in_order
 from .session import Session
@@ -52,7 +59,9 @@ class Agent:
         # While it waits upstream the agent answers its own workers (heartbeats, hellos, deaths).
         self.link = PeerLink(endpoint, run_id, host_index, f"host {host}", client_setup(keys) if keys else None,
                              idle=self._serve_local)
+        self.keys = keys
         self.session: Session | None = None  # this host's side: shared memory, workers, local coordinator
+        self.replica: MeshReplica | None = None  # dist.plane = "mesh": this host's part of the data plane
 
     def _serve_local(self) -> None:
         if self.session is not None and self.session.coord is not None:
@@ -60,7 +69,7 @@ class Agent:
 
     # ---- set-up and preflight ------------------------------------------------------------------------------------
     def start(self, timeout_s: float = 120.0) -> None:
-        probe_port(self.endpoint, self.host)
+        address = probe_port(self.endpoint, self.host)
         msg = self.link.handshake("agent", self.host, self.slots, timeout_s)
         f = msg.fields
         self.cfg = config_mod.from_dict(f["config"])
@@ -74,14 +83,20 @@ class Agent:
             raise SystemExit(f"host {self.host}: preflight: dataset {self.cfg.data.path!r} differs from the "
                              f"coordinator's (fingerprint {ds.fingerprint[:12]} != {f['fingerprint'][:12]})")
         self._start_local(ds, int(f["num_classes"]), int(f["rank_base"]))
-        self.link.send(P.Kind.READY)
+        mesh = {}
+        if self.cfg.dist.plane == "mesh":
+            link = MeshLink(self.link.ctx, address, self.keys, self.link.run_id, self.index, self.host)
+            self.replica = MeshReplica(link, sgd_for(self.store, self.cfg.train), self.params, self.buffers,
+                                       self.cfg.dist.wire_dtype)
+            mesh = {"mesh_endpoint": link.endpoint, "mesh_key": link.key}
+        self.link.send(P.Kind.READY, **mesh)
         self.log.info(f"host {self.host}: {self.slots} workers ready (ranks {f['rank_base']}.."
                       f"{f['rank_base'] + self.slots - 1})")
 
     def _start_local(self, ds, num_classes: int, rank_base: int) -> None:
         self.session = Session(f"{self.link.run_id}h{self.index}{uuid.uuid4().hex[:4]}")
         shared = self.session.shared
-        store = ParamStore(np.float32)
+        store = self.store = ParamStore(np.float32)
         build_model(self.cfg.model, num_classes, self.cfg.data.image_size, store)
         images = shared("images", ds.images.shape, np.uint8, ds.images)
         params = shared("params", (store.num_params,), np.float32)
@@ -103,7 +118,11 @@ class Agent:
     # ---- steps ---------------------------------------------------------------------------------------------------
     def run_step(self, msg: P.Message) -> None:
         f = msg.fields
-        receive_weights(self.params, self.buffers, msg.arrays, f)
+        if not receive_weights(self.params, self.buffers, msg.arrays, f) and "buffers" in msg.arrays:
+            np.copyto(self.buffers, msg.arrays["buffers"])  # mesh: the weights are ours, the BN statistics not
+        crc = -1
+        if self.replica is not None and f["phase"] == "train" and msg.step % max(self.cfg.dist.checksum_every, 1) == 0:
+            crc = checksum(self.params)  # the weights this step starts from, before anything changes them
         idx = np.asarray(msg.arrays["indices"], np.int64)
         bounds = np.cumsum([0, *f["shard_sizes"]])
         shards = {r: idx[bounds[r]:bounds[r + 1]] for r in range(self.slots) if bounds[r + 1] > bounds[r]}
@@ -119,26 +138,61 @@ class Agent:
             self.link.send_result("eval", len(idx), loss_sum, correct)
             return
         t0 = time.time()
-        sum_in_order(self.gsum, [self.grad_slots[r] for r in ranks])  # local rank order
-        moments = sum(np.asarray(results[r].arrays["bn_moments"], np.float64) for r in ranks)
-        grad, grad_scale = grad_frame(self.gsum, self.cfg.dist.wire_dtype)
-        busiest = max(ranks, key=lambda r: sum(v[1] for k, v in results[r].fields["timings"].items() if k != "wait"))
-        timings = dict(results[busiest].fields["timings"])
+        timings, moments = {}, None
+        if ranks:
+            sum_in_order(self.gsum, [self.grad_slots[r] for r in ranks])  # local rank order
+            moments = sum(np.asarray(results[r].arrays["bn_moments"], np.float64) for r in ranks)
+            busiest = max(ranks, key=lambda r: sum(v[1] for k, v in results[r].fields["timings"].items()
+                                                   if k != "wait"))
+            timings = dict(results[busiest].fields["timings"])
+        else:  # no image for this host this step (mesh): it still owns and reduces its slice
+            self.gsum.fill(0.0)
         timings["host_reduce"] = [t0, time.time() - t0]
+        if self.replica is not None:
+            t1 = time.time()
+            squares = self.replica.reduce_scatter(self.gsum, msg.step, self.link.attempt, self.link)
+            timings["scatter"] = [t1, time.time() - t1]
+            self.link.send_result("train", len(idx), loss_sum, correct, timings, bn_moments=moments,
+                                  arrays={"squares": squares}, params_crc=crc)
+            return
+        grad, grad_scale = grad_frame(self.gsum, self.cfg.dist.wire_dtype)
         self.link.send_result("train", len(idx), loss_sum, correct, timings, grad_in="frame", grad=grad,
                               grad_scale=grad_scale, bn_moments=moments)
 
+    # ---- the mesh plane ------------------------------------------------------------------------------------------
+    def join_mesh(self, msg: P.Message) -> None:
+        self.link.stash.clear()  # whatever was queued belongs to the plane this one replaces
+        self.replica.take_state(msg)
+        self.link.send(P.Kind.MESHED, attempt=msg.fields["attempt"], mesh_id=msg.fields["mesh_id"])
+
+    def update(self, msg: P.Message) -> None:
+        f = msg.fields
+        mesh = self.replica.mesh
+        if (f["lo"], f["hi"]) != (mesh.lo, mesh.hi):
+            raise SystemExit(f"host {self.host}: asked to update [{f['lo']}, {f['hi']}), this host owns "
+                             f"[{mesh.lo}, {mesh.hi})")
+        reduced = self.replica.update_gather(f["lr"], f["scale"], msg.step, f["attempt"], self.link)
+        self.link.send(P.Kind.UPDATED, arrays={"grad": reduced}, attempt=f["attempt"], lo=mesh.lo, hi=mesh.hi)
+
+    def serve(self) -> int:
+        handlers = {P.Kind.MESH: self.join_mesh, P.Kind.UPDATE: self.update} if self.replica is not None else None
+        return self.link.serve(self.run_step, handlers)
+
     def close(self) -> None:
+        if self.replica is not None:
+            self.replica.mesh.close()
         if self.session is not None:
             self.session.close()
         self.link.close()
 
 
-def probe_port(endpoint: str, host: str, timeout_s: float = 10.0) -> None:
-    """Preflight: a plain TCP connect first, because ZeroMQ retries an unreachable address silently forever."""
+def probe_port(endpoint: str, host: str, timeout_s: float = 10.0) -> str:
+    """Preflight: a plain TCP connect first, because ZeroMQ retries an unreachable address silently forever.
+    Returns this host's address on the way to the coordinator (where the other agents reach it too)."""
     addr, _, port = endpoint.removeprefix("tcp://").rpartition(":")
     try:
-        pysocket.create_connection((addr, int(port)), timeout=timeout_s).close()
+        with pysocket.create_connection((addr, int(port)), timeout=timeout_s) as s:
+            return s.getsockname()[0]
     except OSError as e:
         raise SystemExit(f"host {host}: preflight: cannot reach the coordinator at {addr}:{port}: {e}") from None
 
@@ -191,6 +245,6 @@ def run_agent(args) -> int:
     signal.signal(signal.SIGINT, _raise_stop)
     agent = Agent(args.connect, index, slots, args.run, keys, host)
     try:
-        return run_peer(agent.link, lambda: (agent.start(), agent.link.serve(agent.run_step))[1], (AgentStop,))
+        return run_peer(agent.link, lambda: (agent.start(), agent.serve())[1], (AgentStop,))
     finally:
         agent.close()

@@ -53,6 +53,8 @@ class Peer:
     last_seen: float = field(default_factory=time.monotonic)
     weights_version: int = -1  # socket transport: the last weights this rank received
     slots: int = 1  # worker ranks behind this peer: 1 for a worker, the host's slots for an agent
+    mesh_endpoint: str = ""  # an agent on the mesh plane: where the other agents reach it, and its public key
+    mesh_key: str = ""
     death: str = ""
     log_tail: deque = field(default_factory=lambda: deque(maxlen=20))
 
@@ -180,6 +182,8 @@ class Coordinator:
         peer.last_seen = time.monotonic()
         if msg.kind is P.Kind.READY and peer.state is PeerState.WELCOMED:
             peer.state = PeerState.READY
+            peer.mesh_endpoint = str(msg.fields.get("mesh_endpoint", ""))
+            peer.mesh_key = str(msg.fields.get("mesh_key", ""))
             return True
         if msg.kind is P.Kind.ERROR:
             self._mark_dead(peer, f"reported an error: {msg.fields['message']}")
@@ -261,16 +265,21 @@ class Coordinator:
     # ---- one round -----------------------------------------------------------------------------------------------
     def round(self, step: int, attempt: int, shards: dict[int, np.ndarray], fields: dict,
               weights: dict | None = None, weights_version: int = 0, update: dict | None = None,
-              shard_sizes: dict[int, list[int]] | None = None) -> dict[int, P.Message]:
+              shard_sizes: dict[int, list[int]] | None = None, arrays: dict | None = None,
+              side=None) -> dict[int, P.Message]:
         """STEP to every rank in `shards`; their RESULTs, keyed by rank. Raises WorkerFailure on a loss.
 
         fields: STEP's phase, epoch, global_count and eval_batch. With sockets, a peer that lacks `weights_version`
         gets `weights` (params + buffers), or `update` (update + buffers + update_scale) when it is one version
-        behind. `shard_sizes[rank]` (agents): how the peer's block of indices splits over its slots."""
+        behind. `shard_sizes[rank]` (agents): how the peer's block of indices splits over its slots. `arrays` go to
+        every rank (the BN statistics, when the peers hold the weights); `side(msg)` gets the valid messages that
+        belong to no round (a mesh plane's UPDATED of the step before)."""
         t_publish = time.time()
+        arrays_all = arrays
         for rank, idx in shards.items():
             peer = self.peers[rank]
-            arrays, extra = {"indices": idx}, {}
+            extra = {}
+            arrays = {"indices": idx, **(arrays_all or {})}
             if update is not None and peer.weights_version == weights_version - 1:
                 arrays.update(update["arrays"])
                 extra["update_scale"] = update["scale"]
@@ -281,7 +290,7 @@ class Coordinator:
             self.send(peer, P.Kind.STEP, step=step, arrays=arrays, attempt=attempt, weights_version=weights_version,
                       shard_sizes=shard_sizes[rank] if shard_sizes else [len(idx)], **fields, **extra)
         self.last_publish = (t_publish, time.time() - t_publish)  # (start, seconds) of handing out the step
-        return self._collect(step, attempt, list(shards), P.Kind.RESULT, sync_bn=True)
+        return self._collect(step, attempt, list(shards), P.Kind.RESULT, sync_bn=True, side=side)
 
     def exchange(self, kind: P.Kind, reply: P.Kind, step: int, attempt: int,
                  fields: dict[int, dict]) -> dict[int, P.Message]:
@@ -291,8 +300,12 @@ class Coordinator:
             self.send(self.peers[rank], kind, step=step, attempt=attempt, **f)
         return self._collect(step, attempt, list(fields), reply)
 
+    def collect(self, step: int, attempt: int, ranks: list[int], reply: P.Kind, side=None) -> dict[int, P.Message]:
+        """`reply` of step `step` attempt `attempt` from every rank in `ranks`, nothing sent first."""
+        return self._collect(step, attempt, ranks, reply, side=side)
+
     def _collect(self, step: int, attempt: int, ranks: list[int], reply: P.Kind,
-                 sync_bn: bool = False) -> dict[int, P.Message]:
+                 sync_bn: bool = False, side=None) -> dict[int, P.Message]:
         """Wait for `reply` from every rank in `ranks` (serving sync-BN reductions among them when asked),
         checking liveness every poll tick and naming the late every LATE_WARNING_EVERY_S."""
         waiting = {r: self.peers[r] for r in ranks}
@@ -304,6 +317,8 @@ class Coordinator:
                 if self._handle_common(identity, msg):
                     continue
                 if msg.step != step or msg.fields.get("attempt") != attempt:
+                    if side is not None:
+                        side(msg)
                     continue  # a late answer to an abandoned attempt
                 if msg.kind is reply and msg.rank in waiting:
                     results[msg.rank] = msg

@@ -16,11 +16,12 @@ from .. import log
 from ..config import Config
 from ..data.sampler import shard_bounds
 from ..nn.params import ParamStore
-from ..optim import CHUNK, SGD, add_blocks, checked_clip, clipped_step
+from ..optim import SGD, add_blocks, checked_clip, chunk_slices, clipped_step
 from ..train import StepInterrupted, StepResult
 from . import protocol as P
-from .coordinator import Coordinator, StopTimeout, WorkerFailure
+from .coordinator import Coordinator, PeerState, StopTimeout, WorkerFailure
 from .hostfile import rank_bases
+from .mesh_plane import MeshPlane
 from .reduce import sum_in_order
 from .timeline import Timeline
 from .wire import apply_update16
@@ -49,23 +50,20 @@ class SharedUpdate:
         self.cur = 0
 
 
-def chunk_slices(size: int, n: int) -> list[tuple[int, int]]:
-    """[lo, hi) slices of range(size) for n workers, on CHUNK boundaries (so the blocks of the sum of squares are the
-    same as one process's), as even as the blocks allow; trailing slices may be empty."""
-    blocks = -(-size // CHUNK)
-    return [(min(size, blocks * r // n * CHUNK), min(size, blocks * (r + 1) // n * CHUNK)) for r in range(n)]
-
-
 class DistExecutor:
     """The Trainer's executor (train.Executor) over a coordinator's peers. It reads and writes the store's flat
     buffers and the optimizer's velocity (the reduced gradient, the weights it publishes) and nothing else of the
     Trainer's. `grad_slots`: one host's shared gradient rows (None: gradients arrive as frames); `shared`: the
-    double buffers when the workers reduce and update (dist.update = "workers")."""
+    double buffers when the workers reduce and update (dist.update = "workers"); `mesh`: the peers are host
+    agents that reduce and update among themselves (dist.plane = "mesh", mesh_plane.py)."""
 
     def __init__(self, coord: Coordinator, store: ParamStore, opt: SGD, cfg: Config,
-                 grad_slots: np.ndarray | None, shared: SharedUpdate | None = None, timeline: Timeline | None = None):
+                 grad_slots: np.ndarray | None, shared: SharedUpdate | None = None, timeline: Timeline | None = None,
+                 mesh: bool = False):
         self.coord, self.store, self.opt, self.cfg = coord, store, opt, cfg
         self.grad_slots, self.shared = grad_slots, shared
+        self.mesh = MeshPlane(coord, store, opt, cfg) if mesh else None
+        self.lost_steps = 0  # steps returned that the state lacks (mesh: a host lost with its slice, under abort)
         self.policy = cfg.dist.on_worker_failure
         self.timeline = timeline
         self.version = 0
@@ -75,16 +73,15 @@ class DistExecutor:
         self._t_end: float | None = None  # when the coordinator last stopped waiting on the workers
         # Weights over sockets with a float16 wire: after the first full copy, peers get the float16-rounded update
         # (wire.apply_update16 keeps the coordinator's weights equal to what the peers rebuild from it).
-        self.update16 = grad_slots is None and cfg.dist.wire_dtype == "float16"
+        self.update16 = grad_slots is None and cfg.dist.wire_dtype == "float16" and not mesh
         if self.update16:
             self.prev_params = store.params.copy()
             self.update_f16 = np.empty(store.num_params, np.float16)
             self.update_scale = 1.0
 
     # ---- rounds ------------------------------------------------------------------------------------------------
-    def _retrying(self, step: int, body):
+    def _retrying(self, step: int, body, attempt: int = 0):
         """body(attempt), redone over the survivors while the policy is `continue` and someone survives."""
-        attempt = 0
         while True:
             try:
                 return body(attempt)
@@ -97,6 +94,22 @@ class DistExecutor:
                 attempt += 1
                 self.log.warning(f"step {step}: lost {', '.join(p.describe() for p in e.peers)}; redoing the step "
                                  f"on {len(survivors)} surviving rank(s)")
+                if self.mesh is not None:
+                    self._redo_unsettled()
+
+    def _redo_unsettled(self) -> None:
+        """Mesh, after a loss: the step in flight is applied if its slices all came in, else redone over the
+        survivors from the coordinator's state (its result was already reported; the redo only restores the state).
+        """
+        if self.mesh.settle():
+            return
+        p = self.mesh.take_unsettled()
+        self.log.warning(f"step {p.step}: a lost host held part of its update; redoing it over the survivors")
+        fields = {"phase": "train", "epoch": p.epoch, "global_count": len(p.indices), "eval_batch": 0}
+        self._retrying(p.step, lambda attempt: self._mesh_step(p.indices, p.epoch, p.step, p.lr, attempt, fields),
+                       attempt=p.attempt + 1)
+        if not self.mesh.settle():  # lost another host in the meantime: again, from what is left
+            self._redo_unsettled()
 
     def _round(self, indices: np.ndarray, step: int, attempt: int, fields: dict) -> tuple[list[int], dict]:
         peers = self.coord.active()
@@ -104,20 +117,26 @@ class DistExecutor:
             raise WorkerFailure([])
         blocks, sizes = split_by_slots(indices, [p.slots for p in peers])
         # fewer images than slots (a small batch, a short last batch, a tiny val set): a peer with no image sits
-        # the round out; an empty shard would crash its worker (a batch of 0) and stall sync BN
-        keep = [i for i, b in enumerate(blocks) if len(b)]
+        # the round out; an empty shard would crash its worker (a batch of 0) and stall sync BN. On the mesh every
+        # host takes part in a training step (its agent contributes zeros and still owns its slice).
+        mesh_train = self.mesh is not None and fields["phase"] == "train"
+        keep = [i for i, b in enumerate(blocks) if len(b) or mesh_train]
         ranks = [peers[i].rank for i in keep]
         shards = {peers[i].rank: blocks[i] for i in keep}
         shard_sizes = {peers[i].rank: sizes[i] for i in keep}
         weights = update = None
-        if self.grad_slots is None:  # sockets; with shared memory the workers read the weights in place
+        if self.grad_slots is None and self.mesh is None:  # sockets; with shm the workers read them in place
             weights = {"params": self.store.params, "buffers": self.store.buffers}
             if self.update16 and self.version > 0:  # version 0: no update yet, everyone needs a full copy
                 update = {"arrays": {"update": self.update_f16, "buffers": self.store.buffers},
                           "scale": self.update_scale}
         fields = fields | {"weights_slot": self.shared.cur if self.shared else -1}
+        arrays = side = None
+        if self.mesh is not None:  # the hosts hold the weights; the BN statistics are the Trainer's
+            arrays, side = {"buffers": self.store.buffers}, self.mesh.on_message
         self._serial_until_now()
-        results = self.coord.round(step, attempt, shards, fields, weights, self.version, update, shard_sizes)
+        results = self.coord.round(step, attempt, shards, fields, weights, self.version, update, shard_sizes,
+                                   arrays=arrays, side=side)
         self._t_end = time.perf_counter()
         return ranks, results
 
@@ -133,6 +152,8 @@ class DistExecutor:
         fields = {"phase": "train", "epoch": epoch, "global_count": len(indices), "eval_batch": 0}
 
         def attempt_step(attempt: int):
+            if self.mesh is not None:
+                return self._mesh_step(indices, epoch, step, lr, attempt, fields)
             ranks, results = self._round(indices, step, attempt, fields)
             t1 = time.perf_counter()
             if self.shared is not None:
@@ -148,17 +169,25 @@ class DistExecutor:
             return ranks, results, norm, t1, t2
 
         ranks, results, norm, t1, t2 = self._retrying(step, attempt_step)
-        moments = np.zeros_like(results[ranks[0]].arrays["bn_moments"], dtype=np.float64)
-        for rank in ranks:
-            moments += results[rank].arrays["bn_moments"]
+        moments = sum(np.asarray(results[r].arrays["bn_moments"], np.float64) for r in ranks
+                      if "bn_moments" in results[r].arrays)
         t3 = time.perf_counter()
-        if self.shared is None:  # the coordinator did the bulk work itself: all of it was serial
+        if self.shared is None and self.mesh is None:  # the coordinator did the bulk work itself: all of it was serial
             self.phase_s["serial"] += t3 - t1
             self._t_end = t3
         self.version += 1
         slowest = self._account(ranks, results, step, t0, wall0, t1, t2, t3)
         return StepResult(len(indices), sum(results[r].fields["loss_sum"] for r in ranks),
                           sum(results[r].fields["correct"] for r in ranks), moments, norm, slowest=f"rank {slowest}")
+
+    def _mesh_step(self, indices: np.ndarray, epoch: int, step: int, lr: float, attempt: int, fields: dict):
+        """The hosts reduce-scatter, the coordinator decides (norm -> clip) and applies the step before to its copy
+        meanwhile, the hosts update and all-gather (mesh.py)."""
+        self.mesh.ensure(step, attempt)
+        ranks, results = self._round(indices, step, attempt, fields)
+        t1 = time.perf_counter()
+        norm = self.mesh.decide(step, attempt, results, lr, indices, epoch)
+        return ranks, results, norm, t1, time.perf_counter()
 
     def _update_by_workers(self, step: int, attempt: int, ranks: list[int], lr: float) -> tuple[float, float]:
         """Reduce-scatter, exact global norm, clip + SGD, all by the workers on slices of the shared buffers;
@@ -189,13 +218,15 @@ class DistExecutor:
         slowest, slowest_s = ranks[0], -1.0
         for rank in ranks:
             tm = results[rank].fields["timings"]
-            busy = sum(v[1] for k, v in tm.items() if k != "wait")
+            busy = sum(v[1] for k, v in tm.items() if k not in ("wait", "scatter"))  # scatter: communication
             compute = max(compute, busy)
             if busy > slowest_s:
                 slowest, slowest_s = rank, busy
             if self.timeline:
                 for name, (start, dur) in tm.items():
                     self.timeline.add(name, rank, start, dur, step)
+                if "backward" not in tm:  # a host with no image this step
+                    continue
                 end_backward = tm["backward"][0] + tm["backward"][1]
                 self.timeline.add("send", rank, end_backward, results[rank].fields["sent_at"] - end_backward, step)
         if self.timeline:
@@ -212,7 +243,17 @@ class DistExecutor:
         ph["steps"] += 1
         return slowest
 
+    def settle(self) -> int:
+        """train.Executor.settle: the mesh's last step onto the coordinator's copy (a no-op otherwise)."""
+        if self.mesh is not None and not self.mesh.settle():
+            return 1
+        return 0
+
     def evaluate(self, indices: np.ndarray) -> tuple[float, int]:
+        if self.mesh is not None and not self.mesh.settle():  # a host was lost holding part of the last update
+            if self.policy != "continue" or not self.coord.active():
+                raise WorkerFailure([p for p in self.coord.peers.values() if p.state is PeerState.DEAD])
+            self._redo_unsettled()
         # Each worker evaluates in batches of its training shard's size: the layer buffers of that shape exist
         # already (a batch of 256 would make every worker allocate ~0.7 GB more for a few forward passes).
         per_worker = -(-self.cfg.train.batch_size // sum(p.slots for p in self.coord.active()))
@@ -233,7 +274,8 @@ class DistExecutor:
         return {"breakdown": {"step_s": ph["step"] / n, "compute_s": ph["compute"] / n,
                               "comm_s": max(ph["round"] - ph["compute"], 0.0) / n, "reduce_s": ph["reduce"] / n,
                               "update_s": ph["update"] / n, "serial_s": ph["serial"] / n,
-                              "update_by": "workers" if self.shared else "coordinator"},
+                              "update_by": "hosts" if self.mesh else "workers" if self.shared else "coordinator"},
+                **({"plane": "mesh", "replica_checks": self.mesh.checks} if self.mesh else {}),
                 "dropped_messages": self.coord.dropped}
 
     def close(self) -> None:

@@ -144,7 +144,8 @@ def launch_hosts(cfg: Config, args) -> int:
                 if p.proc is not None and p.proc.poll() == 255:
                     lg.error(f"host {p.host}: ssh failed: {ssh_failure(p.log_path)}")
             raise
-        lg.info(f"all {len(hosts)} hosts ready")
+        lg.info(f"all {len(hosts)} hosts ready; {cfg.dist.plane} data plane, {cfg.dist.wire_dtype} wire")
+        session.mesh = cfg.dist.plane == "mesh"
         return trainer, None, None  # gradients arrive as frames (one summed buffer per host)
 
     return run_session(cfg, args.stop_at_step, start, run_id=getattr(args, "run_id", None))

@@ -28,7 +28,8 @@ from threadpoolctl import threadpool_limits
 from .. import config as config_mod, log
 from ..config import Config
 from ..data.shm import remove_orphans
-from .coordinator import Coordinator, WorkerFailure
+from ..train import ExecutorFailure
+from .coordinator import Coordinator
 from .executor import DistExecutor, SharedUpdate
 from .session import Session, blas_threads
 from .timeline import Timeline
@@ -125,11 +126,12 @@ def run_session(cfg: Config, stop_at_step: int, start, run_id: str | None = None
     try:
         trainer, grad_slots, shared = start(session)
         timeline = Timeline(cfg.dist.timeline) if cfg.dist.timeline else None
-        executor = DistExecutor(session.coord, trainer.store, trainer.opt, cfg, grad_slots, shared, timeline)
+        executor = DistExecutor(session.coord, trainer.store, trainer.opt, cfg, grad_slots, shared, timeline,
+                                mesh=session.mesh)
         summary = trainer.fit(executor, stop_at_step=stop_at_step)
         print(json.dumps(summary))
         return EXIT_INTERRUPTED if trainer.stop_requested else 0
-    except WorkerFailure as e:  # the trainer wrote last.npz if training had started
+    except ExecutorFailure as e:  # a lost worker or host, a replica mismatch: last.npz is written if training began
         lg.error(f"aborting: {e}")
         return EXIT_WORKER_LOST
     except (KeyboardInterrupt, _Terminated):

@@ -17,6 +17,7 @@ import os
 import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable
 
 import numpy as np
@@ -92,6 +93,7 @@ class PeerLink:
         self.log = log.get()
         self.step = self.attempt = 0
         self.welcomed = False
+        self.stash: deque[P.Message] = deque()  # read while waiting on something else (mesh.collect): next in line
 
     # ---- messages ----------------------------------------------------------------------------------------------
     def send(self, kind: P.Kind, arrays: dict | None = None, **fields) -> None:
@@ -100,6 +102,8 @@ class PeerLink:
 
     def recv(self, timeout_s: float | None = None) -> P.Message | None:
         """The next valid message, or None after timeout_s (None: wait for ever); malformed ones are dropped."""
+        if self.stash:
+            return self.stash.popleft()
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             left = None if deadline is None else deadline - time.monotonic()
@@ -115,6 +119,17 @@ class PeerLink:
                 return P.decode(frames, run=self.run_id)
             except P.ProtocolError as e:
                 self.log.warning(f"dropped a malformed message from the coordinator: {e}")
+
+    def poll_once(self) -> P.Message | None:
+        """A message that is already here, without waiting (None: none, or it was malformed and dropped)."""
+        if not self.sock.poll(0):
+            return None
+        frames = self.sock.recv_multipart(copy=False)
+        try:
+            return P.decode(frames, run=self.run_id)
+        except P.ProtocolError as e:
+            self.log.warning(f"dropped a malformed message from the coordinator: {e}")
+            return None
 
     def handshake(self, role: str, host: str, slots: int, timeout_s: float) -> P.Message:
         """HELLO, then the WELCOME; anything else ends the process with one line saying why."""
@@ -145,20 +160,20 @@ class PeerLink:
             if msg.kind is P.Kind.BN_REDUCED and msg.step == self.step and msg.fields["layer"] == layer \
                     and msg.fields["phase"] == phase and msg.fields["attempt"] == self.attempt:
                 return np.array(msg.arrays["moments"], np.float64)
-            if msg.kind in (P.Kind.STEP, P.Kind.STOP):
+            if msg.kind in (P.Kind.STEP, P.Kind.STOP, P.Kind.MESH):
                 raise Preempted(msg)
 
     def send_result(self, phase: str, count: int, loss_sum: float, correct: int, timings: dict | None = None,
                     grad_in: str = "none", grad: np.ndarray | None = None, grad_scale: float = 1.0,
-                    bn_moments: np.ndarray | None = None) -> None:
-        arrays = {}
+                    bn_moments: np.ndarray | None = None, arrays: dict | None = None, **extra) -> None:
+        arrays = dict(arrays or {})
         if grad is not None:
             arrays["grad"] = grad
         if bn_moments is not None:
             arrays["bn_moments"] = bn_moments
         self.send(P.Kind.RESULT, arrays=arrays, phase=phase, attempt=self.attempt, count=int(count),
                   loss_sum=float(loss_sum), correct=int(correct), grad_in=grad_in, grad_scale=float(grad_scale),
-                  timings=timings or {}, sent_at=time.time())
+                  timings=timings or {}, sent_at=time.time(), **extra)
 
     # ---- the loop ----------------------------------------------------------------------------------------------
     def serve(self, run_step: Callable[[P.Message], None],
@@ -173,7 +188,10 @@ class PeerLink:
                 return 0
             if handlers and msg.kind in handlers:
                 self.step, self.attempt = msg.step, msg.fields["attempt"]
-                handlers[msg.kind](msg)
+                try:
+                    handlers[msg.kind](msg)
+                except Preempted as p:
+                    pending = p.msg
                 continue
             if msg.kind is not P.Kind.STEP:
                 continue

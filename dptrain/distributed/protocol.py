@@ -38,17 +38,20 @@ The table below and `SCHEMA` list the same kinds and fields (tests/test_protocol
                                       slots int, versions map, code_hash str
     WELCOME     coordinator -> peer   world_size int, rank_base int, config map,      labels (int64)
                                       shm map, num_classes int
-    READY       peer -> coordinator   -                                               -
+    READY       peer -> coordinator   - (an agent adds mesh_endpoint str, mesh_key    -
+                                      str: where the other agents reach it)
     STEP        coordinator -> peer   phase str ("train"|"eval"), epoch int,          indices (int32|int64);
                                       attempt int, weights_version int,               params + buffers, or
                                       weights_slot int (shared double buffer, or -1),
                                       global_count int (train: the loss's divisor),   update + buffers
                                       eval_batch int (eval: forward batch size),      (float16 wire), or none
-                                      shard_sizes list (agents: per-slot split)       (shared memory)
+                                      shard_sizes list (agents: per-slot split)       (shared memory);
+                                                                                      buffers alone (mesh)
     RESULT      peer -> coordinator   phase str, attempt int, count int,              grad if grad_in ==
                                       loss_sum float, correct int, grad_in str        "frame"; bn_moments
                                       ("shm"|"frame"|"none"), grad_scale float,       (train)
-                                      timings map (phase -> [start, seconds])
+                                      timings map (phase -> [start, seconds]);        (mesh: squares of
+                                      mesh: params_crc int (-1: not this step)        the agent's slice)
     BN_REDUCE   peer -> coordinator   layer int, phase str ("fwd"|"bwd"), attempt int moments (float64)
     BN_REDUCED  coordinator -> peer   layer int, phase str, attempt int               moments (float64)
     REDUCE      coordinator -> worker attempt int, lo int, hi int, ranks list: sum   -
@@ -59,7 +62,18 @@ The table below and `SCHEMA` list the same kinds and fields (tests/test_protocol
     UPDATE      coordinator -> worker attempt int, lo int, hi int, lr float,          -
                                       scale float, src int: SGD on [lo, hi) from
                                       buffer src into the other one
-    UPDATED     worker -> coordinator attempt int                                     -
+    UPDATED     worker -> coordinator attempt int                                     - (an agent: grad, its
+                                                                                      reduced slice, float32)
+    MESH        coordinator -> agent  attempt int, mesh_id int, hosts list of         params, buffers,
+                                      [index, endpoint, key, lo, hi] (slice owners    velocity (the agent's
+                                      in host order): join this data plane            slice) (float32)
+    MESHED      agent -> coordinator  attempt int, mesh_id int                       -
+    SCATTER     agent -> agent        attempt int, mesh_id int, src int, lo int,      grad (float32|float16:
+                                      hi int, scale float: the sender's local sum     × scale)
+                                      over the receiver's slice [lo, hi)
+    GATHER      agent -> agent        attempt int, mesh_id int, src int, lo int,      params (float32) or
+                                      hi int, scale float: the owner's new weights    update (float16)
+                                      over its slice
     HEARTBEAT   both ways             -                                               -
     STOP        coordinator -> peer   reason str                                      -
     ERROR       peer -> coordinator   message str, traceback str                      -
@@ -77,7 +91,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-PROTOCOL_VERSION = 3  # bump on any incompatible change to the header or the kinds
+PROTOCOL_VERSION = 4  # bump on any incompatible change to the header or the kinds
 
 
 class Kind(enum.IntEnum):
@@ -95,7 +109,11 @@ class Kind(enum.IntEnum):
     REDUCE = 11     # coordinator -> worker: sum your slice of every rank's gradient slot (one host, shared memory)
     REDUCED = 12    # worker -> coordinator: done; the slice's sums of squares for the global norm
     UPDATE = 13     # coordinator -> worker: clip + SGD on your slice, into the other weight buffer
-    UPDATED = 14    # worker -> coordinator: done
+    UPDATED = 14    # worker -> coordinator: done (an agent: with its reduced gradient slice)
+    MESH = 15       # coordinator -> agent: the data plane's hosts and slices, and the state to start from
+    MESHED = 16     # agent -> coordinator: connected to the other agents, state taken
+    SCATTER = 17    # agent -> agent: my local gradient sum over your slice
+    GATHER = 18     # agent -> agent: my slice's new weights
 
 
 # Wire dtypes by name; always little-endian on the wire whatever the host.
@@ -125,6 +143,10 @@ SCHEMA: dict[Kind, dict[str, tuple[type, ...]]] = {
     Kind.REDUCED: {"attempt": (int,)},
     Kind.UPDATE: {"attempt": (int,), "lo": (int,), "hi": (int,), "lr": _NUM, "scale": _NUM, "src": (int,)},
     Kind.UPDATED: {"attempt": (int,)},
+    Kind.MESH: {"attempt": (int,), "mesh_id": (int,), "hosts": (list,)},
+    Kind.MESHED: {"attempt": (int,), "mesh_id": (int,)},
+    Kind.SCATTER: {"attempt": (int,), "mesh_id": (int,), "src": (int,), "lo": (int,), "hi": (int,), "scale": _NUM},
+    Kind.GATHER: {"attempt": (int,), "mesh_id": (int,), "src": (int,), "lo": (int,), "hi": (int,), "scale": _NUM},
     Kind.HEARTBEAT: {},
     Kind.STOP: {"reason": (str,)},
     Kind.ERROR: {"message": (str,), "traceback": (str,)},
@@ -136,6 +158,8 @@ REQUIRED_ARRAYS: dict[Kind, dict[str, tuple[str, ...]]] = {
     Kind.BN_REDUCE: {"moments": ("float64",)},
     Kind.BN_REDUCED: {"moments": ("float64",)},
     Kind.REDUCED: {"squares": ("float64",)},
+    Kind.MESH: {"params": ("float32",), "buffers": ("float32",), "velocity": ("float32",)},
+    Kind.SCATTER: {"grad": ("float32", "float16")},
 }
 GRAD_IN = ("shm", "frame", "none")  # RESULT's grad_in: in this rank's shared-memory slot, in a frame, no gradient
 

@@ -69,6 +69,7 @@ class Session:
         self.segments: list[SharedArray] = []
         self.procs: list = []
         self.coord: Coordinator | None = None
+        self.mesh = False  # the peers are host agents on the mesh data plane (launch --hostfile, dist.plane mesh)
 
     def shared(self, what: str, shape, dtype, fill=None) -> SharedArray:
         seg = SharedArray.create(fill, segment_name(self.run_id, what), shape=shape, dtype=dtype, writable=True)

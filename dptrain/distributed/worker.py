@@ -26,7 +26,7 @@ from ..data.shm import SharedArray
 from ..nn.model import build_model
 from ..nn.params import ParamStore
 from ..nn.threads import match_blas_threads
-from ..optim import SGD, chunk_squares
+from ..optim import chunk_squares, sgd_for
 from . import protocol as P
 from .peer import PeerLink, run_peer
 from .reduce import sum_in_order
@@ -75,10 +75,7 @@ class Worker:
             if "velocity" in shm:  # dist.update = "workers": (2, P) weights and velocity, the reduced gradient
                 self.params2, self.velocity2 = params, self._attach(shm["velocity"]).array
                 self.gsum = self._attach(shm["gsum"]).array
-                t = self.cfg.train
-                ranges = [(0, self.store.num_params)] if t.decay_bn_and_bias else self.store.decay_ranges()
-                self.opt = SGD(self.store.num_params, momentum=t.momentum, weight_decay=t.weight_decay,
-                               decay_ranges=ranges, velocity=self.velocity2[0])
+                self.opt = sgd_for(self.store, self.cfg.train, velocity=self.velocity2[0])
                 self.slot, params = 0, params[0]
             self.store.rebind(params, self.grad_slots[self.rank], buffers, copy=False)
         if self.cfg.dist.bn == "sync":
