@@ -2,7 +2,10 @@
 
     dptrain plan --hosts 1,16,64 --slots 8 --bandwidth 10gbit,25gbit [--wire-dtype float16] [--batch-size B]
                  [--plane star,mesh,ddp] [--latency-us 50] [--compute-ms-per-image X | --calibrate] [--json]
-    dptrain plan --validate bench-hosts.json        measured rows (dptrain bench --hosts) against the model
+    dptrain plan --validate bench-hosts.json        measured rows (dptrain bench --hosts) against the model:
+        step, exposed communication and bytes per step on a host's and the coordinator's link, measured and
+        predicted, with the relative error (flat rows with hosts, slots, rate, wire_dtype, plane, batch_size,
+        step_s, comm_s are read too; extra keys are ignored)
 
 Per host count it predicts the step time, its compute / local-reduce / communication (total and exposed) / update
 parts, images/s, scaling efficiency against one host, and the bytes per step on a host's link and on the
@@ -328,41 +331,106 @@ def compute_source(args, cfg: config_mod.Config, classes: int) -> tuple[float, f
 
 # ---------------------------------------------------------------------------------------------- validation
 
+_TC_BYTES = {"bps": 8.0, "kbps": 8e3, "mbps": 8e6, "gbps": 8e9}
+
+
+def parse_tc_rate(rate) -> float | None:
+    """A measured row's link rate as tc wrote it: like parse_bandwidth, but `mbps` is tc's megabytes per second and
+    off / none / 0 / null mean an unshaped link (None)."""
+    if rate is None or (isinstance(rate, str) and rate.strip().lower() in ("", "off", "none", "0")) or rate == 0:
+        return None
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([kmg]?bps)", str(rate).strip().lower())
+    return float(m[1]) * _TC_BYTES[m[2]] if m else parse_bandwidth(rate)
+
+
+def _overrides(text) -> dict[str, str]:
+    """`--dist.plane=star --model.widths=[8,16]` (a string or a list, as bench-hosts rows keep them) -> dict."""
+    items = text.split() if isinstance(text, str) else list(text or [])
+    return dict(o[2:].replace("-", "_").split("=", 1) if "=" in o else (o[2:], "") for o in items
+                if isinstance(o, str) and o.startswith("--"))
+
+
+def measured_rows(raw) -> tuple[list[dict], list[dict]]:
+    """(flat rows, skipped) from a list of measured rows. A flat row has hosts, slots, rate, wire_dtype, plane,
+    batch_size, step_s, comm_s (+ optional compute_s, host_out_mb, host_in_mb, coord_in_mb, coord_out_mb). A row of
+    `dptrain bench --hosts` (dptrain_step_s, ddp_step_s, h1_in_mb, ..., overrides) becomes a dptrain row (plane and
+    wire from its overrides) and, when DDP ran, a ddp row. Unknown keys are ignored."""
+    if not isinstance(raw, list) or not all(isinstance(r, dict) for r in raw):
+        raise ValueError("expected a JSON list of objects (rows of dptrain bench --hosts)")
+    flat, skipped = [], []
+    for i, r in enumerate(raw):
+        ov = _overrides(r.get("overrides"))
+        model_ov = {k: v for k, v in ov.items() if k.startswith(("model.", "data."))}
+        if "step_s" in r or not any(k in r for k in ("dptrain_step_s", "ddp_step_s", "error")):
+            flat.append({**r, "row": i, "overrides": model_ov})
+            continue
+        if r.get("error"):
+            skipped.append({"row": i, "reason": f"the bench failed: {r['error']}"})
+            continue
+        common = {k: r.get(k) for k in ("hosts", "slots", "rate", "batch_size")}
+        common["overrides"] = model_ov
+        if r.get("dptrain_step_s") is not None:
+            flat.append({**common, "row": i, "source": "dptrain",
+                         "plane": r.get("plane") or ov.get("dist.plane") or getattr(config_mod.DistConfig(), "plane",
+                                                                                     "star"),
+                         "wire_dtype": r.get("wire_dtype") or ov.get("dist.wire_dtype") or "float32",
+                         "step_s": r["dptrain_step_s"], "comm_s": r.get("dptrain_comm_s"),
+                         "compute_s": r.get("dptrain_compute_s"), "host_out_mb": r.get("h2_out_mb"),
+                         "host_in_mb": r.get("h2_in_mb"), "coord_in_mb": r.get("h1_in_mb"),
+                         "coord_out_mb": r.get("h1_out_mb")})
+        if r.get("ddp_step_s") is not None:
+            flat.append({**common, "row": i, "source": "ddp", "plane": "ddp", "wire_dtype": "float32",
+                         "step_s": r["ddp_step_s"], "comm_s": r.get("ddp_comm_s"),
+                         "host_out_mb": r.get("ddp_h2_out_mb"), "host_in_mb": r.get("ddp_h2_in_mb")})
+    return flat, skipped
+
+
 def predict_row(row: dict, num_params: int, model: CostModel, default_bps: float | None) -> dict:
-    """Prediction for one measured row of `dptrain bench --hosts` (extra keys are ignored)."""
-    missing = [k for k in ("hosts", "slots", "plane", "batch_size", "step_s") if k not in row]
+    """Prediction for one flat measured row (see measured_rows) against its measurements."""
+    missing = [k for k in ("hosts", "slots", "plane", "batch_size", "step_s") if row.get(k) is None]
     if missing:
         raise ValueError(f"missing {', '.join(missing)}")
-    rate = row.get("rate")
-    bps = parse_bandwidth(rate) if rate not in (None, "", 0) else default_bps
+    bps = parse_tc_rate(row.get("rate"))
     if bps is None:
-        raise ValueError("no rate in the row and no --bandwidth")
+        bps = default_bps
+        if bps is None:
+            raise ValueError(f"link not shaped (rate {row.get('rate')!r}) and no --bandwidth to assume")
     wire = row.get("wire_dtype") or "float32"
     if wire not in WIRE_BYTES:
         raise ValueError(f"wire_dtype {wire!r}")
     p = predict(row["plane"], int(row["hosts"]), int(row["slots"]), int(row["batch_size"]), bps, WIRE_BYTES[wire],
                 int(row.get("num_params") or num_params), model)
-    out = {"hosts": p["hosts"], "slots": p["slots"], "plane": p["plane"], "wire_dtype": wire, "bandwidth_bps": bps,
-           "batch_size": p["batch"], "step_s": float(row["step_s"]), "pred_step_s": p["step_s"],
-           "step_err": p["step_s"] / float(row["step_s"]) - 1}
+    step = float(row["step_s"])
+    out = {"row": row.get("row"), "source": row.get("source", ""), "hosts": p["hosts"], "slots": p["slots"],
+           "plane": p["plane"], "wire_dtype": wire, "bandwidth_bps": bps, "batch_size": p["batch"],
+           "num_params": p["num_params"], "step_s": step, "pred_step_s": p["step_s"],
+           "step_err": p["step_s"] / step - 1 if step > 0 else None}
     if row.get("comm_s") is not None:
         out.update(comm_s=float(row["comm_s"]), pred_comm_s=p["comm_exposed_s"])
         out["comm_err"] = p["comm_exposed_s"] / out["comm_s"] - 1 if out["comm_s"] > 0 else None
     if row.get("compute_s") is not None:  # the rest of the model on top of the measured compute
-        out["pred_step_given_compute_s"] = p["step_s"] - p["compute_s"] + float(row["compute_s"])
+        out["compute_s"] = float(row["compute_s"])
+        out["pred_step_given_compute_s"] = p["step_s"] - p["compute_s"] + out["compute_s"]
+    for k, pk in (("host_out_mb", "host_send_bytes"), ("host_in_mb", "host_recv_bytes"),
+                  ("coord_in_mb", "coord_in_bytes"), ("coord_out_mb", "coord_out_bytes")):
+        if row.get(k) is not None:
+            out[k], out[f"pred_{k}"] = float(row[k]), p[pk] / 1e6
     return out
 
 
-def validate(rows, num_params: int, model: CostModel, default_bps: float | None) -> dict:
-    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-        raise ValueError("expected a JSON list of objects (rows of dptrain bench --hosts)")
-    out, skipped = [], []
-    for i, r in enumerate(rows):
+def validate(raw, num_params: int, model: CostModel, default_bps: float | None, params_for=None) -> dict:
+    """Measured against predicted, per row. `params_for(overrides)`: the parameter count of a row whose
+    model.* / data.* overrides differ from the plan's (None: num_params for every row)."""
+    flat, skipped = measured_rows(raw)
+    out = []
+    for r in flat:
         try:
-            out.append(predict_row(r, num_params, model, default_bps))
-        except (ValueError, TypeError) as e:
-            skipped.append({"row": i, "reason": str(e)})
-    errs = [abs(r["step_err"]) for r in out]
+            n = params_for(r["overrides"]) if params_for and r.get("overrides") else num_params
+            out.append(predict_row(r, n, model, default_bps))
+        except (ValueError, TypeError, KeyError) as e:
+            skipped.append({"row": r.get("row"), "reason": str(e)})
+    skipped.sort(key=lambda s: (s["row"] is None, s["row"]))
+    errs = [abs(r["step_err"]) for r in out if r["step_err"] is not None]
     return {"rows": out, "skipped": skipped, "mean_abs_step_err": sum(errs) / len(errs) if errs else None}
 
 
@@ -399,9 +467,21 @@ def add_plan_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
 
 
-def _config(args, extra: list[str]) -> config_mod.Config:
+def read_rows(path: Path) -> list:
+    """A JSON list (bench-hosts.json) or one JSON object per line (`dptrain bench --hosts --json`)."""
+    text = path.read_text()
+    try:
+        return json.loads(text)
+    except ValueError:
+        try:
+            return [json.loads(ln) for ln in text.splitlines() if ln.strip()]
+        except ValueError:
+            raise ValueError("neither a JSON list nor JSON lines") from None
+
+
+def _config(args, extra: list[str], more: dict[str, str] | None = None) -> config_mod.Config:
     from .cli import parse_overrides
-    overrides = parse_overrides(extra)
+    overrides = {**parse_overrides(extra), **(more or {})}
     if args.image_size is not None:
         overrides.setdefault("data.image_size", str(args.image_size))
     if args.batch_size is not None:
@@ -434,21 +514,26 @@ def format_table(rows: list[dict]) -> str:
 
 
 def format_validation(v: dict) -> str:
-    head = (f"{'plane':<6}{'wire':>8}{'link':>8}{'H':>4}{'S':>4}{'B':>6}{'step ms':>9}{'pred':>9}{'err':>7}"
-            f"{'comm ms':>9}{'pred':>9}{'err':>7}{'pred|compute':>14}")
+    head = (f"{'plane':<6}{'wire':>8}{'link':>8}{'H':>4}{'S':>4}{'B':>6} |{'step ms':>9}{'pred':>9}{'err':>6} |"
+            f"{'comm ms':>9}{'pred':>9}{'err':>6} |{'pred|comp':>10} |{'host MB':>8}{'pred':>7} |{'coord MB':>9}"
+            f"{'pred':>7}")
     lines = [head, "-" * len(head)]
-    pct = lambda e: f"{100 * e:+6.0f}%" if e is not None else f"{'':>7}"  # noqa: E731
+    pct = lambda e: f"{100 * e:+5.0f}%" if e is not None else f"{'':>6}"  # noqa: E731
+    mb = lambda r, k: f"{r[k]:{8 if k == 'host_out_mb' else 9}.1f}{r['pred_' + k]:7.1f}" if k in r else (  # noqa: E731
+        " " * (15 if k == "host_out_mb" else 16))
     for r in v["rows"]:
-        comm = (f"{_ms(r['comm_s'])}{_ms(r['pred_comm_s'])}{pct(r['comm_err'])}" if "comm_s" in r else " " * 25)
-        given = f"{_ms(r['pred_step_given_compute_s']):>14}" if "pred_step_given_compute_s" in r else ""
+        comm = f"{_ms(r['comm_s'])}{_ms(r['pred_comm_s'])}{pct(r['comm_err'])}" if "comm_s" in r else " " * 24
+        given = f"{1e3 * r['pred_step_given_compute_s']:10.1f}" if "pred_step_given_compute_s" in r else " " * 10
         lines.append(f"{r['plane']:<6}{r['wire_dtype']:>8}{format_bandwidth(r['bandwidth_bps']):>8}{r['hosts']:>4}"
-                     f"{r['slots']:>4}{r['batch_size']:>6}{_ms(r['step_s'])}{_ms(r['pred_step_s'])}"
-                     f"{pct(r['step_err'])}{comm}{given}")
+                     f"{r['slots']:>4}{r['batch_size']:>6} |{_ms(r['step_s'])}{_ms(r['pred_step_s'])}"
+                     f"{pct(r['step_err'])} |{comm} |{given} |{mb(r, 'host_out_mb')} |{mb(r, 'coord_in_mb')}")
     for s in v["skipped"]:
         lines.append(f"row {s['row']} skipped: {s['reason']}")
     if v["mean_abs_step_err"] is not None:
-        lines.append(f"mean |step error| {100 * v['mean_abs_step_err']:.0f}% over {len(v['rows'])} row(s); "
-                     "comm: measured comm_s against the predicted exposed network time (local sum and update excluded)")
+        lines.append(f"mean |step error| {100 * v['mean_abs_step_err']:.0f}% over {len(v['rows'])} row(s). comm: the "
+                     "measured exposed communication against the predicted exposed network time (local sum and "
+                     "update excluded); pred|comp: the predicted step on top of the measured compute; host MB: sent "
+                     "by an agent host per step; coord MB: into the coordinator per step")
     return "\n".join(lines)
 
 
@@ -482,9 +567,13 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
     info = {"num_params": num_params, "model": dataclasses.asdict(cfg.model), "image_size": cfg.data.image_size,
             "classes": args.classes, "compute_source": source, "cost_model": dataclasses.asdict(model)}
     if args.validate is not None:
+        def params_for(overrides: dict) -> int:  # a row measured with other model / image keys
+            try:
+                return count_params(_config(args, extra, overrides), args.classes)
+            except SystemExit as e:
+                raise ValueError(f"its overrides {overrides}: {e}") from None
         try:
-            rows = json.loads(Path(args.validate).read_text())
-            v = validate(rows, num_params, model, rates[0] if rates else None)
+            v = validate(read_rows(Path(args.validate)), num_params, model, rates[0] if rates else None, params_for)
         except (OSError, ValueError) as e:
             raise err(f"{args.validate}: {e}") from None
         print(json.dumps({**info, **v}) if args.json else format_validation(v), flush=True)

@@ -244,7 +244,7 @@ def test_validate_rows():
     ]
     v = plan.validate(rows, P, MODEL, None)
     assert [s["row"] for s in v["skipped"]] == [2, 3, 4]
-    assert "no rate" in v["skipped"][0]["reason"] and "ring" in v["skipped"][1]["reason"]
+    assert "not shaped" in v["skipped"][0]["reason"] and "ring" in v["skipped"][1]["reason"]
     assert "slots" in v["skipped"][2]["reason"] and "batch_size" in v["skipped"][2]["reason"]
     first, second = v["rows"]
     assert first["step_err"] == pytest.approx(0) and first["comm_err"] == pytest.approx(0)
@@ -254,6 +254,64 @@ def test_validate_rows():
     assert len(plan.validate(rows, P, MODEL, GBIT)["rows"]) == 3  # --bandwidth fills a missing rate
     with pytest.raises(ValueError, match="list"):
         plan.validate({"rows": []}, P, MODEL, None)
+
+
+def test_parse_tc_rate():
+    assert plan.parse_tc_rate("1gbit") == 1e9 and plan.parse_tc_rate("125mbps") == 1e9  # tc: mbps = MB/s
+    assert plan.parse_tc_rate(1e9) == 1e9
+    assert all(plan.parse_tc_rate(r) is None for r in ("off", "none", None, "", 0, "0"))
+    with pytest.raises(ValueError):
+        plan.parse_tc_rate("fast")
+
+
+def bench_hosts_row(**kw):
+    """A row as `dptrain bench --hosts` writes it into bench-hosts.json."""
+    return {"hosts": 2, "slots": 1, "workers": 2, "rate": "1gbit", "batch_size": 64, "warmup": 2, "steps": 5,
+            "threads": 1, "overrides": "--dist.plane=star", "dptrain_step_s": 1.9, "dptrain_images_per_s": 33.7,
+            "dptrain_comm_s": 0.7, "dptrain_comm_all_s": 0.8, "dptrain_compute_s": 1.1, "h1_out_mb": 77.0,
+            "h1_in_mb": 76.5, "h2_out_mb": 38.3, "h2_in_mb": 38.5, "ddp_step_s": 1.5, "ddp_images_per_s": 42.7,
+            "ddp_nosync_s": 1.2, "ddp_comm_s": 0.3, "ddp_h2_out_mb": 39.0, "ddp_h2_in_mb": 39.0,
+            "dptrain_vs_ddp": 0.79, **kw}
+
+
+def test_validate_bench_hosts_rows():
+    rows = [bench_hosts_row(),
+            bench_hosts_row(hosts=3, rate="125mbps", overrides="--dist.plane=mesh --dist.wire_dtype=float16 "
+                            "--model.widths=[8,16] --model.res_width=16", ddp_step_s=None),
+            bench_hosts_row(rate="off"),
+            {"hosts": 5, "slots": 1, "rate": "1gbit", "batch_size": 64, "overrides": "", "error": "ssh refused"}]
+    seen = []
+
+    def params_for(ov):
+        seen.append(ov)
+        return 1000
+    v = plan.validate(rows, P, MODEL, None, params_for)
+    star, ddp, mesh = v["rows"]
+    assert (star["source"], star["plane"], star["wire_dtype"], star["row"]) == ("dptrain", "star", "float32", 0)
+    assert (ddp["source"], ddp["plane"], ddp["row"]) == ("ddp", "ddp", 0)
+    assert (mesh["plane"], mesh["wire_dtype"], mesh["hosts"], mesh["bandwidth_bps"]) == ("mesh", "float16", 3, 1e9)
+    assert seen == [{"model.widths": "[8,16]", "model.res_width": "16"}] and mesh["num_params"] == 1000
+    want = run("star", 2, slots=1, batch=64, bps=1e9)
+    assert star["pred_step_s"] == pytest.approx(want["step_s"]) and star["step_s"] == 1.9
+    assert star["pred_coord_in_mb"] == pytest.approx(2 * 4 * P / 1e6) and star["coord_in_mb"] == 76.5
+    assert star["pred_host_out_mb"] == pytest.approx(4 * P / 1e6) and star["host_out_mb"] == 38.3
+    assert star["pred_step_given_compute_s"] == pytest.approx(want["step_s"] - want["compute_s"] + 1.1)
+    assert ddp["comm_s"] == 0.3 and ddp["host_out_mb"] == 39.0 and "pred_step_given_compute_s" not in ddp
+    assert [(s["row"], s["reason"].split(" (")[0]) for s in v["skipped"]] == [
+        (2, "link not shaped"), (2, "link not shaped"), (3, "the bench failed: ssh refused")]
+    assert len(plan.validate(rows, P, MODEL, 1e9)["rows"]) == 5  # an unshaped link: --bandwidth assumed
+    text = plan.format_validation(v)
+    assert "ssh refused" in text and text.count("\nstar ") == 1 and "mean |step error|" in text
+
+
+def test_read_rows_list_or_lines(tmp_path):
+    rows = [bench_hosts_row(), bench_hosts_row(hosts=3)]
+    (tmp_path / "a.json").write_text(json.dumps(rows, indent=1))
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "c.json").write_text("{oops")
+    assert plan.read_rows(tmp_path / "a.json") == plan.read_rows(tmp_path / "b.jsonl") == rows
+    with pytest.raises(ValueError, match="JSON"):
+        plan.read_rows(tmp_path / "c.json")
 
 
 # ---------------------------------------------------------------------------------------------- the command line
@@ -303,6 +361,14 @@ def test_cli_validate(tmp_path):
     assert "mean |step error|" in r.stdout and "star" in r.stdout
     j = dptrain("--validate", f, "--compute-ms-per-image", 10, "--json", cache=tmp_path)
     assert json.loads(j.stdout)["rows"][0]["step_s"] == 1.0
+    # a bench-hosts.json row measured with another model: its parameter count from its own overrides
+    f.write_text(json.dumps([bench_hosts_row(overrides="--dist.plane=mesh --model.widths=[8,16] --model.hidden=32 "
+                                             "--data.image_size=32")]))
+    j = dptrain("--validate", f, "--compute-ms-per-image", 10, "--json", cache=tmp_path)
+    assert j.returncode == 0, j.stderr
+    small = config_mod.load(None, {"model.widths": "[8,16]", "model.hidden": "32", "data.image_size": "32"})
+    assert [(r["plane"], r["num_params"]) for r in json.loads(j.stdout)["rows"]] == [
+        ("mesh", plan.count_params(small, 62)), ("ddp", plan.count_params(small, 62))]
 
 
 @pytest.mark.parametrize("argv, words", [
