@@ -14,18 +14,20 @@ coordinator's. Model and image keys are overridden like in `dptrain bench` (`--m
 The model (every constant is a field of `CostModel`, so predictions can be fitted to measurements):
 
     M      = num_params × wire bytes (4, or 2 with float16: gradients up and the float16-rounded update down)
-    Bw     = bandwidth / 8 × link_efficiency    bytes/s per direction per host (full duplex)
+    Bw     = bandwidth / 8 × link_efficiency    bytes/s per direction per host (full duplex); the coordinator's link
+             is coord_link_ratio × that; both at most wire_cpu_bytes_per_s (star, mesh) when set
     b      = ceil(B / (H·S))                    per-worker batch; S workers share a host's S cores
     compute = ms_per_step + b × ms_per_image    one forward + backward on one core (calibrated: both terms)
     local  = S × num_params × 4 / mem_bytes_per_s    when S > 1: the host sums its S float32 gradients
     U      = num_params × update_ns_per_param   clip + momentum SGD of the whole model, one core
 
     star  (today's: every host sends M to the coordinator, which sums, updates and sends M back)
-          comm = 2·H·M/Bw + 2α   (the coordinator's link carries H·M each way)   exposed = comm   update = U
+          comm = 2·max(H·M/Bw_coord, M/Bw) + 2α  (the coordinator's link carries H·M each way)  exposed = comm
+          update = U
     mesh  (reduce-scatter to slice owners, a norm round trip through the coordinator, owners update their 1/H slice,
           all-gather):  rs = (H−1)/H·M/Bw + (H−1)·α;  comm = 2·rs + 2α;  exposed = comm − min(overlap·compute, rs);
           update = U/H.  The owners' reduced slices (M in all) reach the coordinator off the critical path; a step
-          is never shorter than M/Bw on its link (reported as coord-bound).
+          is never shorter than M/Bw_coord (reported as coord-bound).
     ddp   (PyTorch DDP's ring all-reduce, for comparison): comm = 2·(H−1)/H·M/Bw + 2·(H−1)·α;
           exposed = max(0, comm − overlap_ddp·compute); update = U (every rank updates the whole model)
 
@@ -36,8 +38,8 @@ Compute comes from --compute-ms-per-image [--compute-ms-per-step], from --calibr
 the model at two batch sizes in this process, one BLAS thread, warm-up excluded, via dptrain.bench_local), or from
 the calibration cache ($DPTRAIN_CACHE or ~/.cache/dptrain, file plan-calibration.json, keyed by CPU model and
 network); with neither flag and no matching cache entry it calibrates once and saves. The per-image cost is not
-constant in the batch (a step has a fixed part: the 16384×512 hidden Linear's weight gradient is a full pass over
-its 32 MB whatever the batch), hence the fixed + per-image fit.
+constant in the batch (a step has a fixed part: the 16384×512 hidden Linear, for one, reads its 32 MB of weights and
+writes its 32 MB gradient whatever the batch), hence the fixed + per-image fit.
 """
 from __future__ import annotations
 
@@ -70,6 +72,10 @@ class CostModel:
     link_efficiency: float = 1.0  # payload bytes per line-rate byte (TCP over 1500-byte MTU: about 0.94)
     update_ns_per_param: float = 4.0  # clip + momentum SGD (+ weight decay) per parameter on one core
     mem_bytes_per_s: float = 5e9  # a host summing its S float32 gradients in shared memory
+    coord_link_ratio: float = 1.0  # the coordinator's link bandwidth ÷ a host's (a head node with a fatter uplink)
+    # dptrain's own per-host, per-direction processing rate of wire bytes (CURVE encryption, copies); None: no limit.
+    # Caps Bw for star and mesh (not DDP, whose gloo does not encrypt).
+    wire_cpu_bytes_per_s: float | None = None
     overlap: float = 0.0  # fraction of compute during which mesh's reduce-scatter runs hidden (0: none)
     overlap_ddp: float | None = None  # the same for DDP's bucketed all-reduce (None: `overlap`)
 
@@ -82,7 +88,7 @@ class CostModel:
             v = getattr(self, name)
             if v is not None and v > 1:
                 raise ValueError(f"{name} must be in [0, 1], got {v!r}")
-        for name in ("ms_per_image", "link_efficiency", "mem_bytes_per_s"):
+        for name in ("ms_per_image", "link_efficiency", "mem_bytes_per_s", "coord_link_ratio", "wire_cpu_bytes_per_s"):
             if getattr(self, name) == 0:
                 raise ValueError(f"{name} must be > 0")
 
@@ -167,14 +173,17 @@ def predict(plane: str, hosts: int, slots: int, batch: int, bandwidth_bps: float
     if not bandwidth_bps > 0 or not math.isfinite(bandwidth_bps):
         raise ValueError(f"bandwidth_bps must be positive and finite, got {bandwidth_bps!r}")
     H, S, M, a = hosts, slots, num_params * wire_bytes, model.latency_s
-    bw = bandwidth_bps / 8 * model.link_efficiency
+    line = bandwidth_bps / 8 * model.link_efficiency
+    cap = model.wire_cpu_bytes_per_s if plane != "ddp" and model.wire_cpu_bytes_per_s else math.inf
+    bw = min(line, cap)  # a host's link
+    coord_bw = min(line * model.coord_link_ratio, cap)  # the coordinator's
     b = per_worker_batch(batch, H, S)
     t_compute = compute_s(model, b)
     t_local = local_reduce_s(model, S, num_params)
     U = update_s(model, num_params)
     rs = None
     if plane == "star":
-        comm = 2 * H * M / bw + 2 * a
+        comm = 2 * max(H * M / coord_bw, M / bw) + 2 * a  # in, then out: the slower of the two ends
         hidden = 0.0
         upd = U
         send = recv = M
@@ -195,7 +204,7 @@ def predict(plane: str, hosts: int, slots: int, batch: int, bandwidth_bps: float
         coord_in = coord_out = 0
     exposed = max(0.0, comm - hidden)
     step = t_compute + t_local + exposed + upd
-    coord_link = max(coord_in, coord_out) / bw
+    coord_link = max(coord_in, coord_out) / coord_bw
     coord_bound = plane == "mesh" and coord_link > step  # the slices' upload must fit in a step
     if coord_bound:
         step = coord_link
@@ -459,6 +468,10 @@ def add_plan_flags(p: argparse.ArgumentParser) -> None:
                    help="clip + momentum SGD per parameter, one core")
     p.add_argument("--mem-gb-per-s", type=float, default=d.mem_bytes_per_s / 1e9,
                    help="a host summing its S gradients in shared memory")
+    p.add_argument("--coord-link-ratio", type=float, default=d.coord_link_ratio,
+                   help="the coordinator's link bandwidth / a host's")
+    p.add_argument("--wire-cpu-gb-per-s", type=float, default=None,
+                   help="dptrain's per-host wire processing rate (CURVE, copies), GB/s per direction (default: no cap)")
     p.add_argument("--overlap", type=float, default=d.overlap,
                    help="fraction of compute that hides mesh's reduce-scatter (0: none)")
     p.add_argument("--overlap-ddp", type=float, default=None, help="the same for DDP (default: --overlap)")
@@ -559,7 +572,9 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
     try:
         model = CostModel(ms_per_image=per_image, ms_per_step=fixed, latency_s=args.latency_us * 1e-6,
                           link_efficiency=args.link_efficiency, update_ns_per_param=args.update_ns_per_param,
-                          mem_bytes_per_s=args.mem_gb_per_s * 1e9, overlap=args.overlap, overlap_ddp=args.overlap_ddp)
+                          mem_bytes_per_s=args.mem_gb_per_s * 1e9, coord_link_ratio=args.coord_link_ratio,
+                          wire_cpu_bytes_per_s=None if args.wire_cpu_gb_per_s is None else args.wire_cpu_gb_per_s * 1e9,
+                          overlap=args.overlap, overlap_ddp=args.overlap_ddp)
     except ValueError as e:
         raise err(e) from None
     wire = cfg.dist.wire_dtype
@@ -591,6 +606,8 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
           f"compute: {fixed:.1f} ms/step + {per_image:.2f} ms/image per worker ({source})\n"
           f"update {model.update_ns_per_param:g} ns/param, latency {model.latency_s * 1e6:g} us, link efficiency "
           f"{model.link_efficiency:g}, local sum {model.mem_bytes_per_s / 1e9:g} GB/s, overlap {model.overlap:g}"
+          + (f", coordinator link ×{model.coord_link_ratio:g}" if model.coord_link_ratio != 1 else "")
+          + (f", wire CPU cap {model.wire_cpu_bytes_per_s / 1e9:g} GB/s" if model.wire_cpu_bytes_per_s else "")
           + (f" (ddp {model.overlap_ddp:g})" if model.overlap_ddp is not None else "") + "\n"
           f"global batch {batch}, {args.slots} slot(s) per host; efficiency against 1 host alone, no network: "
           f"b={base['per_worker_batch']}, {1e3 * base['step_s']:.1f} ms/step, {base['images_per_s']:.1f} img/s\n"

@@ -60,6 +60,20 @@ def test_star_by_hand():
     assert (r["coord_in_bytes"], r["coord_out_bytes"]) == (16 * M, 16 * M)
 
 
+def test_star_with_a_fatter_coordinator_link_or_a_cpu_cap():
+    M = 4 * P
+    fat = run("star", 4, bps=8e9, model=dataclasses.replace(MODEL, coord_link_ratio=10.0))
+    assert fat["comm_s"] == pytest.approx(2 * M / 1e9 + 2 * 50e-6)  # the hosts' own links are the limit
+    half = run("star", 4, bps=8e9, model=dataclasses.replace(MODEL, coord_link_ratio=2.0))
+    assert half["comm_s"] == pytest.approx(2 * 4 * M / 2e9 + 2 * 50e-6)
+    capped = dataclasses.replace(MODEL, wire_cpu_bytes_per_s=0.5e9)
+    assert run("star", 4, bps=8e9, model=capped)["comm_s"] == pytest.approx(2 * 4 * M / 0.5e9 + 2 * 50e-6)
+    assert run("mesh", 4, bps=8e9, model=capped)["comm_s"] == pytest.approx(2 * 0.75 * M / 0.5e9 + 8 * 50e-6)
+    assert run("ddp", 4, bps=8e9, model=capped)["comm_s"] == run("ddp", 4, bps=8e9)["comm_s"]  # gloo: no CURVE
+    assert run("mesh", 4, model=dataclasses.replace(MODEL, coord_link_ratio=4.0))["coord_link_s"] == pytest.approx(
+        M / (4 * 10e9 / 8))
+
+
 def test_mesh_by_hand_and_overlap():
     M, H, a, bw = 2 * P, 4, 50e-6, 1e9
     r = run("mesh", H, bps=8e9, wire=2)
@@ -150,11 +164,12 @@ def test_mesh_is_bounded_by_the_coordinator_link():
        batch=st.integers(1, 1 << 16), gbit=st.floats(0.001, 400), wire=st.sampled_from([2, 4]),
        params=st.integers(1, 10**9), per_image=st.floats(1e-3, 1e3), per_step=st.floats(0, 1e3),
        latency=st.floats(0, 1e-2), upd=st.floats(0, 100), mem=st.floats(1e8, 1e11), overlap=st.floats(0, 1),
-       eff=st.floats(0.1, 1))
+       eff=st.floats(0.1, 1), ratio=st.floats(0.1, 100), cap=st.none() | st.floats(1e6, 1e11))
 def test_efficiency_never_exceeds_one(plane, hosts, slots, batch, gbit, wire, params, per_image, per_step, latency,
-                                      upd, mem, overlap, eff):
+                                      upd, mem, overlap, eff, ratio, cap):
     m = CostModel(ms_per_image=per_image, ms_per_step=per_step, latency_s=latency, link_efficiency=eff,
-                  update_ns_per_param=upd, mem_bytes_per_s=mem, overlap=overlap)
+                  update_ns_per_param=upd, mem_bytes_per_s=mem, overlap=overlap, coord_link_ratio=ratio,
+                  wire_cpu_bytes_per_s=cap)
     r = predict(plane, hosts, slots, batch, gbit * GBIT, wire, params, m)
     assert 0 < r["efficiency"] <= 1 + 1e-9
     assert 0 <= r["comm_exposed_s"] <= r["comm_s"] + 1e-15
@@ -169,6 +184,7 @@ def test_predict_refuses_bad_input():
         with pytest.raises(ValueError, match=words):
             run(args.pop("plane"), args.pop("hosts"), **args)
     for kwargs in ({"overlap": 1.5}, {"latency_s": -1.0}, {"ms_per_image": 0.0}, {"mem_bytes_per_s": 0.0},
+                   {"coord_link_ratio": 0.0}, {"wire_cpu_bytes_per_s": 0.0}, {"overlap_ddp": -0.1},
                    {"update_ns_per_param": math.nan}):
         with pytest.raises(ValueError):
             CostModel(**{"ms_per_image": 1.0, **kwargs})
