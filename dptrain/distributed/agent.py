@@ -89,6 +89,7 @@ class Agent:
             self.replica = MeshReplica(link, sgd_for(self.store, self.cfg.train), self.params, self.buffers,
                                        self.cfg.dist.wire_dtype)
             mesh = {"mesh_endpoint": link.endpoint, "mesh_key": link.key}
+            self.log.info(f"host {self.host}: mesh endpoint {link.endpoint}, CURVE server key {link.key or 'none'}")
         self.link.send(P.Kind.READY, **mesh)
         self.log.info(f"host {self.host}: {self.slots} workers ready (ranks {f['rank_base']}.."
                       f"{f['rank_base'] + self.slots - 1})")

@@ -46,6 +46,7 @@ from .reduce import sum_in_order
 from .wire import add16, apply_update16, encode16
 
 WAIT_WARNING_EVERY_S = 10.0
+EARLY_MAX = 1024  # messages kept for a later phase (a step brings 2 (H - 1)): a bound, not a working limit
 POLL_MS = 50
 
 
@@ -77,6 +78,7 @@ class MeshLink:
         self.hosts: list[list] = []  # [index, endpoint, key, lo, hi, host name] in host order
         self.mesh_id = -1
         self.lo = self.hi = 0
+        self.early: list[P.Message] = []  # valid messages of a later phase than the one being waited for
 
     def configure(self, hosts: list[list], mesh_id: int) -> None:
         """Join the plane the coordinator formed: connect to every other agent, take this host's slice."""
@@ -92,7 +94,8 @@ class MeshLink:
             if self.keys is not None:
                 curve = client_setup({"server_public": key, "client_public": self.keys["client_public"],
                                       "client_secret": self.keys["client_secret"]})
-            self.out[index] = dealer(self.ctx, endpoint, f"mesh{self.index}-{os.getpid()}", curve)
+            # a fresh identity per plane: a ROUTER ignores a newcomer under an identity it still knows
+            self.out[index] = dealer(self.ctx, endpoint, f"mesh{self.index}-{os.getpid()}-{mesh_id}", curve)
 
     def name(self, index: int) -> str:
         return next((h[5] for h in self.hosts if h[0] == index), f"#{index}")
@@ -107,6 +110,7 @@ class MeshLink:
         coordinator's link is watched meanwhile: MESH or STOP raises Preempted; anything else waits its turn."""
         waiting = {h[0] for h in self.hosts if h[0] != self.index}
         got: dict[int, P.Message] = {}
+        self._take(kind, step, attempt, waiting, got)
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(upstream.sock, zmq.POLLIN)
@@ -132,14 +136,9 @@ class MeshLink:
                     except P.ProtocolError as e:
                         self.log.warning(f"host {self.host}: dropped a malformed message from another host: {e}")
                         continue
-                    f = msg.fields
-                    if msg.kind is not kind or msg.step != step or f.get("attempt") != attempt \
-                            or f.get("mesh_id") != self.mesh_id:
-                        continue  # an abandoned attempt's, or an old plane's
-                    if msg.rank not in waiting or f["src"] != msg.rank:
-                        continue
-                    got[msg.rank] = msg
-                    waiting.discard(msg.rank)
+                    if msg.kind in (P.Kind.SCATTER, P.Kind.GATHER) and msg.fields["src"] == msg.rank:
+                        self.early.append(msg)
+            self._take(kind, step, attempt, waiting, got)
             now = time.monotonic()
             if waiting and now - last_warning > WAIT_WARNING_EVERY_S:
                 last_warning = now
@@ -147,6 +146,22 @@ class MeshLink:
                                  f"{', '.join(f'host {self.name(i)}' for i in sorted(waiting))}'s "
                                  f"{kind.name.lower()} for {now - since:.0f} s")
         return got
+
+    def _take(self, kind: P.Kind, step: int, attempt: int, waiting: set[int], got: dict) -> None:
+        """Move what this wait is for out of `early` (messages that came while this host was still busy with an
+        earlier phase: a faster host's next scatter arrives during our gather); drop what can no longer be wanted
+        (an old plane's, an abandoned attempt's, a past step's)."""
+        keep = []
+        for msg in self.early:
+            f = msg.fields
+            if f["mesh_id"] != self.mesh_id or (msg.step, f["attempt"]) < (step, attempt):
+                continue
+            if msg.kind is kind and msg.step == step and f["attempt"] == attempt and msg.rank in waiting:
+                got[msg.rank] = msg
+                waiting.discard(msg.rank)
+            else:
+                keep.append(msg)
+        self.early = keep[-EARLY_MAX:]
 
     def close(self) -> None:
         for s in self.out.values():

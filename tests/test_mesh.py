@@ -1,0 +1,138 @@
+"""The mesh data plane across hosts (dist.plane = "mesh"): network namespaces with real sshd, real agents.
+
+The multi-host suite (test_multihost.py) already runs on the mesh, the default: equivalence with one host, no-ssh
+agents, intruders at the coordinator, a host killed under both policies. Here: the mesh's own promises.
+"""
+from __future__ import annotations
+
+import re
+import threading
+
+import numpy as np
+import pytest
+from gradcheck import rel_error
+from multihost_util import dptrain_pids, launcher, make_data, params, step_records, summary, train_args, wait_until
+from netns import cluster, require_netns
+
+from dptrain.distributed import protocol as P
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    require_netns()
+    return make_data(tmp_path_factory.mktemp("meshdata"))
+
+
+def run_hosts(c, data, out, *extra, **train):
+    return launcher(["--hostfile", str(c.hostfile), "--ssh-config", str(c.ssh_config), "--bind", c.coordinator_addr,
+                    *extra, *train_args(data, out, **train)], out.parent / f"{out.name}.log")
+
+
+# ---- the same bits as the star -----------------------------------------------------------------------------------
+@pytest.mark.timeout(120)
+def test_mesh_equals_star_bitwise_and_float16_replicas_stay_identical(data, tmp_path):
+    """float32: the owners sum in host order, exactly what the coordinator does on the star. float16: every host's
+    weights are checked against the coordinator's at every step (a mismatch aborts the run)."""
+    got = {}
+    with cluster(3, slots=1) as c:
+        for name, extra in (("star", ["--plane", "star"]), ("mesh", ["--plane", "mesh"]),
+                            ("mesh16", ["--plane", "mesh", "--wire-dtype", "float16"])):
+            out = tmp_path / name
+            with run_hosts(c, data, out, *extra, "--dist.checksum_every=1", train__steps_per_epoch=5,
+                           train__epochs=2) as la:
+                assert la.wait(60) == 0, la.log()
+            got[name] = params(out)
+            if name.startswith("mesh"):
+                assert "mesh data plane 1 over 3 hosts (h1, h2, h3)" in la.log()
+                s = summary(out)
+                assert s["plane"] == "mesh" and s["breakdown"]["update_by"] == "hosts"
+                assert s["replica_checks"] == 10  # every step: each host's weights equal the coordinator's
+        assert wait_until(lambda: not dptrain_pids(c), 10), dptrain_pids(c)
+    assert np.array_equal(got["mesh"], got["star"])
+    assert 0 < rel_error(got["mesh16"], got["mesh"]) < 1e-2  # rounded on the wire, close to float32
+
+
+# ---- a lost host in the middle of the chain of slices ------------------------------------------------------------
+@pytest.mark.timeout(120)
+def test_lost_middle_host_under_continue_reforms_the_plane_over_the_survivors(data, tmp_path):
+    epochs, steps = 30, 150  # 5 steps an epoch
+    with cluster(3, slots=1) as c:
+        out = tmp_path / "run"
+        with run_hosts(c, data, out, "--on-worker-failure", "continue", "--dist.checksum_every=1",
+                       train__epochs=epochs) as la:
+            la.wait_log("all 3 hosts ready")
+            assert wait_until(lambda: len(step_records(out)) >= 3, 30), la.log()
+            c.kill_host("h2")
+            assert la.wait(90) == 0, la.log()
+            log = la.log()
+        assert "redoing the step on 2 surviving rank" in log
+        assert "mesh data plane 2 over 2 hosts (h1, h3)" in log
+        s = summary(out)
+        assert s["steps"] == steps and s["replica_checks"] >= steps - 10  # the survivors' weights are the coordinator's
+        assert [r["step"] for r in step_records(out)] == list(range(steps))
+        assert wait_until(lambda: not dptrain_pids(c), 10), dptrain_pids(c)
+
+
+# ---- nobody without the run's client key reaches an agent's mesh socket -------------------------------------------
+def _mesh_intruders(endpoint: str, server_key: str, run_id: str, stop: threading.Event, sent: list, got: list):
+    """A plain DEALER and a CURVE client with the agent's (public) server key but a key pair of its own flood the
+    agent's mesh socket with huge gradients and weights for every step until stopped."""
+    import zmq
+    ctx = zmq.Context()
+    plain, rogue = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+    pub, sec = zmq.curve_keypair()
+    rogue.curve_serverkey, rogue.curve_publickey, rogue.curve_secretkey = server_key.encode(), pub, sec
+    for s in (plain, rogue):
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.SNDHWM, 50)
+        s.connect(endpoint)
+    big = np.full(1 << 17, 1e4, np.float32)
+    msgs = [P.encode(kind, run_id, step=step, rank=src, arrays={name: big}, attempt=0, mesh_id=1, src=src, lo=0,
+                     hi=big.size, scale=1.0)
+            for step in range(40) for src in (0, 1)
+            for kind, name in ((P.Kind.SCATTER, "grad"), (P.Kind.GATHER, "params"))]
+    while not stop.is_set():
+        for s in (plain, rogue):
+            for m in msgs:
+                sent[0] += 1
+                try:
+                    s.send_multipart(m, flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
+            while s.poll(10):
+                got.append(s.recv_multipart())
+    for s in (plain, rogue):
+        s.close(0)
+    ctx.term()
+
+
+@pytest.mark.timeout(120)
+def test_agent_mesh_socket_admits_only_the_run_key(data, tmp_path):
+    results = {}
+    with cluster(2, slots=1) as c:
+        for name in ("clean", "attacked"):
+            out = tmp_path / name
+            stop, sent, got = threading.Event(), [0], []
+            intruder = None
+            with run_hosts(c, data, out, "--dist.checksum_every=1", "--run-id", f"mesh{name}",
+                           train__steps_per_epoch=5, train__epochs=8) as la:
+                if name == "attacked":
+                    host_log = out / "logs" / "host-h2.log"
+                    assert wait_until(lambda: host_log.exists() and "mesh endpoint" in host_log.read_text(), 30), \
+                        la.log()
+                    m = re.search(r"mesh endpoint (\S+), CURVE server key (\S+)", host_log.read_text())
+                    intruder = threading.Thread(target=_mesh_intruders,
+                                                args=(m[1], m[2], f"mesh{name}", stop, sent, got))
+                    intruder.start()
+                try:
+                    assert la.wait(60) == 0, la.log()
+                finally:
+                    stop.set()
+                    if intruder is not None:
+                        intruder.join(10)
+            results[name] = params(out)
+            if name == "attacked":
+                assert sent[0] > 20 and got == []
+                assert summary(out)["replica_checks"] == 40
+    assert np.array_equal(results["clean"], results["attacked"])
+
