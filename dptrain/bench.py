@@ -10,10 +10,16 @@
         reduce + clip + update) from the run's own timeline, peak PSS of coordinator + workers; with --compare torch
         PyTorch DDP (gloo, CPU) with the same global batch and number of processes. Writes bench.csv, bench.json and
         bench.png (img/s and efficiency against N) into --out.
+    dptrain bench --hosts 2,3,4 [--rate 1gbit] [--slots 1] [--no-ddp] [--out bench-out] (root)
+        a cluster on one box (launch/netns-cluster.sh, H+1 network namespaces, every link shaped to --rate) per H:
+        `dptrain launch --hostfile` with the coordinator inside host h1 and one agent on each other host, then
+        PyTorch DDP (gloo) on the same namespaces and links; step time, communication and bytes per step on the
+        links, one row per H; writes bench-hosts.csv and bench-hosts.json into --out (dptrain/bench_hosts.py).
 
-Model and training keys can be overridden like in `dptrain train` (`--model.widths=[8,16]`). Warm-up steps are
-never timed. Logs and progress bars go to stderr; with --json stdout holds only JSON (one object, or one line per
-row with --workers).
+Model and training keys can be overridden like in `dptrain train` (`--model.widths=[8,16]`); with --hosts every
+override (`--dist.wire_dtype=float16`, `--wire-dtype float16`) is passed to `dptrain launch` unchanged. Warm-up
+steps are never timed. Logs and progress bars go to stderr; with --json stdout holds only JSON (one object, or one
+line per row with --workers or --hosts).
 """
 from __future__ import annotations
 
@@ -34,13 +40,18 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", default=None, help="comma list of worker counts, e.g. 1,2,4,8 (absent: this process)")
     p.add_argument("--compare", choices=["torch"], default=None, help="also time the same model in PyTorch")
     p.add_argument("--threads", type=int, default=1, help="BLAS / torch threads (single-process bench)")
-    p.add_argument("--batch-size", type=int, default=64, help="global batch size")
+    p.add_argument("--hosts", default=None,
+                   help="comma list of host counts H, e.g. 2,3,4: dptrain and DDP across H namespace hosts (root)")
+    p.add_argument("--rate", default="1gbit", help="with --hosts: every link's rate, a tc rate or off")
+    p.add_argument("--slots", type=int, default=1, help="with --hosts: workers (and DDP ranks) per host")
+    p.add_argument("--no-ddp", action="store_true", help="with --hosts: dptrain only")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch size (default 64; 16 with --hosts)")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--classes", type=int, default=62)
-    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 10; 6 with --hosts)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--transport", default="shm", help="shm, socket or shm,socket (with --workers)")
-    p.add_argument("--images", type=int, default=2000, help="size of the synthetic set (with --workers)")
+    p.add_argument("--images", type=int, default=2000, help="size of the synthetic set (with --workers, --hosts)")
     p.add_argument("--data-dir", default=None, help="where the synthetic set is cached (~/.cache/dptrain/bench)")
     p.add_argument("--out", default="bench-out", help="folder for bench.csv / bench.json / bench.png and runs")
     p.add_argument("--pss-interval", type=float, default=1.0,
@@ -60,6 +71,14 @@ def _config(args, extra: list[str]) -> tuple[config_mod.Config, dict[str, str]]:
 
 
 def main(args: argparse.Namespace, extra: list[str]) -> int:
+    hosts = getattr(args, "hosts", None)
+    if args.batch_size is None:
+        args.batch_size = 16 if hosts else 64
+    if args.steps is None:
+        args.steps = 6 if hosts else 10
+    if hosts:  # overrides go to `dptrain launch` as they are: not resolved here
+        from .bench_hosts import run as run_hosts
+        return run_hosts(args, extra)
     cfg, overrides = _config(args, extra)
     if args.steps < 1 or args.warmup < 0:
         raise SystemExit("dptrain bench: --steps must be >= 1 and --warmup >= 0")

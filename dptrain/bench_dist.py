@@ -84,14 +84,14 @@ class PssSampler(threading.Thread):
                 "pss_worker_max_mb": max(workers, default=0.0), "pss_procs": len(self.peak_procs)}
 
 
-def split_from_timeline(trace_path: Path, first_step: int) -> dict:
-    """Mean seconds per timed step of each phase, from the run's Chrome trace."""
+def split_from_timeline(trace_path: Path, first_step: int, end_step: int | None = None) -> dict:
+    """Mean seconds per timed step (first_step <= step < end_step) of each phase, from the run's Chrome trace."""
     events = json.loads(trace_path.read_text())["traceEvents"]
     coord = defaultdict(lambda: defaultdict(float))  # step -> name -> s
     busy = defaultdict(lambda: defaultdict(float))  # step -> rank row -> s
     for e in events:
         step = e["args"]["step"]
-        if step < first_step:
+        if step < first_step or (end_step is not None and step >= end_step):
             continue
         if e["tid"] == "coordinator":
             coord[step][e["name"]] += e["dur"] / 1e6
