@@ -34,7 +34,7 @@ def test_mesh_equals_star_bitwise_and_float16_replicas_stay_identical(data, tmp_
     """float32: the owners sum in host order, exactly what the coordinator does on the star. float16: every host's
     weights are checked against the coordinator's at every step (a mismatch aborts the run)."""
     got = {}
-    with cluster(3, slots=1) as c:
+    with cluster(3, slots=2) as c:  # 2 workers a host: their sum is built piece by piece as backward goes
         for name, extra in (("star", ["--plane", "star"]), ("mesh", ["--plane", "mesh"]),
                             ("mesh16", ["--plane", "mesh", "--wire-dtype", "float16"])):
             out = tmp_path / name

@@ -87,7 +87,7 @@ class Agent:
         if self.cfg.dist.plane == "mesh":
             link = MeshLink(self.link.ctx, address, self.keys, self.link.run_id, self.index, self.host)
             self.replica = MeshReplica(link, sgd_for(self.store, self.cfg.train), self.params, self.buffers,
-                                       self.cfg.dist.wire_dtype)
+                                       self.cfg.dist.wire_dtype, self.param_starts)
             mesh = {"mesh_endpoint": link.endpoint, "mesh_key": link.key}
             self.log.info(f"host {self.host}: mesh endpoint {link.endpoint}, CURVE server key {link.key or 'none'}")
         self.link.send(P.Kind.READY, **mesh)
@@ -98,7 +98,7 @@ class Agent:
         self.session = Session(f"{self.link.run_id}h{self.index}{uuid.uuid4().hex[:4]}")
         shared = self.session.shared
         store = self.store = ParamStore(np.float32)
-        build_model(self.cfg.model, num_classes, self.cfg.data.image_size, store)
+        self.param_starts = build_model(self.cfg.model, num_classes, self.cfg.data.image_size, store).param_starts
         images = shared("images", ds.images.shape, np.uint8, ds.images)
         params = shared("params", (store.num_params,), np.float32)
         buffers = shared("buffers", (store.num_buffers,), np.float32)
@@ -108,7 +108,8 @@ class Agent:
         shm = {k: s.spec() for k, s in zip(("images", "params", "buffers", "grads"), (images, params, buffers, grads))}
         local_cfg = config_mod.from_dict(config_mod.to_dict(self.cfg))
         local_cfg.dist.port, local_cfg.dist.transport = 0, "shm"
-        welcome = {"config": config_mod.to_dict(local_cfg), "shm": shm, "num_classes": num_classes}
+        welcome = {"config": config_mod.to_dict(local_cfg), "shm": shm, "num_classes": num_classes,
+                   "buckets": self.cfg.dist.plane == "mesh"}  # workers say when parts of their gradient are final
         self.session.coord = Coordinator(local_cfg, self.session.run_id, self.slots, welcome, {"labels": ds.labels},
                                          bind="127.0.0.1", bn_relay=self.link.allreduce)
         out = Path(self.cfg.train.out) / "logs"
@@ -128,8 +129,12 @@ class Agent:
         bounds = np.cumsum([0, *f["shard_sizes"]])
         shards = {r: idx[bounds[r]:bounds[r + 1]] for r in range(self.slots) if bounds[r + 1] > bounds[r]}
         fields = {k: f[k] for k in ("phase", "epoch", "global_count", "eval_batch")} | {"weights_slot": -1}
+        side = None
+        if self.replica is not None and f["phase"] == "train":
+            self.replica.begin(msg.step, self.link.attempt, sorted(shards), self.grad_slots, self.gsum)
+            side = self.replica.on_bucket
         try:
-            results = self.session.coord.round(self.link.step, self.link.attempt, shards, fields)
+            results = self.session.coord.round(self.link.step, self.link.attempt, shards, fields, side=side)
         except WorkerFailure as e:
             raise SystemExit(f"host {self.host}: lost {e}") from None
         ranks = sorted(results)
@@ -141,17 +146,16 @@ class Agent:
         t0 = time.time()
         timings, moments = {}, None
         if ranks:
-            sum_in_order(self.gsum, [self.grad_slots[r] for r in ranks])  # local rank order
+            if self.replica is None:  # the mesh sums piece by piece as backward goes (MeshReplica.on_bucket)
+                sum_in_order(self.gsum, [self.grad_slots[r] for r in ranks])  # local rank order
             moments = sum(np.asarray(results[r].arrays["bn_moments"], np.float64) for r in ranks)
             busiest = max(ranks, key=lambda r: sum(v[1] for k, v in results[r].fields["timings"].items()
                                                    if k != "wait"))
             timings = dict(results[busiest].fields["timings"])
-        else:  # no image for this host this step (mesh): it still owns and reduces its slice
-            self.gsum.fill(0.0)
         timings["host_reduce"] = [t0, time.time() - t0]
         if self.replica is not None:
             t1 = time.time()
-            squares = self.replica.reduce_scatter(self.gsum, msg.step, self.link.attempt, self.link)
+            squares = self.replica.finish_scatter(self.link)
             timings["scatter"] = [t1, time.time() - t1]
             self.link.send_result("train", len(idx), loss_sum, correct, timings, bn_moments=moments,
                                   arrays={"squares": squares}, params_crc=crc)

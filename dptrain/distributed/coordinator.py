@@ -325,6 +325,8 @@ class Coordinator:
                     del waiting[msg.rank]
                 elif sync_bn and msg.kind is P.Kind.BN_REDUCE and msg.rank in ranks:
                     self._bn_reduce(bn, msg, step, attempt, ranks)
+                elif side is not None and msg.rank in ranks:
+                    side(msg)  # e.g. a worker's BUCKET: its agent sends that part of the gradient on
             self.check_liveness(list(waiting.values()), since)
             dead = [self.peers[r] for r in ranks if self.peers[r].state is PeerState.DEAD]
             if dead:

@@ -105,11 +105,12 @@ class MeshLink:
                           mesh_id=self.mesh_id, src=self.index, **fields)
         self.out[index].send_multipart(frames, copy=False)
 
-    def collect(self, kind: P.Kind, step: int, attempt: int, upstream: PeerLink) -> dict[int, P.Message]:
-        """One `kind` message of this step attempt and plane from every other host, keyed by host index. The
-        coordinator's link is watched meanwhile: MESH or STOP raises Preempted; anything else waits its turn."""
-        waiting = {h[0] for h in self.hosts if h[0] != self.index}
-        got: dict[int, P.Message] = {}
+    def collect(self, kind: P.Kind, step: int, attempt: int, upstream: PeerLink,
+                waiting: set[tuple[int, int]]) -> dict[tuple[int, int], P.Message]:
+        """The `kind` messages of this step attempt and plane keyed (sending host, lo) in `waiting`. The
+        coordinator's link is watched meanwhile: MESH or STOP raises Preempted; anything else waits its turn. A host
+        late by WAIT_WARNING_EVERY_S is named, with the piece it owes."""
+        got: dict[tuple[int, int], P.Message] = {}
         self._take(kind, step, attempt, waiting, got)
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
@@ -126,28 +127,33 @@ class MeshLink:
                         raise Preempted(msg)
                     upstream.stash.append(msg)
             if self.sock in events:
-                for _ in range(100):
-                    try:
-                        _, *frames = self.sock.recv_multipart(copy=False, flags=zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    try:
-                        msg = P.decode(frames, run=self.run_id)
-                    except P.ProtocolError as e:
-                        self.log.warning(f"host {self.host}: dropped a malformed message from another host: {e}")
-                        continue
-                    if msg.kind in (P.Kind.SCATTER, P.Kind.GATHER) and msg.fields["src"] == msg.rank:
-                        self.early.append(msg)
+                self._drain()
             self._take(kind, step, attempt, waiting, got)
             now = time.monotonic()
             if waiting and now - last_warning > WAIT_WARNING_EVERY_S:
                 last_warning = now
-                self.log.warning(f"step {step}: host {self.host} waiting on "
-                                 f"{', '.join(f'host {self.name(i)}' for i in sorted(waiting))}'s "
-                                 f"{kind.name.lower()} for {now - since:.0f} s")
+                late = sorted(waiting)
+                self.log.warning(f"step {step}: host {self.host} waiting on host {self.name(late[0][0])}'s "
+                                 f"{kind.name.lower()} of [{late[0][1]}, ...) for {now - since:.0f} s"
+                                 + (f" ({len(late)} pieces from {len({h for h, _ in late})} host(s) missing)"
+                                    if len(late) > 1 else ""))
         return got
 
-    def _take(self, kind: P.Kind, step: int, attempt: int, waiting: set[int], got: dict) -> None:
+    def _drain(self) -> None:
+        for _ in range(1000):
+            try:
+                _, *frames = self.sock.recv_multipart(copy=False, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = P.decode(frames, run=self.run_id)
+            except P.ProtocolError as e:
+                self.log.warning(f"host {self.host}: dropped a malformed message from another host: {e}")
+                continue
+            if msg.kind in (P.Kind.SCATTER, P.Kind.GATHER) and msg.fields["src"] == msg.rank:
+                self.early.append(msg)
+
+    def _take(self, kind: P.Kind, step: int, attempt: int, waiting: set[tuple[int, int]], got: dict) -> None:
         """Move what this wait is for out of `early` (messages that came while this host was still busy with an
         earlier phase: a faster host's next scatter arrives during our gather); drop what can no longer be wanted
         (an old plane's, an abandoned attempt's, a past step's)."""
@@ -156,9 +162,10 @@ class MeshLink:
             f = msg.fields
             if f["mesh_id"] != self.mesh_id or (msg.step, f["attempt"]) < (step, attempt):
                 continue
-            if msg.kind is kind and msg.step == step and f["attempt"] == attempt and msg.rank in waiting:
-                got[msg.rank] = msg
-                waiting.discard(msg.rank)
+            key = (msg.rank, f["lo"])
+            if msg.kind is kind and msg.step == step and f["attempt"] == attempt and key in waiting:
+                got[key] = msg
+                waiting.discard(key)
             else:
                 keep.append(msg)
         self.early = keep[-EARLY_MAX:]
@@ -172,50 +179,99 @@ class MeshLink:
 
 
 class MeshReplica:
-    """One host's replica of the weights and its slice of the momentum, and the step's four moves on them.
-    params/buffers are the arrays this host's workers read (shared memory); red receives the reduced slice."""
+    """One host's replica of the weights and its slice of the momentum, and the step's moves on them.
+    params/buffers are the arrays this host's workers read (shared memory); `param_starts` are the offsets where the
+    model's top-level layers begin (Model.param_starts): the flat buffer is cut at those and at the slice bounds
+    into fixed pieces, so what travels (and, with float16, how it is scaled) never depends on timing."""
 
-    def __init__(self, mesh: MeshLink, opt, params: np.ndarray, buffers: np.ndarray, wire_dtype: str):
+    def __init__(self, mesh: MeshLink, opt, params: np.ndarray, buffers: np.ndarray, wire_dtype: str,
+                 param_starts: list[int | None]):
         self.mesh, self.opt, self.params, self.buffers = mesh, opt, params, buffers
         self.wire16 = wire_dtype == "float16"
+        self.starts = sorted({s for s in param_starts if s is not None} | {0, params.size})
         self.red = np.zeros_like(params)
         self.out16 = np.empty(params.size, np.float16) if self.wire16 else None
+        self.pieces: list[tuple[int, int, int]] = []  # (lo, hi, owner's host index), in flat order
+        self.parts = np.empty((0, 0), np.float32)  # (hosts, this slice): every host's contribution, decoded
+        self.position: dict[int, int] = {}  # host index -> row of parts (host order)
 
     def take_state(self, msg: P.Message) -> None:
         """MESH: join the plane and start from the coordinator's weights and this slice's momentum."""
-        self.mesh.configure(msg.fields["hosts"], msg.fields["mesh_id"])
+        mesh = self.mesh
+        mesh.configure(msg.fields["hosts"], msg.fields["mesh_id"])
         np.copyto(self.params, msg.arrays["params"])
         np.copyto(self.buffers, msg.arrays["buffers"])
-        self.opt.velocity[self.mesh.lo:self.mesh.hi] = msg.arrays["velocity"]
+        self.opt.velocity[mesh.lo:mesh.hi] = msg.arrays["velocity"]
+        cuts = sorted(set(self.starts) | {b for h in mesh.hosts for b in (h[3], h[4])})
+        owner = [(h[3], h[4], h[0]) for h in mesh.hosts]
+        self.pieces = [(a, b, next(i for lo, hi, i in owner if lo <= a and b <= hi))
+                       for a, b in zip(cuts, cuts[1:]) if b > a]
+        self.position = {h[0]: k for k, h in enumerate(mesh.hosts)}
+        self.parts = np.empty((len(mesh.hosts), mesh.hi - mesh.lo), np.float32)
 
-    def _encoded(self, x: np.ndarray) -> tuple[np.ndarray, float]:
-        return encode16(x) if self.wire16 else (x, 1.0)
+    # ---- reduce-scatter, overlapped with backward ---------------------------------------------------------------
+    def begin(self, step: int, attempt: int, ranks: list[int], slots: np.ndarray, gsum: np.ndarray) -> None:
+        """A step starts on this host's workers `ranks` (local, in order), whose gradients land in `slots`."""
+        self.step, self.attempt, self.ranks, self.slots, self.gsum = step, attempt, ranks, slots, gsum
+        self.frontier = dict.fromkeys(ranks, self.params.size)
+        self.sent_from = self.params.size  # gsum[sent_from:] is summed and on its way
 
-    def reduce_scatter(self, gsum: np.ndarray, step: int, attempt: int, upstream: PeerLink) -> np.ndarray:
-        """Send every other host its slice of this host's sum; sum this host's slice over all hosts in host order.
-        Returns the block sums of squares of the reduced slice."""
-        mesh = self.mesh
-        for index, _, _, lo, hi, _ in mesh.hosts:
-            if index != mesh.index:
-                part, scale = self._encoded(gsum[lo:hi])
-                mesh.send(index, P.Kind.SCATTER, step, attempt, {"grad": part}, lo=lo, hi=hi, scale=scale)
-        got = mesh.collect(P.Kind.SCATTER, step, attempt, upstream)
-        lo, hi = mesh.lo, mesh.hi
-        parts, scales = [], []
-        for index, *_ in mesh.hosts:  # host order: the star's rank-order sum
-            if index == mesh.index:
-                part, scale = self._encoded(gsum[lo:hi])  # our own share passes the same encoding
+    def on_bucket(self, msg: P.Message) -> None:
+        """A worker's BUCKET (its gradient from ready_from on is final): once every local worker is past a piece,
+        sum the piece over them and send it to its owner while backward goes on."""
+        if msg.kind is not P.Kind.BUCKET or msg.rank not in self.frontier or msg.step != self.step \
+                or msg.fields["attempt"] != self.attempt:
+            return
+        self.frontier[msg.rank] = min(self.frontier[msg.rank], int(msg.fields["ready_from"]))
+        ready = max(max(self.frontier.values()), 0)  # the slowest worker's frontier: all are past it
+        if ready < self.sent_from:
+            self._push(ready, self.sent_from)
+
+    def _push(self, a: int, b: int) -> None:
+        """Local sum of [a, b) (local rank order) and its pieces on their way ([a, b) is a union of pieces)."""
+        mesh, gsum = self.mesh, self.gsum
+        if self.ranks:
+            sum_in_order(gsum[a:b], [self.slots[r][a:b] for r in self.ranks])
+        else:  # no image for this host this step: it contributes zeros and still owns its slice
+            gsum[a:b] = 0.0
+        for lo, hi, owner in self.pieces:
+            if lo < a or hi > b:
+                continue
+            part, scale = encode16(gsum[lo:hi]) if self.wire16 else (gsum[lo:hi], 1.0)
+            if owner == mesh.index:  # our own share passes the same encoding
+                self._place(mesh.index, lo, part, scale)
             else:
-                m = got[index]
-                part, scale = m.arrays["grad"], float(m.fields["scale"])
-                if part.size != hi - lo or (m.fields["lo"], m.fields["hi"]) != (lo, hi):
-                    raise SystemExit(f"host {mesh.host}: host {mesh.name(index)} sent a slice [{m.fields['lo']}, "
-                                     f"{m.fields['hi']}) of {part.size}, expected [{lo}, {hi})")
-            parts.append(part)
-            scales.append(scale)
-        sum_in_order(self.red[lo:hi], parts, scales)
+                mesh.send(owner, P.Kind.SCATTER, self.step, self.attempt, {"grad": part}, lo=lo, hi=hi,
+                          scale=scale)
+        self.sent_from = a
+
+    def _place(self, src: int, lo: int, part: np.ndarray, scale: float) -> None:
+        row = self.parts[self.position[src], lo - self.mesh.lo:lo - self.mesh.lo + part.size]
+        if part.dtype == np.float16:
+            np.multiply(part, np.float32(scale), out=row, casting="unsafe")  # a power of two: exact
+        else:
+            np.copyto(row, part)
+
+    def finish_scatter(self, upstream: PeerLink) -> np.ndarray:
+        """After the local round: send what is left, take every other host's pieces of our slice, sum them in host
+        order (host 0 first: the star's rank-order sum). Returns the slice's block sums of squares."""
+        mesh = self.mesh
+        if self.sent_from > 0:
+            self._push(0, self.sent_from)
+        mine = [(lo, hi) for lo, hi, owner in self.pieces if owner == mesh.index]
+        waiting = {(src, lo) for src in mesh.out for lo, _ in mine}
+        sizes = dict(mine)
+        for (src, lo), m in mesh.collect(P.Kind.SCATTER, self.step, self.attempt, upstream, waiting).items():
+            part = m.arrays["grad"]
+            if m.fields["hi"] != sizes[lo] or part.size != sizes[lo] - lo:
+                raise SystemExit(f"host {mesh.host}: host {mesh.name(src)} sent a piece [{lo}, {m.fields['hi']}) "
+                                 f"of {part.size}, expected [{lo}, {sizes[lo]})")
+            self._place(src, lo, part, float(m.fields["scale"]))
+        lo, hi = mesh.lo, mesh.hi
+        sum_in_order(self.red[lo:hi], list(self.parts))
         return chunk_squares(self.red[lo:hi])
 
+    # ---- update and all-gather --------------------------------------------------------------------------------
     def update_gather(self, lr: float, scale: float, step: int, attempt: int, upstream: PeerLink) -> np.ndarray:
         """Clip + SGD on this host's slice, its new weights to every other host, theirs into our replica. Returns a
         copy of the reduced slice (the coordinator applies the same update to its copy)."""
@@ -231,16 +287,16 @@ class MeshReplica:
             uscale, arrays = 1.0, {"params": self.params[lo:hi]}
         for index in mesh.out:
             mesh.send(index, P.Kind.GATHER, step, attempt, arrays, lo=lo, hi=hi, scale=uscale)
-        for index, m in mesh.collect(P.Kind.GATHER, step, attempt, upstream).items():
-            f = m.fields
-            a, b = f["lo"], f["hi"]
-            want = next((h[3], h[4]) for h in mesh.hosts if h[0] == index)
+        owners = {h[0]: (h[3], h[4]) for h in mesh.hosts if h[0] != mesh.index}
+        waiting = {(i, a) for i, (a, _) in owners.items()}
+        for (index, a), m in mesh.collect(P.Kind.GATHER, step, attempt, upstream, waiting).items():
+            b = owners[index][1]
             arr = m.arrays.get("update", m.arrays.get("params"))
-            if (a, b) != want or arr is None or arr.size != b - a:
-                raise SystemExit(f"host {mesh.host}: host {mesh.name(index)} sent weights [{a}, {b}), "
-                                 f"expected [{want[0]}, {want[1]})")
+            if m.fields["hi"] != b or arr is None or arr.size != b - a:
+                raise SystemExit(f"host {mesh.host}: host {mesh.name(index)} sent weights [{a}, {m.fields['hi']}),"
+                                 f" expected [{a}, {b})")
             if "update" in m.arrays:
-                add16(self.params[a:b], arr, float(f["scale"]))
+                add16(self.params[a:b], arr, float(m.fields["scale"]))
             else:
                 np.copyto(self.params[a:b], arr)
         return reduced

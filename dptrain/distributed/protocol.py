@@ -74,6 +74,9 @@ The table below and `SCHEMA` list the same kinds and fields (tests/test_protocol
     GATHER      agent -> agent        attempt int, mesh_id int, src int, lo int,      params (float32) or
                                       hi int, scale float: the owner's new weights    update (float16)
                                       over its slice
+    BUCKET      worker -> agent       attempt int, ready_from int: this rank's        -
+                                      gradient slot [ready_from:] is final (mesh:
+                                      its host sends it on while backward goes on)
     HEARTBEAT   both ways             -                                               -
     STOP        coordinator -> peer   reason str                                      -
     ERROR       peer -> coordinator   message str, traceback str                      -
@@ -114,6 +117,7 @@ class Kind(enum.IntEnum):
     MESHED = 16     # agent -> coordinator: connected to the other agents, state taken
     SCATTER = 17    # agent -> agent: my local gradient sum over your slice
     GATHER = 18     # agent -> agent: my slice's new weights
+    BUCKET = 19     # worker -> its agent: my gradient from this offset to the end is final (backward goes on)
 
 
 # Wire dtypes by name; always little-endian on the wire whatever the host.
@@ -147,6 +151,7 @@ SCHEMA: dict[Kind, dict[str, tuple[type, ...]]] = {
     Kind.MESHED: {"attempt": (int,), "mesh_id": (int,)},
     Kind.SCATTER: {"attempt": (int,), "mesh_id": (int,), "src": (int,), "lo": (int,), "hi": (int,), "scale": _NUM},
     Kind.GATHER: {"attempt": (int,), "mesh_id": (int,), "src": (int,), "lo": (int,), "hi": (int,), "scale": _NUM},
+    Kind.BUCKET: {"attempt": (int,), "ready_from": (int,)},
     Kind.HEARTBEAT: {},
     Kind.STOP: {"reason": (str,)},
     Kind.ERROR: {"message": (str,), "traceback": (str,)},

@@ -67,6 +67,7 @@ class Worker:
                                  rng=np.random.default_rng(0))
         match_blas_threads(self.cfg.train.short_blas_spin)  # BLAS got cores // N threads; other kernels follow
         self.shm_weights = "params" in shm
+        self.buckets = bool(f.get("buckets"))  # under a mesh agent: say when each part of the gradient is final
         self.slot = -1  # which half of a double weight buffer the model reads (-1: a single buffer)
         if self.shm_weights:
             params = self._attach(shm["params"], readonly="velocity" not in shm).array
@@ -137,8 +138,13 @@ class Worker:
             loss_sum, correct, _ = evaluate_batches(self.model, self.images, self.labels, idx, f["eval_batch"])
             self.link.send_result("eval", len(idx), loss_sum, correct)
             return
+        on_ready = None
+        if self.buckets:
+            def on_ready(offset: int) -> None:
+                self.link.send(P.Kind.BUCKET, attempt=self.link.attempt, ready_from=offset)
         r = shard_gradient(self.model, self.images, self.labels, idx, epoch=f["epoch"],
-                           global_count=f["global_count"], data=self.cfg.data, seed=self.cfg.train.seed)
+                           global_count=f["global_count"], data=self.cfg.data, seed=self.cfg.train.seed,
+                           on_ready=on_ready)
         timings = {"wait": [t_recv, r.timings["load"][0] - t_recv], **r.timings}
         if self.shm_weights:
             self.link.send_result("train", len(idx), r.loss_sum, r.correct, timings, grad_in="shm",

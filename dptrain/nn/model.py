@@ -37,7 +37,7 @@ from .layers import (
     walk,
 )
 from .norm import AllReduce
-from .params import ParamStore
+from .params import Param, ParamStore
 
 
 class Model:
@@ -49,6 +49,10 @@ class Model:
         self.bn_layers: list[BatchNorm] = [m for m in walk(net) if isinstance(m, BatchNorm)]
         self.bn_moments_size = sum(bn.moments_size for bn in self.bn_layers)
         net.need_dx = False  # nobody needs the gradient of the input images
+        # where each top-level layer's parameters start in the flat buffer (None: it has none); registration order
+        # is layer order, so once layer i is back-propagated, grads[param_starts[i]:] are final
+        self.param_starts = [min((v.offset for m in walk(layer) for v in vars(m).values() if isinstance(v, Param)),
+                                 default=None) for layer in net.layers]
 
     def forward(self, x: np.ndarray, train: bool) -> np.ndarray:
         """x: (N, H, W, C) of the store's dtype -> logits (N, num_classes) (a fresh array)."""
@@ -56,9 +60,19 @@ class Model:
             x = x.astype(self.store.dtype)
         return self.net.forward(x, train)
 
-    def backward(self, dlogits: np.ndarray) -> None:
-        """Back-propagate dL/dlogits (N, num_classes); writes (overwrites) every gradient in store.grads."""
-        self.net.backward(np.asarray(dlogits, dtype=self.store.dtype))
+    def backward(self, dlogits: np.ndarray, on_ready=None) -> None:
+        """Back-propagate dL/dlogits (N, num_classes); writes (overwrites) every gradient in store.grads.
+        on_ready(offset), when given, is called as backward goes: store.grads[offset:] is final (once per top-level
+        layer with parameters, offsets decreasing), so a caller can send those gradients while the rest is computed.
+        """
+        dout = np.asarray(dlogits, dtype=self.store.dtype)
+        if on_ready is None:
+            self.net.backward(dout)
+            return
+        for layer, start in zip(reversed(self.net.layers), reversed(self.param_starts)):
+            dout = layer.backward(dout)
+            if start is not None:
+                on_ready(start)
 
     def bn_moments(self) -> np.ndarray:
         """Concatenated local [count, sum, sumsq] (float64) of every BN layer, in bn_layers order."""
