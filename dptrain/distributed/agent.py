@@ -123,7 +123,8 @@ class Agent:
         if not receive_weights(self.params, self.buffers, msg.arrays, f) and "buffers" in msg.arrays:
             np.copyto(self.buffers, msg.arrays["buffers"])  # mesh: the weights are ours, the BN statistics not
         crc = -1
-        if self.replica is not None and f["phase"] == "train" and msg.step % max(self.cfg.dist.checksum_every, 1) == 0:
+        every = self.cfg.dist.checksum_every
+        if self.replica is not None and f["phase"] == "train" and every > 0 and msg.step % every == 0:
             crc = checksum(self.params)  # the weights this step starts from, before anything changes them
         idx = np.asarray(msg.arrays["indices"], np.int64)
         bounds = np.cumsum([0, *f["shard_sizes"]])
@@ -155,6 +156,8 @@ class Agent:
         timings["host_reduce"] = [t0, time.time() - t0]
         if self.replica is not None:
             t1 = time.time()
+            if self.replica.first_sent:  # pieces sent while the workers were still in backward
+                timings["scatter_overlap"] = [self.replica.first_sent, t1 - self.replica.first_sent]
             squares = self.replica.finish_scatter(self.link)
             timings["scatter"] = [t1, time.time() - t1]
             self.link.send_result("train", len(idx), loss_sum, correct, timings, bn_moments=moments,

@@ -26,6 +26,8 @@ from .reduce import sum_in_order
 from .timeline import Timeline
 from .wire import apply_update16
 
+COMM_TIMINGS = ("wait", "scatter", "scatter_overlap")  # a peer's timings that are not its compute
+
 
 def split_by_slots(indices: np.ndarray, slots: list[int]) -> tuple[list[np.ndarray], list[list[int]]]:
     """Shard over sum(slots) worker ranks (sizes differ by at most one), then hand each peer the contiguous block
@@ -218,7 +220,7 @@ class DistExecutor:
         slowest, slowest_s = ranks[0], -1.0
         for rank in ranks:
             tm = results[rank].fields["timings"]
-            busy = sum(v[1] for k, v in tm.items() if k not in ("wait", "scatter"))  # scatter: communication
+            busy = sum(v[1] for k, v in tm.items() if k not in COMM_TIMINGS)
             compute = max(compute, busy)
             if busy > slowest_s:
                 slowest, slowest_s = rank, busy

@@ -215,6 +215,7 @@ class MeshReplica:
         self.step, self.attempt, self.ranks, self.slots, self.gsum = step, attempt, ranks, slots, gsum
         self.frontier = dict.fromkeys(ranks, self.params.size)
         self.sent_from = self.params.size  # gsum[sent_from:] is summed and on its way
+        self.first_sent = 0.0  # wall-clock time the first piece went out (while backward went on)
 
     def on_bucket(self, msg: P.Message) -> None:
         """A worker's BUCKET (its gradient from ready_from on is final): once every local worker is past a piece,
@@ -230,6 +231,8 @@ class MeshReplica:
     def _push(self, a: int, b: int) -> None:
         """Local sum of [a, b) (local rank order) and its pieces on their way ([a, b) is a union of pieces)."""
         mesh, gsum = self.mesh, self.gsum
+        if not self.first_sent:
+            self.first_sent = time.time()
         if self.ranks:
             sum_in_order(gsum[a:b], [self.slots[r][a:b] for r in self.ranks])
         else:  # no image for this host this step: it contributes zeros and still owns its slice
