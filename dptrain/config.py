@@ -79,7 +79,9 @@ class DistConfig:
     # Across hosts: "mesh" = the agents reduce-scatter their gradients among themselves, each updates its slice and
     # all-gathers the weights (bytes per link flat in the number of hosts); "star" = through the coordinator.
     plane: str = "mesh"
-    checksum_every: int = 10  # mesh: compare every host's weights with the coordinator's every this many steps
+    # mesh: every this many steps the hosts' slices of weights and momentum become the coordinator's state and every
+    # host's weights are checked against it (a checksum); a lost host costs at most this many steps redone
+    sync_every: int = 10
     timeline: str = ""  # write a Chrome-trace JSON of every phase to this file
 
 

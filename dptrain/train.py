@@ -74,8 +74,8 @@ class Executor(Protocol):
 
     def settle(self) -> int:
         """Bring the store and the optimizer up to the last step train_step returned, before a checkpoint. Returns
-        how many of the latest steps it could not bring in (0; 1 when a mesh host was lost holding part of the
-        last update under `abort`): the checkpoint then says so by its step."""
+        how many of the latest steps it could not bring in (0; under `abort`, the steps since a mesh's last sync
+        when a host was lost before answering): the checkpoint then says so by its step."""
 
     def summary(self) -> dict:
         """Extra fields for summary.json."""
@@ -158,8 +158,8 @@ class Trainer:
         lag = self.executor.settle() if self.executor is not None else 0
         if lag:  # the state is that many steps behind the counters: the checkpoint resumes from there
             meta["step"], meta["step_in_epoch"] = self.step - lag, max(self.step_in_epoch - lag, 0)
-            self.log.warning(f"checkpoint {name}: the last {lag} step(s) could not be brought in (a lost host "
-                             f"held part of the update); it resumes at step {meta['step']}")
+            self.log.warning(f"checkpoint {name}: the last {lag} step(s) could not be brought in (a host was lost "
+                             f"before it sent its state); it resumes at step {meta['step']}")
         checkpoint.save(self.out / f"{name}.npz", params=self.store.params, velocity=self.opt.velocity,
                         buffers=self.store.buffers, meta=meta)
 

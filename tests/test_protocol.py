@@ -44,6 +44,16 @@ EXAMPLES = {
     Kind.REDUCED: (dict(attempt=0), {"squares": np.ones(1, np.float64)}),
     Kind.UPDATE: (dict(attempt=0, lo=0, hi=65536, lr=0.05, scale=1.0, src=1), {}),
     Kind.UPDATED: (dict(attempt=0), {}),
+    Kind.MESH: (dict(attempt=0, mesh_id=1, hosts=[[0, "tcp://10.0.0.2:4000", "k" * 40, 0, 65536, "a"]]),
+                {"params": np.ones(8, np.float32), "buffers": np.ones(2, np.float32),
+                 "velocity": np.ones(4, np.float32)}),
+    Kind.MESHED: (dict(attempt=0, mesh_id=1), {}),
+    Kind.SCATTER: (dict(attempt=0, mesh_id=1, src=0, lo=0, hi=4, scale=0.5), {"grad": np.ones(4, np.float16)}),
+    Kind.GATHER: (dict(attempt=0, mesh_id=1, src=0, lo=0, hi=4, scale=1.0), {"params": np.ones(4, np.float32)}),
+    Kind.BUCKET: (dict(attempt=0, ready_from=1024), {}),
+    Kind.SYNC: (dict(attempt=0), {}),
+    Kind.SYNCED: (dict(attempt=0, lo=0, hi=4, params_crc=123), {"params": np.ones(4, np.float32),
+                                                              "velocity": np.ones(4, np.float32)}),
     Kind.HEARTBEAT: ({}, {}),
     Kind.STOP: (dict(reason="done"), {}),
     Kind.ERROR: (dict(message="boom", traceback="Traceback...\nValueError: boom"), {}),
@@ -75,8 +85,9 @@ DELETE = object()
 # --- round trips ---------------------------------------------------------------------------------
 
 def test_kinds_are_stable_wire_bytes():
-    assert PROTOCOL_VERSION == 3  # 2: typed STEP/RESULT fields, no PREFLIGHT/LOG; 3: REDUCE/UPDATE by workers
-    assert [k.value for k in Kind] == list(range(1, 15))
+    # 2: typed STEP/RESULT fields, no PREFLIGHT/LOG; 3: REDUCE/UPDATE by workers; 4: the mesh plane across hosts
+    assert PROTOCOL_VERSION == 4
+    assert [k.value for k in Kind] == list(range(1, 22))
 
 
 @pytest.mark.parametrize("kind", list(Kind))
@@ -400,7 +411,7 @@ def test_every_kind_is_sent_and_handled():
                 if name == "exchange" and len(kinds) == 2:
                     handled.add(kinds.pop().attr)
                 sent.update(k.attr for k in kinds)
-            if isinstance(node, ast.Call) and name == "_collect":  # the coordinator waits for this reply kind
+            if isinstance(node, ast.Call) and name in ("_collect", "collect"):  # waits for this reply kind
                 handled.update(a.attr for a in node.args if isinstance(a, ast.Attribute)
                                and getattr(a.value, "attr", "") == "Kind")
             if isinstance(node, (ast.Compare, ast.Dict)):  # msg.kind is Kind.X; a {Kind.X: handler} table

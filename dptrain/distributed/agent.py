@@ -122,10 +122,6 @@ class Agent:
         f = msg.fields
         if not receive_weights(self.params, self.buffers, msg.arrays, f) and "buffers" in msg.arrays:
             np.copyto(self.buffers, msg.arrays["buffers"])  # mesh: the weights are ours, the BN statistics not
-        crc = -1
-        every = self.cfg.dist.checksum_every
-        if self.replica is not None and f["phase"] == "train" and every > 0 and msg.step % every == 0:
-            crc = checksum(self.params)  # the weights this step starts from, before anything changes them
         idx = np.asarray(msg.arrays["indices"], np.int64)
         bounds = np.cumsum([0, *f["shard_sizes"]])
         shards = {r: idx[bounds[r]:bounds[r + 1]] for r in range(self.slots) if bounds[r + 1] > bounds[r]}
@@ -161,7 +157,7 @@ class Agent:
             squares = self.replica.finish_scatter(self.link)
             timings["scatter"] = [t1, time.time() - t1]
             self.link.send_result("train", len(idx), loss_sum, correct, timings, bn_moments=moments,
-                                  arrays={"squares": squares}, params_crc=crc)
+                                  arrays={"squares": squares})
             return
         grad, grad_scale = grad_frame(self.gsum, self.cfg.dist.wire_dtype)
         self.link.send_result("train", len(idx), loss_sum, correct, timings, grad_in="frame", grad=grad,
@@ -179,11 +175,20 @@ class Agent:
         if (f["lo"], f["hi"]) != (mesh.lo, mesh.hi):
             raise SystemExit(f"host {self.host}: asked to update [{f['lo']}, {f['hi']}), this host owns "
                              f"[{mesh.lo}, {mesh.hi})")
-        reduced = self.replica.update_gather(f["lr"], f["scale"], msg.step, f["attempt"], self.link)
-        self.link.send(P.Kind.UPDATED, arrays={"grad": reduced}, attempt=f["attempt"], lo=mesh.lo, hi=mesh.hi)
+        self.replica.update_gather(f["lr"], f["scale"], msg.step, f["attempt"], self.link)
+
+    def sync(self, msg: P.Message) -> None:
+        """The coordinator takes this host's slice of the weights and momentum as the state, and checks our whole
+        copy of the weights against it."""
+        mesh, r = self.replica.mesh, self.replica
+        self.link.send(P.Kind.SYNCED, arrays={"params": r.params[mesh.lo:mesh.hi],
+                                              "velocity": r.opt.velocity[mesh.lo:mesh.hi]},
+                       attempt=msg.fields["attempt"], lo=mesh.lo, hi=mesh.hi, params_crc=checksum(r.params))
 
     def serve(self) -> int:
-        handlers = {P.Kind.MESH: self.join_mesh, P.Kind.UPDATE: self.update} if self.replica is not None else None
+        handlers = None
+        if self.replica is not None:
+            handlers = {P.Kind.MESH: self.join_mesh, P.Kind.UPDATE: self.update, P.Kind.SYNC: self.sync}
         return self.link.serve(self.run_step, handlers)
 
     def close(self) -> None:

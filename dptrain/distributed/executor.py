@@ -100,17 +100,19 @@ class DistExecutor:
                     self._redo_unsettled()
 
     def _redo_unsettled(self) -> None:
-        """Mesh, after a loss: the step in flight is applied if its slices all came in, else redone over the
-        survivors from the coordinator's state (its result was already reported; the redo only restores the state).
-        """
+        """Mesh, after a loss: the hosts' state comes in if every host answers; otherwise the steps since the last
+        sync are redone over the survivors from the synced state (their results were already reported; the redo
+        only rebuilds the state)."""
         if self.mesh.settle():
             return
-        p = self.mesh.take_unsettled()
-        self.log.warning(f"step {p.step}: a lost host held part of its update; redoing it over the survivors")
-        fields = {"phase": "train", "epoch": p.epoch, "global_count": len(p.indices), "eval_batch": 0}
-        self._retrying(p.step, lambda attempt: self._mesh_step(p.indices, p.epoch, p.step, p.lr, attempt, fields),
-                       attempt=p.attempt + 1)
-        if not self.mesh.settle():  # lost another host in the meantime: again, from what is left
+        steps = self.mesh.unsynced()
+        self.log.warning(f"steps {steps[0].step}..{steps[-1].step}: redoing them over the survivors from the state "
+                         f"synced before them")
+        for d in steps:
+            fields = {"phase": "train", "epoch": d.epoch, "global_count": len(d.indices), "eval_batch": 0}
+            self._retrying(d.step, lambda attempt, d=d, fields=fields: self._mesh_step(
+                d.indices, d.epoch, d.step, d.lr, attempt, fields), attempt=d.attempt + 1)
+        if not self.mesh.settle():  # lost another host meanwhile: again, from what is left
             self._redo_unsettled()
 
     def _round(self, indices: np.ndarray, step: int, attempt: int, fields: dict) -> tuple[list[int], dict]:
@@ -246,13 +248,14 @@ class DistExecutor:
         return slowest
 
     def settle(self) -> int:
-        """train.Executor.settle: the mesh's last step onto the coordinator's copy (a no-op otherwise)."""
+        """train.Executor.settle: the hosts' state after the last step into the store (mesh; a no-op otherwise).
+        Returns how many steps it lacks when a host was lost before answering."""
         if self.mesh is not None and not self.mesh.settle():
-            return 1
+            return len(self.mesh.done)
         return 0
 
     def evaluate(self, indices: np.ndarray) -> tuple[float, int]:
-        if self.mesh is not None and not self.mesh.settle():  # a host was lost holding part of the last update
+        if self.mesh is not None and not self.mesh.settle():  # a host was lost before it sent its state
             if self.policy != "continue" or not self.coord.active():
                 raise WorkerFailure([p for p in self.coord.peers.values() if p.state is PeerState.DEAD])
             self._redo_unsettled()

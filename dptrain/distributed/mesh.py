@@ -11,14 +11,13 @@ coordinator's link each way per step. Here the bytes go host to host instead, an
     3. the coordinator answers every host with (lr, clip factor) (UPDATE); each host applies clip + SGD to its own
        slice, with its slice of the momentum, and sends the new weights of its slice to every other host (GATHER):
        (H−1)/H of the model again each way;
-    4. each host then sends the coordinator its reduced slice (UPDATED): the coordinator applies the same update to
-       its authoritative copy off the critical path (during the next step's compute) and, every
-       dist.checksum_every steps, checks that every host's replica has the same bits as its own.
+    4. every dist.sync_every steps the coordinator takes each host's slice of the weights and momentum as its
+       authoritative state and checks every host's whole copy against it by checksum (SYNC; mesh_plane.py).
 
 Slices are cut on optim.CHUNK boundaries, so the block sums of squares are the single process's and SGD is the same
 elementwise arithmetic: every replica is bitwise the coordinator's. With the float16 wire a contribution is encoded
 with its own power-of-two scale (wire.encode16) and an owner's new weights travel as its float16-rounded update
-(wire.apply_update16, which the coordinator applies to its copy the same way).
+(wire.apply_update16: the owner keeps exactly what the others rebuild).
 
 Every agent binds one ROUTER (a CURVE server with a key pair of its own, whose ZAP handler admits only the run's
 client key) and connects one DEALER to each other agent; the coordinator hands every agent the others' endpoints and
@@ -275,12 +274,10 @@ class MeshReplica:
         return chunk_squares(self.red[lo:hi])
 
     # ---- update and all-gather --------------------------------------------------------------------------------
-    def update_gather(self, lr: float, scale: float, step: int, attempt: int, upstream: PeerLink) -> np.ndarray:
-        """Clip + SGD on this host's slice, its new weights to every other host, theirs into our replica. Returns a
-        copy of the reduced slice (the coordinator applies the same update to its copy)."""
+    def update_gather(self, lr: float, scale: float, step: int, attempt: int, upstream: PeerLink) -> None:
+        """Clip + SGD on this host's slice, its new weights to every other host, theirs into our replica."""
         mesh = self.mesh
         lo, hi = mesh.lo, mesh.hi
-        reduced = self.red[lo:hi].copy()  # SGD adds weight decay into red; the coordinator needs the plain sum
         prev = self.params[lo:hi].copy() if self.wire16 else None
         self.opt.step(self.params, self.red, lr, scale, lo, hi)
         if self.wire16:
@@ -302,4 +299,3 @@ class MeshReplica:
                 add16(self.params[a:b], arr, float(m.fields["scale"]))
             else:
                 np.copyto(self.params[a:b], arr)
-        return reduced

@@ -1,16 +1,18 @@
 """The mesh data plane, the coordinator's side (mesh.py tells the whole step).
 
-The coordinator forms the plane (MESH: who owns which slice, where the others are, the state to start from),
-decides every step's (lr, clip factor) from the hosts' block sums of squares (UPDATE), and keeps the authoritative
-weights and momentum by applying each step's update itself from the reduced slices the hosts send once they are done
-(UPDATED). Those arrive during the next step's compute, so its own update is off the critical path: after step k
-returns, the coordinator's copy is at step k − 1 until `settle` (before a checkpoint or an evaluation) or the next
-step's round brings the slices in. A host's UPDATED of step k is sent before its RESULT of step k + 1 on the same
-connection, so the next round never ends without them.
+The coordinator forms the plane (MESH: who owns which slice, where the others are, the state to start from) and
+decides every step's (lr, clip factor) from the hosts' block sums of squares (UPDATE). The hosts hold the live
+weights and, each for its slice, the momentum. Every dist.sync_every steps, and before anything that needs the
+state here (a checkpoint, an evaluation, the end), the coordinator asks every host for its slice of the weights
+and momentum and for a checksum of its whole copy of the weights (SYNC -> SYNCED): the slices become the
+authoritative state, and every host's checksum must equal the checksum of that state, so the replicas are proven
+bit-identical. The answers travel while the next step computes (nobody waits for them unless a checkpoint does), so
+the coordinator's link carries 2/sync_every of the model per step, and the coordinator does no arithmetic on it.
 
-When a host is lost: if every slice of the last step came in, the step is committed; otherwise the step is redone
-over the survivors from the committed state (the executor does that, `redo`). Either way the plane is formed anew
-over the survivors with fresh slices and the coordinator's state.
+When a host is lost, the steps since the last complete sync are redone over the survivors from the synced state
+(the executor does that, `unsynced`): their batches, epochs and learning rates are kept here until a sync covers
+them. Their results were already reported; the redo only rebuilds the state. The plane is then formed anew over
+the survivors, with fresh slices.
 """
 from __future__ import annotations
 
@@ -27,25 +29,29 @@ from ..train import ExecutorFailure
 from . import protocol as P
 from .coordinator import Coordinator, WorkerFailure
 from .mesh import checksum
-from .wire import apply_update16
 
 
 class ReplicaMismatch(ExecutorFailure):
-    """A host's weights differ from the coordinator's: a bug or a corrupted host, never to be trained past."""
+    """A host's weights differ from the synced state: a bug or a corrupted host, never to be trained past."""
 
 
 @dataclass
-class Pending:
-    """A step whose update the hosts applied and the coordinator has not yet: what it takes to apply it (the reduced
-    slices, as they come) or to redo it (its batch)."""
+class Done:
+    """A step the hosts applied: what it takes to redo it."""
     step: int
     attempt: int
     lr: float
-    scale: float
     indices: np.ndarray
     epoch: int
+
+
+@dataclass
+class Sync:
+    """A SYNC in flight: the answers so far, keyed by host rank."""
+    step: int
+    attempt: int
     slices: dict[int, tuple[int, int]]
-    got: dict[int, np.ndarray] = field(default_factory=dict)
+    got: dict[int, P.Message] = field(default_factory=dict)
 
     def complete(self) -> bool:
         return len(self.got) == len(self.slices)
@@ -58,19 +64,20 @@ class MeshPlane:
         self.mesh_id = 0
         self.formed: tuple[int, ...] = ()
         self.slices: dict[int, tuple[int, int]] = {}
-        self.pending: Pending | None = None
-        self.wire16 = cfg.dist.wire_dtype == "float16"
-        self.prev = store.params.copy() if self.wire16 else None  # the weights before the last update
-        self.out16 = np.empty(store.num_params, np.float16) if self.wire16 else None
-        self.checks = 0  # replica checksums compared
+        self.done: list[Done] = []  # applied by the hosts, not yet in the synced state
+        self.sync: Sync | None = None
+        self.every = max(cfg.dist.sync_every, 1)
+        self.checks = 0  # syncs whose replica checksums were compared
 
     def ensure(self, step: int, attempt: int) -> None:
         """Form the plane over the live hosts unless it is formed over exactly them: slices, peers' addresses and
-        keys, and the coordinator's (committed) state to every host."""
+        keys, and the synced state to every host."""
         ranks = tuple(p.rank for p in self.coord.active())
         if ranks == self.formed:
             return
-        assert self.pending is None, "a step is in flight: settle or redo it before the plane is formed again"
+        if self.done:  # a host was lost where nobody waited on it: the steps since the sync are redone first
+            raise WorkerFailure([p for p in self.coord.peers.values() if p.rank in self.formed and p.rank not in ranks])
+        self.sync = None
         self.slices = dict(zip(ranks, chunk_slices(self.store.num_params, len(ranks))))
         self.mesh_id += 1
         peers = self.coord.peers
@@ -82,8 +89,6 @@ class MeshPlane:
                                     "velocity": self.opt.velocity[lo:hi]})
         self.coord.collect(step, attempt, list(ranks), P.Kind.MESHED)
         self.formed = ranks
-        if self.wire16:
-            np.copyto(self.prev, self.store.params)
         mb = self.store.num_params * 4 / len(ranks) / 1e6
         self.log.info(f"mesh data plane {self.mesh_id} over {len(ranks)} hosts "
                       f"({', '.join(peers[r].host for r in ranks)}): {mb:.1f} MB slices")
@@ -91,81 +96,85 @@ class MeshPlane:
     def decide(self, step: int, attempt: int, results: dict[int, P.Message], lr: float, indices: np.ndarray,
                epoch: int) -> float:
         """The exact global norm from the hosts' block sums (slice order is block order), the clip factor, UPDATE
-        to every host; then the previous step's update on the coordinator's copy and, when the hosts sent them,
-        the replica checksums. Returns the norm."""
+        to every host; every sync_every steps a SYNC after it (answered while the next step computes). Returns the
+        norm."""
         squares = np.concatenate([results[r].arrays["squares"] for r in self.formed])
         norm = math.sqrt(add_blocks(squares))
         scale = checked_clip(norm, self.cfg.train.clip_norm, step)
         for r, (lo, hi) in self.slices.items():
             self.coord.send(self.coord.peers[r], P.Kind.UPDATE, step=step, attempt=attempt, lo=lo, hi=hi, lr=lr,
                             scale=scale, src=-1)
-        prev, self.pending = self.pending, Pending(step, attempt, lr, scale, indices, epoch, dict(self.slices))
-        if prev is not None:
-            if not prev.complete():  # a host's UPDATED precedes its RESULT: this cannot be short
-                raise RuntimeError(f"step {prev.step}: reduced slices missing from ranks "
-                                   f"{sorted(set(prev.slices) - set(prev.got))}")
-            self._apply(prev)
-        self._verify(step, results)
+        self.done.append(Done(step, attempt, lr, indices, epoch))
+        self._apply_sync()
+        if len(self.done) >= self.every and self.sync is None:
+            self._request_sync()
         return norm
 
+    def _request_sync(self) -> None:
+        last = self.done[-1]
+        self.sync = Sync(last.step, last.attempt, dict(self.slices))
+        for r in self.slices:
+            self.coord.send(self.coord.peers[r], P.Kind.SYNC, step=last.step, attempt=last.attempt)
+
     def on_message(self, msg: P.Message) -> None:
-        """A round's side channel: the reduced slices of the step in flight."""
-        p = self.pending
-        if msg.kind is not P.Kind.UPDATED or p is None or msg.step != p.step or msg.fields["attempt"] != p.attempt:
+        """A round's side channel: the answers to a SYNC in flight."""
+        s = self.sync
+        if msg.kind is not P.Kind.SYNCED or s is None or msg.step != s.step or msg.fields["attempt"] != s.attempt:
             return
-        lo, hi = p.slices.get(msg.rank, (0, -1))
-        grad = msg.arrays.get("grad")
-        if grad is None or grad.dtype != np.float32 or grad.size != hi - lo:
-            self.coord._dropped(f"dropped UPDATED from rank {msg.rank}: not its slice [{lo}, {hi}) in float32")
+        lo, hi = s.slices.get(msg.rank, (0, -1))
+        a = msg.arrays
+        if (msg.fields["lo"], msg.fields["hi"]) != (lo, hi) or any(
+                k not in a or a[k].dtype != np.float32 or a[k].size != hi - lo for k in ("params", "velocity")):
+            self.coord._dropped(f"dropped SYNCED from rank {msg.rank}: not its slice [{lo}, {hi}) in float32")
             return
-        p.got[msg.rank] = grad
+        s.got[msg.rank] = msg
+
+    def _apply_sync(self) -> None:
+        """A complete sync becomes the state: the slices into the store and the optimizer, every host's checksum
+        against it, and the steps it covers out of the redo list."""
+        s = self.sync
+        if s is None or not s.complete():
+            return
+        for r, (lo, hi) in s.slices.items():
+            self.store.params[lo:hi] = s.got[r].arrays["params"]
+            self.opt.velocity[lo:hi] = s.got[r].arrays["velocity"]
+        ours = checksum(self.store.params)
+        bad = [r for r, m in s.got.items() if m.fields["params_crc"] != ours]
+        self.sync = None
+        self.done = [d for d in self.done if d.step > s.step]
+        self.checks += 1
+        if bad:
+            who = ", ".join(self.coord.peers[r].describe() for r in bad)
+            raise ReplicaMismatch(f"step {s.step}: the weights of {who} differ from the synced state "
+                                  f"(checksum {s.got[bad[0]].fields['params_crc']:#010x} != {ours:#010x})")
 
     def settle(self) -> bool:
-        """Apply the step in flight to the coordinator's copy once its slices are in (waiting for them). False when
-        a host holding one is lost (the copy stays one step behind; `redo` recovers it)."""
-        p = self.pending
-        if p is None:
+        """The hosts' state after the last step into the coordinator's store (a sync, waited for). False when a
+        host is lost before it answered (the store stays at the last complete sync; `unsynced` recovers)."""
+        if not self.done:
             return True
-        missing = [r for r in p.slices if r not in p.got]
+        last = self.done[-1]
+        if self.sync is None or self.sync.step != last.step:
+            self.sync = None  # an older sync still in flight is superseded by this one
+            self._request_sync()
+        s = self.sync
+        missing = [r for r in s.slices if r not in s.got]
         if missing:
             try:
-                got = self.coord.collect(p.step, p.attempt, missing, P.Kind.UPDATED, side=self.on_message)
+                got = self.coord.collect(s.step, s.attempt, missing, P.Kind.SYNCED, side=self.on_message)
             except WorkerFailure:
                 return False
             for m in got.values():
                 self.on_message(m)
-            if not p.complete():
-                return False
-        self._apply(p)
-        self.pending = None
+        if not s.complete():
+            return False
+        self._apply_sync()
         return True
 
-    def take_unsettled(self) -> Pending | None:
-        """The step in flight that cannot be applied (a host lost with its slice), handed to the caller to redo."""
-        p, self.pending = self.pending, None
-        self.formed = ()  # what the hosts hold is past the committed state: form again from the coordinator's
-        return p
-
-    def _apply(self, p: Pending) -> None:
-        """The hosts' update of step p on the coordinator's copy: the same SGD on the same reduced gradient, and
-        with the float16 wire the same rounding of each slice's step."""
-        grads, params = self.store.grads, self.store.params
-        for r, (lo, hi) in p.slices.items():
-            grads[lo:hi] = p.got[r]
-        self.opt.step(params, grads, p.lr, p.scale)
-        if self.wire16:
-            for lo, hi in p.slices.values():
-                apply_update16(params[lo:hi], self.prev[lo:hi], self.out16[lo:hi])
-
-    def _verify(self, step: int, results: dict[int, P.Message]) -> None:
-        """Every host that sent a checksum of the weights it started step `step` from must match ours."""
-        sent = {r: m.fields.get("params_crc", -1) for r, m in results.items()}
-        if all(c == -1 for c in sent.values()):
-            return
-        ours = checksum(self.store.params)
-        self.checks += 1
-        bad = [r for r, c in sent.items() if c != -1 and c != ours]
-        if bad:
-            who = ", ".join(self.coord.peers[r].describe() for r in bad)
-            raise ReplicaMismatch(f"step {step}: the weights of {who} differ from the coordinator's "
-                                  f"(checksum {sent[bad[0]]:#010x} != {ours:#010x})")
+    def unsynced(self) -> list[Done]:
+        """The steps since the last complete sync, handed to the caller to redo over the survivors (oldest first);
+        the plane is formed again from the synced state before the first of them."""
+        done, self.done = self.done, []
+        self.sync = None
+        self.formed = ()
+        return done

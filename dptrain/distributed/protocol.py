@@ -50,8 +50,8 @@ The table below and `SCHEMA` list the same kinds and fields (tests/test_protocol
     RESULT      peer -> coordinator   phase str, attempt int, count int,              grad if grad_in ==
                                       loss_sum float, correct int, grad_in str        "frame"; bn_moments
                                       ("shm"|"frame"|"none"), grad_scale float,       (train)
-                                      timings map (phase -> [start, seconds]);        (mesh: squares of
-                                      mesh: params_crc int (-1: not this step)        the agent's slice)
+                                      timings map (phase -> [start, seconds])         (mesh: squares of
+                                                                                      the agent's slice)
     BN_REDUCE   peer -> coordinator   layer int, phase str ("fwd"|"bwd"), attempt int moments (float64)
     BN_REDUCED  coordinator -> peer   layer int, phase str, attempt int               moments (float64)
     REDUCE      coordinator -> worker attempt int, lo int, hi int, ranks list: sum   -
@@ -62,8 +62,7 @@ The table below and `SCHEMA` list the same kinds and fields (tests/test_protocol
     UPDATE      coordinator -> worker attempt int, lo int, hi int, lr float,          -
                                       scale float, src int: SGD on [lo, hi) from
                                       buffer src into the other one
-    UPDATED     worker -> coordinator attempt int                                     - (an agent: grad, its
-                                                                                      reduced slice, float32)
+    UPDATED     worker -> coordinator attempt int                                     -
     MESH        coordinator -> agent  attempt int, mesh_id int, hosts list of         params, buffers,
                                       [index, endpoint, key, lo, hi] (slice owners    velocity (the agent's
                                       in host order): join this data plane            slice) (float32)
@@ -74,6 +73,9 @@ The table below and `SCHEMA` list the same kinds and fields (tests/test_protocol
     GATHER      agent -> agent        attempt int, mesh_id int, src int, lo int,      params (float32) or
                                       hi int, scale float: the owner's new weights    update (float16)
                                       over its slice
+    SYNC        coordinator -> agent  attempt int: your state after this step         -
+    SYNCED      agent -> coordinator  attempt int, lo int, hi int, params_crc int     params, velocity
+                                      (CRC-32 of the agent's whole weights)           (float32, its slice)
     BUCKET      worker -> agent       attempt int, ready_from int: this rank's        -
                                       gradient slot [ready_from:] is final (mesh:
                                       its host sends it on while backward goes on)
@@ -118,6 +120,8 @@ class Kind(enum.IntEnum):
     SCATTER = 17    # agent -> agent: my local gradient sum over your slice
     GATHER = 18     # agent -> agent: my slice's new weights
     BUCKET = 19     # worker -> its agent: my gradient from this offset to the end is final (backward goes on)
+    SYNC = 20       # coordinator -> agent: send me your slice of the state and a checksum of your weights
+    SYNCED = 21     # agent -> coordinator: here they are
 
 
 # Wire dtypes by name; always little-endian on the wire whatever the host.
@@ -152,6 +156,8 @@ SCHEMA: dict[Kind, dict[str, tuple[type, ...]]] = {
     Kind.SCATTER: {"attempt": (int,), "mesh_id": (int,), "src": (int,), "lo": (int,), "hi": (int,), "scale": _NUM},
     Kind.GATHER: {"attempt": (int,), "mesh_id": (int,), "src": (int,), "lo": (int,), "hi": (int,), "scale": _NUM},
     Kind.BUCKET: {"attempt": (int,), "ready_from": (int,)},
+    Kind.SYNC: {"attempt": (int,)},
+    Kind.SYNCED: {"attempt": (int,), "lo": (int,), "hi": (int,), "params_crc": (int,)},
     Kind.HEARTBEAT: {},
     Kind.STOP: {"reason": (str,)},
     Kind.ERROR: {"message": (str,), "traceback": (str,)},
@@ -165,6 +171,7 @@ REQUIRED_ARRAYS: dict[Kind, dict[str, tuple[str, ...]]] = {
     Kind.REDUCED: {"squares": ("float64",)},
     Kind.MESH: {"params": ("float32",), "buffers": ("float32",), "velocity": ("float32",)},
     Kind.SCATTER: {"grad": ("float32", "float16")},
+    Kind.SYNCED: {"params": ("float32",), "velocity": ("float32",)},
 }
 GRAD_IN = ("shm", "frame", "none")  # RESULT's grad_in: in this rank's shared-memory slot, in a frame, no gradient
 
