@@ -32,12 +32,13 @@ from __future__ import annotations
 import os
 import time
 import zlib
+from collections.abc import Callable
 
 import numpy as np
 import zmq
 
 from .. import log
-from ..optim import chunk_squares
+from ..optim import CHUNK, chunk_squares
 from . import protocol as P
 from .curve import CurveServer, RunKeys, client_setup
 from .peer import PeerLink, Preempted, dealer
@@ -45,6 +46,7 @@ from .reduce import sum_in_order
 from .wire import add16, apply_update16, encode16
 
 WAIT_WARNING_EVERY_S = 10.0
+GATHER_PIECE = 16 * CHUNK  # elements (4 MiB of float32) an owner updates and sends at a time
 EARLY_MAX = 1024  # messages kept for a later phase (a step brings 2 (H - 1)): a bound, not a working limit
 POLL_MS = 50
 
@@ -104,12 +106,13 @@ class MeshLink:
                           mesh_id=self.mesh_id, src=self.index, **fields)
         self.out[index].send_multipart(frames, copy=False)
 
-    def collect(self, kind: P.Kind, step: int, attempt: int, upstream: PeerLink,
-                waiting: set[tuple[int, int]]) -> dict[tuple[int, int], P.Message]:
-        """The `kind` messages of this step attempt and plane keyed (sending host, lo) in `waiting`. The
-        coordinator's link is watched meanwhile: MESH or STOP raises Preempted; anything else waits its turn. A host
-        late by WAIT_WARNING_EVERY_S is named, with the piece it owes."""
-        got: dict[tuple[int, int], P.Message] = {}
+    def collect(self, kind: P.Kind, step: int, attempt: int, upstream: PeerLink, waiting: set[tuple[int, int]],
+                take: Callable[[P.Message], None]) -> None:
+        """take(msg) for each `kind` message of this step attempt and plane keyed (sending host, lo) in `waiting`,
+        as it comes (its bytes are used while the rest is still on the wire). The coordinator's link is watched
+        meanwhile: MESH or STOP raises Preempted; anything else waits its turn. A host late by
+        WAIT_WARNING_EVERY_S is named, with the piece it owes."""
+        got: list[P.Message] = []
         self._take(kind, step, attempt, waiting, got)
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
@@ -128,6 +131,9 @@ class MeshLink:
             if self.sock in events:
                 self._drain()
             self._take(kind, step, attempt, waiting, got)
+            for msg in got:
+                take(msg)
+            got.clear()
             now = time.monotonic()
             if waiting and now - last_warning > WAIT_WARNING_EVERY_S:
                 last_warning = now
@@ -136,7 +142,8 @@ class MeshLink:
                                  f"{kind.name.lower()} of [{late[0][1]}, ...) for {now - since:.0f} s"
                                  + (f" ({len(late)} pieces from {len({h for h, _ in late})} host(s) missing)"
                                     if len(late) > 1 else ""))
-        return got
+        for msg in got:
+            take(msg)
 
     def _drain(self) -> None:
         for _ in range(1000):
@@ -152,7 +159,7 @@ class MeshLink:
             if msg.kind in (P.Kind.SCATTER, P.Kind.GATHER) and msg.fields["src"] == msg.rank:
                 self.early.append(msg)
 
-    def _take(self, kind: P.Kind, step: int, attempt: int, waiting: set[tuple[int, int]], got: dict) -> None:
+    def _take(self, kind: P.Kind, step: int, attempt: int, waiting: set[tuple[int, int]], got: list) -> None:
         """Move what this wait is for out of `early` (messages that came while this host was still busy with an
         earlier phase: a faster host's next scatter arrives during our gather); drop what can no longer be wanted
         (an old plane's, an abandoned attempt's, a past step's)."""
@@ -163,7 +170,7 @@ class MeshLink:
                 continue
             key = (msg.rank, f["lo"])
             if msg.kind is kind and msg.step == step and f["attempt"] == attempt and key in waiting:
-                got[key] = msg
+                got.append(msg)
                 waiting.discard(key)
             else:
                 keep.append(msg)
@@ -263,39 +270,49 @@ class MeshReplica:
         mine = [(lo, hi) for lo, hi, owner in self.pieces if owner == mesh.index]
         waiting = {(src, lo) for src in mesh.out for lo, _ in mine}
         sizes = dict(mine)
-        for (src, lo), m in mesh.collect(P.Kind.SCATTER, self.step, self.attempt, upstream, waiting).items():
-            part = m.arrays["grad"]
+
+        def take(m: P.Message) -> None:
+            src, lo, part = m.rank, m.fields["lo"], m.arrays["grad"]
             if m.fields["hi"] != sizes[lo] or part.size != sizes[lo] - lo:
                 raise SystemExit(f"host {mesh.host}: host {mesh.name(src)} sent a piece [{lo}, {m.fields['hi']}) "
                                  f"of {part.size}, expected [{lo}, {sizes[lo]})")
             self._place(src, lo, part, float(m.fields["scale"]))
+        mesh.collect(P.Kind.SCATTER, self.step, self.attempt, upstream, waiting, take)
         lo, hi = mesh.lo, mesh.hi
         sum_in_order(self.red[lo:hi], list(self.parts))
         return chunk_squares(self.red[lo:hi])
 
     # ---- update and all-gather --------------------------------------------------------------------------------
     def update_gather(self, lr: float, scale: float, step: int, attempt: int, upstream: PeerLink) -> None:
-        """Clip + SGD on this host's slice, its new weights to every other host, theirs into our replica."""
+        """Clip + SGD on this host's slice, its new weights to every other host, theirs into our replica; piece by
+        piece (gather_pieces), so the first pieces are on the wire while the next are computed, and each piece
+        received is applied while the rest is on its way."""
         mesh = self.mesh
-        lo, hi = mesh.lo, mesh.hi
-        prev = self.params[lo:hi].copy() if self.wire16 else None
-        self.opt.step(self.params, self.red, lr, scale, lo, hi)
-        if self.wire16:
-            uscale = apply_update16(self.params[lo:hi], prev, self.out16[lo:hi])
-            arrays = {"update": self.out16[lo:hi]}
-        else:
-            uscale, arrays = 1.0, {"params": self.params[lo:hi]}
-        for index in mesh.out:
-            mesh.send(index, P.Kind.GATHER, step, attempt, arrays, lo=lo, hi=hi, scale=uscale)
-        owners = {h[0]: (h[3], h[4]) for h in mesh.hosts if h[0] != mesh.index}
-        waiting = {(i, a) for i, (a, _) in owners.items()}
-        for (index, a), m in mesh.collect(P.Kind.GATHER, step, attempt, upstream, waiting).items():
-            b = owners[index][1]
+        for a, b in gather_pieces(mesh.lo, mesh.hi):
+            prev = self.params[a:b].copy() if self.wire16 else None
+            self.opt.step(self.params, self.red, lr, scale, a, b)
+            if self.wire16:
+                uscale = apply_update16(self.params[a:b], prev, self.out16[a:b])
+                arrays = {"update": self.out16[a:b]}
+            else:
+                uscale, arrays = 1.0, {"params": self.params[a:b]}
+            for index in mesh.out:
+                mesh.send(index, P.Kind.GATHER, step, attempt, arrays, lo=a, hi=b, scale=uscale)
+        ends = {(h[0], a): b for h in mesh.hosts if h[0] != mesh.index for a, b in gather_pieces(h[3], h[4])}
+
+        def take(m: P.Message) -> None:
+            a, b = m.fields["lo"], ends[(m.rank, m.fields["lo"])]
             arr = m.arrays.get("update", m.arrays.get("params"))
             if m.fields["hi"] != b or arr is None or arr.size != b - a:
-                raise SystemExit(f"host {mesh.host}: host {mesh.name(index)} sent weights [{a}, {m.fields['hi']}),"
+                raise SystemExit(f"host {mesh.host}: host {mesh.name(m.rank)} sent weights [{a}, {m.fields['hi']}),"
                                  f" expected [{a}, {b})")
             if "update" in m.arrays:
                 add16(self.params[a:b], arr, float(m.fields["scale"]))
             else:
                 np.copyto(self.params[a:b], arr)
+        mesh.collect(P.Kind.GATHER, step, attempt, upstream, set(ends), take)
+
+
+def gather_pieces(lo: int, hi: int) -> list[tuple[int, int]]:
+    """An owner's slice in GATHER_PIECE-element pieces (CHUNK multiples: a fixed cut, so float16 scales are too)."""
+    return [(a, min(a + GATHER_PIECE, hi)) for a in range(lo, hi, GATHER_PIECE)]

@@ -72,7 +72,7 @@ The table below and `SCHEMA` list the same kinds and fields (tests/test_protocol
                                       over the receiver's slice [lo, hi)
     GATHER      agent -> agent        attempt int, mesh_id int, src int, lo int,      params (float32) or
                                       hi int, scale float: the owner's new weights    update (float16)
-                                      over its slice
+                                      over a piece [lo, hi) of its slice
     SYNC        coordinator -> agent  attempt int: your state after this step         -
     SYNCED      agent -> coordinator  attempt int, lo int, hi int, params_crc int     params, velocity
                                       (CRC-32 of the agent's whole weights)           (float32, its slice)
