@@ -26,10 +26,10 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 from pathlib import Path
 
 from . import config as config_mod, log
+from .distributed.session import physical_cores
 
 CSV_KEYS = ["impl", "transport", "workers", "images_per_s", "speedup", "efficiency", "vs_torch", "step_s",
             "compute_s", "comm_s", "reduce_s", "update_s", "serial_s", "update_by", "coordinator_frac", "pss_total_mb",
@@ -37,7 +37,8 @@ CSV_KEYS = ["impl", "transport", "workers", "images_per_s", "speedup", "efficien
 
 
 def add_bench_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workers", default=None, help="comma list of worker counts, e.g. 1,2,4,8 (absent: this process)")
+    p.add_argument("--workers", default=None,
+                   help="comma list of worker counts, e.g. 1,2,4,8 or auto (= physical cores; absent: this process)")
     p.add_argument("--compare", choices=["torch"], default=None, help="also time the same model in PyTorch")
     p.add_argument("--threads", type=int, default=1, help="BLAS / torch threads (single-process bench)")
     p.add_argument("--hosts", default=None,
@@ -95,9 +96,11 @@ def run_dist(args, cfg: config_mod.Config, overrides: dict[str, str]) -> int:
     from .bench_dist import run_workers, synth_dataset
     lg = log.get()
     try:
-        counts = sorted({int(w) for w in args.workers.split(",") if w.strip()})
+        counts = sorted({physical_cores() if w.strip() == "auto" else int(w) for w in args.workers.split(",")
+                         if w.strip()})
     except ValueError:
-        raise SystemExit(f"dptrain bench: --workers wants a comma list of integers, got {args.workers!r}") from None
+        raise SystemExit(f"dptrain bench: --workers wants a comma list of integers or auto, got {args.workers!r}") \
+            from None
     transports = [t.strip() for t in args.transport.split(",") if t.strip()]
     if not counts or min(counts) < 1 or any(t not in ("shm", "socket") for t in transports):
         raise SystemExit("dptrain bench: --workers needs counts >= 1 and --transport shm and/or socket")
@@ -197,6 +200,19 @@ def plot_scaling(rows: list[dict], path: Path) -> None:
         ns = [r["workers"] for r in g]
         a1.plot(ns, [r["images_per_s"] for r in g], "o-", label=label)
         a2.plot(ns, [r["efficiency"] for r in g], "o-", label=label)
+    cores = physical_cores()
+    ns_all = sorted({r["workers"] for r in rows})
+    ours = [r for r in rows if r["impl"] == "dptrain"]
+    if ours:  # ideal: the smallest N's speed times min(N, cores) / min(N0, cores); N beyond the cores adds nothing
+        base = min(ours, key=lambda r: r["workers"])
+        per = base["images_per_s"] / min(base["workers"], cores)
+        a1.plot(ns_all, [per * min(n, cores) for n in ns_all], ":", color="grey", label="ideal (min(N, cores))")
+        a2.plot(ns_all, [min(n, cores) / n * min(base["workers"], cores) / base["workers"] for n in ns_all], ":",
+                color="grey", label="ideal")
+    for ax in (a1, a2):
+        ax.axvline(cores, color="grey", alpha=0.5, lw=1)
+        ax.annotate(f"{cores} cores", (cores, 0), xycoords=("data", "axes fraction"), xytext=(3, 3),
+                    textcoords="offset points", fontsize=8, color="grey")
     for ax, ylabel in ((a1, "images / s"), (a2, "efficiency (speed-up / N)")):
         ax.set_xlabel("workers N")
         ax.set_ylabel(ylabel)
@@ -205,7 +221,9 @@ def plot_scaling(rows: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     a2.set_ylim(0, max(1.1, 1.1 * max(r["efficiency"] for r in rows)))  # above 1 on a loaded machine
-    fig.suptitle(f"dptrain bench ({os.cpu_count()} cores)")
+    beyond = [n for n in ns_all if n > cores]
+    fig.suptitle(f"dptrain bench ({cores} physical cores"
+                 + (f"; N = {', '.join(map(str, beyond))} exceed them: workers share cores)" if beyond else ")"))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

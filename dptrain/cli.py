@@ -24,6 +24,18 @@ from pathlib import Path
 
 from . import config as config_mod, log
 
+
+def worker_count(text: str) -> int:
+    """--workers N, or `auto`: one worker per physical core."""
+    if text.strip().lower() == "auto":
+        from .distributed.session import physical_cores
+        return physical_cores()
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or auto, got {text!r}") from None
+
+
 # Short flags, each an alias of one config key: (flag, config key, type, choices, help). The one table both the
 # parser and the config resolution read; distributed-only ones are the `dist.` keys, offered by `launch` alone.
 TRAIN_FLAGS = [
@@ -35,7 +47,8 @@ TRAIN_FLAGS = [
     ("--lr", "train.lr", float, None, "peak learning rate"),
     ("--out", "train.out", str, None, "run folder"),
     ("--seed", "train.seed", int, None, None),
-    ("--workers", "dist.workers", int, None, "worker processes on this host (0: run in this process)"),
+    ("--workers", "dist.workers", worker_count, None,
+     "worker processes on this host (0: run in this process; auto: one per physical core)"),
     ("--bn", "dist.bn", str, ["stats", "sync"], None),
     ("--on-worker-failure", "dist.on_worker_failure", str, ["abort", "continue"], None),
     ("--bind", "dist.bind", str, None, "interface the coordinator listens on"),

@@ -44,3 +44,43 @@ def test_workers_write_csv_json_png(tmp_path):
         assert [int(r["workers"]) for r in csv.DictReader(f)] == [1, 2]
     assert len(json.loads((out / "bench.json").read_text())) == 2
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_workers_auto_is_the_physical_core_count(tmp_path):
+    """`--workers auto` (bench and launch) means one worker per physical core."""
+    import argparse
+
+    import pytest
+
+    from dptrain.cli import worker_count
+    from dptrain.distributed.session import physical_cores
+    assert worker_count("auto") == physical_cores() >= 1
+    assert worker_count("3") == 3
+    with pytest.raises(argparse.ArgumentTypeError, match="integer or auto"):
+        worker_count("many")
+
+
+def test_scaling_plot_marks_the_cores_and_the_ideal_curve(tmp_path, monkeypatch):
+    """The plot draws the ideal min(N, cores) curve and a line at the core count, and says which N exceed it."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dptrain import bench
+    rows = [{"impl": "dptrain", "transport": "shm", "workers": n, "images_per_s": ips, "efficiency": e}
+            for n, ips, e in ((1, 100.0, 1.0), (2, 180.0, 0.9), (4, 170.0, 0.425))]
+    monkeypatch.setattr(bench, "physical_cores", lambda: 2)
+    seen = {}
+    real_savefig = plt.Figure.savefig
+
+    def savefig(fig, path, **kw):
+        seen["title"] = fig._suptitle.get_text()
+        seen["ideal"] = [line.get_ydata() for ax in fig.axes for line in ax.get_lines()
+                         if line.get_label().startswith("ideal")]
+        return real_savefig(fig, path, **kw)
+    monkeypatch.setattr(plt.Figure, "savefig", savefig)
+    bench.plot_scaling(rows, tmp_path / "b.png")
+    assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+    assert "2 physical cores" in seen["title"] and "N = 4 exceed" in seen["title"]
+    assert list(seen["ideal"][0]) == [100.0, 200.0, 200.0]  # images/s: flat beyond the cores
+    assert list(seen["ideal"][1]) == [1.0, 1.0, 0.5]

@@ -26,6 +26,11 @@ def blas_threads(cfg: Config, n_local: int) -> int:
     return cfg.dist.blas_threads or max(1, (os.cpu_count() or 1) // max(n_local, 1))
 
 
+def physical_cores() -> int:
+    """Physical cores of this machine (hyper-threads share a core's FPUs: workers beyond them add no GEMM speed)."""
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
 def worker_env(threads: int) -> dict:
     env = dict(os.environ)
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
