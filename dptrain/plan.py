@@ -1,38 +1,66 @@
 """`dptrain plan`: a cost model of one data-parallel training step on H hosts of S worker slots each.
 
     dptrain plan --hosts 1,16,64 --slots 8 --bandwidth 10gbit,25gbit [--wire-dtype float16] [--batch-size B]
-                 [--plane star,mesh,ddp] [--latency-us 50] [--compute-ms-per-image X | --calibrate] [--json]
-    dptrain plan --validate bench-hosts.json        measured rows (dptrain bench --hosts) against the model:
-        step, exposed communication and bytes per step on a host's and the coordinator's link, measured and
-        predicted, with the relative error (flat rows with hosts, slots, rate, wire_dtype, plane, batch_size,
-        step_s, comm_s are read too; extra keys are ignored)
+                 [--plane star,mesh,ddp] [--shared-cores N] [--compute-ms-per-image X | --calibrate] [--json]
+    dptrain plan --validate FILE... [--plot scaling.png]    measured rows (dptrain bench --hosts) against the
+        model: step, exposed communication and bytes per step on a host's and the coordinator's link, measured and
+        predicted, with the relative error. bench --hosts runs every host on one box, so --validate assumes
+        --shared-cores = this machine's cores unless told otherwise (--shared-cores off: separate hosts). Flat rows
+        with hosts, slots, rate, wire_dtype, plane, batch_size, step_s, comm_s are read too; extra keys are ignored.
+        --plot draws measured (markers) and predicted (lines) step time against H per link rate.
 
 Per host count it predicts the step time, its compute / local-reduce / communication (total and exposed) / update
 parts, images/s, scaling efficiency against one host, and the bytes per step on a host's link and on the
-coordinator's. Model and image keys are overridden like in `dptrain bench` (`--model.widths=[8,16]`).
+coordinator's. Model and image keys are overridden like in `dptrain bench` (`--model.widths=[8,16]`); the sync
+interval is dist.sync_every (`--dist.sync_every=20`).
 
 The model (every constant is a field of `CostModel`, so predictions can be fitted to measurements):
 
-    M      = num_params × wire bytes (4, or 2 with float16: gradients up and the float16-rounded update down)
+    P, M   = num_params; M = P × wire bytes (4, or 2 with float16); M32 = 4P
     Bw     = bandwidth / 8 × link_efficiency    bytes/s per direction per host (full duplex); the coordinator's link
-             is coord_link_ratio × that; both at most wire_cpu_bytes_per_s (star, mesh) when set
-    b      = ceil(B / (H·S))                    per-worker batch; S workers share a host's S cores
-    compute = ms_per_step + b × ms_per_image    one forward + backward on one core (calibrated: both terms)
-    local  = S × num_params × 4 / mem_bytes_per_s    when S > 1: the host sums its S float32 gradients
-    U      = num_params × update_ns_per_param   clip + momentum SGD of the whole model, one core
+             is coord_link_ratio × that
+    b      = ceil(B / (H·S))                    per-worker batch
+    c      = ms_per_step + b × ms_per_image     one forward + backward on one core (calibrated: both terms)
+    sw, sc = 1, 1 on separate hosts (S workers on S cores; a host's communication thread has a core of its own);
+             with --shared-cores N (one box, as `dptrain bench --hosts` runs it: all H·S workers and all H hosts'
+             communication threads share N cores): sw = max(1, H·S/N), sc = max(1, H/N)
+    local  = S × 4P / mem_bytes_per_s          when S > 1: the host sums its S float32 gradients
+    U      = P × update_ns_per_param            clip + momentum SGD of the whole model, one core
+    κ      = 1 / curve_bytes_per_cpu_s          CPU-seconds per wire byte to seal it (sender) and open it (receiver)
+             with ZeroMQ CURVE, copies included; 0 when the links are not encrypted (DDP's gloo never is)
+    f16    = P × (enc·(1 + 1/H) + 2·dec)        a host's float16 work per step with --wire-dtype float16 (enc, dec:
+             ns per element): its local sum encoded; the H contributions to its slice decoded; its slice's update
+             encoded and decoded; the others' updates decoded. 0 with float32.
 
-    star  (today's: every host sends M to the coordinator, which sums, updates and sends M back)
-          comm = 2·max(H·M/Bw_coord, M/Bw) + 2α  (the coordinator's link carries H·M each way)  exposed = comm
-          update = U
-    mesh  (reduce-scatter to slice owners, a norm round trip through the coordinator, owners update their 1/H slice,
-          all-gather):  rs = (H−1)/H·M/Bw + (H−1)·α;  comm = 2·rs + 2α;  exposed = comm − min(overlap·compute, rs);
-          update = U/H.  The owners' reduced slices (M in all) reach the coordinator off the critical path; a step
-          is never shorter than M/Bw_coord (reported as coord-bound).
-    ddp   (PyTorch DDP's ring all-reduce, for comparison): comm = 2·(H−1)/H·M/Bw + 2·(H−1)·α;
-          exposed = max(0, comm − overlap_ddp·compute); update = U (every rank updates the whole model)
+    mesh  (as built: the agents reduce-scatter each piece of the gradient to its slice's owner while backward goes
+          on, owners send block sums of squares to the coordinator, which answers (lr, clip); owners update their
+          1/H slice and all-gather it; every k = dist.sync_every steps the coordinator pulls each owner's slice of
+          weights + momentum, float32, SYNC):
+          a host's link per step: out = 2(H−1)/H·M + 2·M32/(H·k), in = 2(H−1)/H·M; the coordinator's: in = 2·M32/k
+          rs = ag = (H−1)/H·M/Bw + (H−1)·α      reduce-scatter, all-gather on the wire
+          sync = 2·M32/(H·k)/Bw                 a host's SYNC upload, averaged over the k steps
+          wire = sc·(κ·(out + in)/2 + f16)       the host's CURVE and float16 work. Serial with the wire, not beside
+                   it: CURVE seals a whole message before its first byte leaves and opens it after its last byte
+                   arrives, and the hidden Linear's share of a slice (89 % of the bytes) is one message; float16 is
+                   encoded before a send and decoded after it
+          comm = local + rs + ag + sync + wire + 2α
+          hidden = min(overlap·c·sw, local + rs)   the local sum and the reduce-scatter run while backward goes on
+                   (the hidden Linear's gradient is final ~10 % into backward, i.e. after ~40 % of c: overlap 0.6);
+                   the all-gather never overlaps (it needs the update)
+          update = sc·U/H;  and a step is never shorter than the coordinator's link: 2·M32/k / (Bw·coord_link_ratio)
+    star  (every host sends M to the coordinator, which sums, updates and sends M back)
+          comm = 2·max(H·M/Bw_coord, M/Bw) + 2α + κ·H·M·max(1, 2/N)   (the coordinator seals and opens H·M each way
+          on its one I/O thread; on one box all ends share N cores);  hidden = 0;  update = U
+    ddp   (PyTorch DDP's ring all-reduce over gloo, for comparison; plain TCP)
+          comm = local + 2·(H−1)/H·M/Bw + 2·(H−1)·α;  hidden = min(overlap_ddp·c·sw, comm − local);
+          update = sw·U (every rank updates the whole model)
 
-    step = compute + local + exposed + update;  images/s = B / step
-    efficiency = images/s ÷ (H × images/s of one host alone: compute(ceil(B/S)) + local + U/S, no network) ≤ 1
+    step = c·sw + comm − hidden + update   (compute + exposed communication + update);  images/s = B / step
+    With --shared-cores N also step ≥ (all CPU work of a step on the box) / N: H·S·c + H·local, the hosts' and the
+    coordinator's wire work (mesh: H·(κ·(out + in)/2 + f16) + κ/2·2·M32/k; star: 2κ·H·M) and the updates (mesh,
+    star: U; ddp: H·S·U). On this 2-core box the measured steps are that link-bound chain, not the CPU bound:
+    the serial wire work is why dptrain's one-box steps are slower than the links alone would allow.
+    efficiency = images/s ÷ (H × images/s of one host alone: c(ceil(B/S))·max(1, S/N) + local + U/S, no network) ≤ 1
 
 Compute comes from --compute-ms-per-image [--compute-ms-per-step], from --calibrate (a few real training steps of
 the model at two batch sizes in this process, one BLAS thread, warm-up excluded, via dptrain.bench_local), or from
@@ -69,15 +97,27 @@ class CostModel:
     ms_per_image: float  # forward + backward of one image on one core (BLAS 1 thread), the slope in the batch
     ms_per_step: float = 0.0  # the part of a worker's forward + backward that does not scale with its batch
     latency_s: float = 50e-6  # α: per message (one-way), software + wire
-    link_efficiency: float = 1.0  # payload bytes per line-rate byte (TCP over 1500-byte MTU: about 0.94)
+    # payload bytes per line-rate byte: TCP/IPv4 with timestamps over a 1500-byte MTU carries 1448 bytes per
+    # 1514-byte frame (0.956); DDP's plain gloo rows on the shaped namespace links fit 0.95
+    link_efficiency: float = 0.95
     update_ns_per_param: float = 4.0  # clip + momentum SGD (+ weight decay) per parameter on one core
     mem_bytes_per_s: float = 5e9  # a host summing its S float32 gradients in shared memory
     coord_link_ratio: float = 1.0  # the coordinator's link bandwidth ÷ a host's (a head node with a fatter uplink)
-    # dptrain's own per-host, per-direction processing rate of wire bytes (CURVE encryption, copies); None: no limit.
-    # Caps Bw for star and mesh (not DDP, whose gloo does not encrypt).
-    wire_cpu_bytes_per_s: float | None = None
-    overlap: float = 0.0  # fraction of compute during which mesh's reduce-scatter runs hidden (0: none)
-    overlap_ddp: float | None = None  # the same for DDP's bucketed all-reduce (None: `overlap`)
+    # wire bytes sealed (sender) + opened (receiver) with ZeroMQ CURVE per CPU-second, copies included: 0.62 GB/s
+    # on this AMD EPYC (one loopback stream of 37.7 MB messages, CPU time of both ends); None: plain links.
+    # Star and mesh only (DDP's gloo does not encrypt).
+    curve_bytes_per_cpu_s: float | None = 0.62e9
+    f16_encode_ns: float = 3.2  # float32 -> float16 with a power-of-two scale, per element (numpy, one core)
+    f16_decode_ns: float = 2.6  # float16 -> float32 (scaled) into the destination, per element
+    # fraction of compute during which mesh's local sum and reduce-scatter run hidden: the hidden Linear (89 % of
+    # the bytes) is final ~10 % into backward, after forward (~1/3 of c) + 10 % of backward (~2/3): ~0.6
+    overlap: float = 0.6
+    # the same for DDP's bucketed all-reduce; None: `overlap`. On the one-box namespace bench DDP hides nothing
+    # measurable (its exposed communication equals its ring's wire time within 5 %): 0.
+    overlap_ddp: float | None = 0.0
+    # all hosts on one box: every worker and every host's communication thread share this many cores (None: each
+    # host has its own S cores, plus one for its communication)
+    shared_cores: int | None = None
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -88,9 +128,17 @@ class CostModel:
             v = getattr(self, name)
             if v is not None and v > 1:
                 raise ValueError(f"{name} must be in [0, 1], got {v!r}")
-        for name in ("ms_per_image", "link_efficiency", "mem_bytes_per_s", "coord_link_ratio", "wire_cpu_bytes_per_s"):
+        for name in ("ms_per_image", "link_efficiency", "mem_bytes_per_s", "coord_link_ratio",
+                     "curve_bytes_per_cpu_s", "shared_cores"):
             if getattr(self, name) == 0:
                 raise ValueError(f"{name} must be > 0")
+        if self.shared_cores is not None and int(self.shared_cores) != self.shared_cores:
+            raise ValueError(f"shared_cores must be a whole number of cores, got {self.shared_cores!r}")
+
+    @property
+    def wire_s_per_byte(self) -> float:
+        """κ: CPU-seconds per wire byte of an encrypted link (sealing + opening)."""
+        return 1.0 / self.curve_bytes_per_cpu_s if self.curve_bytes_per_cpu_s else 0.0
 
 
 # ---------------------------------------------------------------------------------------------- parsing
@@ -153,73 +201,109 @@ def update_s(model: CostModel, num_params: int) -> float:
     return num_params * model.update_ns_per_param * 1e-9
 
 
+def sharing(model: CostModel, threads: int) -> float:
+    """How much slower each of `threads` busy threads runs when they share the box's cores (1: not shared)."""
+    return max(1.0, threads / model.shared_cores) if model.shared_cores else 1.0
+
+
+def f16_s(model: CostModel, hosts: int, num_params: int) -> float:
+    """A mesh host's float16 encode + decode per step (see the module docstring)."""
+    return num_params * (model.f16_encode_ns * (1 + 1 / hosts) + 2 * model.f16_decode_ns) * 1e-9
+
+
 def baseline(slots: int, batch: int, num_params: int, model: CostModel) -> dict:
-    """One host alone, no network: its S workers compute, sum locally and update S slices in parallel."""
+    """One host alone, no network: its S workers compute (their local sum hidden under backward as far as
+    `overlap` allows), sum locally and update S slices in parallel."""
     b = per_worker_batch(batch, 1, slots)
-    step = compute_s(model, b) + local_reduce_s(model, slots, num_params) + update_s(model, num_params) / slots
+    sw = sharing(model, slots)
+    c = compute_s(model, b) * sw
+    local = local_reduce_s(model, slots, num_params)
+    step = c + max(0.0, local - model.overlap * c) + update_s(model, num_params) * sw / slots
     return {"per_worker_batch": b, "step_s": step, "images_per_s": batch / step}
 
 
 def predict(plane: str, hosts: int, slots: int, batch: int, bandwidth_bps: float, wire_bytes: int, num_params: int,
-            model: CostModel) -> dict:
+            model: CostModel, sync_every: int = 10) -> dict:
     """Predicted seconds, bytes and throughput of one step (see the module docstring for the formulas). Pure."""
     if plane not in PLANES:
         raise ValueError(f"plane must be one of {', '.join(PLANES)}, got {plane!r}")
     if wire_bytes not in (2, 4):
         raise ValueError(f"wire_bytes must be 2 (float16) or 4 (float32), got {wire_bytes!r}")
-    for name, v in (("hosts", hosts), ("slots", slots), ("batch", batch), ("num_params", num_params)):
+    for name, v in (("hosts", hosts), ("slots", slots), ("batch", batch), ("num_params", num_params),
+                    ("sync_every", sync_every)):
         if int(v) != v or v < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
     if not bandwidth_bps > 0 or not math.isfinite(bandwidth_bps):
         raise ValueError(f"bandwidth_bps must be positive and finite, got {bandwidth_bps!r}")
-    H, S, M, a = hosts, slots, num_params * wire_bytes, model.latency_s
-    line = bandwidth_bps / 8 * model.link_efficiency
-    cap = model.wire_cpu_bytes_per_s if plane != "ddp" and model.wire_cpu_bytes_per_s else math.inf
-    bw = min(line, cap)  # a host's link
-    coord_bw = min(line * model.coord_link_ratio, cap)  # the coordinator's
+    H, S, M, a, k = hosts, slots, num_params * wire_bytes, model.latency_s, sync_every
+    M32 = 4 * num_params
+    bw = bandwidth_bps / 8 * model.link_efficiency  # a host's link, bytes/s each way
+    coord_bw = bw * model.coord_link_ratio  # the coordinator's
+    kappa = model.wire_s_per_byte if plane != "ddp" else 0.0
+    N = model.shared_cores
+    sw, sc = sharing(model, H * S), sharing(model, H)
     b = per_worker_batch(batch, H, S)
-    t_compute = compute_s(model, b)
+    c1 = compute_s(model, b)
+    t_compute = c1 * sw
     t_local = local_reduce_s(model, S, num_params)
     U = update_s(model, num_params)
-    rs = None
+    extra: dict = {}
+    local_hidden = comm_hidden = 0.0
     if plane == "star":
-        comm = 2 * max(H * M / coord_bw, M / bw) + 2 * a  # in, then out: the slower of the two ends
-        hidden = 0.0
+        wire = kappa * H * M * max(1.0, 2 / N if N else 1.0)
+        comm = 2 * max(H * M / coord_bw, M / bw) + 2 * a + wire
         upd = U
         send = recv = M
         coord_in = coord_out = H * M
+        cpu_wire = 2 * kappa * H * M
+        cpu_update = U
     elif plane == "mesh":
-        rs = (H - 1) / H * M / bw + (H - 1) * a
-        comm = 2 * rs + 2 * a
-        hidden = min(model.overlap * t_compute, rs)
-        upd = U / H
-        send, recv = 2 * (H - 1) / H * M + M / H, 2 * (H - 1) / H * M  # + its reduced slice to the coordinator
-        coord_in, coord_out = M, 0
+        rs = ag = (H - 1) / H * M / bw + (H - 1) * a
+        send = 2 * (H - 1) / H * M + 2 * M32 / (H * k)  # + its SYNC share, averaged over the k steps
+        recv = 2 * (H - 1) / H * M
+        sync = 2 * M32 / (H * k) / bw
+        wire_host = kappa * (send + recv) / 2 + (f16_s(model, H, num_params) if wire_bytes == 2 else 0.0)
+        wire = sc * wire_host
+        comm = rs + ag + sync + wire + 2 * a
+        window = model.overlap * t_compute
+        local_hidden = min(window, t_local)
+        comm_hidden = min(window - local_hidden, rs)
+        upd = sc * U / H
+        coord_in, coord_out = 2 * M32 / k, 0
+        cpu_wire = H * wire_host + kappa * coord_in / 2
+        cpu_update = U
+        extra = {"reduce_scatter_s": rs, "all_gather_s": ag, "sync_s": sync, "wire_cpu_s": wire}
     else:
         comm = 2 * (H - 1) / H * M / bw + 2 * (H - 1) * a
         ov = model.overlap if model.overlap_ddp is None else model.overlap_ddp
-        hidden = min(ov * t_compute, comm)
-        upd = U
+        comm_hidden = min(ov * t_compute, comm)
+        upd = sw * U
         send = recv = 2 * (H - 1) / H * M
         coord_in = coord_out = 0
-    exposed = max(0.0, comm - hidden)
-    step = t_compute + t_local + exposed + upd
+        cpu_wire = 0.0
+        cpu_update = H * S * U
+    exposed = comm - comm_hidden
+    step = t_compute + (t_local - local_hidden) + exposed + upd
     coord_link = max(coord_in, coord_out) / coord_bw
-    coord_bound = plane == "mesh" and coord_link > step  # the slices' upload must fit in a step
+    coord_bound = plane == "mesh" and coord_link > step  # the SYNC uploads must fit in their k steps
     if coord_bound:
         step = coord_link
+    cpu_s = (H * S * c1 + H * t_local + cpu_wire + cpu_update) / N if N else 0.0
+    cpu_bound = bool(N) and cpu_s > step
+    if cpu_bound:
+        step = cpu_s
     base = baseline(S, batch, num_params, model)
     ips = batch / step
     out = {"plane": plane, "hosts": H, "slots": S, "workers": H * S, "batch": batch, "per_worker_batch": b,
            "idle_workers": max(0, H * S - batch), "bandwidth_bps": float(bandwidth_bps), "wire_bytes": wire_bytes,
-           "num_params": num_params, "model_bytes": M, "compute_s": t_compute, "local_reduce_s": t_local,
-           "comm_s": comm, "comm_hidden_s": comm - exposed, "comm_exposed_s": exposed, "update_s": upd,
-           "step_s": step, "images_per_s": ips, "speedup": ips / base["images_per_s"],
-           "efficiency": ips / (H * base["images_per_s"]), "baseline_step_s": base["step_s"],
-           "host_send_bytes": send, "host_recv_bytes": recv, "coord_in_bytes": coord_in, "coord_out_bytes": coord_out,
-           "coord_link_s": coord_link, "coord_bound": coord_bound}
-    if rs is not None:
-        out["reduce_scatter_s"] = rs
+           "num_params": num_params, "sync_every": k, "shared_cores": N, "model_bytes": M, "compute_s": t_compute,
+           "local_reduce_s": t_local, "local_hidden_s": local_hidden, "comm_s": comm, "comm_hidden_s": comm_hidden,
+           "comm_exposed_s": exposed, "update_s": upd, "step_s": step, "images_per_s": ips,
+           "speedup": ips / base["images_per_s"], "efficiency": ips / (H * base["images_per_s"]),
+           "baseline_step_s": base["step_s"], "host_send_bytes": send, "host_recv_bytes": recv,
+           "coord_in_bytes": coord_in, "coord_out_bytes": coord_out, "coord_link_s": coord_link,
+           "coord_bound": coord_bound, "cpu_s": cpu_s, "cpu_bound": cpu_bound}
+    out.update(extra)
     return out
 
 
@@ -361,9 +445,10 @@ def _overrides(text) -> dict[str, str]:
 
 def measured_rows(raw) -> tuple[list[dict], list[dict]]:
     """(flat rows, skipped) from a list of measured rows. A flat row has hosts, slots, rate, wire_dtype, plane,
-    batch_size, step_s, comm_s (+ optional compute_s, host_out_mb, host_in_mb, coord_in_mb, coord_out_mb). A row of
-    `dptrain bench --hosts` (dptrain_step_s, ddp_step_s, h1_in_mb, ..., overrides) becomes a dptrain row (plane and
-    wire from its overrides) and, when DDP ran, a ddp row. Unknown keys are ignored."""
+    batch_size, step_s, comm_s (+ optional compute_s, host_out_mb, host_in_mb, coord_in_mb, coord_out_mb,
+    sync_every). A row of `dptrain bench --hosts` (dptrain_step_s, ddp_step_s, h1_in_mb, ..., overrides) becomes a
+    dptrain row (plane, wire and dist.sync_every from its overrides) and, when DDP ran, a ddp row. Unknown keys are
+    ignored."""
     if not isinstance(raw, list) or not all(isinstance(r, dict) for r in raw):
         raise ValueError("expected a JSON list of objects (rows of dptrain bench --hosts)")
     flat, skipped = [], []
@@ -380,9 +465,9 @@ def measured_rows(raw) -> tuple[list[dict], list[dict]]:
         common["overrides"] = model_ov
         if r.get("dptrain_step_s") is not None:
             flat.append({**common, "row": i, "source": "dptrain",
-                         "plane": r.get("plane") or ov.get("dist.plane") or getattr(config_mod.DistConfig(), "plane",
-                                                                                     "star"),
+                         "plane": r.get("plane") or ov.get("dist.plane") or config_mod.DistConfig().plane,
                          "wire_dtype": r.get("wire_dtype") or ov.get("dist.wire_dtype") or "float32",
+                         "sync_every": ov.get("dist.sync_every"),
                          "step_s": r["dptrain_step_s"], "comm_s": r.get("dptrain_comm_s"),
                          "compute_s": r.get("dptrain_compute_s"), "host_out_mb": r.get("h2_out_mb"),
                          "host_in_mb": r.get("h2_in_mb"), "coord_in_mb": r.get("h1_in_mb"),
@@ -394,7 +479,8 @@ def measured_rows(raw) -> tuple[list[dict], list[dict]]:
     return flat, skipped
 
 
-def predict_row(row: dict, num_params: int, model: CostModel, default_bps: float | None) -> dict:
+def predict_row(row: dict, num_params: int, model: CostModel, default_bps: float | None,
+                sync_every: int = 10) -> dict:
     """Prediction for one flat measured row (see measured_rows) against its measurements."""
     missing = [k for k in ("hosts", "slots", "plane", "batch_size", "step_s") if row.get(k) is None]
     if missing:
@@ -408,15 +494,18 @@ def predict_row(row: dict, num_params: int, model: CostModel, default_bps: float
     if wire not in WIRE_BYTES:
         raise ValueError(f"wire_dtype {wire!r}")
     p = predict(row["plane"], int(row["hosts"]), int(row["slots"]), int(row["batch_size"]), bps, WIRE_BYTES[wire],
-                int(row.get("num_params") or num_params), model)
+                int(row.get("num_params") or num_params), model, int(row.get("sync_every") or sync_every))
     step = float(row["step_s"])
-    out = {"row": row.get("row"), "source": row.get("source", ""), "hosts": p["hosts"], "slots": p["slots"],
-           "plane": p["plane"], "wire_dtype": wire, "bandwidth_bps": bps, "batch_size": p["batch"],
-           "num_params": p["num_params"], "step_s": step, "pred_step_s": p["step_s"],
-           "step_err": p["step_s"] / step - 1 if step > 0 else None}
+    out = {"file": row.get("file", ""), "row": row.get("row"), "source": row.get("source", ""), "hosts": p["hosts"],
+           "slots": p["slots"], "plane": p["plane"], "wire_dtype": wire, "bandwidth_bps": bps,
+           "batch_size": p["batch"], "num_params": p["num_params"], "step_s": step, "pred_step_s": p["step_s"],
+           "step_err": p["step_s"] / step - 1 if step > 0 else None, "pred_compute_s": p["compute_s"],
+           "pred_cpu_s": p["cpu_s"]}
     if row.get("comm_s") is not None:
         out.update(comm_s=float(row["comm_s"]), pred_comm_s=p["comm_exposed_s"])
         out["comm_err"] = p["comm_exposed_s"] / out["comm_s"] - 1 if out["comm_s"] > 0 else None
+        if out["source"] == "dptrain" and out["plane"] == "mesh":  # see format_validation: not the same quantity
+            out["comm_err"] = None
     if row.get("compute_s") is not None:  # the rest of the model on top of the measured compute
         out["compute_s"] = float(row["compute_s"])
         out["pred_step_given_compute_s"] = p["step_s"] - p["compute_s"] + out["compute_s"]
@@ -427,23 +516,91 @@ def predict_row(row: dict, num_params: int, model: CostModel, default_bps: float
     return out
 
 
-def validate(raw, num_params: int, model: CostModel, default_bps: float | None, params_for=None) -> dict:
-    """Measured against predicted, per row. `params_for(overrides)`: the parameter count of a row whose
+def _error_summary(rows: list[dict]) -> dict | None:
+    errs = [abs(r["step_err"]) for r in rows if r["step_err"] is not None]
+    return {"rows": len(errs), "mean_abs_step_err": sum(errs) / len(errs), "max_abs_step_err": max(errs)} if errs \
+        else None
+
+
+def validate(raw, num_params: int, model: CostModel, default_bps: float | None, params_for=None,
+             sync_every: int = 10) -> dict:
+    """Measured against predicted, per row. `raw`: a list of measured rows, or a list of (label, rows) pairs (one
+    per file; each row is tagged with its label). `params_for(overrides)`: the parameter count of a row whose
     model.* / data.* overrides differ from the plan's (None: num_params for every row)."""
-    flat, skipped = measured_rows(raw)
-    out = []
-    for r in flat:
-        try:
-            n = params_for(r["overrides"]) if params_for and r.get("overrides") else num_params
-            out.append(predict_row(r, n, model, default_bps))
-        except (ValueError, TypeError, KeyError) as e:
-            skipped.append({"row": r.get("row"), "reason": str(e)})
-    skipped.sort(key=lambda s: (s["row"] is None, s["row"]))
-    errs = [abs(r["step_err"]) for r in out if r["step_err"] is not None]
-    return {"rows": out, "skipped": skipped, "mean_abs_step_err": sum(errs) / len(errs) if errs else None}
+    sources = raw if isinstance(raw, list) and raw and all(isinstance(s, tuple) for s in raw) else [("", raw)]
+    out, skipped = [], []
+    for label, rows in sources:
+        flat, skip = measured_rows(rows)
+        skipped += [{**s, "file": label} for s in skip]
+        for r in flat:
+            try:
+                n = params_for(r["overrides"]) if params_for and r.get("overrides") else num_params
+                out.append(predict_row({**r, "file": label}, n, model, default_bps, sync_every))
+            except (ValueError, TypeError, KeyError) as e:
+                skipped.append({"file": label, "row": r.get("row"), "reason": str(e)})
+    skipped.sort(key=lambda s: (s["file"], s["row"] is None, s["row"]))
+    summary = {src: _error_summary([r for r in out if r["source"] == src]) for src in sorted({r["source"] for r in out})}
+    whole = _error_summary(out)
+    return {"rows": out, "skipped": skipped, "mean_abs_step_err": whole["mean_abs_step_err"] if whole else None,
+            "by_source": {k: v for k, v in summary.items() if v}}
+
+
+def plot_validation(v: dict, path: str | Path, title: str = "") -> Path:
+    """Measured step time (markers) and predicted (lines) against H, one panel per link rate; a series per plane and
+    wire dtype (dptrain mesh float32 / float16, DDP). Needs matplotlib (the `plot` extra)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = v["rows"]
+    if not rows:
+        raise ValueError("no rows to plot")
+    rates = sorted({r["bandwidth_bps"] for r in rows}, reverse=True)
+    series = sorted({(r["plane"], r["wire_dtype"]) for r in rows}, key=lambda s: (s[0] == "ddp", s))
+    style = {s: (f"C{i}", "o^sDvP"[i % 6]) for i, s in enumerate(series)}
+    fig, axes = plt.subplots(1, len(rates), figsize=(5.5 * len(rates), 4.4), squeeze=False, sharey=False)
+    for ax, bps in zip(axes[0], rates):
+        for s in series:
+            pts = sorted((r for r in rows if r["bandwidth_bps"] == bps and (r["plane"], r["wire_dtype"]) == s),
+                         key=lambda r: r["hosts"])
+            if not pts:
+                continue
+            color, marker = style[s]
+            name = f"{'DDP gloo' if s[0] == 'ddp' else 'dptrain ' + s[0]} {s[1] if s[0] != 'ddp' else ''}".strip()
+            ax.plot([r["hosts"] for r in pts], [1e3 * r["step_s"] for r in pts], marker, color=color, ms=7,
+                    mfc="none" if s[0] == "ddp" else color, ls="none", label=f"{name} measured")
+            pred = sorted({(r["hosts"], r["pred_step_s"]) for r in pts})
+            ax.plot([h for h, _ in pred], [1e3 * p for _, p in pred], "--" if s[0] == "ddp" else "-", color=color,
+                    lw=1.5, label=f"{name} predicted")
+        ax.set_title(f"{format_bandwidth(bps)}/s links")
+        ax.set_xlabel("hosts H")
+        ax.set_ylabel("step (ms)")
+        ax.set_xticks(sorted({r["hosts"] for r in rows}))
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- command line
+
+def parse_shared_cores(text: str | None) -> int | None:
+    """--shared-cores N|off -> N or None."""
+    if text is None or str(text).strip().lower() in ("off", "none", "no", "0"):
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        raise ValueError(f"--shared-cores wants a number of cores or off, got {text!r}") from None
+    if n < 1:
+        raise ValueError(f"--shared-cores wants a number of cores >= 1 or off, got {text!r}")
+    return n
+
 
 def add_plan_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hosts", help="comma list of host counts, e.g. 1,16,64")
@@ -462,6 +619,10 @@ def add_plan_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compute-ms-per-step", type=float, default=0.0,
                    help="with --compute-ms-per-image: the per-step part that does not grow with the batch")
     d = CostModel(1.0)
+    p.add_argument("--shared-cores", default=None, metavar="N|off",
+                   help="all hosts on one box of N cores (every worker and every host's communication share them), "
+                        "as dptrain bench --hosts runs them (default: off, separate hosts; with --validate: this "
+                        "machine's cores)")
     p.add_argument("--latency-us", type=float, default=d.latency_s * 1e6, help="per-message latency α")
     p.add_argument("--link-efficiency", type=float, default=d.link_efficiency, help="payload / line rate")
     p.add_argument("--update-ns-per-param", type=float, default=d.update_ns_per_param,
@@ -470,13 +631,18 @@ def add_plan_flags(p: argparse.ArgumentParser) -> None:
                    help="a host summing its S gradients in shared memory")
     p.add_argument("--coord-link-ratio", type=float, default=d.coord_link_ratio,
                    help="the coordinator's link bandwidth / a host's")
-    p.add_argument("--wire-cpu-gb-per-s", type=float, default=None,
-                   help="dptrain's per-host wire processing rate (CURVE, copies), GB/s per direction (default: no cap)")
+    p.add_argument("--curve-gb-per-cpu-s", type=float, default=d.curve_bytes_per_cpu_s / 1e9,
+                   help="GB of wire bytes sealed + opened with CURVE per CPU-second (star, mesh; 0: plain links)")
+    p.add_argument("--f16-encode-ns", type=float, default=d.f16_encode_ns, help="float16 encode per element")
+    p.add_argument("--f16-decode-ns", type=float, default=d.f16_decode_ns, help="float16 decode per element")
     p.add_argument("--overlap", type=float, default=d.overlap,
-                   help="fraction of compute that hides mesh's reduce-scatter (0: none)")
-    p.add_argument("--overlap-ddp", type=float, default=None, help="the same for DDP (default: --overlap)")
-    p.add_argument("--validate", metavar="FILE", default=None,
-                   help="JSON list of measured rows (dptrain bench --hosts): measured vs predicted")
+                   help="fraction of compute that hides mesh's local sum and reduce-scatter")
+    p.add_argument("--overlap-ddp", type=float, default=d.overlap_ddp,
+                   help="the same for DDP's all-reduce (default: 0, as measured on the one-box bench)")
+    p.add_argument("--validate", metavar="FILE", nargs="+", default=None,
+                   help="JSON lists of measured rows (dptrain bench --hosts): measured vs predicted")
+    p.add_argument("--plot", metavar="PNG", default=None,
+                   help="with --validate: measured (markers) vs predicted (lines) step time against H")
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
 
 
@@ -490,6 +656,15 @@ def read_rows(path: Path) -> list:
             return [json.loads(ln) for ln in text.splitlines() if ln.strip()]
         except ValueError:
             raise ValueError("neither a JSON list nor JSON lines") from None
+
+
+def file_labels(paths: list) -> list[str]:
+    """Short names for the rows of several files: the file's stem, with its folder where stems repeat; "" for one
+    file."""
+    if len(paths) < 2:
+        return [""] * len(paths)
+    stems = [Path(p).stem for p in paths]
+    return [f"{Path(p).parent.name}/{s}" if stems.count(s) > 1 else s for p, s in zip(paths, stems)]
 
 
 def _config(args, extra: list[str], more: dict[str, str] | None = None) -> config_mod.Config:
@@ -517,36 +692,43 @@ def format_table(rows: list[dict]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         coord = r["coord_in_bytes"] / 1e6
+        flags = (" coord-bound" if r["coord_bound"] else "") + (" cpu-bound" if r["cpu_bound"] else "")
         lines.append(
             f"{r['plane']:<6}{format_bandwidth(r['bandwidth_bps']):>8}{r['hosts']:>6}{r['workers']:>6}"
             f"{r['per_worker_batch']:>5}{_ms(r['compute_s'])}{_ms(r['local_reduce_s'])}{_ms(r['comm_s'])}"
             f"{_ms(r['comm_exposed_s'])}{_ms(r['update_s'])}{_ms(r['step_s'])}{r['images_per_s']:9.1f}"
-            f"{r['efficiency']:6.2f}{r['host_send_bytes'] / 1e6:9.1f}{coord:9.1f}" + (" coord-bound" if r["coord_bound"]
-                                                                                     else ""))
+            f"{r['efficiency']:6.2f}{r['host_send_bytes'] / 1e6:9.1f}{coord:9.1f}" + flags)
     return "\n".join(lines)
 
 
 def format_validation(v: dict) -> str:
-    head = (f"{'plane':<6}{'wire':>8}{'link':>8}{'H':>4}{'S':>4}{'B':>6} |{'step ms':>9}{'pred':>9}{'err':>6} |"
-            f"{'comm ms':>9}{'pred':>9}{'err':>6} |{'pred|comp':>10} |{'host MB':>8}{'pred':>7} |{'coord MB':>9}"
-            f"{'pred':>7}")
+    files = any(r.get("file") for r in v["rows"])
+    fw = max([len(r.get("file") or "") for r in v["rows"]] + [4]) + 1 if files else 0
+    head = ((f"{'file':<{fw}}" if files else "") + f"{'plane':<6}{'wire':>8}{'link':>8}{'H':>4}{'S':>4}{'B':>6} |"
+            f"{'step ms':>9}{'pred':>9}{'err':>6} |{'comm ms':>9}{'pred':>9}{'err':>6} |{'host MB':>8}{'pred':>7} |"
+            f"{'coord MB':>9}{'pred':>7}")
     lines = [head, "-" * len(head)]
     pct = lambda e: f"{100 * e:+5.0f}%" if e is not None else f"{'':>6}"  # noqa: E731
     mb = lambda r, k: f"{r[k]:{8 if k == 'host_out_mb' else 9}.1f}{r['pred_' + k]:7.1f}" if k in r else (  # noqa: E731
         " " * (15 if k == "host_out_mb" else 16))
     for r in v["rows"]:
         comm = f"{_ms(r['comm_s'])}{_ms(r['pred_comm_s'])}{pct(r['comm_err'])}" if "comm_s" in r else " " * 24
-        given = f"{1e3 * r['pred_step_given_compute_s']:10.1f}" if "pred_step_given_compute_s" in r else " " * 10
-        lines.append(f"{r['plane']:<6}{r['wire_dtype']:>8}{format_bandwidth(r['bandwidth_bps']):>8}{r['hosts']:>4}"
+        lines.append((f"{r.get('file') or '':<{fw}}" if files else "")
+                     + f"{r['plane']:<6}{r['wire_dtype']:>8}{format_bandwidth(r['bandwidth_bps']):>8}{r['hosts']:>4}"
                      f"{r['slots']:>4}{r['batch_size']:>6} |{_ms(r['step_s'])}{_ms(r['pred_step_s'])}"
-                     f"{pct(r['step_err'])} |{comm} |{given} |{mb(r, 'host_out_mb')} |{mb(r, 'coord_in_mb')}")
+                     f"{pct(r['step_err'])} |{comm} |{mb(r, 'host_out_mb')} |{mb(r, 'coord_in_mb')}")
     for s in v["skipped"]:
-        lines.append(f"row {s['row']} skipped: {s['reason']}")
+        lines.append(f"{s.get('file') + ' ' if s.get('file') else ''}row {s['row']} skipped: {s['reason']}")
     if v["mean_abs_step_err"] is not None:
-        lines.append(f"mean |step error| {100 * v['mean_abs_step_err']:.0f}% over {len(v['rows'])} row(s). comm: the "
-                     "measured exposed communication against the predicted exposed network time (local sum and "
-                     "update excluded); pred|comp: the predicted step on top of the measured compute; host MB: sent "
-                     "by an agent host per step; coord MB: into the coordinator per step")
+        lines.append(f"mean |step error| {100 * v['mean_abs_step_err']:.0f}% over {len(v['rows'])} row(s)"
+                     + "".join(f"; {src or 'rows'}: mean {100 * s['mean_abs_step_err']:.1f}%, max "
+                               f"{100 * s['max_abs_step_err']:.1f}% ({s['rows']})"
+                               for src, s in v.get("by_source", {}).items()))
+        lines.append("comm: the measured exposed communication (DDP: step minus its no_sync step; dptrain: the "
+                     "coordinator's round minus the slowest host's summed busy phases, which on the mesh count the "
+                     "scatter that overlaps backward as busy, so no error is given for it) against the predicted "
+                     "exposed communication; host MB: sent by an agent host per step; coord MB: into the "
+                     "coordinator per step")
     return "\n".join(lines)
 
 
@@ -554,7 +736,9 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
     cfg = _config(args, extra)
     err = lambda msg: SystemExit(f"dptrain plan: {msg}")  # noqa: E731
     if args.validate is None and (args.hosts is None or args.slots is None or args.bandwidth is None):
-        raise err("--hosts, --slots and --bandwidth are required (or --validate FILE)")
+        raise err("--hosts, --slots and --bandwidth are required (or --validate FILE...)")
+    if args.plot is not None and args.validate is None:
+        raise err("--plot draws a validation: give --validate FILE...")
     try:
         hosts = parse_hosts(args.hosts) if args.hosts is not None else []
         rates = [parse_bandwidth(b) for b in args.bandwidth.split(",") if b.strip()] if args.bandwidth else []
@@ -565,6 +749,10 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
             raise ValueError("--slots must be >= 1")
         if args.classes < 1:
             raise ValueError("--classes must be >= 1")
+        if args.shared_cores is None and args.validate is not None:
+            shared = os.cpu_count() or 1  # dptrain bench --hosts runs every host on this box
+        else:
+            shared = parse_shared_cores(args.shared_cores)
         num_params = count_params(cfg, args.classes)
     except ValueError as e:
         raise err(e) from None
@@ -573,27 +761,50 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
         model = CostModel(ms_per_image=per_image, ms_per_step=fixed, latency_s=args.latency_us * 1e-6,
                           link_efficiency=args.link_efficiency, update_ns_per_param=args.update_ns_per_param,
                           mem_bytes_per_s=args.mem_gb_per_s * 1e9, coord_link_ratio=args.coord_link_ratio,
-                          wire_cpu_bytes_per_s=None if args.wire_cpu_gb_per_s is None else args.wire_cpu_gb_per_s * 1e9,
-                          overlap=args.overlap, overlap_ddp=args.overlap_ddp)
+                          curve_bytes_per_cpu_s=args.curve_gb_per_cpu_s * 1e9 if args.curve_gb_per_cpu_s else None,
+                          f16_encode_ns=args.f16_encode_ns, f16_decode_ns=args.f16_decode_ns,
+                          overlap=args.overlap, overlap_ddp=args.overlap_ddp, shared_cores=shared)
     except ValueError as e:
         raise err(e) from None
     wire = cfg.dist.wire_dtype
     batch = cfg.train.batch_size
+    sync_every = cfg.dist.sync_every
     info = {"num_params": num_params, "model": dataclasses.asdict(cfg.model), "image_size": cfg.data.image_size,
-            "classes": args.classes, "compute_source": source, "cost_model": dataclasses.asdict(model)}
+            "classes": args.classes, "compute_source": source, "cost_model": dataclasses.asdict(model),
+            "sync_every": sync_every}
+    cores = (f"one box: every host's workers and communication share {shared} core(s)" if shared else
+             "separate hosts, each with its own cores")
     if args.validate is not None:
         def params_for(overrides: dict) -> int:  # a row measured with other model / image keys
             try:
                 return count_params(_config(args, extra, overrides), args.classes)
             except SystemExit as e:
                 raise ValueError(f"its overrides {overrides}: {e}") from None
+        sources = []
+        for f, label in zip(args.validate, file_labels(args.validate)):
+            try:
+                sources.append((label, read_rows(Path(f))))
+            except (OSError, ValueError) as e:
+                raise err(f"{f}: {e}") from None
         try:
-            v = validate(read_rows(Path(args.validate)), num_params, model, rates[0] if rates else None, params_for)
+            v = validate(sources, num_params, model, rates[0] if rates else None, params_for, sync_every)
         except (OSError, ValueError) as e:
-            raise err(f"{args.validate}: {e}") from None
-        print(json.dumps({**info, **v}) if args.json else format_validation(v), flush=True)
+            raise err(f"{' '.join(args.validate)}: {e}") from None
+        if args.plot is not None and v["rows"]:
+            try:
+                where = plot_validation(v, args.plot, f"dptrain bench --hosts: measured (markers) vs dptrain plan "
+                                                      f"(lines)\n{cores}")
+            except ImportError:
+                raise err("--plot needs matplotlib: pip install -e '.[plot]'") from None
+            log.get().info(f"wrote {where}")
+        if args.json:
+            print(json.dumps({**info, **v}), flush=True)
+        else:
+            print(f"model: {num_params:,} params; compute {fixed:.1f} ms/step + {per_image:.2f} ms/image per "
+                  f"worker ({source}); {cores}\n", flush=True)
+            print(format_validation(v), flush=True)
         return 0 if v["rows"] else 1
-    rows = [predict(plane, h, args.slots, batch, bps, WIRE_BYTES[wire], num_params, model)
+    rows = [predict(plane, h, args.slots, batch, bps, WIRE_BYTES[wire], num_params, model, sync_every)
             for bps in rates for plane in planes for h in hosts]
     base = baseline(args.slots, batch, num_params, model)
     if args.json:
@@ -601,18 +812,20 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
                           "rows": rows}), flush=True)
         return 0
     idle = [r["hosts"] for r in rows if r["idle_workers"]]
+    curve = (f"CURVE {model.curve_bytes_per_cpu_s / 1e9:g} GB per CPU-s" if model.curve_bytes_per_cpu_s
+             else "plain links (no CURVE)")
     print(f"model: {num_params:,} params, {cfg.data.image_size}x{cfg.data.image_size}, {args.classes} classes; "
           f"M = {num_params * WIRE_BYTES[wire] / 1e6:.1f} MB per step on the wire ({wire})\n"
           f"compute: {fixed:.1f} ms/step + {per_image:.2f} ms/image per worker ({source})\n"
-          f"update {model.update_ns_per_param:g} ns/param, latency {model.latency_s * 1e6:g} us, link efficiency "
-          f"{model.link_efficiency:g}, local sum {model.mem_bytes_per_s / 1e9:g} GB/s, overlap {model.overlap:g}"
-          + (f", coordinator link ×{model.coord_link_ratio:g}" if model.coord_link_ratio != 1 else "")
-          + (f", wire CPU cap {model.wire_cpu_bytes_per_s / 1e9:g} GB/s" if model.wire_cpu_bytes_per_s else "")
-          + (f" (ddp {model.overlap_ddp:g})" if model.overlap_ddp is not None else "") + "\n"
+          f"{cores}; update {model.update_ns_per_param:g} ns/param, latency {model.latency_s * 1e6:g} us, link "
+          f"efficiency {model.link_efficiency:g}, local sum {model.mem_bytes_per_s / 1e9:g} GB/s, {curve}, float16 "
+          f"{model.f16_encode_ns:g}/{model.f16_decode_ns:g} ns per element, overlap {model.overlap:g} (ddp "
+          f"{model.overlap if model.overlap_ddp is None else model.overlap_ddp:g}), sync every {sync_every} steps"
+          + (f", coordinator link ×{model.coord_link_ratio:g}" if model.coord_link_ratio != 1 else "") + "\n"
           f"global batch {batch}, {args.slots} slot(s) per host; efficiency against 1 host alone, no network: "
           f"b={base['per_worker_batch']}, {1e3 * base['step_s']:.1f} ms/step, {base['images_per_s']:.1f} img/s\n"
-          "ms per step; host MB = bytes a host sends per step (it receives about as many); coord MB = into the "
-          "coordinator per step\n", flush=True)
+          "ms per step; comm includes the CURVE and float16 work on the hosts' CPUs; host MB = bytes a host sends "
+          "per step (it receives about as many); coord MB = into the coordinator per step\n", flush=True)
     print(format_table(rows), flush=True)
     if idle:
         print(f"\nnote: global batch {batch} < workers for {sorted(set(idle))} host(s): some workers get no images",
