@@ -146,8 +146,9 @@ class Launch(Proc):
     def run_id(self) -> str:
         return self.wait_log(r"\(run ([0-9a-f]+)\)").group(1)
 
-    def port(self) -> int:
-        return int(self.wait_log(r"coordinator listening on tcp://127\.0\.0\.1:(\d+)").group(1))
+    def endpoint(self) -> str:
+        """Where the coordinator listens (ipc:// in the user's private run directory, one host)."""
+        return self.wait_log(r"coordinator listening on (\S+) ").group(1)
 
     def kill(self) -> None:
         """SIGKILL the launcher's whole process group (workers are in their own sessions: those by pid)."""

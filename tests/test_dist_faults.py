@@ -126,12 +126,12 @@ def test_bad_messages_dropped(tiny_data, tmp_path):
     # 30 epochs x 5 steps: long enough that every bad message arrives while the run is going, even on a busy box
     with start(tiny_data, tmp_path, 2, 30) as la:
         run = tmp_path / "run"
-        port, rid = la.port(), la.run_id()
+        endpoint, rid = la.endpoint(), la.run_id()
         wait_steps(run, 2, launch=la)
         ctx = zmq.Context()
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(f"tcp://127.0.0.1:{port}")
+        sock.connect(endpoint)
         good = P.encode(P.Kind.HEARTBEAT, rid, rank=0)
 
         def header(**over):

@@ -111,7 +111,8 @@ class Agent:
         welcome = {"config": config_mod.to_dict(local_cfg), "shm": shm, "num_classes": num_classes,
                    "buckets": self.cfg.dist.plane == "mesh"}  # workers say when parts of their gradient are final
         self.session.coord = Coordinator(local_cfg, self.session.run_id, self.slots, welcome, {"labels": ds.labels},
-                                         bind="127.0.0.1", bn_relay=self.link.allreduce)
+                                         bn_relay=self.link.allreduce, endpoint=self.session.local_endpoint(),
+                                         token=self.session.token)
         out = Path(self.cfg.train.out) / "logs"
         out.mkdir(parents=True, exist_ok=True)
         self.session.start_workers(self.cfg, self.host,

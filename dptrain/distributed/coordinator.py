@@ -11,6 +11,7 @@ max(tick, its process exit | heartbeat_misses × heartbeat_interval_s | step_tim
 from __future__ import annotations
 
 import enum
+import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -80,7 +81,8 @@ class WorkerFailure(ExecutorFailure):
 
 class Coordinator:
     def __init__(self, cfg: Config, run_id: str, world_size: int, welcome: dict, welcome_arrays: dict,
-                 curve_keys=None, slots: list[int] | None = None, bind: str | None = None, bn_relay=None):
+                 curve_keys=None, slots: list[int] | None = None, bind: str | None = None, bn_relay=None,
+                 endpoint: str | None = None, token: str | None = None):
         self.cfg, self.run_id, self.world_size = cfg, run_id, world_size
         self.welcome, self.welcome_arrays = welcome, welcome_arrays
         self.log = log.get()
@@ -95,12 +97,18 @@ class Coordinator:
             self.curve(self.sock)
         d = cfg.dist
         bind = d.bind if bind is None else bind
-        if d.port:
-            self.sock.bind(f"tcp://{bind}:{d.port}")
-            self.port = d.port
+        self.port = 0
+        if endpoint is not None:  # one host: ipc:// in a private directory
+            self.sock.bind(endpoint)
+            self.endpoint = endpoint
         else:
-            self.port = self.sock.bind_to_random_port(f"tcp://{bind}")
-        self.endpoint = f"tcp://{bind}:{self.port}"
+            if d.port:
+                self.sock.bind(f"tcp://{bind}:{d.port}")
+                self.port = d.port
+            else:
+                self.port = self.sock.bind_to_random_port(f"tcp://{bind}")
+            self.endpoint = f"tcp://{bind}:{self.port}"
+        self.token = token  # one host: a HELLO must carry the token the launcher gave its workers
         self.peers = {r: Peer(r, slots=(slots[r] if slots else 1)) for r in range(world_size)}
         self.rank_base = rank_bases([self.peers[r].slots for r in range(world_size)])  # first worker rank of a peer
         self.bn_relay = bn_relay  # agents: (layer, phase, host total) -> global total, through their coordinator
@@ -197,6 +205,11 @@ class Coordinator:
             self.sock.send_multipart([identity, *P.encode(P.Kind.STOP, self.run_id, reason=reason)])
         if msg.run != self.run_id:
             return refuse(f"wrong run id {msg.run!r}")
+        if self.token is not None and not secrets.compare_digest(str(msg.fields.get("token", "")), self.token):
+            self._dropped(f"refused a HELLO claiming rank {msg.rank} (pid {msg.fields.get('pid')}): not started by "
+                          f"this run's launcher (no or wrong token)")
+            self.sock.send_multipart([identity, *P.encode(P.Kind.STOP, self.run_id, reason="not of this run")])
+            return
         if peer is None or peer.state is not PeerState.STARTING:
             return refuse(f"rank {msg.rank} is not expected (world size {self.world_size})")
         peer.identity, peer.host, peer.pid = identity, msg.fields["host"], msg.fields["pid"]

@@ -31,7 +31,7 @@ from ..data.shm import remove_orphans
 from ..train import ExecutorFailure
 from .coordinator import Coordinator
 from .executor import DistExecutor, SharedUpdate
-from .session import Session, blas_threads
+from .session import Session, blas_threads, remove_stale_dirs
 from .timeline import Timeline
 
 EXIT_WORKER_LOST = 1
@@ -115,6 +115,7 @@ def run_session(cfg: Config, stop_at_step: int, start, run_id: str | None = None
     """`start(session)` loads data, starts the peers and returns (trainer, grad_slots, shared) once they are READY,
     with session.coord set; this trains, prints the summary, and maps the ways a run ends to exit codes."""
     lg = log.get()
+    remove_stale_dirs()
     orphans = remove_orphans()
     if orphans:
         lg.warning(f"removed {len(orphans)} shared-memory segment(s) left by dead runs: {', '.join(orphans[:4])}")
@@ -188,7 +189,9 @@ def launch_local(cfg: Config, resume: bool = False, stop_at_step: int = 0) -> in
             trainer.opt.velocity = velocity2[0]
             shared = SharedUpdate(shm["params"].array, velocity2, shm["gsum"].array)
         welcome = {"config": config_mod.to_dict(cfg), "shm": shm_specs, "num_classes": len(trainer.ds.class_names)}
-        session.coord = Coordinator(cfg, session.run_id, n, welcome, {"labels": trainer.ds.labels})
+        session.coord = Coordinator(cfg, session.run_id, n, welcome, {"labels": trainer.ds.labels},
+                                    endpoint=None if cfg.dist.port else session.local_endpoint(),
+                                    token=session.token)
         lg.info(f"coordinator listening on {session.coord.endpoint} (run {session.run_id}); starting {n} workers, "
                 f"{blas_threads(cfg, n)} BLAS thread(s) each, {cfg.dist.transport} transport, bn={cfg.dist.bn}"
                 + (", update by the workers" if by_workers else ""))

@@ -131,9 +131,11 @@ class PeerLink:
             self.log.warning(f"dropped a malformed message from the coordinator: {e}")
             return None
 
-    def handshake(self, role: str, host: str, slots: int, timeout_s: float) -> P.Message:
-        """HELLO, then the WELCOME; anything else ends the process with one line saying why."""
-        self.send(P.Kind.HELLO, role=role, host=host, pid=os.getpid(), slots=slots, **local_versions())
+    def handshake(self, role: str, host: str, slots: int, timeout_s: float, token: str | None = None) -> P.Message:
+        """HELLO (with the launcher's token on one host), then the WELCOME; anything else ends the process with one
+        line saying why."""
+        self.send(P.Kind.HELLO, role=role, host=host, pid=os.getpid(), slots=slots, **local_versions(),
+                  **({"token": token} if token is not None else {}))
         msg = self.recv(timeout_s)
         if msg is None:
             raise SystemExit(f"{self.who}: no answer from the coordinator at {self.endpoint} within {timeout_s:.0f} s"

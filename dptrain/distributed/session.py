@@ -9,6 +9,10 @@ launcher (one host) and an agent (one host of many) both use it.
 from __future__ import annotations
 
 import os
+import secrets
+import shutil
+import socket as pysocket
+import stat
 import subprocess
 import sys
 import time
@@ -39,11 +43,54 @@ def worker_env(threads: int) -> dict:
     return env
 
 
-def spawn_worker(endpoint: str, rank: int, run_id: str, env: dict, log_path: Path, pin_core: int | None = None):
+def private_dir(run_id: str) -> Path:
+    """A directory only this user can enter, for the run's local socket: /tmp/dptrain-UID/RUN, both levels 0700 and
+    ours (a directory someone else made, or a symlink, is refused: it could be theirs to listen in)."""
+    base = Path(os.environ.get("DPTRAIN_RUNTIME_DIR") or f"/tmp/dptrain-{os.getuid()}")
+    for d in (base, base / run_id):
+        try:
+            d.mkdir(mode=0o700)
+        except FileExistsError:
+            pass
+        st = os.lstat(d)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            raise SystemExit(f"{d} is not a directory of this user: refusing to put the run's socket there")
+        if stat.S_IMODE(st.st_mode) != 0o700:
+            os.chmod(d, 0o700)
+    return base / run_id
+
+
+def remove_stale_dirs() -> list[str]:
+    """Private run directories whose coordinator is gone (killed before it could clean up): nobody listens on
+    their socket any more."""
+    base = Path(os.environ.get("DPTRAIN_RUNTIME_DIR") or f"/tmp/dptrain-{os.getuid()}")
+    gone = []
+    for d in base.glob("*") if base.is_dir() else []:
+        sock = pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
+        try:
+            sock.connect(str(d / "coordinator"))
+        except (ConnectionRefusedError, FileNotFoundError):
+            shutil.rmtree(d, ignore_errors=True)
+            gone.append(d.name)
+        except OSError:
+            pass
+        finally:
+            sock.close()
+    return gone
+
+
+def spawn_worker(endpoint: str, rank: int, run_id: str, env: dict, log_path: Path, token: str,
+                 pin_core: int | None = None):
+    """A worker process; the run's token reaches it on its stdin (never its command line: `ps` shows that)."""
     cmd = [sys.executable, "-m", "dptrain", "worker", "--connect", endpoint, "--rank", str(rank), "--run", run_id]
     with open(log_path, "ab") as f:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, env=env,
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=f, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
+    try:
+        proc.stdin.write(token.encode() + b"\n")
+        proc.stdin.close()
+    except BrokenPipeError:
+        pass  # it died at once: its exit code and log are reported by the coordinator
     if pin_core is not None:
         try:
             psutil.Process(proc.pid).cpu_affinity([pin_core])
@@ -75,6 +122,13 @@ class Session:
         self.procs: list = []
         self.coord: Coordinator | None = None
         self.mesh = False  # the peers are host agents on the mesh data plane (launch --hostfile, dist.plane mesh)
+        self.token = secrets.token_hex(16)  # what this session's workers prove they were started by it with
+        self.dir: Path | None = None  # private_dir, once a local socket lives there
+
+    def local_endpoint(self) -> str:
+        """ipc:// in this user's private run directory: no other user can connect (the file system says so)."""
+        self.dir = private_dir(self.run_id)
+        return f"ipc://{self.dir}/coordinator"
 
     def shared(self, what: str, shape, dtype, fill=None) -> SharedArray:
         seg = SharedArray.create(fill, segment_name(self.run_id, what), shape=shape, dtype=dtype, writable=True)
@@ -88,7 +142,7 @@ class Session:
         cores = os.cpu_count() or 1
         for r, path in enumerate(log_paths):
             path.write_bytes(b"")
-            proc = spawn_worker(self.coord.endpoint, r, self.run_id, env, path,
+            proc = spawn_worker(self.coord.endpoint, r, self.run_id, env, path, self.token,
                                 (r % cores) if cfg.dist.pin_cores else None)
             self.procs.append(proc)
             self.coord.adopt(r, host, proc, path)
@@ -105,3 +159,5 @@ class Session:
             seg.close()
             if seg.owner:
                 seg.unlink()
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import socket as pysocket
+import sys
 import time
 
 import numpy as np
@@ -45,8 +46,8 @@ FAULT = _fault(os.environ.get("DPTRAIN_FAULT", ""))
 
 
 class Worker:
-    def __init__(self, endpoint: str, rank: int, run_id: str):
-        self.rank = rank
+    def __init__(self, endpoint: str, rank: int, run_id: str, token: str):
+        self.rank, self.token = rank, token
         self.host = pysocket.gethostname()
         self.link = PeerLink(endpoint, run_id, rank, f"rank {rank}")
         self.log = log.get()
@@ -54,7 +55,7 @@ class Worker:
         self.bn_calls = 0
 
     def start(self, timeout_s: float = 60.0) -> None:
-        msg = self.link.handshake("worker", self.host, 1, timeout_s)
+        msg = self.link.handshake("worker", self.host, 1, timeout_s, self.token)
         f = msg.fields
         self.cfg = config_mod.from_dict(f["config"])
         d = self.cfg.dist
@@ -172,7 +173,8 @@ class Worker:
 
 def run_worker(endpoint: str, rank: int, run_id: str) -> int:
     log.setup(f"rank{rank}")
-    w = Worker(endpoint, rank, run_id)
+    token = sys.stdin.readline().strip()  # the launcher's proof that we are its worker (not on the command line)
+    w = Worker(endpoint, rank, run_id, token)
     try:
         return run_peer(w.link, lambda: (w.start(), w.serve())[1])
     finally:
