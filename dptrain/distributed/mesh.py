@@ -46,7 +46,9 @@ from .reduce import sum_in_order
 from .wire import add16, apply_update16, encode16
 
 WAIT_WARNING_EVERY_S = 10.0
-GATHER_PIECE = 16 * CHUNK  # elements (4 MiB of float32) an owner updates and sends at a time
+# At most this many elements (4 MiB of float32) per message: CURVE encrypts a whole message before its first byte
+# leaves (and decrypts it only once all of it is in), so big messages put the CPU and the wire in series
+PIECE = 16 * CHUNK
 EARLY_MAX = 1024  # messages kept for a later phase (a step brings 2 (H - 1)): a bound, not a working limit
 POLL_MS = 50
 
@@ -187,8 +189,9 @@ class MeshLink:
 class MeshReplica:
     """One host's replica of the weights and its slice of the momentum, and the step's moves on them.
     params/buffers are the arrays this host's workers read (shared memory); `param_starts` are the offsets where the
-    model's top-level layers begin (Model.param_starts): the flat buffer is cut at those and at the slice bounds
-    into fixed pieces, so what travels (and, with float16, how it is scaled) never depends on timing."""
+    model's top-level layers begin (Model.param_starts): the flat buffer is cut at those, at the slice bounds and
+    every PIECE elements into fixed pieces, so what travels (and, with float16, how it is scaled) never depends on
+    timing."""
 
     def __init__(self, mesh: MeshLink, opt, params: np.ndarray, buffers: np.ndarray, wire_dtype: str,
                  param_starts: list[int | None]):
@@ -208,7 +211,8 @@ class MeshReplica:
         np.copyto(self.params, msg.arrays["params"])
         np.copyto(self.buffers, msg.arrays["buffers"])
         self.opt.velocity[mesh.lo:mesh.hi] = msg.arrays["velocity"]
-        cuts = sorted(set(self.starts) | {b for h in mesh.hosts for b in (h[3], h[4])})
+        cuts = sorted(set(self.starts) | {b for h in mesh.hosts for b in (h[3], h[4])}
+                      | set(range(0, self.params.size, PIECE)))
         owner = [(h[3], h[4], h[0]) for h in mesh.hosts]
         self.pieces = [(a, b, next(i for lo, hi, i in owner if lo <= a and b <= hi))
                        for a, b in zip(cuts, cuts[1:]) if b > a]
@@ -314,5 +318,5 @@ class MeshReplica:
 
 
 def gather_pieces(lo: int, hi: int) -> list[tuple[int, int]]:
-    """An owner's slice in GATHER_PIECE-element pieces (CHUNK multiples: a fixed cut, so float16 scales are too)."""
-    return [(a, min(a + GATHER_PIECE, hi)) for a in range(lo, hi, GATHER_PIECE)]
+    """An owner's slice in PIECE-element pieces (CHUNK multiples: a fixed cut, so float16 scales are too)."""
+    return [(a, min(a + PIECE, hi)) for a in range(lo, hi, PIECE)]
