@@ -51,6 +51,10 @@ The model (every constant is a field of `CostModel`, so predictions can be fitte
     star  (every host sends M to the coordinator, which sums, updates and sends M back)
           comm = 2·max(H·M/Bw_coord, M/Bw) + 2α + κ·H·M·max(1, 2/N)   (the coordinator seals and opens H·M each way
           on its one I/O thread; on one box all ends share N cores);  hidden = 0;  update = U
+    workers, coordinator   (one host, `launch --workers S`; H = 1; comm = the control messages, local_control_s)
+          coordinator: the coordinator sums the S slots (local) and updates (U) alone while no worker computes
+          workers: each worker sums its 1/S slice of every slot (4P / mem_bytes_per_s) and updates it (U/S),
+          all at once; serial = the control messages only (what `dptrain plan --hosts 1 --slots 16` compares)
     ddp   (PyTorch DDP's ring all-reduce over gloo, for comparison; plain TCP)
           comm = local + 2·(H−1)/H·M/Bw + 2·(H−1)·α;  hidden = min(overlap_ddp·c·sw, comm − local);
           update = sw·U (every rank updates the whole model)
@@ -86,6 +90,8 @@ from pathlib import Path
 from . import config as config_mod, log
 
 PLANES = ("star", "mesh", "ddp")
+ONE_HOST = ("workers", "coordinator")
+PLANE_DEFAULT = "star,mesh,ddp"  # `launch --workers S` on one host: dist.update = workers | coordinator
 WIRE_BYTES = {"float32": 4, "float16": 2}
 CALIBRATION_FILE = "plan-calibration.json"
 CALIBRATION_BATCHES = (2, 32)  # the fixed + per-image fit: two points, about 2 s for the default model
@@ -118,6 +124,9 @@ class CostModel:
     # all hosts on one box: every worker and every host's communication thread share this many cores (None: each
     # host has its own S cores, plus one for its communication)
     shared_cores: int | None = None
+    # one host: the control messages of a step when the workers reduce and update (REDUCE/UPDATE and their replies
+    # over ipc://): measured 0.7-0.9 ms of serial time per step on this box at N = 1..8
+    local_control_s: float = 0.8e-3
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -212,21 +221,25 @@ def f16_s(model: CostModel, hosts: int, num_params: int) -> float:
 
 
 def baseline(slots: int, batch: int, num_params: int, model: CostModel) -> dict:
-    """One host alone, no network: its S workers compute (their local sum hidden under backward as far as
-    `overlap` allows), sum locally and update S slices in parallel."""
+    """One host alone, no network, at its best: its S workers compute, their gradients are summed (each worker its
+    1/S slice, as `launch --workers S` does, or under backward as far as `overlap` allows, whichever is faster) and
+    each worker updates its 1/S slice. No plane beats it, so efficiency stays <= 1."""
     b = per_worker_batch(batch, 1, slots)
     sw = sharing(model, slots)
     c = compute_s(model, b) * sw
-    local = local_reduce_s(model, slots, num_params)
-    step = c + max(0.0, local - model.overlap * c) + update_s(model, num_params) * sw / slots
+    parallel = 4 * num_params / model.mem_bytes_per_s if slots > 1 else 0.0  # each worker its 1/S slice
+    hidden = max(0.0, local_reduce_s(model, slots, num_params) - model.overlap * c)  # or under backward
+    step = c + min(parallel, hidden) + update_s(model, num_params) * sw / slots
     return {"per_worker_batch": b, "step_s": step, "images_per_s": batch / step}
 
 
 def predict(plane: str, hosts: int, slots: int, batch: int, bandwidth_bps: float, wire_bytes: int, num_params: int,
             model: CostModel, sync_every: int = 10) -> dict:
     """Predicted seconds, bytes and throughput of one step (see the module docstring for the formulas). Pure."""
-    if plane not in PLANES:
-        raise ValueError(f"plane must be one of {', '.join(PLANES)}, got {plane!r}")
+    if plane not in PLANES + ONE_HOST:
+        raise ValueError(f"plane must be one of {', '.join(PLANES + ONE_HOST)}, got {plane!r}")
+    if plane in ONE_HOST and hosts != 1:
+        raise ValueError(f"plane {plane!r} is one host's (launch --workers S): hosts must be 1, got {hosts!r}")
     if wire_bytes not in (2, 4):
         raise ValueError(f"wire_bytes must be 2 (float16) or 4 (float32), got {wire_bytes!r}")
     for name, v in (("hosts", hosts), ("slots", slots), ("batch", batch), ("num_params", num_params),
@@ -273,6 +286,15 @@ def predict(plane: str, hosts: int, slots: int, batch: int, bandwidth_bps: float
         cpu_wire = H * wire_host + kappa * coord_in / 2
         cpu_update = U
         extra = {"reduce_scatter_s": rs, "all_gather_s": ag, "sync_s": sync, "wire_cpu_s": wire}
+    elif plane in ONE_HOST:  # no network; what is serial is what no worker computes during
+        comm, send, recv, coord_in, coord_out, cpu_wire = model.local_control_s, 0, 0, 0, 0, 0.0
+        if plane == "coordinator":  # the coordinator sums the S slots, then updates, alone
+            upd, cpu_update = U, U
+            extra = {"serial_s": t_local + U + comm}
+        else:  # each worker sums its 1/S slice of every slot (S·4P/S bytes) and updates that slice, in parallel
+            t_local = 4 * num_params / model.mem_bytes_per_s if S > 1 else 0.0
+            upd, cpu_update = sw * U / S, U
+            extra = {"serial_s": comm}
     else:
         comm = 2 * (H - 1) / H * M / bw + 2 * (H - 1) * a
         ov = model.overlap if model.overlap_ddp is None else model.overlap_ddp
@@ -606,7 +628,9 @@ def add_plan_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hosts", help="comma list of host counts, e.g. 1,16,64")
     p.add_argument("--slots", type=int, help="worker slots (cores) per host")
     p.add_argument("--bandwidth", help="link rate per host and direction, bits/s: 10gbit, 25gbit,1gbit, 1e9")
-    p.add_argument("--plane", default="star,mesh,ddp", help="star, mesh and/or ddp (comma list)")
+    p.add_argument("--plane", default=PLANE_DEFAULT,
+                   help="star, mesh and/or ddp (comma list); one host (--hosts 1): workers (dist.update = workers, "
+                        "the default) and coordinator (the coordinator sums and updates alone)")
     p.add_argument("--wire-dtype", choices=list(WIRE_BYTES), default=None, help="(default: dist.wire_dtype)")
     p.add_argument("--batch-size", type=int, default=None, help="global batch (default: train.batch_size)")
     p.add_argument("--image-size", type=int, default=None, help="(default: data.image_size)")
@@ -687,14 +711,15 @@ def _ms(s: float) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = (f"{'plane':<6}{'link':>8}{'hosts':>6}{'H×S':>6}{'b':>5}{'compute':>9}{'local':>9}{'comm':>9}"
+    w = max([6] + [len(r["plane"]) + 1 for r in rows])
+    head = (f"{'plane':<{w}}{'link':>8}{'hosts':>6}{'H×S':>6}{'b':>5}{'compute':>9}{'local':>9}{'comm':>9}"
             f"{'exposed':>9}{'update':>9}{'step ms':>9}{'img/s':>9}{'eff':>6}{'host MB':>9}{'coord MB':>9}")
     lines = [head, "-" * len(head)]
     for r in rows:
         coord = r["coord_in_bytes"] / 1e6
         flags = (" coord-bound" if r["coord_bound"] else "") + (" cpu-bound" if r["cpu_bound"] else "")
         lines.append(
-            f"{r['plane']:<6}{format_bandwidth(r['bandwidth_bps']):>8}{r['hosts']:>6}{r['workers']:>6}"
+            f"{r['plane']:<{w}}{format_bandwidth(r['bandwidth_bps']):>8}{r['hosts']:>6}{r['workers']:>6}"
             f"{r['per_worker_batch']:>5}{_ms(r['compute_s'])}{_ms(r['local_reduce_s'])}{_ms(r['comm_s'])}"
             f"{_ms(r['comm_exposed_s'])}{_ms(r['update_s'])}{_ms(r['step_s'])}{r['images_per_s']:9.1f}"
             f"{r['efficiency']:6.2f}{r['host_send_bytes'] / 1e6:9.1f}{coord:9.1f}" + flags)
@@ -743,8 +768,8 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
         hosts = parse_hosts(args.hosts) if args.hosts is not None else []
         rates = [parse_bandwidth(b) for b in args.bandwidth.split(",") if b.strip()] if args.bandwidth else []
         planes = [p.strip() for p in args.plane.split(",") if p.strip()]
-        if not planes or any(p not in PLANES for p in planes):
-            raise ValueError(f"--plane wants star, mesh and/or ddp, got {args.plane!r}")
+        if not planes or any(p not in PLANES + ONE_HOST for p in planes):
+            raise ValueError(f"--plane wants star, mesh, ddp, workers and/or coordinator, got {args.plane!r}")
         if args.slots is not None and args.slots < 1:
             raise ValueError("--slots must be >= 1")
         if args.classes < 1:
@@ -804,8 +829,10 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
                   f"worker ({source}); {cores}\n", flush=True)
             print(format_validation(v), flush=True)
         return 0 if v["rows"] else 1
+    if 1 in hosts and args.plane == PLANE_DEFAULT:  # one host: the workers' update against the coordinator's
+        planes = planes + list(ONE_HOST)
     rows = [predict(plane, h, args.slots, batch, bps, WIRE_BYTES[wire], num_params, model, sync_every)
-            for bps in rates for plane in planes for h in hosts]
+            for bps in rates for plane in planes for h in hosts if plane not in ONE_HOST or h == 1]
     base = baseline(args.slots, batch, num_params, model)
     if args.json:
         print(json.dumps({**info, "wire_dtype": wire, "batch": batch, "slots": args.slots, "baseline": base,

@@ -515,7 +515,8 @@ def test_cli_json(tmp_path):
     out = json.loads(r.stdout)  # stdout is one JSON object
     assert out["num_params"] == P and out["wire_dtype"] == "float16" and out["batch"] == 4096
     assert [(row["bandwidth_bps"], row["plane"], row["hosts"]) for row in out["rows"]] == [
-        (b, p, h) for b in (10e9, 25e9) for p in plan.PLANES for h in (1, 4, 16)]
+        (b, p, h) for b in (10e9, 25e9) for p in plan.PLANES + plan.ONE_HOST for h in (1, 4, 16)
+        if p not in plan.ONE_HOST or h == 1]  # one host: the workers' update and the coordinator's too
     for row in out["rows"]:
         want = predict(row["plane"], row["hosts"], 8, 4096, row["bandwidth_bps"], 2, P,
                        CostModel(ms_per_image=10, ms_per_step=20))
@@ -594,3 +595,16 @@ def test_cli_errors_name_the_problem(tmp_path, argv, words):
     r = dptrain(*argv, "--compute-ms-per-image", 10, cache=tmp_path)
     assert r.returncode != 0 and words in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_one_host_the_workers_update_takes_the_serial_part_off_the_step():
+    """`dptrain plan --hosts 1 --slots 16`: the coordinator summing 16 slots and updating alone against the workers
+    each reducing and updating their slice: the serial part is the control messages, whatever S."""
+    model = CostModel(ms_per_image=10, ms_per_step=20)
+    coord = predict("coordinator", 1, 16, 64, 1e10, 4, 9_434_462, model)
+    workers = predict("workers", 1, 16, 64, 1e10, 4, 9_434_462, model)
+    assert coord["serial_s"] > 0.1 and workers["serial_s"] == model.local_control_s
+    assert workers["step_s"] < coord["step_s"] / 2 and workers["efficiency"] <= 1 < 2 * workers["efficiency"]
+    assert predict("workers", 1, 2, 64, 1e10, 4, 9_434_462, model)["serial_s"] == workers["serial_s"]
+    with pytest.raises(ValueError, match="one host"):
+        predict("workers", 2, 16, 64, 1e10, 4, 9_434_462, model)
