@@ -132,13 +132,18 @@ def run_dist(args, cfg: config_mod.Config, overrides: dict[str, str]) -> int:
             lg.info(f"  {r['images_per_s']:.1f} img/s")
     add_scaling(rows)
     write_outputs(rows, out)
-    if args.json:
+    print_rows(rows, args.json, format_table, [out / "bench.csv", out / "bench.json", out / "bench.png"])
+    return 0
+
+
+def print_rows(rows: list[dict], as_json: bool, table, files: list[Path]) -> None:
+    """One JSON line per row on stdout, or the table and the files written."""
+    if as_json:
         for r in rows:
             print(json.dumps(r), flush=True)
     else:
-        print(format_table(rows), flush=True)
-        print(f"\nwrote {out / 'bench.csv'}, {out / 'bench.json'}, {out / 'bench.png'}", flush=True)
-    return 0
+        print(table(rows), flush=True)
+        print(f"\nwrote {', '.join(map(str, files))}", flush=True)
 
 
 def add_scaling(rows: list[dict]) -> None:
@@ -178,12 +183,17 @@ def _mb(v) -> str:
     return f"{'-':>9}" if v is None else f"{v:9.0f}"
 
 
-def write_outputs(rows: list[dict], out: Path) -> None:
-    with open(out / "bench.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_KEYS, extrasaction="ignore")
+def write_rows(rows: list[dict], csv_path: Path, keys: list[str]) -> None:
+    """rows as CSV (the `keys` columns) and, beside it, as JSON (every field)."""
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    (out / "bench.json").write_text(json.dumps(rows, indent=1) + "\n")
+    csv_path.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+
+
+def write_outputs(rows: list[dict], out: Path) -> None:
+    write_rows(rows, out / "bench.csv", CSV_KEYS)
     plot_scaling(rows, out / "bench.png")
 
 

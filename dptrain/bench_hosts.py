@@ -32,7 +32,6 @@ its namespaces; a cluster left by a bench that was SIGKILLed is removed by the n
 from __future__ import annotations
 
 import atexit
-import csv
 import importlib.util
 import json
 import os
@@ -544,18 +543,11 @@ def run(args, extra: list[str]) -> int:
         for s, h in old.items():
             signal.signal(s, h)
     write_outputs(rows, out)
-    if args.json:
-        for r in rows:
-            print(json.dumps(r), flush=True)
-    else:
-        print(format_table(rows), flush=True)
-        print(f"\nwrote {out / 'bench-hosts.csv'}, {out / 'bench-hosts.json'}", flush=True)
+    from .bench import print_rows
+    print_rows(rows, args.json, format_table, [out / "bench-hosts.csv", out / "bench-hosts.json"])
     return 1 if any(r.get("error") for r in rows) else 0
 
 
 def write_outputs(rows: list[dict], out: Path) -> None:
-    with open(out / "bench-hosts.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_KEYS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    (out / "bench-hosts.json").write_text(json.dumps(rows, indent=1) + "\n")
+    from .bench import write_rows
+    write_rows(rows, out / "bench-hosts.csv", CSV_KEYS)

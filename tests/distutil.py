@@ -240,3 +240,22 @@ def pid_gone(pid: int) -> bool:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
+
+
+def flood(socks: list, msgs: list, stop, sent: list, got: list) -> None:
+    """An intruder's loop: every message on every socket (without blocking: a DEALER whose handshake never
+    completes queues a few, then refuses), and whatever comes back into `got`, until `stop` is set; then the
+    sockets are closed. sent[0] counts the attempts."""
+    import zmq
+    while not stop.is_set():
+        for s in socks:
+            for m in msgs:
+                sent[0] += 1
+                try:
+                    s.send_multipart(m, flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
+            while s.poll(10):
+                got.append(s.recv_multipart())
+    for s in socks:
+        s.close(0)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
-from distutil import Launch, cli_args, params, wait_until, workers_of
+from distutil import Launch, cli_args, flood, params, wait_until, workers_of
 
 from dptrain.distributed import protocol as P
 from dptrain.distributed.versions import local_versions
@@ -108,16 +108,9 @@ def _impostor(endpoint: str, run_id: str, stop: threading.Event, got: list, sent
                                  timings={}))
             msgs.append(P.encode(P.Kind.BN_REDUCE, run_id, step=step, rank=rank, layer=0, phase="fwd", attempt=0,
                                  arrays={"moments": np.ones((3, 8))}))
-    while not stop.is_set():
-        for m in msgs:
-            sent[0] += 1
-            try:
-                sock.send_multipart(m, flags=zmq.NOBLOCK)
-            except zmq.Again:
-                pass
-        while sock.poll(20):
-            got.append(P.decode(sock.recv_multipart(), run=None).kind)
-    sock.close(0)
+    replies: list = []
+    flood([sock], msgs, stop, sent, replies)
+    got.extend(P.decode(r, run=None).kind for r in replies)
     ctx.term()
 
 

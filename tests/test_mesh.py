@@ -10,6 +10,7 @@ import threading
 
 import numpy as np
 import pytest
+from distutil import flood
 from gradcheck import rel_error
 from multihost_util import dptrain_pids, launcher, make_data, params, step_records, summary, train_args, wait_until
 from netns import cluster, require_netns
@@ -91,18 +92,7 @@ def _mesh_intruders(endpoint: str, server_key: str, run_id: str, stop: threading
                      hi=big.size, scale=1.0)
             for step in range(40) for src in (0, 1)
             for kind, name in ((P.Kind.SCATTER, "grad"), (P.Kind.GATHER, "params"))]
-    while not stop.is_set():
-        for s in (plain, rogue):
-            for m in msgs:
-                sent[0] += 1
-                try:
-                    s.send_multipart(m, flags=zmq.NOBLOCK)
-                except zmq.Again:
-                    pass
-            while s.poll(10):
-                got.append(s.recv_multipart())
-    for s in (plain, rogue):
-        s.close(0)
+    flood([plain, rogue], msgs, stop, sent, got)
     ctx.term()
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from distutil import flood
 from gradcheck import rel_error
 from multihost_util import (
     agent,
@@ -99,18 +100,7 @@ def _intruders(endpoint: str, server_public: bytes, run_id: str, stop: threading
                           count=16, loss_sum=0.0, correct=16, grad_in="frame", grad_scale=1.0, timings={}, attempt=0,
                           phase="train")
                  for step in range(STEPS)]
-    while not stop.is_set():
-        for s in socks:
-            for m in msgs:
-                sent[0] += 1  # attempts: a DEALER whose handshake never completes queues a few, then refuses
-                try:
-                    s.send_multipart(m, flags=zmq.NOBLOCK)
-                except zmq.Again:
-                    pass
-            while s.poll(10):
-                got.append(s.recv_multipart())
-    for s in socks:
-        s.close(0)
+    flood(socks, msgs, stop, sent, got)
     ctx.term()
 
 
