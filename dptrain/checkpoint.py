@@ -7,7 +7,9 @@ Write = temp file in the same folder, fsync, rename, fsync the folder: a crash l
 """
 from __future__ import annotations
 
+import errno
 import json
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -18,12 +20,32 @@ from .fsutil import atomic_write
 FORMAT_VERSION = 1
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a read-only folder...): the message names the file, and for
+    a full disk the bytes it needs and those free; the previous checkpoint of that name is intact."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)  # the whole message, without OSError's "[Errno N]" prefix
+
+
+def size_of(params: np.ndarray, velocity: np.ndarray, buffers: np.ndarray, meta_bytes: int = 65536) -> int:
+    """About how many bytes a checkpoint of these arrays takes (npz: uncompressed, plus headers)."""
+    return params.nbytes + velocity.nbytes + buffers.nbytes + meta_bytes + 4 * 4096
+
+
 def save(path: str | Path, *, params: np.ndarray, velocity: np.ndarray, buffers: np.ndarray, meta: dict) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(meta, format_version=FORMAT_VERSION)
     blob = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    atomic_write(path, lambda f: np.savez(f, params=params, velocity=velocity, buffers=buffers, meta=blob))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda f: np.savez(f, params=params, velocity=velocity, buffers=buffers, meta=blob))
+    except OSError as e:
+        need = size_of(params, velocity, buffers, blob.nbytes)
+        free = shutil.disk_usage(path.parent).free if path.parent.exists() else 0
+        space = f": it needs about {need:,} bytes, {free:,} are free" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        raise CheckpointWriteError(e.errno, f"{path}: cannot write the checkpoint ({e.strerror}){space}; the "
+                                            f"previous {path.name}, if any, is intact") from None
 
 
 class CheckpointError(ValueError):

@@ -17,6 +17,7 @@ optimizer it was given (whose arrays the Trainer checkpoints between steps).
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -144,6 +145,8 @@ class Trainer:
         self.epochs_run = 0
         self.stop_requested = False
         self.executor: Executor | None = None  # during fit()
+        self.unsaved: OSError | None = None  # the last checkpoint write failed (a full disk): fit() ends non-zero
+        self.metrics_lost_epoch = -1
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
     def _meta(self) -> dict:
@@ -160,8 +163,18 @@ class Trainer:
             meta["step"], meta["step_in_epoch"] = self.step - lag, max(self.step_in_epoch - lag, 0)
             self.log.warning(f"checkpoint {name}: the last {lag} step(s) could not be brought in (a host was lost "
                              f"before it sent its state); it resumes at step {meta['step']}")
-        checkpoint.save(self.out / f"{name}.npz", params=self.store.params, velocity=self.opt.velocity,
-                        buffers=self.store.buffers, meta=meta)
+        try:
+            checkpoint.save(self.out / f"{name}.npz", params=self.store.params, velocity=self.opt.velocity,
+                            buffers=self.store.buffers, meta=meta)
+        except checkpoint.CheckpointWriteError as e:
+            # Training goes on (its state is in memory) and says so at every checkpoint until one is written again;
+            # fit() ends non-zero if the last one never was.
+            self.unsaved = e
+            self.log.error(f"{e}; training goes on, the next checkpoint will try again")
+            return
+        if self.unsaved is not None:
+            self.log.warning(f"{self.out / (name + '.npz')} written: checkpoints are saved again")
+        self.unsaved = None
 
     def restore(self, path: Path) -> None:
         arrays, meta = checkpoint.load(path)
@@ -197,8 +210,14 @@ class Trainer:
 
     # ---- the loop --------------------------------------------------------------------------------------------------
     def _write(self, record: dict) -> None:
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:  # a full disk: the line is lost, not the run (said once per epoch)
+            if self.metrics_lost_epoch != self.epoch:
+                self.metrics_lost_epoch = self.epoch
+                self.log.error(f"{self.out / 'metrics.jsonl'}: cannot append ({e.strerror}); lines are lost until "
+                               f"it can")
 
     def lr(self) -> float:
         """The scheduled learning rate of the current step."""
@@ -215,7 +234,11 @@ class Trainer:
             # A fresh run in a used folder: its curves must not continue the old run's.
             self.log.warning(f"{self.out} holds an earlier run: starting it over (use --resume to continue it)")
             (self.out / "metrics.jsonl").unlink()
-        (self.out / "config.toml").write_text(config_mod.dumps(self.cfg))
+        self.check_space()
+        try:
+            (self.out / "config.toml").write_text(config_mod.dumps(self.cfg))
+        except OSError as e:
+            self.log.error(f"{self.out / 'config.toml'}: cannot write it ({e.strerror})")
         wall0 = time.perf_counter()
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         stopped_early = interrupted = False
@@ -267,8 +290,21 @@ class Trainer:
         self.save("last")
         self.executor = None
         summary = {**self._summary(time.perf_counter() - wall0, stopped_early, interrupted), **executor.summary()}
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        try:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        except OSError as e:
+            self.log.error(f"{self.out / 'summary.json'}: cannot write it ({e.strerror})")
+        if self.unsaved is not None:  # the run's end is not on disk: say so with the exit code
+            raise self.unsaved
         return summary
+
+    def check_space(self) -> None:
+        """Warn at the start when the run folder cannot hold two checkpoints (best and last)."""
+        need = 2 * checkpoint.size_of(self.store.params, self.opt.velocity, self.store.buffers)
+        free = shutil.disk_usage(self.out).free
+        if free < need:
+            self.log.warning(f"{self.out}: {free:,} bytes free, two checkpoints need about {need:,}: checkpoints "
+                             f"will fail until space is freed (training goes on and says so at each one)")
 
     def _end_epoch(self, executor, lr: float) -> bool:
         loss_sum, correct, count, secs = self.epoch_sums
@@ -343,5 +379,10 @@ def run_local(cfg: Config, resume: bool = False, stop_at_step: int = 0, command:
     executor = LocalExecutor(cfg, trainer.model, trainer.ds, trainer.store, trainer.opt)
     try:
         return trainer.fit(executor, stop_at_step=stop_at_step)
+    except checkpoint.CheckpointWriteError as e:
+        if command is None:
+            raise
+        raise SystemExit(f"dptrain {command}: training finished but its last checkpoint is not on disk: {e}") \
+            from None
     finally:
         executor.close()

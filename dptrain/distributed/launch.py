@@ -26,6 +26,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from .. import config as config_mod, log
+from ..checkpoint import CheckpointWriteError
 from ..config import Config
 from ..data.shm import remove_orphans
 from ..train import ExecutorFailure
@@ -132,6 +133,9 @@ def run_session(cfg: Config, stop_at_step: int, start, run_id: str | None = None
         summary = trainer.fit(executor, stop_at_step=stop_at_step)
         print(json.dumps(summary))
         return EXIT_INTERRUPTED if trainer.stop_requested else 0
+    except CheckpointWriteError as e:
+        lg.error(f"training finished but its last checkpoint is not on disk: {e}")
+        return 1
     except ExecutorFailure as e:  # a lost worker or host, a replica mismatch: last.npz is written if training began
         lg.error(f"aborting: {e}")
         return EXIT_WORKER_LOST
