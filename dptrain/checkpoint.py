@@ -44,7 +44,7 @@ def save(path: str | Path, *, params: np.ndarray, velocity: np.ndarray, buffers:
         need = size_of(params, velocity, buffers, blob.nbytes)
         free = shutil.disk_usage(path.parent).free if path.parent.exists() else 0
         space = f": it needs about {need:,} bytes, {free:,} are free" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
-        raise CheckpointWriteError(e.errno, f"{path}: cannot write the checkpoint ({e.strerror}){space}; the "
+        raise CheckpointWriteError(e.errno, f"{path}: cannot write the checkpoint ({e.strerror or e}){space}; the "
                                             f"previous {path.name}, if any, is intact") from None
 
 

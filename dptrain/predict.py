@@ -91,9 +91,12 @@ def collect_inputs(paths: list[str | os.PathLike]) -> list[Discovered]:
             loose.extend(found)
         elif is_archive(p):
             try:
-                items, _ = tar_images(p, EXTENSIONS)
+                items, _, unsafe = tar_images(p, EXTENSIONS)
             except (tarfile.TarError, OSError, EOFError) as e:
                 raise ValueError(f"cannot read archive {raw}: {e}") from e
+            if unsafe:
+                log.warning("%s: ignored %d members with an absolute path or '..': %s", raw, len(unsafe),
+                            ", ".join(unsafe[:5]))
             flush()
             if items:
                 entries = sorted((Entry("", f"{raw}:{ref}", ref, size) for _, ref, size, _ in items),

@@ -354,6 +354,11 @@ class Trainer:
 def prepare(cfg: Config, resume: bool, store_factory=None) -> Trainer:
     """Load the data, build the model and, with `resume`, restore the run folder's last checkpoint."""
     ds = load_dataset(cfg.data, cfg.train.seed)
+    if len(ds.class_names) < 2:  # a classifier of one class learns nothing and reports accuracy 1.0
+        raise ValueError(f"{cfg.data.path}: a classifier needs at least two classes; found "
+                         f"{len(ds.class_names)} ({', '.join(ds.class_names)}) with >= "
+                         f"{cfg.data.min_images_per_class} images (expected {cfg.data.path}/ClassName/image.jpg, "
+                         f"one folder per class)")
     trainer = Trainer(cfg, ds, store_factory)
     last = Path(cfg.train.out) / "last.npz"
     if resume:

@@ -94,3 +94,39 @@ def test_center_crop_takes_the_middle(tmp_path):
     crop = decode.decode_image(tmp_path / "A" / "a.png", 20, center_crop=50)
     assert crop[1:-1, 1:-1].min() == 255  # white (the border row blends in context outside the box)
     assert full[0, 0].max() == 0 and full[10, 10].min() == 255
+
+
+def test_odd_members_do_not_turn_an_archive_into_one_class(tmp_path, caplog):
+    """lfw/Alice/..., lfw/Bob/... plus an absolute-path member, a '..' member and a stray image beside lfw/: the
+    classes are Alice and Bob; the odd members are ignored, counted and named (the refused ones never read)."""
+    root = tmp_path / "lfw"
+    _write(root, {"Alice": 4, "Bob": 4})
+    stray = tmp_path / "stray.png"
+    Image.new("RGB", (8, 8)).save(stray)
+    dest = tmp_path / "odd.tgz"
+    with tarfile.open(dest, "w:gz") as tf:
+        tf.add(root, arcname="lfw")
+        for name in ("/abs/evil.png", "../up.png", "other/x.png"):
+            info = tf.gettarinfo(str(stray), arcname="x")
+            info.name = name  # tarfile keeps a leading '/' and '..' as given
+            with open(stray, "rb") as f:
+                tf.addfile(info, f)
+    with caplog.at_level(logging.WARNING, logger="dptrain.data.discover"):
+        found = discover.discover(dest)
+    assert found.class_names == ["Alice", "Bob"]
+    assert sorted(found.unsafe) == ["../up.png", "/abs/evil.png"]
+    assert found.outside == ["other/x.png"]
+    text = caplog.text
+    assert "ignored 2 members with an absolute path or '..'" in text and "/abs/evil.png" in text
+    assert "ignored 1 images outside lfw/: other/x.png" in text
+
+
+def test_training_refuses_a_single_class(tmp_path):
+    from dptrain import train
+    from dptrain.config import Config
+    _write(tmp_path / "one", {"Alice": 12})
+    cfg = Config()
+    cfg.data.path, cfg.data.image_size, cfg.data.cache_dir = str(tmp_path / "one"), 16, str(tmp_path / "cache")
+    cfg.data.min_images_per_class = 2
+    with pytest.raises(SystemExit, match="at least two classes; found 1 \\(Alice\\)"):
+        train.prepare_or_exit(cfg, False, "train")

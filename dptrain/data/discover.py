@@ -18,7 +18,8 @@ import hashlib
 import logging
 import os
 import tarfile
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ class Discovered:
     entries: list[Entry]  # sorted by (class_name, name)
     fingerprint: str  # hex SHA-256 of names, sizes, mtimes
     ignored: int  # files seen but not used (non-images, hidden, outside any class folder)
+    unsafe: list[str] = field(default_factory=list)  # archive members refused: absolute paths, '..' components
+    outside: list[str] = field(default_factory=list)  # images beside the detected layout (not under its wrapper)
 
     @property
     def class_names(self) -> list[str]:
@@ -61,21 +64,38 @@ def _is_image(name: str, extensions=IMAGE_EXTENSIONS) -> bool:
     return os.path.splitext(name)[1].lower() in extensions
 
 
-def _strip_common_top(paths: list[tuple[str, ...]]) -> int:
-    """How many leading folders to strip: while every image lies under one single top folder and some lie two
-    levels below it (top/Class/file), that folder is a wrapper (lfw.tgz's `lfw/`), not a class."""
-    depth = 0
-    while paths and len({p[depth] for p in paths}) == 1 and any(len(p) >= depth + 3 for p in paths):
-        depth += 1
-    return depth
+WRAPPER_SHARE = 0.5  # a top folder with class folders inside and more than this share of the images is a wrapper
 
 
-def _build(path: Path, kind: str, items: list[Item], seen: int) -> Discovered:
-    """items: (relative parts, ref, size, mtime) for visible image files."""
-    top = _strip_common_top([p for p, _, _, _ in items])
-    entries, keyed = [], []
+def _wrapper(paths: list[tuple[str, ...]]) -> tuple[str, ...]:
+    """The leading folders to strip: while one top folder holds most of the images (> WRAPPER_SHARE) and some lie
+    two levels below it (top/Class/file), that folder is a wrapper (lfw.tgz's `lfw/`), not a class. "Most", not
+    "all": a stray member beside it (an odd file at the archive's root, another folder with a handful of files)
+    must not turn the whole dataset into one class called `lfw`; what lies outside the wrapper is ignored and
+    named."""
+    prefix: tuple[str, ...] = ()
+    while True:
+        d = len(prefix)
+        inside = [p for p in paths if p[:d] == prefix and len(p) > d + 1]
+        deep = Counter(p[d] for p in inside if len(p) >= d + 3)
+        if not deep:
+            return prefix
+        top = deep.most_common(1)[0][0]
+        if sum(1 for p in inside if p[d] == top) <= WRAPPER_SHARE * len(paths):
+            return prefix
+        prefix += (top,)
+
+
+def _build(path: Path, kind: str, items: list[Item], seen: int, unsafe: list[str] | None = None) -> Discovered:
+    """items: (relative parts, ref, size, mtime) for visible image files; unsafe: member names refused (absolute
+    paths, '..')."""
+    wrap = _wrapper([p for p, _, _, _ in items])
+    entries, keyed, outside = [], [], []
     for parts, ref, size, mtime in items:
-        parts = parts[top:]
+        if parts[:len(wrap)] != wrap:  # beside the detected layout
+            outside.append("/".join(parts))
+            continue
+        parts = parts[len(wrap):]
         if len(parts) < 2:  # an image in the root has no class
             continue
         name = "/".join(parts)
@@ -85,7 +105,13 @@ def _build(path: Path, kind: str, items: list[Item], seen: int) -> Discovered:
     h = hashlib.sha256(kind.encode())
     for name, size, mtime in sorted(keyed):
         h.update(f"{name}\0{size}\0{mtime}\n".encode())
-    return Discovered(path, kind, entries, h.hexdigest(), seen - len(entries))
+    found = Discovered(path, kind, entries, h.hexdigest(), seen - len(entries), unsafe or [], outside)
+    for what, names in (("members with an absolute path or '..' (never read)", found.unsafe),
+                        (f"images outside {'/'.join(wrap) or 'the class folders'}/", found.outside)):
+        if names:
+            log.warning("%s: ignored %d %s: %s%s", path, len(names), what, ", ".join(names[:5]),
+                        f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return found
 
 
 def dir_images(path: Path, extensions=IMAGE_EXTENSIONS) -> tuple[list[Item], int]:
@@ -105,24 +131,29 @@ def dir_images(path: Path, extensions=IMAGE_EXTENSIONS) -> tuple[list[Item], int
     return items, seen
 
 
-def tar_images(path: Path, extensions=IMAGE_EXTENSIONS) -> tuple[list[Item], int]:
-    """(visible members of the archive whose extension is in `extensions`, in member order; files seen); ref: the
-    member name. Raises tarfile.TarError / OSError / EOFError on an unreadable archive."""
-    items, seen = [], 0
+def tar_images(path: Path, extensions=IMAGE_EXTENSIONS) -> tuple[list[Item], int, list[str]]:
+    """(visible members of the archive whose extension is in `extensions`, in member order; files seen; members
+    refused for an absolute path or a '..' component); ref: the member name. Raises tarfile.TarError / OSError /
+    EOFError on an unreadable archive."""
+    items, seen, unsafe = [], 0, []
     with tarfile.open(path, "r:*") as tf:
         for m in tf:  # streaming: listing a .tgz reads it once, never holding more than one member
             if not m.isfile():
                 continue
             seen += 1
             parts = tuple(p for p in m.name.split("/") if p not in ("", "."))
+            if m.name.startswith("/") or ".." in parts:
+                unsafe.append(m.name)
+                continue
             if not parts or _is_hidden(parts) or not _is_image(parts[-1], extensions):
                 continue
             items.append((parts, m.name, m.size, int(m.mtime)))
-    return items, seen
+    return items, seen, unsafe
 
 
 def discover_dir(path: Path) -> Discovered:
-    return _build(path, "dir", *dir_images(path))
+    items, seen = dir_images(path)
+    return _build(path, "dir", items, seen)
 
 
 def discover_tar(path: Path) -> Discovered:
