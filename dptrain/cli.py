@@ -60,6 +60,10 @@ TRAIN_FLAGS = [
 ]
 
 
+# mpirun / horovodrun / torchrun spellings users type out of habit
+FLAG_ALIASES = {"--workers": ("-np", "--nproc-per-node")}
+
+
 def _dest(flag: str) -> str:
     return flag[2:].replace("-", "_")
 
@@ -67,13 +71,15 @@ def _dest(flag: str) -> str:
 def add_train_flags(p: argparse.ArgumentParser, distributed: bool = False) -> None:
     g = p.add_argument_group("training (each is an alias of a config key; --section.key=value sets any key)")
     g.add_argument("--config", help="TOML file with [data] [model] [train] [dist] tables")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/last.npz")
+    g.add_argument("--resume", nargs="?", const="yes", choices=["yes", "auto"], default=None,
+                   help="continue from OUT/last.npz (an error if there is none); --resume auto: continue if it "
+                        "exists, start fresh otherwise (requeued jobs, scripts)")
     g.add_argument("--stop-at-step", type=int, default=0, help="stop (with a checkpoint) once this step is reached")
     d = p.add_argument_group("distribution") if distributed else None
     for flag, key, typ, choices, text in TRAIN_FLAGS:
         if key.startswith("dist.") and d is None:
             continue
-        (d if key.startswith("dist.") else g).add_argument(flag, type=typ, choices=choices,
+        (d if key.startswith("dist.") else g).add_argument(flag, *FLAG_ALIASES.get(flag, ()), type=typ, choices=choices,
                                                            help=f"{text} ({key})" if text else f"({key})")
 
 

@@ -351,8 +351,9 @@ class Trainer:
             self.executor.request_stop(STOP_GRACE_S)
 
 
-def prepare(cfg: Config, resume: bool, store_factory=None) -> Trainer:
-    """Load the data, build the model and, with `resume`, restore the run folder's last checkpoint."""
+def prepare(cfg: Config, resume: bool | str | None, store_factory=None) -> Trainer:
+    """Load the data, build the model and, with `resume`, restore the run folder's last checkpoint (resume "auto":
+    only if there is one; otherwise a missing one is an error)."""
     ds = load_dataset(cfg.data, cfg.train.seed)
     if len(ds.class_names) < 2:  # a classifier of one class learns nothing and reports accuracy 1.0
         raise ValueError(f"{cfg.data.path}: a classifier needs at least two classes; found "
@@ -365,8 +366,11 @@ def prepare(cfg: Config, resume: bool, store_factory=None) -> Trainer:
         if last.exists():
             trainer.restore(last)
             trainer.trim_metrics()
+        elif resume == "auto":
+            trainer.log.info(f"--resume auto: no {last} yet, starting fresh")
         else:
-            trainer.log.warning(f"--resume: {last} does not exist, starting from scratch")
+            raise FileNotFoundError(f"--resume: {last} does not exist (--resume auto starts fresh when there is "
+                                    f"none)")
     return trainer
 
 

@@ -228,14 +228,23 @@ def _raise_stop(signum, frame):
 
 
 def run_agent(args) -> int:
-    from .rankenv import from_env
+    from .rankenv import RankEnvError, coordinator_from_env, from_env
     host = args.host_label or pysocket.gethostname()
     log.setup(f"agent@{host}")
     index, slots = args.host_index, args.slots
-    env = from_env()
+    try:
+        env = from_env() if index is None else None  # a stray RANK in a shell must not matter with --host-index
+        args.connect = args.connect or coordinator_from_env()
+    except RankEnvError as e:
+        raise SystemExit(f"dptrain agent: {e}") from None
+    if not args.connect:
+        raise SystemExit("dptrain agent: --connect tcp://HOST:PORT not given and MASTER_ADDR/MASTER_PORT not set")
+    if not args.run:
+        raise SystemExit("dptrain agent: --run not given and DPTRAIN_RUN_ID/TORCHELASTIC_RUN_ID not set")
     if index is None:
         if env is None:
-            raise SystemExit("dptrain agent: --host-index not given and no SLURM_/OMPI_/DPTRAIN_ rank in the environment")
+            raise SystemExit("dptrain agent: --host-index not given and no DPTRAIN_/OMPI_/SLURM_/torchrun (RANK) "
+                             "rank in the environment")
         if env.local_rank != 0:
             raise SystemExit(f"dptrain agent: local rank {env.local_rank} ({env.source}): start ONE agent per host "
                              f"(srun --ntasks-per-node=1, mpirun --map-by ppr:1:node); it starts the workers")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import zmq
@@ -35,11 +35,42 @@ class RunKeys:
                 "client_secret": self.client_secret}
 
     def write_agent_file(self, path: str | Path) -> Path:
-        path = Path(path)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.for_agents(), f)
-        return path
+        return _write_private(path, self.for_agents())
+
+    def write_coordinator_file(self, path: str | Path) -> Path:
+        """All four keys (the server secret too): for `launch --keys`, e.g. from a Kubernetes Secret."""
+        return _write_private(path, asdict(self))
+
+    @classmethod
+    def read_coordinator_file(cls, path: str | Path) -> RunKeys:
+        try:
+            keys = json.loads(Path(path).read_text())
+            if not all(isinstance(keys.get(f.name), str) and len(keys[f.name]) == 40 for f in fields(cls)):
+                raise ValueError("missing or malformed keys")
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"{path}: not a dptrain coordinator key file ({e}; make one with `dptrain keys`)") \
+                from None
+        return cls(**{f.name: keys[f.name] for f in fields(cls)})
+
+
+def _write_private(path: str | Path, data: dict) -> Path:
+    """JSON in a file only this user can read (0600 from its creation on)."""
+    path = Path(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f)
+    return path
+
+
+def cmd_keys(args, extra) -> int:
+    """`dptrain keys --out DIR`: a run's key pairs made in advance (a Kubernetes Secret, a scheduler's spool):
+    DIR/coordinator.json for `launch --keys`, DIR/agent.json for `agent --keys`; both 0600."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    keys = RunKeys.generate()
+    for p in (keys.write_coordinator_file(out / "coordinator.json"), keys.write_agent_file(out / "agent.json")):
+        print(p)
+    return 0
 
 
 def read_agent_keys(text: str, source: str) -> dict:

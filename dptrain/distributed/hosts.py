@@ -81,7 +81,7 @@ def launch_hosts(cfg: Config, args) -> int:
     from ..train import prepare_or_exit
     lg = log.get()
     hosts = resolve_hosts(args)
-    keys = RunKeys.generate()
+    keys = RunKeys.read_coordinator_file(args.keys) if getattr(args, "keys", None) else RunKeys.generate()
     if cfg.dist.bind in ("127.0.0.1", "localhost") and any(h.hostname not in ("localhost", "127.0.0.1")
                                                            for h in hosts):
         lg.warning("the coordinator binds 127.0.0.1: remote hosts cannot reach it (set --bind to this host's address)")

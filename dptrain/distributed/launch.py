@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import signal
 import socket as pysocket
@@ -52,6 +53,9 @@ def add_launch_flags(p: argparse.ArgumentParser) -> None:
                    help="print the `dptrain agent` command each host must run, and wait for them")
     h.add_argument("--remote-python", default=None, help="python on the hosts (default: this one's path)")
     h.add_argument("--wait-agents-s", type=float, default=120.0, help="how long to wait for every host's READY")
+    h.add_argument("--keys", default=None,
+                   help="the run's CURVE keys made in advance with `dptrain keys` (coordinator.json); default: "
+                        "made now, agents get theirs over ssh or from RUN/agent-keys.json")
     h.add_argument("--run-id", default=None, type=_run_id,
                    help="fix the run id in advance (e.g. $SLURM_JOB_ID) so agents can be started with it; "
                         "default: random")
@@ -64,9 +68,16 @@ def add_internal_commands(sub) -> None:
     w.add_argument("--run", required=True)
     w.set_defaults(func=_cmd_worker)
 
+    k = sub.add_parser("keys", help="make a run's CURVE keys in advance (coordinator.json, agent.json; 0600)")
+    k.add_argument("--out", required=True, help="folder for coordinator.json and agent.json")
+    from .curve import cmd_keys
+    k.set_defaults(func=cmd_keys)
+
     a = sub.add_parser("agent", help="a host's agent: starts its workers, reduces their gradients (multi-host)")
-    a.add_argument("--connect", required=True, help="the coordinator, tcp://HOST:PORT")
-    a.add_argument("--run", required=True, help="the run id the coordinator printed")
+    a.add_argument("--connect", default=None,
+                   help="the coordinator, tcp://HOST:PORT (default: MASTER_ADDR and MASTER_PORT, as torchrun sets)")
+    a.add_argument("--run", default=os.environ.get("DPTRAIN_RUN_ID") or os.environ.get("TORCHELASTIC_RUN_ID"),
+                   help="the run id the coordinator printed (default: $DPTRAIN_RUN_ID or $TORCHELASTIC_RUN_ID)")
     a.add_argument("--host-index", type=int, default=None,
                    help="this host's position in the hostfile (default: from SLURM_NODEID / OMPI / DPTRAIN_RANK)")
     a.add_argument("--slots", type=int, default=1, help="workers on this host")

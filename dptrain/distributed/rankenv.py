@@ -7,6 +7,8 @@ its environment. Sources, first match wins:
     dptrain  DPTRAIN_RANK          DPTRAIN_WORLD_SIZE     DPTRAIN_LOCAL_RANK (dflt 0)  DPTRAIN_NODE_RANK
     openmpi  OMPI_COMM_WORLD_RANK  OMPI_COMM_WORLD_SIZE   OMPI_COMM_WORLD_LOCAL_RANK   OMPI_COMM_WORLD_NODE_RANK
     slurm    SLURM_PROCID          SLURM_NTASKS           SLURM_LOCALID                SLURM_NODEID
+    torchrun RANK                  WORLD_SIZE             LOCAL_RANK (dflt 0)          GROUP_RANK
+             (torchrun, Kubeflow's PyTorchJob, a Kubernetes Indexed Job that sets them: the generic names come last)
 
 `DPTRAIN_*` comes first so a user can override what a scheduler set. OpenMPI comes
 before Slurm because ``mpirun`` inside a Slurm allocation inherits the batch step's
@@ -67,7 +69,20 @@ SOURCES = (
             size_without_rank_is_error=True),
     _Source("slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NODEID", None,
             local_rank_required=True, size_without_rank_is_error=False),
+    _Source("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE",
+            local_rank_required=False, size_without_rank_is_error=False),
 )
+
+
+def coordinator_from_env(env: Mapping[str, str] | None = None) -> str | None:
+    """torchrun's / PyTorchJob's MASTER_ADDR + MASTER_PORT as the coordinator's endpoint (None: not set)."""
+    env = os.environ if env is None else env
+    addr, port = env.get("MASTER_ADDR", "").strip(), env.get("MASTER_PORT", "").strip()
+    if not addr and not port:
+        return None
+    if not addr or not re.fullmatch(r"[0-9]{1,5}", port) or not 0 < int(port) < 65536:
+        raise RankEnvError(f"MASTER_ADDR={addr!r} MASTER_PORT={port!r}: need a host and a port 1..65535")
+    return f"tcp://{addr}:{port}"
 
 
 def _int(env: Mapping[str, str], var: str, required: bool) -> int | None:

@@ -1,0 +1,123 @@
+"""Launching like torchrun, mpirun and Kubernetes users expect: their variables and spellings.
+
+The Kubernetes manifest (launch/kubernetes.yaml) is parsed and its commands and environment are run for real on
+this host: the coordinator Pod's command (pre-made keys, no ssh) and the Indexed Job's agents (RANK, WORLD_SIZE,
+MASTER_ADDR, MASTER_PORT, DPTRAIN_RUN_ID), with only the addresses and paths swapped for local ones.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+
+import pytest
+from distutil import ROOT, TINY, Proc, step_records
+
+from dptrain.cli import build_parser
+from dptrain.distributed.rankenv import RankEnvError, coordinator_from_env, from_env
+
+yaml = pytest.importorskip("yaml")
+
+
+def test_torchrun_variables_give_the_rank_and_the_coordinator():
+    env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "GROUP_RANK": "3", "MASTER_ADDR": "head",
+           "MASTER_PORT": "29500"}
+    r = from_env(env)
+    assert (r.source, r.rank, r.world_size, r.node_rank, r.local_rank) == ("torchrun", 3, 4, 3, 0)
+    assert coordinator_from_env(env) == "tcp://head:29500"
+    assert from_env({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "RANK": "0",
+                     "WORLD_SIZE": "2"}).source == "slurm"  # a scheduler's own variables win over the generic ones
+    assert coordinator_from_env({}) is None
+    with pytest.raises(RankEnvError, match="MASTER_PORT"):
+        coordinator_from_env({"MASTER_ADDR": "head", "MASTER_PORT": "http"})
+    with pytest.raises(RankEnvError, match="RANK=4 is not below WORLD_SIZE=4"):
+        from_env({"RANK": "4", "WORLD_SIZE": "4"})
+
+
+@pytest.mark.parametrize("argv, workers", [(["launch", "-np", "3"], 3), (["launch", "--nproc-per-node", "4"], 4),
+                                           (["launch", "--workers", "2"], 2)])
+def test_mpirun_and_torchrun_spellings_of_workers(argv, workers):
+    args, _ = build_parser().parse_known_args(argv)
+    assert args.workers == workers
+
+
+def test_resume_auto_starts_fresh_and_plain_resume_wants_a_checkpoint(tiny_data, tmp_path):
+    from distutil import cli_args
+    run = tmp_path / "run"
+    base = [sys.executable, "-m", "dptrain", "train", *cli_args(tiny_data, run, train__epochs=1,
+                                                                 train__steps_per_epoch=2)]
+    strict = subprocess.run(base + ["--resume"], capture_output=True, text=True, timeout=60)
+    assert strict.returncode == 1 and "last.npz does not exist (--resume auto starts fresh" in strict.stderr
+    auto = subprocess.run(base + ["--resume", "auto"], capture_output=True, text=True, timeout=60)
+    assert auto.returncode == 0, auto.stderr
+    assert "no " in auto.stderr and "starting fresh" in auto.stderr and (run / "last.npz").exists()
+    again = subprocess.run(base + ["--resume", "auto"], capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and "resumed from" in again.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _swap(argv: list[str], flag: str, value: str) -> list[str]:
+    i = argv.index(flag)
+    return argv[:i + 1] + [value] + argv[i + 2:]
+
+
+@pytest.mark.timeout(150)
+def test_kubernetes_manifest_runs(tiny_data, tmp_path):
+    docs = list(yaml.safe_load_all((ROOT / "launch" / "kubernetes.yaml").read_text()))
+    kinds = {d["kind"]: d for d in docs}
+    assert set(kinds) == {"Service", "Pod", "Job"}
+    coord_spec = kinds["Pod"]["spec"]["containers"][0]
+    job = kinds["Job"]["spec"]
+    agent_spec = job["template"]["spec"]["containers"][0]
+    assert job["completionMode"] == "Indexed" and job["completions"] == job["parallelism"]
+    env = {e["name"]: e.get("value") for e in agent_spec["env"]}
+    assert env["RANK"] is None  # from the completion index annotation
+    assert [e for e in agent_spec["env"] if e["name"] == "RANK"][0]["valueFrom"]["fieldRef"]["fieldPath"] \
+        == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    hosts = int(env["WORLD_SIZE"])
+    assert hosts == job["completions"] == len(coord_spec["command"][coord_spec["command"].index("-H") + 1].split(","))
+    assert kinds["Service"]["spec"]["ports"][0]["port"] == int(env["MASTER_PORT"])
+
+    keys = tmp_path / "keys"
+    made = subprocess.run([sys.executable, "-m", "dptrain", "keys", "--out", str(keys)], capture_output=True,
+                          text=True, timeout=30)
+    assert made.returncode == 0, made.stderr
+    for f in ("coordinator.json", "agent.json"):
+        assert stat.S_IMODE((keys / f).stat().st_mode) == 0o600
+    assert "server_secret" not in json.loads((keys / "agent.json").read_text())
+
+    port, out = _free_port(), tmp_path / "runs" / "demo"
+    tiny = ["--config", str(TINY), "--data.cache_dir", str(tiny_data.parent / "cache"), "--train.epochs=1",
+            "--train.steps_per_epoch=3", "--train.progress=false", "--dist.blas_threads=1"]
+    cmd = coord_spec["command"]
+    cmd = _swap(_swap(_swap(_swap(cmd, "--bind", "127.0.0.1"), "--port", str(port)), "--data", str(tiny_data)),
+                "--out", str(out))
+    cmd = _swap(cmd, "--keys", str(keys / "coordinator.json"))
+    assert cmd[:2] == ["dptrain", "launch"]
+    agents = []
+    with Proc([sys.executable, "-m", "dptrain", *cmd[1:], *tiny], tmp_path / "coordinator.log") as coord:
+        coord.wait_log(f"coordinator listening on tcp://127.0.0.1:{port}")
+        try:
+            for i in range(hosts):
+                a_env = {**env, "RANK": str(i), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+                a_cmd = _swap(agent_spec["command"], "--keys", str(keys / "agent.json"))
+                assert a_cmd[:2] == ["dptrain", "agent"] and "--connect" not in a_cmd and "--host-index" not in a_cmd
+                agents.append(Proc([sys.executable, "-m", "dptrain", *a_cmd[1:], "--host-label", f"agent-{i}"],
+                                   tmp_path / f"agent-{i}.log", {**os.environ, **a_env}))
+            assert coord.wait(120) == 0, coord.log() + "".join(a.log() for a in agents)
+            for a in agents:
+                assert a.wait(20) == 0, a.log()
+        finally:
+            for a in agents:
+                a.close()
+    assert len(step_records(out)) == 3
+    assert f"all {hosts} hosts ready" in coord.log()
+    assert "ranks 2..3" in (tmp_path / "agent-1.log").read_text()
