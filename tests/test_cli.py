@@ -65,6 +65,12 @@ def test_train_writes_the_run_folder(trained):
     saved = (out / "config.toml").read_text()
     assert "lr = 0.05" in saved and "seed = 5" in saved and "patience = 3" in saved and "widths = [8, 16]" in saved
     assert "epoch 2:" in r.stderr  # logs go to stderr, stdout stays machine-readable
+    import csv
+    with open(out / "metrics.csv", newline="") as f:  # for spreadsheets: the same rows as metrics.jsonl
+        rows = list(csv.DictReader(f))
+    lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == len(lines) and [r["kind"] for r in rows].count("epoch") == 2
+    assert float(rows[0]["loss"]) == lines[0]["loss"] and rows[-1]["val_acc"] == str(lines[-1]["val_acc"])
 
 
 def test_eval_prints_accuracy_json(trained):

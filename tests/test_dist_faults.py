@@ -122,6 +122,21 @@ def test_stuck_worker_detected(tiny_data, tmp_path):
 
 
 @pytest.mark.timeout(90)
+def test_stuck_worker_shows_where_it_is_stuck(tiny_data, tmp_path):
+    """A rank that heartbeats but never answers (hung in run_step at step 2): after step_timeout_s it is asked for
+    its stack (SIGUSR1 -> faulthandler) and the report shows where it was, before it is killed."""
+    out = tmp_path / "run"
+    args = cli_args(tiny_data, out, dist__workers=2, train__epochs=200, dist__step_timeout_s=3, **FAST_HB)
+    with Launch(args, tmp_path / "launch.log", env={"DPTRAIN_FAULT": "hang:2:1"}) as la:
+        assert la.wait(40) == 1, la.log()
+        log = la.log()
+    assert re.search(r"rank 1 \(host \S+, pid \d+\) is dead: stuck: no result after \d+ s \(step_timeout_s\); its "
+                     r"stack is in the last log lines", log), log
+    report = log[log.index("is dead: stuck"):]
+    assert "Thread 0x" in report and "in run_step" in report and "worker.py" in report, report
+
+
+@pytest.mark.timeout(90)
 def test_bad_messages_dropped(tiny_data, tmp_path):
     # 30 epochs x 5 steps: long enough that every bad message arrives while the run is going, even on a busy box
     with start(tiny_data, tmp_path, 2, 30) as la:

@@ -11,7 +11,9 @@ max(tick, its process exit | heartbeat_misses × heartbeat_interval_s | step_tim
 from __future__ import annotations
 
 import enum
+import os
 import secrets
+import signal
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -32,6 +34,7 @@ MAX_DRAIN = 1000  # messages handled per poll before liveness is checked again
 DROP_LOG_BURST = 50  # dropped-message lines logged per window; the rest are counted
 DROP_LOG_WINDOW_S = 10.0
 LATE_WARNING_EVERY_S = 10.0
+STACK_DUMP_WAIT_S = 0.5  # for a stuck rank's stack to reach its log
 
 
 class PeerState(enum.Enum):
@@ -228,13 +231,25 @@ class Coordinator:
                   rank_base=self.rank_base[peer.rank], **self.welcome)
 
     # ---- liveness ----------------------------------------------------------------------------------------------
-    def _mark_dead(self, peer: Peer, why: str) -> None:
+    def _dump_stack(self, peer: Peer) -> bool:
+        """Ask a stuck process this coordinator started for every thread's Python stack (SIGUSR1: faulthandler,
+        registered by workers) and give it a moment to reach its log. True when asked."""
+        if peer.proc is None or peer.proc.poll() is not None or peer.log_path is None:
+            return False
+        try:
+            os.kill(peer.proc.pid, signal.SIGUSR1)
+        except OSError:
+            return False
+        time.sleep(STACK_DUMP_WAIT_S)
+        return True
+
+    def _mark_dead(self, peer: Peer, why: str, lines: int = 10) -> None:
         if peer.state in (PeerState.DEAD, PeerState.STOPPED):
             return
         peer.state, peer.death = PeerState.DEAD, why
         if peer.proc is not None and peer.proc.poll() is None:
             peer.proc.kill()
-        lines = "\n    ".join(peer.last_lines())
+        lines = "\n    ".join(peer.last_lines(lines))
         self.log.error(f"{peer.describe()} is dead: {why}" + (f"; last log lines:\n    {lines}" if lines else ""))
 
     def check_liveness(self, waiting_on: list[Peer] = (), waiting_since: float = 0.0) -> None:
@@ -252,7 +267,9 @@ class Coordinator:
             elif peer.state is not PeerState.STARTING and now - peer.last_seen > d.heartbeat_interval_s * d.heartbeat_misses:
                 self._mark_dead(peer, f"silent for {now - peer.last_seen:.1f} s (missed heartbeats)")
             elif peer in waiting_on and now - waiting_since > d.step_timeout_s:
-                self._mark_dead(peer, f"stuck: no result after {now - waiting_since:.0f} s (step_timeout_s)")
+                dumped = self._dump_stack(peer)
+                self._mark_dead(peer, f"stuck: no result after {now - waiting_since:.0f} s (step_timeout_s)"
+                                + ("; its stack is in the last log lines" if dumped else ""), lines=60 if dumped else 10)
 
     def service(self, timeout_s: float) -> None:
         """Between rounds: answer heartbeats and hellos, notice deaths (an agent's workers while it waits upstream)."""

@@ -14,7 +14,9 @@ With transport "socket" the weights arrive as frames of STEP and the gradient le
 """
 from __future__ import annotations
 
+import faulthandler
 import os
+import signal
 import socket as pysocket
 import sys
 import time
@@ -35,7 +37,8 @@ from .wire import grad_frame, receive_weights
 
 
 def _fault(spec: str) -> tuple | None:
-    """DPTRAIN_FAULT=PHASE:STEP:RANK (tests only): the worker of that rank dies inside that phase of that step."""
+    """DPTRAIN_FAULT=PHASE:STEP:RANK (tests only): the worker of that rank dies inside that phase of that step
+    ("update"), or hangs in it for ever while its heartbeat goes on ("hang": a stuck rank)."""
     if not spec:
         return None
     phase, step, rank = spec.split(":")
@@ -127,6 +130,9 @@ class Worker:
 
     def run_step(self, msg: P.Message) -> None:
         t_recv = time.time()
+        if FAULT == ("hang", msg.step, self.rank):  # a test's stuck rank: alive, never answering
+            while True:
+                time.sleep(1)
         self.bn_calls = 0
         f = msg.fields
         if not self.shm_weights:
@@ -173,6 +179,8 @@ class Worker:
 
 def run_worker(endpoint: str, rank: int, run_id: str) -> int:
     log.setup(f"rank{rank}")
+    # the coordinator sends SIGUSR1 to a rank it declares stuck: every thread's stack goes to this rank's log first
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
     token = sys.stdin.readline().strip()  # the launcher's proof that we are its worker (not on the command line)
     w = Worker(endpoint, rank, run_id, token)
     try:
