@@ -54,6 +54,8 @@ TRAIN_FLAGS = [
     ("--bind", "dist.bind", str, None, "interface the coordinator listens on"),
     ("--port", "dist.port", int, None, "coordinator port (0: pick a free one)"),
     ("--timeline", "dist.timeline", str, None, "write a Chrome-trace JSON of every phase"),
+    ("--checkpoint-signal", "train.checkpoint_signal", str, None,
+     "a signal (USR1) that means preempted: checkpoint and exit 75"),
     ("--wire-dtype", "dist.wire_dtype", str, ["float32", "float16"], None),
     ("--plane", "dist.plane", str, ["mesh", "star"], "across hosts: agents reduce among themselves, or via the "
      "coordinator"),
@@ -122,8 +124,15 @@ def cmd_train(args, extra) -> int:
     from .train import run_local
     cfg = resolve_config(args, extra)
     # a bad dataset / checkpoint: one line, no traceback
-    print(json.dumps(run_local(cfg, args.resume, args.stop_at_step, command="train")))
-    return 0
+    summary = run_local(cfg, args.resume, args.stop_at_step, command="train")
+    print(json.dumps(summary))
+    return exit_code(summary)
+
+
+def exit_code(summary: dict) -> int:
+    """0 done; EXIT_PREEMPTED (75) stopped by train.checkpoint_signal; 130 stopped by Ctrl-C / SIGTERM."""
+    from .train import EXIT_PREEMPTED
+    return EXIT_PREEMPTED if summary.get("preempted") else 130 if summary.get("interrupted") else 0
 
 
 def cmd_launch(args, extra) -> int:

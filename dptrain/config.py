@@ -7,6 +7,7 @@ errors that name the key. The resolved config is written to the run folder as `c
 from __future__ import annotations
 
 import dataclasses
+import signal
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -54,6 +55,9 @@ class TrainConfig:
     steps_per_epoch: int = 0  # cap steps per epoch (0: whole epoch), for quick runs
     progress: bool = True  # tqdm progress bars
     checkpoint_every_steps: int = 0  # also save `last` every this many steps (0: at epoch ends only)
+    # a signal (e.g. "USR1": Slurm's --signal before the time limit) that means "preempted": finish the step, save
+    # `last`, exit with EXIT_PREEMPTED (75) so a requeued job resumes with --resume auto. "": none besides INT/TERM
+    checkpoint_signal: str = ""
     # With more than one thread per process, shorten OpenBLAS's ~0.1 s post-GEMM busy-wait so the non-GEMM kernels'
     # threads get the cores (nn/threads.py); false leaves OpenBLAS as configured.
     short_blas_spin: bool = True
@@ -101,6 +105,10 @@ class Config:
             raise ValueError(f"dist.transport must be 'shm' or 'socket', got {self.dist.transport!r}")
         if self.dist.update not in ("workers", "coordinator"):
             raise ValueError(f"dist.update must be 'workers' or 'coordinator', got {self.dist.update!r}")
+        if self.train.checkpoint_signal and not hasattr(signal, "SIG" + self.train.checkpoint_signal.upper()
+                                                          .removeprefix("SIG")):
+            raise ValueError(f"train.checkpoint_signal {self.train.checkpoint_signal!r} is not a signal name "
+                             f"(e.g. USR1)")
         if self.dist.plane not in ("mesh", "star"):
             raise ValueError(f"dist.plane must be 'mesh' or 'star', got {self.dist.plane!r}")
         if self.dist.wire_dtype not in ("float32", "float16"):

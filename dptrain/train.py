@@ -54,6 +54,9 @@ class StepResult:
     slowest: str = ""  # who the step waited on last (distributed runs)
 
 
+EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: stopped by train.checkpoint_signal with `last` saved; run again
+
+
 class StepInterrupted(Exception):
     """An executor gave up the running step after `request_stop`; nothing of the step was applied."""
 
@@ -176,6 +179,9 @@ class Trainer:
         self.epoch_sums = [0.0, 0, 0, 0.0]  # loss_sum, correct, count, compute seconds of the running epoch
         self.epochs_run = 0
         self.stop_requested = False
+        self.preempted = False  # stopped by train.checkpoint_signal: the exit code says "requeue me"
+        name = cfg.train.checkpoint_signal.upper().removeprefix("SIG")
+        self.preempt_signal = getattr(signal, "SIG" + name) if name else None
         self.executor: Executor | None = None  # during fit()
         self.unsaved: OSError | None = None  # the last checkpoint write failed (a full disk): fit() ends non-zero
         self.metrics_lost_epoch = -1
@@ -298,7 +304,8 @@ class Trainer:
         except OSError as e:
             self.log.error(f"{self.out / 'config.toml'}: cannot write it ({e.strerror})")
         wall0 = time.perf_counter()
-        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        sigs = [signal.SIGINT, signal.SIGTERM] + ([self.preempt_signal] if self.preempt_signal else [])
+        old = {s: signal.signal(s, self._on_signal) for s in sigs}
         stopped_early = interrupted = False
         self.executor = executor
         try:
@@ -396,10 +403,13 @@ class Trainer:
     def _summary(self, wall_s: float, stopped_early: bool, interrupted: bool) -> dict:
         return {"best_val_acc": self.best_val_acc, "best_epoch": self.best_epoch, "epochs_run": self.epochs_run,
                 "epoch": self.epoch, "steps": self.step, "wall_s": wall_s, "stopped_early": stopped_early,
-                "interrupted": interrupted, "num_params": self.store.num_params, **self.ds.counts}
+                "interrupted": interrupted, "preempted": self.preempted, "num_params": self.store.num_params,
+                **self.ds.counts}
 
     def _on_signal(self, signum, frame) -> None:
-        if self.stop_requested:  # a second Ctrl-C: stop now
+        if signum == self.preempt_signal:  # preemption: finish the step, checkpoint, exit EXIT_PREEMPTED
+            self.preempted = True
+        elif self.stop_requested:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
         self.log.warning(f"signal {signum}: finishing this step, saving the last checkpoint, then stopping "
                          f"(again to stop at once)")

@@ -121,3 +121,31 @@ def test_kubernetes_manifest_runs(tiny_data, tmp_path):
     assert len(step_records(out)) == 3
     assert f"all {hosts} hosts ready" in coord.log()
     assert "ranks 2..3" in (tmp_path / "agent-1.log").read_text()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", ["train", "launch"])
+def test_checkpoint_signal_saves_and_exits_preempted_then_resume_auto_continues(tiny_data, tmp_path, how):
+    """Slurm's --signal=USR1 before the time limit: the step finishes, last.npz is written, exit 75 (requeue me);
+    the requeued job's `--resume auto` carries on from there."""
+    import signal
+    import time
+
+    from distutil import cli_args, wait_steps
+    run = tmp_path / "run"
+    extra = ["--workers", "2"] if how == "launch" else []
+    argv = [sys.executable, "-m", "dptrain", how, *extra, "--checkpoint-signal", "USR1", "--resume", "auto",
+            *cli_args(tiny_data, run, train__epochs=300)]
+    with Proc(argv, tmp_path / "first.log") as p:
+        wait_steps(run, 3)
+        time.sleep(0.2)
+        p.proc.send_signal(signal.SIGUSR1)
+        assert p.wait(60) == 75, p.log()
+    done = len(step_records(run))
+    assert (run / "last.npz").exists() and json.loads((run / "summary.json").read_text())["preempted"] is True
+    argv2 = [a if a != "--train.epochs=300" else "--train.epochs=2" for a in argv]
+    with Proc(argv2, tmp_path / "second.log") as p:
+        code = p.wait(60)
+        log = p.log()
+    assert code == 0, log
+    assert "resumed from" in log and len(step_records(run)) >= done

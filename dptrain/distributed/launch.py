@@ -30,7 +30,7 @@ from .. import config as config_mod, log
 from ..checkpoint import CheckpointWriteError
 from ..config import Config
 from ..data.shm import remove_orphans
-from ..train import ExecutorFailure
+from ..train import EXIT_PREEMPTED, ExecutorFailure
 from .coordinator import Coordinator
 from .executor import DistExecutor, SharedUpdate
 from .session import Session, blas_threads, remove_stale_dirs
@@ -117,9 +117,11 @@ def launch(cfg: Config, args) -> int:
         from .hosts import launch_hosts
         return launch_hosts(cfg, args)
     if cfg.dist.workers == 0:  # the single-process fallback: the same math, no sockets
+        from ..cli import exit_code
         from ..train import run_local
-        print(json.dumps(run_local(cfg, args.resume, args.stop_at_step, command="launch")))
-        return 0
+        summary = run_local(cfg, args.resume, args.stop_at_step, command="launch")
+        print(json.dumps(summary))
+        return exit_code(summary)
     return launch_local(cfg, resume=args.resume, stop_at_step=args.stop_at_step)
 
 
@@ -143,7 +145,7 @@ def run_session(cfg: Config, stop_at_step: int, start, run_id: str | None = None
                                 mesh=session.mesh)
         summary = trainer.fit(executor, stop_at_step=stop_at_step)
         print(json.dumps(summary))
-        return EXIT_INTERRUPTED if trainer.stop_requested else 0
+        return EXIT_PREEMPTED if trainer.preempted else EXIT_INTERRUPTED if trainer.stop_requested else 0
     except CheckpointWriteError as e:
         lg.error(f"training finished but its last checkpoint is not on disk: {e}")
         return 1
