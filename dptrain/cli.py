@@ -130,9 +130,10 @@ def cmd_train(args, extra) -> int:
 
 
 def exit_code(summary: dict) -> int:
-    """0 done; EXIT_PREEMPTED (75) stopped by train.checkpoint_signal; 130 stopped by Ctrl-C / SIGTERM."""
+    """0 done (or stopped at --stop-at-step); EXIT_PREEMPTED (75) stopped by train.checkpoint_signal; 130 stopped
+    by Ctrl-C / SIGTERM."""
     from .train import EXIT_PREEMPTED
-    return EXIT_PREEMPTED if summary.get("preempted") else 130 if summary.get("interrupted") else 0
+    return EXIT_PREEMPTED if summary.get("preempted") else 130 if summary.get("stop_requested") else 0
 
 
 def cmd_launch(args, extra) -> int:

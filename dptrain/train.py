@@ -123,7 +123,7 @@ class LocalExecutor:
         pass
 
 
-METRICS_CSV = ["kind", "epoch", "step", "loss", "acc", "lr", "grad_norm", "step_s", "slowest", "train_loss",
+METRICS_CSV = ["kind", "restart", "epoch", "step", "loss", "acc", "lr", "grad_norm", "step_s", "slowest", "train_loss",
                "train_acc", "val_loss", "val_acc", "images_per_s"]
 PROGRESS_EVERY_S = 30.0  # without a terminal: a progress line this often
 
@@ -180,6 +180,7 @@ class Trainer:
         self.epochs_run = 0
         self.stop_requested = False
         self.preempted = False  # stopped by train.checkpoint_signal: the exit code says "requeue me"
+        self.restarts = 0  # how many times `launch --max-restarts` started this run again
         name = cfg.train.checkpoint_signal.upper().removeprefix("SIG")
         self.preempt_signal = getattr(signal, "SIG" + name) if name else None
         self.executor: Executor | None = None  # during fit()
@@ -260,7 +261,7 @@ class Trainer:
                 r = json.loads(line)
             except ValueError:
                 continue
-            rows.append({"kind": "epoch" if "train_loss" in r else "step", **r})
+            rows.append({"kind": "epoch" if "train_loss" in r else "restart" if "restart" in r else "step", **r})
         try:
             def write(f):
                 text = io.TextIOWrapper(f, newline="", encoding="utf-8")
@@ -403,7 +404,9 @@ class Trainer:
     def _summary(self, wall_s: float, stopped_early: bool, interrupted: bool) -> dict:
         return {"best_val_acc": self.best_val_acc, "best_epoch": self.best_epoch, "epochs_run": self.epochs_run,
                 "epoch": self.epoch, "steps": self.step, "wall_s": wall_s, "stopped_early": stopped_early,
-                "interrupted": interrupted, "preempted": self.preempted, "num_params": self.store.num_params,
+                "interrupted": interrupted, "stop_requested": self.stop_requested, "preempted": self.preempted,
+                "restarts": self.restarts,
+                "num_params": self.store.num_params,
                 **self.ds.counts}
 
     def _on_signal(self, signum, frame) -> None:

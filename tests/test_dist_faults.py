@@ -211,3 +211,34 @@ def test_interrupt_while_a_step_hangs(tiny_data, tmp_path):
                 pass
         assert (run / "last.npz").exists(), la.log()
         assert wait_until(lambda: pid_gone(pid), 5) and not leftover_segments(la.run_id())
+
+
+@pytest.mark.timeout(120)
+def test_max_restarts_starts_again_from_last_checkpoint(tiny_data, tmp_path):
+    """--max-restarts 1 under abort: a worker killed after the first epoch's checkpoint; the launcher starts the
+    run again from last.npz and finishes it; the restart is in the log, metrics.jsonl and summary.json."""
+    run = tmp_path / "run"
+    args = cli_args(tiny_data, run, dist__workers=2, train__epochs=6, **FAST_HB) + ["--max-restarts", "1"]
+    with Launch(args, tmp_path / "launch.log") as la:
+        wait_steps(run, 7, launch=la)  # past the first epoch (5 steps): last.npz exists
+        os.kill(worker_pid(run, 1), signal.SIGKILL)
+        assert la.wait(90) == 0, la.log()
+        log = la.log()
+    assert "restart 1 of 1 (--max-restarts): starting again from last.npz" in log
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["restarts"] == 1 and summary["epochs_run"] == 6
+    assert [r["step"] for r in step_records(run)] == list(range(30))  # every step once: the redone ones trimmed
+    records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["restart"] for r in records if "restart" in r] == [1]
+
+
+@pytest.mark.timeout(120)
+def test_max_restarts_does_not_loop_on_a_run_that_cannot_step(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    args = cli_args(tiny_data, run, dist__workers=2, train__epochs=2, **FAST_HB) + ["--max-restarts", "3"]
+    args = args + ["--dist.step_timeout_s=2"]
+    with Launch(args, tmp_path / "launch.log", env={"DPTRAIN_FAULT": "hang:0:1"}) as la:  # stuck at step 0
+        assert la.wait(60) == 1, la.log()
+        log = la.log()
+    assert "not restarting: no step succeeded since the last start (restart 0 of 3)" in log
+    assert "restart 1 of" not in log

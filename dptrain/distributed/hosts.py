@@ -77,7 +77,7 @@ def ssh_failure(log_path: Path) -> str:
     return lines[-1].strip() if lines else "no output"
 
 
-def launch_hosts(cfg: Config, args) -> int:
+def launch_hosts(cfg: Config, args, progress: dict | None = None) -> int:
     from ..train import prepare_or_exit
     lg = log.get()
     hosts = resolve_hosts(args)
@@ -148,4 +148,5 @@ def launch_hosts(cfg: Config, args) -> int:
         session.mesh = cfg.dist.plane == "mesh"
         return trainer, None, None  # gradients arrive as frames (one summed buffer per host)
 
-    return run_session(cfg, args.stop_at_step, start, run_id=getattr(args, "run_id", None))
+    return run_session(cfg, args.stop_at_step, start, run_id=getattr(args, "run_id", None), progress=progress,
+                       restarts=progress.get("restarts", 0) if progress is not None else 0)

@@ -53,6 +53,9 @@ def add_launch_flags(p: argparse.ArgumentParser) -> None:
                    help="print the `dptrain agent` command each host must run, and wait for them")
     h.add_argument("--remote-python", default=None, help="python on the hosts (default: this one's path)")
     h.add_argument("--wait-agents-s", type=float, default=120.0, help="how long to wait for every host's READY")
+    h.add_argument("--max-restarts", type=int, default=0,
+                   help="when a worker or host is lost under --on-worker-failure abort, start the run again from "
+                        "last.npz, at most this many times over the run (only after a step succeeded)")
     h.add_argument("--keys", default=None,
                    help="the run's CURVE keys made in advance with `dptrain keys` (coordinator.json); default: "
                         "made now, agents get theirs over ssh or from RUN/agent-keys.json")
@@ -113,21 +116,43 @@ def _raise_terminated(signum, frame):
 
 
 def launch(cfg: Config, args) -> int:
-    if getattr(args, "hostfile", None) or getattr(args, "hosts", None) or getattr(args, "no_ssh", False):
-        from .hosts import launch_hosts
-        return launch_hosts(cfg, args)
-    if cfg.dist.workers == 0:  # the single-process fallback: the same math, no sockets
+    if cfg.dist.workers == 0 and not _many_hosts(args):  # the single-process fallback: the same math, no sockets
         from ..cli import exit_code
         from ..train import run_local
         summary = run_local(cfg, args.resume, args.stop_at_step, command="launch")
         print(json.dumps(summary))
         return exit_code(summary)
-    return launch_local(cfg, resume=args.resume, stop_at_step=args.stop_at_step)
+    lg = log.get()
+    limit = getattr(args, "max_restarts", 0) or 0
+    if limit and getattr(args, "no_ssh", False):
+        raise SystemExit("dptrain launch: --max-restarts needs agents this launcher starts (not --no-ssh)")
+    restarts = 0
+    while True:
+        progress = {"restarts": restarts}
+        if _many_hosts(args):
+            from .hosts import launch_hosts
+            rc = launch_hosts(cfg, args, progress)
+        else:
+            rc = launch_local(cfg, resume=args.resume, stop_at_step=args.stop_at_step, progress=progress)
+        if rc != EXIT_WORKER_LOST or restarts >= limit:
+            return rc
+        if not progress.get("steps"):  # a run that cannot take a step fails; it does not loop
+            lg.error(f"not restarting: no step succeeded since the last start (restart {restarts} of {limit})")
+            return rc
+        restarts += 1
+        args.resume = "auto"
+        lg.warning(f"restart {restarts} of {limit} (--max-restarts): starting again from last.npz")
 
 
-def run_session(cfg: Config, stop_at_step: int, start, run_id: str | None = None) -> int:
+def _many_hosts(args) -> bool:
+    return bool(getattr(args, "hostfile", None) or getattr(args, "hosts", None) or getattr(args, "no_ssh", False))
+
+
+def run_session(cfg: Config, stop_at_step: int, start, run_id: str | None = None, progress: dict | None = None,
+                restarts: int = 0) -> int:
     """`start(session)` loads data, starts the peers and returns (trainer, grad_slots, shared) once they are READY,
-    with session.coord set; this trains, prints the summary, and maps the ways a run ends to exit codes."""
+    with session.coord set; this trains, prints the summary, and maps the ways a run ends to exit codes.
+    progress["steps"]: the steps this start got done (for --max-restarts); `restarts`: how many came before it."""
     lg = log.get()
     remove_stale_dirs()
     orphans = remove_orphans()
@@ -137,9 +162,14 @@ def run_session(cfg: Config, stop_at_step: int, start, run_id: str | None = None
     old_term = signal.signal(signal.SIGTERM, _raise_terminated)
     # The workers own the cores; the coordinator's few BLAS calls (norms) must not spin up threads against them.
     blas = threadpool_limits(1)
-    executor = None
+    executor = trainer = None
+    first_step = 0
     try:
         trainer, grad_slots, shared = start(session)
+        trainer.restarts = restarts
+        first_step = trainer.step
+        if restarts:  # in metrics.jsonl too, where the curve restarts from
+            trainer._write({"restart": restarts, "step": trainer.step, "epoch": trainer.epoch})
         timeline = Timeline(cfg.dist.timeline) if cfg.dist.timeline else None
         executor = DistExecutor(session.coord, trainer.store, trainer.opt, cfg, grad_slots, shared, timeline,
                                 mesh=session.mesh)
@@ -151,6 +181,8 @@ def run_session(cfg: Config, stop_at_step: int, start, run_id: str | None = None
         return 1
     except ExecutorFailure as e:  # a lost worker or host, a replica mismatch: last.npz is written if training began
         lg.error(f"aborting: {e}")
+        if progress is not None and trainer is not None:
+            progress["steps"] = trainer.step - first_step
         return EXIT_WORKER_LOST
     except (KeyboardInterrupt, _Terminated):
         lg.error("interrupted; stopping every worker")
@@ -163,7 +195,7 @@ def run_session(cfg: Config, stop_at_step: int, start, run_id: str | None = None
         session.close()
 
 
-def launch_local(cfg: Config, resume: bool = False, stop_at_step: int = 0) -> int:
+def launch_local(cfg: Config, resume: bool | str = False, stop_at_step: int = 0, progress: dict | None = None) -> int:
     from ..train import prepare_or_exit
     lg = log.get()
     n = cfg.dist.workers
@@ -216,4 +248,5 @@ def launch_local(cfg: Config, resume: bool = False, stop_at_step: int = 0) -> in
         lg.info(f"all {n} workers ready")
         return trainer, grad_slots, shared
 
-    return run_session(cfg, stop_at_step, start)
+    return run_session(cfg, stop_at_step, start, progress=progress,
+                       restarts=progress.get("restarts", 0) if progress is not None else 0)
