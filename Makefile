@@ -10,7 +10,7 @@ WORKERS ?= 2
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,plot,export]'
+	$(PY) -m pip install --quiet -e '.[test,plot,export,tensorboard]'
 	touch $@
 
 venv: $(VENV)/.installed

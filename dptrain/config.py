@@ -58,6 +58,7 @@ class TrainConfig:
     # a signal (e.g. "USR1": Slurm's --signal before the time limit) that means "preempted": finish the step, save
     # `last`, exit with EXIT_PREEMPTED (75) so a requeued job resumes with --resume auto. "": none besides INT/TERM
     checkpoint_signal: str = ""
+    tensorboard: bool = True  # TensorBoard events in RUN/tensorboard/ (needs the tensorboard extra: tensorboardX)
     # With more than one thread per process, shorten OpenBLAS's ~0.1 s post-GEMM busy-wait so the non-GEMM kernels'
     # threads get the cores (nn/threads.py); false leaves OpenBLAS as configured.
     short_blas_spin: bool = True

@@ -31,6 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import checkpoint, config as config_mod, fsutil, log
+from .board import Board
 from .compute import evaluate_batches, shard_gradient
 from .config import Config
 from .data.dataset import Dataset, load_dataset
@@ -123,8 +124,8 @@ class LocalExecutor:
         pass
 
 
-METRICS_CSV = ["kind", "restart", "epoch", "step", "loss", "acc", "lr", "grad_norm", "step_s", "slowest", "train_loss",
-               "train_acc", "val_loss", "val_acc", "images_per_s"]
+METRICS_CSV = ["kind", "restart", "epoch", "step", "loss", "acc", "lr", "grad_norm", "images", "step_s", "slowest",
+               "train_loss", "train_acc", "val_loss", "val_acc", "images_per_s"]
 PROGRESS_EVERY_S = 30.0  # without a terminal: a progress line this often
 
 
@@ -181,6 +182,7 @@ class Trainer:
         self.stop_requested = False
         self.preempted = False  # stopped by train.checkpoint_signal: the exit code says "requeue me"
         self.restarts = 0  # how many times `launch --max-restarts` started this run again
+        self.board: Board | None = None  # TensorBoard events, during fit()
         name = cfg.train.checkpoint_signal.upper().removeprefix("SIG")
         self.preempt_signal = getattr(signal, "SIG" + name) if name else None
         self.executor: Executor | None = None  # during fit()
@@ -275,6 +277,8 @@ class Trainer:
             self.log.error(f"{self.out / 'metrics.csv'}: cannot write it ({e.strerror})")
 
     def _write(self, record: dict) -> None:
+        if self.board is not None:
+            self.board.record(record)
         try:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -309,6 +313,7 @@ class Trainer:
         old = {s: signal.signal(s, self._on_signal) for s in sigs}
         stopped_early = interrupted = False
         self.executor = executor
+        self.board = Board(self.out, t.tensorboard, purge_step=self.step)
         try:
             while self.epoch < t.epochs and not stopped_early:
                 batches = self.sampler.batches(self.epoch)
@@ -328,7 +333,7 @@ class Trainer:
                     self.epoch_sums = [self.epoch_sums[0] + res.loss_sum, self.epoch_sums[1] + res.correct,
                                        self.epoch_sums[2] + res.count, self.epoch_sums[3] + dt]
                     self._write({"step": self.step, "epoch": self.epoch, "loss": res.loss_sum / res.count,
-                                 "acc": res.correct / res.count, "lr": lr, "grad_norm": norm,
+                                 "acc": res.correct / res.count, "lr": lr, "grad_norm": norm, "images": res.count,
                                  "step_s": dt, **({"slowest": res.slowest} if res.slowest else {})})
                     self.step += 1
                     self.step_in_epoch += 1
@@ -350,6 +355,7 @@ class Trainer:
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
+            self.board.close()
         self.save("last")
         self.write_csv()
         self.executor = None
@@ -382,6 +388,8 @@ class Trainer:
                   "train_acc": correct / max(count, 1), "val_loss": val_loss, "val_acc": val_acc, "lr": lr,
                   "images_per_s": count / secs if secs else 0.0}
         self._write(record)
+        self.board.split(executor.summary().get("breakdown", {}), self.step)
+        self.board.flush()
         self.write_csv()
         self.log.info(f"epoch {self.epoch + 1}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.4f}"
                       f" | val loss {val_loss if val_loss is None else round(val_loss, 4)} acc {val_acc:.4f} | {record['images_per_s']:.1f} img/s")

@@ -27,8 +27,9 @@ TINY = TINY_TOML
 
 def tiny_values(data: Path, out: Path, **extra) -> dict:
     """`section.key -> value` for the tiny model on the session's dataset; `extra` uses section__key names."""
+    # TensorBoard off: importing tensorboardX costs ~1.5 s a process (test_train.py checks the events)
     return {"data.path": data, "data.cache_dir": data.parent / "cache", "data.min_images_per_class": 10,
-            "train.out": out, "train.progress": False, "train.patience": 0} | {
+            "train.out": out, "train.progress": False, "train.patience": 0, "train.tensorboard": False} | {
         k.replace("__", "."): v for k, v in extra.items()}
 
 

@@ -24,7 +24,7 @@ def train_args(data: Path, out: Path, **extra) -> list[str]:
     than the tiny config's (200 k parameters, 3 CHUNK blocks) so that the mesh plane's slices are not empty."""
     ov = {"model.hidden": "192", "data.path": str(data), "data.cache_dir": str(data.parent / "cache"), "data.min_images_per_class": "10",
           "data.augment": "false", "train.out": str(out), "train.progress": "false", "train.patience": "0",
-          "dist.blas_threads": "1"}
+          "dist.blas_threads": "1", "train.tensorboard": "false"}
     ov.update({k.replace("__", "."): (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in extra.items()})
     return ["--config", str(TINY)] + [f"--{k}={v}" for k, v in ov.items()]
 

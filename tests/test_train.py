@@ -193,3 +193,33 @@ def test_progress_without_a_terminal_is_periodic_log_lines(monkeypatch, caplog):
     quiet = train.Progress(4, 0, "epoch 1/2", enabled=False)  # train.progress = false: nothing at all
     quiet.step("loss 1.0")
     assert "step 1/4" not in caplog.text
+
+
+def test_tensorboard_events_read_back_with_tensorboards_own_reader(tiny_data, tmp_path):
+    """The Trainer writes one event file (one writer: this process); TensorBoard's EventAccumulator reads the step
+    and epoch scalars back with the values of metrics.jsonl."""
+    import json
+
+    pytest = __import__("pytest")
+    pytest.importorskip("tensorboardX")
+    ea_mod = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    from helpers import TINY_TOML, make_config
+
+    from dptrain.train import run_local
+    cfg = make_config({"data.path": str(tiny_data), "data.cache_dir": str(tiny_data.parent / "cache"),
+                       "train.out": str(tmp_path / "run"), "train.epochs": 2, "train.steps_per_epoch": 3,
+                       "train.progress": False, "data.min_images_per_class": 10}, toml=TINY_TOML)
+    run_local(cfg)
+    files = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(files) == 1
+    acc = ea_mod.EventAccumulator(str(files[0]))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/acc", "train/lr", "train/grad_norm", "train/images_per_s", "time/step_s",
+            "epoch/train_loss", "epoch/val_acc"} <= tags
+    lines = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in lines if "loss" in r]
+    loss = acc.Scalars("train/loss")
+    assert [e.step for e in loss] == [r["step"] for r in steps] == list(range(6))
+    assert [round(e.value, 5) for e in loss] == [round(r["loss"], 5) for r in steps]
+    assert [e.step for e in acc.Scalars("epoch/val_acc")] == [1, 2]
