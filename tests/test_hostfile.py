@@ -110,3 +110,30 @@ def test_filter_of_filter_keeps_original_slot_ids():
     assert filter_hosts(once, exclude="a:2") == [HostSlots("a", 2, (1, 3))]
     with pytest.raises(HostfileError, match=r"slots \[0\]"):
         filter_hosts(once, include="a:0")
+
+
+def test_environment_forwarded_to_the_hosts(tmp_path, monkeypatch):
+    """OMP_* / OPENBLAS_* / MKL_* set here, ./.dptrain_env, then -x NAME[=VALUE] (later wins); quoted for ssh."""
+    import shlex
+
+    import pytest
+
+    from dptrain.distributed.hosts import forwarded_env, remote_command
+    env_file = tmp_path / ".dptrain_env"
+    env_file.write_text("# site settings\nDATA_ROOT=/shared data\nOMP_PROC_BIND=close\n")
+    environ = {"OMP_NUM_THREADS": "4", "MKL_DEBUG_CPU_TYPE": "5", "HOME": "/root", "WANDB_KEY": "k", "PATH": "/bin"}
+    got = forwarded_env(["WANDB_KEY", "MODE=fast", "OMP_PROC_BIND=spread"], environ, env_file)
+    assert got == {"OMP_NUM_THREADS": "4", "MKL_DEBUG_CPU_TYPE": "5", "DATA_ROOT": "/shared data",
+                   "OMP_PROC_BIND": "spread", "WANDB_KEY": "k", "MODE": "fast"}
+    line = remote_command(["/usr/bin/python3", "-m", "dptrain", "agent"], got)
+    words = shlex.split(line)
+    assert words[words.index("exec") + 1] == "env" and "DATA_ROOT=/shared data" in words
+    assert words[-4:] == ["/usr/bin/python3", "-m", "dptrain", "agent"]
+    with pytest.raises(SystemExit, match="-x NOPE: not set"):
+        forwarded_env(["NOPE"], environ, env_file)
+    with pytest.raises(SystemExit, match="not an environment variable name"):
+        forwarded_env(["1BAD=x"], environ, env_file)
+    env_file.write_text("no equals sign\n")
+    with pytest.raises(SystemExit, match=r"\.dptrain_env:1: expected NAME=VALUE"):
+        forwarded_env([], environ, env_file)
+    assert remote_command(["x"], {}).endswith("exec x")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from distutil import flood
+from distutil import ROOT, flood
 from gradcheck import rel_error
 from multihost_util import (
     agent,
@@ -215,13 +215,35 @@ def _wrapper(tmp_path: Path, name: str, body: str) -> Path:
     return path
 
 
-def _launch_with_remote_python(c, py: Path, data: Path, out: Path, tmp_path: Path) -> tuple[int, str]:
+def _launch_with_remote_python(c, py: Path, data: Path, out: Path, tmp_path: Path, *extra: str) -> tuple[int, str]:
     """A 2-host launch over ssh whose hosts run `py` as their python; returns (exit code, launcher log)."""
     with launcher(["--hostfile", str(c.hostfile), "--ssh-config", str(c.ssh_config), "--bind", c.coordinator_addr,
-                   "--remote-python", str(py), *train_args(data, out, train__steps_per_epoch=3)],
+                   "--remote-python", str(py), *extra, *train_args(data, out, train__steps_per_epoch=3)],
                   tmp_path / "launch.log") as la:
         la.wait(60)
     return la.proc.returncode, la.log()
+
+
+@pytest.mark.timeout(90)
+def test_environment_reaches_every_host(data, tmp_path):
+    """-x NAME=VALUE, -x NAME (this value), ./.dptrain_env and OMP_* set here: each host's agent starts with them
+    (its python is a wrapper that records what it got, then runs the real one)."""
+    with cluster(2, slots=1) as c:
+        py = _wrapper(tmp_path, "py", f'echo "$(ip netns identify $$) $PROBE_A $PROBE_B $PROBE_C $OMP_PROC_BIND" '
+                                       f'>> {tmp_path}/seen\nexec {sys.executable} "$@"\n')
+        (ROOT / ".dptrain_env").write_text("PROBE_C=from_file\n")  # the launcher runs in ROOT
+        try:
+            os.environ.update(PROBE_B="from_here", OMP_PROC_BIND="close")
+            rc, log = _launch_with_remote_python(c, py, data, tmp_path / "run", tmp_path, "-x", "PROBE_A=given",
+                                                 "-x", "PROBE_B")
+        finally:
+            (ROOT / ".dptrain_env").unlink()
+            for k in ("PROBE_B", "OMP_PROC_BIND"):
+                os.environ.pop(k, None)
+        assert rc == 0, log
+        seen = sorted((tmp_path / "seen").read_text().split("\n")[:-1])
+        assert seen == [f"{c.namespace(h)} given from_here from_file close" for h in ("h1", "h2")], seen
+        assert "environment forwarded to the hosts: OMP_PROC_BIND, PROBE_A, PROBE_B, PROBE_C" in log
 
 
 @pytest.mark.timeout(90)

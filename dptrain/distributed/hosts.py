@@ -16,6 +16,8 @@ An ssh that fails (refused, unknown host key, no key) is reported in one line pe
 from __future__ import annotations
 
 import json
+import os
+import re
 import shlex
 import subprocess
 import sys
@@ -56,6 +58,48 @@ def agent_argv(python: str, endpoint: str, run_id: str, index: int, host: HostSl
     return argv + (["--keys-stdin"] if keys == "-" else ["--keys", keys])
 
 
+FORWARD_PREFIXES = ("OMP_", "OPENBLAS_", "MKL_")  # threading knobs a user set here are meant for the hosts too
+ENV_FILE = ".dptrain_env"
+
+
+def forwarded_env(names: list[str] | None, environ: dict | None = None, env_file: Path | None = None) -> dict:
+    """What the agents' environment gets from the launcher: OMP_* / OPENBLAS_* / MKL_* set here, the lines of
+    ./.dptrain_env (NAME=VALUE, # comments), then each `-x NAME[=VALUE]` (mpirun's spelling: NAME alone takes
+    this environment's value). Later ones win. A bad name or a `-x NAME` that is not set is an error naming it."""
+    environ = os.environ if environ is None else environ
+    out = {k: v for k, v in environ.items() if k.startswith(FORWARD_PREFIXES)}
+    path = Path(ENV_FILE) if env_file is None else env_file
+    if path.exists():
+        for n, line in enumerate(path.read_text().splitlines(), start=1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            name, eq, value = line.partition("=")
+            if not eq or not _env_name(name.strip()):
+                raise SystemExit(f"{path}:{n}: expected NAME=VALUE, got {line!r}")
+            out[name.strip()] = value.strip()
+    for item in names or []:
+        name, eq, value = item.partition("=")
+        if not _env_name(name):
+            raise SystemExit(f"-x {item!r}: not an environment variable name")
+        if not eq:
+            if name not in environ:
+                raise SystemExit(f"-x {name}: not set in this environment (use -x {name}=VALUE)")
+            value = environ[name]
+        out[name] = value
+    return out
+
+
+def _env_name(name: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name))
+
+
+def remote_command(argv: list[str], env: dict) -> str:
+    """The shell line ssh runs on a host: the launcher's working directory, the forwarded environment, the agent."""
+    prefix = ("env " + " ".join(shlex.quote(f"{k}={v}") for k, v in sorted(env.items())) + " ") if env else ""
+    return "cd " + shlex.quote(str(Path.cwd())) + " && exec " + prefix + shlex.join(argv)
+
+
 def ssh_argv(args, host: HostSlots) -> list[str]:
     argv = ["ssh", *SSH_OPTIONS]
     if args.ssh_config:
@@ -86,6 +130,9 @@ def launch_hosts(cfg: Config, args, progress: dict | None = None) -> int:
                                                            for h in hosts):
         lg.warning("the coordinator binds 127.0.0.1: remote hosts cannot reach it (set --bind to this host's address)")
     python = args.remote_python or sys.executable
+    forwarded = forwarded_env(getattr(args, "export", None))
+    if forwarded:
+        lg.info(f"environment forwarded to the hosts: {', '.join(sorted(forwarded))}")
     cfg.dist.transport = "socket"  # between hosts the weights and gradients are frames; shm is per host
 
     def start(session: Session):
@@ -116,8 +163,7 @@ def launch_hosts(cfg: Config, args, progress: dict | None = None) -> int:
             secret = (json.dumps(keys.for_agents()) + "\n").encode()
             for i, h in enumerate(hosts):
                 log_path = out / "logs" / f"host-{h.hostname}.log"
-                remote = "cd " + shlex.quote(str(Path.cwd())) + " && exec " + shlex.join(
-                    agent_argv(python, endpoint, session.run_id, i, h, "-"))
+                remote = remote_command(agent_argv(python, endpoint, session.run_id, i, h, "-"), forwarded)
                 with open(log_path, "wb") as f:
                     proc = subprocess.Popen(ssh_argv(args, h) + [remote], stdin=subprocess.PIPE, stdout=f,
                                             stderr=subprocess.STDOUT, start_new_session=True)

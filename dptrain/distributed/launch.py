@@ -53,6 +53,9 @@ def add_launch_flags(p: argparse.ArgumentParser) -> None:
                    help="print the `dptrain agent` command each host must run, and wait for them")
     h.add_argument("--remote-python", default=None, help="python on the hosts (default: this one's path)")
     h.add_argument("--wait-agents-s", type=float, default=120.0, help="how long to wait for every host's READY")
+    h.add_argument("-x", dest="export", action="append", metavar="NAME[=VALUE]",
+                   help="forward an environment variable to the hosts (mpirun's -x; NAME alone: this value); "
+                        "also ./.dptrain_env (NAME=VALUE lines) and OMP_*, OPENBLAS_*, MKL_* set here")
     h.add_argument("--max-restarts", type=int, default=0,
                    help="when a worker or host is lost under --on-worker-failure abort, start the run again from "
                         "last.npz, at most this many times over the run (only after a step succeeded)")
