@@ -55,6 +55,7 @@ class TrainConfig:
     steps_per_epoch: int = 0  # cap steps per epoch (0: whole epoch), for quick runs
     progress: bool = True  # tqdm progress bars
     checkpoint_every_steps: int = 0  # also save `last` every this many steps (0: at epoch ends only)
+    keep_checkpoints: int = 0  # with checkpoint_every_steps: also keep the last K of them as step-NNNNNNNN.npz
     # a signal (e.g. "USR1": Slurm's --signal before the time limit) that means "preempted": finish the step, save
     # `last`, exit with EXIT_PREEMPTED (75) so a requeued job resumes with --resume auto. "": none besides INT/TERM
     checkpoint_signal: str = ""

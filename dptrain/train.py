@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
 import signal
 import sys
@@ -217,6 +218,22 @@ class Trainer:
             self.log.warning(f"{self.out / (name + '.npz')} written: checkpoints are saved again")
         self.unsaved = None
 
+    def keep_step_checkpoint(self) -> None:
+        """train.keep_checkpoints > 0: last.npz, just written, is also kept as step-NNNNNNNN.npz (a hard link: no
+        second write), and the oldest beyond K are removed."""
+        k = self.cfg.train.keep_checkpoints
+        last = self.out / "last.npz"
+        if k <= 0 or self.unsaved is not None or not last.exists():
+            return
+        kept = self.out / f"step-{self.step:08d}.npz"
+        try:
+            kept.unlink(missing_ok=True)
+            os.link(last, kept)
+        except OSError:  # a filesystem without hard links: a copy
+            shutil.copyfile(last, kept)
+        for old in sorted(self.out.glob("step-*.npz"))[:-k]:
+            old.unlink(missing_ok=True)
+
     def restore(self, path: Path) -> None:
         arrays, meta = checkpoint.load(path)
         if meta["num_params"] != self.store.num_params or meta["class_names"] != self.ds.class_names:
@@ -339,6 +356,7 @@ class Trainer:
                     self.step_in_epoch += 1
                     if t.checkpoint_every_steps and self.step % t.checkpoint_every_steps == 0:
                         self.save("last")
+                        self.keep_step_checkpoint()
                     bar.step(f"loss {res.loss_sum / res.count:.3f} acc {res.correct / res.count:.3f} "
                              f"lr {lr:.4f} {res.count / dt:.0f} img/s" + (f" slowest {res.slowest}" if res.slowest else ""))
                 bar.close()

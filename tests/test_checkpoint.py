@@ -130,3 +130,18 @@ def test_missing_file_and_foreign_npz(tmp_path):
              meta=np.frombuffer(b"\xff{not json", np.uint8))
     with pytest.raises(CheckpointError, match="badjson.npz"):
         checkpoint.load(bad_json)
+
+
+def test_keep_checkpoints_keeps_the_last_k_step_files(tiny_data, tmp_path):
+    """--checkpoint-every 2 --keep-checkpoints 2 over 10 steps: step-8 and step-10 remain, equal to what last.npz
+    was then (the newest equals last.npz), each loadable."""
+    from distutil import tiny_cfg
+
+    from dptrain.train import run_local
+    run_local(tiny_cfg(tiny_data, tmp_path / "run", train__epochs=2, train__checkpoint_every_steps=2,
+                       train__keep_checkpoints=2))
+    kept = sorted(p.name for p in (tmp_path / "run").glob("step-*.npz"))
+    assert kept == ["step-00000008.npz", "step-00000010.npz"]
+    newest, meta = checkpoint.load(tmp_path / "run" / "step-00000010.npz")
+    assert meta["step"] == 10 and np.array_equal(newest["params"], checkpoint.load(tmp_path / "run" / "last.npz")[0]["params"])
+    assert checkpoint.load(tmp_path / "run" / "step-00000008.npz")[1]["step"] == 8

@@ -51,3 +51,22 @@ def test_timeline_chrome_trace(tiny_data, tmp_path):
     assert {"round", "reduce", "clip+update"} <= names["coordinator"], names
     steps = {e["args"]["step"] for e in events if e["tid"] == "coordinator" and e["name"] == "clip+update"}
     assert steps == set(range(len(step_records(tmp_path / "run"))))
+
+
+@pytest.mark.timeout(90)
+def test_tee_mirrors_one_ranks_log_to_the_console(tiny_data, tmp_path):
+    """`launch --tee 1`: rank 1's log lines appear on the launcher's console, prefixed; rank 0's do not."""
+    import subprocess
+    import sys
+
+    from distutil import cli_args
+    args = cli_args(tiny_data, tmp_path / "run", dist__workers=2, train__epochs=1)
+    r = subprocess.run([sys.executable, "-m", "dptrain", "launch", "--tee", "1", *args], capture_output=True,
+                       text=True, timeout=80)
+    assert r.returncode == 0, r.stderr
+    teed = [ln for ln in r.stderr.splitlines() if ln.startswith("rank1 | ")]
+    assert any("ready" in ln for ln in teed), r.stderr
+    assert not any(ln.startswith("rank0 | ") for ln in r.stderr.splitlines())
+    bad = subprocess.run([sys.executable, "-m", "dptrain", "launch", "--tee", "5", *args], capture_output=True,
+                         text=True, timeout=80)
+    assert bad.returncode == 1 and "--tee 5: no such rank (0..1)" in bad.stderr

@@ -20,6 +20,8 @@ import os
 import re
 import signal
 import socket as pysocket
+import sys
+import threading
 import uuid
 from pathlib import Path
 
@@ -56,6 +58,9 @@ def add_launch_flags(p: argparse.ArgumentParser) -> None:
     h.add_argument("-x", dest="export", action="append", metavar="NAME[=VALUE]",
                    help="forward an environment variable to the hosts (mpirun's -x; NAME alone: this value); "
                         "also ./.dptrain_env (NAME=VALUE lines) and OMP_*, OPENBLAS_*, MKL_* set here")
+    h.add_argument("--tee", type=int, default=None, metavar="RANK",
+                   help="also show this worker rank's log lines on the console (one host; each rank's full log "
+                        "is in RUN/logs/)")
     h.add_argument("--max-restarts", type=int, default=0,
                    help="when a worker or host is lost under --on-worker-failure abort, start the run again from "
                         "last.npz, at most this many times over the run (only after a step succeeded)")
@@ -110,6 +115,37 @@ def _run_id(text: str) -> str:
     return text
 
 
+class Tee(threading.Thread):
+    """Mirrors a log file's new lines to stderr, prefixed, until stopped (`launch --tee RANK`)."""
+
+    def __init__(self, path: Path, prefix: str):
+        super().__init__(daemon=True, name="tee")
+        self.path, self.prefix, self.done = path, prefix, threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        pos = 0
+        while True:
+            stopping = self.done.wait(0.2)
+            try:
+                with open(self.path, "rb") as f:
+                    f.seek(pos)
+                    chunk = f.read()
+            except FileNotFoundError:
+                chunk = b""
+            end = chunk.rfind(b"\n") + 1
+            for line in chunk[:end].decode(errors="replace").splitlines():
+                sys.stderr.write(self.prefix + line + "\n")
+            sys.stderr.flush()
+            pos += end
+            if stopping:
+                return
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join(2)
+
+
 class _Terminated(Exception):
     pass
 
@@ -136,7 +172,8 @@ def launch(cfg: Config, args) -> int:
             from .hosts import launch_hosts
             rc = launch_hosts(cfg, args, progress)
         else:
-            rc = launch_local(cfg, resume=args.resume, stop_at_step=args.stop_at_step, progress=progress)
+            rc = launch_local(cfg, resume=args.resume, stop_at_step=args.stop_at_step, progress=progress,
+                              tee=getattr(args, "tee", None))
         if rc != EXIT_WORKER_LOST or restarts >= limit:
             return rc
         if not progress.get("steps"):  # a run that cannot take a step fails; it does not loop
@@ -198,7 +235,8 @@ def run_session(cfg: Config, stop_at_step: int, start, run_id: str | None = None
         session.close()
 
 
-def launch_local(cfg: Config, resume: bool | str = False, stop_at_step: int = 0, progress: dict | None = None) -> int:
+def launch_local(cfg: Config, resume: bool | str = False, stop_at_step: int = 0, progress: dict | None = None,
+                 tee: int | None = None) -> int:
     from ..train import prepare_or_exit
     lg = log.get()
     n = cfg.dist.workers
@@ -247,6 +285,10 @@ def launch_local(cfg: Config, resume: bool | str = False, stop_at_step: int = 0,
         lg.info(f"coordinator listening on {session.coord.endpoint} (run {session.run_id}); starting {n} workers, "
                 f"{blas_threads(cfg, n)} BLAS thread(s) each, {cfg.dist.transport} transport, bn={cfg.dist.bn}"
                 + (", update by the workers" if by_workers else ""))
+        if tee is not None:
+            if not 0 <= tee < n:
+                raise SystemExit(f"dptrain launch: --tee {tee}: no such rank (0..{n - 1})")
+            session.tee = Tee(out / "logs" / f"rank{tee}.log", f"rank{tee} | ")
         session.start_workers(cfg, pysocket.gethostname(), [out / "logs" / f"rank{r}.log" for r in range(n)])
         lg.info(f"all {n} workers ready")
         return trainer, grad_slots, shared

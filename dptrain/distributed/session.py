@@ -124,6 +124,7 @@ class Session:
         self.mesh = False  # the peers are host agents on the mesh data plane (launch --hostfile, dist.plane mesh)
         self.token = secrets.token_hex(16)  # what this session's workers prove they were started by it with
         self.dir: Path | None = None  # private_dir, once a local socket lives there
+        self.tee = None  # launch --tee: a thread mirroring one rank's log (stopped at close)
 
     def local_endpoint(self) -> str:
         """ipc:// in this user's private run directory: no other user can connect (the file system says so)."""
@@ -153,6 +154,8 @@ class Session:
             self.coord.stop_all("run finished")
             time.sleep(0.05)  # let STOP leave before the socket closes
         reap(self.procs)
+        if self.tee is not None:
+            self.tee.stop()
         if self.coord is not None:
             self.coord.close()
         for seg in self.segments:
