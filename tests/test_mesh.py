@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -126,3 +127,33 @@ def test_agent_mesh_socket_admits_only_the_run_key(data, tmp_path):
                 assert summary(out)["replica_checks"] == 40
     assert np.array_equal(results["clean"], results["attacked"])
 
+
+
+# ---- a link that flaps -------------------------------------------------------------------------------------------
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("down_s, survives", [(2.0, True), (9.0, False)])
+def test_link_flap_within_the_liveness_bound_is_ridden_out(data, tmp_path, down_s, survives):
+    """h2's link goes down (both ends, no FIN/RST) and comes back: within the heartbeat bound (5 missed beats of
+    1 s) TCP and ZeroMQ carry on and the run finishes every step; longer, h2 is a lost host under `abort`."""
+    import subprocess as sp
+    epochs, steps = 12, 60
+    with cluster(2, slots=1) as c:
+        out = tmp_path / "run"
+        with run_hosts(c, data, out, train__epochs=epochs) as la:
+            la.wait_log("all 2 hosts ready")
+            assert wait_until(lambda: len(step_records(out)) >= 3, 30), la.log()
+            ns = c.namespace("h2")
+            sp.run(["ip", "link", "set", c.veth("h2"), "down"], check=True)
+            sp.run(["ip", "-n", ns, "link", "set", "eth0", "down"], check=True)
+            time.sleep(down_s)
+            sp.run(["ip", "link", "set", c.veth("h2"), "up"], check=True)
+            sp.run(["ip", "-n", ns, "link", "set", "eth0", "up"], check=True)
+            rc = la.wait(90)
+            log = la.log()
+        if survives:
+            assert rc == 0, log
+            assert [r["step"] for r in step_records(out)] == list(range(steps))
+        else:
+            assert rc == 1 and re.search(r"host h2\b.*dead", log), log
+            assert (out / "last.npz").exists()
+        assert wait_until(lambda: not dptrain_pids(c), 15), dptrain_pids(c)
