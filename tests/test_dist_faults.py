@@ -242,3 +242,39 @@ def test_max_restarts_does_not_loop_on_a_run_that_cannot_step(tiny_data, tmp_pat
         log = la.log()
     assert "not restarting: no step succeeded since the last start (restart 0 of 3)" in log
     assert "restart 1 of" not in log
+
+
+@pytest.mark.timeout(120)
+def test_worker_killed_by_the_oom_killer_is_named_so(tiny_data, tmp_path):
+    """Rank 1, mid-run, is moved into a memory cgroup (v1) of 64 MB (what it holds stays charged to its old group),
+    then at step 150 touches 256 MB (a test fault): the kernel OOM-kills it, and the coordinator says so, with the
+    memory it had."""
+    from pathlib import Path
+    base = Path("/sys/fs/cgroup/memory")
+    if os.geteuid() != 0 or not (base / "cgroup.procs").exists():
+        pytest.skip("needs root and the cgroup v1 memory controller")
+    cg = base / f"dptrain-oom-{os.getpid()}"
+    cg.mkdir(exist_ok=True)
+    try:
+        run = tmp_path / "run"
+        args = cli_args(tiny_data, run, dist__workers=2, train__epochs=300, **FAST_HB)
+        with Launch(args, tmp_path / "launch.log", env={"DPTRAIN_FAULT": "balloon:150:1"}) as la:
+            wait_steps(run, 3, launch=la)
+            pid = worker_pid(run, 1)
+            (cg / "memory.limit_in_bytes").write_text("64000000")
+            try:
+                (cg / "memory.memsw.limit_in_bytes").write_text("64000000")  # no way out through swap
+            except OSError:
+                pass
+            (cg / "cgroup.procs").write_text(str(pid))
+            assert la.wait(60) == 1, la.log()
+            log = la.log()
+        assert re.search(rf"rank 1 \(host \S+, pid {pid}\) is dead: process exited with code -9 \(SIGKILL by the "
+                         r"kernel's OOM killer, kernel log; [\d,]+ MB resident at its last sample\)", log), log
+    finally:
+        for _ in range(50):
+            try:
+                cg.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)

@@ -70,3 +70,19 @@ def test_tee_mirrors_one_ranks_log_to_the_console(tiny_data, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "dptrain", "launch", "--tee", "5", *args], capture_output=True,
                          text=True, timeout=80)
     assert bad.returncode == 1 and "--tee 5: no such rank (0..1)" in bad.stderr
+
+
+def test_memory_warning_when_the_workers_would_not_fit(monkeypatch):
+    """The estimate (measured: 744 MB for one default-model worker at 64 images) against available memory."""
+    from types import SimpleNamespace
+
+    from dptrain.config import Config
+    from dptrain.distributed import session
+    cfg = Config()
+    cfg.train.batch_size = 64
+    one = session.worker_memory_bytes(cfg, 9_434_462, 64)
+    assert 650e6 < one < 850e6  # the bench measured 744 MB PSS
+    monkeypatch.setattr(session.psutil, "virtual_memory", lambda: SimpleNamespace(available=int(1.5e9)))
+    assert session.memory_warning(cfg, 9_434_462, 2) is None
+    line = session.memory_warning(cfg, 9_434_462, 8)
+    assert line and line.startswith("8 workers need about") and "1.5 GB available" in line

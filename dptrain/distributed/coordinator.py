@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import psutil
 import zmq
 
 from .. import log
@@ -34,7 +35,8 @@ MAX_DRAIN = 1000  # messages handled per poll before liveness is checked again
 DROP_LOG_BURST = 50  # dropped-message lines logged per window; the rest are counted
 DROP_LOG_WINDOW_S = 10.0
 LATE_WARNING_EVERY_S = 10.0
-STACK_DUMP_WAIT_S = 0.5  # for a stuck rank's stack to reach its log
+STACK_DUMP_WAIT_S = 0.5
+RSS_SAMPLE_S = 1.0  # how often the resident memory of a started process is sampled (to name an OOM kill)  # for a stuck rank's stack to reach its log
 
 
 class PeerState(enum.Enum):
@@ -60,6 +62,8 @@ class Peer:
     mesh_endpoint: str = ""  # an agent on the mesh plane: where the other agents reach it, and its public key
     mesh_key: str = ""
     death: str = ""
+    rss_mb: float = 0.0  # resident memory at the last sample (processes this coordinator started)
+    rss_at: float = 0.0
     log_tail: deque = field(default_factory=lambda: deque(maxlen=20))
 
     def describe(self) -> str:
@@ -69,6 +73,39 @@ class Peer:
         if self.log_path and self.log_path.exists():
             return self.log_path.read_text(errors="replace").splitlines()[-n:]
         return list(self.log_tail)[-n:]
+
+
+def killed_how(peer: Peer, code: int) -> str:
+    """What a SIGKILL most likely was: the kernel's OOM killer when its log says so (readable as root), else said
+    as a possibility, with the memory the process had at its last sample."""
+    if code != -signal.SIGKILL:
+        return ""
+    had = f"{peer.rss_mb:,.0f} MB resident at its last sample" if peer.rss_mb else "its memory unknown"
+    if oom_killed(peer.pid):
+        return f" (SIGKILL by the kernel's OOM killer, kernel log; {had})"
+    return f" (SIGKILL: the kernel's OOM killer or a kill -9; {had})"
+
+
+def oom_killed(pid: int) -> bool:
+    """Does the kernel log (/dev/kmsg, root only) say the OOM killer killed `pid`?"""
+    try:
+        fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        while True:
+            try:
+                rec = os.read(fd, 8192)
+            except BlockingIOError:
+                return False
+            except OSError:  # EPIPE: records overwritten while reading; go on
+                continue
+            if not rec:
+                return False
+            if b"Killed process %d " % pid in rec or b"Killed process %d (" % pid in rec:
+                return True
+    finally:
+        os.close(fd)
 
 
 class StopTimeout(Exception):
@@ -262,8 +299,14 @@ class Coordinator:
             if peer.state in (PeerState.DEAD, PeerState.STOPPED):
                 continue
             code = peer.proc.poll() if peer.proc is not None else None
+            if code is None and peer.proc is not None and now - peer.rss_at > RSS_SAMPLE_S:
+                peer.rss_at = now
+                try:
+                    peer.rss_mb = psutil.Process(peer.proc.pid).memory_info().rss / 1e6
+                except psutil.Error:
+                    pass
             if code is not None:
-                self._mark_dead(peer, f"process exited with code {code}")
+                self._mark_dead(peer, f"process exited with code {code}" + killed_how(peer, code))
             elif peer.state is not PeerState.STARTING and now - peer.last_seen > d.heartbeat_interval_s * d.heartbeat_misses:
                 self._mark_dead(peer, f"silent for {now - peer.last_seen:.1f} s (missed heartbeats)")
             elif peer in waiting_on and now - waiting_since > d.step_timeout_s:

@@ -35,7 +35,7 @@ from ..data.shm import remove_orphans
 from ..train import EXIT_PREEMPTED, ExecutorFailure
 from .coordinator import Coordinator
 from .executor import DistExecutor, SharedUpdate
-from .session import Session, blas_threads, remove_stale_dirs
+from .session import Session, blas_threads, memory_warning, remove_stale_dirs
 from .timeline import Timeline
 
 EXIT_WORKER_LOST = 1
@@ -289,6 +289,9 @@ def launch_local(cfg: Config, resume: bool | str = False, stop_at_step: int = 0,
             if not 0 <= tee < n:
                 raise SystemExit(f"dptrain launch: --tee {tee}: no such rank (0..{n - 1})")
             session.tee = Tee(out / "logs" / f"rank{tee}.log", f"rank{tee} | ")
+        warning = memory_warning(cfg, trainer.store.num_params, n)
+        if warning:
+            lg.warning(warning)
         session.start_workers(cfg, pysocket.gethostname(), [out / "logs" / f"rank{r}.log" for r in range(n)])
         lg.info(f"all {n} workers ready")
         return trainer, grad_slots, shared

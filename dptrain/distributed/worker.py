@@ -38,7 +38,8 @@ from .wire import grad_frame, receive_weights
 
 def _fault(spec: str) -> tuple | None:
     """DPTRAIN_FAULT=PHASE:STEP:RANK (tests only): the worker of that rank dies inside that phase of that step
-    ("update"), or hangs in it for ever while its heartbeat goes on ("hang": a stuck rank)."""
+    ("update"), hangs in it for ever while its heartbeat goes on ("hang": a stuck rank), or touches 256 MB more
+    ("balloon": for an OOM kill inside a memory-limited cgroup)."""
     if not spec:
         return None
     phase, step, rank = spec.split(":")
@@ -133,6 +134,8 @@ class Worker:
         if FAULT == ("hang", msg.step, self.rank):  # a test's stuck rank: alive, never answering
             while True:
                 time.sleep(1)
+        if FAULT == ("balloon", msg.step, self.rank):  # a test's memory hog: 256 MB touched at once
+            self.balloon = np.ones(32_000_000)
         self.bn_calls = 0
         f = msg.fields
         if not self.shm_weights:
