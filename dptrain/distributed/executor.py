@@ -256,8 +256,11 @@ class DistExecutor:
 
     def evaluate(self, indices: np.ndarray) -> tuple[float, int]:
         if self.mesh is not None and not self.mesh.settle():  # a host was lost before it sent its state
+            dead = [p for p in self.coord.peers.values() if p.state is PeerState.DEAD]
             if self.policy != "continue" or not self.coord.active():
-                raise WorkerFailure([p for p in self.coord.peers.values() if p.state is PeerState.DEAD])
+                raise WorkerFailure(dead)
+            self.log.warning(f"before the evaluation: lost {', '.join(p.describe() for p in dead)}; redoing the steps "
+                             f"since the last sync on {len(self.coord.active())} surviving rank(s)")
             self._redo_unsettled()
         # Each worker evaluates in batches of its training shard's size: the layer buffers of that shape exist
         # already (a batch of 256 would make every worker allocate ~0.7 GB more for a few forward passes).
