@@ -42,7 +42,7 @@ from . import protocol as P
 from .coordinator import Coordinator, WorkerFailure
 from .curve import client_setup, read_agent_keys
 from .mesh import MeshLink, MeshReplica, checksum
-from .peer import PeerLink, run_peer
+from .peer import PeerLink, leave, run_peer
 from .reduce import sum_in_order
 from .session import Session
 from .wire import grad_frame, receive_weights
@@ -267,7 +267,9 @@ def run_agent(args) -> int:
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)
     agent = Agent(args.connect, index, slots, args.run, keys, host)
+    rc = 1
     try:
-        return run_peer(agent.link, lambda: (agent.start(), agent.serve())[1], (AgentStop,))
+        rc = run_peer(agent.link, lambda: (agent.start(), agent.serve())[1], (AgentStop,))
     finally:
         agent.close()
+        leave(rc)

@@ -13,7 +13,9 @@ the traceback for a bug, both also sent to the coordinator as ERROR once it has 
 """
 from __future__ import annotations
 
+import logging
 import os
+import sys
 import threading
 import time
 import traceback
@@ -215,6 +217,16 @@ class PeerLink:
 
     def close(self) -> None:
         self.sock.close(0)
+
+
+def leave(rc: int) -> None:
+    """End a peer process now, once it has released what it owns: the interpreter's teardown would terminate ZeroMQ
+    contexts whose heartbeat thread (a daemon, frozen at exit) still holds a socket, and zmq_ctx_term waits for it
+    for ever (seen, rarely, as an agent that logged "stopping" and never exited)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
 
 
 def run_peer(link: PeerLink, body: Callable[[], int], stop_exc: tuple[type[BaseException], ...] = ()) -> int:

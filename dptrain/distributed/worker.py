@@ -31,7 +31,7 @@ from ..nn.params import ParamStore
 from ..nn.threads import match_blas_threads
 from ..optim import chunk_squares, sgd_for
 from . import protocol as P
-from .peer import PeerLink, run_peer
+from .peer import PeerLink, leave, run_peer
 from .reduce import sum_in_order
 from .wire import grad_frame, receive_weights
 
@@ -186,7 +186,9 @@ def run_worker(endpoint: str, rank: int, run_id: str) -> int:
     faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
     token = sys.stdin.readline().strip()  # the launcher's proof that we are its worker (not on the command line)
     w = Worker(endpoint, rank, run_id, token)
+    rc = 1
     try:
-        return run_peer(w.link, lambda: (w.start(), w.serve())[1])
+        rc = run_peer(w.link, lambda: (w.start(), w.serve())[1])
     finally:
         w.close()
+        leave(rc)
