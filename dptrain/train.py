@@ -31,7 +31,7 @@ from typing import Protocol
 import numpy as np
 from tqdm import tqdm
 
-from . import checkpoint, config as config_mod, fsutil, log
+from . import checkpoint, config as config_mod, log
 from .board import Board
 from .compute import evaluate_batches, shard_gradient
 from .config import Config
@@ -128,6 +128,11 @@ class LocalExecutor:
 METRICS_CSV = ["kind", "restart", "epoch", "step", "loss", "acc", "lr", "grad_norm", "images", "step_s", "slowest",
                "train_loss", "train_acc", "val_loss", "val_acc", "images_per_s"]
 PROGRESS_EVERY_S = 30.0  # without a terminal: a progress line this often
+
+
+def csv_row(r: dict) -> dict:
+    """A metrics.jsonl line as a metrics.csv row: its kind, then its fields."""
+    return {"kind": "epoch" if "train_loss" in r else "restart" if "restart" in r else "step", **r}
 
 
 class Progress:
@@ -269,18 +274,15 @@ class Trainer:
     # ---- the loop --------------------------------------------------------------------------------------------------
     def write_csv(self) -> None:
         """metrics.csv beside metrics.jsonl, for spreadsheets: one row per step and per epoch (`kind`), the union of
-        their columns. Rewritten whole from metrics.jsonl (at each epoch's end and the run's), so a resumed run's
-        trimmed lines never linger in it."""
+        their columns. Written whole from metrics.jsonl when a run starts (a resumed run's trimmed lines, or an
+        earlier run's, never linger in it); `_write` then appends a row per line."""
         src = self.out / "metrics.jsonl"
-        if not src.exists():
-            return
         rows = []
-        for line in src.read_text().splitlines():
+        for line in src.read_text().splitlines() if src.exists() else []:
             try:
-                r = json.loads(line)
+                rows.append(csv_row(json.loads(line)))
             except ValueError:
                 continue
-            rows.append({"kind": "epoch" if "train_loss" in r else "restart" if "restart" in r else "step", **r})
         try:
             def write(f):
                 text = io.TextIOWrapper(f, newline="", encoding="utf-8")
@@ -289,7 +291,7 @@ class Trainer:
                 w.writerows(rows)
                 text.flush()
                 text.detach()
-            fsutil.atomic_write(self.out / "metrics.csv", write)
+            atomic_write(self.out / "metrics.csv", write)
         except OSError as e:
             self.log.error(f"{self.out / 'metrics.csv'}: cannot write it ({e.strerror})")
 
@@ -299,6 +301,9 @@ class Trainer:
         try:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if (self.out / "metrics.csv").exists():  # written whole by write_csv when fit() starts
+                with open(self.out / "metrics.csv", "a", newline="") as f:
+                    csv.DictWriter(f, fieldnames=METRICS_CSV, extrasaction="ignore").writerow(csv_row(record))
         except OSError as e:  # a full disk: the line is lost, not the run (said once per epoch)
             if self.metrics_lost_epoch != self.epoch:
                 self.metrics_lost_epoch = self.epoch
@@ -321,6 +326,7 @@ class Trainer:
             self.log.warning(f"{self.out} holds an earlier run: starting it over (use --resume to continue it)")
             (self.out / "metrics.jsonl").unlink()
         self.check_space()
+        self.write_csv()
         try:
             (self.out / "config.toml").write_text(config_mod.dumps(self.cfg))
         except OSError as e:
@@ -375,7 +381,6 @@ class Trainer:
                 signal.signal(s, h)
             self.board.close()
         self.save("last")
-        self.write_csv()
         self.executor = None
         summary = {**self._summary(time.perf_counter() - wall0, stopped_early, interrupted), **executor.summary()}
         try:
@@ -408,7 +413,6 @@ class Trainer:
         self._write(record)
         self.board.split(executor.summary().get("breakdown", {}), self.step)
         self.board.flush()
-        self.write_csv()
         self.log.info(f"epoch {self.epoch + 1}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.4f}"
                       f" | val loss {val_loss if val_loss is None else round(val_loss, 4)} acc {val_acc:.4f} | {record['images_per_s']:.1f} img/s")
         self.epoch += 1

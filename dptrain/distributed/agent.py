@@ -45,6 +45,7 @@ from .mesh import MeshLink, MeshReplica, checksum
 from .peer import PeerLink, leave, run_peer
 from .reduce import sum_in_order
 from .session import Session
+from .timeline import busy_s
 from .wire import grad_frame, receive_weights
 
 
@@ -147,8 +148,7 @@ class Agent:
             if self.replica is None:  # the mesh sums piece by piece as backward goes (MeshReplica.on_bucket)
                 sum_in_order(self.gsum, [self.grad_slots[r] for r in ranks])  # local rank order
             moments = sum(np.asarray(results[r].arrays["bn_moments"], np.float64) for r in ranks)
-            busiest = max(ranks, key=lambda r: sum(v[1] for k, v in results[r].fields["timings"].items()
-                                                   if k != "wait"))
+            busiest = max(ranks, key=lambda r: busy_s(results[r].fields["timings"]))
             timings = dict(results[busiest].fields["timings"])
         timings["host_reduce"] = [t0, time.time() - t0]
         if self.replica is not None:

@@ -35,8 +35,8 @@ MAX_DRAIN = 1000  # messages handled per poll before liveness is checked again
 DROP_LOG_BURST = 50  # dropped-message lines logged per window; the rest are counted
 DROP_LOG_WINDOW_S = 10.0
 LATE_WARNING_EVERY_S = 10.0
-STACK_DUMP_WAIT_S = 0.5
-RSS_SAMPLE_S = 1.0  # how often the resident memory of a started process is sampled (to name an OOM kill)  # for a stuck rank's stack to reach its log
+STACK_DUMP_WAIT_S = 0.5  # for a stuck rank's stack to reach its log
+RSS_SAMPLE_S = 1.0  # how often the resident memory of a started process is sampled (to name an OOM kill)
 
 
 class PeerState(enum.Enum):
@@ -121,8 +121,8 @@ class WorkerFailure(ExecutorFailure):
 
 class Coordinator:
     def __init__(self, cfg: Config, run_id: str, world_size: int, welcome: dict, welcome_arrays: dict,
-                 curve_keys=None, slots: list[int] | None = None, bind: str | None = None, bn_relay=None,
-                 endpoint: str | None = None, token: str | None = None):
+                 curve_keys=None, slots: list[int] | None = None, bn_relay=None, endpoint: str | None = None,
+                 token: str | None = None):
         self.cfg, self.run_id, self.world_size = cfg, run_id, world_size
         self.welcome, self.welcome_arrays = welcome, welcome_arrays
         self.log = log.get()
@@ -136,18 +136,14 @@ class Coordinator:
             self.curve = CurveServer(self.ctx, curve_keys)
             self.curve(self.sock)
         d = cfg.dist
-        bind = d.bind if bind is None else bind
-        self.port = 0
         if endpoint is not None:  # one host: ipc:// in a private directory
             self.sock.bind(endpoint)
-            self.endpoint = endpoint
+        elif d.port:
+            endpoint = f"tcp://{d.bind}:{d.port}"
+            self.sock.bind(endpoint)
         else:
-            if d.port:
-                self.sock.bind(f"tcp://{bind}:{d.port}")
-                self.port = d.port
-            else:
-                self.port = self.sock.bind_to_random_port(f"tcp://{bind}")
-            self.endpoint = f"tcp://{bind}:{self.port}"
+            endpoint = f"tcp://{d.bind}:{self.sock.bind_to_random_port(f'tcp://{d.bind}')}"
+        self.endpoint = endpoint
         self.token = token  # one host: a HELLO must carry the token the launcher gave its workers
         self.peers = {r: Peer(r, slots=(slots[r] if slots else 1)) for r in range(world_size)}
         self.rank_base = rank_bases([self.peers[r].slots for r in range(world_size)])  # first worker rank of a peer

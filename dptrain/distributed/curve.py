@@ -43,14 +43,13 @@ class RunKeys:
 
     @classmethod
     def read_coordinator_file(cls, path: str | Path) -> RunKeys:
+        names = [f.name for f in fields(cls)]
         try:
-            keys = json.loads(Path(path).read_text())
-            if not all(isinstance(keys.get(f.name), str) and len(keys[f.name]) == 40 for f in fields(cls)):
-                raise ValueError("missing or malformed keys")
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"{path}: not a dptrain coordinator key file ({e}; make one with `dptrain keys`)") \
-                from None
-        return cls(**{f.name: keys[f.name] for f in fields(cls)})
+            text = Path(path).read_text()
+        except OSError as e:
+            raise SystemExit(f"{path}: cannot read the coordinator key file ({e})") from None
+        keys = _parse_keys(text, names, f"{path}: not a dptrain coordinator key file (make one with `dptrain keys`)")
+        return cls(**{k: keys[k] for k in names})
 
 
 def _write_private(path: str | Path, data: dict) -> Path:
@@ -74,14 +73,20 @@ def cmd_keys(args, extra) -> int:
 
 
 def read_agent_keys(text: str, source: str) -> dict:
+    return _parse_keys(text, ["server_public", "client_public", "client_secret"],
+                       f"{source}: not a dptrain CURVE key file")
+
+
+def _parse_keys(text: str, names: list[str], what: str) -> dict:
+    """The JSON key file `text` holding every key of `names` (40-character Z85); else SystemExit(`what (why)`)."""
     try:
         keys = json.loads(text)
-        if not all(isinstance(keys.get(k), str) and len(keys[k]) == 40
-                   for k in ("server_public", "client_public", "client_secret")):
+        if not isinstance(keys, dict) or not all(isinstance(keys.get(k), str) and len(keys[k]) == 40
+                                                 for k in names):
             raise ValueError("missing or malformed keys")
         return keys
     except ValueError as e:
-        raise SystemExit(f"{source}: not a dptrain CURVE key file ({e})") from None
+        raise SystemExit(f"{what} ({e})") from None
 
 
 class _OnlyRunKey:

@@ -23,10 +23,8 @@ from .coordinator import Coordinator, PeerState, StopTimeout, WorkerFailure
 from .hostfile import rank_bases
 from .mesh_plane import MeshPlane
 from .reduce import sum_in_order
-from .timeline import Timeline
+from .timeline import Timeline, busy_s
 from .wire import apply_update16
-
-COMM_TIMINGS = ("wait", "scatter", "scatter_overlap")  # a peer's timings that are not its compute
 
 
 def split_by_slots(indices: np.ndarray, slots: list[int]) -> tuple[list[np.ndarray], list[list[int]]]:
@@ -38,6 +36,11 @@ def split_by_slots(indices: np.ndarray, slots: list[int]) -> tuple[list[np.ndarr
         blocks.append(indices[bounds[0][0]:bounds[-1][1]])
         sizes.append([b - a for a, b in bounds])
     return blocks, sizes
+
+
+def train_fields(indices: np.ndarray, epoch: int) -> dict:
+    """A training STEP's fields: its loss is the mean over the whole global batch."""
+    return {"phase": "train", "epoch": epoch, "global_count": len(indices), "eval_batch": 0}
 
 
 class SharedUpdate:
@@ -65,7 +68,6 @@ class DistExecutor:
         self.coord, self.store, self.opt, self.cfg = coord, store, opt, cfg
         self.grad_slots, self.shared = grad_slots, shared
         self.mesh = MeshPlane(coord, store, opt, cfg) if mesh else None
-        self.lost_steps = 0  # steps returned that the state lacks (mesh: a host lost with its slice, under abort)
         self.policy = cfg.dist.on_worker_failure
         self.timeline = timeline
         self.version = 0
@@ -109,7 +111,7 @@ class DistExecutor:
         self.log.warning(f"steps {steps[0].step}..{steps[-1].step}: redoing them over the survivors from the state "
                          f"synced before them")
         for d in steps:
-            fields = {"phase": "train", "epoch": d.epoch, "global_count": len(d.indices), "eval_batch": 0}
+            fields = train_fields(d.indices, d.epoch)
             self._retrying(d.step, lambda attempt, d=d, fields=fields: self._mesh_step(
                 d.indices, d.epoch, d.step, d.lr, attempt, fields), attempt=d.attempt + 1)
         if not self.mesh.settle():  # lost another host meanwhile: again, from what is left
@@ -153,7 +155,7 @@ class DistExecutor:
     def train_step(self, indices: np.ndarray, epoch: int, step: int, lr: float) -> StepResult:
         t0 = time.perf_counter()
         wall0 = time.time()
-        fields = {"phase": "train", "epoch": epoch, "global_count": len(indices), "eval_batch": 0}
+        fields = train_fields(indices, epoch)
 
         def attempt_step(attempt: int):
             if self.mesh is not None:
@@ -185,8 +187,8 @@ class DistExecutor:
                           sum(results[r].fields["correct"] for r in ranks), moments, norm, slowest=f"rank {slowest}")
 
     def _mesh_step(self, indices: np.ndarray, epoch: int, step: int, lr: float, attempt: int, fields: dict):
-        """The hosts reduce-scatter, the coordinator decides (norm -> clip) and applies the step before to its copy
-        meanwhile, the hosts update and all-gather (mesh.py)."""
+        """The hosts reduce-scatter, the coordinator decides (norm -> clip), the hosts update and all-gather
+        (mesh.py); every sync_every steps the hosts' state comes back (mesh_plane.py)."""
         self.mesh.ensure(step, attempt)
         ranks, results = self._round(indices, step, attempt, fields)
         t1 = time.perf_counter()
@@ -222,7 +224,7 @@ class DistExecutor:
         slowest, slowest_s = ranks[0], -1.0
         for rank in ranks:
             tm = results[rank].fields["timings"]
-            busy = sum(v[1] for k, v in tm.items() if k not in COMM_TIMINGS)
+            busy = busy_s(tm)
             compute = max(compute, busy)
             if busy > slowest_s:
                 slowest, slowest_s = rank, busy

@@ -194,5 +194,4 @@ def launch_hosts(cfg: Config, args, progress: dict | None = None) -> int:
         session.mesh = cfg.dist.plane == "mesh"
         return trainer, None, None  # gradients arrive as frames (one summed buffer per host)
 
-    return run_session(cfg, args.stop_at_step, start, run_id=getattr(args, "run_id", None), progress=progress,
-                       restarts=progress.get("restarts", 0) if progress is not None else 0)
+    return run_session(cfg, args.stop_at_step, start, run_id=getattr(args, "run_id", None), progress=progress)

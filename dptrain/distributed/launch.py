@@ -188,11 +188,12 @@ def _many_hosts(args) -> bool:
     return bool(getattr(args, "hostfile", None) or getattr(args, "hosts", None) or getattr(args, "no_ssh", False))
 
 
-def run_session(cfg: Config, stop_at_step: int, start, run_id: str | None = None, progress: dict | None = None,
-                restarts: int = 0) -> int:
+def run_session(cfg: Config, stop_at_step: int, start, run_id: str | None = None,
+                progress: dict | None = None) -> int:
     """`start(session)` loads data, starts the peers and returns (trainer, grad_slots, shared) once they are READY,
     with session.coord set; this trains, prints the summary, and maps the ways a run ends to exit codes.
-    progress["steps"]: the steps this start got done (for --max-restarts); `restarts`: how many came before it."""
+    progress (--max-restarts): in, "restarts" (how many starts came before this one); out, "steps" (the steps this
+    start got done)."""
     lg = log.get()
     remove_stale_dirs()
     orphans = remove_orphans()
@@ -206,7 +207,7 @@ def run_session(cfg: Config, stop_at_step: int, start, run_id: str | None = None
     first_step = 0
     try:
         trainer, grad_slots, shared = start(session)
-        trainer.restarts = restarts
+        restarts = trainer.restarts = (progress or {}).get("restarts", 0)
         first_step = trainer.step
         if restarts:  # in metrics.jsonl too, where the curve restarts from
             trainer._write({"restart": restarts, "step": trainer.step, "epoch": trainer.epoch})
@@ -296,5 +297,4 @@ def launch_local(cfg: Config, resume: bool | str = False, stop_at_step: int = 0,
         lg.info(f"all {n} workers ready")
         return trainer, grad_slots, shared
 
-    return run_session(cfg, stop_at_step, start, progress=progress,
-                       restarts=progress.get("restarts", 0) if progress is not None else 0)
+    return run_session(cfg, stop_at_step, start, progress=progress)

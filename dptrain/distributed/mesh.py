@@ -261,7 +261,7 @@ class MeshReplica:
     def _place(self, src: int, lo: int, part: np.ndarray, scale: float) -> None:
         row = self.parts[self.position[src], lo - self.mesh.lo:lo - self.mesh.lo + part.size]
         if part.dtype == np.float16:
-            np.multiply(part, np.float32(scale), out=row, casting="unsafe")  # a power of two: exact
+            add16(row, part, scale, first=True)  # × a power of two: exact
         else:
             np.copyto(row, part)
 

@@ -116,16 +116,16 @@ class PeerLink:
                 left = IDLE_POLL_S if left is None else min(left, IDLE_POLL_S)
             if not self.sock.poll(None if left is None else int(left * 1000)):
                 continue
-            frames = self.sock.recv_multipart(copy=False)
-            try:
-                return P.decode(frames, run=self.run_id)
-            except P.ProtocolError as e:
-                self.log.warning(f"dropped a malformed message from the coordinator: {e}")
+            msg = self._read()
+            if msg is not None:
+                return msg
 
     def poll_once(self) -> P.Message | None:
         """A message that is already here, without waiting (None: none, or it was malformed and dropped)."""
-        if not self.sock.poll(0):
-            return None
+        return self._read() if self.sock.poll(0) else None
+
+    def _read(self) -> P.Message | None:
+        """The waiting message, decoded; a malformed one is logged and dropped (None)."""
         frames = self.sock.recv_multipart(copy=False)
         try:
             return P.decode(frames, run=self.run_id)

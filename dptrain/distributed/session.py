@@ -64,10 +64,18 @@ def worker_env(threads: int) -> dict:
     return env
 
 
+SOCKET_NAME = "coordinator"  # the local coordinator's ipc:// socket inside a run's private directory
+
+
+def runtime_base() -> Path:
+    """Where this user's runs keep their private directories: $DPTRAIN_RUNTIME_DIR or /tmp/dptrain-UID."""
+    return Path(os.environ.get("DPTRAIN_RUNTIME_DIR") or f"/tmp/dptrain-{os.getuid()}")
+
+
 def private_dir(run_id: str) -> Path:
     """A directory only this user can enter, for the run's local socket: /tmp/dptrain-UID/RUN, both levels 0700 and
     ours (a directory someone else made, or a symlink, is refused: it could be theirs to listen in)."""
-    base = Path(os.environ.get("DPTRAIN_RUNTIME_DIR") or f"/tmp/dptrain-{os.getuid()}")
+    base = runtime_base()
     for d in (base, base / run_id):
         try:
             d.mkdir(mode=0o700)
@@ -84,12 +92,12 @@ def private_dir(run_id: str) -> Path:
 def remove_stale_dirs() -> list[str]:
     """Private run directories whose coordinator is gone (killed before it could clean up): nobody listens on
     their socket any more."""
-    base = Path(os.environ.get("DPTRAIN_RUNTIME_DIR") or f"/tmp/dptrain-{os.getuid()}")
+    base = runtime_base()
     gone = []
     for d in base.glob("*") if base.is_dir() else []:
         sock = pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
         try:
-            sock.connect(str(d / "coordinator"))
+            sock.connect(str(d / SOCKET_NAME))
         except (ConnectionRefusedError, FileNotFoundError):
             shutil.rmtree(d, ignore_errors=True)
             gone.append(d.name)
@@ -150,7 +158,7 @@ class Session:
     def local_endpoint(self) -> str:
         """ipc:// in this user's private run directory: no other user can connect (the file system says so)."""
         self.dir = private_dir(self.run_id)
-        return f"ipc://{self.dir}/coordinator"
+        return f"ipc://{self.dir / SOCKET_NAME}"
 
     def shared(self, what: str, shape, dtype, fill=None) -> SharedArray:
         seg = SharedArray.create(fill, segment_name(self.run_id, what), shape=shape, dtype=dtype, writable=True)

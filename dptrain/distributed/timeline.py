@@ -3,6 +3,13 @@ from __future__ import annotations
 
 import json
 
+COMM_TIMINGS = ("wait", "scatter", "scatter_overlap")  # a peer's timings that are not its compute
+
+
+def busy_s(timings: dict) -> float:
+    """Seconds a peer computed in a step, from its RESULT's timings (phase -> [start, seconds])."""
+    return sum(v[1] for k, v in timings.items() if k not in COMM_TIMINGS)
+
 
 class Timeline:
     """Chrome trace events (chrome://tracing, Perfetto): one row per rank plus the coordinator's."""
