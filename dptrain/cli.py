@@ -124,10 +124,17 @@ def resolve_config(args: argparse.Namespace, extra: list[str]) -> config_mod.Con
 
 
 def cmd_train(args, extra) -> int:
-    from .train import run_local
+    from .train import LocalExecutor, run_local
     cfg = resolve_config(args, extra)
+    factory = LocalExecutor
+    if args.replay_workers or args.replay_layout:  # a distributed run's exact sums, in this process
+        from .replay import parse_layout, replay_executor
+        try:
+            factory = replay_executor(parse_layout(args.replay_workers, args.replay_layout))
+        except ValueError as e:
+            raise SystemExit(f"dptrain train: {e}") from None
     # a bad dataset / checkpoint: one line, no traceback
-    summary = run_local(cfg, args.resume, args.stop_at_step, command="train")
+    summary = run_local(cfg, args.resume, args.stop_at_step, command="train", executor_factory=factory)
     print(json.dumps(summary))
     return exit_code(summary)
 
@@ -212,6 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train in this process")
     add_train_flags(t)
+    r = t.add_argument_group("bitwise replay of a distributed run (its dist.* settings: pass its config.toml)")
+    r.add_argument("--replay-workers", type=int, default=None, metavar="N",
+                   help="compute every step exactly as `launch --workers N` does: the same bits")
+    r.add_argument("--replay-layout", default=None, metavar="HxS",
+                   help="the same for a multi-host run of H hosts with S workers each (e.g. 2x4)")
     t.set_defaults(func=cmd_train)
 
     la = sub.add_parser("launch", help="train with a coordinator and worker processes")

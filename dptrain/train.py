@@ -482,10 +482,12 @@ def prepare_or_exit(cfg: Config, resume: bool, command: str, store_factory=None)
         raise SystemExit(f"dptrain {command}: {e}") from None
 
 
-def run_local(cfg: Config, resume: bool = False, stop_at_step: int = 0, command: str | None = None) -> dict:
-    """Train in this process. With `command` (a CLI's name) data/checkpoint problems exit with one line."""
+def run_local(cfg: Config, resume: bool = False, stop_at_step: int = 0, command: str | None = None,
+              executor_factory=LocalExecutor) -> dict:
+    """Train in this process. With `command` (a CLI's name) data/checkpoint problems exit with one line.
+    `executor_factory(cfg, model, dataset, store, opt)`: e.g. replay.replay_executor (a distributed run's sums)."""
     trainer = prepare_or_exit(cfg, resume, command) if command else prepare(cfg, resume)
-    executor = LocalExecutor(cfg, trainer.model, trainer.ds, trainer.store, trainer.opt)
+    executor = executor_factory(cfg, trainer.model, trainer.ds, trainer.store, trainer.opt)
     try:
         return trainer.fit(executor, stop_at_step=stop_at_step)
     except checkpoint.CheckpointWriteError as e:

@@ -1,0 +1,317 @@
+"""Replay a distributed run in one process, bit for bit: `dptrain train --replay-workers N` (one host, as
+`dptrain launch --workers N`) or `--replay-layout HxS` (H hosts of S workers, as `launch -H a:S,b:S`).
+
+Floating-point sums depend on how they are grouped, so a run on N workers is not bitwise a run on one process (they
+agree to rounding at first, then part ways like any two float32 trainings). This executor makes the same sums in the
+same groups as the distributed run, so a surprise seen on 8 workers can be stepped through in one debugger:
+  - the same shards (executor.split_by_slots), one Model per rank over the run's weights with its own gradient row,
+    each computing its shard with the BLAS threads its worker had (session.blas_threads: GEMM bits depend on it);
+  - SyncBatchNorm: the ranks' shards run in threads of their own, one at a time in rank order (`Baton`); each BN
+    reduction sums the ranks' moments from zeros in rank order (per host, then the hosts in host order), as the
+    coordinator (and an agent's local coordinator) does;
+  - gradients summed in rank order (reduce.sum_in_order), per host first then in host order across hosts; the float16
+    wire's encodings where the run had them (a rank's frame on socket transport, a host's frame on the star, the mesh's
+    fixed pieces), and the float16-rounded weight update (wire.apply_update16);
+  - the global norm's block sums with the BLAS threads of whoever computed them (the coordinator: 1; workers updating
+    on one host: theirs; mesh agents: this process's default), BN moments, losses and counts summed in the same order.
+What it cannot copy: a distributed evaluation sums the ranks' validation losses in arrival order, so val_loss may
+differ in its last bits (accuracy is exact); every step's loss, the weights, momentum and BN buffers are bitwise.
+"""
+from __future__ import annotations
+
+import math
+import re
+import threading
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import numpy as np
+from threadpoolctl import threadpool_info, threadpool_limits
+
+from . import log
+from .compute import evaluate_batches, shard_gradient
+from .config import Config
+from .distributed.executor import split_by_slots
+from .distributed.hostfile import rank_bases
+from .distributed.mesh import MeshReplica, gather_pieces
+from .distributed.reduce import sum_in_order
+from .distributed.session import blas_threads
+from .distributed.wire import add16, apply_update16, encode16, grad_frame
+from .nn.model import build_model
+from .nn.params import ParamStore
+from .nn.threads import match_blas_threads
+from .optim import add_blocks, checked_clip, chunk_slices, chunk_squares, clipped_step
+from .train import StepResult
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The coordinator's peers and their workers: (1,) * N on one host, (S,) * H across hosts."""
+    slots: tuple[int, ...]
+    hosts: bool
+
+    @property
+    def ranks(self) -> int:
+        return sum(self.slots)
+
+    def describe(self) -> str:
+        if self.hosts:
+            return f"{len(self.slots)} hosts x {self.slots[0]} workers"
+        return f"{self.ranks} workers on one host"
+
+
+def parse_layout(workers: int | None = None, layout: str | None = None) -> Layout | None:
+    """--replay-workers N -> one host of N; --replay-layout HxS -> H hosts of S; neither -> None."""
+    if layout:
+        m = re.fullmatch(r"\s*(\d+)\s*[x×]\s*(\d+)\s*", layout)
+        if not m or int(m[1]) < 1 or int(m[2]) < 1:
+            raise ValueError(f"--replay-layout {layout!r}: expected HOSTSxSLOTS, e.g. 2x4")
+        return Layout((int(m[2]),) * int(m[1]), True)
+    if workers:
+        if workers < 1:
+            raise ValueError("--replay-workers must be >= 1")
+        return Layout((1,) * workers, False)
+    return None
+
+
+def zero_sum(parts: list[np.ndarray]) -> np.ndarray:
+    """zeros + parts[0] + parts[1] + ... in float64: the coordinator's sync-BN reduction, in the given order."""
+    total = np.zeros(parts[0].shape, np.float64)
+    for p in parts:
+        total += p
+    return total
+
+
+def mesh_pieces(param_starts: list[int | None], size: int, slices: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The mesh's fixed pieces of the flat buffer (each float16-encoded with a scale of its own): cut by
+    MeshReplica.take_state itself, on a stand-in link joining a plane of len(slices) hosts."""
+    hosts = [[h, "", "", lo, hi, f"h{h}"] for h, (lo, hi) in enumerate(slices)]
+    link = SimpleNamespace(index=0, lo=slices[0][0], hi=slices[0][1], hosts=hosts)
+    link.configure = lambda hosts, mesh_id: None
+    params = np.zeros(size, np.float32)
+    replica = MeshReplica(link, SimpleNamespace(velocity=params), params, np.zeros(0, np.float32), "float32",
+                          param_starts)
+    replica.take_state(SimpleNamespace(fields={"hosts": hosts, "mesh_id": 1}, arrays={
+        "params": params, "buffers": np.zeros(0, np.float32), "velocity": params[link.lo:link.hi]}))
+    return [(a, b) for a, b, _ in replica.pieces]
+
+
+class Baton:
+    """Runs one job per rank, each in a thread of its own but one at a time, in rank order. A job hands over at
+    `allreduce` (its model's SyncBatchNorm hook): the last rank sums what every rank left there and the first takes
+    over again. Jobs that never call it simply run one after the other."""
+
+    def __init__(self, reduce):
+        self.reduce = reduce  # {rank: local array} -> the total every rank gets back
+        self.cv = threading.Condition()
+
+    def run(self, jobs: dict[int, callable]) -> dict:
+        self.order = sorted(jobs)
+        self.pos = {r: i for i, r in enumerate(self.order)}
+        self.turn, self.error, self.left, self.total = 0, None, {}, None
+        out: dict = {}
+
+        def body(rank):
+            i = self.pos[rank]
+            try:
+                self._wait(i)
+                out[rank] = jobs[rank]()
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                self.error = self.error or e
+            finally:
+                self._hand(i + 1)
+        threads = [threading.Thread(target=body, args=(r,), name=f"replay-rank{r}", daemon=True) for r in self.order]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if self.error is not None:
+            raise self.error
+        return out
+
+    def allreduce(self, rank: int, local: np.ndarray) -> np.ndarray:
+        i = self.pos[rank]
+        self.left[rank] = np.array(local, np.float64)
+        if i == len(self.order) - 1:
+            self.total, self.left = self.reduce(self.left), {}
+        self._hand((i + 1) % len(self.order))
+        self._wait(i)
+        return self.total.copy()
+
+    def _hand(self, i: int) -> None:
+        with self.cv:
+            self.turn = i
+            self.cv.notify_all()
+
+    def _wait(self, i: int) -> None:
+        with self.cv:
+            self.cv.wait_for(lambda: self.turn == i or self.error is not None)
+        if self.error is not None:
+            raise RuntimeError("another rank's shard failed")
+
+
+class ReplayExecutor:
+    """train.Executor: each step computed as the distributed run with `layout` and this config's dist settings."""
+
+    def __init__(self, cfg: Config, model, dataset, store: ParamStore, opt, layout: Layout):
+        self.cfg, self.ds, self.store, self.opt, self.layout = cfg, dataset, store, opt, layout
+        d = cfg.dist
+        self.default_threads = min((i["num_threads"] for i in threadpool_info() if i.get("user_api") == "blas"),
+                                   default=1)
+        self.threads = blas_threads(cfg, layout.slots[0])  # each worker's, on its host
+        self.limits = threadpool_limits(self.threads, user_api="blas")
+        self.current = self.threads
+        match_blas_threads(cfg.train.short_blas_spin)
+        self.bases = rank_bases(list(layout.slots))
+        self.host_of = [h for h, n in enumerate(layout.slots) for _ in range(n)]
+        P = store.num_params
+        self.grad_slots = np.zeros((layout.ranks, P), np.float32)
+        self.baton = Baton(self._bn_sum)
+        self.models = []
+        for r in range(layout.ranks):
+            s = ParamStore(np.float32)
+            m = build_model(cfg.model, len(dataset.class_names), cfg.data.image_size, s)
+            s.rebind(store.params, self.grad_slots[r], store.buffers, copy=False)
+            if d.bn == "sync":
+                m.set_bn_allreduce(lambda local, r=r: self.baton.allreduce(r, local))
+            self.models.append(m)
+        self.plane = d.plane if layout.hosts else "one host"
+        self.wire16 = d.wire_dtype == "float16" and (layout.hosts or d.transport == "socket")
+        # weights go down as float16-rounded updates (socket transport, the star) or per mesh piece
+        self.prev = np.empty_like(store.params) if self.wire16 else None
+        self.out16 = np.empty(P, np.float16) if self.wire16 else None
+        if self.wire16:
+            np.copyto(self.prev, store.params)
+        self.host_sum = np.empty(P, np.float32) if layout.hosts else None
+        if layout.hosts and d.plane == "mesh":
+            self.slices = chunk_slices(P, len(layout.slots))
+            self.pieces = mesh_pieces(model.param_starts, P, self.slices) if self.wire16 else []
+            self.decoded = np.empty((len(layout.slots), P), np.float32) if self.wire16 else None
+        update = ("the workers" if d.transport == "shm" and d.update == "workers" else "the coordinator") \
+            if not layout.hosts else ("the hosts (mesh)" if d.plane == "mesh" else "the coordinator (star)")
+        log.get().info(f"replay of {layout.describe()}: {self.threads} BLAS thread(s) per rank, bn={d.bn}, "
+                       f"wire {d.wire_dtype if (layout.hosts or d.transport == 'socket') else 'shm'}, update by "
+                       f"{update}")
+
+    # ---- sums, in the distributed run's order -------------------------------------------------------------------
+    def _by_host(self, ranks) -> list[list[int]]:
+        return [[r for r in ranks if self.host_of[r] == h] for h in range(len(self.layout.slots))]
+
+    def _bn_sum(self, got: dict[int, np.ndarray]) -> np.ndarray:
+        ranks = sorted(got)
+        if not self.layout.hosts:
+            return zero_sum([got[r] for r in ranks])
+        return zero_sum([zero_sum([got[r] for r in rs]) for rs in self._by_host(ranks) if rs])
+
+    def _blas(self, n: int) -> None:
+        if n != self.current:
+            threadpool_limits(n, user_api="blas")
+            self.current = n
+
+    def _shards(self, indices: np.ndarray) -> dict[int, np.ndarray]:
+        blocks, sizes = split_by_slots(indices, list(self.layout.slots))
+        out = {}
+        for block, base, ns in zip(blocks, self.bases, sizes):
+            at = 0
+            for j, n in enumerate(ns):
+                if n:
+                    out[base + j] = block[at:at + n]
+                at += n
+        return out
+
+    # ---- the executor contract ---------------------------------------------------------------------------------
+    def train_step(self, indices: np.ndarray, epoch: int, step: int, lr: float) -> StepResult:
+        shards = self._shards(indices)
+        self._blas(self.threads)
+
+        def job(r):
+            res = shard_gradient(self.models[r], self.ds.images, self.ds.labels, shards[r], epoch=epoch,
+                                 global_count=len(indices), data=self.cfg.data, seed=self.cfg.train.seed)
+            return res.loss_sum, res.correct, self.models[r].bn_moments()
+        got = self.baton.run({r: (lambda r=r: job(r)) for r in shards})
+        ranks = sorted(got)
+        if self.layout.hosts:  # each agent sums its workers' results, the coordinator the hosts' in host order
+            hosts = [rs for rs in self._by_host(ranks) if rs]
+            losses = [sum(got[r][0] for r in rs) for rs in hosts]
+            corrects = [sum(got[r][1] for r in rs) for rs in hosts]
+            moments = [sum(np.asarray(got[r][2], np.float64) for r in rs) for rs in hosts]
+        else:
+            losses, corrects, moments = ([got[r][k] for r in ranks] for k in range(3))
+        norm = self._update(ranks, step, lr)
+        return StepResult(len(indices), sum(losses), sum(corrects), sum(np.asarray(m, np.float64) for m in moments),
+                          norm)
+
+    def _update(self, ranks: list[int], step: int, lr: float) -> float:
+        d, g = self.cfg.dist, self.store.grads
+        if not self.layout.hosts:  # one host: the ranks' gradients (their frames on socket transport)
+            frames = [grad_frame(self.grad_slots[r], "float16" if self.wire16 else "float32") for r in ranks]
+            sum_in_order(g, [f for f, _ in frames], [s for _, s in frames])
+            return self._coordinator_step(lr, step, self.threads if d.transport == "shm" and d.update == "workers"
+                                          else 1)
+        sums = []
+        for rs in self._by_host(ranks):
+            if not rs and d.plane == "star":  # a host with no image sits the round out
+                continue
+            h = len(sums)
+            if rs:
+                sum_in_order(self.host_sum, [self.grad_slots[r] for r in rs])  # local rank order
+            else:  # mesh: it contributes zeros
+                self.host_sum.fill(0.0)
+            if d.plane == "star":
+                f, s = grad_frame(self.host_sum, d.wire_dtype)
+                sums.append((f.copy(), s))
+            elif self.wire16:  # mesh: each fixed piece encoded with its own scale, decoded by its owner
+                for lo, hi in self.pieces:
+                    part, s = encode16(self.host_sum[lo:hi])
+                    add16(self.decoded[h, lo:hi], part, s, first=True)
+                sums.append((self.decoded[h], 1.0))
+            else:
+                sums.append((self.host_sum.copy(), 1.0))
+        sum_in_order(g, [f for f, _ in sums], [s for _, s in sums])  # host order
+        if d.plane == "star":
+            return self._coordinator_step(lr, step, 1)
+        self._blas(self.default_threads)  # the agents' block sums of squares, with their own BLAS threads
+        norm = math.sqrt(add_blocks(chunk_squares(g)))
+        self.opt.step(self.store.params, g, lr, checked_clip(norm, self.cfg.train.clip_norm, step))
+        if self.wire16:  # every owner's new weights travel as float16-rounded updates, piece by piece
+            for lo, hi in self.slices:
+                for a, b in gather_pieces(lo, hi):
+                    apply_update16(self.store.params[a:b], self.prev[a:b], self.out16[a:b])
+        return norm
+
+    def _coordinator_step(self, lr: float, step: int, threads: int) -> float:
+        self._blas(threads)
+        norm = clipped_step(self.opt, self.store.params, self.store.grads, lr, self.cfg.train.clip_norm, step)
+        if self.wire16:
+            apply_update16(self.store.params, self.prev, self.out16)
+        return norm
+
+    def evaluate(self, indices: np.ndarray) -> tuple[float, int]:
+        """Each rank evaluates its shard in batches of its training shard's size (or train.eval_batch_size); the
+        sums go in rank order (the distributed run's go in arrival order: equal to the last bits)."""
+        self._blas(self.threads)
+        per_worker = -(-self.cfg.train.batch_size // self.layout.ranks)
+        batch = self.cfg.train.eval_batch_size or per_worker
+        shards = self._shards(indices)
+        got = {r: evaluate_batches(self.models[r], self.ds.images, self.ds.labels, idx, batch)[:2]
+               for r, idx in shards.items()}
+        groups = self._by_host(sorted(got)) if self.layout.hosts else [[r] for r in sorted(got)]
+        groups = [rs for rs in groups if rs]
+        return (sum(sum(got[r][0] for r in rs) for rs in groups), sum(sum(got[r][1] for r in rs) for rs in groups))
+
+    def request_stop(self, grace_s: float) -> None:
+        pass  # a step runs to its end
+
+    def settle(self) -> int:
+        return 0
+
+    def summary(self) -> dict:
+        return {"replay": self.layout.describe()}
+
+    def close(self) -> None:
+        self.limits.restore_original_limits()
+
+
+def replay_executor(layout: Layout):
+    """train.run_local's executor factory for `layout`."""
+    return lambda cfg, model, dataset, store, opt: ReplayExecutor(cfg, model, dataset, store, opt, layout)
