@@ -20,6 +20,10 @@ Model and training keys can be overridden like in `dptrain train` (`--model.widt
 override (`--dist.wire_dtype=float16`, `--wire-dtype float16`) is passed to `dptrain launch` unchanged. Warm-up
 steps are never timed. Logs and progress bars go to stderr; with --json stdout holds only JSON (one object, or one
 line per row with --workers or --hosts).
+
+    dptrain bench --tta TARGET [--config F] [--data DIR] [--workers 2] [--epochs E] [--repeat R] [--stop-at-target]
+        time to accuracy: dptrain and its PyTorch DDP twin trained with one recipe, epochs and seconds from process
+        start to TARGET validation accuracy, tta.json and tta.png in --out (dptrain/bench_tta.py).
 """
 from __future__ import annotations
 
@@ -47,18 +51,29 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slots", type=int, default=1, help="with --hosts: workers (and DDP ranks) per host")
     p.add_argument("--no-ddp", action="store_true", help="with --hosts: dptrain only")
     p.add_argument("--batch-size", type=int, default=None, help="global batch size (default 64; 16 with --hosts)")
-    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--image-size", type=int, default=None, help="(default 64; with --tta: the config's)")
     p.add_argument("--classes", type=int, default=62)
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 10; 6 with --hosts)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--transport", default="shm", help="shm, socket or shm,socket (with --workers)")
     p.add_argument("--images", type=int, default=2000, help="size of the synthetic set (with --workers, --hosts)")
     p.add_argument("--data-dir", default=None, help="where the synthetic set is cached (~/.cache/dptrain/bench)")
-    p.add_argument("--out", default="bench-out", help="folder for bench.csv / bench.json / bench.png and runs")
+    p.add_argument("--out", default=None,
+                   help="folder for bench.csv / bench.json / bench.png and runs (bench-out; with --tta bench-tta)")
     p.add_argument("--pss-interval", type=float, default=1.0,
                    help="seconds between PSS samples of coordinator + workers (0: do not sample)")
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     p.add_argument("--no-progress", action="store_true")
+    t = p.add_argument_group("time to accuracy (--tta; dptrain/bench_tta.py)")
+    t.add_argument("--tta", type=float, default=None, metavar="TARGET",
+                   help="train dptrain (launch --workers N, default 2) and its PyTorch DDP twin with one recipe; "
+                        "epochs and seconds to this validation accuracy")
+    t.add_argument("--config", default=None, help="with --tta: TOML config both sides train from")
+    t.add_argument("--data", default=None, help="with --tta: dataset folder or .tgz (data.path)")
+    t.add_argument("--epochs", type=int, default=None, help="with --tta: train.epochs")
+    t.add_argument("--repeat", type=int, default=1, help="with --tta: runs per side, alternating; medians reported")
+    t.add_argument("--stop-at-target", action="store_true", help="with --tta: stop each side at the target")
+    t.add_argument("--no-torch", action="store_true", help="with --tta: dptrain only")
 
 
 def _config(args, extra: list[str]) -> tuple[config_mod.Config, dict[str, str]]:
@@ -72,6 +87,13 @@ def _config(args, extra: list[str]) -> tuple[config_mod.Config, dict[str, str]]:
 
 
 def main(args: argparse.Namespace, extra: list[str]) -> int:
+    if getattr(args, "tta", None) is not None:
+        from .bench_tta import run as run_tta
+        args.out = args.out or "bench-tta"
+        return run_tta(args, extra)
+    args.out = args.out or "bench-out"
+    if args.image_size is None:
+        args.image_size = 64
     hosts = getattr(args, "hosts", None)
     if args.batch_size is None:
         args.batch_size = 16 if hosts else 64

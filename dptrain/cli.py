@@ -1,6 +1,7 @@
 """`dptrain` command line.
 
     dptrain data synth --out data/synth            write the LFW-like synthetic set (JPEGs, LFW layout)
+    dptrain data digits --out data/digits          scikit-learn's handwritten digits as class folders (32x32)
     dptrain train  --data DIR --epochs E ...       train in this process (no sockets; the reference)
     dptrain launch --workers N ...                 coordinator + N worker processes on this host
     dptrain launch --hostfile FILE | -H a:2,b:2    one agent per host over ssh, workers under it
@@ -9,6 +10,7 @@
     dptrain predict --checkpoint C PATH...         class probabilities of images, folders, .tgz
     dptrain export --checkpoint C --format onnx|torch|safetensors --out F
     dptrain bench  [--workers 1,2,4] [--compare torch]
+    dptrain bench  --tta 0.9 --config C            time to accuracy: dptrain vs its PyTorch DDP twin
     dptrain plot   RUN_DIR                          metrics.jsonl -> PNG curves
     dptrain plan   --hosts 1,16 --slots 8 --bandwidth 10gbit   predicted multi-host step time and scaling
 
@@ -195,6 +197,12 @@ def cmd_data_synth(args, extra) -> int:
     return 0
 
 
+def cmd_data_digits(args, extra) -> int:
+    from .bench_tta import make_digits
+    print(json.dumps(make_digits(args.out, args.image_size)))
+    return 0
+
+
 def cmd_bench(args, extra) -> int:
     from .bench import main as bench_main
     return bench_main(args, extra)
@@ -265,6 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--jobs", type=int, default=2, help="render in this many processes")
     s.set_defaults(func=cmd_data_synth)
+    dg = dsub.add_parser("digits", help="write scikit-learn's handwritten digits as class folders (a small real set)")
+    dg.add_argument("--out", required=True)
+    dg.add_argument("--image-size", type=int, default=32)
+    dg.set_defaults(func=cmd_data_digits)
 
     b = sub.add_parser("bench", help="throughput benchmarks")
     from .bench import add_bench_flags

@@ -23,8 +23,28 @@ class DataConfig:
     max_classes: int = 0  # keep only the N largest classes (0: all)
     val_fraction: float = 0.2  # fraction of each class held out (classes with one image stay in training)
     augment: bool = True  # random horizontal flip + small translation, seeded per sample
-    max_shift: int = 4  # largest translation in pixels when augmenting
+    shift: float = 0.0625  # largest translation as a fraction of image_size (1/16: 4 px at 64, 2 px at 32)
+    # largest translation in pixels. Unset (or set to -1) it is derived, round(shift * image_size), and follows
+    # both; set to N >= 0 (configs from before `shift`; a run's config.toml, which records the pixels used) it wins.
+    max_shift: int = -1
     cache_dir: str = ""  # where decoded uint8 caches are kept ("": ~/.cache/dptrain)
+
+    def __post_init__(self):
+        self.__dict__["_shift_derived"] = self.max_shift < 0
+        self._derive_shift()
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if "_shift_derived" not in self.__dict__:  # still in __init__
+            return
+        if name == "max_shift":
+            self.__dict__["_shift_derived"] = value < 0
+        if name in ("max_shift", "image_size", "shift"):
+            self._derive_shift()
+
+    def _derive_shift(self) -> None:
+        if self._shift_derived:
+            self.__dict__["max_shift"] = int(round(self.shift * self.image_size))
 
 
 @dataclass
@@ -34,6 +54,9 @@ class ModelConfig:
     hidden: int = 512  # width of the hidden Linear + BN1D + ReLU (0: none)
     bn_momentum: float = 0.1  # running = (1 - m) * running + m * batch (PyTorch's convention)
     bn_eps: float = 1e-5
+    # conv/Linear weights: "he" = He-normal (std sqrt(2 / fan_in)) with zero biases, the classifier uniform;
+    # "pytorch" = PyTorch's defaults (kaiming_uniform a=sqrt(5): U(+-1/sqrt(fan_in)) weights and biases)
+    init: str = "he"
 
 
 @dataclass
@@ -115,6 +138,10 @@ class Config:
             raise ValueError(f"dist.plane must be 'mesh' or 'star', got {self.dist.plane!r}")
         if self.dist.wire_dtype not in ("float32", "float16"):
             raise ValueError(f"dist.wire_dtype must be 'float32' or 'float16', got {self.dist.wire_dtype!r}")
+        if self.model.init not in ("he", "pytorch"):
+            raise ValueError(f"model.init must be 'he' or 'pytorch', got {self.model.init!r}")
+        if not 0 <= self.data.shift < 0.5:
+            raise ValueError(f"data.shift is a fraction of the image size in [0, 0.5), got {self.data.shift}")
         for name in ("epochs", "batch_size", "image_size"):
             sec = self.train if hasattr(self.train, name) else self.data
             if getattr(sec, name) < 1:

@@ -29,13 +29,17 @@ class Layer:
 
 
 class Conv2D(Layer):
-    """k x k convolution, NHWC. Params: `{name}.w` (k, k, cin, cout) He-normal; `{name}.b` (cout,) if bias."""
+    """k x k convolution, NHWC. Params: `{name}.w` (k, k, cin, cout); `{name}.b` (cout,) if bias. init="he":
+    He-normal weights, zero bias; "pytorch": PyTorch's default, U(+-1/sqrt(fan_in)) for both (fan_in = k*k*cin)."""
 
     def __init__(self, store: ParamStore, name: str, cin: int, cout: int, k: int = 3, stride: int = 1,
-                 pad: int = 0, bias: bool = True):
+                 pad: int = 0, bias: bool = True, init: str = "he"):
         self.stride, self.pad = stride, pad
-        self.w = store.param(f"{name}.w", (k, k, cin, cout), he_normal(k * k * cin), decay=True)
-        self.b = store.param(f"{name}.b", (cout,), zeros, decay=False) if bias else None
+        fan_in = k * k * cin
+        self.w = store.param(f"{name}.w", (k, k, cin, cout),
+                             he_normal(fan_in) if init == "he" else uniform_fan_in(fan_in), decay=True)
+        self.b = store.param(f"{name}.b", (cout,), zeros if init == "he" else uniform_fan_in(fan_in),
+                             decay=False) if bias else None
         self.ws = Workspace()
         self.cache: conv.ConvCache | None = None
 
@@ -136,8 +140,8 @@ class AvgPool2D(MaxPool2D):
 
 class Linear(Layer):
     """x (N, in_features) @ w + b. Params `{name}.w` (in_features, out_features), `{name}.b` (out_features,)
-    (decay=False). init="he" (He-normal, for a hidden layer followed by ReLU) or "uniform" (PyTorch's default, for
-    the head)."""
+    (decay=False). init="he" (He-normal, zero bias, for a hidden layer followed by ReLU) or "uniform" / "pytorch"
+    (PyTorch's default, U(+-1/sqrt(in_features)) weights and bias)."""
 
     def __init__(self, store: ParamStore, name: str, in_features: int, out_features: int, bias: bool = True,
                  init: str = "he"):
@@ -203,15 +207,17 @@ class ResidualBlock(Layer):
     channels or the stride change, else identity. Convs have no bias (BN follows). Names: `{name}.conv1`,
     `{name}.bn1`, `{name}.conv2`, `{name}.bn2`, `{name}.short.conv`, `{name}.short.bn`."""
 
-    def __init__(self, store: ParamStore, name: str, cin: int, cout: int, stride: int = 1, eps: float = 1e-5):
+    def __init__(self, store: ParamStore, name: str, cin: int, cout: int, stride: int = 1, eps: float = 1e-5,
+                 init: str = "he"):
         self.main = Sequential([
-            Conv2D(store, f"{name}.conv1", cin, cout, 3, stride, 1, bias=False),
+            Conv2D(store, f"{name}.conv1", cin, cout, 3, stride, 1, bias=False, init=init),
             BatchNorm2D(store, f"{name}.bn1", cout, eps), ReLU(),
-            Conv2D(store, f"{name}.conv2", cout, cout, 3, 1, 1, bias=False),
+            Conv2D(store, f"{name}.conv2", cout, cout, 3, 1, 1, bias=False, init=init),
             BatchNorm2D(store, f"{name}.bn2", cout, eps)])
         self.short = None
         if cin != cout or stride != 1:
-            self.short = Sequential([Conv2D(store, f"{name}.short.conv", cin, cout, 1, stride, 0, bias=False),
+            self.short = Sequential([Conv2D(store, f"{name}.short.conv", cin, cout, 1, stride, 0, bias=False,
+                                            init=init),
                                      BatchNorm2D(store, f"{name}.short.bn", cout, eps)])
         self.relu = ReLU()
         self.ws = Workspace()

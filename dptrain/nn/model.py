@@ -6,6 +6,8 @@ Architecture (NHWC, see functional.py), for widths [w1, w2, ...]:
   Flatten (NHWC order)
   Linear(hidden) - BN1D - ReLU if hidden                                names hidden.fc / hidden.bn
   Linear(num_classes)                                                   name  classifier
+Initialisation (model.init): "he" = He-normal conv/hidden weights, zero biases, PyTorch's uniform for the classifier;
+"pytorch" = PyTorch's defaults everywhere. BN: gamma 1, beta 0 either way.
 With the defaults (widths [32, 64, 128], res 256, hidden 512), 64x64 RGB and 62 classes: ~9.4M parameters.
 
 Usage:
@@ -116,16 +118,16 @@ def build_model(mcfg: ModelConfig, num_classes: int, image_size: int, store: Par
     layers: list[Layer] = []
     c, size = in_channels, image_size
     for i, width in enumerate(mcfg.widths, start=1):
-        layers += [Conv2D(store, f"block{i}.conv", c, width, 3, 1, 1, bias=False),
+        layers += [Conv2D(store, f"block{i}.conv", c, width, 3, 1, 1, bias=False, init=mcfg.init),
                    BatchNorm2D(store, f"block{i}.bn", width, mcfg.bn_eps), ReLU(), MaxPool2D(2)]
         c, size = width, size // 2
     if mcfg.res_width:
-        layers.append(ResidualBlock(store, "res", c, mcfg.res_width, 1, mcfg.bn_eps))
+        layers.append(ResidualBlock(store, "res", c, mcfg.res_width, 1, mcfg.bn_eps, init=mcfg.init))
         c = mcfg.res_width
     layers.append(Flatten())
     d = c * size * size
     if mcfg.hidden:
-        layers += [Linear(store, "hidden.fc", d, mcfg.hidden, bias=True, init="he"),
+        layers += [Linear(store, "hidden.fc", d, mcfg.hidden, bias=True, init=mcfg.init),
                    BatchNorm1D(store, "hidden.bn", mcfg.hidden, mcfg.bn_eps), ReLU()]
         d = mcfg.hidden
     layers.append(Linear(store, "classifier", d, num_classes, bias=True, init="uniform"))
