@@ -53,6 +53,8 @@ TRAIN_FLAGS = [
      "worker processes on this host (0: run in this process; auto: one per physical core)"),
     ("--bn", "dist.bn", str, ["stats", "sync"], None),
     ("--on-worker-failure", "dist.on_worker_failure", str, ["abort", "continue"], None),
+    ("--max-worker-restarts", "dist.max_worker_restarts", int, None,
+     "under --on-worker-failure continue: replace a lost worker (or ssh-started host agent) at most N times"),
     ("--bind", "dist.bind", str, None, "interface the coordinator listens on"),
     ("--port", "dist.port", int, None, "coordinator port (0: pick a free one)"),
     ("--timeline", "dist.timeline", str, None, "write a Chrome-trace JSON of every phase"),

@@ -93,6 +93,9 @@ class DistConfig:
     workers: int = 2  # worker processes on this host (launch)
     bn: str = "stats"  # "stats": per-shard normalisation, global running stats; "sync": exact SyncBatchNorm
     on_worker_failure: str = "abort"  # "abort" or "continue" (re-shard over the survivors)
+    # under "continue": start a replacement for a lost worker (one host) or host agent (ssh), at most this many
+    # times over the run; it takes part from the step after it is ready (the shards are re-cut)
+    max_worker_restarts: int = 0
     bind: str = "127.0.0.1"  # interface the coordinator listens on
     port: int = 0  # 0: pick a free port
     heartbeat_interval_s: float = 1.0
@@ -126,6 +129,8 @@ class Config:
             raise ValueError(f"dist.bn must be 'stats' or 'sync', got {self.dist.bn!r}")
         if self.dist.on_worker_failure not in ("abort", "continue"):
             raise ValueError(f"dist.on_worker_failure must be 'abort' or 'continue', got {self.dist.on_worker_failure!r}")
+        if self.dist.max_worker_restarts < 0:
+            raise ValueError(f"dist.max_worker_restarts must be >= 0, got {self.dist.max_worker_restarts}")
         if self.dist.transport not in ("shm", "socket"):
             raise ValueError(f"dist.transport must be 'shm' or 'socket', got {self.dist.transport!r}")
         if self.dist.update not in ("workers", "coordinator"):

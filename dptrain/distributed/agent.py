@@ -1,6 +1,7 @@
 """A host agent: the coordinator's one peer per host in multi-host runs.
 
     dptrain agent --connect tcp://COORD:PORT --run RUN --host-index I --slots N (--keys FILE | --keys-stdin)
+    dptrain agent --connect tcp://COORD:PORT --run RUN --join --slots N --keys FILE   (capacity coming back)
 
 Started by `dptrain launch --hostfile` over ssh (keys on stdin), or by hand / by Slurm or mpirun in no-ssh mode
 (keys from a 0600 file; host index and slots may come from SLURM_* / OMPI_* variables, see rankenv.py).
@@ -54,8 +55,9 @@ class AgentStop(Exception):
 
 
 class Agent:
-    def __init__(self, endpoint: str, host_index: int, slots: int, run_id: str, keys: dict | None, host: str):
-        self.endpoint, self.index, self.slots, self.host = endpoint, host_index, slots, host
+    def __init__(self, endpoint: str, host_index: int, slots: int, run_id: str, keys: dict | None, host: str,
+                 join: bool = False):
+        self.endpoint, self.index, self.slots, self.host, self.join = endpoint, host_index, slots, host, join
         self.log = log.get()
         # While it waits upstream the agent answers its own workers (heartbeats, hellos, deaths).
         self.link = PeerLink(endpoint, run_id, host_index, f"host {host}", client_setup(keys) if keys else None,
@@ -71,8 +73,11 @@ class Agent:
     # ---- set-up and preflight ------------------------------------------------------------------------------------
     def start(self, timeout_s: float = 120.0) -> None:
         address = probe_port(self.endpoint, self.host)
-        msg = self.link.handshake("agent", self.host, self.slots, timeout_s)
+        msg = self.link.handshake("agent", self.host, self.slots, timeout_s, join=self.join)
         f = msg.fields
+        if self.link.rank != self.index:  # joined in place of another lost host than the one asked for
+            self.log.info(f"host {self.host}: joining as host {self.link.rank}")
+        self.index = self.link.rank
         self.cfg = config_mod.from_dict(f["config"])
         d = self.cfg.dist
         self.link.start_heartbeat(d.heartbeat_interval_s, d.heartbeat_misses, watch_parent=False)
@@ -241,6 +246,8 @@ def run_agent(args) -> int:
         raise SystemExit("dptrain agent: --connect tcp://HOST:PORT not given and MASTER_ADDR/MASTER_PORT not set")
     if not args.run:
         raise SystemExit("dptrain agent: --run not given and DPTRAIN_RUN_ID/TORCHELASTIC_RUN_ID not set")
+    if index is None and args.join:
+        index = 0  # any lost host: the coordinator says which one this agent replaces
     if index is None:
         if env is None:
             raise SystemExit("dptrain agent: --host-index not given and no DPTRAIN_/OMPI_/SLURM_/torchrun (RANK) "
@@ -266,7 +273,7 @@ def run_agent(args) -> int:
         keys = None
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)
-    agent = Agent(args.connect, index, slots, args.run, keys, host)
+    agent = Agent(args.connect, index, slots, args.run, keys, host, join=args.join)
     rc = 1
     try:
         rc = run_peer(agent.link, lambda: (agent.start(), agent.serve())[1], (AgentStop,))

@@ -3,6 +3,7 @@
 Peer states (a peer is one worker rank):
     STARTING --HELLO ok--> WELCOMED --READY--> READY --(process exit | silent | stuck | ERROR)--> DEAD
     (any) --STOP sent--> STOPPED
+    DEAD --replacement started (`replace_lost`) or an agent's HELLO with join--> a fresh STARTING record of the rank
 A round sends STEP to every READY rank and waits for their RESULTs, serving sync-BN reductions (summed in rank
 order) and heartbeats meanwhile. It never blocks for more than a poll tick, so a dead worker is noticed within
 max(tick, its process exit | heartbeat_misses × heartbeat_interval_s | step_timeout_s), named, and raised as
@@ -37,6 +38,7 @@ DROP_LOG_WINDOW_S = 10.0
 LATE_WARNING_EVERY_S = 10.0
 STACK_DUMP_WAIT_S = 0.5  # for a stuck rank's stack to reach its log
 RSS_SAMPLE_S = 1.0  # how often the resident memory of a started process is sampled (to name an OOM kill)
+JOIN_TIMEOUT_S = 120.0  # a replacement not READY this long after it was started is dead too
 
 
 class PeerState(enum.Enum):
@@ -65,6 +67,9 @@ class Peer:
     rss_mb: float = 0.0  # resident memory at the last sample (processes this coordinator started)
     rss_at: float = 0.0
     log_tail: deque = field(default_factory=lambda: deque(maxlen=20))
+    replacement: bool = False  # started (or joined) in place of a lost peer of this rank
+    given_up: bool = False  # lost, and not to be replaced (no restart left)
+    started: float = field(default_factory=time.monotonic)
 
     def describe(self) -> str:
         return f"rank {self.rank} (host {self.host}, pid {self.pid})"
@@ -153,6 +158,12 @@ class Coordinator:
         self._drop_window = [0.0, 0, 0]  # window start, lines logged, lines suppressed
         self.last_publish = (0.0, 0.0)  # (start, seconds) of the last round's STEP sends (weights, with sockets)
         self.stop_deadline: float | None = None  # after a stop request, give the running step this long
+        # Capacity coming back (dist.on_worker_failure "continue"): respawn(peer) starts a replacement process for
+        # a lost peer this coordinator started (its dead record) and returns (process, log path); at most
+        # max_worker_restarts times over the run.
+        self.respawn = None
+        self.restarts = 0
+        self.restart_limit = d.max_worker_restarts if d.on_worker_failure == "continue" else 0
 
     def adopt(self, rank: int, host: str, proc=None, log_path: Path | None = None) -> None:
         """Record what the launcher knows of rank's peer before it says HELLO: its host, and the process and log
@@ -228,6 +239,9 @@ class Coordinator:
             peer.state = PeerState.READY
             peer.mesh_endpoint = str(msg.fields.get("mesh_endpoint", ""))
             peer.mesh_key = str(msg.fields.get("mesh_key", ""))
+            if peer.replacement:
+                self.log.warning(f"{peer.describe()} is back after {time.monotonic() - peer.started:.1f} s: it "
+                                 f"takes part from the next step on")
             return True
         if msg.kind is P.Kind.ERROR:
             self._mark_dead(peer, f"reported an error: {msg.fields['message']}")
@@ -241,6 +255,10 @@ class Coordinator:
             self.sock.send_multipart([identity, *P.encode(P.Kind.STOP, self.run_id, reason=reason)])
         if msg.run != self.run_id:
             return refuse(f"wrong run id {msg.run!r}")
+        if msg.fields.get("join") is True and self.token is None:  # an agent started later (agent --join)
+            peer, why = self._join_as(msg)
+            if peer is None:
+                return refuse(why)
         if self.token is not None and not secrets.compare_digest(str(msg.fields.get("token", "")), self.token):
             self._dropped(f"refused a HELLO claiming rank {msg.rank} (pid {msg.fields.get('pid')}): not started by "
                           f"this run's launcher (no or wrong token)")
@@ -261,7 +279,54 @@ class Coordinator:
         peer.state = PeerState.WELCOMED
         peer.last_seen = time.monotonic()
         self.send(peer, P.Kind.WELCOME, arrays=self.welcome_arrays, world_size=self.world_size,
-                  rank_base=self.rank_base[peer.rank], **self.welcome)
+                  rank_base=self.rank_base[peer.rank], your_rank=peer.rank, **self.welcome)
+
+    # ---- capacity coming back ----------------------------------------------------------------------------------
+    def _join_as(self, msg: P.Message) -> tuple[Peer | None, str]:
+        """The rank a joining agent takes: the lost one it names, else the first lost one with as many slots (the
+        layout of hosts x slots is fixed at launch; who fills it may change). (None, why) when there is none."""
+        if self.cfg.dist.on_worker_failure != "continue":
+            return None, "the run's policy is abort: a lost host ends it, nobody joins"
+        lost = [p for r, p in sorted(self.peers.items()) if p.state is PeerState.DEAD and p.slots == msg.fields["slots"]]
+        if not lost:
+            return None, (f"no lost host with {msg.fields['slots']} slots to take the place of (hosts: "
+                          + ", ".join(f"{p.rank} {p.state.value} slots={p.slots}" for p in self.peers.values()) + ")")
+        old = next((p for p in lost if p.rank == msg.rank), lost[0])
+        new = self.peers[old.rank] = Peer(old.rank, host=str(msg.fields["host"]), slots=old.slots, replacement=True)
+        self.log.warning(f"host {new.host} joins in place of {old.describe()} (lost: {old.death})")
+        return new, ""
+
+    def replace_lost(self) -> None:
+        """At a step boundary: a replacement process for every lost peer this coordinator started (`respawn`),
+        while dist.max_worker_restarts allows, and the wait until every replacement is READY or lost (a process
+        start, ~1 s for a worker): so the steps after a loss run on the same ranks whatever the machine's speed,
+        and the run's result depends on which step lost a rank, not on how long its replacement took to start."""
+        if self.respawn is None:
+            return
+        self._respawn_lost()
+        pending = [p for p in self.peers.values() if p.replacement and p.proc is not None
+                   and p.state in (PeerState.STARTING, PeerState.WELCOMED)]
+        while pending:
+            self.service(POLL_TICK_S)
+            self.check_liveness()
+            pending = [p for p in pending if p.state in (PeerState.STARTING, PeerState.WELCOMED)]
+
+    def _respawn_lost(self) -> None:
+        for rank, peer in sorted(self.peers.items()):
+            if peer.state is not PeerState.DEAD or peer.proc is None or peer.given_up:
+                continue
+            if self.restarts >= self.restart_limit:
+                if self.restart_limit:
+                    self.log.warning(f"not replacing {peer.describe()}: --max-worker-restarts "
+                                     f"{self.restart_limit} used up")
+                peer.given_up = True  # said once
+                continue
+            self.restarts += 1
+            proc, log_path = self.respawn(peer)
+            self.peers[rank] = Peer(rank, host=peer.host, slots=peer.slots, replacement=True)
+            self.adopt(rank, peer.host, proc, log_path)
+            self.log.warning(f"starting a replacement for rank {rank} on {peer.host} (pid {proc.pid}; restart "
+                             f"{self.restarts} of {self.restart_limit})")
 
     # ---- liveness ----------------------------------------------------------------------------------------------
     def _dump_stack(self, peer: Peer) -> bool:
@@ -303,6 +368,8 @@ class Coordinator:
                     pass
             if code is not None:
                 self._mark_dead(peer, f"process exited with code {code}" + killed_how(peer, code))
+            elif peer.state is PeerState.STARTING and peer.replacement and now - peer.started > JOIN_TIMEOUT_S:
+                self._mark_dead(peer, f"replacement not ready after {JOIN_TIMEOUT_S:.0f} s")
             elif peer.state is not PeerState.STARTING and now - peer.last_seen > d.heartbeat_interval_s * d.heartbeat_misses:
                 self._mark_dead(peer, f"silent for {now - peer.last_seen:.1f} s (missed heartbeats)")
             elif peer in waiting_on and now - waiting_since > d.step_timeout_s:

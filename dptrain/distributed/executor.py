@@ -119,6 +119,8 @@ class DistExecutor:
 
     def _round(self, indices: np.ndarray, step: int, attempt: int, fields: dict) -> tuple[list[int], dict]:
         peers = self.coord.active()
+        if self.mesh is not None:  # a host that joined is in the plane (it has the weights) from its next forming
+            peers = [p for p in peers if p.rank in self.mesh.formed]
         if not peers:
             raise WorkerFailure([])
         blocks, sizes = split_by_slots(indices, [p.slots for p in peers])
@@ -156,6 +158,10 @@ class DistExecutor:
         t0 = time.perf_counter()
         wall0 = time.time()
         fields = train_fields(indices, epoch)
+        try:  # capacity coming back: a replacement for a lost peer, waited for; the shards are re-cut over all
+            self.coord.replace_lost()
+        except StopTimeout as e:
+            raise StepInterrupted(str(e)) from None
 
         def attempt_step(attempt: int):
             if self.mesh is not None:
@@ -269,7 +275,12 @@ class DistExecutor:
         per_worker = -(-self.cfg.train.batch_size // sum(p.slots for p in self.coord.active()))
         batch = self.cfg.train.eval_batch_size or per_worker
         fields = {"phase": "eval", "epoch": 0, "global_count": len(indices), "eval_batch": batch}
-        _, results = self._retrying(-1, lambda attempt: self._round(indices, -1, attempt, fields))
+        def attempt_eval(attempt: int):
+            if self.mesh is not None:
+                self.mesh.ensure(-1, attempt)
+            return self._round(indices, -1, attempt, fields)
+
+        _, results = self._retrying(-1, attempt_eval)
         self._t_end = None  # the time until the next step is the Trainer's epoch end, not a step's serial part
         return sum(r.fields["loss_sum"] for r in results.values()), sum(r.fields["correct"] for r in results.values())
 

@@ -161,19 +161,27 @@ def launch_hosts(cfg: Config, args, progress: dict | None = None) -> int:
             timeout = args.wait_agents_s
         else:
             secret = (json.dumps(keys.for_agents()) + "\n").encode()
-            for i, h in enumerate(hosts):
+
+            def ssh_agent(i: int, join: bool = False):
+                h = hosts[i]
                 log_path = out / "logs" / f"host-{h.hostname}.log"
-                remote = remote_command(agent_argv(python, endpoint, session.run_id, i, h, "-"), forwarded)
-                with open(log_path, "wb") as f:
-                    proc = subprocess.Popen(ssh_argv(args, h) + [remote], stdin=subprocess.PIPE, stdout=f,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
+                argv = agent_argv(python, endpoint, session.run_id, i, h, "-") + (["--join"] if join else [])
+                with open(log_path, "ab" if join else "wb") as f:
+                    proc = subprocess.Popen(ssh_argv(args, h) + [remote_command(argv, forwarded)],
+                                            stdin=subprocess.PIPE, stdout=f, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
                 session.procs.append(proc)
                 try:
                     proc.stdin.write(secret)  # the channel stays open: its closing tells the agent to stop
                     proc.stdin.flush()
                 except BrokenPipeError:
                     pass  # ssh already gave up (unknown host...): its exit code and words are reported below
-                coord.adopt(i, h.hostname, proc, log_path)
+                return proc, log_path
+
+            for i, h in enumerate(hosts):
+                coord.adopt(i, h.hostname, *ssh_agent(i))
+            # a lost host's agent started again in its place (dist.max_worker_restarts; it joins the running job)
+            coord.respawn = lambda peer: ssh_agent(peer.rank, join=True)
             timeout = args.wait_agents_s
         try:
             coord.wait_ready(timeout)

@@ -96,6 +96,9 @@ def add_internal_commands(sub) -> None:
     a.add_argument("--keys-stdin", action="store_true", help="read the keys from stdin; exit when stdin closes (ssh)")
     a.add_argument("--wait-keys-s", type=float, default=60.0, help="wait this long for --keys to appear")
     a.add_argument("--host-label", default=None, help="name for logs (default: hostname)")
+    a.add_argument("--join", action="store_true",
+                   help="take the place of a lost host in a running job (--on-worker-failure continue); "
+                        "with --host-index, that one if it is lost, else any lost host with as many slots")
     a.set_defaults(func=_cmd_agent)
 
 

@@ -27,7 +27,7 @@ from ..nn.params import ParamStore
 from ..optim import SGD, add_blocks, checked_clip, chunk_slices
 from ..train import ExecutorFailure
 from . import protocol as P
-from .coordinator import Coordinator, WorkerFailure
+from .coordinator import Coordinator, PeerState, WorkerFailure
 from .mesh import checksum
 
 
@@ -75,8 +75,13 @@ class MeshPlane:
         ranks = tuple(p.rank for p in self.coord.active())
         if ranks == self.formed:
             return
-        if self.done:  # a host was lost where nobody waited on it: the steps since the sync are redone first
-            raise WorkerFailure([p for p in self.coord.peers.values() if p.rank in self.formed and p.rank not in ranks])
+        lost = [p for p in self.coord.peers.values() if p.rank in self.formed and p.rank not in ranks]
+        if self.done and lost:  # a host was lost where nobody waited on it: the steps since the sync are redone first
+            raise WorkerFailure(lost)
+        if self.done and not self.settle():  # a host joined: the state it starts from is the hosts' state now
+            raise WorkerFailure([p for p in self.coord.peers.values() if p.rank in self.formed
+                                 and p.state is PeerState.DEAD])
+        ranks = tuple(p.rank for p in self.coord.active())  # (settling lets another host become ready)
         self.sync = None
         self.slices = dict(zip(ranks, chunk_slices(self.store.num_params, len(ranks))))
         self.mesh_id += 1

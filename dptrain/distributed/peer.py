@@ -133,11 +133,13 @@ class PeerLink:
             self.log.warning(f"dropped a malformed message from the coordinator: {e}")
             return None
 
-    def handshake(self, role: str, host: str, slots: int, timeout_s: float, token: str | None = None) -> P.Message:
-        """HELLO (with the launcher's token on one host), then the WELCOME; anything else ends the process with one
-        line saying why."""
+    def handshake(self, role: str, host: str, slots: int, timeout_s: float, token: str | None = None,
+                  join: bool = False) -> P.Message:
+        """HELLO (with the launcher's token on one host; `join`: an agent taking the place of a lost host), then the
+        WELCOME, which says the rank this peer has from now on; anything else ends the process with one line saying
+        why."""
         self.send(P.Kind.HELLO, role=role, host=host, pid=os.getpid(), slots=slots, **local_versions(),
-                  **({"token": token} if token is not None else {}))
+                  **({"token": token} if token is not None else {}), **({"join": True} if join else {}))
         msg = self.recv(timeout_s)
         if msg is None:
             raise SystemExit(f"{self.who}: no answer from the coordinator at {self.endpoint} within {timeout_s:.0f} s"
@@ -148,6 +150,9 @@ class PeerLink:
         if msg.kind is not P.Kind.WELCOME:
             raise SystemExit(f"{self.who}: expected WELCOME, got {msg.kind.name}")
         self.welcomed = True
+        rank = msg.fields.get("your_rank", self.rank)
+        if isinstance(rank, int) and not isinstance(rank, bool) and 0 <= rank < msg.fields["world_size"]:
+            self.rank = rank
         return msg
 
     def start_heartbeat(self, interval_s: float, misses: int, watch_parent: bool) -> None:

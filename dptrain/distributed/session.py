@@ -170,12 +170,18 @@ class Session:
         n = len(log_paths)
         env = worker_env(blas_threads(cfg, n))
         cores = os.cpu_count() or 1
-        for r, path in enumerate(log_paths):
-            path.write_bytes(b"")
+
+        def spawn(r: int, path: Path):
             proc = spawn_worker(self.coord.endpoint, r, self.run_id, env, path, self.token,
                                 (r % cores) if cfg.dist.pin_cores else None)
             self.procs.append(proc)
-            self.coord.adopt(r, host, proc, path)
+            return proc
+
+        for r, path in enumerate(log_paths):
+            path.write_bytes(b"")
+            self.coord.adopt(r, host, spawn(r, path), path)
+        # a lost worker's replacement (dist.max_worker_restarts): the same rank, environment and log file
+        self.coord.respawn = lambda peer: (spawn(peer.rank, peer.log_path), peer.log_path)
         self.coord.wait_ready()
 
     def close(self) -> None:

@@ -36,17 +36,19 @@ from .reduce import sum_in_order
 from .wire import grad_frame, receive_weights
 
 
-def _fault(spec: str) -> tuple | None:
-    """DPTRAIN_FAULT=PHASE:STEP:RANK (tests only): the worker of that rank dies inside that phase of that step
-    ("update"), hangs in it for ever while its heartbeat goes on ("hang": a stuck rank), or touches 256 MB more
-    ("balloon": for an OOM kill inside a memory-limited cgroup)."""
-    if not spec:
-        return None
-    phase, step, rank = spec.split(":")
-    return phase, int(step), int(rank)
+def _faults(spec: str) -> set[tuple]:
+    """DPTRAIN_FAULT=PHASE:STEP:RANK[,...] (tests only): the worker of that rank dies as that step begins ("exit",
+    its first attempt) or inside its update ("update"), hangs in it for ever while its heartbeat goes on ("hang": a
+    stuck rank), or touches 256 MB more ("balloon": for an OOM kill inside a memory-limited cgroup). A replacement
+    of the rank inherits the list: a later step's fault hits it."""
+    out = set()
+    for item in filter(None, spec.split(",")):
+        phase, step, rank = item.split(":")
+        out.add((phase, int(step), int(rank)))
+    return out
 
 
-FAULT = _fault(os.environ.get("DPTRAIN_FAULT", ""))
+FAULTS = _faults(os.environ.get("DPTRAIN_FAULT", ""))
 
 
 class Worker:
@@ -120,7 +122,7 @@ class Worker:
         was, so a step that fails half-way is redone from it."""
         f = msg.fields
         src, dst = f["src"], 1 - f["src"]
-        dying = FAULT == ("update", msg.step, self.rank)  # a test's fault: die with half of the slice written
+        dying = ("update", msg.step, self.rank) in FAULTS  # a test's fault: die with half of the slice written
         hi = f["lo"] + (f["hi"] - f["lo"]) // 2 if dying else f["hi"]
         self.opt.step(self.params2[src], self.gsum, f["lr"], f["scale"], f["lo"], hi,
                       params_out=self.params2[dst], velocity_in=self.velocity2[src],
@@ -131,10 +133,12 @@ class Worker:
 
     def run_step(self, msg: P.Message) -> None:
         t_recv = time.time()
-        if FAULT == ("hang", msg.step, self.rank):  # a test's stuck rank: alive, never answering
+        if ("exit", msg.step, self.rank) in FAULTS and msg.fields["attempt"] == 0:  # a test's crash at a known step
+            os._exit(19)
+        if ("hang", msg.step, self.rank) in FAULTS:  # a test's stuck rank: alive, never answering
             while True:
                 time.sleep(1)
-        if FAULT == ("balloon", msg.step, self.rank):  # a test's memory hog: 256 MB touched at once
+        if ("balloon", msg.step, self.rank) in FAULTS:  # a test's memory hog: 256 MB touched at once
             self.balloon = np.ones(32_000_000)
         self.bn_calls = 0
         f = msg.fields
