@@ -63,6 +63,9 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pss-interval", type=float, default=1.0,
                    help="seconds between PSS samples of coordinator + workers (0: do not sample)")
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    p.add_argument("--agree", default=None, metavar="A,B",
+                   help="steps for which A and B workers (bitwise replays of launch) keep the weights equal to 1e-6 "
+                        "(--steps compared, default 20; dptrain/bench_repro.py)")
     p.add_argument("--no-progress", action="store_true")
     t = p.add_argument_group("time to accuracy (--tta; dptrain/bench_tta.py)")
     t.add_argument("--tta", type=float, default=None, metavar="TARGET",
@@ -97,6 +100,7 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
     hosts = getattr(args, "hosts", None)
     if args.batch_size is None:
         args.batch_size = 16 if hosts else 64
+    args.steps_given = args.steps is not None
     if args.steps is None:
         args.steps = 6 if hosts else 10
     if hosts:  # overrides go to `dptrain launch` as they are: not resolved here
@@ -105,6 +109,9 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
     cfg, overrides = _config(args, extra)
     if args.steps < 1 or args.warmup < 0:
         raise SystemExit("dptrain bench: --steps must be >= 1 and --warmup >= 0")
+    if getattr(args, "agree", None):
+        from .bench_repro import run as run_agree
+        return run_agree(args, cfg, overrides)
     if args.workers is None:
         from .bench_local import format_local, run_local_bench
         r = run_local_bench(cfg, args.classes, args.threads, args.warmup, args.steps, args.compare == "torch",

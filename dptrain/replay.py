@@ -96,6 +96,24 @@ def mesh_pieces(param_starts: list[int | None], size: int, slices: list[tuple[in
     return [(a, b) for a, b, _ in replica.pieces]
 
 
+_blas_now = 0  # the BLAS thread limit last set here (process-wide, whichever executor set it)
+_default = 1
+
+
+def _default_threads() -> int:
+    global _default
+    if _blas_now == 0:  # not limited by an executor of ours: what a fresh process gets
+        _default = min((i["num_threads"] for i in threadpool_info() if i.get("user_api") == "blas"), default=1)
+    return _default
+
+
+def _blas(n: int) -> None:
+    global _blas_now
+    if n != _blas_now:
+        threadpool_limits(n, user_api="blas")
+        _blas_now = n
+
+
 class Baton:
     """Runs one job per rank, each in a thread of its own but one at a time, in rank order. A job hands over at
     `allreduce` (its model's SyncBatchNorm hook): the last rank sums what every rank left there and the first takes
@@ -156,11 +174,10 @@ class ReplayExecutor:
     def __init__(self, cfg: Config, model, dataset, store: ParamStore, opt, layout: Layout):
         self.cfg, self.ds, self.store, self.opt, self.layout = cfg, dataset, store, opt, layout
         d = cfg.dist
-        self.default_threads = min((i["num_threads"] for i in threadpool_info() if i.get("user_api") == "blas"),
-                                   default=1)
-        self.threads = blas_threads(cfg, layout.slots[0])  # each worker's, on its host
+        self.default_threads = _default_threads()  # an agent's (nothing limits its BLAS)
+        self.threads = blas_threads(cfg, layout.slots[0] if layout.hosts else layout.ranks)  # a worker's, on its host
         self.limits = threadpool_limits(self.threads, user_api="blas")
-        self.current = self.threads
+        _blas(self.threads)
         match_blas_threads(cfg.train.short_blas_spin)
         self.bases = rank_bases(list(layout.slots))
         self.host_of = [h for h, n in enumerate(layout.slots) for _ in range(n)]
@@ -203,11 +220,6 @@ class ReplayExecutor:
             return zero_sum([got[r] for r in ranks])
         return zero_sum([zero_sum([got[r] for r in rs]) for rs in self._by_host(ranks) if rs])
 
-    def _blas(self, n: int) -> None:
-        if n != self.current:
-            threadpool_limits(n, user_api="blas")
-            self.current = n
-
     def _shards(self, indices: np.ndarray) -> dict[int, np.ndarray]:
         blocks, sizes = split_by_slots(indices, list(self.layout.slots))
         out = {}
@@ -222,7 +234,7 @@ class ReplayExecutor:
     # ---- the executor contract ---------------------------------------------------------------------------------
     def train_step(self, indices: np.ndarray, epoch: int, step: int, lr: float) -> StepResult:
         shards = self._shards(indices)
-        self._blas(self.threads)
+        _blas(self.threads)
 
         def job(r):
             res = shard_gradient(self.models[r], self.ds.images, self.ds.labels, shards[r], epoch=epoch,
@@ -270,7 +282,7 @@ class ReplayExecutor:
         sum_in_order(g, [f for f, _ in sums], [s for _, s in sums])  # host order
         if d.plane == "star":
             return self._coordinator_step(lr, step, 1)
-        self._blas(self.default_threads)  # the agents' block sums of squares, with their own BLAS threads
+        _blas(self.default_threads)  # the agents' block sums of squares, with their own BLAS threads
         norm = math.sqrt(add_blocks(chunk_squares(g)))
         self.opt.step(self.store.params, g, lr, checked_clip(norm, self.cfg.train.clip_norm, step))
         if self.wire16:  # every owner's new weights travel as float16-rounded updates, piece by piece
@@ -280,7 +292,7 @@ class ReplayExecutor:
         return norm
 
     def _coordinator_step(self, lr: float, step: int, threads: int) -> float:
-        self._blas(threads)
+        _blas(threads)
         norm = clipped_step(self.opt, self.store.params, self.store.grads, lr, self.cfg.train.clip_norm, step)
         if self.wire16:
             apply_update16(self.store.params, self.prev, self.out16)
@@ -289,7 +301,7 @@ class ReplayExecutor:
     def evaluate(self, indices: np.ndarray) -> tuple[float, int]:
         """Each rank evaluates its shard in batches of its training shard's size (or train.eval_batch_size); the
         sums go in rank order (the distributed run's go in arrival order: equal to the last bits)."""
-        self._blas(self.threads)
+        _blas(self.threads)
         per_worker = -(-self.cfg.train.batch_size // self.layout.ranks)
         batch = self.cfg.train.eval_batch_size or per_worker
         shards = self._shards(indices)
@@ -309,7 +321,9 @@ class ReplayExecutor:
         return {"replay": self.layout.describe()}
 
     def close(self) -> None:
+        global _blas_now
         self.limits.restore_original_limits()
+        _blas_now = 0
 
 
 def replay_executor(layout: Layout):

@@ -79,6 +79,16 @@ def test_sync_bn_replay_stopped_and_resumed_equals_launch_bitwise(tiny_data, tmp
 
 
 @pytest.mark.timeout(90)
+def test_replay_of_one_worker_is_the_single_process(tiny_data, tmp_path):
+    """--replay-workers 1 (what `launch --workers 1` computes) is bitwise `dptrain train`: one shard, all the cores'
+    BLAS threads, so `bench --agree 1,N` compares N workers with the single process itself."""
+    run_local(default_cfg(tiny_data, tmp_path / "train", dist__bn="sync"), stop_at_step=10)
+    run_local(default_cfg(tiny_data, tmp_path / "replay", dist__bn="sync"), stop_at_step=10,
+              executor_factory=replay_executor(parse_layout(workers=1)))
+    assert_same_run(tmp_path / "train", tmp_path / "replay", 10)
+
+
+@pytest.mark.timeout(90)
 def test_one_step_one_process_equals_workers_to_rounding(tiny_data, tmp_path):
     """Different worker counts: the same mathematics. After one step of the default model, 1 process and 3
     workers agree to float32 rounding (the sums are grouped differently, so not bitwise; over tens of steps they
@@ -124,6 +134,25 @@ def test_replay_layout_equals_two_hosts_bitwise(tiny_data, tmp_path, plane, wire
         assert rp.wait(120) == 0, rp.log()
         assert "replay of 2 hosts x 2 workers" in rp.log()
     assert_same_run(out, tmp_path / "r", steps)
+
+
+def test_each_rank_computes_with_its_workers_blas_threads(tiny_data, tmp_path):
+    """GEMM bits depend on the BLAS thread count (OpenBLAS, some shapes): a replay computes with what each worker of
+    the run had, session.blas_threads of the workers on its host (or dist.blas_threads)."""
+    from threadpoolctl import threadpool_info
+
+    from dptrain.distributed.session import blas_threads
+    from dptrain.train import prepare
+    for layout, on_host, fixed in ((parse_layout(workers=3), 3, 0), (parse_layout(layout="3x2"), 2, 0),
+                                   (parse_layout(workers=2), 2, 1)):
+        cfg = default_cfg(tiny_data, tmp_path / "x", dist__blas_threads=fixed)
+        t = prepare(cfg, False)
+        ex = replay_executor(layout)(cfg, t.model, t.ds, t.store, t.opt)
+        try:
+            assert ex.threads == blas_threads(cfg, on_host)
+            assert min(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas") == ex.threads
+        finally:
+            ex.close()
 
 
 def test_layout_flags():
