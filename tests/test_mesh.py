@@ -5,7 +5,9 @@ agents, intruders at the coordinator, a host killed under both policies. Here: t
 """
 from __future__ import annotations
 
+import os
 import re
+import signal
 import threading
 import time
 
@@ -13,7 +15,7 @@ import numpy as np
 import pytest
 from distutil import flood
 from gradcheck import rel_error
-from multihost_util import dptrain_pids, launcher, make_data, params, step_records, summary, train_args, wait_until
+from multihost_util import agent, dptrain_pids, launcher, make_data, params, step_records, summary, train_args, wait_until
 from netns import cluster, require_netns
 
 from dptrain.distributed import protocol as P
@@ -73,6 +75,81 @@ def test_lost_middle_host_under_continue_reforms_the_plane_over_the_survivors(da
         s = summary(out)
         assert s["steps"] == steps and s["replica_checks"] >= epochs  # a sync (and check) at least every epoch end
         assert [r["step"] for r in step_records(out)] == list(range(steps))
+        assert wait_until(lambda: not dptrain_pids(c), 10), dptrain_pids(c)
+
+
+# ---- capacity coming back: a lost host's agent started again over ssh joins the running job -----------------------
+def _agent_pid(c, host: str) -> int | None:
+    for pid in c.pids(host):
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if b"agent" in cmd and b"dptrain" in cmd:
+            return pid
+    return None
+
+
+@pytest.mark.timeout(150)
+def test_lost_agent_is_started_again_and_rejoins_the_mesh(data, tmp_path):
+    """--max-worker-restarts 1: h2's agent is killed mid-run; the launcher starts it again over ssh with --join, the
+    coordinator waits for it at the next step boundary, settles the hosts' state and forms the plane over all 3
+    hosts again; every step is done once, and the replicas stay checked."""
+    epochs, steps = 12, 60
+    with cluster(3, slots=1) as c:
+        out = tmp_path / "run"
+        with run_hosts(c, data, out, "--on-worker-failure", "continue", "--max-worker-restarts", "1",
+                       "--dist.sync_every=7", train__epochs=epochs) as la:
+            la.wait_log("all 3 hosts ready")
+            assert wait_until(lambda: len(step_records(out)) >= 3, 30), la.log()
+            first = _agent_pid(c, "h2")
+            os.kill(first, signal.SIGKILL)
+            assert la.wait(120) == 0, la.log()
+            log = la.log()
+        assert re.search(rf"rank 1 \(host h2, pid {first}\) is dead", log), log
+        assert re.search(r"starting a replacement for rank 1 on h2 \(pid \d+; restart 1 of 1\)", log), log
+        assert re.search(r"rank 1 \(host h2, pid \d+\) is back after", log), log
+        planes = re.findall(r"mesh data plane \d+ over (\d) hosts", log)
+        assert planes[0] == "3" and planes[-1] == "3" and "2" in planes, planes  # lost, then whole again
+        s = summary(out)
+        assert s["steps"] == steps and s["replica_checks"] >= epochs
+        assert [r["step"] for r in step_records(out)] == list(range(steps))
+        assert wait_until(lambda: not dptrain_pids(c), 10), dptrain_pids(c)
+
+
+@pytest.mark.timeout(150)
+def test_agent_started_later_with_join_takes_the_place_of_a_lost_host(data, tmp_path):
+    """No-ssh mode (agents started by hand, as Slurm would): h2's agent is killed, the run goes on over h1; then
+    `dptrain agent --join` (no host index) on h2 takes the lost place, and the plane is formed over both again."""
+    out, run_id, port = tmp_path / "run", f"join{os.getpid()}", 29900 + os.getpid() % 90
+    with cluster(2, slots=1) as c:
+        endpoint = f"tcp://{c.coordinator_addr}:{port}"
+        args = ["-H", ",".join(f"{h}:1" for h in c.hosts), "--no-ssh", "--bind", c.coordinator_addr, "--port",
+                str(port), "--run-id", run_id, "--on-worker-failure", "continue", "--dist.sync_every=5",
+                *train_args(data, out, train__epochs=40)]
+        with launcher(args, tmp_path / "launch.log") as la:
+            la.wait_log(rf"on {c.hosts[-1]} run: dptrain agent")
+            keys = str(out / "agent-keys.json")
+            common = ["--connect", endpoint, "--run", run_id, "--slots", "1", "--keys", keys]
+            agents = [agent(c, h, ["--host-index", str(i), "--host-label", h, *common], tmp_path / f"{h}.log")
+                      for i, h in enumerate(c.hosts)]
+            try:
+                la.wait_log("all 2 hosts ready")
+                assert wait_until(lambda: len(step_records(out)) >= 3, 30), la.log()
+                agents[1].kill()
+                la.wait_log(r"mesh data plane \d+ over 1 hosts \(h1\)", 30)
+                agents.append(agent(c, "h2", ["--join", "--host-label", "h2-again", *common], tmp_path / "again.log"))
+                la.wait_log(r"host h2-again joins in place of rank 1 \(host h2\b", 30)
+                assert la.wait(120) == 0, la.log() + agents[-1].log()
+                assert agents[0].wait(15) == 0 and agents[-1].wait(15) == 0, agents[-1].log()
+            finally:
+                for a in agents:
+                    a.close()
+            log = la.log()
+        assert re.search(r"rank 1 \(host h2-again, pid \d+\) is back after", log), log
+        assert re.findall(r"mesh data plane \d+ over (\d) hosts", log)[-1] == "2", log
+        assert "ranks 1..1" in (tmp_path / "again.log").read_text()
+        assert [r["step"] for r in step_records(out)] == list(range(200))
         assert wait_until(lambda: not dptrain_pids(c), 10), dptrain_pids(c)
 
 

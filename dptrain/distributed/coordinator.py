@@ -255,7 +255,8 @@ class Coordinator:
             self.sock.send_multipart([identity, *P.encode(P.Kind.STOP, self.run_id, reason=reason)])
         if msg.run != self.run_id:
             return refuse(f"wrong run id {msg.run!r}")
-        if msg.fields.get("join") is True and self.token is None:  # an agent started later (agent --join)
+        if msg.fields.get("join") is True and self.token is None and not (  # an agent started later (--join)...
+                peer is not None and peer.replacement and peer.state is PeerState.STARTING):  # ...not by us
             peer, why = self._join_as(msg)
             if peer is None:
                 return refuse(why)
