@@ -15,7 +15,17 @@ import numpy as np
 import pytest
 from distutil import flood
 from gradcheck import rel_error
-from multihost_util import agent, dptrain_pids, launcher, make_data, params, step_records, summary, train_args, wait_until
+from multihost_util import (
+    agent,
+    dptrain_pids,
+    launcher,
+    make_data,
+    params,
+    step_records,
+    summary,
+    train_args,
+    wait_until,
+)
 from netns import cluster, require_netns
 
 from dptrain.distributed import protocol as P
