@@ -1,7 +1,8 @@
 """The training loop, once: `Trainer` owns every piece of state and asks an executor for gradients.
 
-`dptrain train` plugs in `LocalExecutor` (this process computes the gradient, no sockets: the debugging fallback and
-the reference the distributed run is tested against); `dptrain launch` plugs in the distributed executor, which
+`dptrain train` plugs in `LocalExecutor` (this process computes the gradient, no sockets: the reference the
+distributed run's mathematics is tested against; `--replay-workers N` plugs in replay.py's executor, which makes a
+distributed run's sums in its order: bitwise that run); `dptrain launch` plugs in the distributed executor, which
 shards the same global batch over worker processes. Everything else — sampler, schedule, clipping, SGD, BatchNorm
 running statistics, validation, early stopping, checkpoints, metrics, summary.json — is this file, for both.
 

@@ -155,6 +155,15 @@ def test_each_rank_computes_with_its_workers_blas_threads(tiny_data, tmp_path):
             ex.close()
 
 
+@pytest.mark.timeout(60)
+def test_bench_agree_counts_the_steps_within_tolerance(tiny_data, tmp_path):
+    """`dptrain bench --agree 1,3`'s row: with --bn sync the first steps agree to 1e-6 (the mathematics is the same)."""
+    from dptrain.bench_repro import agreement, format_agreement
+    r = agreement(default_cfg(tiny_data, tmp_path / "x", dist__bn="sync"), (1, 3), 3)
+    assert r["steps_within_tol"] == 3 and all(0 < d < 1e-6 for d in r["rel_diff"]), r
+    assert "agree to 1e-06 for 3 of 3 steps" in format_agreement(r)
+
+
 def test_layout_flags():
     assert parse_layout(workers=4) == Layout((1, 1, 1, 1), False)
     assert parse_layout(layout="3x2") == Layout((2, 2, 2), True)
