@@ -13,6 +13,7 @@
     dptrain bench  --tta 0.9 --config C            time to accuracy: dptrain vs its PyTorch DDP twin
     dptrain plot   RUN_DIR                          metrics.jsonl -> PNG curves
     dptrain plan   --hosts 1,16 --slots 8 --bandwidth 10gbit   predicted multi-host step time and scaling
+    dptrain soak   --steps 2000 --workers 4 | --faults 20       memory soak / fault-injection soak of launch
 
 Training flags are aliases of config keys (`--lr` is `--train.lr`); any key can be set as `--section.key=value`;
 `--config FILE.toml` sets many at once. Precedence: defaults < --config < flags.
@@ -222,6 +223,11 @@ def cmd_plan(args, extra) -> int:
     return plan_main(args, extra)
 
 
+def cmd_soak(args, extra) -> int:
+    from .soak import main as soak_main
+    return soak_main(args, extra)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dptrain", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -294,6 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .plan import add_plan_flags
     add_plan_flags(pn)
     pn.set_defaults(func=cmd_plan)
+
+    so = sub.add_parser("soak", help="long-run memory soak, or fault-injection trials, of launch (soak.py)")
+    from .soak import add_soak_flags
+    add_soak_flags(so)
+    so.set_defaults(func=cmd_soak)
     return p
 
 
@@ -301,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command not in ("train", "launch", "bench", "plan"):
+    if extra and args.command not in ("train", "launch", "bench", "plan", "soak"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     log.setup("coord" if args.command == "launch" else "main")
     return args.func(args, extra) or 0

@@ -1,0 +1,288 @@
+"""`dptrain soak`: long and hostile runs to do before trusting a machine or a cluster (issue 11, "Long runs").
+
+    dptrain soak --steps 2000 --workers 4 [--image-size 32] [--batch-size 32] [--out soak-out] [--section.key=value]
+        memory soak (soak_mem.py): one `python -m dptrain launch` of exactly STEPS steps in a subprocess; every
+        --interval s the launcher and every worker are sampled (psutil: USS and PSS from memory_full_info, open fds,
+        threads) with the count and bytes of the run's /dev/shm segments. Checks, each a one-line reason when it
+        fails: the run finished every step; USS and PSS of every process grew by at most --max-growth % (median of
+        the last 10 % of the samples after warm-up against the first 10 %; growth under --slack-mb is noise); open
+        fds and shared-memory segments stayed constant; the coordinator dropped no message; nothing of the run is
+        left afterwards. Writes soak.json and soak.png (memory over time per process) into --out.
+    dptrain soak --faults N [--kinds kill,stop,int] [--flap-cmd CMD] [--seed S] [--trial-steps 60]
+        fault-injection soak (soak_faults.py): N short runs under `--on-worker-failure continue
+        --max-worker-restarts K`, each hit at a seeded random step by one fault: kill -9 of a random worker, SIGSTOP of
+        one for longer than the liveness bound (then SIGCONT), SIGINT of the launcher (exit 130, then the trial goes on
+        with `--resume auto`), or the user's --flap-cmd (e.g. a link down for a few seconds). Each trial must not hang
+        (hard timeout, every process of the run killed), must finish every step, and must leave no process and no
+        shared memory behind. A line per trial, a table, faults.json.
+
+The data is the built-in synthetic face set (rendered once into ~/.cache/dptrain/bench, like `dptrain bench`) unless
+--data names one; `--config` and `--section.key=value` overrides reach the launches unchanged (they win over the
+soak's own settings). Exit status: 0 every check passed, 1 one failed (its reason on stderr).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from . import config as config_mod, log
+from .data.shm import leftover_segments
+
+
+def add_soak_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, default=2000, help="memory soak: training steps of the one run")
+    p.add_argument("--workers", type=int, default=4, help="worker processes of every run")
+    p.add_argument("--image-size", type=int, default=32, help="data.image_size (default 32: 2000 steps fit ~10 min "
+                   "on 2 cores)")
+    p.add_argument("--batch-size", type=int, default=32, help="train.batch_size, global")
+    p.add_argument("--config", default=None, help="TOML config the launches start from")
+    p.add_argument("--data", default=None, help="dataset folder or .tgz (default: the built-in synthetic set)")
+    p.add_argument("--images", type=int, default=2000, help="size of the built-in synthetic set")
+    p.add_argument("--classes", type=int, default=62, help="classes of the built-in synthetic set")
+    p.add_argument("--out", default=None, help="folder for soak.json + soak.png or faults.json and the runs "
+                   "(default soak-out, or soak-faults with --faults)")
+    m = p.add_argument_group("memory soak")
+    m.add_argument("--interval", type=float, default=1.0, help="seconds between samples")
+    m.add_argument("--warmup", type=float, default=0.2, help="fraction of the training time not judged")
+    m.add_argument("--max-growth", type=float, default=5.0, help="USS/PSS growth after warm-up that fails, in %%")
+    m.add_argument("--slack-mb", type=float, default=2.0, help="growth below this many MiB is noise, whatever %%")
+    m.add_argument("--timeout", type=float, default=3600.0, help="hard limit on the run, seconds")
+    f = p.add_argument_group("fault-injection soak")
+    f.add_argument("--faults", type=int, default=0, metavar="N", help="run N fault trials instead")
+    f.add_argument("--kinds", default=None, help="faults to draw from: kill,stop,int (and flap with --flap-cmd)")
+    f.add_argument("--flap-cmd", default=None, metavar="CMD",
+                   help="shell command run during a trial as fault kind 'flap' (e.g. a veth down for 3 s, then up); "
+                        "it sees DPTRAIN_SOAK_RUN and DPTRAIN_SOAK_LAUNCHER_PID")
+    f.add_argument("--seed", type=int, default=0, help="draws of fault, victim and moment (reproducible)")
+    f.add_argument("--trial-steps", type=int, default=60, help="training steps of each trial")
+    f.add_argument("--max-worker-restarts", type=int, default=3, help="replacements a trial may start")
+    f.add_argument("--heartbeat", type=float, default=0.5, help="dist.heartbeat_interval_s of the trials")
+    f.add_argument("--misses", type=int, default=4, help="dist.heartbeat_misses of the trials")
+    f.add_argument("--trial-timeout", type=float, default=180.0, help="a trial still running after this hangs")
+    f.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+
+
+def main(args: argparse.Namespace, extra: list[str]) -> int:
+    if args.faults:
+        from .soak_faults import run_faults
+        return run_faults(args, extra)
+    from .soak_mem import run_memory_soak
+    return run_memory_soak(args, extra)
+
+
+def fail_lines(failures: list[str], what: str) -> int:
+    for line in failures:
+        print(f"dptrain soak: FAIL: {line}", file=sys.stderr)
+    print(f"dptrain soak: {what}: " + (f"{len(failures)} check(s) failed" if failures else "every check passed"),
+          file=sys.stderr)
+    return 1 if failures else 0
+
+
+# ---- the launches' settings -------------------------------------------------------------------------------------
+def plan_epochs(steps: int, per_epoch: int) -> tuple[int, int]:
+    """(epochs, steps_per_epoch) whose product is `steps`, each epoch at most `per_epoch` steps (the data's)."""
+    if per_epoch < 1:
+        raise SystemExit("dptrain soak: the data set holds less than one global batch of training images")
+    first = math.ceil(steps / per_epoch)
+    for e in range(first, min(steps, 4 * first + 64) + 1):
+        if steps % e == 0:
+            return e, steps // e
+    return first, math.ceil(steps / first)  # no exact split: a few steps more than asked
+
+
+def settings(args, extra: list[str], out: Path, steps: int, more: dict | None = None) -> tuple[list[str], int]:
+    """The launch's arguments (after `launch`) for `steps` steps into `out`, and the number of steps it will run.
+    The dataset is loaded here once (it fills the decode cache, and its split says how many batches an epoch has)."""
+    from .cli import parse_overrides
+    from .data.dataset import load_dataset
+    user = parse_overrides(extra)
+    ours = {"dist.workers": args.workers, "data.image_size": args.image_size, "train.batch_size": args.batch_size,
+            "train.patience": 0, "train.progress": "false", "train.out": out, **(more or {})}
+    if "data.path" not in user:
+        if args.data:
+            ours["data.path"] = args.data
+        else:
+            from .bench_dist import synth_dataset
+            size = int(user.get("data.image_size", args.image_size))
+            ours["data.path"] = synth_dataset(args.images, size, args.classes, None, progress=False)
+    values = {k: str(v) for k, v in {**ours, **user}.items()}
+    try:
+        cfg = config_mod.load(args.config, values)
+        ds = load_dataset(cfg.data, cfg.train.seed, progress=False)
+    except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"dptrain soak: {e}") from None
+    per_epoch = len(ds.train_idx) // cfg.train.batch_size
+    del ds
+    epochs, spe = plan_epochs(steps, per_epoch)
+    values = {"train.epochs": str(epochs), "train.steps_per_epoch": str(spe), **values}
+    cfg = config_mod.load(args.config, values)
+    spe = min(cfg.train.steps_per_epoch or per_epoch, per_epoch)
+    argv = (["--config", args.config] if args.config else []) + [f"--{k}={v}" for k, v in values.items()]
+    return argv, cfg.train.epochs * spe
+
+
+# ---- one launch in a subprocess ----------------------------------------------------------------------------------
+RUN_ID = re.compile(r"\(run ([A-Za-z0-9_-]+)\)")
+
+
+class Run:
+    """`python -m dptrain launch ARGS` in its own session, its output in `log_path`."""
+
+    def __init__(self, argv: list[str], log_path: Path):
+        self.log_path = Path(log_path)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.t0 = time.monotonic()
+        with open(self.log_path, "wb") as f:
+            self.proc = subprocess.Popen([sys.executable, "-m", "dptrain", "launch", *argv], stdin=subprocess.DEVNULL,
+                                         stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        self.pid = self.proc.pid
+        self._run_id = None
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    @property
+    def run_id(self) -> str | None:
+        if self._run_id is None:
+            m = RUN_ID.search(self.log())
+            self._run_id = m.group(1) if m else None
+        return self._run_id
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def workers(self) -> dict[int, psutil.Process]:
+        """rank -> live worker process the launcher started (its children with `dptrain worker` in the cmdline)."""
+        out = {}
+        try:
+            kids = psutil.Process(self.pid).children()
+        except psutil.Error:
+            return out
+        for p in kids:
+            try:
+                cmd = p.cmdline()
+                if "worker" in cmd and "--rank" in cmd and p.status() != psutil.STATUS_ZOMBIE:
+                    out[int(cmd[cmd.index("--rank") + 1])] = p
+            except (psutil.Error, ValueError, IndexError):
+                continue
+        return out
+
+    def wait(self, deadline: float) -> int | None:
+        """The exit code, or None when still running at `deadline` (time.monotonic())."""
+        try:
+            return self.proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill(self) -> None:
+        """SIGKILL the launcher's process group and every process of its run (workers have their own sessions)."""
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        for p in run_processes(self.run_id):
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        self.proc.wait()
+
+
+def run_processes(run_id: str | None) -> list[psutil.Process]:
+    """Live processes (zombies excluded) whose command line names the run id: its workers and agents."""
+    if not run_id:
+        return []
+    out = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        try:
+            cmd = p.info["cmdline"] or []
+            if p.pid != os.getpid() and run_id in cmd and p.info["status"] != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except (psutil.Error, TypeError):
+            continue
+    return out
+
+
+def shm_usage(run_id: str | None) -> tuple[int, int]:
+    """(count, bytes) of the run's /dev/shm segments."""
+    names = leftover_segments(run_id) if run_id else []
+    total = 0
+    for n in names:
+        try:
+            total += os.stat(f"/dev/shm/{n}").st_size
+        except OSError:
+            pass
+    return len(names), total
+
+
+def leftovers(run_ids: list[str | None], launcher_pids: list[int], wait_s: float = 5.0) -> list[str]:
+    """What the runs left: live processes and /dev/shm segments (after up to wait_s for them to go)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        left = [f"pid {p.pid} ({' '.join(p.info['cmdline'][2:5])})" for rid in run_ids for p in run_processes(rid)]
+        left += [f"launcher pid {pid}" for pid in launcher_pids if psutil.pid_exists(pid)
+                 and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+        left += [f"/dev/shm/{n}" for rid in run_ids if rid for n in leftover_segments(rid)]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)
+
+
+def remove_segments(run_ids: list[str | None]) -> None:
+    for rid in run_ids:
+        for n in leftover_segments(rid) if rid else []:
+            try:
+                os.unlink(f"/dev/shm/{n}")
+            except OSError:
+                pass
+
+
+# ---- what a run recorded -----------------------------------------------------------------------------------------
+def step_records(out: Path) -> list[int]:
+    steps = []
+    try:
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return steps
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a partial last line while the run writes
+        if "loss" in rec and "step" in rec:
+            steps.append(rec["step"])
+    return steps
+
+
+def completion(out: Path, total: int) -> tuple[dict, list[str]]:
+    """The run's summary.json and why it is not a completed run of `total` steps (empty: it is)."""
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}, [f"{out / 'summary.json'}: missing or unreadable"]
+    why = []
+    if summary.get("steps") != total or summary.get("interrupted"):
+        why.append(f"summary.json: {summary.get('steps')} of {total} steps"
+                   + (" (interrupted)" if summary.get("interrupted") else ""))
+    missing = sorted(set(range(total)) - set(step_records(out)))
+    if missing:
+        why.append(f"metrics.jsonl: no record of {len(missing)} step(s), first {missing[:5]}")
+    return summary, why
+
+
+def progress(text: str, enabled: bool = True) -> None:
+    if enabled:
+        log.get().info(text)
