@@ -14,12 +14,14 @@ With transport "socket" the weights arrive as frames of STEP and the gradient le
 """
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import os
 import signal
 import socket as pysocket
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -31,6 +33,7 @@ from ..nn.params import ParamStore
 from ..nn.threads import match_blas_threads
 from ..optim import chunk_squares, sgd_for
 from . import protocol as P
+from .cores import CoreTokens
 from .peer import PeerLink, leave, run_peer
 from .reduce import sum_in_order
 from .wire import grad_frame, receive_weights
@@ -86,6 +89,9 @@ class Worker:
                 self.opt = sgd_for(self.store, self.cfg.train, velocity=self.velocity2[0])
                 self.slot, params = 0, params[0]
             self.store.rebind(params, self.grad_slots[self.rank], buffers, copy=False)
+        cores = f.get("cores") or {}
+        self.tokens = CoreTokens(Path(cores["dir"]), int(cores["tokens"]), self.rank) if cores else None
+        self.compute = self.tokens.holding if self.tokens else contextlib.nullcontext
         if self.cfg.dist.bn == "sync":
             self.model.set_bn_allreduce(self._allreduce)
         self.link.send(P.Kind.READY)
@@ -104,7 +110,10 @@ class Worker:
         n_bn = len(self.model.bn_layers)
         call, self.bn_calls = self.bn_calls, self.bn_calls + 1
         layer, phase = (call, "fwd") if call < n_bn else (call - n_bn, "bwd")
-        return self.link.allreduce(layer, phase, local)
+        if self.tokens is None:
+            return self.link.allreduce(layer, phase, local)
+        with self.tokens.lent():  # the others must reach this layer too: not while we hold a core
+            return self.link.allreduce(layer, phase, local)
 
     def serve(self) -> int:
         return self.link.serve(self.run_step, {P.Kind.REDUCE: self.reduce_slice, P.Kind.UPDATE: self.update_slice})
@@ -149,16 +158,18 @@ class Worker:
             self.store.rebind(self.params2[self.slot], self.store.grads, self.store.buffers, copy=False)
         idx = np.asarray(msg.arrays["indices"], dtype=np.int64)
         if f["phase"] == "eval":
-            loss_sum, correct, _ = evaluate_batches(self.model, self.images, self.labels, idx, f["eval_batch"])
+            with self.compute():
+                loss_sum, correct, _ = evaluate_batches(self.model, self.images, self.labels, idx, f["eval_batch"])
             self.link.send_result("eval", len(idx), loss_sum, correct)
             return
         on_ready = None
         if self.buckets:
             def on_ready(offset: int) -> None:
                 self.link.send(P.Kind.BUCKET, attempt=self.link.attempt, ready_from=offset)
-        r = shard_gradient(self.model, self.images, self.labels, idx, epoch=f["epoch"],
-                           global_count=f["global_count"], data=self.cfg.data, seed=self.cfg.train.seed,
-                           on_ready=on_ready)
+        with self.compute():  # a compute token, when the host has more workers than cores
+            r = shard_gradient(self.model, self.images, self.labels, idx, epoch=f["epoch"],
+                               global_count=f["global_count"], data=self.cfg.data, seed=self.cfg.train.seed,
+                               on_ready=on_ready)
         timings = {"wait": [t_recv, r.timings["load"][0] - t_recv], **r.timings}
         if self.shm_weights:
             self.link.send_result("train", len(idx), r.loss_sum, r.correct, timings, grad_in="shm",
@@ -179,6 +190,8 @@ class Worker:
             receive_weights(self.store.params, self.store.buffers, msg.arrays, msg.fields)
 
     def close(self) -> None:
+        if getattr(self, "tokens", None) is not None:
+            self.tokens.close()
         for seg in self.segments:
             seg.close()
         self.link.close()
