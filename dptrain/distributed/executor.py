@@ -282,7 +282,8 @@ class DistExecutor:
 
         _, results = self._retrying(-1, attempt_eval)
         self._t_end = None  # the time until the next step is the Trainer's epoch end, not a step's serial part
-        return sum(r.fields["loss_sum"] for r in results.values()), sum(r.fields["correct"] for r in results.values())
+        ranks = sorted(results)  # rank order, never arrival order: the same bits every time (and in a replay)
+        return sum(results[r].fields["loss_sum"] for r in ranks), sum(results[r].fields["correct"] for r in ranks)
 
     def request_stop(self, grace_s: float) -> None:
         self.coord.stop_within(grace_s)
