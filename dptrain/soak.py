@@ -63,6 +63,7 @@ def add_soak_flags(p: argparse.ArgumentParser) -> None:
     f.add_argument("--flap-cmd", default=None, metavar="CMD",
                    help="shell command run during a trial as fault kind 'flap' (e.g. a veth down for 3 s, then up); "
                         "it sees DPTRAIN_SOAK_RUN and DPTRAIN_SOAK_LAUNCHER_PID")
+    f.add_argument("--cycle", action="store_true", help="trial i gets kind i mod len(--kinds), not a draw")
     f.add_argument("--seed", type=int, default=0, help="draws of fault, victim and moment (reproducible)")
     f.add_argument("--trial-steps", type=int, default=60, help="training steps of each trial")
     f.add_argument("--max-worker-restarts", type=int, default=3, help="replacements a trial may start")
@@ -115,7 +116,7 @@ def settings(args, extra: list[str], out: Path, steps: int, more: dict | None = 
             from .bench_dist import synth_dataset
             size = int(user.get("data.image_size", args.image_size))
             ours["data.path"] = synth_dataset(args.images, size, args.classes, None, progress=False)
-    values = {k: str(v) for k, v in {**ours, **user}.items()}
+    values = {k: str(v) for k, v in {**ours, **user, "train.out": out}.items()}  # the soak watches `out`
     try:
         cfg = config_mod.load(args.config, values)
         ds = load_dataset(cfg.data, cfg.train.seed, progress=False)
