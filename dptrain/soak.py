@@ -101,8 +101,9 @@ def plan_epochs(steps: int, per_epoch: int) -> tuple[int, int]:
     return first, math.ceil(steps / first)  # no exact split: a few steps more than asked
 
 
-def settings(args, extra: list[str], out: Path, steps: int, more: dict | None = None) -> tuple[list[str], int]:
-    """The launch's arguments (after `launch`) for `steps` steps into `out`, and the number of steps it will run.
+def settings(args, extra: list[str], out: Path, steps: int, more: dict | None = None) -> tuple[list[str], int, int]:
+    """The launch's arguments (after `launch`) for `steps` steps into `out`, the number of steps it will run and
+    the steps of one epoch.
     The dataset is loaded here once (it fills the decode cache, and its split says how many batches an epoch has)."""
     from .cli import parse_overrides
     from .data.dataset import load_dataset
@@ -129,7 +130,7 @@ def settings(args, extra: list[str], out: Path, steps: int, more: dict | None = 
     cfg = config_mod.load(args.config, values)
     spe = min(cfg.train.steps_per_epoch or per_epoch, per_epoch)
     argv = (["--config", args.config] if args.config else []) + [f"--{k}={v}" for k, v in values.items()]
-    return argv, cfg.train.epochs * spe
+    return argv, cfg.train.epochs * spe, spe
 
 
 # ---- one launch in a subprocess ----------------------------------------------------------------------------------

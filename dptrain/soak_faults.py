@@ -190,7 +190,7 @@ def run_faults(args, extra: list[str]) -> int:
     root = Path(args.out or "soak-faults")
     more = {"dist.on_worker_failure": "continue", "dist.max_worker_restarts": args.max_worker_restarts,
             "dist.heartbeat_interval_s": args.heartbeat, "dist.heartbeat_misses": args.misses}
-    argv, total = settings(args, extra, root / "trial", args.trial_steps, more)
+    argv, total, _ = settings(args, extra, root / "trial", args.trial_steps, more)
     print(f"dptrain soak: {args.faults} fault trial(s) of {total} steps, {args.workers} workers, kinds "
           f"{','.join(kinds)}, seed {args.seed}, liveness bound {args.heartbeat * args.misses:g} s", flush=True)
     rows, t0 = [], time.monotonic()

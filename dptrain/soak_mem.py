@@ -1,12 +1,13 @@
 """`dptrain soak --steps N --workers W`: one long launch with every process's memory, fds and threads sampled.
 
 Samples start with the launcher. Training time runs from the first sample that sees a step record in metrics.jsonl
-to the last that does not see the last one (after it: the final checkpoint and shut-down); the first --warmup of it (allocators, caches, BLAS buffers, the first
-checkpoint and evaluation) is not judged. Of the samples after it, the first 10 % are the baseline and the last 10 %
-the end; growth = median(end) / median(baseline) - 1, per process, for USS (the memory only that process holds) and
-PSS (its share of the pages it shares: shared memory, libraries). Open fds must have the same median at both ends
-(a file briefly open for a checkpoint is not a leak); the run's /dev/shm segments must not change in number or
-size at any sample of the training time.
+to the last that does not see the last one (after it: the final checkpoint and shut-down). Its first --warmup
+(allocators, caches, BLAS buffers), and at least everything up to the first epoch's end (the first evaluation and
+checkpoints allocate once), is not judged. Of the samples after it, the first 10 % are the baseline and the last
+10 % the end; growth = median(end) / median(baseline) - 1, per process, for USS (the memory only that process
+holds) and PSS (its share of the pages it shares: shared memory, libraries). Open fds must have the same median at
+both ends (a file briefly open for a checkpoint is not a leak); the run's /dev/shm segments must not change in
+number or size at any sample of the training time.
 """
 from __future__ import annotations
 
@@ -72,19 +73,21 @@ class Sampler:
         return s
 
 
-def training_span(samples: list[dict], total: int, warmup: float) -> tuple[float, float, float]:
-    """(start, end of warm-up, end) of the training time, in seconds since the launch."""
+def training_span(samples: list[dict], total: int, warmup: float, epoch_steps: int = 0) -> tuple[float, float, float]:
+    """(start, end of warm-up, end) of the training time, in seconds since the launch. The warm-up lasts at least
+    until the first epoch's end (its evaluation and first checkpoints allocate once) is behind."""
     start = next((s["t"] for s in samples if s["steps"] >= 1), samples[0]["t"])
     during = [s["t"] for s in samples if 1 <= s["steps"] < total]  # a sample that sees the last step sees the end
     end = during[-1] if during else next((s["t"] for s in samples if s["steps"] >= total), samples[-1]["t"])
-    return start, start + warmup * (end - start), end
+    epoch1 = next((s["t"] for s in samples if s["steps"] > epoch_steps), end) if 0 < epoch_steps < total else start
+    return start, min(max(start + warmup * (end - start), epoch1), end), end
 
 
-def analyse(samples: list[dict], total: int, args) -> tuple[dict, dict, list[str]]:
+def analyse(samples: list[dict], total: int, args, epoch_steps: int = 0) -> tuple[dict, dict, list[str]]:
     """Per process figures, the shared-memory figures, and the failed checks (one line each)."""
     if not samples:
         return {}, {}, ["no sample was taken"]
-    start, judged, end = training_span(samples, total, args.warmup)
+    start, judged, end = training_span(samples, total, args.warmup, epoch_steps)
     window = [s for s in samples if judged <= s["t"] <= end]
     failures, procs = [], {}
     labels = sorted({k for s in window for k in s["procs"]}, key=lambda k: (k != "launcher", k))
@@ -164,7 +167,7 @@ def run_memory_soak(args, extra: list[str]) -> int:
     out = Path(args.out or "soak-out")
     run_dir = out / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
-    argv, total = settings(args, extra, run_dir, args.steps)
+    argv, total, epoch_steps = settings(args, extra, run_dir, args.steps)
     progress(f"memory soak: {total} steps, {args.workers} workers, a sample every {args.interval:g} s into {out}")
     run = Run(argv, out / "launch.log")
     sampler = Sampler(run, run_dir)
@@ -192,7 +195,7 @@ def run_memory_soak(args, extra: list[str]) -> int:
     dropped = summary.get("dropped_messages")
     if dropped != 0:
         failures.append(f"the coordinator dropped {dropped} message(s)")
-    procs, shm, bad = analyse(sampler.samples, total, args)
+    procs, shm, bad = analyse(sampler.samples, total, args, epoch_steps)
     failures += bad
     left = leftovers([run.run_id], [run.pid])
     if left:
