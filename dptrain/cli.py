@@ -219,7 +219,7 @@ def cmd_plot(args, extra) -> int:
 
 
 def cmd_plan(args, extra) -> int:
-    from .plan import main as plan_main
+    from .plan_cli import main as plan_main
     return plan_main(args, extra)
 
 
@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(func=cmd_plot)
 
     pn = sub.add_parser("plan", help="predict multi-host step time, traffic and scaling (a cost model)")
-    from .plan import add_plan_flags
+    from .plan_cli import add_plan_flags
     add_plan_flags(pn)
     pn.set_defaults(func=cmd_plan)
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from dptrain import config as config_mod, plan
+from dptrain import config as config_mod, plan, plan_calibration, plan_cli, plan_validate
 from dptrain.nn.model import build_model
 from dptrain.nn.params import ParamStore
 from dptrain.plan import CostModel, parse_bandwidth, predict
@@ -185,11 +185,11 @@ def test_shared_cores_cpu_bound():
 
 
 def test_parse_shared_cores():
-    assert plan.parse_shared_cores("2") == 2 and plan.parse_shared_cores(None) is None
-    assert all(plan.parse_shared_cores(t) is None for t in ("off", "OFF", "none", "0"))
+    assert plan_cli.parse_shared_cores("2") == 2 and plan_cli.parse_shared_cores(None) is None
+    assert all(plan_cli.parse_shared_cores(t) is None for t in ("off", "OFF", "none", "0"))
     for bad in ("-1", "two", "1.5"):
         with pytest.raises(ValueError, match="--shared-cores"):
-            plan.parse_shared_cores(bad)
+            plan_cli.parse_shared_cores(bad)
 
 
 @pytest.mark.parametrize("plane", plan.PLANES)
@@ -305,19 +305,19 @@ def test_count_params_matches_a_built_model():
 
 
 def test_fit_affine():
-    assert plan.fit_affine({2: 40.0, 32: 340.0}) == pytest.approx((20.0, 10.0))
-    assert plan.fit_affine({2: 10.0, 32: 320.0}) == pytest.approx((0.0, 10.0))  # a negative fixed part: dropped
-    assert plan.fit_affine({2: 40.0, 32: 32.0}) == pytest.approx((0.0, 1.0))  # a negative slope: per image only
+    assert plan_calibration.fit_affine({2: 40.0, 32: 340.0}) == pytest.approx((20.0, 10.0))
+    assert plan_calibration.fit_affine({2: 10.0, 32: 320.0}) == pytest.approx((0.0, 10.0))  # a negative fixed part: dropped
+    assert plan_calibration.fit_affine({2: 40.0, 32: 32.0}) == pytest.approx((0.0, 1.0))  # a negative slope: per image only
 
 
 TINY = {"model.widths": "[8,16]", "model.res_width": "16", "model.hidden": "32", "data.image_size": "32"}
 
 
 def test_calibrate_times_the_real_model():
-    entry = plan.calibrate(config_mod.load(None, TINY), 10, batches=(2, 8), warmup=1, steps=2)
+    entry = plan_calibration.calibrate(config_mod.load(None, TINY), 10, batches=(2, 8), warmup=1, steps=2)
     assert entry["ms_per_image"] > 0 and entry["ms_per_step"] >= 0
     assert set(entry["measured_ms"]) == {"2", "8"} and entry["batches"] == [2, 8]
-    assert entry["cpu_model"] == plan.cpu_model() and entry["model"]["widths"] == [8, 16]
+    assert entry["cpu_model"] == plan_calibration.cpu_model() and entry["model"]["widths"] == [8, 16]
 
 
 def test_calibration_cache_is_keyed_by_cpu_and_model(tmp_path, monkeypatch):
@@ -326,25 +326,25 @@ def test_calibration_cache_is_keyed_by_cpu_and_model(tmp_path, monkeypatch):
 
     def fake(cfg, classes, **kw):
         calls.append(cfg.model.widths)
-        return {**plan._key(cfg, classes, plan.cpu_model()), "ms_per_step": 1.0, "ms_per_image": 2.0 * len(calls),
+        return {**plan_calibration._key(cfg, classes, plan_calibration.cpu_model()), "ms_per_step": 1.0, "ms_per_image": 2.0 * len(calls),
                 "batches": [2, 32], "created": "now"}
-    monkeypatch.setattr(plan, "calibrate", fake)
+    monkeypatch.setattr(plan_calibration, "calibrate", fake)
     args = type("A", (), {"compute_ms_per_image": None, "compute_ms_per_step": 0.0, "calibrate": False})
     small = config_mod.load(None, TINY)
-    assert plan.compute_source(args, small, 10)[:2] == (1.0, 2.0)  # nothing cached: calibrates and saves
-    assert plan.compute_source(args, small, 10)[:2] == (1.0, 2.0) and len(calls) == 1  # cached
-    assert plan.compute_source(args, config_mod.load(None, {}), 62)[1] == 4.0 and len(calls) == 2  # other model
-    assert plan.compute_source(args, small, 11)[1] == 6.0  # other classes
+    assert plan_calibration.compute_source(args, small, 10)[:2] == (1.0, 2.0)  # nothing cached: calibrates and saves
+    assert plan_calibration.compute_source(args, small, 10)[:2] == (1.0, 2.0) and len(calls) == 1  # cached
+    assert plan_calibration.compute_source(args, config_mod.load(None, {}), 62)[1] == 4.0 and len(calls) == 2  # other model
+    assert plan_calibration.compute_source(args, small, 11)[1] == 6.0  # other classes
     args.calibrate = True
-    assert plan.compute_source(args, small, 10)[1] == 8.0  # --calibrate: again, and it replaces the entry
+    assert plan_calibration.compute_source(args, small, 10)[1] == 8.0  # --calibrate: again, and it replaces the entry
     args.calibrate = False
-    assert plan.compute_source(args, small, 10)[1] == 8.0 and len(calls) == 4
+    assert plan_calibration.compute_source(args, small, 10)[1] == 8.0 and len(calls) == 4
     saved = json.loads((tmp_path / plan.CALIBRATION_FILE).read_text())["entries"]
-    assert len(saved) == 3 and all(e["cpu_model"] == plan.cpu_model() for e in saved)
+    assert len(saved) == 3 and all(e["cpu_model"] == plan_calibration.cpu_model() for e in saved)
     (tmp_path / plan.CALIBRATION_FILE).write_text("{not json")
-    assert plan.compute_source(args, small, 10)[1] == 10.0  # unreadable cache: calibrate again
+    assert plan_calibration.compute_source(args, small, 10)[1] == 10.0  # unreadable cache: calibrate again
     args.compute_ms_per_image, args.compute_ms_per_step = 7.0, 3.0
-    assert plan.compute_source(args, small, 10) == (3.0, 7.0, "given")
+    assert plan_calibration.compute_source(args, small, 10) == (3.0, 7.0, "given")
 
 
 # ---------------------------------------------------------------------------------------------- --validate
@@ -361,7 +361,7 @@ def test_validate_rows():
         {"hosts": 2, "slots": 2, "rate": "1gbit", "plane": "ring", "batch_size": 64, "step_s": 1.0},
         {"hosts": 2, "rate": "1gbit", "plane": "mesh", "step_s": 1.0},
     ]
-    v = plan.validate(rows, P, MODEL, None)
+    v = plan_validate.validate(rows, P, MODEL, None)
     assert [s["row"] for s in v["skipped"]] == [2, 3, 4]
     assert "not shaped" in v["skipped"][0]["reason"] and "ring" in v["skipped"][1]["reason"]
     assert "slots" in v["skipped"][2]["reason"] and "batch_size" in v["skipped"][2]["reason"]
@@ -370,17 +370,17 @@ def test_validate_rows():
     assert first["pred_step_given_compute_s"] == pytest.approx(exact["step_s"])
     assert second["step_err"] == pytest.approx(-0.5) and second["comm_err"] is None
     assert v["mean_abs_step_err"] == pytest.approx(0.25)
-    assert len(plan.validate(rows, P, MODEL, GBIT)["rows"]) == 3  # --bandwidth fills a missing rate
+    assert len(plan_validate.validate(rows, P, MODEL, GBIT)["rows"]) == 3  # --bandwidth fills a missing rate
     with pytest.raises(ValueError, match="list"):
-        plan.validate({"rows": []}, P, MODEL, None)
+        plan_validate.validate({"rows": []}, P, MODEL, None)
 
 
 def test_parse_tc_rate():
-    assert plan.parse_tc_rate("1gbit") == 1e9 and plan.parse_tc_rate("125mbps") == 1e9  # tc: mbps = MB/s
-    assert plan.parse_tc_rate(1e9) == 1e9
-    assert all(plan.parse_tc_rate(r) is None for r in ("off", "none", None, "", 0, "0"))
+    assert plan_validate.parse_tc_rate("1gbit") == 1e9 and plan_validate.parse_tc_rate("125mbps") == 1e9  # tc: mbps = MB/s
+    assert plan_validate.parse_tc_rate(1e9) == 1e9
+    assert all(plan_validate.parse_tc_rate(r) is None for r in ("off", "none", None, "", 0, "0"))
     with pytest.raises(ValueError):
-        plan.parse_tc_rate("fast")
+        plan_validate.parse_tc_rate("fast")
 
 
 def bench_hosts_row(**kw):
@@ -404,7 +404,7 @@ def test_validate_bench_hosts_rows():
     def params_for(ov):
         seen.append(ov)
         return 1000
-    v = plan.validate(rows, P, MODEL, None, params_for)
+    v = plan_validate.validate(rows, P, MODEL, None, params_for)
     star, ddp, mesh = v["rows"]
     assert (star["source"], star["plane"], star["wire_dtype"], star["row"]) == ("dptrain", "star", "float32", 0)
     assert (ddp["source"], ddp["plane"], ddp["row"]) == ("ddp", "ddp", 0)
@@ -418,8 +418,8 @@ def test_validate_bench_hosts_rows():
     assert ddp["comm_s"] == 0.3 and ddp["host_out_mb"] == 39.0 and "pred_step_given_compute_s" not in ddp
     assert [(s["row"], s["reason"].split(" (")[0]) for s in v["skipped"]] == [
         (2, "link not shaped"), (2, "link not shaped"), (3, "the bench failed: ssh refused")]
-    assert len(plan.validate(rows, P, MODEL, 1e9)["rows"]) == 5  # an unshaped link: --bandwidth assumed
-    text = plan.format_validation(v)
+    assert len(plan_validate.validate(rows, P, MODEL, 1e9)["rows"]) == 5  # an unshaped link: --bandwidth assumed
+    text = plan_cli.format_validation(v)
     assert "ssh refused" in text and text.count("\nstar ") == 1 and "mean |step error|" in text
 
 
@@ -428,9 +428,9 @@ def test_read_rows_list_or_lines(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps(rows, indent=1))
     (tmp_path / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "c.json").write_text("{oops")
-    assert plan.read_rows(tmp_path / "a.json") == plan.read_rows(tmp_path / "b.jsonl") == rows
+    assert plan_cli.read_rows(tmp_path / "a.json") == plan_cli.read_rows(tmp_path / "b.jsonl") == rows
     with pytest.raises(ValueError, match="JSON"):
-        plan.read_rows(tmp_path / "c.json")
+        plan_cli.read_rows(tmp_path / "c.json")
 
 
 # the calibration on this AMD EPYC that the README's validation uses (compute per image is never fitted to rows)
@@ -441,13 +441,13 @@ def bench_files(folder=BENCH):
     files = sorted(folder.glob("*.json"))
     assert [f.name for f in files] == ["1gbit-float16.json", "1gbit-float32.json", "500mbit-float16.json",
                                        "500mbit-float32.json"]
-    return [(f.stem, plan.read_rows(f)) for f in files]
+    return [(f.stem, plan_cli.read_rows(f)) for f in files]
 
 
 @pytest.mark.parametrize("folder", [BENCH, BENCH / "run1"], ids=["latest", "run1"])
 def test_validate_the_kept_netns_measurements(folder):
     """bench/netns-2026-11-26: rows as `dptrain bench --hosts 2,3,4` wrote them (mesh, a DDP run beside each)."""
-    v = plan.validate(bench_files(folder), P, EPYC, None)
+    v = plan_validate.validate(bench_files(folder), P, EPYC, None)
     assert not v["skipped"] and len(v["rows"]) == 24
     mesh = [r for r in v["rows"] if r["source"] == "dptrain"]
     ddp = [r for r in v["rows"] if r["source"] == "ddp"]
@@ -470,33 +470,33 @@ def test_validate_the_kept_netns_measurements(folder):
     # the README's claim: the dptrain rows within 15 %, DDP within 10 %, with these global constants
     assert v["by_source"]["dptrain"]["max_abs_step_err"] < 0.15
     assert v["by_source"]["ddp"]["max_abs_step_err"] < 0.10
-    text = plan.format_validation(v)
+    text = plan_cli.format_validation(v)
     assert text.count("\n1gbit-float32") == 6 and "dptrain: mean" in text and "ddp: mean" in text
     # separate hosts (no sharing) cannot explain the one box: the shared cores are part of the result
-    alone = plan.validate(bench_files(folder), P, dataclasses.replace(EPYC, shared_cores=None), None)
+    alone = plan_validate.validate(bench_files(folder), P, dataclasses.replace(EPYC, shared_cores=None), None)
     assert alone["by_source"]["dptrain"]["mean_abs_step_err"] > v["by_source"]["dptrain"]["mean_abs_step_err"]
 
 
 def test_validate_single_list_has_no_file_labels():
     rows = bench_files()[0][1]
-    v = plan.validate(rows, P, EPYC, None)
+    v = plan_validate.validate(rows, P, EPYC, None)
     assert len(v["rows"]) == 6 and {r["file"] for r in v["rows"]} == {""}
-    assert not plan.format_validation(v).startswith("file")
+    assert not plan_cli.format_validation(v).startswith("file")
 
 
 def test_file_labels():
-    assert plan.file_labels(["a/x.json"]) == [""]
-    assert plan.file_labels(["a/x.json", "a/y.json"]) == ["x", "y"]
-    assert plan.file_labels(["a/x.json", "b/x.json", "b/y.json"]) == ["a/x", "b/x", "y"]
+    assert plan_cli.file_labels(["a/x.json"]) == [""]
+    assert plan_cli.file_labels(["a/x.json", "a/y.json"]) == ["x", "y"]
+    assert plan_cli.file_labels(["a/x.json", "b/x.json", "b/y.json"]) == ["a/x", "b/x", "y"]
 
 
 def test_plot_validation_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
-    v = plan.validate(bench_files(), P, EPYC, None)
-    out = plan.plot_validation(v, tmp_path / "scaling.png", "title")
+    v = plan_validate.validate(bench_files(), P, EPYC, None)
+    out = plan_validate.plot_validation(v, tmp_path / "scaling.png", "title")
     assert out == tmp_path / "scaling.png" and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="no rows"):
-        plan.plot_validation({"rows": []}, tmp_path / "none.png")
+        plan_validate.plot_validation({"rows": []}, tmp_path / "none.png")
 
 
 # ---------------------------------------------------------------------------------------------- the command line
