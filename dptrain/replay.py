@@ -14,8 +14,8 @@ same groups as the distributed run, so a surprise seen on 8 workers can be stepp
     fixed pieces), and the float16-rounded weight update (wire.apply_update16);
   - the global norm's block sums with the BLAS threads of whoever computed them (the coordinator: 1; workers updating
     on one host: theirs; mesh agents: this process's default), BN moments, losses and counts summed in the same order.
-What it cannot copy: a distributed evaluation sums the ranks' validation losses in arrival order, so val_loss may
-differ in its last bits (accuracy is exact); every step's loss, the weights, momentum and BN buffers are bitwise.
+Evaluations sum the ranks' losses in rank order too, so val_loss is bitwise as well. What it does not follow: a run
+whose membership changed (a rank lost under `continue`, or replaced) replays bitwise up to the first such step.
 """
 from __future__ import annotations
 
