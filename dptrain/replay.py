@@ -300,7 +300,7 @@ class ReplayExecutor:
 
     def evaluate(self, indices: np.ndarray) -> tuple[float, int]:
         """Each rank evaluates its shard in batches of its training shard's size (or train.eval_batch_size); the
-        sums go in rank order (the distributed run's go in arrival order: equal to the last bits)."""
+        sums go in rank order, as the distributed run's do."""
         _blas(self.threads)
         per_worker = -(-self.cfg.train.batch_size // self.layout.ranks)
         batch = self.cfg.train.eval_batch_size or per_worker
