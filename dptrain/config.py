@@ -86,6 +86,9 @@ class TrainConfig:
     # With more than one thread per process, shorten OpenBLAS's ~0.1 s post-GEMM busy-wait so the non-GEMM kernels'
     # threads get the cores (nn/threads.py); false leaves OpenBLAS as configured.
     short_blas_spin: bool = True
+    # Batch-invariant mode (invariant.py): blocks of this many samples, each gradient summed exactly, so 1 process
+    # and `launch --workers N --bn sync` give bitwise the same weights for any N. 0: off (the normal mode)
+    batch_invariant_block: int = 0
 
 
 @dataclass
@@ -154,6 +157,12 @@ class Config:
             sec = self.train if hasattr(self.train, name) else self.data
             if getattr(sec, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.train.batch_invariant_block < 0:
+            raise ValueError("train.batch_invariant_block must be >= 0 (0: off)")
+        if self.train.batch_invariant_block and -(-self.train.batch_size // self.train.batch_invariant_block) > 4096:
+            raise ValueError("train.batch_invariant_block: at most 4096 blocks per batch (their exact sum is int64)")
+        if self.train.batch_invariant_block and self.dist.wire_dtype != "float32":
+            raise ValueError("train.batch_invariant_block needs dist.wire_dtype = float32 (gradients travel exact)")
         if self.dist.workers < 0:
             raise ValueError("dist.workers must be >= 0")
         return self

@@ -490,6 +490,9 @@ def run_local(cfg: Config, resume: bool = False, stop_at_step: int = 0, command:
     trainer = prepare_or_exit(cfg, resume, command) if command else prepare(cfg, resume)
     executor = executor_factory(cfg, trainer.model, trainer.ds, trainer.store, trainer.opt)
     try:
+    if cfg.train.batch_invariant_block:  # the same bits for any worker count: a replay is this run too
+        from .invariant import InvariantExecutor
+        executor_factory = InvariantExecutor
         return trainer.fit(executor, stop_at_step=stop_at_step)
     except checkpoint.CheckpointWriteError as e:
         if command is None:

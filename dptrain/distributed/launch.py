@@ -275,7 +275,8 @@ def launch_local(cfg: Config, resume: bool | str = False, stop_at_step: int = 0,
         shm_specs = {"images": images.spec(), **{k: seg.spec() for k, seg in shm.items()}}
         grad_slots = shared = None
         if use_shm:
-            grads = session.shared("grads", (n, trainer.store.num_params), np.float32)
+            grads = session.shared("grads", (n, trainer.store.num_params),  # --batch-invariant: exact int64 sums
+                                   np.int64 if cfg.train.batch_invariant_block else np.float32)
             grad_slots, shm_specs["grads"] = grads.array, grads.spec()
         if by_workers:  # the (possibly resumed) velocity moves into the shared double buffer
             velocity2 = shm["velocity"].array

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import config as config_mod, log
+from .. import config as config_mod, invariant, log
 from ..compute import evaluate_batches, shard_gradient
 from ..data.shm import SharedArray
 from ..nn.model import build_model
@@ -88,7 +88,13 @@ class Worker:
                 self.gsum = self._attach(shm["gsum"]).array
                 self.opt = sgd_for(self.store, self.cfg.train, velocity=self.velocity2[0])
                 self.slot, params = 0, params[0]
-            self.store.rebind(params, self.grad_slots[self.rank], buffers, copy=False)
+            grad_row = self.grad_slots[self.rank]
+            if invariant.enabled(self.cfg):  # int64 slots: the blocks' exact sum; the model's own row is private
+                grad_row = np.zeros(self.store.num_params, np.float32)
+            self.store.rebind(params, grad_row, buffers, copy=False)
+        self.blocks = None
+        if invariant.enabled(self.cfg):  # one BLAS thread; the worker's threads compute blocks concurrently
+            self.blocks = invariant.worker_runner(self.cfg, int(f["num_classes"]), self.store.num_params)
         cores = f.get("cores") or {}
         self.tokens = CoreTokens(Path(cores["dir"]), int(cores["tokens"]), self.rank) if cores else None
         self.compute = self.tokens.holding if self.tokens else contextlib.nullcontext
@@ -123,7 +129,10 @@ class Worker:
         one process summing everything), and the slice's block sums of squares for the global norm."""
         f = msg.fields
         lo, hi = f["lo"], f["hi"]
-        sum_in_order(self.gsum[lo:hi], [self.grad_slots[r][lo:hi] for r in f["ranks"]])
+        if self.blocks is not None:  # int64 slots: an exact sum, rounded to float32 once
+            invariant.decode_grads(self.gsum, [self.grad_slots[r] for r in f["ranks"]], lo, hi)
+        else:
+            sum_in_order(self.gsum[lo:hi], [self.grad_slots[r][lo:hi] for r in f["ranks"]])
         self.link.send(P.Kind.REDUCED, arrays={"squares": chunk_squares(self.gsum[lo:hi])}, attempt=f["attempt"])
 
     def update_slice(self, msg: P.Message) -> None:
@@ -166,6 +175,9 @@ class Worker:
         if self.buckets:
             def on_ready(offset: int) -> None:
                 self.link.send(P.Kind.BUCKET, attempt=self.link.attempt, ready_from=offset)
+        if self.blocks is not None:
+            self._run_blocks(idx, f, t_recv)
+            return
         with self.compute():  # a compute token, when the host has more workers than cores
             r = shard_gradient(self.model, self.images, self.labels, idx, epoch=f["epoch"],
                                global_count=f["global_count"], data=self.cfg.data, seed=self.cfg.train.seed,
@@ -178,6 +190,18 @@ class Worker:
             grad, scale = grad_frame(self.store.grads, self.cfg.dist.wire_dtype)
             self.link.send_result("train", len(idx), r.loss_sum, r.correct, timings, grad_in="frame", grad=grad,
                                   grad_scale=scale, bn_moments=self.model.bn_moments())
+
+    def _run_blocks(self, idx: np.ndarray, f: dict, t_recv: float) -> None:
+        """--batch-invariant: the shard block by block, the exact int64 gradient into this rank's slot (or a frame)."""
+        acc = self.grad_slots[self.rank] if self.shm_weights else self.blocks.acc
+        with self.compute():
+            r = self.blocks.run(self.store.params, self.store.buffers, self.images, self.labels, idx,
+                                epoch=f["epoch"], global_count=f["global_count"], acc=acc,
+                                allreduce=self._allreduce if self.cfg.dist.bn == "sync" else None)
+        timings = {"wait": [t_recv, r.timings["load"][0] - t_recv], **r.timings}
+        self.link.send_result("train", len(idx), r.loss_sum, r.correct, timings,
+                              grad_in="shm" if self.shm_weights else "frame",
+                              **({} if self.shm_weights else {"grad": acc}), bn_moments=r.moments)
 
     def _take_weights(self, msg: P.Message) -> None:
         """Socket transport: a full copy is used in place (a read-only view over the frame); an update (float16
