@@ -50,8 +50,6 @@ TRAIN_FLAGS = [
     ("--lr", "train.lr", float, None, "peak learning rate"),
     ("--out", "train.out", str, None, "run folder"),
     ("--seed", "train.seed", int, None, None),
-    ("--batch-invariant", "train.batch_invariant_block", int, None,
-     "blocks of B samples summed exactly: bitwise the same weights for any worker count (needs --bn sync)"),
     ("--workers", "dist.workers", worker_count, None,
      "worker processes on this host (0: run in this process; auto: one per physical core)"),
     ("--bn", "dist.bn", str, ["stats", "sync"], None),
@@ -135,9 +133,10 @@ def cmd_train(args, extra) -> int:
     cfg = resolve_config(args, extra)
     factory = LocalExecutor
     if args.replay_workers or args.replay_layout:  # a distributed run's exact sums, in this process
-        from .replay import parse_layout, replay_executor
+        from .replay import parse_layout, read_membership, replay_executor
         try:
-            factory = replay_executor(parse_layout(args.replay_workers, args.replay_layout))
+            membership = read_membership(args.replay_membership) if args.replay_membership else None
+            factory = replay_executor(parse_layout(args.replay_workers, args.replay_layout), membership)
         except ValueError as e:
             raise SystemExit(f"dptrain train: {e}") from None
     # a bad dataset / checkpoint: one line, no traceback
@@ -155,9 +154,7 @@ def exit_code(summary: dict) -> int:
 
 def cmd_launch(args, extra) -> int:
     cfg = resolve_config(args, extra)
-    from .distributed.launch import _many_hosts, launch
-    from .invariant import check_launch
-    check_launch(cfg, _many_hosts(args))
+    from .distributed.launch import launch
     return launch(cfg, args)
 
 
@@ -244,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute every step exactly as `launch --workers N` does: the same bits")
     r.add_argument("--replay-layout", default=None, metavar="HxS",
                    help="the same for a multi-host run of H hosts with S workers each (e.g. 2x4)")
+    r.add_argument("--replay-membership", default=None, metavar="RUN",
+                   help="follow a one-host run's losses (and replacements) under --on-worker-failure continue: "
+                        "the steps its metrics.jsonl says fewer ranks computed are computed by those ranks")
     t.set_defaults(func=cmd_train)
 
     la = sub.add_parser("launch", help="train with a coordinator and worker processes")

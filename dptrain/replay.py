@@ -19,10 +19,12 @@ whose membership changed (a rank lost under `continue`, or replaced) replays bit
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -171,8 +173,17 @@ class Baton:
 class ReplayExecutor:
     """train.Executor: each step computed as the distributed run with `layout` and this config's dist settings."""
 
-    def __init__(self, cfg: Config, model, dataset, store: ParamStore, opt, layout: Layout):
+    def __init__(self, cfg: Config, model, dataset, store: ParamStore, opt, layout: Layout,
+                 membership: dict[int, list[int]] | None = None):
         self.cfg, self.ds, self.store, self.opt, self.layout = cfg, dataset, store, opt, layout
+        self.membership = membership or {}  # step -> the ranks that computed it (one host, after a loss)
+        self.last_step = -1
+        if self.membership and layout.hosts:
+            raise ValueError("--replay-membership follows one-host runs (--replay-workers) only")
+        bad = {s: rs for s, rs in self.membership.items() if not rs or not set(rs) <= set(range(layout.ranks))}
+        if bad:
+            s = min(bad)
+            raise ValueError(f"step {s} was computed by ranks {bad[s]}: not of a {layout.ranks}-worker run")
         d = cfg.dist
         self.default_threads = _default_threads()  # an agent's (nothing limits its BLAS)
         self.threads = blas_threads(cfg, layout.slots[0] if layout.hosts else layout.ranks)  # a worker's, on its host
@@ -220,7 +231,11 @@ class ReplayExecutor:
             return zero_sum([got[r] for r in ranks])
         return zero_sum([zero_sum([got[r] for r in rs]) for rs in self._by_host(ranks) if rs])
 
-    def _shards(self, indices: np.ndarray) -> dict[int, np.ndarray]:
+    def _shards(self, indices: np.ndarray, step: int) -> dict[int, np.ndarray]:
+        live = self.membership.get(step)
+        if live is not None:  # the survivors re-sharded the step (one host: one rank a peer)
+            blocks, _ = split_by_slots(indices, [1] * len(live))
+            return {r: b for r, b in zip(sorted(live), blocks) if len(b)}
         blocks, sizes = split_by_slots(indices, list(self.layout.slots))
         out = {}
         for block, base, ns in zip(blocks, self.bases, sizes):
@@ -233,7 +248,8 @@ class ReplayExecutor:
 
     # ---- the executor contract ---------------------------------------------------------------------------------
     def train_step(self, indices: np.ndarray, epoch: int, step: int, lr: float) -> StepResult:
-        shards = self._shards(indices)
+        shards = self._shards(indices, step)
+        self.last_step = step
         _blas(self.threads)
 
         def job(r):
@@ -302,9 +318,10 @@ class ReplayExecutor:
         """Each rank evaluates its shard in batches of its training shard's size (or train.eval_batch_size); the
         sums go in rank order, as the distributed run's do."""
         _blas(self.threads)
-        per_worker = -(-self.cfg.train.batch_size // self.layout.ranks)
+        live = self.membership.get(self.last_step)  # an evaluation runs on the ranks of the step before it
+        per_worker = -(-self.cfg.train.batch_size // (len(live) if live else self.layout.ranks))
         batch = self.cfg.train.eval_batch_size or per_worker
-        shards = self._shards(indices)
+        shards = self._shards(indices, self.last_step)
         got = {r: evaluate_batches(self.models[r], self.ds.images, self.ds.labels, idx, batch)[:2]
                for r, idx in shards.items()}
         groups = self._by_host(sorted(got)) if self.layout.hosts else [[r] for r in sorted(got)]
@@ -326,6 +343,30 @@ class ReplayExecutor:
         _blas_now = 0
 
 
-def replay_executor(layout: Layout):
-    """train.run_local's executor factory for `layout`."""
-    return lambda cfg, model, dataset, store, opt: ReplayExecutor(cfg, model, dataset, store, opt, layout)
+def replay_executor(layout: Layout, membership: dict[int, list[int]] | None = None):
+    """train.run_local's executor factory for `layout` (and the run's membership changes, `read_membership`)."""
+    return lambda cfg, model, dataset, store, opt: ReplayExecutor(cfg, model, dataset, store, opt, layout,
+                                                                  membership)
+
+
+def read_membership(path: str | Path) -> dict[int, list[int]]:
+    """{step: ranks} of the steps a one-host run computed on fewer than all its workers: the `ranks` of its
+    metrics.jsonl step lines (a run folder or the file itself; a resumed run's later line for a step wins)."""
+    path = Path(path)
+    path = path / "metrics.jsonl" if path.is_dir() else path
+    out: dict[int, list[int]] = {}
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise ValueError(f"--replay-membership: cannot read {path}: {e.strerror}") from None
+    for n, line in enumerate(lines, start=1):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            raise ValueError(f"--replay-membership: {path}:{n}: not a JSON line") from None
+        if isinstance(rec, dict) and "step" in rec and "loss" in rec:
+            if "ranks" in rec:
+                out[int(rec["step"])] = [int(r) for r in rec["ranks"]]
+            else:
+                out.pop(int(rec["step"]), None)
+    return out

@@ -55,6 +55,7 @@ class StepResult:
     bn_moments: np.ndarray  # float64, Σ over the batch of every BN layer's [count, Σx, Σx²]
     grad_norm: float  # global L2 norm of the gradient before clipping
     slowest: str = ""  # who the step waited on last (distributed runs)
+    ranks: list[int] | None = None  # one host: the worker ranks that computed it, when not all of them (a loss)
 
 
 EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: stopped by train.checkpoint_signal with `last` saved; run again
@@ -358,7 +359,8 @@ class Trainer:
                                        self.epoch_sums[2] + res.count, self.epoch_sums[3] + dt]
                     self._write({"step": self.step, "epoch": self.epoch, "loss": res.loss_sum / res.count,
                                  "acc": res.correct / res.count, "lr": lr, "grad_norm": norm, "images": res.count,
-                                 "step_s": dt, **({"slowest": res.slowest} if res.slowest else {})})
+                                 "step_s": dt, **({"slowest": res.slowest} if res.slowest else {}),
+                                 **({"ranks": res.ranks} if res.ranks is not None else {})})
                     self.step += 1
                     self.step_in_epoch += 1
                     if t.checkpoint_every_steps and self.step % t.checkpoint_every_steps == 0:
@@ -488,9 +490,6 @@ def run_local(cfg: Config, resume: bool = False, stop_at_step: int = 0, command:
     """Train in this process. With `command` (a CLI's name) data/checkpoint problems exit with one line.
     `executor_factory(cfg, model, dataset, store, opt)`: e.g. replay.replay_executor (a distributed run's sums)."""
     trainer = prepare_or_exit(cfg, resume, command) if command else prepare(cfg, resume)
-    if cfg.train.batch_invariant_block:  # the same bits for any worker count: a replay is this run too
-        from .invariant import InvariantExecutor
-        executor_factory = InvariantExecutor
     executor = executor_factory(cfg, trainer.model, trainer.ds, trainer.store, trainer.opt)
     try:
         return trainer.fit(executor, stop_at_step=stop_at_step)

@@ -17,7 +17,7 @@ from distutil import Proc, arrays, launch_inproc, metrics, step_records, tiny_va
 from gradcheck import rel_error
 from helpers import make_config
 
-from dptrain.replay import Layout, parse_layout, replay_executor
+from dptrain.replay import Layout, parse_layout, read_membership, replay_executor
 from dptrain.train import run_local
 
 STEPS = 50  # 5 epochs of 10 batches of 16 (169 training images)
@@ -75,6 +75,25 @@ def test_sync_bn_replay_stopped_and_resumed_equals_launch_bitwise(tiny_data, tmp
     assert len(step_records(tmp_path / "replay")) == 23
     run_local(cfg, resume=True, executor_factory=replay)
     assert_same_run(launched("sync"), tmp_path / "replay")
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("restarts", [0, 1])
+def test_replay_follows_a_run_that_lost_a_worker(tiny_data, tmp_path, monkeypatch, restarts):
+    """--bn sync, --on-worker-failure continue: rank 1 crashes as step 7 begins, the step is redone on ranks 0 and 2,
+    and then either the survivors go on alone or a replacement computes from step 8 on. metrics.jsonl names the
+    ranks of every step not computed by all; --replay-membership follows them, evaluations included, bitwise."""
+    monkeypatch.setenv("DPTRAIN_FAULT", "exit:7:1")
+    run = tmp_path / "run"
+    assert launch_inproc(default_cfg(tiny_data, run, dist__bn="sync", dist__on_worker_failure="continue",
+                                     dist__max_worker_restarts=restarts)) == 0
+    membership = read_membership(run)
+    assert membership == ({7: [0, 2]} if restarts else {s: [0, 2] for s in range(7, STEPS)})
+    replay = replay_executor(parse_layout(workers=3), membership)
+    run_local(default_cfg(tiny_data, tmp_path / "replay", dist__bn="sync"), executor_factory=replay)
+    assert_same_run(run, tmp_path / "replay")
+    with pytest.raises(ValueError, match="step 7 was computed by ranks"):
+        replay_executor(parse_layout(workers=2), membership)(*[None] * 5)
 
 
 @pytest.mark.timeout(90)
