@@ -50,6 +50,8 @@ TRAIN_FLAGS = [
     ("--lr", "train.lr", float, None, "peak learning rate"),
     ("--out", "train.out", str, None, "run folder"),
     ("--seed", "train.seed", int, None, None),
+    ("--batch-invariant", "train.batch_invariant_block", int, None,
+     "blocks of B samples summed exactly: bitwise the same weights for any worker count (needs --bn sync)"),
     ("--workers", "dist.workers", worker_count, None,
      "worker processes on this host (0: run in this process; auto: one per physical core)"),
     ("--bn", "dist.bn", str, ["stats", "sync"], None),
@@ -154,7 +156,9 @@ def exit_code(summary: dict) -> int:
 
 def cmd_launch(args, extra) -> int:
     cfg = resolve_config(args, extra)
-    from .distributed.launch import launch
+    from .distributed.launch import _many_hosts, launch
+    from .invariant import check_launch
+    check_launch(cfg, _many_hosts(args))
     return launch(cfg, args)
 
 

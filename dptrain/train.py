@@ -490,6 +490,9 @@ def run_local(cfg: Config, resume: bool = False, stop_at_step: int = 0, command:
     """Train in this process. With `command` (a CLI's name) data/checkpoint problems exit with one line.
     `executor_factory(cfg, model, dataset, store, opt)`: e.g. replay.replay_executor (a distributed run's sums)."""
     trainer = prepare_or_exit(cfg, resume, command) if command else prepare(cfg, resume)
+    if cfg.train.batch_invariant_block:  # the same bits for any worker count: a replay is this run too
+        from .invariant import InvariantExecutor
+        executor_factory = InvariantExecutor
     executor = executor_factory(cfg, trainer.model, trainer.ds, trainer.store, trainer.opt)
     try:
         return trainer.fit(executor, stop_at_step=stop_at_step)

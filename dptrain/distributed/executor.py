@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from .. import log
+from .. import invariant, log
 from ..config import Config
 from ..data.sampler import shard_bounds
 from ..nn.params import ParamStore
@@ -123,7 +123,9 @@ class DistExecutor:
             peers = [p for p in peers if p.rank in self.mesh.formed]
         if not peers:
             raise WorkerFailure([])
-        blocks, sizes = split_by_slots(indices, [p.slots for p in peers])
+        B = invariant.enabled(self.cfg) if fields["phase"] == "train" else 0
+        blocks, sizes = invariant.split_blocks(indices, [p.slots for p in peers], B) if B else \
+            split_by_slots(indices, [p.slots for p in peers])
         # fewer images than slots (a small batch, a short last batch, a tiny val set): a peer with no image sits
         # the round out; an empty shard would crash its worker (a batch of 0) and stall sync BN. On the mesh every
         # host takes part in a training step (its agent contributes zeros and still owns its slice).
@@ -171,9 +173,12 @@ class DistExecutor:
             if self.shared is not None:
                 norm, t2 = self._update_by_workers(step, attempt, ranks, lr)
             else:
-                sum_in_order(self.store.grads, [self.grad_slots[r] if self.grad_slots is not None
-                                                else results[r].arrays["grad"] for r in ranks],
-                             [float(results[r].fields["grad_scale"]) for r in ranks])
+                parts = [self.grad_slots[r] if self.grad_slots is not None else results[r].arrays["grad"]
+                         for r in ranks]
+                if invariant.enabled(self.cfg):  # int64 block sums: exact in any order, rounded once
+                    invariant.decode_grads(self.store.grads, parts)
+                else:
+                    sum_in_order(self.store.grads, parts, [float(results[r].fields["grad_scale"]) for r in ranks])
                 t2 = time.perf_counter()
                 norm = clipped_step(self.opt, self.store.params, self.store.grads, lr, self.cfg.train.clip_norm, step)
                 if self.update16:
@@ -183,6 +188,8 @@ class DistExecutor:
         ranks, results, norm, t1, t2 = self._retrying(step, attempt_step)
         moments = sum(np.asarray(results[r].arrays["bn_moments"], np.float64) for r in ranks
                       if "bn_moments" in results[r].arrays)
+        if invariant.enabled(self.cfg):  # every rank reports the same exact global moments
+            moments = np.asarray(results[ranks[0]].arrays["bn_moments"], np.float64)
         t3 = time.perf_counter()
         if self.shared is None and self.mesh is None:  # the coordinator did the bulk work itself: all of it was serial
             self.phase_s["serial"] += t3 - t1
