@@ -11,7 +11,7 @@ and then part ways. Here nothing that is summed depends on N:
     and BLAS runs on one thread (GEMM and dot bits may depend on the thread count); a process's cores go to
     blocks computed concurrently instead (`BlockRunner`, one thread per core, each with one BLAS thread).
   - **Gradients, exactly.** Each block's float32 gradient is rounded to a fixed-point int64 with a fixed quantum
-    2**-GRAD_FRAC_BITS (|g| up to GRAD_LIMIT per block and element; beyond, it saturates and says so) and the
+    2**-GRAD_FRAC_BITS, truncated toward zero (|g| up to GRAD_LIMIT per block and element; beyond, it saturates and says so) and the
     blocks', then the ranks', integers are added: integer sums are associative, so any grouping gives the same
     bits. The reduced sum is rounded to float32 once (`decode_grads`). On one host the gradient slots in shared
     memory are int64 (twice the bytes of float32), over sockets the frames are.
@@ -128,21 +128,24 @@ class Quantizer:
         self.q = np.empty(CHUNK, np.int64)
         self.saturated = 0
 
-    def add(self, acc: np.ndarray, g: np.ndarray, lo: int = 0, hi: int | None = None) -> None:
+    def add(self, acc: np.ndarray, g: np.ndarray, lo: int = 0, hi: int | None = None, first: bool = False) -> None:
+        """acc[lo:hi] += g[lo:hi] at the quantum, truncated toward zero (first: acc[lo:hi] = ...)."""
         hi = g.size if hi is None else hi
         for a in range(lo, hi, CHUNK):
             b = min(a + CHUNK, hi)
             t, q = self.t32[:b - a], self.q[:b - a]
             np.multiply(g[a:b], _QSCALE, out=t)  # exact: a power of two
-            np.rint(t, out=t)
             top, bottom = float(t.max()), float(t.min())
             if not (math.isfinite(top) and math.isfinite(bottom)):
                 raise FloatingPointError("batch-invariant: non-finite gradient (loss diverged; lower --lr)")
             if top > _QLIMIT or bottom < -_QLIMIT:
                 np.clip(t, -_QLIMIT, _QLIMIT, out=t)
                 self.saturated += 1
-            np.copyto(q, t, casting="unsafe")
-            np.add(acc[a:b], q, out=acc[a:b])
+            if first:
+                np.copyto(acc[a:b], t, casting="unsafe")  # truncation toward zero: a fixed function of g
+            else:
+                np.copyto(q, t, casting="unsafe")
+                np.add(acc[a:b], q, out=acc[a:b])
 
 
 def decode_grads(out: np.ndarray, parts: list[np.ndarray], lo: int = 0, hi: int | None = None) -> None:
@@ -286,9 +289,8 @@ class BlockRunner:
 
         def quantize(i: int) -> None:
             lo, hi = cuts[i]
-            acc[lo:hi] = 0
             for k in range(len(blocks)):
-                self.quant[i].add(acc, self.rows[k], lo, hi)
+                self.quant[i].add(acc, self.rows[k], lo, hi, first=k == 0)
         self._parallel([lambda i=i: quantize(i) for i in range(self.threads)], raise_first=True)
         t2 = time.time()
         loss = 0.0
