@@ -235,12 +235,18 @@ def leftovers(run_ids: list[str | None], launcher_pids: list[int], wait_s: float
     deadline = time.monotonic() + wait_s
     while True:
         left = [f"pid {p.pid} ({' '.join(p.info['cmdline'][2:5])})" for rid in run_ids for p in run_processes(rid)]
-        left += [f"launcher pid {pid}" for pid in launcher_pids if psutil.pid_exists(pid)
-                 and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+        left += [f"launcher pid {pid}" for pid in launcher_pids if _alive(pid)]
         left += [f"/dev/shm/{n}" for rid in run_ids if rid for n in leftover_segments(rid)]
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def remove_segments(run_ids: list[str | None]) -> None:

@@ -17,6 +17,12 @@ victim. The kinds:
 A trial passes when no launch outlived --trial-timeout (else: hang, and every process of the run is killed), the
 last launch exited 0, summary.json says every step was done and metrics.jsonl has a record of each, a killed or
 stopped worker was replaced, and no process or /dev/shm segment of the run (nor of the interrupted launch) is left.
+
+TensorBoard is off in the trials unless --train.tensorboard=true: the coordinator answers heartbeats from its main
+thread only, and importing tensorboardX at the start of training holds it 1.5-4 s on a loaded 2-core machine, past
+a 2 s liveness bound: every worker then concludes "coordinator lost" and exits, and the trial fails at step 0
+whatever its fault (the soak's first run found it: 15 of 20 trials). With the default bound (1 s x 5) it takes a
+busier machine; a coordinator that answers heartbeats from a thread of its own would not have it.
 """
 from __future__ import annotations
 
@@ -189,7 +195,8 @@ def run_faults(args, extra: list[str]) -> int:
     kinds = parse_kinds(args)
     root = Path(args.out or "soak-faults")
     more = {"dist.on_worker_failure": "continue", "dist.max_worker_restarts": args.max_worker_restarts,
-            "dist.heartbeat_interval_s": args.heartbeat, "dist.heartbeat_misses": args.misses}
+            "dist.heartbeat_interval_s": args.heartbeat, "dist.heartbeat_misses": args.misses,
+            "train.tensorboard": "false"}  # see the module's docstring
     argv, total, _ = settings(args, extra, root / "trial", args.trial_steps, more)
     print(f"dptrain soak: {args.faults} fault trial(s) of {total} steps, {args.workers} workers, kinds "
           f"{','.join(kinds)}, seed {args.seed}, liveness bound {args.heartbeat * args.misses:g} s", flush=True)
