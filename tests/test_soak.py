@@ -95,3 +95,10 @@ def test_warm_up_lasts_past_the_first_epoch():
     samples = _samples(lambda i: 100 * MB)  # steps 1, 3, 5, ...: step 61 is at t = 30
     assert training_span(samples, 100, 0.2) == pytest.approx((0.0, 9.6, 48.0))
     assert training_span(samples, 100, 0.2, epoch_steps=60) == (0.0, 30.0, 48.0)
+
+
+def test_a_plateau_at_the_end_is_not_a_leak():
+    args = Namespace(warmup=0.2, max_growth=5.0, slack_mb=2.0, workers=1)
+    procs, _, failures = analyse(_samples(lambda i: (160 if i in (45, 46, 47) else 100) * MB), 100, args)
+    assert failures == []  # the median of the end window is up 60 %, its floor is not
+    assert procs["rank0"]["uss_growth_pct"] > 50 and procs["rank0"]["uss_floor_growth_pct"] == 0
