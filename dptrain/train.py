@@ -33,7 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import checkpoint, config as config_mod, log
-from .board import Board
+from .board import Board, preload as preload_board
 from .compute import evaluate_batches, shard_gradient
 from .config import Config
 from .data.dataset import Dataset, load_dataset
@@ -191,6 +191,8 @@ class Trainer:
         self.preempted = False  # stopped by train.checkpoint_signal: the exit code says "requeue me"
         self.restarts = 0  # how many times `launch --max-restarts` started this run again
         self.board: Board | None = None  # TensorBoard events, during fit()
+        if cfg.train.tensorboard:  # now, before any worker starts: fit() must not stall a second in an import while
+            preload_board()  # workers wait for heartbeat answers (seen: 3.9 s on a loaded machine, all ranks lost)
         name = cfg.train.checkpoint_signal.upper().removeprefix("SIG")
         self.preempt_signal = getattr(signal, "SIG" + name) if name else None
         self.executor: Executor | None = None  # during fit()
