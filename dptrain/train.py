@@ -91,6 +91,10 @@ class Executor(Protocol):
     def summary(self) -> dict:
         """Extra fields for summary.json."""
 
+    def meanwhile(self, work):
+        """work() (slow I/O: a checkpoint on a slow disk) while the executor keeps its peers alive; its result, or
+        its exception. Optional: without it the Trainer calls work() itself."""
+
     def close(self) -> None:
         """Release what the executor holds (called once, after the last step)."""
 
@@ -214,9 +218,11 @@ class Trainer:
             meta["step"], meta["step_in_epoch"] = self.step - lag, max(self.step_in_epoch - lag, 0)
             self.log.warning(f"checkpoint {name}: the last {lag} step(s) could not be brought in (a host was lost "
                              f"before it sent its state); it resumes at step {meta['step']}")
-        try:
+        def write():
             checkpoint.save(self.out / f"{name}.npz", params=self.store.params, velocity=self.opt.velocity,
                             buffers=self.store.buffers, meta=meta)
+        try:  # a distributed executor answers its peers' heartbeats while the disk is slow
+            getattr(self.executor, "meanwhile", lambda work: work())(write)
         except checkpoint.CheckpointWriteError as e:
             # Training goes on (its state is in memory) and says so at every checkpoint until one is written again;
             # fit() ends non-zero if the last one never was.

@@ -312,3 +312,18 @@ def test_lost_worker_is_replaced_and_the_result_matches_an_undisturbed_run(tiny_
     a = params(runs["undisturbed"])
     for name in ("replaced", "used_up"):
         assert 0 < np.linalg.norm(params(runs[name]) - a) / np.linalg.norm(a) < 1e-5, name
+
+
+@pytest.mark.timeout(120)
+def test_a_slow_disk_does_not_look_like_a_lost_coordinator(tiny_data, tmp_path):
+    """Every checkpoint takes 3 s to write (DPTRAIN_SLOW_SAVE_S), twice the workers' 1.5 s liveness bound: the
+    coordinator answers their heartbeats while it writes, so nobody gives up and the run completes."""
+    run = tmp_path / "run"
+    args = cli_args(tiny_data, run, dist__workers=2, train__epochs=2, dist__heartbeat_interval_s=0.5,
+                    dist__heartbeat_misses=3)
+    with Launch(args, tmp_path / "launch.log", env={"DPTRAIN_SLOW_SAVE_S": "3"}) as la:
+        assert la.wait(90) == 0, la.log()
+        log = la.log()
+    assert "coordinator lost" not in log + (run / "logs" / "rank0.log").read_text()
+    assert [m["step"] for m in step_records(run)] == list(range(10))
+    assert (run / "last.npz").exists() and (run / "best.npz").exists()

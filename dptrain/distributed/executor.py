@@ -8,6 +8,7 @@ policy a lost rank's step is re-sharded over the survivors and redone from the s
 from __future__ import annotations
 
 import math
+import threading
 import time
 
 import numpy as np
@@ -296,6 +297,26 @@ class DistExecutor:
 
     def request_stop(self, grace_s: float) -> None:
         self.coord.stop_within(grace_s)
+
+    def meanwhile(self, work):
+        """train.Executor.meanwhile: work() in a thread while this thread answers heartbeats and hellos (a checkpoint
+        on a slow disk must not look like a lost coordinator to the workers, whose bound is a few seconds). Nothing
+        else is done meanwhile: deaths are noticed by the next round (and no stop deadline applies to a save)."""
+        out: dict = {}
+
+        def run():
+            try:
+                out["value"] = work()
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                out["error"] = e
+        t = threading.Thread(target=run, name="meanwhile", daemon=True)
+        t.start()
+        while t.is_alive():
+            self.coord.service(0.05)
+            t.join(0.0)
+        if "error" in out:
+            raise out["error"]
+        return out.get("value")
 
     def summary(self) -> dict:
         """Mean seconds per step: compute (slowest worker), communication (the rest of the round), reduce, update,
