@@ -106,9 +106,6 @@ class DistConfig:
     step_timeout_s: float = 120.0  # a worker late by this much on one step is declared stuck
     blas_threads: int = 0  # BLAS threads per worker (0: cores // workers, at least 1)
     pin_cores: bool = False  # pin each worker to a core with psutil
-    # at most this many of a host's workers compute at once (distributed/cores.py); -1: the physical cores when
-    # there are more workers than that; 0: no limit (the kernel time-slices them)
-    core_tokens: int = -1
     transport: str = "shm"  # "shm": bulk arrays through shared memory on one host; "socket": raw frames
     # With shm: "workers" = each worker sums its slice of every gradient slot and applies SGD to that slice (the
     # coordinator only decides); "coordinator" = the coordinator sums and updates alone. The same bits either way.

@@ -115,8 +115,7 @@ class Agent:
         local_cfg = config_mod.from_dict(config_mod.to_dict(self.cfg))
         local_cfg.dist.port, local_cfg.dist.transport = 0, "shm"
         welcome = {"config": config_mod.to_dict(local_cfg), "shm": shm, "num_classes": num_classes,
-                   "buckets": self.cfg.dist.plane == "mesh",  # workers say when parts of their gradient are final
-                   "cores": self.session.core_tokens(self.cfg, self.slots)}
+                   "buckets": self.cfg.dist.plane == "mesh"}  # workers say when parts of their gradient are final
         self.session.coord = Coordinator(local_cfg, self.session.run_id, self.slots, welcome, {"labels": ds.labels},
                                          bn_relay=self.link.allreduce, endpoint=self.session.local_endpoint(),
                                          token=self.session.token)

@@ -283,8 +283,7 @@ def launch_local(cfg: Config, resume: bool | str = False, stop_at_step: int = 0,
             velocity2[0] = trainer.opt.velocity
             trainer.opt.velocity = velocity2[0]
             shared = SharedUpdate(shm["params"].array, velocity2, shm["gsum"].array)
-        welcome = {"config": config_mod.to_dict(cfg), "shm": shm_specs, "num_classes": len(trainer.ds.class_names),
-                   "cores": session.core_tokens(cfg, n)}
+        welcome = {"config": config_mod.to_dict(cfg), "shm": shm_specs, "num_classes": len(trainer.ds.class_names)}
         session.coord = Coordinator(cfg, session.run_id, n, welcome, {"labels": trainer.ds.labels},
                                     endpoint=None if cfg.dist.port else session.local_endpoint(),
                                     token=session.token)

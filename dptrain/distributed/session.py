@@ -24,7 +24,6 @@ from .. import log
 from ..config import Config
 from ..data.shm import SharedArray, segment_name
 from .coordinator import Coordinator
-from .cores import token_count
 
 
 def worker_memory_bytes(cfg: Config, num_params: int, batch: int) -> int:
@@ -158,18 +157,8 @@ class Session:
 
     def local_endpoint(self) -> str:
         """ipc:// in this user's private run directory: no other user can connect (the file system says so)."""
-        return f"ipc://{self.private_dir() / SOCKET_NAME}"
-
-    def private_dir(self) -> Path:
-        """This run's private directory (made on first use; removed at close)."""
-        if self.dir is None:
-            self.dir = private_dir(self.run_id)
-        return self.dir
-
-    def core_tokens(self, cfg: Config, workers: int) -> dict:
-        """WELCOME's `cores` field: where the compute tokens are and how many (distributed/cores.py); {}: none."""
-        k = token_count(cfg.dist.core_tokens, workers, physical_cores())
-        return {"dir": str(self.private_dir()), "tokens": k} if k else {}
+        self.dir = private_dir(self.run_id)
+        return f"ipc://{self.dir / SOCKET_NAME}"
 
     def shared(self, what: str, shape, dtype, fill=None) -> SharedArray:
         seg = SharedArray.create(fill, segment_name(self.run_id, what), shape=shape, dtype=dtype, writable=True)

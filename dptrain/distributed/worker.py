@@ -14,14 +14,12 @@ With transport "socket" the weights arrive as frames of STEP and the gradient le
 """
 from __future__ import annotations
 
-import contextlib
 import faulthandler
 import os
 import signal
 import socket as pysocket
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -33,7 +31,6 @@ from ..nn.params import ParamStore
 from ..nn.threads import match_blas_threads
 from ..optim import chunk_squares, sgd_for
 from . import protocol as P
-from .cores import CoreTokens
 from .peer import PeerLink, leave, run_peer
 from .reduce import sum_in_order
 from .wire import grad_frame, receive_weights
@@ -95,9 +92,6 @@ class Worker:
         self.blocks = None
         if invariant.enabled(self.cfg):  # one BLAS thread; the worker's threads compute blocks concurrently
             self.blocks = invariant.worker_runner(self.cfg, int(f["num_classes"]), self.store.num_params)
-        cores = f.get("cores") or {}
-        self.tokens = CoreTokens(Path(cores["dir"]), int(cores["tokens"]), self.rank) if cores else None
-        self.compute = self.tokens.holding if self.tokens else contextlib.nullcontext
         if self.cfg.dist.bn == "sync":
             self.model.set_bn_allreduce(self._allreduce)
         self.link.send(P.Kind.READY)
@@ -116,10 +110,7 @@ class Worker:
         n_bn = len(self.model.bn_layers)
         call, self.bn_calls = self.bn_calls, self.bn_calls + 1
         layer, phase = (call, "fwd") if call < n_bn else (call - n_bn, "bwd")
-        if self.tokens is None:
-            return self.link.allreduce(layer, phase, local)
-        with self.tokens.lent():  # the others must reach this layer too: not while we hold a core
-            return self.link.allreduce(layer, phase, local)
+        return self.link.allreduce(layer, phase, local)
 
     def serve(self) -> int:
         return self.link.serve(self.run_step, {P.Kind.REDUCE: self.reduce_slice, P.Kind.UPDATE: self.update_slice})
@@ -167,8 +158,7 @@ class Worker:
             self.store.rebind(self.params2[self.slot], self.store.grads, self.store.buffers, copy=False)
         idx = np.asarray(msg.arrays["indices"], dtype=np.int64)
         if f["phase"] == "eval":
-            with self.compute():
-                loss_sum, correct, _ = evaluate_batches(self.model, self.images, self.labels, idx, f["eval_batch"])
+            loss_sum, correct, _ = evaluate_batches(self.model, self.images, self.labels, idx, f["eval_batch"])
             self.link.send_result("eval", len(idx), loss_sum, correct)
             return
         on_ready = None
@@ -178,10 +168,9 @@ class Worker:
         if self.blocks is not None:
             self._run_blocks(idx, f, t_recv)
             return
-        with self.compute():  # a compute token, when the host has more workers than cores
-            r = shard_gradient(self.model, self.images, self.labels, idx, epoch=f["epoch"],
-                               global_count=f["global_count"], data=self.cfg.data, seed=self.cfg.train.seed,
-                               on_ready=on_ready)
+        r = shard_gradient(self.model, self.images, self.labels, idx, epoch=f["epoch"],
+                           global_count=f["global_count"], data=self.cfg.data, seed=self.cfg.train.seed,
+                           on_ready=on_ready)
         timings = {"wait": [t_recv, r.timings["load"][0] - t_recv], **r.timings}
         if self.shm_weights:
             self.link.send_result("train", len(idx), r.loss_sum, r.correct, timings, grad_in="shm",
@@ -194,10 +183,9 @@ class Worker:
     def _run_blocks(self, idx: np.ndarray, f: dict, t_recv: float) -> None:
         """--batch-invariant: the shard block by block, the exact int64 gradient into this rank's slot (or a frame)."""
         acc = self.grad_slots[self.rank] if self.shm_weights else self.blocks.acc
-        with self.compute():
-            r = self.blocks.run(self.store.params, self.store.buffers, self.images, self.labels, idx,
-                                epoch=f["epoch"], global_count=f["global_count"], acc=acc,
-                                allreduce=self._allreduce if self.cfg.dist.bn == "sync" else None)
+        r = self.blocks.run(self.store.params, self.store.buffers, self.images, self.labels, idx,
+                            epoch=f["epoch"], global_count=f["global_count"], acc=acc,
+                            allreduce=self._allreduce if self.cfg.dist.bn == "sync" else None)
         timings = {"wait": [t_recv, r.timings["load"][0] - t_recv], **r.timings}
         self.link.send_result("train", len(idx), r.loss_sum, r.correct, timings,
                               grad_in="shm" if self.shm_weights else "frame",
@@ -214,8 +202,6 @@ class Worker:
             receive_weights(self.store.params, self.store.buffers, msg.arrays, msg.fields)
 
     def close(self) -> None:
-        if getattr(self, "tokens", None) is not None:
-            self.tokens.close()
         for seg in self.segments:
             seg.close()
         self.link.close()
