@@ -184,13 +184,11 @@ def run_launch(args: list[str], log_path: Path, timeout_s: float = 120.0) -> tup
 # ---- what a run leaves behind -------------------------------------------------------------------------------------
 def workers_of(run_id: str | None) -> list[psutil.Process]:
     """Live `dptrain worker --run RUN_ID` processes (zombies excluded)."""
-    if not run_id:
-        return []
+    from dptrain.soak import run_processes
     out = []
-    for p in psutil.process_iter(["cmdline", "status"]):
+    for p in run_processes(run_id):
         try:
-            cmd = p.info["cmdline"] or []
-            if "worker" in cmd and "--run" in cmd and run_id in cmd and p.info["status"] != psutil.STATUS_ZOMBIE:
+            if "worker" in p.info["cmdline"] and "--run" in p.info["cmdline"]:
                 out.append(p)
         except (psutil.Error, TypeError):
             continue
