@@ -77,6 +77,7 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
     t.add_argument("--repeat", type=int, default=1, help="with --tta: runs per side, alternating; medians reported")
     t.add_argument("--stop-at-target", action="store_true", help="with --tta: stop each side at the target")
     t.add_argument("--no-torch", action="store_true", help="with --tta: dptrain only")
+    t.add_argument("--sides", default="dptrain,torch", help="with --tta: which to run (dptrain, torch or both)")
 
 
 def _config(args, extra: list[str]) -> tuple[config_mod.Config, dict[str, str]]:

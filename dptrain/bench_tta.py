@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from . import config as config_mod, log
+from .tta_torch import TORCH_BN_EPS, TORCH_BN_MOMENTUM
 
 POLL_S = 0.05
 SIDES = ("dptrain", "torch")
@@ -134,7 +135,9 @@ def run(args, extra: list[str]) -> int:
     if not 0 < target <= 1:
         raise SystemExit(f"dptrain bench --tta: the target is a validation accuracy in (0, 1], got {target}")
     args.workers = int(args.workers or 2)
-    sides = ["dptrain"] if args.no_torch else list(SIDES)
+    sides = [x for x in SIDES if x in args.sides.split(",") and not (x == "torch" and args.no_torch)]
+    if not sides:
+        raise SystemExit(f"dptrain bench --tta: --sides wants dptrain and/or torch, got {args.sides!r}")
     if "torch" in sides:
         from .torch_ref import require_torch
         require_torch()
@@ -158,13 +161,16 @@ def run(args, extra: list[str]) -> int:
               "dataset": {"path": cfg.data.path, **ds.counts, "image_size": cfg.data.image_size},
               "recipe": {k: getattr(cfg.train, k) for k in ("epochs", "batch_size", "lr", "warmup_epochs",
                                                              "momentum", "weight_decay", "clip_norm", "seed")}
-              | {"augment": cfg.data.augment, "max_shift": cfg.data.max_shift, "init": cfg.model.init}}
+              | {"augment": cfg.data.augment, "max_shift": cfg.data.max_shift},
+              "dptrain_model": {"init": cfg.model.init, "bn_momentum": cfg.model.bn_momentum,
+                                "bn_eps": cfg.model.bn_eps},
+              "torch_model": {"init": "pytorch", "bn_momentum": TORCH_BN_MOMENTUM, "bn_eps": TORCH_BN_EPS}}
     for side in sides:
         rs = runs[side]
         result[side] = {"runs": rs, **{k: _median([r[k] for r in rs]) for k in
                                        ("epochs_to_target", "seconds_to_target", "final_val_acc", "best_val_acc",
                                         "wall_s")}}
-    if len(sides) == 2:
+    if sides == list(SIDES):
         for k in ("epochs_to_target", "seconds_to_target", "wall_s"):
             a, b = result["dptrain"][k], result["torch"][k]
             result[f"{k}_ratio"] = round(a / b, 3) if a and b else None
@@ -195,7 +201,7 @@ def plot(r: dict, sides: list[str], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for side, color in zip(sides, ("C0", "C1")):
+    for side, color in ((s, c) for s, c in zip(SIDES, ("C0", "C1")) if s in sides):
         for i, run in enumerate(r[side]["runs"]):
             ts, acc = [p["seconds"] for p in run["curve"]], [p["val_acc"] for p in run["curve"]]
             ax.plot(ts, acc, "o-", color=color, alpha=1.0 if i == 0 else 0.4, ms=3,
@@ -203,6 +209,7 @@ def plot(r: dict, sides: list[str], path: Path) -> None:
             if run["seconds_to_target"] is not None:
                 ax.plot([run["seconds_to_target"]], [r["target"]], "*", color=color, ms=12)
     ax.axhline(r["target"], color="grey", ls=":", label=f"target {r['target']}")
+    ax.set_xlim(left=0)
     ax.set_xlabel("seconds since process start")
     ax.set_ylabel("validation accuracy")
     ax.set_ylim(0, 1)

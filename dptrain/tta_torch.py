@@ -7,10 +7,12 @@ What is the same as dptrain: the dataset, its decode cache and train/val split (
 (dptrain.data.sampler.Sampler, each rank a contiguous shard), the augmentation (dptrain.data.augment.make_batch,
 the same draws per image), the network (torch_ref.build_torch_model, BN eps/momentum from the config), the schedule
 (optim.lr_at: linear warmup + cosine), momentum, weight decay (weights only, or every tensor with
-train.decay_bn_and_bias), global-norm clipping and patience. What is PyTorch's own: the initialisation (the modules'
-defaults, seeded with train.seed), BN statistics per rank with rank 0's running statistics broadcast by DDP, and the
-kernels. Validation is sharded over the ranks and summed (all_reduce). After every epoch rank 0 appends
-{"epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "time"} to FILE (`time`: time.time()).
+train.decay_bn_and_bias), global-norm clipping and patience: what a training script chooses. What is PyTorch's
+own, the defaults a PyTorch user gets without asking: the initialisation (the modules' defaults, seeded with
+train.seed), BatchNorm's momentum 0.1 and eps 1e-5 (whatever model.bn_momentum / bn_eps say), BN statistics per rank
+with rank 0's running statistics broadcast by DDP, and the kernels. For a like-for-like run give dptrain the same:
+--model.init=pytorch --model.bn_momentum=0.1 --model.bn_eps=1e-5. Validation is sharded over the ranks and summed
+(all_reduce). After every epoch rank 0 appends {"epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "time"} to FILE (`time`: time.time()).
 """
 from __future__ import annotations
 
@@ -19,8 +21,11 @@ import json
 import os
 import time
 
+TORCH_BN_MOMENTUM, TORCH_BN_EPS = 0.1, 1e-5  # nn.BatchNorm2d's defaults
+
 
 def _rank(rank: int, a: argparse.Namespace, port: int) -> None:
+    import dataclasses
     import datetime
 
     import torch
@@ -40,7 +45,8 @@ def _rank(rank: int, a: argparse.Namespace, port: int) -> None:
     d, t = cfg.data, cfg.train
     ds = load_dataset(d, t.seed, progress=False, workers=1)
     torch.manual_seed(t.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    net = DDP(build_torch_model(cfg.model, len(ds.class_names), d.image_size))
+    mcfg = dataclasses.replace(cfg.model, bn_momentum=TORCH_BN_MOMENTUM, bn_eps=TORCH_BN_EPS)
+    net = DDP(build_torch_model(mcfg, len(ds.class_names), d.image_size))
     decay = [p for n, p in net.named_parameters() if p.ndim > 1 or t.decay_bn_and_bias]
     rest = [p for n, p in net.named_parameters() if not (p.ndim > 1 or t.decay_bn_and_bias)]
     opt = torch.optim.SGD([{"params": decay, "weight_decay": t.weight_decay}, {"params": rest, "weight_decay": 0.0}],

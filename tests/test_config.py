@@ -120,17 +120,17 @@ def test_float_edge_values_round_trip(tmp_path):
 
 
 def test_shift_is_a_fraction_of_the_image_and_old_pixel_configs_win(tmp_path):
-    """data.shift (1/16 of image_size by default) sets the translation; a config from before it, with max_shift in
+    """data.shift (1/32 of image_size by default) sets the translation; a config from before it, with max_shift in
     pixels, keeps its pixels; a run's config.toml records the pixels used."""
-    assert C.Config().data.max_shift == C.load().data.max_shift == 4  # 64 px
-    assert C.load(None, {"data.image_size": "32"}).data.max_shift == 2
+    assert C.Config().data.max_shift == C.load().data.max_shift == 2  # 1/32 of 64 px
+    assert C.load(None, {"data.image_size": "32"}).data.max_shift == 1
     assert C.load(None, {"data.image_size": "32", "data.shift": "0"}).data.max_shift == 0
     cfg = C.load(_write(tmp_path, "[data]\nimage_size = 32\nmax_shift = 4\n"))
     assert cfg.data.max_shift == 4  # an explicit pixel count wins
     cfg.data.max_shift = -1
-    assert cfg.data.max_shift == 2  # derived again
-    cfg.data.image_size = 96
-    assert cfg.data.max_shift == 6  # and follows image_size
+    assert cfg.data.max_shift == 1  # derived again
+    cfg.data.image_size = 128
+    assert cfg.data.max_shift == 4  # and follows image_size
     with pytest.raises(ValueError, match="data.shift"):
         C.load(None, {"data.shift": "0.6"})
     with pytest.raises(ValueError, match="model.init"):

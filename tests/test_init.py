@@ -40,9 +40,10 @@ def test_pytorch_init_matches_torch_defaults():
     assert checked == 9  # 5 convs, the hidden Linear's weight and bias, the classifier's
 
 
-def test_he_init_is_the_default_and_differs():
-    _, he = small_model(ModelConfig(**MCFG), classes=10, size=16, seed=3)
-    _, pt = small_model(ModelConfig(**MCFG, init="pytorch"), classes=10, size=16, seed=3)
+def test_pytorch_init_is_the_default_and_he_differs():
+    assert ModelConfig().init == "pytorch"
+    _, he = small_model(ModelConfig(**MCFG, init="he"), classes=10, size=16, seed=3)
+    _, pt = small_model(ModelConfig(**MCFG), classes=10, size=16, seed=3)
     w_he = next(p.data for p in he.param_list if p.name == "block1.conv.w")
     w_pt = next(p.data for p in pt.param_list if p.name == "block1.conv.w")
     fan_in = 3 * 3 * 3
