@@ -1,5 +1,6 @@
 """The decode cache, compared against decoding afresh: the second load must not decode and must give the same
 arrays; the cache files appear by atomic rename only."""
+import dataclasses
 import os
 
 import numpy as np
@@ -35,7 +36,7 @@ def test_second_load_uses_cache_and_does_not_decode(tmp_path, monkeypatch):
     assert np.array_equal(first.images, second.images) and np.array_equal(first.labels, second.labels)
     # different preprocessing is a different key: it must decode
     with pytest.raises(AssertionError, match="decoded again"):
-        dataset.load_dataset(DataConfig(**{**cfg.__dict__, "image_size": 8}), seed=0, progress=False)
+        dataset.load_dataset(dataclasses.replace(cfg, image_size=8), seed=0, progress=False)
 
 
 def test_env_var_sets_cache_dir(tmp_path, monkeypatch):
