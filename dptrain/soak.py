@@ -27,6 +27,7 @@ import json
 import math
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -71,6 +72,9 @@ def add_soak_flags(p: argparse.ArgumentParser) -> None:
     f.add_argument("--misses", type=int, default=4, help="dist.heartbeat_misses of the trials")
     f.add_argument("--trial-timeout", type=float, default=180.0, help="a trial still running after this hangs")
     f.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--launch-args", default=None, metavar="ARGS",
+                   help="more arguments for every launch, one string: e.g. '--hostfile hosts --bind 10.0.0.1' to "
+                        "soak a cluster")
 
 
 def main(args: argparse.Namespace, extra: list[str]) -> int:
@@ -130,7 +134,7 @@ def settings(args, extra: list[str], out: Path, steps: int, more: dict | None = 
     cfg = config_mod.load(args.config, values)
     spe = min(cfg.train.steps_per_epoch or per_epoch, per_epoch)
     argv = (["--config", args.config] if args.config else []) + [f"--{k}={v}" for k, v in values.items()]
-    return argv, cfg.train.epochs * spe, spe
+    return argv + shlex.split(args.launch_args or ""), cfg.train.epochs * spe, spe
 
 
 # ---- one launch in a subprocess ----------------------------------------------------------------------------------
@@ -178,6 +182,23 @@ class Run:
                 cmd = p.cmdline()
                 if "worker" in cmd and "--rank" in cmd and p.status() != psutil.STATUS_ZOMBIE:
                     out[int(cmd[cmd.index("--rank") + 1])] = p
+            except (psutil.Error, ValueError, IndexError):
+                continue
+        return out
+
+    def hosts(self) -> dict[int, psutil.Process]:
+        """host index -> live ssh session of that host's agent, started by the launcher (multi-host launches)."""
+        out = {}
+        try:
+            kids = psutil.Process(self.pid).children()
+        except psutil.Error:
+            return out
+        for p in kids:
+            try:
+                cmd = p.cmdline()
+                line = " ".join(cmd)
+                if cmd and cmd[0].endswith("ssh") and " agent " in line and p.status() != psutil.STATUS_ZOMBIE:
+                    out[int(line.split("--host-index ", 1)[1].split()[0])] = p
             except (psutil.Error, ValueError, IndexError):
                 continue
         return out

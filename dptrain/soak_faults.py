@@ -14,21 +14,25 @@ victim. The kinds:
     flap   run --flap-cmd in a shell (e.g. `ip link set veth-h2 down; sleep 3; ip link set veth-h2 up`), with
            DPTRAIN_SOAK_RUN (the run id) and DPTRAIN_SOAK_LAUNCHER_PID in its environment; it must exit 0
 
+On a cluster (--launch-args '--hostfile hosts --bind ADDR ...': the trials are multi-host launches over ssh) the
+victims of `kill` are the hosts: the launcher's ssh session of a random host is killed, so its agent and workers
+exit and the host is lost; the launcher starts the agent again over ssh (--join), which must take the host's place.
+`stop` needs a local worker and is refused there (a stopped ssh client stops nothing on the host).
+
 A trial passes when no launch outlived --trial-timeout (else: hang, and every process of the run is killed), the
 last launch exited 0, summary.json says every step was done and metrics.jsonl has a record of each, a killed or
 stopped worker was replaced, and no process or /dev/shm segment of the run (nor of the interrupted launch) is left.
 
-TensorBoard is off in the trials unless --train.tensorboard=true: the coordinator answers heartbeats from its main
-thread only, and importing tensorboardX at the start of training holds it 1.5-4 s on a loaded 2-core machine, past
-a 2 s liveness bound: every worker then concludes "coordinator lost" and exits, and the trial fails at step 0
-whatever its fault (the first 20-trial soak found it: 17 of them failed). With the default bound (1 s x 5) it takes
-a busier machine; a coordinator that answers heartbeats from a thread of its own would not have it.
+TensorBoard is off in the trials unless --train.tensorboard=true (the first 20-trial soak found the coordinator's
+tensorboardX import, then done as training began, holding heartbeats 1.5-4 s past a 2 s bound; it is imported before
+the workers start since).
 """
 from __future__ import annotations
 
 import json
 import os
 import random
+import shlex
 import shutil
 import signal
 import subprocess
@@ -48,11 +52,14 @@ class _Hang(Exception):
 
 
 def parse_kinds(args) -> list[str]:
-    text = args.kinds or ("kill,stop,int" + (",flap" if args.flap_cmd else ""))
+    hosts = cluster(args)
+    text = args.kinds or (("kill,int" if hosts else "kill,stop,int") + (",flap" if args.flap_cmd else ""))
     kinds = [k.strip() for k in text.split(",") if k.strip()]
     bad = [k for k in kinds if k not in KINDS]
     if bad or not kinds:
         raise SystemExit(f"dptrain soak: --kinds {text!r}: each of {', '.join(KINDS)}")
+    if hosts and "stop" in kinds:
+        raise SystemExit("dptrain soak: the fault kind stop strikes a local worker; on a cluster use kill, int, flap")
     if "flap" in kinds and not args.flap_cmd:
         raise SystemExit("dptrain soak: the fault kind flap needs --flap-cmd")
     return kinds
@@ -71,9 +78,9 @@ def inject(kind: str, run: Run, rng: random.Random, args, deadline: float) -> tu
         except subprocess.TimeoutExpired:
             return "--flap-cmd", ["--flap-cmd did not finish within the trial's time"]
         return "--flap-cmd", [] if rc == 0 else [f"--flap-cmd exited {rc}"]
-    workers = run.workers()
+    workers = run.workers() or run.hosts()  # a cluster: the hosts' ssh sessions
     if not workers:
-        return "-", ["no live worker to strike"]
+        return "-", ["no live worker or host to strike"]
     rank = rng.choice(sorted(workers))
     proc = workers[rank]
     try:
@@ -88,7 +95,13 @@ def inject(kind: str, run: Run, rng: random.Random, args, deadline: float) -> tu
                 pass
     except psutil.Error as e:
         return f"rank {rank}", [f"could not signal rank {rank}: {e}"]
-    return f"rank {rank} (pid {proc.pid})", []
+    return f"{'host' if run.hosts() and not run.workers() else 'rank'} {rank} (pid {proc.pid})", []
+
+
+def cluster(args) -> bool:
+    """Do the trials launch across hosts (--launch-args with a hostfile or a host list)?"""
+    words = shlex.split(args.launch_args or "")
+    return any(w in ("--hostfile", "-H", "--hosts") or w.startswith(("--hostfile=", "--hosts=")) for w in words)
 
 
 def wait_for_step(run: Run, out: Path, step: int, deadline: float) -> int | None:

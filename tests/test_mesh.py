@@ -5,15 +5,18 @@ agents, intruders at the coordinator, a host killed under both policies. Here: t
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 
 import numpy as np
 import pytest
-from distutil import flood
+from distutil import ROOT, TINY, flood
 from gradcheck import rel_error
 from multihost_util import (
     agent,
@@ -160,6 +163,28 @@ def test_agent_started_later_with_join_takes_the_place_of_a_lost_host(data, tmp_
         assert re.findall(r"mesh data plane \d+ over (\d) hosts", log)[-1] == "2", log
         assert "ranks 1..1" in (tmp_path / "again.log").read_text()
         assert [r["step"] for r in step_records(out)] == list(range(200))
+        assert wait_until(lambda: not dptrain_pids(c), 10), dptrain_pids(c)
+
+
+@pytest.mark.timeout(150)
+def test_fault_soak_on_a_cluster(data, tmp_path):
+    """`dptrain soak --faults 2 --launch-args '--hostfile ...'`: a host's ssh session killed (the host is lost, its
+    agent started again with --join takes its place) and the launcher interrupted (resumed): both trials complete
+    and leave nothing, on 2 namespace hosts."""
+    out = tmp_path / "faults"
+    with cluster(2, slots=1) as c:
+        launch_args = f"--hostfile {c.hostfile} --ssh-config {c.ssh_config} --bind {c.coordinator_addr}"
+        cmd = [sys.executable, "-m", "dptrain", "soak", "--faults", "2", "--kinds", "kill,int", "--cycle",
+               "--trial-steps", "30", "--trial-timeout", "60", "--batch-size", "16", "--config", str(TINY),
+               "--data", str(data), f"--data.cache_dir={data.parent / 'cache'}", "--data.min_images_per_class=10",
+               "--model.hidden=192", "--out", str(out), "--launch-args", launch_args]
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=140)
+        assert p.returncode == 0, p.stdout + p.stderr
+        r = json.loads((out / "faults.json").read_text())
+        kill, intr = r["trials"]
+        assert kill["target"].startswith("host ") and kill["replaced"] >= 1 and kill["rc"] == [0], kill
+        assert intr["rc"] == [130, 0] and intr["steps"] == 30, intr
+        assert (r["passed"], r["failed"]) == (2, 0)
         assert wait_until(lambda: not dptrain_pids(c), 10), dptrain_pids(c)
 
 
