@@ -25,7 +25,6 @@ import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
@@ -35,7 +34,7 @@ from .compute import evaluate_batches, shard_gradient
 from .config import Config
 from .distributed.executor import split_by_slots
 from .distributed.hostfile import rank_bases
-from .distributed.mesh import MeshReplica, gather_pieces
+from .distributed.mesh import gather_pieces, scatter_pieces
 from .distributed.reduce import sum_in_order
 from .distributed.session import blas_threads
 from .distributed.wire import add16, apply_update16, encode16, grad_frame
@@ -85,17 +84,10 @@ def zero_sum(parts: list[np.ndarray]) -> np.ndarray:
 
 
 def mesh_pieces(param_starts: list[int | None], size: int, slices: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The mesh's fixed pieces of the flat buffer (each float16-encoded with a scale of its own): cut by
-    MeshReplica.take_state itself, on a stand-in link joining a plane of len(slices) hosts."""
-    hosts = [[h, "", "", lo, hi, f"h{h}"] for h, (lo, hi) in enumerate(slices)]
-    link = SimpleNamespace(index=0, lo=slices[0][0], hi=slices[0][1], hosts=hosts)
-    link.configure = lambda hosts, mesh_id: None
-    params = np.zeros(size, np.float32)
-    replica = MeshReplica(link, SimpleNamespace(velocity=params), params, np.zeros(0, np.float32), "float32",
-                          param_starts)
-    replica.take_state(SimpleNamespace(fields={"hosts": hosts, "mesh_id": 1}, arrays={
-        "params": params, "buffers": np.zeros(0, np.float32), "velocity": params[link.lo:link.hi]}))
-    return [(a, b) for a, b, _ in replica.pieces]
+    """The mesh's fixed pieces of the flat buffer (each float16-encoded with a scale of its own), as its agents cut
+    them (mesh.scatter_pieces) for a plane of len(slices) hosts."""
+    owners = [(h, lo, hi) for h, (lo, hi) in enumerate(slices)]
+    return [(a, b) for a, b, _ in scatter_pieces(param_starts, size, owners)]
 
 
 _blas_now = 0  # the BLAS thread limit last set here (process-wide, whichever executor set it)

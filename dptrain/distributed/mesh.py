@@ -197,7 +197,7 @@ class MeshReplica:
                  param_starts: list[int | None]):
         self.mesh, self.opt, self.params, self.buffers = mesh, opt, params, buffers
         self.wire16 = wire_dtype == "float16"
-        self.starts = sorted({s for s in param_starts if s is not None} | {0, params.size})
+        self.param_starts = list(param_starts)
         self.red = np.zeros_like(params)
         self.out16 = np.empty(params.size, np.float16) if self.wire16 else None
         self.pieces: list[tuple[int, int, int]] = []  # (lo, hi, owner's host index), in flat order
@@ -211,11 +211,7 @@ class MeshReplica:
         np.copyto(self.params, msg.arrays["params"])
         np.copyto(self.buffers, msg.arrays["buffers"])
         self.opt.velocity[mesh.lo:mesh.hi] = msg.arrays["velocity"]
-        cuts = sorted(set(self.starts) | {b for h in mesh.hosts for b in (h[3], h[4])}
-                      | set(range(0, self.params.size, PIECE)))
-        owner = [(h[3], h[4], h[0]) for h in mesh.hosts]
-        self.pieces = [(a, b, next(i for lo, hi, i in owner if lo <= a and b <= hi))
-                       for a, b in zip(cuts, cuts[1:]) if b > a]
+        self.pieces = scatter_pieces(self.param_starts, self.params.size, [(h[0], h[3], h[4]) for h in mesh.hosts])
         self.position = {h[0]: k for k, h in enumerate(mesh.hosts)}
         self.parts = np.empty((len(mesh.hosts), mesh.hi - mesh.lo), np.float32)
 
@@ -315,6 +311,15 @@ class MeshReplica:
             else:
                 np.copyto(self.params[a:b], arr)
         mesh.collect(P.Kind.GATHER, step, attempt, upstream, set(ends), take)
+
+
+def scatter_pieces(starts, size: int, slices: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """The reduce-scatter's fixed pieces of a flat buffer of `size`: cut at the layers' `starts`, at every slice bound
+    (slices: (host index, lo, hi)) and every PIECE elements; each (lo, hi, owner's host index), in flat order. Fixed
+    by the model and the plane alone, so what travels (and, with float16, how it is scaled) never depends on timing."""
+    cuts = sorted({s for s in starts if s is not None} | {0, size} | {b for _, lo, hi in slices for b in (lo, hi)}
+                  | set(range(0, size, PIECE)))
+    return [(a, b, next(i for i, lo, hi in slices if lo <= a and b <= hi)) for a, b in zip(cuts, cuts[1:]) if b > a]
 
 
 def gather_pieces(lo: int, hi: int) -> list[tuple[int, int]]:
