@@ -227,7 +227,7 @@ def make_digits(out: str | Path, image_size: int = 32) -> dict:
     try:
         from sklearn.datasets import load_digits
     except ImportError:
-        raise SystemExit("dptrain data digits: needs scikit-learn (pip install scikit-learn)") from None
+        raise SystemExit("dptrain data digits: needs scikit-learn (pip install 'dptrain[digits]')") from None
     import numpy as np
     from PIL import Image
     d = load_digits()
