@@ -123,6 +123,10 @@ class DistConfig:
     # mesh: every this many steps the hosts' slices of weights and momentum become the coordinator's state and every
     # host's weights are checked against it (a checksum); a lost host costs at most this many steps redone
     sync_every: int = 10
+    # mesh: the hidden Linear's weight gradient (89 % of the default model's bytes) is not reduce-scattered: each host
+    # sends the owners its samples' inputs and output gradients of that layer (B_h x (16384 + 512) floats instead of
+    # 16384 x 512) and each owner computes its rows of dW = X^T dY over the whole batch (mesh.py)
+    factored: bool = True
     timeline: str = ""  # write a Chrome-trace JSON of every phase to this file
 
 

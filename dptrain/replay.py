@@ -203,9 +203,16 @@ class ReplayExecutor:
         if self.wire16:
             np.copyto(self.prev, store.params)
         self.host_sum = np.empty(P, np.float32) if layout.hosts else None
+        self.factor = None  # mesh, dist.factored: (offset, K, F) of the Linear whose dW owners compute as X^T dY
+        if layout.hosts and d.plane == "mesh" and d.factored and self.models[0].factor_layer() is not None:
+            for m in self.models:
+                m.factor_layer().factored = True
+            w = self.models[0].factor_layer().w
+            self.factor = (w.offset, *w.shape)
         if layout.hosts and d.plane == "mesh":
             self.slices = chunk_slices(P, len(layout.slots))
-            self.pieces = mesh_pieces(model.param_starts, P, self.slices) if self.wire16 else []
+            cuts = list(model.param_starts) + ([self.factor[0], self.factor[0] + w.size] if self.factor else [])
+            self.pieces = mesh_pieces(cuts, P, self.slices) if self.wire16 else []
             self.decoded = np.empty((len(layout.slots), P), np.float32) if self.wire16 else None
         update = ("the workers" if d.transport == "shm" and d.update == "workers" else "the coordinator") \
             if not layout.hosts else ("the hosts (mesh)" if d.plane == "mesh" else "the coordinator (star)")
@@ -291,6 +298,8 @@ class ReplayExecutor:
         if d.plane == "star":
             return self._coordinator_step(lr, step, 1)
         _blas(self.default_threads)  # the agents' block sums of squares, with their own BLAS threads
+        if self.factor is not None:
+            self._factored_rows(ranks, g)
         norm = math.sqrt(add_blocks(chunk_squares(g)))
         self.opt.step(self.store.params, g, lr, checked_clip(norm, self.cfg.train.clip_norm, step))
         if self.wire16:  # every owner's new weights travel as float16-rounded updates, piece by piece
@@ -298,6 +307,21 @@ class ReplayExecutor:
                 for a, b in gather_pieces(lo, hi):
                     apply_update16(self.store.params[a:b], self.prev[a:b], self.out16[a:b])
         return norm
+
+    def _factored_rows(self, ranks: list[int], g: np.ndarray) -> None:
+        """The owners' rows of the factored Linear's weight gradient (mesh.MeshReplica._factored_rows): X^T dY over
+        every rank's samples in rank order, one GEMM per owner's rows, the columns of X it was sent."""
+        w0, K, F = self.factor
+        x_all = np.concatenate([self.models[r].factor_layer().factors[0] for r in ranks])
+        dy_all = np.concatenate([self.models[r].factor_layer().factors[1] for r in ranks])
+        for lo, hi in self.slices:
+            a, b = max(lo, w0), min(hi, w0 + K * F)
+            if a >= b:
+                continue
+            k0 = (a - w0) // F
+            x = np.ascontiguousarray(x_all[:, k0:-(-(b - w0) // F)])
+            off = a - w0 - k0 * F
+            g[a:b] = np.matmul(x.T, dy_all).ravel()[off:off + b - a]
 
     def _coordinator_step(self, lr: float, step: int, threads: int) -> float:
         _blas(threads)

@@ -54,6 +54,8 @@ EXAMPLES = {
     Kind.SYNC: (dict(attempt=0), {}),
     Kind.SYNCED: (dict(attempt=0, lo=0, hi=4, params_crc=123), {"params": np.ones(4, np.float32),
                                                               "velocity": np.ones(4, np.float32)}),
+    Kind.FACTORS: (dict(attempt=0, mesh_id=1, src=2, lo=64, hi=96), {"x": np.ones((3, 2), np.float32),
+                                                                     "dy": np.ones((3, 16), np.float32)}),
     Kind.HEARTBEAT: ({}, {}),
     Kind.STOP: (dict(reason="done"), {}),
     Kind.ERROR: (dict(message="boom", traceback="Traceback...\nValueError: boom"), {}),
@@ -85,9 +87,10 @@ DELETE = object()
 # --- round trips ---------------------------------------------------------------------------------
 
 def test_kinds_are_stable_wire_bytes():
-    # 2: typed STEP/RESULT fields, no PREFLIGHT/LOG; 3: REDUCE/UPDATE by workers; 4: the mesh plane across hosts
-    assert PROTOCOL_VERSION == 4
-    assert [k.value for k in Kind] == list(range(1, 22))
+    # 2: typed STEP/RESULT fields, no PREFLIGHT/LOG; 3: REDUCE/UPDATE by workers; 4: the mesh plane across hosts;
+    # 5: FACTORS (the mesh's factored Linear)
+    assert PROTOCOL_VERSION == 5
+    assert [k.value for k in Kind] == list(range(1, 23))
 
 
 @pytest.mark.parametrize("kind", list(Kind))

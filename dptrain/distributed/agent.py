@@ -93,7 +93,7 @@ class Agent:
         if self.cfg.dist.plane == "mesh":
             link = MeshLink(self.link.ctx, address, self.keys, self.link.run_id, self.index, self.host)
             self.replica = MeshReplica(link, sgd_for(self.store, self.cfg.train), self.params, self.buffers,
-                                       self.cfg.dist.wire_dtype, self.param_starts)
+                                       self.cfg.dist.wire_dtype, self.param_starts, self.factor)
             mesh = {"mesh_endpoint": link.endpoint, "mesh_key": link.key}
             self.log.info(f"host {self.host}: mesh endpoint {link.endpoint}, CURVE server key {link.key or 'none'}")
         self.link.send(P.Kind.READY, **mesh)
@@ -104,7 +104,8 @@ class Agent:
         self.session = Session(f"{self.link.run_id}h{self.index}{uuid.uuid4().hex[:4]}")
         shared = self.session.shared
         store = self.store = ParamStore(np.float32)
-        self.param_starts = build_model(self.cfg.model, num_classes, self.cfg.data.image_size, store).param_starts
+        model = build_model(self.cfg.model, num_classes, self.cfg.data.image_size, store)
+        self.param_starts = model.param_starts
         images = shared("images", ds.images.shape, np.uint8, ds.images)
         params = shared("params", (store.num_params,), np.float32)
         buffers = shared("buffers", (store.num_buffers,), np.float32)
@@ -112,10 +113,20 @@ class Agent:
         self.params, self.buffers, self.grad_slots = params.array, buffers.array, grads.array
         self.gsum = np.empty(store.num_params, np.float32)
         shm = {k: s.spec() for k, s in zip(("images", "params", "buffers", "grads"), (images, params, buffers, grads))}
+        layer = model.factor_layer() if self.cfg.dist.plane == "mesh" and self.cfg.dist.factored else None
+        self.factor = None  # (offset, rows K, cols F, x slots, dy slots) of the factored Linear (mesh.py)
+        factored = {}
+        if layer is not None:  # every worker's shard fits in a batch: (slots, batch, K) inputs, (slots, batch, F)
+            K, F = layer.w.shape
+            cap = self.cfg.train.batch_size
+            fx, fdy = shared("fx", (self.slots, cap, K), np.float32), shared("fdy", (self.slots, cap, F), np.float32)
+            self.factor = (layer.w.offset, K, F, fx.array, fdy.array)
+            factored = {"x": fx.spec(), "dy": fdy.spec()}
         local_cfg = config_mod.from_dict(config_mod.to_dict(self.cfg))
         local_cfg.dist.port, local_cfg.dist.transport = 0, "shm"
         welcome = {"config": config_mod.to_dict(local_cfg), "shm": shm, "num_classes": num_classes,
-                   "buckets": self.cfg.dist.plane == "mesh"}  # workers say when parts of their gradient are final
+                   "buckets": self.cfg.dist.plane == "mesh",  # workers say when parts of their gradient are final
+                   "factored": factored}
         self.session.coord = Coordinator(local_cfg, self.session.run_id, self.slots, welcome, {"labels": ds.labels},
                                          bn_relay=self.link.allreduce, endpoint=self.session.local_endpoint(),
                                          token=self.session.token)
@@ -135,7 +146,8 @@ class Agent:
         fields = {k: f[k] for k in ("phase", "epoch", "global_count", "eval_batch")} | {"weights_slot": -1}
         side = None
         if self.replica is not None and f["phase"] == "train":
-            self.replica.begin(msg.step, self.link.attempt, sorted(shards), self.grad_slots, self.gsum)
+            self.replica.begin(msg.step, self.link.attempt, sorted(shards), self.grad_slots, self.gsum,
+                               {r: len(s) for r, s in shards.items()})
             side = self.replica.on_bucket
         try:
             results = self.session.coord.round(self.link.step, self.link.attempt, shards, fields, side=side)

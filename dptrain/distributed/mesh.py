@@ -158,7 +158,7 @@ class MeshLink:
             except P.ProtocolError as e:
                 self.log.warning(f"host {self.host}: dropped a malformed message from another host: {e}")
                 continue
-            if msg.kind in (P.Kind.SCATTER, P.Kind.GATHER) and msg.fields["src"] == msg.rank:
+            if msg.kind in (P.Kind.SCATTER, P.Kind.GATHER, P.Kind.FACTORS) and msg.fields["src"] == msg.rank:
                 self.early.append(msg)
 
     def _take(self, kind: P.Kind, step: int, attempt: int, waiting: set[tuple[int, int]], got: list) -> None:
@@ -194,10 +194,13 @@ class MeshReplica:
     timing."""
 
     def __init__(self, mesh: MeshLink, opt, params: np.ndarray, buffers: np.ndarray, wire_dtype: str,
-                 param_starts: list[int | None]):
+                 param_starts: list[int | None], factor: tuple | None = None):
         self.mesh, self.opt, self.params, self.buffers = mesh, opt, params, buffers
         self.wire16 = wire_dtype == "float16"
-        self.param_starts = list(param_starts)
+        # dist.factored: (offset, K, F, x slots, dy slots) of the Linear whose weight gradient travels as factors
+        self.factor = factor
+        self.w = (factor[0], factor[0] + factor[1] * factor[2]) if factor else (0, 0)
+        self.param_starts = list(param_starts) + (list(self.w) if factor else [])
         self.red = np.zeros_like(params)
         self.out16 = np.empty(params.size, np.float16) if self.wire16 else None
         self.pieces: list[tuple[int, int, int]] = []  # (lo, hi, owner's host index), in flat order
@@ -216,9 +219,14 @@ class MeshReplica:
         self.parts = np.empty((len(mesh.hosts), mesh.hi - mesh.lo), np.float32)
 
     # ---- reduce-scatter, overlapped with backward ---------------------------------------------------------------
-    def begin(self, step: int, attempt: int, ranks: list[int], slots: np.ndarray, gsum: np.ndarray) -> None:
-        """A step starts on this host's workers `ranks` (local, in order), whose gradients land in `slots`."""
+    def begin(self, step: int, attempt: int, ranks: list[int], slots: np.ndarray, gsum: np.ndarray,
+              counts: dict[int, int] | None = None) -> None:
+        """A step starts on this host's workers `ranks` (local, in order; `counts`: their shard sizes), whose
+        gradients land in `slots`."""
         self.step, self.attempt, self.ranks, self.slots, self.gsum = step, attempt, ranks, slots, gsum
+        self.counts = counts or {}
+        self.factors_sent = self.factor is None
+        self.fparts: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # host index -> (x, dy) for our rows
         self.frontier = dict.fromkeys(ranks, self.params.size)
         self.sent_from = self.params.size  # gsum[sent_from:] is summed and on its way
         self.first_sent = 0.0  # wall-clock time the first piece went out (while backward went on)
@@ -239,12 +247,15 @@ class MeshReplica:
         mesh, gsum = self.mesh, self.gsum
         if not self.first_sent:
             self.first_sent = time.time()
-        if self.ranks:
-            sum_in_order(gsum[a:b], [self.slots[r][a:b] for r in self.ranks])
-        else:  # no image for this host this step: it contributes zeros and still owns its slice
-            gsum[a:b] = 0.0
+        for x0, x1 in self._outside_w(a, b):
+            if self.ranks:
+                sum_in_order(gsum[x0:x1], [self.slots[r][x0:x1] for r in self.ranks])
+            else:  # no image for this host this step: it contributes zeros and still owns its slice
+                gsum[x0:x1] = 0.0
+        if not self.factors_sent and a <= self.w[0]:
+            self._send_factors()
         for lo, hi, owner in self.pieces:
-            if lo < a or hi > b:
+            if lo < a or hi > b or self.w[0] <= lo < self.w[1]:
                 continue
             part, scale = encode16(gsum[lo:hi]) if self.wire16 else (gsum[lo:hi], 1.0)
             if owner == mesh.index:  # our own share passes the same encoding
@@ -253,6 +264,54 @@ class MeshReplica:
                 mesh.send(owner, P.Kind.SCATTER, self.step, self.attempt, {"grad": part}, lo=lo, hi=hi,
                           scale=scale)
         self.sent_from = a
+
+    def _outside_w(self, a: int, b: int) -> list[tuple[int, int]]:
+        """[a, b) without the factored Linear's weights."""
+        w0, w1 = self.w
+        if w0 == w1:
+            return [(a, b)]
+        return [r for r in ((a, min(b, w0)), (max(a, w1), b)) if r[0] < r[1]]
+
+    def _send_factors(self) -> None:
+        """The host's samples' inputs (B_h x K) and output gradients (B_h x F) of the factored Linear, its workers in
+        local rank order, to every owner of rows of its weights: just the columns of x that owner needs."""
+        mesh, (w0, K, F, fx, fdy) = self.mesh, self.factor
+        x_h, dy_h = np.zeros((0, K), np.float32), np.zeros((0, F), np.float32)
+        if self.ranks:
+            x_h = np.concatenate([fx[r, :self.counts[r]] for r in self.ranks])
+            dy_h = np.concatenate([fdy[r, :self.counts[r]] for r in self.ranks])
+        for index, _, _, lo, hi, _ in mesh.hosts:
+            a, b = max(lo, w0), min(hi, self.w[1])
+            if a >= b:
+                continue
+            x = np.ascontiguousarray(x_h[:, (a - w0) // F:-(-(b - w0) // F)])
+            if index == mesh.index:
+                self.fparts[index] = (x, dy_h)
+            else:
+                mesh.send(index, P.Kind.FACTORS, self.step, self.attempt, {"x": x, "dy": dy_h}, lo=a, hi=b)
+        self.factors_sent = True
+
+    def _factored_rows(self, upstream: PeerLink) -> None:
+        """Our rows of the factored Linear's weight gradient, dW = X^T dY over the whole batch (every host's samples
+        in host order): one GEMM instead of summing H hosts' full-size contributions."""
+        mesh, (w0, _, F, _, _) = self.mesh, self.factor
+        a, b = max(mesh.lo, w0), min(mesh.hi, self.w[1])
+        if a >= b:
+            return
+        k0, k1 = (a - w0) // F, -(-(b - w0) // F)
+
+        def take(m: P.Message) -> None:
+            x, dy = m.arrays["x"], m.arrays["dy"]
+            if m.fields["hi"] != b or x.ndim != 2 or x.shape[1] != k1 - k0 or dy.shape != (x.shape[0], F):
+                raise SystemExit(f"host {mesh.host}: host {mesh.name(m.rank)} sent factors of shape {x.shape}, "
+                                 f"{dy.shape} for [{a}, {m.fields['hi']}), expected (n, {k1 - k0}), (n, {F})")
+            self.fparts[m.rank] = (x, dy)
+        mesh.collect(P.Kind.FACTORS, self.step, self.attempt, upstream, {(src, a) for src in mesh.out}, take)
+        order = [h[0] for h in mesh.hosts]
+        x = np.concatenate([self.fparts[h][0] for h in order])
+        dy = np.concatenate([self.fparts[h][1] for h in order])
+        off = a - w0 - k0 * F
+        self.red[a:b] = np.matmul(x.T, dy).ravel()[off:off + b - a]  # (k1 - k0, n) @ (n, F)
 
     def _place(self, src: int, lo: int, part: np.ndarray, scale: float) -> None:
         row = self.parts[self.position[src], lo - self.mesh.lo:lo - self.mesh.lo + part.size]
@@ -267,7 +326,7 @@ class MeshReplica:
         mesh = self.mesh
         if self.sent_from > 0:
             self._push(0, self.sent_from)
-        mine = [(lo, hi) for lo, hi, owner in self.pieces if owner == mesh.index]
+        mine = [(lo, hi) for lo, hi, owner in self.pieces if owner == mesh.index and not self.w[0] <= lo < self.w[1]]
         waiting = {(src, lo) for src in mesh.out for lo, _ in mine}
         sizes = dict(mine)
 
@@ -279,7 +338,10 @@ class MeshReplica:
             self._place(src, lo, part, float(m.fields["scale"]))
         mesh.collect(P.Kind.SCATTER, self.step, self.attempt, upstream, waiting, take)
         lo, hi = mesh.lo, mesh.hi
-        sum_in_order(self.red[lo:hi], list(self.parts))
+        for a, b in self._outside_w(lo, hi):
+            sum_in_order(self.red[a:b], [p[a - lo:b - lo] for p in self.parts])
+        if self.factor is not None:
+            self._factored_rows(upstream)
         return chunk_squares(self.red[lo:hi])
 
     # ---- update and all-gather --------------------------------------------------------------------------------

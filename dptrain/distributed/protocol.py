@@ -79,6 +79,10 @@ The table below and `SCHEMA` list the same kinds and fields (tests/test_protocol
     BUCKET      worker -> agent       attempt int, ready_from int: this rank's        -
                                       gradient slot [ready_from:] is final (mesh:
                                       its host sends it on while backward goes on)
+    FACTORS     agent -> agent        attempt int, mesh_id int, src int, lo int,      x, dy (float32): the
+                                      hi int: [lo, hi) of the factored Linear's       host's samples' inputs
+                                      weight gradient the receiver owns               (its rows) and output
+                                                                                      gradients
     HEARTBEAT   both ways             -                                               -
     STOP        coordinator -> peer   reason str                                      -
     ERROR       peer -> coordinator   message str, traceback str                      -
@@ -96,7 +100,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-PROTOCOL_VERSION = 4  # bump on any incompatible change to the header or the kinds
+PROTOCOL_VERSION = 5  # bump on any incompatible change to the header or the kinds
 
 
 class Kind(enum.IntEnum):
@@ -122,6 +126,7 @@ class Kind(enum.IntEnum):
     BUCKET = 19     # worker -> its agent: my gradient from this offset to the end is final (backward goes on)
     SYNC = 20       # coordinator -> agent: send me your slice of the state and a checksum of your weights
     SYNCED = 21     # agent -> coordinator: here they are
+    FACTORS = 22    # agent -> agent: its workers' inputs and output gradients of the factored Linear, for my rows
 
 
 # Wire dtypes by name; always little-endian on the wire whatever the host.
@@ -158,6 +163,7 @@ SCHEMA: dict[Kind, dict[str, tuple[type, ...]]] = {
     Kind.BUCKET: {"attempt": (int,), "ready_from": (int,)},
     Kind.SYNC: {"attempt": (int,)},
     Kind.SYNCED: {"attempt": (int,), "lo": (int,), "hi": (int,), "params_crc": (int,)},
+    Kind.FACTORS: {"attempt": (int,), "mesh_id": (int,), "src": (int,), "lo": (int,), "hi": (int,)},
     Kind.HEARTBEAT: {},
     Kind.STOP: {"reason": (str,)},
     Kind.ERROR: {"message": (str,), "traceback": (str,)},
@@ -172,6 +178,7 @@ REQUIRED_ARRAYS: dict[Kind, dict[str, tuple[str, ...]]] = {
     Kind.MESH: {"params": ("float32",), "buffers": ("float32",), "velocity": ("float32",)},
     Kind.SCATTER: {"grad": ("float32", "float16")},
     Kind.SYNCED: {"params": ("float32",), "velocity": ("float32",)},
+    Kind.FACTORS: {"x": ("float32",), "dy": ("float32",)},
 }
 GRAD_IN = ("shm", "frame", "none")  # RESULT's grad_in: in this rank's shared-memory slot, in a frame, no gradient
 

@@ -75,6 +75,12 @@ class Worker:
         match_blas_threads(self.cfg.train.short_blas_spin)  # BLAS got cores // N threads; other kernels follow
         self.shm_weights = "params" in shm
         self.buckets = bool(f.get("buckets"))  # under a mesh agent: say when each part of the gradient is final
+        self.factors = None  # under a mesh agent: the hidden Linear's (x, dy) into the host's factor arrays
+        if f.get("factored"):
+            layer = self.model.factor_layer()
+            layer.factored = True
+            fx, fdy = (self._attach(f["factored"][k]).array for k in ("x", "dy"))  # (slots, batch cap, K | F)
+            self.factors = (layer, fx[self.rank], fdy[self.rank])
         self.slot = -1  # which half of a double weight buffer the model reads (-1: a single buffer)
         if self.shm_weights:
             params = self._attach(shm["params"], readonly="velocity" not in shm).array
@@ -164,6 +170,10 @@ class Worker:
         on_ready = None
         if self.buckets:
             def on_ready(offset: int) -> None:
+                if self.factors is not None and offset == self.factors[0].w.offset:  # the factored Linear is done
+                    layer, fx, fdy = self.factors
+                    x, dy = layer.factors
+                    fx[:len(x)], fdy[:len(dy)] = x, dy
                 self.link.send(P.Kind.BUCKET, attempt=self.link.attempt, ready_from=offset)
         if self.blocks is not None:
             self._run_blocks(idx, f, t_recv)

@@ -150,12 +150,21 @@ class Linear(Layer):
         self.b = store.param(f"{name}.b", (out_features,), zeros if init == "he" else uniform_fan_in(in_features),
                              decay=False) if bias else None
         self.cache: F.LinearCache | None = None
+        # factored: backward leaves (x, dout) in `factors` instead of computing the weight gradient x.T @ dout (whoever
+        # gathers the factors of every shard computes it once over the whole batch: the mesh plane)
+        self.factored = False
+        self.factors: tuple[np.ndarray, np.ndarray] | None = None
 
     def forward(self, x, train):
         out, self.cache = F.linear_forward(x, self.w.data, None if self.b is None else self.b.data)
         return out
 
     def backward(self, dout):
+        if self.factored:
+            if self.b is not None:
+                self.b.grad[...] = F.colsum(dout)
+            self.factors = (self.cache.x, dout)
+            return dout @ self.cache.w.T if self.need_dx else None
         dx, _, _ = F.linear_backward(dout, self.cache, self.need_dx, dw_out=self.w.grad,
                                      db_out=None if self.b is None else self.b.grad)
         return dx

@@ -76,6 +76,12 @@ class Model:
             if start is not None:
                 on_ready(start)
 
+    def factor_layer(self):
+        """The Linear whose weight gradient may travel as factors (the hidden one: 89 % of the default model's
+        parameters), or None."""
+        return next((m for layer in self.net.layers for m in walk(layer)
+                     if isinstance(m, Linear) and m.w.name == "hidden.fc.w"), None)
+
     def bn_moments(self) -> np.ndarray:
         """Concatenated local [count, sum, sumsq] (float64) of every BN layer, in bn_layers order."""
         out = np.empty(self.bn_moments_size, np.float64)
