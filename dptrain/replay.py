@@ -34,7 +34,7 @@ from .compute import evaluate_batches, shard_gradient
 from .config import Config
 from .distributed.executor import split_by_slots
 from .distributed.hostfile import rank_bases
-from .distributed.mesh import gather_pieces, scatter_pieces
+from .distributed.mesh import factors_pay, gather_pieces, scatter_pieces
 from .distributed.reduce import sum_in_order
 from .distributed.session import blas_threads
 from .distributed.wire import add16, apply_update16, encode16, grad_frame
@@ -204,7 +204,9 @@ class ReplayExecutor:
             np.copyto(self.prev, store.params)
         self.host_sum = np.empty(P, np.float32) if layout.hosts else None
         self.factor = None  # mesh, dist.factored: (offset, K, F) of the Linear whose dW owners compute as X^T dY
-        if layout.hosts and d.plane == "mesh" and d.factored and self.models[0].factor_layer() is not None:
+        fl = self.models[0].factor_layer()
+        if layout.hosts and d.plane == "mesh" and d.factored and fl is not None and \
+                factors_pay(cfg.train.batch_size, len(layout.slots), *fl.w.shape):
             for m in self.models:
                 m.factor_layer().factored = True
             w = self.models[0].factor_layer().w

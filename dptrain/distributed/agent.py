@@ -42,7 +42,7 @@ from ..optim import sgd_for
 from . import protocol as P
 from .coordinator import Coordinator, WorkerFailure
 from .curve import client_setup, read_agent_keys
-from .mesh import MeshLink, MeshReplica, checksum
+from .mesh import MeshLink, MeshReplica, checksum, factors_pay
 from .peer import PeerLink, leave, run_peer
 from .reduce import sum_in_order
 from .session import Session
@@ -88,7 +88,7 @@ class Agent:
         if ds.fingerprint != f["fingerprint"] or ds.class_names != f["class_names"]:
             raise SystemExit(f"host {self.host}: preflight: dataset {self.cfg.data.path!r} differs from the "
                              f"coordinator's (fingerprint {ds.fingerprint[:12]} != {f['fingerprint'][:12]})")
-        self._start_local(ds, int(f["num_classes"]), int(f["rank_base"]))
+        self._start_local(ds, int(f["num_classes"]), int(f["rank_base"]), int(f["world_size"]))
         mesh = {}
         if self.cfg.dist.plane == "mesh":
             link = MeshLink(self.link.ctx, address, self.keys, self.link.run_id, self.index, self.host)
@@ -100,7 +100,7 @@ class Agent:
         self.log.info(f"host {self.host}: {self.slots} workers ready (ranks {f['rank_base']}.."
                       f"{f['rank_base'] + self.slots - 1})")
 
-    def _start_local(self, ds, num_classes: int, rank_base: int) -> None:
+    def _start_local(self, ds, num_classes: int, rank_base: int, hosts: int) -> None:
         self.session = Session(f"{self.link.run_id}h{self.index}{uuid.uuid4().hex[:4]}")
         shared = self.session.shared
         store = self.store = ParamStore(np.float32)
@@ -114,6 +114,8 @@ class Agent:
         self.gsum = np.empty(store.num_params, np.float32)
         shm = {k: s.spec() for k, s in zip(("images", "params", "buffers", "grads"), (images, params, buffers, grads))}
         layer = model.factor_layer() if self.cfg.dist.plane == "mesh" and self.cfg.dist.factored else None
+        if layer is not None and not factors_pay(self.cfg.train.batch_size, hosts, *layer.w.shape):
+            layer = None  # a batch this large: the gradient itself is fewer bytes
         self.factor = None  # (offset, rows K, cols F, x slots, dy slots) of the factored Linear (mesh.py)
         factored = {}
         if layer is not None:  # every worker's shard fits in a batch: (slots, batch, K) inputs, (slots, batch, F)

@@ -375,6 +375,14 @@ class MeshReplica:
         mesh.collect(P.Kind.GATHER, step, attempt, upstream, set(ends), take)
 
 
+def factors_pay(batch: int, hosts: int, rows: int, cols: int) -> bool:
+    """Do a (rows x cols) Linear's factors cost a host's link fewer bytes than its weight gradient's reduce-scatter?
+    A host sends its samples' inputs (b x rows, split over the owners) and output gradients (b x cols, to each other
+    owner) instead of (H-1)/H of rows x cols: worth it while b < ~cols (at most ceil(batch / H) samples a host)."""
+    b = -(-batch // max(hosts, 1))
+    return hosts > 1 and b * (rows + (hosts - 1) * cols) < (hosts - 1) * rows * cols / hosts
+
+
 def scatter_pieces(starts, size: int, slices: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
     """The reduce-scatter's fixed pieces of a flat buffer of `size`: cut at the layers' `starts`, at every slice bound
     (slices: (host index, lo, hi)) and every PIECE elements; each (lo, hi, owner's host index), in flat order. Fixed
