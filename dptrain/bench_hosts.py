@@ -407,6 +407,10 @@ def run_dptrain(c: Cluster, H: int, args, data: Path, out: Path, threads: int, u
         log.get().warning(f"no per-step split from {run / 'timeline.json'} ({e}); comm from summary.json")
     dist = tomllib.loads((run / "config.toml").read_text()).get("dist", {})  # the settings the run resolved
     row.update(plane=dist.get("plane"), wire_dtype=dist.get("wire_dtype"))
+    if dist.get("plane") == "mesh" and dist.get("factored", True):  # (K, F) for `dptrain plan --validate`
+        from .config import load
+        from .plan import factor_shape
+        row["factored"] = factor_shape(load(str(run / "config.toml")), args.classes)
     bd = json.loads((run / "summary.json").read_text()).get("breakdown", {})
     row["dptrain_comm_all_s"] = bd.get("comm_s")
     row.setdefault("dptrain_comm_s", bd.get("comm_s"))

@@ -227,8 +227,9 @@ def baseline(slots: int, batch: int, num_params: int, model: CostModel) -> dict:
 
 
 def predict(plane: str, hosts: int, slots: int, batch: int, bandwidth_bps: float, wire_bytes: int, num_params: int,
-            model: CostModel, sync_every: int = 10) -> dict:
-    """Predicted seconds, bytes and throughput of one step (see the module docstring for the formulas). Pure."""
+            model: CostModel, sync_every: int = 10, factored: tuple[int, int] | None = None) -> dict:
+    """Predicted seconds, bytes and throughput of one step (see the module docstring for the formulas). Pure.
+    factored (mesh): (K, F) of the Linear whose weight gradient travels as factors when mesh.factors_pay says so."""
     if plane not in PLANES + ONE_HOST:
         raise ValueError(f"plane must be one of {', '.join(PLANES + ONE_HOST)}, got {plane!r}")
     if plane in ONE_HOST and hosts != 1:
@@ -264,9 +265,17 @@ def predict(plane: str, hosts: int, slots: int, batch: int, bandwidth_bps: float
         cpu_wire = 2 * kappa * H * M
         cpu_update = U
     elif plane == "mesh":
-        rs = ag = (H - 1) / H * M / bw + (H - 1) * a
-        send = 2 * (H - 1) / H * M + 2 * M32 / (H * k)  # + its SYNC share, averaged over the k steps
-        recv = 2 * (H - 1) / H * M
+        # factored: the Linear's K x F weights leave the reduce-scatter; a host sends its ceil(B/H) samples' inputs
+        # (split over the owners) and output gradients (to each other owner), float32, instead
+        from .distributed.mesh import factors_pay
+        use = factored is not None and factors_pay(batch, H, *factored)
+        Kf, Ff = factored if use else (0, 0)
+        fb = -(-batch // H) * (Kf * (H - 1) / H + (H - 1) * Ff) * 4 if use else 0.0
+        Mrs = (num_params - Kf * Ff) * wire_bytes
+        rs = (H - 1) / H * Mrs / bw + fb / bw + (H - 1) * a
+        ag = (H - 1) / H * M / bw + (H - 1) * a
+        send = (H - 1) / H * (Mrs + M) + fb + 2 * M32 / (H * k)  # + its SYNC share, averaged over the k steps
+        recv = (H - 1) / H * (Mrs + M) + fb
         sync = 2 * M32 / (H * k) / bw
         wire_host = kappa * (send + recv) / 2 + (f16_s(model, H, num_params) if wire_bytes == 2 else 0.0)
         wire = sc * wire_host
@@ -278,7 +287,7 @@ def predict(plane: str, hosts: int, slots: int, batch: int, bandwidth_bps: float
         coord_in, coord_out = 2 * M32 / k, 0
         cpu_wire = H * wire_host + kappa * coord_in / 2
         cpu_update = U
-        extra = {"reduce_scatter_s": rs, "all_gather_s": ag, "sync_s": sync, "wire_cpu_s": wire}
+        extra = {"reduce_scatter_s": rs, "all_gather_s": ag, "sync_s": sync, "wire_cpu_s": wire, "factored": use}
     elif plane in ONE_HOST:  # no network; what is serial is what no worker computes during
         comm, send, recv, coord_in, coord_out, cpu_wire = model.local_control_s, 0, 0, 0, 0, 0.0
         if plane == "coordinator":  # the coordinator sums the S slots, then updates, alone
@@ -323,6 +332,16 @@ def predict(plane: str, hosts: int, slots: int, batch: int, bandwidth_bps: float
 
 
 # ---------------------------------------------------------------------------------------------- the network
+
+def factor_shape(cfg: config_mod.Config, classes: int) -> tuple[int, int] | None:
+    """(K, F) of the model's factored Linear (the hidden one), or None."""
+    import numpy as np
+
+    from .nn.model import build_model
+    from .nn.params import ParamStore
+    layer = build_model(cfg.model, classes, cfg.data.image_size, ParamStore(np.float32)).factor_layer()
+    return tuple(layer.w.shape) if layer is not None else None
+
 
 def count_params(cfg: config_mod.Config, classes: int) -> int:
     import numpy as np

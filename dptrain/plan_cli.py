@@ -16,6 +16,7 @@ from .plan import (
     CostModel,
     baseline,
     count_params,
+    factor_shape,
     format_bandwidth,
     parse_bandwidth,
     parse_hosts,
@@ -246,7 +247,8 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
         return 0 if v["rows"] else 1
     if 1 in hosts and args.plane == PLANE_DEFAULT:  # one host: the workers' update against the coordinator's
         planes = planes + list(ONE_HOST)
-    rows = [predict(plane, h, args.slots, batch, bps, WIRE_BYTES[wire], num_params, model, sync_every)
+    factored = factor_shape(cfg, args.classes) if cfg.dist.factored else None
+    rows = [predict(plane, h, args.slots, batch, bps, WIRE_BYTES[wire], num_params, model, sync_every, factored)
             for bps in rates for plane in planes for h in hosts if plane not in ONE_HOST or h == 1]
     base = baseline(args.slots, batch, num_params, model)
     if args.json:

@@ -79,7 +79,8 @@ def predict_row(row: dict, num_params: int, model: CostModel, default_bps: float
     if wire not in WIRE_BYTES:
         raise ValueError(f"wire_dtype {wire!r}")
     p = predict(row["plane"], int(row["hosts"]), int(row["slots"]), int(row["batch_size"]), bps, WIRE_BYTES[wire],
-                int(row.get("num_params") or num_params), model, int(row.get("sync_every") or sync_every))
+                int(row.get("num_params") or num_params), model, int(row.get("sync_every") or sync_every),
+                tuple(row["factored"]) if row.get("factored") else None)  # rows from before factors: none
     step = float(row["step_s"])
     out = {"file": row.get("file", ""), "row": row.get("row"), "source": row.get("source", ""), "hosts": p["hosts"],
            "slots": p["slots"], "plane": p["plane"], "wire_dtype": wire, "bandwidth_bps": bps,

@@ -507,6 +507,20 @@ def dptrain(*args, cache):
                           timeout=120, env=env)
 
 
+def test_factored_mesh_sends_fewer_bytes_while_the_factors_are_smaller():
+    """dist.factored: at 16 images over 3 hosts the hidden Linear's 8.4 M weights leave the reduce-scatter for
+    6 x (16384 x 2/3 + 2 x 512) floats of factors; at 8192 images over 8 hosts the factors would be larger: off."""
+    m = CostModel(ms_per_image=20, ms_per_step=0)
+    plain, fact = (predict("mesh", 3, 1, 16, 1e9, 4, P, m, factored=f) for f in (None, (16384, 512)))
+    assert fact["factored"] and not plain["factored"]
+    K, F = 16384, 512
+    assert fact["host_send_bytes"] == pytest.approx(plain["host_send_bytes"] - 2 / 3 * K * F * 4
+                                                    + 6 * (K * 2 / 3 + 2 * F) * 4)
+    assert fact["step_s"] < plain["step_s"]
+    big = predict("mesh", 8, 1, 8192, 1e9, 4, P, m, factored=(K, F))
+    assert not big["factored"] and big["host_send_bytes"] == predict("mesh", 8, 1, 8192, 1e9, 4, P, m)["host_send_bytes"]
+
+
 def test_cli_json(tmp_path):
     r = dptrain("--hosts", "4,1,16", "--slots", 8, "--bandwidth", "10gbit,25gbit", "--batch-size", 4096,
                 "--compute-ms-per-image", 10, "--compute-ms-per-step", 20, "--wire-dtype", "float16", "--json",
@@ -519,7 +533,7 @@ def test_cli_json(tmp_path):
         if p not in plan.ONE_HOST or h == 1]  # one host: the workers' update and the coordinator's too
     for row in out["rows"]:
         want = predict(row["plane"], row["hosts"], 8, 4096, row["bandwidth_bps"], 2, P,
-                       CostModel(ms_per_image=10, ms_per_step=20))
+                       CostModel(ms_per_image=10, ms_per_step=20), factored=(16384, 512))  # dist.factored
         assert row == pytest.approx(want)
     assert not list(tmp_path.iterdir())  # given compute: nothing calibrated, nothing cached
 
