@@ -208,9 +208,12 @@ def sharing(model: CostModel, threads: int) -> float:
     return max(1.0, threads / model.shared_cores) if model.shared_cores else 1.0
 
 
-def f16_s(model: CostModel, hosts: int, num_params: int) -> float:
-    """A mesh host's float16 encode + decode per step (see the module docstring)."""
-    return num_params * (model.f16_encode_ns * (1 + 1 / hosts) + 2 * model.f16_decode_ns) * 1e-9
+def f16_s(model: CostModel, hosts: int, num_params: int, factored_params: int = 0) -> float:
+    """A mesh host's float16 encode + decode per step (see the module docstring); the factored Linear's weights
+    (factored_params) are not in the reduce-scatter, only in the all-gather."""
+    rs = num_params - factored_params  # its local sum encoded, the hosts' contributions to its slice decoded
+    return (rs * (model.f16_encode_ns + model.f16_decode_ns)
+            + num_params * (model.f16_encode_ns / hosts + model.f16_decode_ns)) * 1e-9
 
 
 def baseline(slots: int, batch: int, num_params: int, model: CostModel) -> dict:
@@ -277,7 +280,7 @@ def predict(plane: str, hosts: int, slots: int, batch: int, bandwidth_bps: float
         send = (H - 1) / H * (Mrs + M) + fb + 2 * M32 / (H * k)  # + its SYNC share, averaged over the k steps
         recv = (H - 1) / H * (Mrs + M) + fb
         sync = 2 * M32 / (H * k) / bw
-        wire_host = kappa * (send + recv) / 2 + (f16_s(model, H, num_params) if wire_bytes == 2 else 0.0)
+        wire_host = kappa * (send + recv) / 2 + (f16_s(model, H, num_params, Kf * Ff) if wire_bytes == 2 else 0.0)
         wire = sc * wire_host
         comm = rs + ag + sync + wire + 2 * a
         window = model.overlap * t_compute

@@ -52,7 +52,7 @@ def measured_rows(raw) -> tuple[list[dict], list[dict]]:
             flat.append({**common, "row": i, "source": "dptrain",
                          "plane": r.get("plane") or ov.get("dist.plane") or config_mod.DistConfig().plane,
                          "wire_dtype": r.get("wire_dtype") or ov.get("dist.wire_dtype") or "float32",
-                         "sync_every": ov.get("dist.sync_every"),
+                         "sync_every": ov.get("dist.sync_every"), "factored": r.get("factored"),
                          "step_s": r["dptrain_step_s"], "comm_s": r.get("dptrain_comm_s"),
                          "compute_s": r.get("dptrain_compute_s"), "host_out_mb": r.get("h2_out_mb"),
                          "host_in_mb": r.get("h2_in_mb"), "coord_in_mb": r.get("h1_in_mb"),
