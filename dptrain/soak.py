@@ -170,8 +170,8 @@ class Run:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def workers(self) -> dict[int, psutil.Process]:
-        """rank -> live worker process the launcher started (its children with `dptrain worker` in the cmdline)."""
+    def _children(self, index_of) -> dict[int, psutil.Process]:
+        """index -> live child process of the launcher for which index_of(cmdline) gives an index (else None)."""
         out = {}
         try:
             kids = psutil.Process(self.pid).children()
@@ -179,29 +179,25 @@ class Run:
             return out
         for p in kids:
             try:
-                cmd = p.cmdline()
-                if "worker" in cmd and "--rank" in cmd and p.status() != psutil.STATUS_ZOMBIE:
-                    out[int(cmd[cmd.index("--rank") + 1])] = p
+                index = index_of(p.cmdline())
+                if index is not None and p.status() != psutil.STATUS_ZOMBIE:
+                    out[index] = p
             except (psutil.Error, ValueError, IndexError):
                 continue
         return out
 
+    def workers(self) -> dict[int, psutil.Process]:
+        """rank -> live worker process the launcher started (its children with `dptrain worker` in the cmdline)."""
+        return self._children(lambda cmd: int(cmd[cmd.index("--rank") + 1])
+                              if "worker" in cmd and "--rank" in cmd else None)
+
     def hosts(self) -> dict[int, psutil.Process]:
         """host index -> live ssh session of that host's agent, started by the launcher (multi-host launches)."""
-        out = {}
-        try:
-            kids = psutil.Process(self.pid).children()
-        except psutil.Error:
-            return out
-        for p in kids:
-            try:
-                cmd = p.cmdline()
-                line = " ".join(cmd)
-                if cmd and cmd[0].endswith("ssh") and " agent " in line and p.status() != psutil.STATUS_ZOMBIE:
-                    out[int(line.split("--host-index ", 1)[1].split()[0])] = p
-            except (psutil.Error, ValueError, IndexError):
-                continue
-        return out
+        def host_index(cmd):
+            line = " ".join(cmd)
+            ssh = cmd and cmd[0].endswith("ssh") and " agent " in line
+            return int(line.split("--host-index ", 1)[1].split()[0]) if ssh else None
+        return self._children(host_index)
 
     def wait(self, deadline: float) -> int | None:
         """The exit code, or None when still running at `deadline` (time.monotonic())."""
