@@ -34,7 +34,7 @@ from .compute import evaluate_batches, shard_gradient
 from .config import Config
 from .distributed.executor import split_by_slots
 from .distributed.hostfile import rank_bases
-from .distributed.mesh import factors_pay, gather_pieces, scatter_pieces
+from .distributed.mesh import dw_span, factor_span, factors_pay, gather_pieces, scatter_pieces
 from .distributed.reduce import sum_in_order
 from .distributed.session import blas_threads
 from .distributed.wire import add16, apply_update16, encode16, grad_frame
@@ -317,13 +317,10 @@ class ReplayExecutor:
         x_all = np.concatenate([self.models[r].factor_layer().factors[0] for r in ranks])
         dy_all = np.concatenate([self.models[r].factor_layer().factors[1] for r in ranks])
         for lo, hi in self.slices:
-            a, b = max(lo, w0), min(hi, w0 + K * F)
-            if a >= b:
-                continue
-            k0 = (a - w0) // F
-            x = np.ascontiguousarray(x_all[:, k0:-(-(b - w0) // F)])
-            off = a - w0 - k0 * F
-            g[a:b] = np.matmul(x.T, dy_all).ravel()[off:off + b - a]
+            span = factor_span(w0, K, F, lo, hi)
+            if span is not None:
+                a, b, k0, k1 = span
+                g[a:b] = dw_span(np.ascontiguousarray(x_all[:, k0:k1]), dy_all, w0, F, span)
 
     def _coordinator_step(self, lr: float, step: int, threads: int) -> float:
         _blas(threads)

@@ -281,10 +281,11 @@ class MeshReplica:
             x_h = np.concatenate([fx[r, :self.counts[r]] for r in self.ranks])
             dy_h = np.concatenate([fdy[r, :self.counts[r]] for r in self.ranks])
         for index, _, _, lo, hi, _ in mesh.hosts:
-            a, b = max(lo, w0), min(hi, self.w[1])
-            if a >= b:
+            span = factor_span(w0, K, F, lo, hi)
+            if span is None:
                 continue
-            x = np.ascontiguousarray(x_h[:, (a - w0) // F:-(-(b - w0) // F)])
+            a, b, k0, k1 = span
+            x = np.ascontiguousarray(x_h[:, k0:k1])
             if index == mesh.index:
                 self.fparts[index] = (x, dy_h)
             else:
@@ -294,11 +295,11 @@ class MeshReplica:
     def _factored_rows(self, upstream: PeerLink) -> None:
         """Our rows of the factored Linear's weight gradient, dW = X^T dY over the whole batch (every host's samples
         in host order): one GEMM instead of summing H hosts' full-size contributions."""
-        mesh, (w0, _, F, _, _) = self.mesh, self.factor
-        a, b = max(mesh.lo, w0), min(mesh.hi, self.w[1])
-        if a >= b:
+        mesh, (w0, K, F, _, _) = self.mesh, self.factor
+        span = factor_span(w0, K, F, mesh.lo, mesh.hi)
+        if span is None:
             return
-        k0, k1 = (a - w0) // F, -(-(b - w0) // F)
+        a, b, k0, k1 = span
 
         def take(m: P.Message) -> None:
             x, dy = m.arrays["x"], m.arrays["dy"]
@@ -310,8 +311,7 @@ class MeshReplica:
         order = [h[0] for h in mesh.hosts]
         x = np.concatenate([self.fparts[h][0] for h in order])
         dy = np.concatenate([self.fparts[h][1] for h in order])
-        off = a - w0 - k0 * F
-        self.red[a:b] = np.matmul(x.T, dy).ravel()[off:off + b - a]  # (k1 - k0, n) @ (n, F)
+        self.red[a:b] = dw_span(x, dy, w0, F, span)
 
     def _place(self, src: int, lo: int, part: np.ndarray, scale: float) -> None:
         row = self.parts[self.position[src], lo - self.mesh.lo:lo - self.mesh.lo + part.size]
@@ -373,6 +373,21 @@ class MeshReplica:
             else:
                 np.copyto(self.params[a:b], arr)
         mesh.collect(P.Kind.GATHER, step, attempt, upstream, set(ends), take)
+
+
+def factor_span(w0: int, K: int, F: int, lo: int, hi: int) -> tuple[int, int, int, int] | None:
+    """Of the factored K x F weight at flat offset w0: the part [a, b) inside the slice [lo, hi) and the rows
+    [k0, k1) of W it covers (the columns of X its owner needs); None when the slice holds none of it."""
+    a, b = max(lo, w0), min(hi, w0 + K * F)
+    return (a, b, (a - w0) // F, -(-(b - w0) // F)) if a < b else None
+
+
+def dw_span(x: np.ndarray, dy: np.ndarray, w0: int, F: int, span: tuple[int, int, int, int]) -> np.ndarray:
+    """The flat [a, b) of dW = x^T dy for a factor_span, x holding the inputs' columns k0..k1 (every sample of the
+    batch, host order): one GEMM. The agents and the replay both call it, so their bits are the same."""
+    a, b, k0, _ = span
+    off = a - w0 - k0 * F
+    return np.matmul(x.T, dy).ravel()[off:off + b - a]  # (k1 - k0, n) @ (n, F)
 
 
 def factors_pay(batch: int, hosts: int, rows: int, cols: int) -> bool:
