@@ -204,16 +204,16 @@ class ReplayExecutor:
             np.copyto(self.prev, store.params)
         self.host_sum = np.empty(P, np.float32) if layout.hosts else None
         self.factor = None  # mesh, dist.factored: (offset, K, F) of the Linear whose dW owners compute as X^T dY
-        fl = self.models[0].factor_layer()
-        if layout.hosts and d.plane == "mesh" and d.factored and fl is not None and \
-                factors_pay(cfg.train.batch_size, len(layout.slots), *fl.w.shape):
-            for m in self.models:
-                m.factor_layer().factored = True
-            w = self.models[0].factor_layer().w
+        self.factor_layers = [m.factor_layer() for m in self.models]  # each rank's (its x, dy after backward)
+        w = self.factor_layers[0].w if self.factor_layers[0] is not None else None
+        if layout.hosts and d.plane == "mesh" and d.factored and w is not None and \
+                factors_pay(cfg.train.batch_size, len(layout.slots), *w.shape):
+            for layer in self.factor_layers:
+                layer.factored = True
             self.factor = (w.offset, *w.shape)
         if layout.hosts and d.plane == "mesh":
             self.slices = chunk_slices(P, len(layout.slots))
-            cuts = list(model.param_starts) + ([self.factor[0], self.factor[0] + w.size] if self.factor else [])
+            cuts = list(model.param_starts) + ([w.offset, w.offset + w.size] if self.factor else [])
             self.pieces = mesh_pieces(cuts, P, self.slices) if self.wire16 else []
             self.decoded = np.empty((len(layout.slots), P), np.float32) if self.wire16 else None
         update = ("the workers" if d.transport == "shm" and d.update == "workers" else "the coordinator") \
@@ -314,8 +314,8 @@ class ReplayExecutor:
         """The owners' rows of the factored Linear's weight gradient (mesh.MeshReplica._factored_rows): X^T dY over
         every rank's samples in rank order, one GEMM per owner's rows, the columns of X it was sent."""
         w0, K, F = self.factor
-        x_all = np.concatenate([self.models[r].factor_layer().factors[0] for r in ranks])
-        dy_all = np.concatenate([self.models[r].factor_layer().factors[1] for r in ranks])
+        x_all = np.concatenate([self.factor_layers[r].factors[0] for r in ranks])
+        dy_all = np.concatenate([self.factor_layers[r].factors[1] for r in ranks])
         for lo, hi in self.slices:
             span = factor_span(w0, K, F, lo, hi)
             if span is not None:

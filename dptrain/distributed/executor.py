@@ -285,6 +285,7 @@ class DistExecutor:
         per_worker = -(-self.cfg.train.batch_size // sum(p.slots for p in self.coord.active()))
         batch = self.cfg.train.eval_batch_size or per_worker
         fields = {"phase": "eval", "epoch": 0, "global_count": len(indices), "eval_batch": batch}
+
         def attempt_eval(attempt: int):
             if self.mesh is not None:
                 self.mesh.ensure(-1, attempt)
