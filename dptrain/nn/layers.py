@@ -164,7 +164,7 @@ class Linear(Layer):
             if self.b is not None:
                 self.b.grad[...] = F.colsum(dout)
             self.factors = (self.cache.x, dout)
-            return dout @ self.cache.w.T if self.need_dx else None
+            return F.linear_dx(dout, self.cache.w) if self.need_dx else None
         dx, _, _ = F.linear_backward(dout, self.cache, self.need_dx, dw_out=self.w.grad,
                                      db_out=None if self.b is None else self.b.grad)
         return dx
