@@ -35,7 +35,7 @@ from .config import Config
 from .distributed.executor import split_by_slots
 from .distributed.hostfile import rank_bases
 from .distributed.mesh import dw_span, factor_span, factors_pay, gather_pieces, scatter_pieces
-from .distributed.reduce import sum_in_order
+from .distributed.reduce import Factors, one_host_factored, reduce_range, sum_in_order
 from .distributed.session import blas_threads
 from .distributed.wire import add16, apply_update16, encode16, grad_frame
 from .nn.model import build_model
@@ -211,6 +211,11 @@ class ReplayExecutor:
             for layer in self.factor_layers:
                 layer.factored = True
             self.factor = (w.offset, *w.shape)
+        # one host, dist.factored: the workers' reduction computes that Linear's dW from every rank's factors
+        self.local_factor = not layout.hosts and one_host_factored(cfg, self.models[0], layout.ranks) is not None
+        if self.local_factor:
+            for layer in self.factor_layers:
+                layer.factored = True
         if layout.hosts and d.plane == "mesh":
             self.slices = chunk_slices(P, len(layout.slots))
             cuts = list(model.param_starts) + ([w.offset, w.offset + w.size] if self.factor else [])
@@ -274,7 +279,12 @@ class ReplayExecutor:
         d, g = self.cfg.dist, self.store.grads
         if not self.layout.hosts:  # one host: the ranks' gradients (their frames on socket transport)
             frames = [grad_frame(self.grad_slots[r], "float16" if self.wire16 else "float32") for r in ranks]
-            sum_in_order(g, [f for f, _ in frames], [s for _, s in frames])
+            factors = None
+            if self.local_factor:
+                w = self.factor_layers[0].w
+                factors = Factors(w.offset, *w.shape, *([self.factor_layers[r].factors[i] for r in ranks]
+                                                        for i in (0, 1)))
+            reduce_range(g, [f for f, _ in frames], 0, g.size, [s for _, s in frames], factors)
             return self._coordinator_step(lr, step, self.threads if d.transport == "shm" and d.update == "workers"
                                           else 1)
         sums = []

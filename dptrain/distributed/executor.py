@@ -23,7 +23,7 @@ from . import protocol as P
 from .coordinator import Coordinator, PeerState, StopTimeout, WorkerFailure
 from .hostfile import rank_bases
 from .mesh_plane import MeshPlane
-from .reduce import sum_in_order
+from .reduce import Factors, reduce_range
 from .timeline import Timeline, busy_s
 from .wire import apply_update16
 
@@ -65,9 +65,11 @@ class DistExecutor:
 
     def __init__(self, coord: Coordinator, store: ParamStore, opt: SGD, cfg: Config,
                  grad_slots: np.ndarray | None, shared: SharedUpdate | None = None, timeline: Timeline | None = None,
-                 mesh: bool = False):
+                 mesh: bool = False, factor_slots: tuple | None = None):
         self.coord, self.store, self.opt, self.cfg = coord, store, opt, cfg
         self.grad_slots, self.shared = grad_slots, shared
+        # one host, dist.factored: (w0, K, F, x slots, dy slots) of the Linear whose dW is summed from its factors
+        self.factor_slots = factor_slots
         self.mesh = MeshPlane(coord, store, opt, cfg) if mesh else None
         self.policy = cfg.dist.on_worker_failure
         self.timeline = timeline
@@ -172,14 +174,15 @@ class DistExecutor:
             ranks, results = self._round(indices, step, attempt, fields)
             t1 = time.perf_counter()
             if self.shared is not None:
-                norm, t2 = self._update_by_workers(step, attempt, ranks, lr)
+                norm, t2 = self._update_by_workers(step, attempt, ranks, results, lr)
             else:
                 parts = [self.grad_slots[r] if self.grad_slots is not None else results[r].arrays["grad"]
                          for r in ranks]
                 if invariant.enabled(self.cfg):  # int64 block sums: exact in any order, rounded once
                     invariant.decode_grads(self.store.grads, parts)
                 else:
-                    sum_in_order(self.store.grads, parts, [float(results[r].fields["grad_scale"]) for r in ranks])
+                    reduce_range(self.store.grads, parts, 0, self.store.num_params,
+                                 [float(results[r].fields["grad_scale"]) for r in ranks], self._factors(ranks, results))
                 t2 = time.perf_counter()
                 norm = clipped_step(self.opt, self.store.params, self.store.grads, lr, self.cfg.train.clip_norm, step)
                 if self.update16:
@@ -202,6 +205,12 @@ class DistExecutor:
                           sum(results[r].fields["correct"] for r in ranks), moments, norm, slowest=f"rank {slowest}",
                           ranks=ranks if partial else None)  # metrics.jsonl: what a replay must follow
 
+    def _factors(self, ranks: list[int], results: dict) -> Factors | None:
+        """dist.factored on one host: every rank's factors of the hidden Linear, as many rows as its shard."""
+        if self.factor_slots is None:
+            return None
+        return Factors.of_slots(self.factor_slots, ranks, [results[r].fields["count"] for r in ranks])
+
     def _mesh_step(self, indices: np.ndarray, epoch: int, step: int, lr: float, attempt: int, fields: dict):
         """The hosts reduce-scatter, the coordinator decides (norm -> clip), the hosts update and all-gather
         (mesh.py); every sync_every steps the hosts' state comes back (mesh_plane.py)."""
@@ -211,15 +220,17 @@ class DistExecutor:
         norm = self.mesh.decide(step, attempt, results, lr, indices, epoch)
         return ranks, results, norm, t1, time.perf_counter()
 
-    def _update_by_workers(self, step: int, attempt: int, ranks: list[int], lr: float) -> tuple[float, float]:
+    def _update_by_workers(self, step: int, attempt: int, ranks: list[int], results: dict,
+                           lr: float) -> tuple[float, float]:
         """Reduce-scatter, exact global norm, clip + SGD, all by the workers on slices of the shared buffers;
         the coordinator decides (norm -> clip factor) and flips the double buffer. Returns (norm, reduce end)."""
         sh = self.shared
         peers = [p.rank for p in self.coord.active()]
         slices = dict(zip(peers, chunk_slices(self.store.num_params, len(peers))))
         self._serial_until_now()
+        counts = {"counts": [results[r].fields["count"] for r in ranks]} if self.factor_slots else {}
         got = self.coord.exchange(P.Kind.REDUCE, P.Kind.REDUCED, step, attempt,
-                                  {r: {"lo": lo, "hi": hi, "ranks": ranks} for r, (lo, hi) in slices.items()})
+                                  {r: {"lo": lo, "hi": hi, "ranks": ranks, **counts} for r, (lo, hi) in slices.items()})
         t_reduced = self._t_end = time.perf_counter()
         squares = np.concatenate([got[r].arrays["squares"] for r in peers])  # slice order = block order
         norm = math.sqrt(add_blocks(squares))

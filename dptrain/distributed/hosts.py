@@ -200,6 +200,6 @@ def launch_hosts(cfg: Config, args, progress: dict | None = None) -> int:
             raise
         lg.info(f"all {len(hosts)} hosts ready; {cfg.dist.plane} data plane, {cfg.dist.wire_dtype} wire")
         session.mesh = cfg.dist.plane == "mesh"
-        return trainer, None, None  # gradients arrive as frames (one summed buffer per host)
+        return trainer, None, None, None  # gradients arrive as frames (one summed buffer per host)
 
     return run_session(cfg, args.stop_at_step, start, run_id=getattr(args, "run_id", None), progress=progress)

@@ -35,6 +35,7 @@ from ..data.shm import remove_orphans
 from ..train import EXIT_PREEMPTED, ExecutorFailure
 from .coordinator import Coordinator
 from .executor import DistExecutor, SharedUpdate
+from .reduce import one_host_factored
 from .session import Session, blas_threads, memory_warning, remove_stale_dirs
 from .timeline import Timeline
 
@@ -193,8 +194,8 @@ def _many_hosts(args) -> bool:
 
 def run_session(cfg: Config, stop_at_step: int, start, run_id: str | None = None,
                 progress: dict | None = None) -> int:
-    """`start(session)` loads data, starts the peers and returns (trainer, grad_slots, shared) once they are READY,
-    with session.coord set; this trains, prints the summary, and maps the ways a run ends to exit codes.
+    """`start(session)` loads data, starts the peers and returns (trainer, grad_slots, shared, factor_slots) once
+    they are READY, with session.coord set; this trains, prints the summary, and maps the ways a run ends to exit codes.
     progress (--max-restarts): in, "restarts" (how many starts came before this one); out, "steps" (the steps this
     start got done)."""
     lg = log.get()
@@ -209,14 +210,14 @@ def run_session(cfg: Config, stop_at_step: int, start, run_id: str | None = None
     executor = trainer = None
     first_step = 0
     try:
-        trainer, grad_slots, shared = start(session)
+        trainer, grad_slots, shared, factor_slots = start(session)
         restarts = trainer.restarts = (progress or {}).get("restarts", 0)
         first_step = trainer.step
         if restarts:  # in metrics.jsonl too, where the curve restarts from
             trainer._write({"restart": restarts, "step": trainer.step, "epoch": trainer.epoch})
         timeline = Timeline(cfg.dist.timeline) if cfg.dist.timeline else None
         executor = DistExecutor(session.coord, trainer.store, trainer.opt, cfg, grad_slots, shared, timeline,
-                                mesh=session.mesh)
+                                mesh=session.mesh, factor_slots=factor_slots)
         summary = trainer.fit(executor, stop_at_step=stop_at_step)
         print(json.dumps(summary))
         return EXIT_PREEMPTED if trainer.preempted else EXIT_INTERRUPTED if trainer.stop_requested else 0
@@ -273,7 +274,8 @@ def launch_local(cfg: Config, resume: bool | str = False, stop_at_step: int = 0,
         images = session.shared("images", trainer.ds.images.shape, np.uint8, trainer.ds.images)
         trainer.ds.images = images.array  # one copy of the images on this host: the shared one
         shm_specs = {"images": images.spec(), **{k: seg.spec() for k, seg in shm.items()}}
-        grad_slots = shared = None
+        grad_slots = shared = factor_slots = None
+        factored = {}
         if use_shm:
             grads = session.shared("grads", (n, trainer.store.num_params),  # --batch-invariant: exact int64 sums
                                    np.int64 if cfg.train.batch_invariant_block else np.float32)
@@ -283,13 +285,21 @@ def launch_local(cfg: Config, resume: bool | str = False, stop_at_step: int = 0,
             velocity2[0] = trainer.opt.velocity
             trainer.opt.velocity = velocity2[0]
             shared = SharedUpdate(shm["params"].array, velocity2, shm["gsum"].array)
-        welcome = {"config": config_mod.to_dict(cfg), "shm": shm_specs, "num_classes": len(trainer.ds.class_names)}
+        layer = one_host_factored(cfg, trainer.model, n)
+        if layer is not None:  # each rank's hidden-Linear inputs and output gradients, up to a whole batch each
+            K, F = layer.w.shape
+            fx, fdy = (session.shared(k, (n, cfg.train.batch_size, c), np.float32) for k, c in (("fx", K), ("fdy", F)))
+            factored = {"x": fx.spec(), "dy": fdy.spec()}
+            factor_slots = (layer.w.offset, K, F, fx.array, fdy.array)
+        welcome = {"config": config_mod.to_dict(cfg), "shm": shm_specs, "num_classes": len(trainer.ds.class_names),
+                   "factored": factored}
         session.coord = Coordinator(cfg, session.run_id, n, welcome, {"labels": trainer.ds.labels},
                                     endpoint=None if cfg.dist.port else session.local_endpoint(),
                                     token=session.token)
         lg.info(f"coordinator listening on {session.coord.endpoint} (run {session.run_id}); starting {n} workers, "
                 f"{blas_threads(cfg, n)} BLAS thread(s) each, {cfg.dist.transport} transport, bn={cfg.dist.bn}"
-                + (", update by the workers" if by_workers else ""))
+                + (", update by the workers" if by_workers else "")
+                + (", the hidden Linear's weight gradient from its factors" if factor_slots else ""))
         if tee is not None:
             if not 0 <= tee < n:
                 raise SystemExit(f"dptrain launch: --tee {tee}: no such rank (0..{n - 1})")
@@ -299,6 +309,6 @@ def launch_local(cfg: Config, resume: bool | str = False, stop_at_step: int = 0,
             lg.warning(warning)
         session.start_workers(cfg, pysocket.gethostname(), [out / "logs" / f"rank{r}.log" for r in range(n)])
         lg.info(f"all {n} workers ready")
-        return trainer, grad_slots, shared
+        return trainer, grad_slots, shared, factor_slots
 
     return run_session(cfg, stop_at_step, start, progress=progress)

@@ -32,7 +32,7 @@ from ..nn.threads import match_blas_threads
 from ..optim import chunk_squares, sgd_for
 from . import protocol as P
 from .peer import PeerLink, leave, run_peer
-from .reduce import sum_in_order
+from .reduce import Factors, reduce_range
 from .wire import grad_frame, receive_weights
 
 
@@ -75,12 +75,13 @@ class Worker:
         match_blas_threads(self.cfg.train.short_blas_spin)  # BLAS got cores // N threads; other kernels follow
         self.shm_weights = "params" in shm
         self.buckets = bool(f.get("buckets"))  # under a mesh agent: say when each part of the gradient is final
-        self.factors = None  # under a mesh agent: the hidden Linear's (x, dy) into the host's factor arrays
+        self.factors = None  # dist.factored: the hidden Linear's (x, dy) into the host's factor arrays
         if f.get("factored"):
             layer = self.model.factor_layer()
             layer.factored = True
             fx, fdy = (self._attach(f["factored"][k]).array for k in ("x", "dy"))  # (slots, batch cap, K | F)
             self.factors = (layer, fx[self.rank], fdy[self.rank])
+            self.factor_slots = (layer.w.offset, *layer.w.shape, fx, fdy)  # one host: what REDUCE computes dW from
         self.slot = -1  # which half of a double weight buffer the model reads (-1: a single buffer)
         if self.shm_weights:
             params = self._attach(shm["params"], readonly="velocity" not in shm).array
@@ -129,7 +130,9 @@ class Worker:
         if self.blocks is not None:  # int64 slots: an exact sum, rounded to float32 once
             invariant.decode_grads(self.gsum, [self.grad_slots[r] for r in f["ranks"]], lo, hi)
         else:
-            sum_in_order(self.gsum[lo:hi], [self.grad_slots[r][lo:hi] for r in f["ranks"]])
+            # dist.factored: the hidden Linear's dW rows of this slice from every rank's factors
+            factors = Factors.of_slots(self.factor_slots, f["ranks"], f["counts"]) if "counts" in f else None
+            reduce_range(self.gsum, [self.grad_slots[r] for r in f["ranks"]], lo, hi, factors=factors)
         self.link.send(P.Kind.REDUCED, arrays={"squares": chunk_squares(self.gsum[lo:hi])}, attempt=f["attempt"])
 
     def update_slice(self, msg: P.Message) -> None:
@@ -181,6 +184,10 @@ class Worker:
         r = shard_gradient(self.model, self.images, self.labels, idx, epoch=f["epoch"],
                            global_count=f["global_count"], data=self.cfg.data, seed=self.cfg.train.seed,
                            on_ready=on_ready)
+        if self.factors is not None and not self.buckets:  # one host: the factors where the reducers read them
+            layer, fx, fdy = self.factors
+            x, dy = layer.factors
+            fx[:len(x)], fdy[:len(dy)] = x, dy
         timings = {"wait": [t_recv, r.timings["load"][0] - t_recv], **r.timings}
         if self.shm_weights:
             self.link.send_result("train", len(idx), r.loss_sum, r.correct, timings, grad_in="shm",
