@@ -1,0 +1,233 @@
+"""Winograd minimal filtering F(2x2, 3x3) (Lavin & Gray 2016) for stride-1, pad-1 3x3 convolutions, NHWC.
+
+x: (N, H, W, C), w: (3, 3, C, F), out: (N, H, W, F): the same function as conv.conv2d_forward(x, w, b, 1, 1).
+
+Math. The output is cut into 2x2 tiles (th x tw = ceil(H/2) x ceil(W/2) per image; odd sizes: the padded input gets
+extra zero rows/columns and the last tile's extra outputs are cropped). Tile (i, j) reads the 4x4 window d at rows
+2i..2i+3, columns 2j..2j+3 of the zero-padded input xp (pad 1 on the top/left, 1 or 2 on the bottom/right), and
+  Y = A^T [(G g G^T) * (B^T d B)] A      (per channel pair, * elementwise over the 4x4 positions, summed over C)
+  B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]
+  G   = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]
+  A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]
+so each of the 16 positions p = (a, b) is one GEMM over channels: M[p] = V[p] @ U[p], with V: (16, T, C) the
+transformed input (T = N*th*tw tiles, in (n, i, j) order), U: (16, C, F) the transformed filter, M: (16, T, F):
+16 * T * C * F multiply-adds instead of im2col's 9 * 4 * T * C * F (2.25x fewer). Every transform is two separable
+stages (rows, then columns), each a handful of whole-array numpy adds/subtracts on strided views with out= buffers
+(B^T and A^T are 0/+-1: no multiplications).
+
+Gradients. dW: the adjoint of both maps: dM = A dY A^T per tile (dY: the 2x2 output-gradient tile), the GEMM
+dU[p] = V[p]^T @ dM[p] (V kept from the forward), then dg = G^T dU G. dx: for stride 1 and pad 1 the input gradient is
+the same convolution of dout with the spatially flipped, channel-transposed kernel, so it reuses the forward.
+
+Work is done in chunks of whole images (`_chunk`, from the layer's shape only) so the padded copy, the row-stage
+buffer and M stay in cache; V (needed by dW) and dM are full-batch. The elementwise transforms of a chunk are split
+over its images with threads.split_rows; GEMMs are numpy/BLAS. Nothing depends on the thread count.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from .functional import colsum
+from .threads import split_rows
+from .workspace import Workspace, scratch
+
+CHUNK_BYTES = 1 << 21  # per-chunk working set (padded copy + row stage + M) aimed at the L2 (2 MiB here)
+
+
+class WinoCache(NamedTuple):
+    x_shape: tuple[int, int, int, int]  # (N, H, W, C)
+    V: np.ndarray  # (16, T, C) transformed input tiles (a workspace buffer)
+    w: np.ndarray  # (3, 3, C, F)
+    has_bias: bool
+
+
+def supported(kh: int, kw: int, stride: int, pad: int) -> bool:
+    return kh == kw == 3 and stride == 1 and pad == 1
+
+
+def _tiles(H: int, W: int) -> tuple[int, int]:
+    return (H + 1) // 2, (W + 1) // 2
+
+
+def _chunk(N: int, th: int, tw: int, C: int, F: int) -> int:
+    """Images per chunk: a function of the layer's shape alone."""
+    per_image = 4 * ((2 * th + 2) * (2 * tw + 2) * C + 4 * th * (2 * tw + 2) * C + 16 * th * tw * F)
+    return max(1, min(N, CHUNK_BYTES // per_image))
+
+
+def filter_transform(w: np.ndarray) -> np.ndarray:
+    """(3, 3, C, F) -> U (16, C, F) = G g G^T per (c, f), positions in (a, b) row-major order."""
+    _, _, C, F = w.shape
+    half = w.dtype.type(0.5)
+    r = np.empty((4, 3, C, F), w.dtype)  # rows: G g
+    np.copyto(r[0], w[0])
+    np.copyto(r[3], w[2])
+    np.add(w[0], w[2], out=r[1])
+    np.subtract(r[1], w[1], out=r[2])
+    r[1] += w[1]
+    r[1:3] *= half
+    U = np.empty((4, 4, C, F), w.dtype)  # columns: (G g) G^T
+    np.copyto(U[:, 0], r[:, 0])
+    np.copyto(U[:, 3], r[:, 2])
+    np.add(r[:, 0], r[:, 2], out=U[:, 1])
+    np.subtract(U[:, 1], r[:, 1], out=U[:, 2])
+    U[:, 1] += r[:, 1]
+    U[:, 1:3] *= half
+    return U.reshape(16, C, F)
+
+
+def filter_adjoint(dU: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """(16, C, F) -> dg (3, 3, C, F) = G^T dU G: the adjoint of filter_transform."""
+    _, C, F = dU.shape
+    dU = dU.reshape(4, 4, C, F)
+    half = dU.dtype.type(0.5)
+    s = np.add(dU[1], dU[2])  # (4, C, F) over columns
+    s *= half
+    r = np.empty((3, 4, C, F), dU.dtype)  # rows: G^T dU
+    np.add(dU[0], s, out=r[0])
+    np.add(dU[3], s, out=r[2])
+    np.subtract(dU[1], dU[2], out=r[1])
+    r[1] *= half
+    dg = np.empty((3, 3, C, F), dU.dtype) if out is None else out
+    s = np.add(r[:, 1], r[:, 2])  # (3, C, F)
+    s *= half
+    np.add(r[:, 0], s, out=dg[:, 0])
+    np.add(r[:, 3], s, out=dg[:, 2])
+    np.subtract(r[:, 1], r[:, 2], out=dg[:, 1])
+    dg[:, 1] *= half
+    return dg
+
+
+def _input_transform(x, lo, hi, xp, R, V6, pad_fill=True):
+    """Images lo:hi of x (N, H, W, C) -> V6[:, :, lo:hi] (4, 4, N, th, tw, C) = B^T d B per tile.
+    xp: (n, 2th+2, 2tw+2, C) padded chunk buffer (zero border), R: (4, n, th, 2tw+2, C) row-stage buffer."""
+    n, H, W = hi - lo, x.shape[1], x.shape[2]
+    th, tw = V6.shape[3], V6.shape[4]
+    xp, R = xp[:n], R[:, :n]
+    np.copyto(xp[:, 1:H + 1, 1:W + 1], x[lo:hi])
+    d0, d1, d2, d3 = (xp[:, k:k + 2 * th:2] for k in range(4))  # (n, th, 2tw+2, C): row k of every tile
+    np.subtract(d0, d2, out=R[0])
+    np.add(d1, d2, out=R[1])
+    np.subtract(d2, d1, out=R[2])
+    np.subtract(d1, d3, out=R[3])
+    c0, c1, c2, c3 = (R[:, :, :, k:k + 2 * tw:2] for k in range(4))  # (4, n, th, tw, C): column k
+    V = V6[:, :, lo:hi]
+    np.subtract(c0, c2, out=V[:, 0])
+    np.add(c1, c2, out=V[:, 1])
+    np.subtract(c2, c1, out=V[:, 2])
+    np.subtract(c1, c3, out=V[:, 3])
+
+
+def _output_transform(M6, T, Y6):
+    """M6: (4, 4, n, th, tw, F) -> Y6 (2, 2, n, th, tw, F) = A^T m A per tile. T: (2, 4, n, th, tw, F) buffer."""
+    np.add(M6[1], M6[2], out=T[0])
+    np.subtract(M6[1], M6[2], out=T[1])
+    T[0] += M6[0]
+    T[1] -= M6[3]
+    np.add(T[:, 1], T[:, 2], out=Y6[:, 0])
+    np.subtract(T[:, 1], T[:, 2], out=Y6[:, 1])
+    Y6[:, 0] += T[:, 0]
+    Y6[:, 1] -= T[:, 3]
+
+
+def _output_adjoint(dY6, T, dM6):
+    """dY6: (2, 2, n, th, tw, F) -> dM6 (4, 4, n, th, tw, F) = A dy A^T per tile. T: (4, 2, n, th, tw, F) buffer."""
+    np.copyto(T[0], dY6[0])
+    np.add(dY6[0], dY6[1], out=T[1])
+    np.subtract(dY6[0], dY6[1], out=T[2])
+    np.negative(dY6[1], out=T[3])
+    np.copyto(dM6[:, 0], T[:, 0])
+    np.add(T[:, 0], T[:, 1], out=dM6[:, 1])
+    np.subtract(T[:, 0], T[:, 1], out=dM6[:, 2])
+    np.negative(T[:, 1], out=dM6[:, 3])
+
+
+def _tiled(a: np.ndarray, th: int, tw: int) -> np.ndarray:
+    """(n, 2th, 2tw, F) -> the (2, 2, n, th, tw, F) view: [a, b, n, i, j] = pixel (2i + a, 2j + b)."""
+    n, _, _, F = a.shape
+    return a.reshape(n, th, 2, tw, 2, F).transpose(2, 4, 0, 1, 3, 5)
+
+
+def _conv(x, U, ws, tag, V=None):
+    """The Winograd convolution of x (N, H, W, C) with U (16, C, F) -> (N, H, W, F) (a workspace buffer or a view
+    of one), writing the transformed input into V (16, T, C) when given (the forward keeps it for dW)."""
+    N, H, W, C = x.shape
+    F = U.shape[2]
+    th, tw = _tiles(H, W)
+    nb = _chunk(N, th, tw, C, F)
+    if V is None:
+        V = scratch(ws, f"{tag}.V", (16, nb * th * tw, C), x.dtype)
+        keep = False
+    else:
+        keep = True
+    V6 = V.reshape(4, 4, -1, th, tw, C)
+    xp = scratch(ws, f"{tag}.xp", (nb, 2 * th + 2, 2 * tw + 2, C), x.dtype, zero_new=True)
+    R = scratch(ws, f"{tag}.R", (4, nb, th, 2 * tw + 2, C), x.dtype)
+    M = scratch(ws, f"{tag}.M", (16, nb * th * tw, F), x.dtype)
+    T = scratch(ws, f"{tag}.T", (2, 4, nb, th, tw, F), x.dtype)
+    even = H == 2 * th and W == 2 * tw
+    out = scratch(ws, f"{tag}.out", (N, 2 * th, 2 * tw, F), x.dtype)
+    for lo in range(0, N, nb):
+        hi = min(N, lo + nb)
+        n = hi - lo
+        if keep:
+            split_rows(lambda a, b: _input_transform(x, lo + a, lo + b, xp[a:], R[:, a:], V6), n, n * H * W * C)
+            Vc = V[:, lo * th * tw:hi * th * tw]
+        else:
+            Vc6 = V6[:, :, :n]
+            split_rows(lambda a, b: _input_transform(x[lo:hi], a, b, xp[a:], R[:, a:], Vc6), n, n * H * W * C)
+            Vc = V[:, :n * th * tw]
+        Mc = M[:, :n * th * tw]
+        np.matmul(Vc, U, out=Mc)  # (16, t, C) @ (16, C, F)
+        M6 = Mc.reshape(4, 4, n, th, tw, F)
+        Y6 = _tiled(out[lo:hi], th, tw)
+        split_rows(lambda a, b: _output_transform(M6[:, :, a:b], T[:, :, a:b], Y6[:, :, a:b]), n, n * H * W * F)
+    return out if even else out[:, :H, :W]
+
+
+def winograd_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, ws: Workspace | None = None,
+                     tag: str = "wino") -> tuple[np.ndarray, WinoCache]:
+    """x: (N, H, W, C), w: (3, 3, C, F), b: (F,) | None -> out (N, H, W, F), cache (stride 1, pad 1)."""
+    N, H, W, C = x.shape
+    if w.shape[:3] != (3, 3, C):
+        raise ValueError(f"winograd: w {w.shape} does not fit x {x.shape}")
+    th, tw = _tiles(H, W)
+    V = scratch(ws, f"{tag}.Vkeep", (16, N * th * tw, C), x.dtype)
+    out = _conv(x, filter_transform(w), ws, tag, V)
+    if b is not None:
+        out += b
+    return out, WinoCache(x.shape, V, w, b is not None)
+
+
+def winograd_backward(dout: np.ndarray, cache: WinoCache, need_dx: bool = True, ws: Workspace | None = None,
+                      dw_out: np.ndarray | None = None, db_out: np.ndarray | None = None):
+    """dout: (N, H, W, F) -> dx (N, H, W, C) | None, dw (3, 3, C, F), db (F,) | None (see conv.conv2d_backward)."""
+    N, H, W, C = cache.x_shape
+    F = cache.w.shape[3]
+    th, tw = _tiles(H, W)
+    db = None
+    if cache.has_bias:
+        db = colsum(dout.reshape(-1, F))
+        if db_out is not None:
+            db_out[...] = db
+            db = db_out
+    if H != 2 * th or W != 2 * tw:  # odd sizes: zero the cropped outputs' gradient
+        dpad = scratch(ws, "wino.dpad", (N, 2 * th, 2 * tw, F), dout.dtype, zero_new=True)
+        dpad[:, :H, :W] = dout
+        dY = dpad
+    else:
+        dY = dout
+    dM = scratch(ws, "wino.dM", (16, N * th * tw, F), dout.dtype)
+    dM6 = dM.reshape(4, 4, N, th, tw, F)
+    dY6 = _tiled(dY, th, tw)
+    T = scratch(ws, "wino.dT", (4, 2, N, th, tw, F), dout.dtype)
+    split_rows(lambda a, b: _output_adjoint(dY6[:, :, a:b], T[:, :, a:b], dM6[:, :, a:b]), N, dM.size)
+    dU = np.matmul(cache.V.transpose(0, 2, 1), dM)  # (16, C, T) @ (16, T, F)
+    dw = filter_adjoint(dU, dw_out)
+    if not need_dx:
+        return None, dw, db
+    w_t = np.ascontiguousarray(cache.w[::-1, ::-1].transpose(0, 1, 3, 2))  # (3, 3, F, C), flipped in space
+    dx = _conv(dout, filter_transform(w_t), ws, "winoT")
+    return dx, dw, db
