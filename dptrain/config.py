@@ -63,6 +63,10 @@ class ModelConfig:
     # and biases), which reached targets in fewer epochs here (README); "he" = He-normal (std sqrt(2 / fan_in)) with
     # zero biases, the classifier PyTorch's uniform (the default before)
     init: str = "pytorch"
+    # 3x3 stride-1 convolutions: "im2col" (the reference: im2col + one GEMM), "winograd" (F(2x2, 3x3): 2.25x fewer
+    # multiplies, float32 error within a few ulps of im2col's; nn/winograd.py) or "auto" (Winograd where the layer's
+    # shape says it pays; by shape only, the same in every process: nn/conv.py choose_algo)
+    conv_algo: str = "im2col"
 
 
 @dataclass
@@ -158,6 +162,8 @@ class Config:
             raise ValueError(f"dist.wire_dtype must be 'float32' or 'float16', got {self.dist.wire_dtype!r}")
         if self.model.init not in ("he", "pytorch"):
             raise ValueError(f"model.init must be 'he' or 'pytorch', got {self.model.init!r}")
+        if self.model.conv_algo not in ("auto", "im2col", "winograd"):
+            raise ValueError(f"model.conv_algo must be 'auto', 'im2col' or 'winograd', got {self.model.conv_algo!r}")
         if not 0 <= self.data.shift < 0.5:
             raise ValueError(f"data.shift is a fraction of the image size in [0, 0.5), got {self.data.shift}")
         for name in ("epochs", "batch_size", "image_size"):

@@ -12,6 +12,10 @@ Input gradient: for stride 1 (every conv of the default model) dx is itself a st
 spatially flipped, channel-transposed kernel and padding k-1-pad, so it reuses the fast im2col + one GEMM (same
 FLOPs as dout @ w.T) instead of col2im's kh*kw strided read-modify-write adds. Other strides use col2im (the
 adjoint of im2col: kh*kw strided adds into a zeroed padded buffer).
+
+Algorithm: `algo` = "im2col" (the reference), "winograd" (winograd.py's F(2x2, 3x3) where it applies: 3x3, stride 1,
+pad 1; im2col otherwise) or "auto" (`choose_algo`: by the layer's shape alone, never by timing or thread count, so
+every process of a distributed run and its replay take the same path for the same layer).
 """
 from __future__ import annotations
 
@@ -22,7 +26,26 @@ from numpy.lib.stride_tricks import as_strided
 
 from .functional import colsum
 from .threads import split_rows
+from .winograd import WinoCache, supported, winograd_backward, winograd_forward
 from .workspace import Workspace, scratch
+
+ALGOS = ("auto", "im2col", "winograd")
+WINOGRAD_MIN_CHANNELS = 16  # auto: Winograd when the input has at least this many channels (see choose_algo)
+
+
+def choose_algo(algo: str, x_shape: tuple[int, ...], w_shape: tuple[int, ...], stride: int, pad: int) -> str:
+    """"im2col" or "winograd" for a layer of this shape. "auto" looks at the kernel, stride, padding and input
+    channels only (not the batch, whose size differs between uneven shards, nor the threads): Winograd for every
+    3x3 stride-1 pad-1 conv with at least WINOGRAD_MIN_CHANNELS input channels (measured faster there at batch 8,
+    32 and 64 on 1 and 2 threads; the 3-channel first layer is 3-4x slower with it: its GEMM has only 27 terms)."""
+    if algo not in ALGOS:
+        raise ValueError(f"conv algo must be one of {ALGOS}, got {algo!r}")
+    kh, kw, C, _ = w_shape
+    if algo == "im2col" or not supported(kh, kw, stride, pad):
+        return "im2col"
+    if algo == "winograd" or C >= WINOGRAD_MIN_CHANNELS:
+        return "winograd"
+    return "im2col"
 
 
 class ConvCache(NamedTuple):
@@ -39,10 +62,12 @@ def _out_size(h: int, k: int, stride: int, pad: int) -> int:
 
 
 def conv2d_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, stride: int = 1, pad: int = 0,
-                   ws: Workspace | None = None, tag: str = "conv") -> tuple[np.ndarray, ConvCache]:
+                   ws: Workspace | None = None, tag: str = "conv", algo: str = "im2col",
+                   ) -> tuple[np.ndarray, ConvCache | WinoCache]:
     """x: (N, H, W, C), w: (kh, kw, C, F), b: (F,) | None -> out (N, OH, OW, F), cache.
 
-    tag: prefix of the workspace buffers (the backward pass runs a second convolution under another tag)."""
+    tag: prefix of the workspace buffers (the backward pass runs a second convolution under another tag).
+    algo: "im2col", "winograd" or "auto" (see choose_algo)."""
     N, H, W, C = x.shape
     kh, kw, C2, F = w.shape
     if C2 != C:
@@ -50,6 +75,8 @@ def conv2d_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, stride: i
     OH, OW = _out_size(H, kh, stride, pad), _out_size(W, kw, stride, pad)
     if OH < 1 or OW < 1:
         raise ValueError(f"conv2d: input {H}x{W} too small for kernel {kh}x{kw} with pad {pad}")
+    if choose_algo(algo, x.shape, w.shape, stride, pad) == "winograd":
+        return winograd_forward(x, w, b, ws)
     M, K = N * OH * OW, kh * kw * C
     if pad:
         # zero border written when the buffer is created; only the interior is overwritten afterwards
@@ -80,7 +107,7 @@ def conv2d_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, stride: i
     return out, ConvCache(x.shape, cols, w, b is not None, stride, pad)
 
 
-def conv2d_backward(dout: np.ndarray, cache: ConvCache, need_dx: bool = True, ws: Workspace | None = None,
+def conv2d_backward(dout: np.ndarray, cache: ConvCache | WinoCache, need_dx: bool = True, ws: Workspace | None = None,
                     dw_out: np.ndarray | None = None, db_out: np.ndarray | None = None):
     """dout: (N, OH, OW, F) -> dx (N, H, W, C) | None, dw (kh, kw, C, F), db (F,) | None.
 
@@ -88,6 +115,8 @@ def conv2d_backward(dout: np.ndarray, cache: ConvCache, need_dx: bool = True, ws
     gradients into (the layer's Param.grad views); without them new arrays are returned. dx may be a view into
     a workspace buffer (the interior of the padded gradient).
     """
+    if isinstance(cache, WinoCache):
+        return winograd_backward(dout, cache, need_dx, ws, dw_out, db_out)
     N, H, W, C = cache.x_shape
     w, stride, pad = cache.w, cache.stride, cache.pad
     kh, kw, _, F = w.shape

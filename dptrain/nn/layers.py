@@ -30,22 +30,23 @@ class Layer:
 
 class Conv2D(Layer):
     """k x k convolution, NHWC. Params: `{name}.w` (k, k, cin, cout); `{name}.b` (cout,) if bias. init="he":
-    He-normal weights, zero bias; "pytorch": PyTorch's default, U(+-1/sqrt(fan_in)) for both (fan_in = k*k*cin)."""
+    He-normal weights, zero bias; "pytorch": PyTorch's default, U(+-1/sqrt(fan_in)) for both (fan_in = k*k*cin).
+    algo: "im2col" | "winograd" | "auto" (conv.choose_algo: by the layer's shape)."""
 
     def __init__(self, store: ParamStore, name: str, cin: int, cout: int, k: int = 3, stride: int = 1,
-                 pad: int = 0, bias: bool = True, init: str = "he"):
-        self.stride, self.pad = stride, pad
+                 pad: int = 0, bias: bool = True, init: str = "he", algo: str = "im2col"):
+        self.stride, self.pad, self.algo = stride, pad, algo
         fan_in = k * k * cin
         self.w = store.param(f"{name}.w", (k, k, cin, cout),
                              he_normal(fan_in) if init == "he" else uniform_fan_in(fan_in), decay=True)
         self.b = store.param(f"{name}.b", (cout,), zeros if init == "he" else uniform_fan_in(fan_in),
                              decay=False) if bias else None
         self.ws = Workspace()
-        self.cache: conv.ConvCache | None = None
+        self.cache: conv.ConvCache | conv.WinoCache | None = None
 
     def forward(self, x, train):
         out, self.cache = conv.conv2d_forward(x, self.w.data, None if self.b is None else self.b.data,
-                                              self.stride, self.pad, self.ws)
+                                              self.stride, self.pad, self.ws, algo=self.algo)
         return out
 
     def backward(self, dout):
@@ -214,14 +215,14 @@ class Sequential(Layer):
 class ResidualBlock(Layer):
     """out = ReLU(BN(conv3x3(ReLU(BN(conv3x3_s(x))))) + shortcut(x)); shortcut = BN(conv1x1_s(x)) when the
     channels or the stride change, else identity. Convs have no bias (BN follows). Names: `{name}.conv1`,
-    `{name}.bn1`, `{name}.conv2`, `{name}.bn2`, `{name}.short.conv`, `{name}.short.bn`."""
+    `{name}.bn1`, `{name}.conv2`, `{name}.bn2`, `{name}.short.conv`, `{name}.short.bn`. algo: the 3x3 convs' (Conv2D)."""
 
     def __init__(self, store: ParamStore, name: str, cin: int, cout: int, stride: int = 1, eps: float = 1e-5,
-                 init: str = "he"):
+                 init: str = "he", algo: str = "im2col"):
         self.main = Sequential([
-            Conv2D(store, f"{name}.conv1", cin, cout, 3, stride, 1, bias=False, init=init),
+            Conv2D(store, f"{name}.conv1", cin, cout, 3, stride, 1, bias=False, init=init, algo=algo),
             BatchNorm2D(store, f"{name}.bn1", cout, eps), ReLU(),
-            Conv2D(store, f"{name}.conv2", cout, cout, 3, 1, 1, bias=False, init=init),
+            Conv2D(store, f"{name}.conv2", cout, cout, 3, 1, 1, bias=False, init=init, algo=algo),
             BatchNorm2D(store, f"{name}.bn2", cout, eps)])
         self.short = None
         if cin != cout or stride != 1:

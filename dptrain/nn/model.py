@@ -124,11 +124,13 @@ def build_model(mcfg: ModelConfig, num_classes: int, image_size: int, store: Par
     layers: list[Layer] = []
     c, size = in_channels, image_size
     for i, width in enumerate(mcfg.widths, start=1):
-        layers += [Conv2D(store, f"block{i}.conv", c, width, 3, 1, 1, bias=False, init=mcfg.init),
+        layers += [Conv2D(store, f"block{i}.conv", c, width, 3, 1, 1, bias=False, init=mcfg.init,
+                          algo=mcfg.conv_algo),
                    BatchNorm2D(store, f"block{i}.bn", width, mcfg.bn_eps), ReLU(), MaxPool2D(2)]
         c, size = width, size // 2
     if mcfg.res_width:
-        layers.append(ResidualBlock(store, "res", c, mcfg.res_width, 1, mcfg.bn_eps, init=mcfg.init))
+        layers.append(ResidualBlock(store, "res", c, mcfg.res_width, 1, mcfg.bn_eps, init=mcfg.init,
+                                    algo=mcfg.conv_algo))
         c = mcfg.res_width
     layers.append(Flatten())
     d = c * size * size
