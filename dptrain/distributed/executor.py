@@ -20,9 +20,10 @@ from ..nn.params import ParamStore
 from ..optim import SGD, add_blocks, checked_clip, chunk_slices, clipped_step
 from ..train import StepInterrupted, StepResult
 from . import protocol as P
-from .coordinator import Coordinator, PeerState, StopTimeout, WorkerFailure
+from .coordinator import Coordinator, StopTimeout, WorkerFailure
 from .hostfile import rank_bases
 from .mesh_plane import MeshPlane
+from .peers import PeerState
 from .reduce import Factors, reduce_range
 from .timeline import Timeline, busy_s
 from .wire import apply_update16

@@ -26,10 +26,11 @@ from pathlib import Path
 
 from .. import config as config_mod, log
 from ..config import Config
-from .coordinator import Coordinator, PeerState, WorkerFailure
+from .coordinator import Coordinator, WorkerFailure
 from .curve import RunKeys
 from .hostfile import HostfileError, HostSlots, assign_ranks, filter_hosts, parse_hostfile, parse_hosts
 from .launch import run_session
+from .peers import PeerState
 from .session import Session
 
 SSH_REPORT_GRACE_S = 8.0  # after one host's ssh fails, how long the others get to fail (or not) for the report

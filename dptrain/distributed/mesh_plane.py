@@ -27,8 +27,9 @@ from ..nn.params import ParamStore
 from ..optim import SGD, add_blocks, checked_clip, chunk_slices
 from ..train import ExecutorFailure
 from . import protocol as P
-from .coordinator import Coordinator, PeerState, WorkerFailure
+from .coordinator import Coordinator, WorkerFailure
 from .mesh import checksum
+from .peers import PeerState
 
 
 class ReplicaMismatch(ExecutorFailure):
