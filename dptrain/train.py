@@ -4,7 +4,7 @@
 distributed run's mathematics is tested against; `--replay-workers N` plugs in replay.py's executor, which makes a
 distributed run's sums in its order: bitwise that run); `dptrain launch` plugs in the distributed executor, which
 shards the same global batch over worker processes. Everything else — sampler, schedule, clipping, SGD, BatchNorm
-running statistics, validation, early stopping, checkpoints, metrics, summary.json — is this file, for both.
+running statistics, validation, early stopping, checkpoints, metrics (metrics.py), summary.json — is this file, for both.
 
 A step, whoever computes it:
     indices = global batch k of epoch e (pure function of seed, e, k); lr = lr(k)    <- the Trainer decides
@@ -17,20 +17,16 @@ optimizer it was given (whose arrays the Trainer checkpoints between steps).
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import shutil
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-from tqdm import tqdm
 
 from . import checkpoint, config as config_mod, log
 from .board import Board, preload as preload_board
@@ -38,7 +34,7 @@ from .compute import evaluate_batches, shard_gradient
 from .config import Config
 from .data.dataset import Dataset, load_dataset
 from .data.sampler import Sampler
-from .fsutil import atomic_write
+from .metrics import MetricsFiles, Progress
 from .nn.model import build_model
 from .nn.params import ParamStore
 from .nn.threads import match_blas_threads
@@ -131,40 +127,6 @@ class LocalExecutor:
         pass
 
 
-METRICS_CSV = ["kind", "restart", "epoch", "step", "loss", "acc", "lr", "grad_norm", "images", "step_s", "slowest",
-               "train_loss", "train_acc", "val_loss", "val_acc", "images_per_s"]
-PROGRESS_EVERY_S = 30.0  # without a terminal: a progress line this often
-
-
-def csv_row(r: dict) -> dict:
-    """A metrics.jsonl line as a metrics.csv row: its kind, then its fields."""
-    return {"kind": "epoch" if "train_loss" in r else "restart" if "restart" in r else "step", **r}
-
-
-class Progress:
-    """A tqdm bar on a terminal; elsewhere (a batch job's log file, CI) one log line every PROGRESS_EVERY_S, so logs
-    stay readable: `epoch 2/8: step 120/400 (30 %), loss 1.23 acc 0.45 lr 0.05 160 img/s`."""
-
-    def __init__(self, total: int, initial: int, desc: str, enabled: bool):
-        self.total, self.n, self.desc = total, initial, desc
-        self.tty = enabled and sys.stderr.isatty()
-        self.lines = enabled and not self.tty
-        self.bar = tqdm(total=total, initial=initial, desc=desc, disable=not self.tty, leave=False, dynamic_ncols=True)
-        self.last = time.monotonic()
-
-    def step(self, postfix: str) -> None:
-        self.n += 1
-        self.bar.update(1)
-        self.bar.set_postfix_str(postfix)
-        if self.lines and (time.monotonic() - self.last >= PROGRESS_EVERY_S):
-            self.last = time.monotonic()
-            log.get().info(f"{self.desc}: step {self.n}/{self.total} ({100 * self.n // max(self.total, 1)} %), "
-                           f"{postfix}")
-
-    def close(self) -> None:
-        self.bar.close()
-
-
 class Trainer:
     """Owns weights, momentum, BN running stats, schedule position, early-stopping state and the run folder."""
 
@@ -201,7 +163,7 @@ class Trainer:
         self.preempt_signal = getattr(signal, "SIG" + name) if name else None
         self.executor: Executor | None = None  # during fit()
         self.unsaved: OSError | None = None  # the last checkpoint write failed (a full disk): fit() ends non-zero
-        self.metrics_lost_epoch = -1
+        self.metrics = MetricsFiles(self.out)  # metrics.jsonl and metrics.csv
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
     def _meta(self) -> dict:
@@ -261,64 +223,12 @@ class Trainer:
         self.epoch_sums = list(meta["epoch_sums"])
         self.log.info(f"resumed from {path}: epoch {self.epoch} step {self.step} (best val acc {self.best_val_acc:.4f})")
 
-    def trim_metrics(self) -> None:
-        """Drop the metrics.jsonl lines past the restored position. A process killed after its last checkpoint
-        wrote lines for steps (maybe an epoch, maybe half a line) that the resumed run redoes; kept, they would
-        appear twice."""
-        path = self.out / "metrics.jsonl"
-        if not path.exists():
-            return
-        lines = path.read_text().splitlines()
-        keep = []
-        for line in lines:
-            try:
-                r = json.loads(line)
-            except ValueError:  # torn last line
-                continue
-            if r["epoch"] <= self.epoch if "train_loss" in r else r["step"] < self.step:  # epoch lines are 1-based
-                keep.append(line)
-        if len(keep) != len(lines):
-            self.log.warning(f"{path}: dropped {len(lines) - len(keep)} line(s) written after the checkpoint")
-            atomic_write(path, lambda f: f.write("".join(s + "\n" for s in keep).encode()))
-
     # ---- the loop --------------------------------------------------------------------------------------------------
-    def write_csv(self) -> None:
-        """metrics.csv beside metrics.jsonl, for spreadsheets: one row per step and per epoch (`kind`), the union of
-        their columns. Written whole from metrics.jsonl when a run starts (a resumed run's trimmed lines, or an
-        earlier run's, never linger in it); `_write` then appends a row per line."""
-        src = self.out / "metrics.jsonl"
-        rows = []
-        for line in src.read_text().splitlines() if src.exists() else []:
-            try:
-                rows.append(csv_row(json.loads(line)))
-            except ValueError:
-                continue
-        try:
-            def write(f):
-                text = io.TextIOWrapper(f, newline="", encoding="utf-8")
-                w = csv.DictWriter(text, fieldnames=METRICS_CSV, extrasaction="ignore")
-                w.writeheader()
-                w.writerows(rows)
-                text.flush()
-                text.detach()
-            atomic_write(self.out / "metrics.csv", write)
-        except OSError as e:
-            self.log.error(f"{self.out / 'metrics.csv'}: cannot write it ({e.strerror})")
-
-    def _write(self, record: dict) -> None:
+    def write(self, record: dict) -> None:
+        """One metrics line (and its TensorBoard scalars)."""
         if self.board is not None:
             self.board.record(record)
-        try:
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if (self.out / "metrics.csv").exists():  # written whole by write_csv when fit() starts
-                with open(self.out / "metrics.csv", "a", newline="") as f:
-                    csv.DictWriter(f, fieldnames=METRICS_CSV, extrasaction="ignore").writerow(csv_row(record))
-        except OSError as e:  # a full disk: the line is lost, not the run (said once per epoch)
-            if self.metrics_lost_epoch != self.epoch:
-                self.metrics_lost_epoch = self.epoch
-                self.log.error(f"{self.out / 'metrics.jsonl'}: cannot append ({e.strerror}); lines are lost until "
-                               f"it can")
+        self.metrics.append(record, self.epoch)
 
     def lr(self) -> float:
         """The scheduled learning rate of the current step."""
@@ -331,12 +241,12 @@ class Trainer:
         and return the summary. ExecutorFailure propagates after last.npz is written."""
         t = self.cfg.train
         self.out.mkdir(parents=True, exist_ok=True)
-        if self.step == 0 and (self.out / "metrics.jsonl").exists():
+        if self.step == 0 and self.metrics.jsonl.exists():
             # A fresh run in a used folder: its curves must not continue the old run's.
             self.log.warning(f"{self.out} holds an earlier run: starting it over (use --resume to continue it)")
-            (self.out / "metrics.jsonl").unlink()
+            self.metrics.jsonl.unlink()
         self.check_space()
-        self.write_csv()
+        self.metrics.write_csv()
         try:
             (self.out / "config.toml").write_text(config_mod.dumps(self.cfg))
         except OSError as e:
@@ -365,7 +275,7 @@ class Trainer:
                     dt = time.perf_counter() - t0
                     self.epoch_sums = [self.epoch_sums[0] + res.loss_sum, self.epoch_sums[1] + res.correct,
                                        self.epoch_sums[2] + res.count, self.epoch_sums[3] + dt]
-                    self._write({"step": self.step, "epoch": self.epoch, "loss": res.loss_sum / res.count,
+                    self.write({"step": self.step, "epoch": self.epoch, "loss": res.loss_sum / res.count,
                                  "acc": res.correct / res.count, "lr": lr, "grad_norm": norm, "images": res.count,
                                  "step_s": dt, **({"slowest": res.slowest} if res.slowest else {}),
                                  **({"ranks": res.ranks} if res.ranks is not None else {})})
@@ -421,7 +331,7 @@ class Trainer:
         record = {"epoch": self.epoch + 1, "step": self.step, "train_loss": loss_sum / max(count, 1),
                   "train_acc": correct / max(count, 1), "val_loss": val_loss, "val_acc": val_acc, "lr": lr,
                   "images_per_s": count / secs if secs else 0.0}
-        self._write(record)
+        self.write(record)
         self.board.split(executor.summary().get("breakdown", {}), self.step)
         self.board.flush()
         self.log.info(f"epoch {self.epoch + 1}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.4f}"
@@ -476,7 +386,7 @@ def prepare(cfg: Config, resume: bool | str | None, store_factory=None) -> Train
     if resume:
         if last.exists():
             trainer.restore(last)
-            trainer.trim_metrics()
+            trainer.metrics.trim(trainer.epoch, trainer.step)
         elif resume == "auto":
             trainer.log.info(f"--resume auto: no {last} yet, starting fresh")
         else:

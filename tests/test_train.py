@@ -181,16 +181,16 @@ def test_progress_without_a_terminal_is_periodic_log_lines(monkeypatch, caplog):
     """Batch jobs and CI: no bar (their stderr is a file), one line per PROGRESS_EVERY_S instead."""
     import logging
 
-    from dptrain import train
-    monkeypatch.setattr(train, "PROGRESS_EVERY_S", 0.0)
+    from dptrain import metrics
+    monkeypatch.setattr(metrics, "PROGRESS_EVERY_S", 0.0)
     caplog.set_level(logging.INFO, logger="dptrain")
-    p = train.Progress(4, 1, "epoch 1/2", enabled=True)  # resumed at step 1 of the epoch
+    p = metrics.Progress(4, 1, "epoch 1/2", enabled=True)  # resumed at step 1 of the epoch
     assert not p.tty and p.lines  # pytest's stderr is not a terminal
     p.step("loss 1.000")
     p.step("loss 0.900")
     p.close()
     assert "epoch 1/2: step 3/4 (75 %), loss 0.900" in caplog.text
-    quiet = train.Progress(4, 0, "epoch 1/2", enabled=False)  # train.progress = false: nothing at all
+    quiet = metrics.Progress(4, 0, "epoch 1/2", enabled=False)  # train.progress = false: nothing at all
     quiet.step("loss 1.0")
     assert "step 1/4" not in caplog.text
 

@@ -214,7 +214,7 @@ def run_session(cfg: Config, stop_at_step: int, start, run_id: str | None = None
         restarts = trainer.restarts = (progress or {}).get("restarts", 0)
         first_step = trainer.step
         if restarts:  # in metrics.jsonl too, where the curve restarts from
-            trainer._write({"restart": restarts, "step": trainer.step, "epoch": trainer.epoch})
+            trainer.write({"restart": restarts, "step": trainer.step, "epoch": trainer.epoch})
         timeline = Timeline(cfg.dist.timeline) if cfg.dist.timeline else None
         executor = DistExecutor(session.coord, trainer.store, trainer.opt, cfg, grad_slots, shared, timeline,
                                 mesh=session.mesh, factor_slots=factor_slots)
