@@ -20,8 +20,9 @@ dU[p] = V[p]^T @ dM[p] (V kept from the forward), then dg = G^T dU G. dx: for st
 the same convolution of dout with the spatially flipped, channel-transposed kernel, so it reuses the forward.
 
 Work is done in chunks of whole images (`_chunk`, from the layer's shape only) so the padded copy, the row-stage
-buffer and M stay in cache; V (needed by dW) and dM are full-batch. The elementwise transforms of a chunk are split
-over its images with threads.split_rows; GEMMs are numpy/BLAS. Nothing depends on the thread count.
+buffer and M stay in cache (a full-batch M was measured up to 2-4x slower to write than cache-resident chunks); V
+(needed by dW) and dM are full-batch. The elementwise transforms of a chunk are split over its rows of tiles with
+threads.split_rows (disjoint outputs); GEMMs are numpy/BLAS. Nothing depends on the thread count.
 """
 from __future__ import annotations
 
@@ -100,20 +101,18 @@ def filter_adjoint(dU: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     return dg
 
 
-def _input_transform(x, lo, hi, xp, R, V6, pad_fill=True):
-    """Images lo:hi of x (N, H, W, C) -> V6[:, :, lo:hi] (4, 4, N, th, tw, C) = B^T d B per tile.
-    xp: (n, 2th+2, 2tw+2, C) padded chunk buffer (zero border), R: (4, n, th, 2tw+2, C) row-stage buffer."""
-    n, H, W = hi - lo, x.shape[1], x.shape[2]
-    th, tw = V6.shape[3], V6.shape[4]
-    xp, R = xp[:n], R[:, :n]
-    np.copyto(xp[:, 1:H + 1, 1:W + 1], x[lo:hi])
-    d0, d1, d2, d3 = (xp[:, k:k + 2 * th:2] for k in range(4))  # (n, th, 2tw+2, C): row k of every tile
+def _input_transform(xp, R, V6, lo, hi):
+    """Tile rows lo:hi of the padded chunk xp (n, 2th+2, 2tw+2, C) -> V6[:, :, :, lo:hi] ((4, 4, n, th, tw, C)) =
+    B^T d B per tile. R: (4, n, th, 2tw+2, C) row-stage buffer (rows lo:hi written)."""
+    tw = V6.shape[4]
+    R = R[:, :, lo:hi]
+    d0, d1, d2, d3 = (xp[:, 2 * lo + k:2 * hi + k:2] for k in range(4))  # (n, hi-lo, 2tw+2, C): row k of each tile
     np.subtract(d0, d2, out=R[0])
     np.add(d1, d2, out=R[1])
     np.subtract(d2, d1, out=R[2])
     np.subtract(d1, d3, out=R[3])
-    c0, c1, c2, c3 = (R[:, :, :, k:k + 2 * tw:2] for k in range(4))  # (4, n, th, tw, C): column k
-    V = V6[:, :, lo:hi]
+    c0, c1, c2, c3 = (R[:, :, :, k:k + 2 * tw:2] for k in range(4))  # (4, n, hi-lo, tw, C): column k
+    V = V6[:, :, :, lo:hi]
     np.subtract(c0, c2, out=V[:, 0])
     np.add(c1, c2, out=V[:, 1])
     np.subtract(c2, c1, out=V[:, 2])
@@ -157,33 +156,33 @@ def _conv(x, U, ws, tag, V=None):
     F = U.shape[2]
     th, tw = _tiles(H, W)
     nb = _chunk(N, th, tw, C, F)
+    keep = V is not None
     if V is None:
         V = scratch(ws, f"{tag}.V", (16, nb * th * tw, C), x.dtype)
-        keep = False
-    else:
-        keep = True
-    V6 = V.reshape(4, 4, -1, th, tw, C)
     xp = scratch(ws, f"{tag}.xp", (nb, 2 * th + 2, 2 * tw + 2, C), x.dtype, zero_new=True)
     R = scratch(ws, f"{tag}.R", (4, nb, th, 2 * tw + 2, C), x.dtype)
     M = scratch(ws, f"{tag}.M", (16, nb * th * tw, F), x.dtype)
     T = scratch(ws, f"{tag}.T", (2, 4, nb, th, tw, F), x.dtype)
     even = H == 2 * th and W == 2 * tw
     out = scratch(ws, f"{tag}.out", (N, 2 * th, 2 * tw, F), x.dtype)
-    for lo in range(0, N, nb):
-        hi = min(N, lo + nb)
-        n = hi - lo
-        if keep:
-            split_rows(lambda a, b: _input_transform(x, lo + a, lo + b, xp[a:], R[:, a:], V6), n, n * H * W * C)
-            Vc = V[:, lo * th * tw:hi * th * tw]
-        else:
-            Vc6 = V6[:, :, :n]
-            split_rows(lambda a, b: _input_transform(x[lo:hi], a, b, xp[a:], R[:, a:], Vc6), n, n * H * W * C)
-            Vc = V[:, :n * th * tw]
-        Mc = M[:, :n * th * tw]
+    for n0 in range(0, N, nb):  # the elementwise work of a chunk is split over its rows (tile rows), not its images
+        n1 = min(N, n0 + nb)
+        n, t0, t1 = n1 - n0, n0 * th * tw, n1 * th * tw
+        xc, Rc = xp[:n], R[:, :n]
+
+        def pad(lo, hi, xc=xc, n0=n0, n1=n1):
+            np.copyto(xc[:, 1 + lo:1 + hi, 1:W + 1], x[n0:n1, lo:hi])
+        split_rows(pad, H, n * H * W * C)
+        Vc = V[:, t0:t1] if keep else V[:, :t1 - t0]
+        Vc6 = Vc.reshape(4, 4, n, th, tw, C)
+        split_rows(lambda lo, hi, xc=xc, Rc=Rc, Vc6=Vc6: _input_transform(xc, Rc, Vc6, lo, hi), th, n * H * W * C)
+        Mc = M[:, :t1 - t0]
         np.matmul(Vc, U, out=Mc)  # (16, t, C) @ (16, C, F)
         M6 = Mc.reshape(4, 4, n, th, tw, F)
-        Y6 = _tiled(out[lo:hi], th, tw)
-        split_rows(lambda a, b: _output_transform(M6[:, :, a:b], T[:, :, a:b], Y6[:, :, a:b]), n, n * H * W * F)
+        Y6 = _tiled(out[n0:n1], th, tw)
+        Tc = T[:, :, :n]
+        split_rows(lambda lo, hi, M6=M6, Tc=Tc, Y6=Y6: _output_transform(M6[..., lo:hi, :, :], Tc[..., lo:hi, :, :],
+                                                                          Y6[..., lo:hi, :, :]), th, n * H * W * F)
     return out if even else out[:, :H, :W]
 
 
