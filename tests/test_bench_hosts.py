@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from dptrain import bench_hosts as bh
+from dptrain import bench_hosts as bh, netns_cluster as nc
 from dptrain.bench_ddp import parse_master
 
 
@@ -117,7 +117,7 @@ def test_two_hosts_dptrain_and_ddp(tmp_path):
     from netns import require_netns
     require_netns()
     # the counters this bench reads (the root-side veth) are those of eth0 inside the host, in and out swapped
-    with bh.Cluster(2, 1) as c:
+    with nc.Cluster(2, 1) as c:
         subprocess.run(["ip", "netns", "exec", c.ns(1), "bash", "-c", f"exec 3<>/dev/tcp/{c.addr(2)}/22; head -c 4 <&3"],
                        capture_output=True, timeout=10)
         before = c.link_bytes(2)
@@ -153,4 +153,4 @@ def test_two_hosts_dptrain_and_ddp(tmp_path):
     assert (out / "bench-hosts.csv").read_text().startswith("hosts,")
     prefix = re.search(r"cluster (dpb[a-z0-9]+) up", proc.stderr).group(1)
     assert prefix not in _ip_netns_list()  # torn down: namespaces, and with them every process in them
-    assert not (bh.STATE_BASE / prefix).exists()
+    assert not (nc.STATE_BASE / prefix).exists()
