@@ -143,7 +143,7 @@ def test_choose_algo_by_shape():
 @pytest.mark.parametrize("algo", ["auto", "im2col", "winograd"])
 def test_model_layers_take_the_chosen_path(algo):
     """build_model passes model.conv_algo to every conv; after a forward each conv's cache says which path ran."""
-    mcfg = ModelConfig(widths=[8, 16, 64], res_width=64, hidden=8, conv_algo=algo)  # auto: res.* from 64 channels
+    mcfg = ModelConfig(widths=[8, 16, 64], res_width=96, hidden=8, conv_algo=algo)  # auto: res.* (64, 96 channels)
     model = build_model(mcfg, 5, 16, ParamStore(np.float32), rng=np.random.default_rng(0))
     model.forward(np.random.default_rng(1).standard_normal((2, 16, 16, 3)).astype(np.float32), train=True)
     convs = {m.w.name: m for m in model.layers() if isinstance(m, L.Conv2D)}
