@@ -66,7 +66,7 @@ class ModelConfig:
     # 3x3 stride-1 convolutions: "im2col" (the reference: im2col + one GEMM), "winograd" (F(2x2, 3x3): 2.25x fewer
     # multiplies, float32 error within a few ulps of im2col's; nn/winograd.py) or "auto" (Winograd where the layer's
     # shape says it pays; by shape only, the same in every process: nn/conv.py choose_algo)
-    conv_algo: str = "im2col"
+    conv_algo: str = "auto"
 
 
 @dataclass
