@@ -28,6 +28,7 @@ F64_TOL = 1e-12
 CASES = [  # (N, H, W, C, F): even, odd and 1-pixel sizes, batch 1, the default model's channel counts (small N)
     (2, 8, 8, 4, 3), (1, 5, 7, 3, 2), (3, 7, 6, 2, 5), (1, 1, 1, 2, 3), (2, 2, 3, 1, 1), (1, 3, 1, 4, 2),
     (2, 32, 32, 32, 64), (2, 16, 16, 64, 128), (2, 8, 8, 128, 256), (1, 8, 8, 256, 256), (2, 9, 11, 16, 8),
+    (5, 32, 32, 32, 64),  # 4 MiB chunks: forward 2+2+1 images, dx 3+2
 ]
 
 
@@ -82,6 +83,21 @@ def test_gradcheck(case, bias):
     ws = Workspace()
     check_kernel(winograd.winograd_forward, lambda d, c: winograd.winograd_backward(d, c, ws=ws),
                  (x, w, b if bias else None), ws)
+
+
+@pytest.mark.parametrize("chunk_images", [1, 2, 3])
+def test_chunks_and_partial_last_chunk(monkeypatch, chunk_images):
+    """The batch is processed in chunks of whole images (5 images: chunks of 1; 2+2+1; 3+2), forward and dx."""
+    case = (5, 6, 7, 4, 3)
+    N, H, W, C, F = case
+    th, tw = winograd._tiles(H, W)
+    monkeypatch.setattr(winograd, "CHUNK_BYTES", chunk_images * 4 * ((2 * th + 2) * (2 * tw + 2) * max(C, F)
+                                                                      + 4 * th * (2 * tw + 2) * max(C, F)
+                                                                      + 16 * th * tw * max(C, F)))
+    assert winograd._chunk(N, th, tw, C, F) == chunk_images == winograd._chunk(N, th, tw, F, C)
+    ref, got = im2col(*data(case, np.float64)), wino(*data(case, np.float64), ws=Workspace())
+    for r, g in zip(ref, got):
+        assert rel_error(g, r) < F64_TOL
 
 
 def test_workspace_reuse_and_skip_dx():
