@@ -40,7 +40,9 @@ def choose_algo(algo: str, x_shape: tuple[int, ...], w_shape: tuple[int, ...], s
     layers (2-core EPYC): 64 -> 128 at 16x16 and 128/256 -> 256 at 8x8 take 0.6-0.75x im2col's forward+backward
     time on 1 thread, 0.8-0.95x on 2; 32 -> 64 at 32x32 gains on 1 thread (0.8x) but loses on 2 (1.1x: its
     transforms are memory-bound and scale worse than one large GEMM); 3 -> 32 at 64x64 is 3-4x slower (a 27-term
-    GEMM has little to save). Whole training step, batch 64: 0.78x on 1 thread, 0.88x on 2 (C >= 16: 0.80x, 0.97x)."""
+    GEMM has little to save). Whole training step, batch 64, against im2col everywhere: 0.85x on 1 thread, 0.99x on
+    2 (`dptrain bench`, medians of 5 alternated runs on a shared machine; 0.78x and 0.88x alternated in one
+    process); threshold 16 instead of 64: 0.80x, 0.97x (in one process)."""
     if algo not in ALGOS:
         raise ValueError(f"conv algo must be one of {ALGOS}, got {algo!r}")
     kh, kw, C, _ = w_shape
