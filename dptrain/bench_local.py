@@ -1,7 +1,9 @@
 """`dptrain bench` without --workers: training steps of one model in this process, on synthetic tensors.
 
 A step is what the single-process trainer does per batch: forward, softmax cross-entropy, backward, the global
-gradient norm (float64), clip and momentum SGD with weight decay. PyTorch (--compare torch) runs the same network
+gradient norm (float64), clip and momentum SGD with weight decay. Per layer type and pass: milliseconds and, for the
+GEMM layers (Conv2D, Linear), the achieved GFLOP/s next to this machine's measured float32 GEMM peak at the same
+thread count (2048^3, best of 5), so the next bottleneck is visible. PyTorch (--compare torch) runs the same network
 and the same step (clip_grad_norm_ + torch.optim.SGD) on the same tensors with the same number of threads.
 """
 from __future__ import annotations
@@ -24,9 +26,20 @@ from .nn.threads import set_threads
 from .optim import SGD, clip_factor, sum_of_squares
 
 
-def instrument(model) -> dict[str, list[float]]:
-    """Wrap every leaf layer's forward/backward to add its seconds to times[layer type] = [fwd_s, bwd_s]."""
+def gemm_flops(layer, x: np.ndarray, out: np.ndarray) -> float:
+    """Multiply-add FLOPs (x2) of a forward pass as a direct GEMM would do them: Conv2D N·OH·OW·k·k·C·F (whatever
+    the algorithm: Winograd's are fewer, so its GFLOP/s are "effective"), Linear N·D·O; 0 for the other layers.
+    Backward does the same for dW and again for dx when the layer needs it."""
+    if isinstance(layer, (L.Conv2D, L.Linear)):
+        return 2.0 * out.size * (layer.w.data.size // layer.w.shape[-1])
+    return 0.0
+
+
+def instrument(model) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wrap every leaf layer's forward/backward to add its seconds to times[layer type] = [fwd_s, bwd_s] and its
+    GEMM FLOPs to flops[layer type] = [fwd, bwd]."""
     times: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    flops: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
     for layer in model.layers():
         if isinstance(layer, (L.Sequential, L.ResidualBlock)):
             continue  # containers: their leaves are timed (the residual add is left in "other")
@@ -34,13 +47,32 @@ def instrument(model) -> dict[str, list[float]]:
         for slot, meth in ((0, "forward"), (1, "backward")):
             orig = getattr(layer, meth)
 
-            def timed(*a, _orig=orig, _kind=kind, _slot=slot, **kw):
+            def timed(*a, _orig=orig, _kind=kind, _slot=slot, _layer=layer, **kw):
                 t0 = time.perf_counter()
                 r = _orig(*a, **kw)
                 times[_kind][_slot] += time.perf_counter() - t0
+                if _slot == 0:
+                    _layer.bench_flops = gemm_flops(_layer, a[0], r)
+                    flops[_kind][0] += _layer.bench_flops
+                else:
+                    flops[_kind][1] += getattr(_layer, "bench_flops", 0.0) * (2 if r is not None else 1)
                 return r
             setattr(layer, meth, timed)
-    return times
+    return times, flops
+
+
+def gemm_peak_gflops(threads: int, n: int = 2048, repeats: int = 5) -> float:
+    """This machine's float32 GEMM speed with `threads` BLAS threads: the best of `repeats` n x n x n products."""
+    a, b = (np.random.default_rng(i).standard_normal((n, n)).astype(np.float32) for i in (0, 1))
+    c = np.empty((n, n), np.float32)
+    best = math.inf
+    with threadpool_limits(threads):
+        np.matmul(a, b, out=c)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            np.matmul(a, b, out=c)
+            best = min(best, time.perf_counter() - t0)
+    return 2.0 * n ** 3 / best / 1e9
 
 
 def synthetic_batch(batch: int, size: int, classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -66,7 +98,7 @@ def time_numpy(cfg: Config, classes: int, warmup: int, steps: int, progress: boo
     store = ParamStore(np.float32)
     model = build_model(cfg.model, classes, size, store, rng=np.random.default_rng(0))
     opt = SGD(store.num_params, momentum=t.momentum, weight_decay=t.weight_decay, decay_ranges=store.decay_ranges())
-    times = instrument(model)
+    times, flops = instrument(model)
     phase = defaultdict(float)
 
     def step():
@@ -89,10 +121,14 @@ def time_numpy(cfg: Config, classes: int, warmup: int, steps: int, progress: boo
     for _ in range(warmup):
         step()
     times.clear()
+    flops.clear()
     phase.clear()
     secs = _timed_loop(step, 0, steps, "numpy", progress)
     n = len(secs)
     layers = {k: {"forward_ms": f * 1e3 / n, "backward_ms": b * 1e3 / n} for k, (f, b) in times.items()}
+    for k, (f, b) in flops.items():
+        if f:  # GEMM layers: achieved (effective) GFLOP/s per pass
+            layers[k].update(forward_gflops=f / times[k][0] / 1e9, backward_gflops=b / times[k][1] / 1e9)
     return {"step_ms": 1e3 * float(np.median(secs)), "images_per_s": batch / float(np.median(secs)),
             "phases_ms": {k: v * 1e3 / n for k, v in phase.items()}, "layers_ms": layers,
             "num_params": store.num_params}
@@ -135,8 +171,14 @@ def run_local_bench(cfg: Config, classes: int, threads: int, warmup: int, steps:
         finally:
             set_threads(prev)
         theirs = time_torch(cfg, classes, threads, warmup, steps, progress) if compare_torch else None
+    peak = gemm_peak_gflops(threads)
+    for v in ours["layers_ms"].values():
+        for p in ("forward", "backward"):
+            if f"{p}_gflops" in v:
+                v[f"{p}_pct_of_peak"] = 100.0 * v[f"{p}_gflops"] / peak
     out = {"mode": "single", "threads": threads, "batch_size": cfg.train.batch_size,
-           "image_size": cfg.data.image_size, "classes": classes, "steps": steps, "warmup": warmup, **ours}
+           "image_size": cfg.data.image_size, "classes": classes, "steps": steps, "warmup": warmup,
+           "conv_algo": cfg.model.conv_algo, "gemm_peak_gflops": peak, **ours}
     if theirs:
         out.update(torch_images_per_s=theirs["images_per_s"], torch_step_ms=theirs["step_ms"],
                    torch_version=theirs["torch_version"], ratio_vs_torch=ours["images_per_s"] / theirs["images_per_s"])
@@ -151,7 +193,10 @@ def format_local(r: dict) -> str:
         lines.append(f"torch   : {r['torch_step_ms']:8.1f} ms/step {r['torch_images_per_s']:8.1f} img/s   "
                      f"dptrain/torch = {r['ratio_vs_torch']:.2f}x  (torch {r['torch_version']})")
     lines.append("\nphase (mean ms/step): " + "  ".join(f"{k} {v:.1f}" for k, v in r["phases_ms"].items()))
-    lines.append(f"\n{'layer type':<14}{'fwd ms':>9}{'bwd ms':>9}")
-    for k, v in sorted(r["layers_ms"].items(), key=lambda kv: -sum(kv[1].values())):
-        lines.append(f"{k:<14}{v['forward_ms']:9.1f}{v['backward_ms']:9.1f}")
+    lines.append(f"\n{'layer type':<14}{'fwd ms':>9}{'bwd ms':>9}   GFLOP/s fwd, bwd (% of the GEMM peak, "
+                 f"{r['gemm_peak_gflops']:.0f} GFLOP/s at {r['threads']} thread(s); conv: direct-conv FLOPs)")
+    for k, v in sorted(r["layers_ms"].items(), key=lambda kv: -(kv[1]["forward_ms"] + kv[1]["backward_ms"])):
+        rate = (f"   {v['forward_gflops']:6.1f} ({v['forward_pct_of_peak']:3.0f} %), {v['backward_gflops']:6.1f} "
+                f"({v['backward_pct_of_peak']:3.0f} %)") if "forward_gflops" in v else "   memory-bound"
+        lines.append(f"{k:<14}{v['forward_ms']:9.1f}{v['backward_ms']:9.1f}{rate}")
     return "\n".join(lines)

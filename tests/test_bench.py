@@ -10,6 +10,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 TINY = ["--batch-size", "16", "--image-size", "16", "--classes", "10", "--steps", "2", "--warmup", "1",
         "--no-progress", "--model.widths=[8]", "--model.res_width=0", "--model.hidden=16"]
 
@@ -28,6 +30,34 @@ def test_single_process_json(tmp_path):
     assert r["mode"] == "single" and r["threads"] == 1
     assert set(r["phases_ms"]) >= {"forward", "backward", "sgd_update"}
     assert "Conv2D" in r["layers_ms"]
+    conv, bn = r["layers_ms"]["Conv2D"], r["layers_ms"]["BatchNorm2D"]
+    assert conv["forward_gflops"] > 0 and conv["backward_gflops"] > 0 and r["gemm_peak_gflops"] > 0
+    assert conv["forward_pct_of_peak"] == pytest.approx(100 * conv["forward_gflops"] / r["gemm_peak_gflops"])
+    assert "forward_gflops" not in bn  # memory-bound: no GEMM FLOPs to speak of
+
+
+def test_gemm_flops_count_the_direct_products():
+    """Forward FLOPs per layer as a direct GEMM does them; backward twice that (dW and dx), once for the first conv."""
+    import numpy as np
+
+    from dptrain.bench_local import instrument
+    from dptrain.config import ModelConfig
+    from dptrain.nn.layers import Conv2D, Linear
+    from dptrain.nn.loss import softmax_cross_entropy
+    from dptrain.nn.model import build_model
+    from dptrain.nn.params import ParamStore
+    model = build_model(ModelConfig(widths=[4, 8], res_width=0, hidden=16), 3, 8, ParamStore(np.float32),
+                        rng=np.random.default_rng(0))
+    _, flops = instrument(model)
+    x = np.random.default_rng(1).standard_normal((5, 8, 8, 3)).astype(np.float32)
+    _, dlogits, _ = softmax_cross_entropy(model.forward(x, train=True), np.array([0, 1, 2, 0, 1]), 5)
+    model.backward(dlogits)
+    conv = 2 * 5 * (8 * 8 * 9 * 3 * 4 + 4 * 4 * 9 * 4 * 8)  # block1 at 8x8, block2 at 4x4 (after the pool)
+    assert flops["Conv2D"][0] == conv
+    assert flops["Conv2D"][1] == 2 * conv - 2 * 5 * 8 * 8 * 9 * 3 * 4  # the first conv computes no dx
+    lin = 2 * 5 * (2 * 2 * 8 * 16 + 16 * 3)
+    assert flops["Linear"] == [lin, 2 * lin]
+    assert {type(m) for m in model.layers()} >= {Conv2D, Linear}
 
 
 def test_workers_write_csv_json_png(tmp_path):
