@@ -18,7 +18,6 @@ optimizer it was given (whose arrays the Trainer checkpoints between steps).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import time
@@ -34,6 +33,7 @@ from .compute import evaluate_batches, shard_gradient
 from .config import Config
 from .data.dataset import Dataset, load_dataset
 from .data.sampler import Sampler
+from .fsutil import atomic_link
 from .metrics import MetricsFiles, Progress
 from .nn.model import build_model
 from .nn.params import ParamStore
@@ -164,6 +164,7 @@ class Trainer:
         self.executor: Executor | None = None  # during fit()
         self.unsaved: OSError | None = None  # the last checkpoint write failed (a full disk): fit() ends non-zero
         self.metrics = MetricsFiles(self.out)  # metrics.jsonl and metrics.csv
+        self.saved_at: tuple | None = None  # _position() of the last last.npz written
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
     def _meta(self) -> dict:
@@ -194,6 +195,12 @@ class Trainer:
         if self.unsaved is not None:
             self.log.warning(f"{self.out / (name + '.npz')} written: checkpoints are saved again")
         self.unsaved = None
+        if name == "last":
+            self.saved_at = self._position()
+
+    def _position(self) -> tuple:
+        """What a checkpoint of the state now would record beyond the arrays, which change only with steps."""
+        return (self.step, self.epoch, self.step_in_epoch, self.best_epoch, self.bad_epochs, self.epochs_run)
 
     def keep_step_checkpoint(self) -> None:
         """train.keep_checkpoints > 0: last.npz, just written, is also kept as step-NNNNNNNN.npz (a hard link: no
@@ -202,12 +209,7 @@ class Trainer:
         last = self.out / "last.npz"
         if k <= 0 or self.unsaved is not None or not last.exists():
             return
-        kept = self.out / f"step-{self.step:08d}.npz"
-        try:
-            kept.unlink(missing_ok=True)
-            os.link(last, kept)
-        except OSError:  # a filesystem without hard links: a copy
-            shutil.copyfile(last, kept)
+        atomic_link(last, self.out / f"step-{self.step:08d}.npz")
         for old in sorted(self.out.glob("step-*.npz"))[:-k]:
             old.unlink(missing_ok=True)
 
@@ -301,7 +303,8 @@ class Trainer:
             for s, h in old.items():
                 signal.signal(s, h)
             self.board.close()
-        self.save("last")
+        if self.saved_at != self._position():  # not already on disk (an epoch's end just wrote it)
+            self.save("last")
         self.executor = None
         summary = {**self._summary(time.perf_counter() - wall0, stopped_early, interrupted), **executor.summary()}
         try:
@@ -340,12 +343,17 @@ class Trainer:
         self.epochs_run += 1
         self.step_in_epoch = 0
         self.epoch_sums = [0.0, 0, 0, 0.0]
-        if val_acc > self.best_val_acc:
+        improved = val_acc > self.best_val_acc
+        if improved:
             self.best_val_acc, self.best_epoch, self.bad_epochs = val_acc, self.epoch, 0
-            self.save("best")
         else:
             self.bad_epochs += 1
         self.save("last")
+        if improved:  # the same state: best.npz becomes a second name of the file just written (no second write)
+            if self.unsaved is None:
+                atomic_link(self.out / "last.npz", self.out / "best.npz")
+            else:
+                self.save("best")
         if self.cfg.train.patience and self.bad_epochs >= self.cfg.train.patience:
             self.log.info(f"early stop: no better val accuracy for {self.bad_epochs} epochs "
                           f"(best {self.best_val_acc:.4f} at epoch {self.best_epoch})")

@@ -125,6 +125,10 @@ def test_run_folder_contents(data, full_run):
     assert epochs[on_disk["best_epoch"] - 1]["val_acc"] == on_disk["best_val_acc"]
 
     assert (out / "best.npz").exists() and (out / "last.npz").exists()
+    # best.npz is written as a second name of the improving epoch's last.npz (no second 37 MB write): the same file
+    # exactly when the best epoch is the last one
+    same = (out / "best.npz").stat().st_ino == (out / "last.npz").stat().st_ino
+    assert same == (on_disk["best_epoch"] == on_disk["epochs_run"])
     assert C.load(out / "config.toml") == cfg  # saved and reloadable, equal to the config that ran
 
     # best.npz holds the weights that scored best_val_acc: restoring it reproduces that accuracy exactly
