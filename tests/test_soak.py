@@ -27,12 +27,13 @@ def soak(tmp_path, data, *args, timeout_s: float) -> subprocess.CompletedProcess
 @pytest.mark.timeout(40)
 def test_memory_soak_short_run(tiny_data, tmp_path):
     out = tmp_path / "mem"
-    p = soak(tmp_path, tiny_data, "--steps", "40", "--interval", "0.2", "--out", str(out), "--timeout", "30",
+    # 40 tiny steps took 1.2 s on a fast machine: too short for samples every 0.2 s after the warm-up; sample often
+    p = soak(tmp_path, tiny_data, "--steps", "120", "--interval", "0.05", "--out", str(out), "--timeout", "30",
              timeout_s=35)
     assert p.returncode == 0, p.stdout + p.stderr
     r = json.loads((out / "soak.json").read_text())
     assert r["passed"] and r["failures"] == []
-    assert r["steps_done"] == r["steps_expected"] == 40 and r["rc"] == 0
+    assert r["steps_done"] == r["steps_expected"] == 120 and r["rc"] == 0
     assert r["dropped_messages"] == 0 and r["leftovers"] == []
     assert set(r["processes"]) == {"launcher", "rank0", "rank1"}
     for proc in r["processes"].values():
