@@ -86,3 +86,27 @@ def test_memory_warning_when_the_workers_would_not_fit(monkeypatch):
     assert session.memory_warning(cfg, 9_434_462, 2) is None
     line = session.memory_warning(cfg, 9_434_462, 8)
     assert line and line.startswith("8 workers need about") and "1.5 GB available" in line
+
+
+@pytest.mark.timeout(120)
+def test_workers_run_nicer_only_when_they_outnumber_the_cores(tiny_data, tmp_path, monkeypatch):
+    """More workers than physical cores: each runs OVERSUBSCRIBED_NICE nicer than the launcher (so handing out a step
+    is not preempted by the workers already woken); otherwise at the launcher's own priority."""
+
+    from dptrain.distributed import session
+    seen = []
+    real = session.spawn_worker
+
+    def spy(*args, **kwargs):
+        proc = real(*args, **kwargs)
+        seen.append(psutil.Process(proc.pid).nice())
+        return proc
+    monkeypatch.setattr(session, "spawn_worker", spy)
+    monkeypatch.setattr(session, "physical_cores", lambda: 2)
+    base = psutil.Process().nice()
+    kw = dict(train__epochs=1, train__steps_per_epoch=2)
+    assert launch_inproc(tiny_cfg(tiny_data, tmp_path / "three", dist__workers=3, **kw)) == 0
+    assert seen == [min(base + session.OVERSUBSCRIBED_NICE, 19)] * 3
+    seen.clear()
+    assert launch_inproc(tiny_cfg(tiny_data, tmp_path / "two", dist__workers=2, **kw)) == 0
+    assert seen == [base] * 2
