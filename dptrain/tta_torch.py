@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 TORCH_BN_MOMENTUM, TORCH_BN_EPS = 0.1, 1e-5  # nn.BatchNorm2d's defaults
@@ -108,7 +109,14 @@ def _rank(rank: int, a: argparse.Namespace, port: int) -> None:
         best, bad = (val_acc, 0) if val_acc > best else (best, bad + 1)
         if t.patience and bad >= t.patience:
             break
+    # Every rank here before any tears down, then out without interpreter finalization: with gloo, a rank that
+    # destroys its group or finalizes while its peer is still in the last collective's teardown was seen to abort
+    # ("terminate called without an active exception", SIGABRT) after all its work was done and written.
+    dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def main() -> None:
