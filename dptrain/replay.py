@@ -280,10 +280,10 @@ class ReplayExecutor:
         if not self.layout.hosts:  # one host: the ranks' gradients (their frames on socket transport)
             frames = [grad_frame(self.grad_slots[r], "float16" if self.wire16 else "float32") for r in ranks]
             factors = None
-            if self.local_factor:
-                w = self.factor_layers[0].w
-                factors = Factors(w.offset, *w.shape, *([self.factor_layers[r].factors[i] for r in ranks]
-                                                        for i in (0, 1)))
+            if self.local_factor:  # every rank's (x, dy) of the factored Linear, in rank order
+                layers = [self.factor_layers[r] for r in ranks]
+                w = layers[0].w
+                factors = Factors(w.offset, *w.shape, [m.factors[0] for m in layers], [m.factors[1] for m in layers])
             reduce_range(g, [f for f, _ in frames], 0, g.size, [s for _, s in frames], factors)
             return self._coordinator_step(lr, step, self.threads if d.transport == "shm" and d.update == "workers"
                                           else 1)

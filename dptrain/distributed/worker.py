@@ -75,13 +75,14 @@ class Worker:
         match_blas_threads(self.cfg.train.short_blas_spin)  # BLAS got cores // N threads; other kernels follow
         self.shm_weights = "params" in shm
         self.buckets = bool(f.get("buckets"))  # under a mesh agent: say when each part of the gradient is final
-        self.factors = None  # dist.factored: the hidden Linear's (x, dy) into the host's factor arrays
+        # dist.factored: the hidden Linear leaves its (x, dy) in the host's factor arrays (slots, batch cap, K | F);
+        # factor_slots (w0, K, F, x, dy) is also what a one-host REDUCE computes that layer's dW from
+        self.factor_layer = self.factor_slots = None
         if f.get("factored"):
-            layer = self.model.factor_layer()
-            layer.factored = True
-            fx, fdy = (self._attach(f["factored"][k]).array for k in ("x", "dy"))  # (slots, batch cap, K | F)
-            self.factors = (layer, fx[self.rank], fdy[self.rank])
-            self.factor_slots = (layer.w.offset, *layer.w.shape, fx, fdy)  # one host: what REDUCE computes dW from
+            self.factor_layer = self.model.factor_layer()
+            self.factor_layer.factored = True
+            fx, fdy = (self._attach(f["factored"][k]).array for k in ("x", "dy"))
+            self.factor_slots = (self.factor_layer.w.offset, *self.factor_layer.w.shape, fx, fdy)
         self.slot = -1  # which half of a double weight buffer the model reads (-1: a single buffer)
         if self.shm_weights:
             params = self._attach(shm["params"], readonly="velocity" not in shm).array
@@ -173,10 +174,8 @@ class Worker:
         on_ready = None
         if self.buckets:
             def on_ready(offset: int) -> None:
-                if self.factors is not None and offset == self.factors[0].w.offset:  # the factored Linear is done
-                    layer, fx, fdy = self.factors
-                    x, dy = layer.factors
-                    fx[:len(x)], fdy[:len(dy)] = x, dy
+                if self.factor_layer is not None and offset == self.factor_layer.w.offset:  # that Linear is done
+                    self._leave_factors()
                 self.link.send(P.Kind.BUCKET, attempt=self.link.attempt, ready_from=offset)
         if self.blocks is not None:
             self._run_blocks(idx, f, t_recv)
@@ -184,10 +183,8 @@ class Worker:
         r = shard_gradient(self.model, self.images, self.labels, idx, epoch=f["epoch"],
                            global_count=f["global_count"], data=self.cfg.data, seed=self.cfg.train.seed,
                            on_ready=on_ready)
-        if self.factors is not None and not self.buckets:  # one host: the factors where the reducers read them
-            layer, fx, fdy = self.factors
-            x, dy = layer.factors
-            fx[:len(x)], fdy[:len(dy)] = x, dy
+        if self.factor_layer is not None and not self.buckets:  # one host: where the reducers read them
+            self._leave_factors()
         timings = {"wait": [t_recv, r.timings["load"][0] - t_recv], **r.timings}
         if self.shm_weights:
             self.link.send_result("train", len(idx), r.loss_sum, r.correct, timings, grad_in="shm",
@@ -196,6 +193,12 @@ class Worker:
             grad, scale = grad_frame(self.store.grads, self.cfg.dist.wire_dtype)
             self.link.send_result("train", len(idx), r.loss_sum, r.correct, timings, grad_in="frame", grad=grad,
                                   grad_scale=scale, bn_moments=self.model.bn_moments())
+
+    def _leave_factors(self) -> None:
+        """This rank's inputs and output gradients of the factored Linear into its rows of the host's factor arrays."""
+        x, dy = self.factor_layer.factors
+        _, _, _, fx, fdy = self.factor_slots
+        fx[self.rank, :len(x)], fdy[self.rank, :len(dy)] = x, dy
 
     def _run_blocks(self, idx: np.ndarray, f: dict, t_recv: float) -> None:
         """--batch-invariant: the shard block by block, the exact int64 gradient into this rank's slot (or a frame)."""
