@@ -26,10 +26,11 @@ from .nn.threads import set_threads
 from .optim import SGD, clip_factor, sum_of_squares
 
 
-def gemm_flops(layer, x: np.ndarray, out: np.ndarray) -> float:
-    """Multiply-add FLOPs (x2) of a forward pass as a direct GEMM would do them: Conv2D N·OH·OW·k·k·C·F (whatever
-    the algorithm: Winograd's are fewer, so its GFLOP/s are "effective"), Linear N·D·O; 0 for the other layers.
-    Backward does the same for dW and again for dx when the layer needs it."""
+def gemm_flops(layer, out: np.ndarray) -> float:
+    """Multiply-add FLOPs (x2) of a forward pass with output `out` (or of one GEMM of its backward, given dout, which
+    has out's shape) as a direct GEMM does them: Conv2D N·OH·OW·k·k·C·F (whatever the algorithm: Winograd's are
+    fewer, so its GFLOP/s are "effective"), Linear N·D·O; 0 for the other layers. Backward does it for dW and again
+    for dx when the layer needs it."""
     if isinstance(layer, (L.Conv2D, L.Linear)):
         return 2.0 * out.size * (layer.w.data.size // layer.w.shape[-1])
     return 0.0
@@ -52,10 +53,9 @@ def instrument(model) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
                 r = _orig(*a, **kw)
                 times[_kind][_slot] += time.perf_counter() - t0
                 if _slot == 0:
-                    _layer.bench_flops = gemm_flops(_layer, a[0], r)
-                    flops[_kind][0] += _layer.bench_flops
-                else:
-                    flops[_kind][1] += getattr(_layer, "bench_flops", 0.0) * (2 if r is not None else 1)
+                    flops[_kind][0] += gemm_flops(_layer, r)
+                else:  # a[0] = dout: dW, and dx unless the layer returns none
+                    flops[_kind][1] += gemm_flops(_layer, a[0]) * (2 if r is not None else 1)
                 return r
             setattr(layer, meth, timed)
     return times, flops

@@ -33,9 +33,9 @@ ALGOS = ("auto", "im2col", "winograd")
 WINOGRAD_MIN_CHANNELS = 64  # auto: Winograd when the input has at least this many channels (see choose_algo)
 
 
-def choose_algo(algo: str, x_shape: tuple[int, ...], w_shape: tuple[int, ...], stride: int, pad: int) -> str:
+def choose_algo(algo: str, w_shape: tuple[int, ...], stride: int, pad: int) -> str:
     """"im2col" or "winograd" for a layer of this shape. "auto" looks at the kernel, stride, padding and input
-    channels only (not the batch, whose size differs between uneven shards, nor the threads): Winograd for every
+    channels only (not the input, whose batch differs between uneven shards, nor the threads): Winograd for every
     3x3 stride-1 pad-1 conv with at least WINOGRAD_MIN_CHANNELS input channels. Measured on the default model's
     layers (2-core EPYC): 64 -> 128 at 16x16 and 128/256 -> 256 at 8x8 take 0.6-0.75x im2col's forward+backward
     time on 1 thread, 0.8-0.95x on 2; 32 -> 64 at 32x32 gains on 1 thread (0.8x) but loses on 2 (1.1x: its
@@ -80,7 +80,7 @@ def conv2d_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, stride: i
     OH, OW = _out_size(H, kh, stride, pad), _out_size(W, kw, stride, pad)
     if OH < 1 or OW < 1:
         raise ValueError(f"conv2d: input {H}x{W} too small for kernel {kh}x{kw} with pad {pad}")
-    if choose_algo(algo, x.shape, w.shape, stride, pad) == "winograd":
+    if choose_algo(algo, w.shape, stride, pad) == "winograd":
         return winograd_forward(x, w, b, ws)
     M, K = N * OH * OW, kh * kw * C
     if pad:

@@ -152,7 +152,8 @@ class Linear(Layer):
                              decay=False) if bias else None
         self.cache: F.LinearCache | None = None
         # factored: backward leaves (x, dout) in `factors` instead of computing the weight gradient x.T @ dout (whoever
-        # gathers the factors of every shard computes it once over the whole batch: the mesh plane)
+        # gathers the factors of every shard computes it once over the whole batch: the mesh's owners, or the one-host
+        # reduction, distributed/reduce.py)
         self.factored = False
         self.factors: tuple[np.ndarray, np.ndarray] | None = None
 
