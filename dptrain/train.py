@@ -195,7 +195,7 @@ class Trainer:
         if self.unsaved is not None:
             self.log.warning(f"{self.out / (name + '.npz')} written: checkpoints are saved again")
         self.unsaved = None
-        if name == "last":
+        if name == "last" and not lag:  # a checkpoint behind the counters is not the state now
             self.saved_at = self._position()
 
     def _position(self) -> tuple:
@@ -278,9 +278,9 @@ class Trainer:
                     self.epoch_sums = [self.epoch_sums[0] + res.loss_sum, self.epoch_sums[1] + res.correct,
                                        self.epoch_sums[2] + res.count, self.epoch_sums[3] + dt]
                     self.write({"step": self.step, "epoch": self.epoch, "loss": res.loss_sum / res.count,
-                                 "acc": res.correct / res.count, "lr": lr, "grad_norm": norm, "images": res.count,
-                                 "step_s": dt, **({"slowest": res.slowest} if res.slowest else {}),
-                                 **({"ranks": res.ranks} if res.ranks is not None else {})})
+                                "acc": res.correct / res.count, "lr": lr, "grad_norm": norm, "images": res.count,
+                                "step_s": dt, **({"slowest": res.slowest} if res.slowest else {}),
+                                **({"ranks": res.ranks} if res.ranks is not None else {})})
                     self.step += 1
                     self.step_in_epoch += 1
                     if t.checkpoint_every_steps and self.step % t.checkpoint_every_steps == 0:
