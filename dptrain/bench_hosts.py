@@ -55,6 +55,7 @@ CSV_KEYS = ["hosts", "slots", "workers", "rate", "batch_size", "warmup", "steps"
 _UNITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "bps": 8, "kbps": 8e3, "mbps": 8e6, "gbps": 8e9}
 
 
+# ---- pure helpers (unit-tested) ---------------------------------------------------------------------------------
 def parse_hosts_list(text: str) -> list[int]:
     """"2,3,4" -> [2, 3, 4] (sorted, unique, each >= 1)."""
     try:

@@ -28,9 +28,6 @@ class BenchError(RuntimeError):
     pass
 
 
-# ---- pure helpers (unit-tested) ---------------------------------------------------------------------------------
-
-
 # ---- processes ----------------------------------------------------------------------------------------------------
 class Job:
     """A command in its own session (optionally inside a namespace), output to a log file; stop() kills its group."""

@@ -118,12 +118,8 @@ class Agent:
             layer = None  # a batch this large: the gradient itself is fewer bytes
         self.factor = None  # (offset, rows K, cols F, x slots, dy slots) of the factored Linear (mesh.py)
         factored = {}
-        if layer is not None:  # every worker's shard fits in a batch: (slots, batch, K) inputs, (slots, batch, F)
-            K, F = layer.w.shape
-            cap = self.cfg.train.batch_size
-            fx, fdy = shared("fx", (self.slots, cap, K), np.float32), shared("fdy", (self.slots, cap, F), np.float32)
-            self.factor = (layer.w.offset, K, F, fx.array, fdy.array)
-            factored = {"x": fx.spec(), "dy": fdy.spec()}
+        if layer is not None:
+            self.factor, factored = self.session.factor_arrays(layer, self.slots, self.cfg.train.batch_size)
         local_cfg = config_mod.from_dict(config_mod.to_dict(self.cfg))
         local_cfg.dist.port, local_cfg.dist.transport = 0, "shm"
         welcome = {"config": config_mod.to_dict(local_cfg), "shm": shm, "num_classes": num_classes,

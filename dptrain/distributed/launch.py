@@ -287,10 +287,7 @@ def launch_local(cfg: Config, resume: bool | str = False, stop_at_step: int = 0,
             shared = SharedUpdate(shm["params"].array, velocity2, shm["gsum"].array)
         layer = one_host_factored(cfg, trainer.model, n)
         if layer is not None:  # each rank's hidden-Linear inputs and output gradients, up to a whole batch each
-            K, F = layer.w.shape
-            fx, fdy = (session.shared(k, (n, cfg.train.batch_size, c), np.float32) for k, c in (("fx", K), ("fdy", F)))
-            factored = {"x": fx.spec(), "dy": fdy.spec()}
-            factor_slots = (layer.w.offset, K, F, fx.array, fdy.array)
+            factor_slots, factored = session.factor_arrays(layer, n, cfg.train.batch_size)
         welcome = {"config": config_mod.to_dict(cfg), "shm": shm_specs, "num_classes": len(trainer.ds.class_names),
                    "factored": factored}
         session.coord = Coordinator(cfg, session.run_id, n, welcome, {"labels": trainer.ds.labels},

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 
 from .. import log
@@ -177,6 +178,14 @@ class Session:
         seg = SharedArray.create(fill, segment_name(self.run_id, what), shape=shape, dtype=dtype, writable=True)
         self.segments.append(seg)
         return seg
+
+    def factor_arrays(self, layer, slots: int, cap: int) -> tuple[tuple, dict]:
+        """Shared arrays for the factored Linear `layer` (dist.factored): every worker's inputs (slots, cap, K) and
+        output gradients (slots, cap, F), up to `cap` samples each (after losses one worker may get the whole batch;
+        tmpfs allocates only the pages written). Returns (w0, K, F, x, dy) and WELCOME's `factored` field."""
+        K, F = layer.w.shape
+        fx, fdy = self.shared("fx", (slots, cap, K), np.float32), self.shared("fdy", (slots, cap, F), np.float32)
+        return (layer.w.offset, K, F, fx.array, fdy.array), {"x": fx.spec(), "dy": fdy.spec()}
 
     def start_workers(self, cfg: Config, host: str, log_paths: list[Path]) -> None:
         """Spawn one worker per log path (local ranks 0..n-1 of self.coord) and wait until every one is READY."""
