@@ -63,6 +63,7 @@ class ModelConfig:
     # and biases), which reached targets in fewer epochs here (README); "he" = He-normal (std sqrt(2 / fan_in)) with
     # zero biases, the classifier PyTorch's uniform (the default before)
     init: str = "pytorch"
+    zero_init_residual: bool = False  # the residual block's last BN gamma starts at 0 (the block starts as identity)
     # 3x3 stride-1 convolutions: "im2col" (the reference: im2col + one GEMM), "winograd" (F(2x2, 3x3): 2.25x fewer
     # multiplies, float32 error within a few ulps of im2col's; nn/winograd.py) or "auto" (Winograd where the layer's
     # shape says it pays; by shape only, the same in every process: nn/conv.py choose_algo)
@@ -81,6 +82,9 @@ class TrainConfig:
     weight_decay: float = 5e-4
     decay_bn_and_bias: bool = False  # apply weight decay to BN gamma/beta and biases too
     clip_norm: float = 5.0  # global L2 gradient-norm clip (0: off)
+    # Evaluate (and keep as best, predict, export) a moving average of the weights whose time constant is this many
+    # epochs (ema.py; 0: the live weights). Not with the mesh data plane across hosts (ema.py says why).
+    ema_epochs: float = 0.0
     patience: int = 5  # early stop after this many epochs without a better val accuracy (0: never)
     seed: int = 0
     drop_last: bool = True  # drop the last incomplete batch of an epoch
@@ -170,6 +174,8 @@ class Config:
             sec = self.train if hasattr(self.train, name) else self.data
             if getattr(sec, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if not 0 <= self.train.ema_epochs <= 1000:
+            raise ValueError(f"train.ema_epochs is a time constant in epochs >= 0 (0: off), got {self.train.ema_epochs}")
         if self.train.batch_invariant_block < 0:
             raise ValueError("train.batch_invariant_block must be >= 0 (0: off)")
         if self.train.batch_invariant_block and -(-self.train.batch_size // self.train.batch_invariant_block) > 4096:

@@ -32,7 +32,8 @@ def empty_model(cfg: config_mod.Config, num_classes: int):
 
 
 def load_model(checkpoint_path: str | Path):
-    """(model, cfg, class_names) rebuilt from a checkpoint, weights and BN running statistics loaded.
+    """(model, cfg, class_names) rebuilt from a checkpoint, weights and BN running statistics loaded. The weights
+    are the moving average when the run kept one (train.ema_epochs: the model its validation accuracy measured).
 
     A `.safetensors` file written by `dptrain export` is read too (see export.load_safetensors).
     """
@@ -47,7 +48,8 @@ def load_model(checkpoint_path: str | Path):
         raise checkpoint.CheckpointError(f"{checkpoint_path}: unusable config/class names in meta ({e})") from None
     model = empty_model(cfg, len(class_names))
     store = model.store
-    for name, dst in (("params", store.params), ("buffers", store.buffers)):
+    weights = "ema_params" if "ema_params" in arrays else "params"  # the model that was evaluated (ema.py)
+    for name, dst in ((weights, store.params), ("buffers", store.buffers)):
         if arrays[name].shape != dst.shape:
             raise checkpoint.CheckpointError(f"{checkpoint_path}: {name} has shape {arrays[name].shape}, the model "
                                              f"its config describes needs {dst.shape}")

@@ -18,6 +18,7 @@ optimizer it was given (whose arrays the Trainer checkpoints between steps).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import time
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from . import checkpoint, config as config_mod, log
 from .board import Board, preload as preload_board
@@ -33,6 +35,7 @@ from .compute import evaluate_batches, shard_gradient
 from .config import Config
 from .data.dataset import Dataset, load_dataset
 from .data.sampler import Sampler
+from .ema import AveragedModel, decay_for
 from .fsutil import atomic_link
 from .metrics import MetricsFiles, Progress
 from .nn.model import build_model
@@ -148,6 +151,8 @@ class Trainer:
                              f"(lower --batch-size or set train.drop_last=false)")
         self.total_steps = self.steps_per_epoch * t.epochs
         self.warmup_steps = int(round(t.warmup_epochs * self.steps_per_epoch))
+        self.ema = AveragedModel(cfg.model, len(dataset.class_names), cfg.data.image_size, self.store.params,
+                                 decay_for(t.ema_epochs, self.steps_per_epoch)) if t.ema_epochs > 0 else None
         # Schedule position and early-stopping state: all of it goes into the checkpoint.
         self.epoch, self.step_in_epoch, self.step = 0, 0, 0
         self.best_val_acc, self.best_epoch, self.bad_epochs = -1.0, -1, 0
@@ -183,7 +188,7 @@ class Trainer:
                              f"before it sent its state); it resumes at step {meta['step']}")
         def write():
             checkpoint.save(self.out / f"{name}.npz", params=self.store.params, velocity=self.opt.velocity,
-                            buffers=self.store.buffers, meta=meta)
+                            buffers=self.store.buffers, meta=meta, ema_params=self.ema and self.ema.params)
         try:  # a distributed executor answers its peers' heartbeats while the disk is slow
             getattr(self.executor, "meanwhile", lambda work: work())(write)
         except checkpoint.CheckpointWriteError as e:
@@ -220,6 +225,8 @@ class Trainer:
         self.store.params[...] = arrays["params"]
         self.store.buffers[...] = arrays["buffers"]
         self.opt.velocity[...] = arrays["velocity"]
+        if self.ema is not None:  # a checkpoint from a run without the average: it starts from the weights
+            self.ema.params[...] = arrays.get("ema_params", arrays["params"])
         for k in ("epoch", "step_in_epoch", "step", "best_val_acc", "best_epoch", "bad_epochs", "epochs_run"):
             setattr(self, k, meta[k])
         self.epoch_sums = list(meta["epoch_sums"])
@@ -273,6 +280,8 @@ class Trainer:
                     lr = self.lr()
                     res = executor.train_step(indices, self.epoch, self.step, lr)
                     self.model.update_running_stats(res.bn_moments, self.cfg.model.bn_momentum)
+                    if self.ema is not None:
+                        self.ema.update(self.store.params)
                     norm = res.grad_norm
                     dt = time.perf_counter() - t0
                     self.epoch_sums = [self.epoch_sums[0] + res.loss_sum, self.epoch_sums[1] + res.correct,
@@ -317,7 +326,8 @@ class Trainer:
 
     def check_space(self) -> None:
         """Warn at the start when the run folder cannot hold two checkpoints (best and last)."""
-        need = 2 * checkpoint.size_of(self.store.params, self.opt.velocity, self.store.buffers)
+        need = 2 * checkpoint.size_of(self.store.params, self.opt.velocity, self.store.buffers,
+                                      ema_params=self.ema and self.ema.params)
         free = shutil.disk_usage(self.out).free
         if free < need:
             self.log.warning(f"{self.out}: {free:,} bytes free, two checkpoints need about {need:,}: checkpoints "
@@ -327,7 +337,7 @@ class Trainer:
         loss_sum, correct, count, secs = self.epoch_sums
         val_idx = self.ds.val_idx
         if len(val_idx):
-            vloss, vcorrect = executor.evaluate(val_idx)
+            vloss, vcorrect = self.evaluate(executor, val_idx)
             val_loss, val_acc = vloss / len(val_idx), vcorrect / len(val_idx)
         else:  # no validation split: track training accuracy so best/early stopping still mean something
             val_loss, val_acc = None, correct / max(count, 1)  # null in metrics.jsonl (NaN is not JSON)
@@ -359,6 +369,22 @@ class Trainer:
                           f"(best {self.best_val_acc:.4f} at epoch {self.best_epoch})")
             return True
         return False
+
+    def evaluate(self, executor, indices: np.ndarray) -> tuple[float, int]:
+        """(Σ loss, Σ correct) of the evaluated model: the executor's (the live weights, wherever they are), or with
+        train.ema_epochs the moving average, here (a distributed executor answers heartbeats meanwhile)."""
+        if self.ema is None:
+            return executor.evaluate(indices)
+        model = self.ema.bound(self.store.buffers)
+        batch = self.cfg.train.eval_batch_size or self.cfg.train.batch_size
+        meanwhile = getattr(executor, "meanwhile", None)
+        if meanwhile is None:  # this process is the compute: its BLAS threads are set already
+            return evaluate_batches(model, self.ds.images, self.ds.labels, indices, batch)[:2]
+
+        def work():
+            with threadpool_limits(os.cpu_count() or 1):  # the workers wait for the next step meanwhile
+                return evaluate_batches(model, self.ds.images, self.ds.labels, indices, batch)[:2]
+        return meanwhile(work)
 
     def _summary(self, wall_s: float, stopped_early: bool, interrupted: bool) -> dict:
         return {"best_val_acc": self.best_val_acc, "best_epoch": self.best_epoch, "epochs_run": self.epochs_run,

@@ -169,6 +169,10 @@ def launch(cfg: Config, args) -> int:
     limit = getattr(args, "max_restarts", 0) or 0
     if limit and getattr(args, "no_ssh", False):
         raise SystemExit("dptrain launch: --max-restarts needs agents this launcher starts (not --no-ssh)")
+    if _many_hosts(args) and cfg.dist.plane == "mesh" and cfg.train.ema_epochs > 0:
+        raise SystemExit(f"dptrain launch: train.ema_epochs = {cfg.train.ema_epochs} averages every step's weights "
+                         f"at the coordinator, which the mesh data plane sends it only every dist.sync_every steps: "
+                         f"add --train.ema_epochs=0, or --plane star")
     restarts = 0
     while True:
         progress = {"restarts": restarts}

@@ -56,13 +56,13 @@ class Conv2D(Layer):
 
 
 class BatchNorm(Layer):
-    """Params `{name}.gamma` (ones), `{name}.beta` (zeros), both decay=False; buffers `{name}.running_mean`
-    (0) and `{name}.running_var` (1). After a train-mode forward, `moments` holds this step's local float64
+    """Params `{name}.gamma` (ones; zeros with zero_gamma), `{name}.beta` (zeros), both decay=False; buffers
+    `{name}.running_mean` (0) and `{name}.running_var` (1). After a train-mode forward, `moments` holds this step's local float64
     `[count, sum, sumsq]`. `allreduce`: the SyncBatchNorm hook (see norm.py); None = ordinary BN."""
 
-    def __init__(self, store: ParamStore, name: str, C: int, eps: float = 1e-5):
+    def __init__(self, store: ParamStore, name: str, C: int, eps: float = 1e-5, zero_gamma: bool = False):
         self.name, self.C, self.eps = name, C, eps
-        self.gamma = store.param(f"{name}.gamma", (C,), ones, decay=False)
+        self.gamma = store.param(f"{name}.gamma", (C,), zeros if zero_gamma else ones, decay=False)
         self.beta = store.param(f"{name}.beta", (C,), zeros, decay=False)
         self.running_mean = store.buffer(f"{name}.running_mean", (C,), 0.0)
         self.running_var = store.buffer(f"{name}.running_var", (C,), 1.0)
@@ -216,15 +216,16 @@ class Sequential(Layer):
 class ResidualBlock(Layer):
     """out = ReLU(BN(conv3x3(ReLU(BN(conv3x3_s(x))))) + shortcut(x)); shortcut = BN(conv1x1_s(x)) when the
     channels or the stride change, else identity. Convs have no bias (BN follows). Names: `{name}.conv1`,
-    `{name}.bn1`, `{name}.conv2`, `{name}.bn2`, `{name}.short.conv`, `{name}.short.bn`. algo: the 3x3 convs' (Conv2D)."""
+    `{name}.bn1`, `{name}.conv2`, `{name}.bn2`, `{name}.short.conv`, `{name}.short.bn`. algo: the 3x3 convs' (Conv2D).
+    zero_init: bn2's gamma starts at 0, so the block starts as its shortcut (Goyal et al. 2017, "zero-init-residual")."""
 
     def __init__(self, store: ParamStore, name: str, cin: int, cout: int, stride: int = 1, eps: float = 1e-5,
-                 init: str = "he", algo: str = "im2col"):
+                 init: str = "he", algo: str = "im2col", zero_init: bool = False):
         self.main = Sequential([
             Conv2D(store, f"{name}.conv1", cin, cout, 3, stride, 1, bias=False, init=init, algo=algo),
             BatchNorm2D(store, f"{name}.bn1", cout, eps), ReLU(),
             Conv2D(store, f"{name}.conv2", cout, cout, 3, 1, 1, bias=False, init=init, algo=algo),
-            BatchNorm2D(store, f"{name}.bn2", cout, eps)])
+            BatchNorm2D(store, f"{name}.bn2", cout, eps, zero_gamma=zero_init)])
         self.short = None
         if cin != cout or stride != 1:
             self.short = Sequential([Conv2D(store, f"{name}.short.conv", cin, cout, 1, stride, 0, bias=False,

@@ -133,7 +133,7 @@ def build_model(mcfg: ModelConfig, num_classes: int, image_size: int, store: Par
         c, size = width, size // 2
     if mcfg.res_width:
         layers.append(ResidualBlock(store, "res", c, mcfg.res_width, 1, mcfg.bn_eps, init=mcfg.init,
-                                    algo=mcfg.conv_algo))
+                                    algo=mcfg.conv_algo, zero_init=mcfg.zero_init_residual))
         c = mcfg.res_width
     layers.append(Flatten())
     d = c * size * size
