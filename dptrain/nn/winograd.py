@@ -47,7 +47,7 @@ CHUNK_BYTES = 1 << 22  # per-chunk working set (padded copy + row stage + M): 4 
 class WinoCache(NamedTuple):
     x_shape: tuple[int, int, int, int]  # (N, H, W, C)
     V: np.ndarray  # (16, T, C) transformed input tiles (a workspace buffer)
-    w: np.ndarray  # (3, 3, C, F)
+    U: np.ndarray  # (16, C, F) the transformed filter (a workspace buffer): dx's filter is a permutation of it
     has_bias: bool
 
 
@@ -65,18 +65,19 @@ def _chunk(N: int, th: int, tw: int, C: int, F: int) -> int:
     return max(1, min(N, CHUNK_BYTES // per_image))
 
 
-def filter_transform(w: np.ndarray) -> np.ndarray:
-    """(3, 3, C, F) -> U (16, C, F) = G g G^T per (c, f), positions in (a, b) row-major order."""
+def filter_transform(w: np.ndarray, ws: Workspace | None = None, tag: str = "wino") -> np.ndarray:
+    """(3, 3, C, F) -> U (16, C, F) = G g G^T per (c, f), positions in (a, b) row-major order (workspace buffers:
+    a fresh 4 MB array a call costs its page faults, about as much as the transform, on the small batches)."""
     _, _, C, F = w.shape
     half = w.dtype.type(0.5)
-    r = np.empty((4, 3, C, F), w.dtype)  # rows: G g
+    r = scratch(ws, f"{tag}.Ur", (4, 3, C, F), w.dtype)  # rows: G g
     np.copyto(r[0], w[0])
     np.copyto(r[3], w[2])
     np.add(w[0], w[2], out=r[1])
     np.subtract(r[1], w[1], out=r[2])
     r[1] += w[1]
     r[1:3] *= half
-    U = np.empty((4, 4, C, F), w.dtype)  # columns: (G g) G^T
+    U = scratch(ws, f"{tag}.U", (4, 4, C, F), w.dtype)  # columns: (G g) G^T
     np.copyto(U[:, 0], r[:, 0])
     np.copyto(U[:, 3], r[:, 2])
     np.add(r[:, 0], r[:, 2], out=U[:, 1])
@@ -86,20 +87,34 @@ def filter_transform(w: np.ndarray) -> np.ndarray:
     return U.reshape(16, C, F)
 
 
-def filter_adjoint(dU: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+# filter_transform of the spatially flipped kernel: G flip(v) = J G v, J swapping entries 0 and 3 (entries 1 and 2
+# are symmetric in v0, v2; IEEE addition commutes), so its U is U's positions permuted, channels transposed
+FLIP = np.array([4 * a + b for a in (3, 1, 2, 0) for b in (3, 1, 2, 0)])
+
+
+def flipped_filter(U: np.ndarray, ws: Workspace | None = None) -> np.ndarray:
+    """U (16, C, F) of g -> (16, F, C), the U of the flipped, channel-transposed kernel (what dx convolves dout
+    with), bit for bit what filter_transform computes from it: one gather, the transposes are a view (BLAS reads
+    them as transposed operands)."""
+    Up = scratch(ws, "winoT.Uflip", U.shape, U.dtype)
+    np.take(U, FLIP, axis=0, out=Up)
+    return Up.transpose(0, 2, 1)
+
+
+def filter_adjoint(dU: np.ndarray, out: np.ndarray | None = None, ws: Workspace | None = None) -> np.ndarray:
     """(16, C, F) -> dg (3, 3, C, F) = G^T dU G: the adjoint of filter_transform."""
     _, C, F = dU.shape
     dU = dU.reshape(4, 4, C, F)
     half = dU.dtype.type(0.5)
-    s = np.add(dU[1], dU[2])  # (4, C, F) over columns
+    s = np.add(dU[1], dU[2], out=scratch(ws, "wino.adj_s", (4, C, F), dU.dtype))  # (4, C, F) over columns
     s *= half
-    r = np.empty((3, 4, C, F), dU.dtype)  # rows: G^T dU
+    r = scratch(ws, "wino.adj_r", (3, 4, C, F), dU.dtype)  # rows: G^T dU
     np.add(dU[0], s, out=r[0])
     np.add(dU[3], s, out=r[2])
     np.subtract(dU[1], dU[2], out=r[1])
     r[1] *= half
     dg = np.empty((3, 3, C, F), dU.dtype) if out is None else out
-    s = np.add(r[:, 1], r[:, 2])  # (3, C, F)
+    s = np.add(r[:, 1], r[:, 2], out=scratch(ws, "wino.adj_s2", (3, C, F), dU.dtype))  # (3, C, F)
     s *= half
     np.add(r[:, 0], s, out=dg[:, 0])
     np.add(r[:, 3], s, out=dg[:, 2])
@@ -201,17 +216,18 @@ def winograd_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, ws: Wor
         raise ValueError(f"winograd: w {w.shape} does not fit x {x.shape}")
     th, tw = _tiles(H, W)
     V = scratch(ws, f"{tag}.Vkeep", (16, N * th * tw, C), x.dtype)
-    out = _conv(x, filter_transform(w), ws, tag, V)
+    U = filter_transform(w, ws, tag)
+    out = _conv(x, U, ws, tag, V)
     if b is not None:
         out += b
-    return out, WinoCache(x.shape, V, w, b is not None)
+    return out, WinoCache(x.shape, V, U, b is not None)
 
 
 def winograd_backward(dout: np.ndarray, cache: WinoCache, need_dx: bool = True, ws: Workspace | None = None,
                       dw_out: np.ndarray | None = None, db_out: np.ndarray | None = None):
     """dout: (N, H, W, F) -> dx (N, H, W, C) | None, dw (3, 3, C, F), db (F,) | None (see conv.conv2d_backward)."""
     N, H, W, C = cache.x_shape
-    F = cache.w.shape[3]
+    F = cache.U.shape[2]
     th, tw = _tiles(H, W)
     db = None
     if cache.has_bias:
@@ -230,10 +246,9 @@ def winograd_backward(dout: np.ndarray, cache: WinoCache, need_dx: bool = True, 
     dY6 = _tiled(dY, th, tw)
     T = scratch(ws, "wino.dT", (4, 2, N, th, tw, F), dout.dtype)
     split_rows(lambda a, b: _output_adjoint(dY6[:, :, a:b], T[:, :, a:b], dM6[:, :, a:b]), N, dM.size)
-    dU = np.matmul(cache.V.transpose(0, 2, 1), dM)  # (16, C, T) @ (16, T, F)
-    dw = filter_adjoint(dU, dw_out)
+    dU = np.matmul(cache.V.transpose(0, 2, 1), dM, out=scratch(ws, "wino.dU", (16, C, F), dout.dtype))  # (16, C, T) @ (16, T, F)
+    dw = filter_adjoint(dU, dw_out, ws)
     if not need_dx:
         return None, dw, db
-    w_t = np.ascontiguousarray(cache.w[::-1, ::-1].transpose(0, 1, 3, 2))  # (3, 3, F, C), flipped in space
-    dx = _conv(dout, filter_transform(w_t), ws, "winoT")
+    dx = _conv(dout, flipped_filter(cache.U, ws), ws, "winoT")
     return dx, dw, db
