@@ -24,14 +24,15 @@ class ShardResult(NamedTuple):
 
 
 def shard_gradient(model, images: np.ndarray, labels: np.ndarray, indices: np.ndarray, *, epoch: int,
-                   global_count: int, data: DataConfig, seed: int, on_ready=None) -> ShardResult:
+                   global_count: int, data: DataConfig, seed: int, smoothing: float = 0.0, on_ready=None
+                   ) -> ShardResult:
     """Forward and backward of images[indices]; the gradient goes into the model's (store's) gradient views
-    (`on_ready`: see Model.backward)."""
+    (`on_ready`: see Model.backward; `smoothing`: train.label_smoothing)."""
     t0 = time.time()
     x = make_batch(images, indices, epoch=epoch, seed=seed, augment=data.augment, max_shift=data.max_shift)
     t1 = time.time()
     logits = model.forward(x, train=True)  # (B, K)
-    loss_sum, dlogits, correct = softmax_cross_entropy(logits, labels[indices], global_count)
+    loss_sum, dlogits, correct = softmax_cross_entropy(logits, labels[indices], global_count, smoothing)
     t2 = time.time()
     model.backward(dlogits, on_ready)
     t3 = time.time()

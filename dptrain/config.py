@@ -82,6 +82,9 @@ class TrainConfig:
     weight_decay: float = 5e-4
     decay_bn_and_bias: bool = False  # apply weight decay to BN gamma/beta and biases too
     clip_norm: float = 5.0  # global L2 gradient-norm clip (0: off)
+    # cross-entropy against (1 - s) onehot + s / classes (label smoothing; 0: the plain loss). The loss logged is
+    # this one, so with s > 0 it does not fall to 0
+    label_smoothing: float = 0.0
     # Evaluate (and keep as best, predict, export) a moving average of the weights whose time constant is this many
     # epochs (ema.py; 0: the live weights). Not with the mesh data plane across hosts (ema.py says why).
     ema_epochs: float = 0.0
@@ -174,6 +177,8 @@ class Config:
             sec = self.train if hasattr(self.train, name) else self.data
             if getattr(sec, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if not 0 <= self.train.label_smoothing < 1:
+            raise ValueError(f"train.label_smoothing must be in [0, 1), got {self.train.label_smoothing}")
         if not 0 <= self.train.ema_epochs <= 1000:
             raise ValueError(f"train.ema_epochs is a time constant in epochs >= 0 (0: off), got {self.train.ema_epochs}")
         if self.train.batch_invariant_block < 0:

@@ -272,7 +272,8 @@ class BlockRunner:
             tokens.acquire()
             try:
                 r = shard_gradient(models[k], images, labels, blocks[k], epoch=epoch, global_count=global_count,
-                                   data=self.cfg.data, seed=self.cfg.train.seed)
+                                   data=self.cfg.data, seed=self.cfg.train.seed,
+                                   smoothing=self.cfg.train.label_smoothing)
                 out[k] = (quantize_loss(r.loss_sum), r.correct)
             except BaseException as e:  # noqa: BLE001 - re-raised by run()
                 rv.fail(e)

@@ -260,7 +260,8 @@ class ReplayExecutor:
 
         def job(r):
             res = shard_gradient(self.models[r], self.ds.images, self.ds.labels, shards[r], epoch=epoch,
-                                 global_count=len(indices), data=self.cfg.data, seed=self.cfg.train.seed)
+                                 global_count=len(indices), data=self.cfg.data, seed=self.cfg.train.seed,
+                                 smoothing=self.cfg.train.label_smoothing)
             return res.loss_sum, res.correct, self.models[r].bn_moments()
         got = self.baton.run({r: (lambda r=r: job(r)) for r in shards})
         ranks = sorted(got)

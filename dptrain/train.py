@@ -108,7 +108,8 @@ class LocalExecutor:
 
     def train_step(self, indices: np.ndarray, epoch: int, step: int, lr: float) -> StepResult:
         r = shard_gradient(self.model, self.ds.images, self.ds.labels, indices, epoch=epoch,
-                           global_count=len(indices), data=self.cfg.data, seed=self.cfg.train.seed)
+                           global_count=len(indices), data=self.cfg.data, seed=self.cfg.train.seed,
+                           smoothing=self.cfg.train.label_smoothing)
         norm = clipped_step(self.opt, self.store.params, self.store.grads, lr, self.cfg.train.clip_norm, step)
         return StepResult(len(indices), r.loss_sum, r.correct, self.model.bn_moments(), norm)
 

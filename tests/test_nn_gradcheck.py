@@ -128,6 +128,24 @@ def test_softmax_cross_entropy():
     assert np.isfinite(big) and abs(big - 2000.0) < 1e-9  # stable: log-sum-exp, no overflow
 
 
+@pytest.mark.parametrize("s", [0.1, 0.3])
+def test_label_smoothed_cross_entropy(s):
+    """Against finite differences (float64) and the definition -Σ_k q_k log p_k, q = (1 - s) onehot + s / K."""
+    rng = np.random.default_rng(7)
+    logits, labels = rng.standard_normal((6, 5)) * 3, rng.integers(0, 5, 6)
+    loss_sum, dlogits, correct = softmax_cross_entropy(logits, labels, denom=9, smoothing=s)
+    num = numeric_grad(lambda: softmax_cross_entropy(logits, labels, smoothing=s)[0] / 9, logits)
+    assert rel_error(dlogits, num) < TOL
+    logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    q = np.full((6, 5), s / 5)
+    q[np.arange(6), labels] += 1 - s
+    assert abs(loss_sum - float(-(q * logp).sum())) < 1e-12
+    assert correct == int((logits.argmax(1) == labels).sum())
+    assert np.abs(dlogits.sum(1)).max() < 1e-15  # softmax - q sums to 0 per row
+    big, _, _ = softmax_cross_entropy(np.array([[1000.0, 0.0], [0.0, -1000.0]]), np.array([1, 1]), smoothing=s)
+    assert np.isfinite(big)
+
+
 TINY = ModelConfig(widths=[4, 8], res_width=8, hidden=16)
 TINY_SHORTCUT = ModelConfig(widths=[4, 6], res_width=8, hidden=16)  # channel change: 1x1 conv + BN shortcut
 

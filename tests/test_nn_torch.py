@@ -103,6 +103,18 @@ def test_linear():
                 lambda store, name, C: L.Linear(store, name, in_features=C, out_features=5))
 
 
+def test_label_smoothing_vs_torch():
+    """The float32 loss and dlogits against nn.functional.cross_entropy(label_smoothing=0.1), autograd's gradient."""
+    rng = np.random.default_rng(3)
+    logits, y = (rng.standard_normal((12, 62)) * 4).astype(np.float32), rng.integers(0, 62, 12)
+    loss_sum, dlogits, _ = softmax_cross_entropy(logits, y, denom=12, smoothing=0.1)
+    lt = torch.tensor(logits, requires_grad=True)
+    loss = nn.functional.cross_entropy(lt, torch.tensor(y), label_smoothing=0.1)
+    loss.backward()
+    assert abs(loss_sum / 12 - loss.item()) < 1e-5 * loss.item()
+    assert rel_error(dlogits, lt.grad.numpy()) < 1e-5
+
+
 @pytest.mark.parametrize("mcfg,size,classes", [(ModelConfig(widths=[4, 8], res_width=12, hidden=16), 16, 7),
                                                (ModelConfig(widths=[8], res_width=8, hidden=0), 8, 3),
                                                (ModelConfig(widths=[8, 16, 16], res_width=32, hidden=64), 32, 62)])

@@ -182,7 +182,7 @@ class Worker:
             return
         r = shard_gradient(self.model, self.images, self.labels, idx, epoch=f["epoch"],
                            global_count=f["global_count"], data=self.cfg.data, seed=self.cfg.train.seed,
-                           on_ready=on_ready)
+                           smoothing=self.cfg.train.label_smoothing, on_ready=on_ready)
         if self.factor_layer is not None and not self.buckets:  # one host: where the reducers read them
             self._leave_factors()
         timings = {"wait": [t_recv, r.timings["load"][0] - t_recv], **r.timings}
