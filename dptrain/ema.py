@@ -6,17 +6,17 @@ The horizon is given in epochs, so a default does not depend on the dataset's si
 taken by the Trainer from the weights each step leaves (whoever applied it: this process, the workers in shared
 memory, the coordinator), in fixed CHUNK blocks in float32: the same weights give the same average bits in every
 mode, a `--replay-workers` replay included. The BN running statistics are the live model's (they are already a
-moving average, of the batch statistics). Validation accuracy, best.npz and what predict/export/evaluate load are
-the average's; the live weights and momentum stay the training state. Not with the mesh data plane
-(dist.plane = "mesh" on several hosts): there the coordinator holds the weights only every dist.sync_every steps.
+moving average, of the batch statistics; averaging them again measured no better). To validate, the Trainer puts
+the average in the store in place of the weights and asks the executor as usual (the workers evaluate it where
+they read the weights: shared memory, or a full copy over sockets), then puts the live weights back. Validation
+accuracy, best.npz and what predict/export/evaluate load are the average's; the live weights and momentum stay
+the training state. Not with the mesh data plane (dist.plane = "mesh" on several hosts): there the coordinator
+holds the weights only every dist.sync_every steps.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from .config import ModelConfig
-from .nn.model import Model, build_model
-from .nn.params import ParamStore
 from .optim import CHUNK
 
 
@@ -27,22 +27,18 @@ def decay_for(ema_epochs: float, steps_per_epoch: int) -> float:
     return 1.0 - 1.0 / max(1.0, ema_epochs * steps_per_epoch)
 
 
-class AveragedModel:
-    """The running average of a model's weights (`params`, float32, starting as a copy of the given weights) and a
-    second network of the same config to evaluate it with (built once, its store pointed at the average)."""
+class WeightAverage:
+    """The running average of a model's weights (`params`, float32, starting as a copy of the given weights), and
+    `live`, where the Trainer keeps the live weights while the average is evaluated in their place."""
 
-    def __init__(self, mcfg: ModelConfig, num_classes: int, image_size: int, params: np.ndarray, decay: float):
+    def __init__(self, params: np.ndarray, decay: float):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay = decay
         self.params = params.astype(np.float32, copy=True)
+        self.live = np.empty_like(self.params)
         self._scratch = np.empty(min(CHUNK, params.size), np.float32)
         self._rate = np.float32(1.0 - decay)
-        self.store = ParamStore(np.float32)
-        self.model = build_model(mcfg, num_classes, image_size, self.store)
-        if self.store.num_params != params.size:
-            raise ValueError(f"EMA: the model has {self.store.num_params} weights, the array {params.size}")
-        self._no_grads = np.empty(params.size, np.float32)  # never touched by a forward pass (no pages used)
 
     def update(self, params: np.ndarray) -> None:
         """avg += (1 - d) * (w - avg), block by block (three passes over a block while it sits in L2)."""
@@ -52,8 +48,3 @@ class AveragedModel:
             np.subtract(params[lo:lo + CHUNK], avg, out=s)
             s *= self._rate
             avg += s
-
-    def bound(self, buffers: np.ndarray) -> Model:
-        """The network with the averaged weights and these BN buffers (the live model's, not copied)."""
-        self.store.rebind(self.params, self._no_grads, buffers, copy=False)
-        return self.model

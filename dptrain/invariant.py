@@ -366,7 +366,7 @@ class InvariantExecutor:
         norm = clipped_step(self.opt, self.store.params, self.store.grads, lr, self.cfg.train.clip_norm, step)
         return StepResult(len(indices), r.loss_sum, r.correct, r.moments, norm)
 
-    def evaluate(self, indices: np.ndarray) -> tuple[float, int]:
+    def evaluate(self, indices: np.ndarray, weights_replaced: bool = False) -> tuple[float, int]:
         batch = self.cfg.train.eval_batch_size or self.cfg.train.batch_size
         loss_sum, correct, _ = evaluate_batches(self.model, self.ds.images, self.ds.labels, indices, batch)
         return loss_sum, correct

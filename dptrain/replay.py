@@ -340,7 +340,7 @@ class ReplayExecutor:
             apply_update16(self.store.params, self.prev, self.out16)
         return norm
 
-    def evaluate(self, indices: np.ndarray) -> tuple[float, int]:
+    def evaluate(self, indices: np.ndarray, weights_replaced: bool = False) -> tuple[float, int]:
         """Each rank evaluates its shard in batches of its training shard's size (or train.eval_batch_size); the
         sums go in rank order, as the distributed run's do."""
         _blas(self.threads)

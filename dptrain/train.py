@@ -18,7 +18,6 @@ optimizer it was given (whose arrays the Trainer checkpoints between steps).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import time
@@ -27,7 +26,6 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from . import checkpoint, config as config_mod, log
 from .board import Board, preload as preload_board
@@ -35,7 +33,7 @@ from .compute import evaluate_batches, shard_gradient
 from .config import Config
 from .data.dataset import Dataset, load_dataset
 from .data.sampler import Sampler
-from .ema import AveragedModel, decay_for
+from .ema import WeightAverage, decay_for
 from .fsutil import atomic_link
 from .metrics import MetricsFiles, Progress
 from .nn.model import build_model
@@ -76,8 +74,9 @@ class Executor(Protocol):
         """One optimizer step on the mean loss over images[indices]: gradient, global-norm clip at
         train.clip_norm, SGD at lr. Either all of it happens or none (StepInterrupted, ExecutorFailure)."""
 
-    def evaluate(self, indices: np.ndarray) -> tuple[float, int]:
-        """(Σ loss, Σ correct) over images[indices] in eval mode."""
+    def evaluate(self, indices: np.ndarray, weights_replaced: bool = False) -> tuple[float, int]:
+        """(Σ loss, Σ correct) over images[indices] in eval mode, with the store's weights. `weights_replaced`: the
+        caller put other weights in the store since the last step (an executor that ships weights must resend)."""
 
     def request_stop(self, grace_s: float) -> None:
         """A stop was asked for (Ctrl-C, SIGTERM): let the running step take at most grace_s more."""
@@ -113,7 +112,7 @@ class LocalExecutor:
         norm = clipped_step(self.opt, self.store.params, self.store.grads, lr, self.cfg.train.clip_norm, step)
         return StepResult(len(indices), r.loss_sum, r.correct, self.model.bn_moments(), norm)
 
-    def evaluate(self, indices: np.ndarray) -> tuple[float, int]:
+    def evaluate(self, indices: np.ndarray, weights_replaced: bool = False) -> tuple[float, int]:
         batch = self.cfg.train.eval_batch_size or self.cfg.train.batch_size
         loss_sum, correct, _ = evaluate_batches(self.model, self.ds.images, self.ds.labels, indices, batch)
         return loss_sum, correct
@@ -152,8 +151,8 @@ class Trainer:
                              f"(lower --batch-size or set train.drop_last=false)")
         self.total_steps = self.steps_per_epoch * t.epochs
         self.warmup_steps = int(round(t.warmup_epochs * self.steps_per_epoch))
-        self.ema = AveragedModel(cfg.model, len(dataset.class_names), cfg.data.image_size, self.store.params,
-                                 decay_for(t.ema_epochs, self.steps_per_epoch)) if t.ema_epochs > 0 else None
+        self.ema = WeightAverage(self.store.params, decay_for(t.ema_epochs, self.steps_per_epoch)) \
+            if t.ema_epochs > 0 else None
         # Schedule position and early-stopping state: all of it goes into the checkpoint.
         self.epoch, self.step_in_epoch, self.step = 0, 0, 0
         self.best_val_acc, self.best_epoch, self.bad_epochs = -1.0, -1, 0
@@ -372,20 +371,17 @@ class Trainer:
         return False
 
     def evaluate(self, executor, indices: np.ndarray) -> tuple[float, int]:
-        """(Σ loss, Σ correct) of the evaluated model: the executor's (the live weights, wherever they are), or with
-        train.ema_epochs the moving average, here (a distributed executor answers heartbeats meanwhile)."""
+        """(Σ loss, Σ correct) of the evaluated model: the live weights, or with train.ema_epochs their moving
+        average, put in the store for the evaluation (the workers evaluate it as they would the weights) and the
+        live weights put back whatever happens (a failure's checkpoint must hold them)."""
         if self.ema is None:
             return executor.evaluate(indices)
-        model = self.ema.bound(self.store.buffers)
-        batch = self.cfg.train.eval_batch_size or self.cfg.train.batch_size
-        meanwhile = getattr(executor, "meanwhile", None)
-        if meanwhile is None:  # this process is the compute: its BLAS threads are set already
-            return evaluate_batches(model, self.ds.images, self.ds.labels, indices, batch)[:2]
-
-        def work():
-            with threadpool_limits(os.cpu_count() or 1):  # the workers wait for the next step meanwhile
-                return evaluate_batches(model, self.ds.images, self.ds.labels, indices, batch)[:2]
-        return meanwhile(work)
+        np.copyto(self.ema.live, self.store.params)
+        np.copyto(self.store.params, self.ema.params)
+        try:
+            return executor.evaluate(indices, weights_replaced=True)
+        finally:
+            np.copyto(self.store.params, self.ema.live)
 
     def _summary(self, wall_s: float, stopped_early: bool, interrupted: bool) -> dict:
         return {"best_val_acc": self.best_val_acc, "best_epoch": self.best_epoch, "epochs_run": self.epochs_run,

@@ -7,10 +7,11 @@ What is the same as dptrain: the dataset, its decode cache and train/val split (
 (dptrain.data.sampler.Sampler, each rank a contiguous shard), the augmentation (dptrain.data.augment.make_batch,
 the same draws per image), the network (torch_ref.build_torch_model, BN eps/momentum from the config), the schedule
 (optim.lr_at: linear warmup + cosine), momentum, weight decay (weights only, or every tensor with
-train.decay_bn_and_bias), global-norm clipping and patience: what a training script chooses. What is PyTorch's
+train.decay_bn_and_bias), label smoothing, global-norm clipping and patience: what a training script chooses. What is PyTorch's
 own, the defaults a PyTorch user gets without asking: the initialisation (the modules' defaults, seeded with
 train.seed), BatchNorm's momentum 0.1 and eps 1e-5 (whatever model.bn_momentum / bn_eps say), BN statistics per rank
-with rank 0's running statistics broadcast by DDP, and the kernels. For a like-for-like run give dptrain the same:
+with rank 0's running statistics broadcast by DDP, the kernels, and no average of the weights (train.ema_epochs:
+PyTorch has none built in; the twin evaluates its live weights). For a like-for-like run give dptrain the same:
 --model.init=pytorch --model.bn_momentum=0.1 --model.bn_eps=1e-5. Validation is sharded over the ranks and summed
 (all_reduce). After every epoch rank 0 appends {"epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "time"} to FILE (`time`: time.time()).
 """
@@ -78,7 +79,7 @@ def _rank(rank: int, a: argparse.Namespace, port: int) -> None:
                 g["lr"] = lr
             opt.zero_grad(set_to_none=True)
             logits = net(x)
-            loss = torch.nn.functional.cross_entropy(logits, y)  # DDP averages the ranks' gradients
+            loss = torch.nn.functional.cross_entropy(logits, y, label_smoothing=t.label_smoothing)  # DDP averages
             loss.backward()
             if t.clip_norm > 0:
                 torch.nn.utils.clip_grad_norm_(net.parameters(), t.clip_norm)

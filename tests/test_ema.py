@@ -15,7 +15,7 @@ from dptrain import config as C
 from dptrain.compute import evaluate_batches
 from dptrain.data.dataset import load_dataset
 from dptrain.distributed.launch import launch
-from dptrain.ema import AveragedModel, decay_for
+from dptrain.ema import WeightAverage, decay_for
 from dptrain.evaluate import load_model
 from dptrain.nn.model import build_model
 from dptrain.nn.params import ParamStore
@@ -43,7 +43,7 @@ def test_average_follows_the_float64_recurrence_across_blocks():
     P = store.num_params
     assert P > 7 * CHUNK and P % CHUNK
     w = rng.standard_normal(P).astype(np.float32)
-    avg = AveragedModel(mcfg, 5, 32, w, decay_for(0.5, 20))
+    avg = WeightAverage(w, decay_for(0.5, 20))
     assert np.array_equal(avg.params, w) and avg.params is not w
     ref = w.astype(np.float64)
     d = avg.decay
@@ -79,18 +79,33 @@ def test_ema_run_resumes_bitwise_and_reports_the_average(tiny_data, tmp_path):
 
 
 @pytest.mark.timeout(150)
-def test_launch_keeps_the_same_average_as_its_replay(tiny_data, tmp_path):
-    """The average is the Trainer's, from the weights the workers publish: a real 2-worker launch and its replay
-    agree bitwise on it and on every validation accuracy (evaluated from it, here, while the workers wait)."""
-    extra = dict(train__ema_epochs=0.3, train__epochs=2, dist__workers=2)
+@pytest.mark.parametrize("transport,update,wire", [("shm", "workers", "float32"), ("shm", "coordinator", "float32"),
+                                                   ("socket", "coordinator", "float16")])
+def test_launch_keeps_the_same_average_as_its_replay(tiny_data, tmp_path, transport, update, wire):
+    """The average is the Trainer's, from the weights the workers publish, and the workers evaluate it in the
+    weights' place (shared memory; over sockets a full copy, then the live weights in full again, with the float16
+    wire's updates after): a real 2-worker launch and its replay agree bitwise on the average, on the live weights
+    and on every validation loss and accuracy, so the live weights came back intact after every evaluation."""
+    extra = dict(train__ema_epochs=0.3, train__epochs=3, dist__workers=2, dist__transport=transport,
+                 dist__update=update, dist__wire_dtype=wire)
     assert launch_inproc(tiny_cfg(tiny_data, tmp_path / "launch", **extra)) == 0
     run_local(tiny_cfg(tiny_data, tmp_path / "replay", **extra),
               executor_factory=replay_executor(parse_layout(workers=2)))
     a, b = arrays(tmp_path / "launch"), arrays(tmp_path / "replay")
-    for k in ("params", "ema_params", "buffers"):
+    for k in ("params", "velocity", "ema_params", "buffers"):
         assert np.array_equal(a[k], b[k]), k
-    va = [m["val_acc"] for m in metrics(tmp_path / "launch") if "val_acc" in m]
-    assert va == [m["val_acc"] for m in metrics(tmp_path / "replay") if "val_acc" in m] and len(va) == 2
+    keys = ("val_loss", "val_acc", "train_loss")
+    va = [[m[k] for k in keys] for m in metrics(tmp_path / "launch") if "val_acc" in m]
+    assert va == [[m[k] for k in keys] for m in metrics(tmp_path / "replay") if "val_acc" in m] and len(va) == 3
+    # ...and training never saw the average: the run without it has the same live weights, momentum, BN statistics
+    # and training losses (a worker left holding the average would have computed its next gradient there)
+    run_local(tiny_cfg(tiny_data, tmp_path / "plain", **(extra | {"train__ema_epochs": 0})),
+              executor_factory=replay_executor(parse_layout(workers=2)))
+    c = arrays(tmp_path / "plain")
+    for k in ("params", "velocity", "buffers"):
+        assert np.array_equal(a[k], c[k]), k
+    assert [m["loss"] for m in metrics(tmp_path / "launch") if "step_s" in m] == \
+        [m["loss"] for m in metrics(tmp_path / "plain") if "step_s" in m]
 
 
 def test_a_checkpoint_without_the_average_starts_it_from_its_weights(tiny_data, tmp_path):

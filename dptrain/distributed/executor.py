@@ -121,7 +121,9 @@ class DistExecutor:
         if not self.mesh.settle():  # lost another host meanwhile: again, from what is left
             self._redo_unsettled()
 
-    def _round(self, indices: np.ndarray, step: int, attempt: int, fields: dict) -> tuple[list[int], dict]:
+    def _round(self, indices: np.ndarray, step: int, attempt: int, fields: dict, version: int | None = None
+               ) -> tuple[list[int], dict]:
+        """One STEP round. `version`: the weights' version with sockets (default self.version)."""
         peers = self.coord.active()
         if self.mesh is not None:  # a host that joined is in the plane (it has the weights) from its next forming
             peers = [p for p in peers if p.rank in self.mesh.formed]
@@ -149,7 +151,8 @@ class DistExecutor:
         if self.mesh is not None:  # the hosts hold the weights; the BN statistics are the Trainer's
             arrays, side = {"buffers": self.store.buffers}, self.mesh.on_message
         self._serial_until_now()
-        results = self.coord.round(step, attempt, shards, fields, weights, self.version, update, shard_sizes,
+        version = self.version if version is None else version
+        results = self.coord.round(step, attempt, shards, fields, weights, version, update, shard_sizes,
                                    arrays=arrays, side=side)
         self._t_end = time.perf_counter()
         return ranks, results
@@ -284,7 +287,9 @@ class DistExecutor:
             return len(self.mesh.done)
         return 0
 
-    def evaluate(self, indices: np.ndarray) -> tuple[float, int]:
+    def evaluate(self, indices: np.ndarray, weights_replaced: bool = False) -> tuple[float, int]:
+        if weights_replaced and self.mesh is not None:  # the hosts hold the weights: the store's are not theirs
+            raise ValueError("the mesh data plane evaluates the hosts' weights only")
         if self.mesh is not None and not self.mesh.settle():  # a host was lost before it sent its state
             dead = [p for p in self.coord.peers.values() if p.state is PeerState.DEAD]
             if self.policy != "continue" or not self.coord.active():
@@ -301,7 +306,9 @@ class DistExecutor:
         def attempt_eval(attempt: int):
             if self.mesh is not None:
                 self.mesh.ensure(-1, attempt)
-            return self._round(indices, -1, attempt, fields)
+            # weights put in the store for this evaluation (train.ema_epochs): with sockets, a version no peer
+            # holds (-1 is "none yet"), so every peer gets them in full, and the next step's live weights in full
+            return self._round(indices, -1, attempt, fields, -2 - self.version if weights_replaced else None)
 
         _, results = self._retrying(-1, attempt_eval)
         self._t_end = None  # the time until the next step is the Trainer's epoch end, not a step's serial part
