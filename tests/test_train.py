@@ -227,3 +227,16 @@ def test_tensorboard_events_read_back_with_tensorboards_own_reader(tiny_data, tm
     assert [e.step for e in loss] == [r["step"] for r in steps] == list(range(6))
     assert [round(e.value, 5) for e in loss] == [round(r["loss"], 5) for r in steps]
     assert [e.step for e in acc.Scalars("epoch/val_acc")] == [1, 2]
+
+
+def test_the_writer_is_imported_without_pytorch_and_pytorch_still_imports_after():
+    """board._writer_class keeps tensorboardX from importing all of PyTorch (a second of start-up), in a fresh
+    interpreter, and leaves `import torch` working afterwards where it is installed."""
+    import subprocess
+    import sys
+    code = ("import sys, importlib.util; from dptrain import board; w = board._writer_class(); "
+            "assert w is None or 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)[:3]; "
+            "ok = importlib.util.find_spec('torch') is None or __import__('torch').zeros(2).sum().item() == 0; "
+            "print('ok' if ok else 'broken')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
