@@ -13,6 +13,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+CONV_ALGOS = ("auto", "im2col", "winograd")  # model.conv_algo (nn/conv.py)
+
 
 @dataclass
 class DataConfig:
@@ -169,8 +171,8 @@ class Config:
             raise ValueError(f"dist.wire_dtype must be 'float32' or 'float16', got {self.dist.wire_dtype!r}")
         if self.model.init not in ("he", "pytorch"):
             raise ValueError(f"model.init must be 'he' or 'pytorch', got {self.model.init!r}")
-        if self.model.conv_algo not in ("auto", "im2col", "winograd"):
-            raise ValueError(f"model.conv_algo must be 'auto', 'im2col' or 'winograd', got {self.model.conv_algo!r}")
+        if self.model.conv_algo not in CONV_ALGOS:
+            raise ValueError(f"model.conv_algo must be one of {', '.join(CONV_ALGOS)}, got {self.model.conv_algo!r}")
         if not 0 <= self.data.shift < 0.5:
             raise ValueError(f"data.shift is a fraction of the image size in [0, 0.5), got {self.data.shift}")
         for name in ("epochs", "batch_size", "image_size"):

@@ -24,12 +24,13 @@ from typing import NamedTuple
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
+from ..config import CONV_ALGOS
 from .functional import colsum
 from .threads import split_rows
 from .winograd import WinoCache, supported, winograd_backward, winograd_forward
 from .workspace import Workspace, scratch
 
-ALGOS = ("auto", "im2col", "winograd")
+ALGOS = CONV_ALGOS
 WINOGRAD_MIN_CHANNELS = 64  # auto: Winograd when the input has at least this many channels (see choose_algo)
 
 
