@@ -31,19 +31,20 @@ from .winograd import WinoCache, supported, winograd_backward, winograd_forward
 from .workspace import Workspace, scratch
 
 ALGOS = CONV_ALGOS
-WINOGRAD_MIN_CHANNELS = 64  # auto: Winograd when the input has at least this many channels (see choose_algo)
+WINOGRAD_MIN_CHANNELS = 32  # auto: Winograd when the input has at least this many channels (see choose_algo)
 
 
 def choose_algo(algo: str, w_shape: tuple[int, ...], stride: int, pad: int) -> str:
     """"im2col" or "winograd" for a layer of this shape. "auto" looks at the kernel, stride, padding and input
     channels only (not the input, whose batch differs between uneven shards, nor the threads): Winograd for every
-    3x3 stride-1 pad-1 conv with at least WINOGRAD_MIN_CHANNELS input channels. Measured on the default model's
-    layers (2-core EPYC): 64 -> 128 at 16x16 and 128/256 -> 256 at 8x8 take 0.6-0.75x im2col's forward+backward
-    time on 1 thread, 0.8-0.95x on 2; 32 -> 64 at 32x32 gains on 1 thread (0.8x) but loses on 2 (1.1x: its
-    transforms are memory-bound and scale worse than one large GEMM); 3 -> 32 at 64x64 is 3-4x slower (a 27-term
-    GEMM has little to save). Whole training step, batch 64, against im2col everywhere: 0.85x on 1 thread, 0.99x on
-    2 (`dptrain bench`, medians of 5 alternated runs on a shared machine; 0.78x and 0.88x alternated in one
-    process); threshold 16 instead of 64: 0.80x, 0.97x (in one process)."""
+    3x3 stride-1 pad-1 conv with at least WINOGRAD_MIN_CHANNELS input channels, so every 3x3 conv of the default
+    model but the first. Measured on its layers (2-core EPYC Zen 4), forward + backward against im2col: 64 -> 128
+    at 16x16 and 128/256 -> 256 at 8x8 0.6-0.75x on 1 thread, 0.8-0.95x on 2; 32 -> 64 at 32x32 0.84x on 1 thread
+    (53.0 against 63.0 ms at batch 32; 0.80x at batch 8) and 1.08x on 2 (its transforms are memory-bound and scale
+    worse than one large GEMM); 3 -> 32 at 64x64 3-4x slower (a 27-term GEMM has little to save). The whole
+    training step, threshold 32 against 64: batch 32 on 1 thread (a worker of `launch`, one per core) 256.0 / 253.9
+    against 288.6 / 274.6 ms, batch 64 on 2 threads (one process) 366.8 / 372.0 against 363.2 / 361.7 ms: the
+    workers' case wins. (Before the transforms' buffers were reused, the threshold-16 whole step was no faster.)"""
     if algo not in ALGOS:
         raise ValueError(f"conv algo must be one of {ALGOS}, got {algo!r}")
     kh, kw, C, _ = w_shape
