@@ -131,7 +131,8 @@ def resolve_config(args: argparse.Namespace, extra: list[str]) -> config_mod.Con
 
 
 def cmd_train(args, extra) -> int:
-    from .train import LocalExecutor, run_local
+    from .executors import LocalExecutor
+    from .train import run_local
     cfg = resolve_config(args, extra)
     factory = LocalExecutor
     if args.replay_workers or args.replay_layout:  # a distributed run's exact sums, in this process

@@ -347,7 +347,7 @@ def worker_runner(cfg, num_classes: int, num_params: int) -> BlockRunner:
 
 # ---- the single process ------------------------------------------------------------------------------------------
 class InvariantExecutor:
-    """train.Executor: the whole global batch in this process, block by block (bitwise `launch --workers N` in
+    """executors.Executor: the whole global batch in this process, block by block (bitwise `launch --workers N` in
     this mode, for any N)."""
 
     def __init__(self, cfg, model, dataset, store: ParamStore, opt):
@@ -359,7 +359,7 @@ class InvariantExecutor:
                        f"once, one BLAS thread each")
 
     def train_step(self, indices: np.ndarray, epoch: int, step: int, lr: float):
-        from .train import StepResult
+        from .executors import StepResult
         r = self.runner.run(self.store.params, self.store.buffers, self.ds.images, self.ds.labels, indices,
                             epoch=epoch, global_count=len(indices), acc=self.acc)
         decode_grads(self.store.grads, [self.acc])

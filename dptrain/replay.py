@@ -38,11 +38,11 @@ from .distributed.mesh import dw_span, factor_span, factors_pay, gather_pieces, 
 from .distributed.reduce import Factors, one_host_factored, reduce_range, sum_in_order
 from .distributed.session import blas_threads
 from .distributed.wire import add16, apply_update16, encode16, grad_frame
+from .executors import StepResult
 from .nn.model import build_model
 from .nn.params import ParamStore
 from .nn.threads import match_blas_threads
 from .optim import add_blocks, checked_clip, chunk_slices, chunk_squares, clipped_step
-from .train import StepResult
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,7 @@ class Baton:
 
 
 class ReplayExecutor:
-    """train.Executor: each step computed as the distributed run with `layout` and this config's dist settings."""
+    """executors.Executor: each step computed as the distributed run with `layout` and this config's dist settings."""
 
     def __init__(self, cfg: Config, model, dataset, store: ParamStore, opt, layout: Layout,
                  membership: dict[int, list[int]] | None = None):

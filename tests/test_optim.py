@@ -11,8 +11,9 @@ from helpers import make_config
 
 from dptrain.compute import shard_gradient
 from dptrain.data.dataset import Dataset
+from dptrain.executors import LocalExecutor
 from dptrain.optim import SGD, clip_factor, lr_at, sum_of_squares
-from dptrain.train import LocalExecutor, Trainer
+from dptrain.train import Trainer
 
 
 # ---- schedule ----------------------------------------------------------------------------------------------------

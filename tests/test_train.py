@@ -12,7 +12,8 @@ from helpers import make_config
 
 from dptrain import checkpoint, config as C
 from dptrain.data import synth
-from dptrain.train import LocalExecutor, prepare, run_local
+from dptrain.executors import LocalExecutor
+from dptrain.train import prepare, run_local
 
 NUM_CLASSES = 10
 

@@ -20,7 +20,7 @@ import zmq
 
 from .. import log
 from ..config import Config
-from ..train import ExecutorFailure
+from ..executors import ExecutorFailure
 from . import protocol as P
 from .hostfile import rank_bases
 from .peers import Peer, PeerState, killed_how

@@ -16,9 +16,9 @@ import numpy as np
 from .. import invariant, log
 from ..config import Config
 from ..data.sampler import shard_bounds
+from ..executors import StepInterrupted, StepResult
 from ..nn.params import ParamStore
 from ..optim import SGD, add_blocks, checked_clip, chunk_slices, clipped_step
-from ..train import StepInterrupted, StepResult
 from . import protocol as P
 from .coordinator import Coordinator, StopTimeout, WorkerFailure
 from .hostfile import rank_bases
@@ -58,7 +58,7 @@ class SharedUpdate:
 
 
 class DistExecutor:
-    """The Trainer's executor (train.Executor) over a coordinator's peers. It reads and writes the store's flat
+    """The Trainer's executor (executors.Executor) over a coordinator's peers. It reads and writes the store's flat
     buffers and the optimizer's velocity (the reduced gradient, the weights it publishes) and nothing else of the
     Trainer's. `grad_slots`: one host's shared gradient rows (None: gradients arrive as frames); `shared`: the
     double buffers when the workers reduce and update (dist.update = "workers"); `mesh`: the peers are host
@@ -281,7 +281,7 @@ class DistExecutor:
         return slowest
 
     def settle(self) -> int:
-        """train.Executor.settle: the hosts' state after the last step into the store (mesh; a no-op otherwise).
+        """executors.Executor.settle: the hosts' state after the last step into the store (mesh; a no-op otherwise).
         Returns how many steps it lacks when a host was lost before answering."""
         if self.mesh is not None and not self.mesh.settle():
             return len(self.mesh.done)
@@ -319,7 +319,7 @@ class DistExecutor:
         self.coord.stop_within(grace_s)
 
     def meanwhile(self, work):
-        """train.Executor.meanwhile: work() in a thread while this thread answers heartbeats and hellos (a checkpoint
+        """executors.Executor.meanwhile: work() in a thread while this thread answers heartbeats and hellos (a checkpoint
         on a slow disk must not look like a lost coordinator to the workers, whose bound is a few seconds). Nothing
         else is done meanwhile: deaths are noticed by the next round (and no stop deadline applies to a save)."""
         out: dict = {}

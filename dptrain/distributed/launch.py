@@ -32,7 +32,8 @@ from .. import config as config_mod, log
 from ..checkpoint import CheckpointWriteError
 from ..config import Config
 from ..data.shm import remove_orphans
-from ..train import EXIT_PREEMPTED, ExecutorFailure
+from ..executors import ExecutorFailure
+from ..train import EXIT_PREEMPTED
 from .coordinator import Coordinator
 from .executor import DistExecutor, SharedUpdate
 from .reduce import one_host_factored

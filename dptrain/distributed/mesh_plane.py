@@ -23,9 +23,9 @@ import numpy as np
 
 from .. import log
 from ..config import Config
+from ..executors import ExecutorFailure
 from ..nn.params import ParamStore
 from ..optim import SGD, add_blocks, checked_clip, chunk_slices
-from ..train import ExecutorFailure
 from . import protocol as P
 from .coordinator import Coordinator, WorkerFailure
 from .mesh import checksum
