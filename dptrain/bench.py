@@ -21,7 +21,8 @@ override (`--dist.wire_dtype=float16`, `--wire-dtype float16`) is passed to `dpt
 steps are never timed. Logs and progress bars go to stderr; with --json stdout holds only JSON (one object, or one
 line per row with --workers or --hosts).
 
-    dptrain bench --tta TARGET [--config F] [--data DIR] [--workers 2] [--epochs E] [--repeat R] [--stop-at-target]
+    dptrain bench --tta TARGET [--config F] [--data DIR] [--workers 2] [--epochs E] [--repeat R] [--seeds 0,1,2]
+                  [--stop-at-target]
         time to accuracy: dptrain and its PyTorch DDP twin trained with one recipe, epochs and seconds from process
         start to TARGET validation accuracy, tta.json and tta.png in --out (dptrain/bench_tta.py).
 """
@@ -75,6 +76,8 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
     t.add_argument("--data", default=None, help="with --tta: dataset folder or .tgz (data.path)")
     t.add_argument("--epochs", type=int, default=None, help="with --tta: train.epochs")
     t.add_argument("--repeat", type=int, default=1, help="with --tta: runs per side, alternating; medians reported")
+    t.add_argument("--seeds", default=None, help="with --tta: comma list of train.seed values, each a run per side "
+                                                 "(its own init, split and batches); medians and mean curves")
     t.add_argument("--stop-at-target", action="store_true", help="with --tta: stop each side at the target")
     t.add_argument("--no-torch", action="store_true", help="with --tta: dptrain only")
     t.add_argument("--sides", default="dptrain,torch", help="with --tta: which to run (dptrain, torch or both)")

@@ -1,7 +1,7 @@
 """`dptrain bench --tta TARGET`: time to accuracy (DAWNBench style), dptrain against its PyTorch twin.
 
     dptrain bench --tta 0.9 [--config configs/synth.toml] [--data DIR] [--workers 2] [--epochs E] [--repeat R]
-                  [--stop-at-target] [--no-torch] [--out bench-tta] [--json] [--section.key=value ...]
+                  [--seeds 0,1,2] [--stop-at-target] [--no-torch] [--out bench-tta] [--json] [--section.key=value ...]
 
 One resolved config (defaults < --config < flags) is written to OUT/config.toml and both sides train from it, one
 after the other, never at the same time: `dptrain launch --workers N` (run folder OUT/dptrain), then the PyTorch
@@ -11,7 +11,10 @@ decoding. Each side is timed from the moment its process is started (imports, da
 to the moment each epoch's validation line reaches its metrics file (polled every POLL_S). Reported per side:
 epochs and seconds to the first epoch whose validation accuracy is >= TARGET (null when never reached), final and
 best validation accuracy, wall seconds; and the ratios dptrain / torch. With --repeat R the sides alternate
-(d t t d ...) and the medians are reported. --stop-at-target ends a side once it reaches the target (dptrain gets
+(d t t d ...) and the medians are reported. With --seeds S1,S2,... every seed is a run per side (train.seed: its own
+initialisation, train/val split and batches), the medians are over all runs, `reached` counts the runs that hit
+the target, and `mean_val_acc` is each side's validation accuracy per epoch averaged over the runs that got there
+(a target near an epoch's mean accuracy is crossed a seed at a time: the curve says which side is ahead). --stop-at-target ends a side once it reaches the target (dptrain gets
 SIGTERM: it finishes the step and saves). Writes OUT/tta.json and OUT/tta.png (validation accuracy against wall
 time, both sides, the target as a line). The CPU model and the load average before each run are in the JSON: wall
 seconds on a shared machine are noisy, epochs are not.
@@ -124,6 +127,15 @@ def run_side(side: str, cfg_path: Path, out: Path, workers: int, target: float |
     return time_process(cmd, folder / "metrics.jsonl", target, out / f"{side}.log", env, signal_group=True)
 
 
+def mean_curve(runs: list[dict]) -> list[dict]:
+    """Validation accuracy per epoch averaged over the runs that reached that epoch (and how many did)."""
+    by_epoch: dict[int, list[float]] = {}
+    for r in runs:
+        for p in r["curve"]:
+            by_epoch.setdefault(p["epoch"], []).append(p["val_acc"])
+    return [{"epoch": e, "val_acc": round(statistics.fmean(v), 4), "runs": len(v)} for e, v in sorted(by_epoch.items())]
+
+
 def _median(xs):
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
@@ -144,23 +156,30 @@ def run(args, extra: list[str]) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = resolve(args, extra)
+    try:
+        seeds = [int(x) for x in args.seeds.split(",")] if getattr(args, "seeds", None) else [cfg.train.seed]
+    except ValueError:
+        raise SystemExit(f"dptrain bench --tta: --seeds wants a comma list of integers, got {args.seeds!r}") from None
     cfg_path = out / "config.toml"
-    cfg_path.write_text(config_mod.dumps(cfg))
     from .data.dataset import load_dataset
-    ds = load_dataset(cfg.data, cfg.train.seed, progress=not args.no_progress)  # fills the decode cache
     runs: dict[str, list[dict]] = {s: [] for s in sides}
     order = [s for i in range(args.repeat) for s in (sides if i % 2 == 0 else sides[::-1])]
-    for side in order:
-        lg.info(f"{side}: {args.workers} worker(s), {cfg.train.epochs} epochs, target {target}")
-        r = summarise(run_side(side, cfg_path, out, args.workers,
-                               target if args.stop_at_target else None), target)
-        runs[side].append(r)
-        lg.info(f"  {side}: target at epoch {r['epochs_to_target']} / {r['seconds_to_target']} s; final val acc "
-                f"{r['final_val_acc']}, wall {r['wall_s']} s")
-    result = {"target": target, "cpu": cpu_model(), "cpus": os.cpu_count(), "workers": args.workers,
+    for seed in seeds:
+        cfg.train.seed = seed
+        cfg_path.write_text(config_mod.dumps(cfg))
+        ds = load_dataset(cfg.data, cfg.train.seed, progress=not args.no_progress)  # fills the decode cache
+        for side in order:
+            lg.info(f"{side}: {args.workers} worker(s), {cfg.train.epochs} epochs, target {target}, seed {seed}")
+            r = summarise(run_side(side, cfg_path, out, args.workers,
+                                   target if args.stop_at_target else None), target) | {"seed": seed}
+            runs[side].append(r)
+            lg.info(f"  {side}: target at epoch {r['epochs_to_target']} / {r['seconds_to_target']} s; final val "
+                    f"acc {r['final_val_acc']}, wall {r['wall_s']} s")
+    result = {"target": target, "cpu": cpu_model(), "cpus": os.cpu_count(), "workers": args.workers, "seeds": seeds,
               "dataset": {"path": cfg.data.path, **ds.counts, "image_size": cfg.data.image_size},
               "recipe": {k: getattr(cfg.train, k) for k in ("epochs", "batch_size", "lr", "warmup_epochs",
-                                                             "momentum", "weight_decay", "clip_norm", "seed")}
+                                                             "momentum", "weight_decay", "clip_norm", "label_smoothing",
+                                                             "ema_epochs")}
               | {"augment": cfg.data.augment, "max_shift": cfg.data.max_shift},
               "dptrain_model": {"init": cfg.model.init, "bn_momentum": cfg.model.bn_momentum,
                                 "bn_eps": cfg.model.bn_eps},
@@ -169,7 +188,8 @@ def run(args, extra: list[str]) -> int:
         rs = runs[side]
         result[side] = {"runs": rs, **{k: _median([r[k] for r in rs]) for k in
                                        ("epochs_to_target", "seconds_to_target", "final_val_acc", "best_val_acc",
-                                        "wall_s")}}
+                                        "wall_s")},
+                        "reached": sum(r["epochs_to_target"] is not None for r in rs), "mean_val_acc": mean_curve(rs)}
     if sides == list(SIDES):
         for k in ("epochs_to_target", "seconds_to_target", "wall_s"):
             a, b = result["dptrain"][k], result["torch"][k]
@@ -193,6 +213,15 @@ def format_result(r: dict, sides: list[str]) -> str:
     if "seconds_to_target_ratio" in r:
         lines.append(f"dptrain / torch: epochs {fmt(r['epochs_to_target_ratio'], '.2f')}, seconds "
                      f"{fmt(r['seconds_to_target_ratio'], '.2f')}")
+    if any(len(r[x]["runs"]) > 1 for x in sides):  # medians above; each run, and the mean curves, below
+        for x in sides:
+            runs = r[x]["runs"]
+            lines.append(f"{x}: reached the target in {r[x]['reached']} of {len(runs)} runs; per run (seed: epochs, "
+                         f"seconds) " + ", ".join(f"{q['seed']}: {fmt(q['epochs_to_target'], 'g')}, "
+                                                  f"{fmt(q['seconds_to_target'], '.1f')}" for q in runs))
+            lines.append(f"{x}: mean val acc by epoch " + " ".join(
+                f"{p['val_acc']:.3f}" + (f" ({p['runs']} runs)" if p["runs"] < len(runs) else "")
+                for p in r[x]["mean_val_acc"]))
     return "\n".join(lines)
 
 

@@ -57,3 +57,28 @@ def test_tta_rejects_a_target_outside_0_1(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "dptrain", "bench", "--tta", "1.5", "--no-torch"],
                           capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert proc.returncode != 0 and "target" in proc.stderr
+
+
+def test_tta_over_seeds_reports_every_run_and_the_mean_curve(tmp_path):
+    """--seeds 3,4: a run per seed (each its own train.seed, so its own split and initialisation), medians over the
+    runs, `reached` and the validation accuracy per epoch averaged over the runs (checked against the runs' own
+    curves), and the human-readable form lists each run."""
+    make_set(tmp_path / "data")
+    out = tmp_path / "tta"
+    base = [sys.executable, "-m", "dptrain", "bench", "--tta", "0.5", "--data", str(tmp_path / "data"), "--out",
+            str(out), "--workers", "2", "--sides", "dptrain", "--seeds", "3,4", "--data.cache_dir",
+            str(tmp_path / "cache"), *TINY]
+    proc = subprocess.run(base + ["--json"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout)
+    assert r["seeds"] == [3, 4]
+    s = r["dptrain"]
+    assert [q["seed"] for q in s["runs"]] == [3, 4]
+    assert s["reached"] == sum(q["epochs_to_target"] is not None for q in s["runs"])
+    for e, point in enumerate(s["mean_val_acc"], start=1):
+        accs = [q["curve"][e - 1]["val_acc"] for q in s["runs"] if len(q["curve"]) >= e]
+        assert point["epoch"] == e and point["runs"] == len(accs)
+        assert abs(point["val_acc"] - sum(accs) / len(accs)) < 1e-4
+    bad = subprocess.run(base[:-len(TINY)] + ["--seeds", "1,x"], capture_output=True, text=True, timeout=60,
+                         cwd=tmp_path)
+    assert bad.returncode != 0 and "--seeds" in bad.stderr
