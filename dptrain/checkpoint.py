@@ -69,8 +69,9 @@ def load(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in ("params", "velocity", "buffers") + (("ema_params",) if "ema_params" in z
-                                                                              else ())}
+            arrays = {k: z[k] for k in ("params", "velocity", "buffers")}
+            if "ema_params" in z:
+                arrays["ema_params"] = z["ema_params"]
             meta = json.loads(z["meta"].tobytes().decode())
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such checkpoint") from None

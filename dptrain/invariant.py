@@ -41,6 +41,7 @@ from threadpoolctl import threadpool_limits
 from . import log
 from .compute import evaluate_batches, shard_gradient
 from .data.sampler import shard_bounds
+from .executors import StepResult
 from .nn.model import build_model
 from .nn.params import ParamStore
 from .nn.threads import set_threads
@@ -359,7 +360,6 @@ class InvariantExecutor:
                        f"once, one BLAS thread each")
 
     def train_step(self, indices: np.ndarray, epoch: int, step: int, lr: float):
-        from .executors import StepResult
         r = self.runner.run(self.store.params, self.store.buffers, self.ds.images, self.ds.labels, indices,
                             epoch=epoch, global_count=len(indices), acc=self.acc)
         decode_grads(self.store.grads, [self.acc])

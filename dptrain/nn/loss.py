@@ -30,7 +30,7 @@ def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray, denom: float |
         mean_logp = z.astype(np.float64).mean(axis=1) - np.log(sum_ez[:, 0].astype(np.float64))  # (N,)
         loss_sum = (1.0 - smoothing) * loss_sum - smoothing * float(mean_logp.sum())
         dlogits -= dlogits.dtype.type(smoothing / K)
-    dlogits[rows, labels] -= dlogits.dtype.type(1.0 - smoothing) if smoothing else 1
+    dlogits[rows, labels] -= dlogits.dtype.type(1.0 - smoothing)
     dlogits *= dlogits.dtype.type(1.0 / (N if denom is None else denom))
     correct = int((logits.argmax(axis=1) == labels).sum())
     return loss_sum, dlogits, correct

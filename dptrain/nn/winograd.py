@@ -246,7 +246,8 @@ def winograd_backward(dout: np.ndarray, cache: WinoCache, need_dx: bool = True, 
     dY6 = _tiled(dY, th, tw)
     T = scratch(ws, "wino.dT", (4, 2, N, th, tw, F), dout.dtype)
     split_rows(lambda a, b: _output_adjoint(dY6[:, :, a:b], T[:, :, a:b], dM6[:, :, a:b]), N, dM.size)
-    dU = np.matmul(cache.V.transpose(0, 2, 1), dM, out=scratch(ws, "wino.dU", (16, C, F), dout.dtype))  # (16, C, T) @ (16, T, F)
+    dU = scratch(ws, "wino.dU", (16, C, F), dout.dtype)
+    np.matmul(cache.V.transpose(0, 2, 1), dM, out=dU)  # (16, C, T) @ (16, T, F)
     dw = filter_adjoint(dU, dw_out, ws)
     if not need_dx:
         return None, dw, db

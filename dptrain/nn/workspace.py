@@ -20,13 +20,12 @@ class Workspace:
             return view
         dtype = np.dtype(dtype)
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if raw is None or raw.nbytes < nbytes:
+        grow = raw is None or raw.nbytes < nbytes
+        if grow:
             raw = np.zeros(max(nbytes, 1), np.uint8) if zero_new else np.empty(max(nbytes, 1), np.uint8)
-            view = raw[:nbytes].view(dtype).reshape(shape)
-        else:
-            view = raw[:nbytes].view(dtype).reshape(shape)
-            if zero_new:
-                view.fill(0)
+        view = raw[:nbytes].view(dtype).reshape(shape)
+        if zero_new and not grow:
+            view.fill(0)
         self._bufs[tag] = (raw, view)
         return view
 
