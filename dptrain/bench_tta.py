@@ -7,17 +7,18 @@ One resolved config (defaults < --config < flags) is written to OUT/config.toml 
 after the other, never at the same time: `dptrain launch --workers N` (run folder OUT/dptrain), then the PyTorch
 twin (dptrain/tta_torch.py: DDP gloo with N ranks, the same data, split, batches, augmentation, schedule and
 optimizer; PyTorch's own initialisation and kernels). The decode cache is filled first, so neither side pays for
-decoding. Each side is timed from the moment its process is started (imports, data loading and start-up included)
-to the moment each epoch's validation line reaches its metrics file (polled every POLL_S). Reported per side:
-epochs and seconds to the first epoch whose validation accuracy is >= TARGET (null when never reached), final and
-best validation accuracy, wall seconds; and the ratios dptrain / torch. With --repeat R the sides alternate
-(d t t d ...) and the medians are reported. With --seeds S1,S2,... every seed is a run per side (train.seed: its own
-initialisation, train/val split and batches), the medians are over all runs, `reached` counts the runs that hit
-the target, and `mean_val_acc` is each side's validation accuracy per epoch averaged over the runs that got there
-(a target near an epoch's mean accuracy is crossed a seed at a time: the curve says which side is ahead). --stop-at-target ends a side once it reaches the target (dptrain gets
-SIGTERM: it finishes the step and saves). Writes OUT/tta.json and OUT/tta.png (validation accuracy against wall
-time, both sides, the target as a line). The CPU model and the load average before each run are in the JSON: wall
-seconds on a shared machine are noisy, epochs are not.
+decoding. Each side is timed from the moment its process is started (imports, data loading and start-up included) to
+the moment each epoch's validation line reaches its metrics file (polled every POLL_S). Reported per side: epochs
+and seconds to the first epoch whose validation accuracy is >= TARGET (null when never reached), final and best
+validation accuracy, wall seconds; and the ratios dptrain / torch. With --repeat R the sides alternate (d t t d ...)
+and the medians are reported. With --seeds S1,S2,... every seed is a run per side (train.seed: its own
+initialisation, train/val split and batches), the medians are over all runs, `reached` counts the runs that hit the
+target, and `mean_val_acc` is each side's validation accuracy per epoch averaged over the runs that got there (a
+target near an epoch's mean accuracy is crossed a seed at a time: the curve says which side is ahead).
+--stop-at-target ends a side once it reaches the target (dptrain gets SIGTERM: it finishes the step and saves).
+Writes OUT/tta.json and OUT/tta.png (validation accuracy against wall time, both sides, the target as a line). The
+CPU model and the load average before each run are in the JSON: wall seconds on a shared machine are noisy, epochs
+are not.
 
     dptrain data digits --out data/digits [--image-size 32]
 writes scikit-learn's 1797 handwritten digits (8x8, 10 classes; needs scikit-learn) as RGB PNGs in class folders,

@@ -182,7 +182,8 @@ class Config:
         if not 0 <= self.train.label_smoothing < 1:
             raise ValueError(f"train.label_smoothing must be in [0, 1), got {self.train.label_smoothing}")
         if not 0 <= self.train.ema_epochs <= 1000:
-            raise ValueError(f"train.ema_epochs is a time constant in epochs >= 0 (0: off), got {self.train.ema_epochs}")
+            raise ValueError(f"train.ema_epochs is a time constant in epochs, 0 (off) to 1000, got "
+                             f"{self.train.ema_epochs}")
         if self.train.batch_invariant_block < 0:
             raise ValueError("train.batch_invariant_block must be >= 0 (0: off)")
         if self.train.batch_invariant_block and -(-self.train.batch_size // self.train.batch_invariant_block) > 4096:

@@ -3,8 +3,9 @@
 `dptrain train` plugs in `LocalExecutor` (executors.py: this process computes the gradient, no sockets: the
 reference the distributed run's mathematics is tested against; `--replay-workers N` plugs in replay.py's executor,
 which makes a distributed run's sums in its order: bitwise that run); `dptrain launch` plugs in the distributed
-executor, which shards the same global batch over worker processes. Everything else — sampler, schedule, clipping, SGD, BatchNorm
-running statistics, validation, early stopping, checkpoints, metrics (metrics.py), summary.json — is this file, for both.
+executor, which shards the same global batch over worker processes. Everything else — sampler, schedule, clipping,
+SGD, BatchNorm running statistics, validation, early stopping, checkpoints, metrics (metrics.py), summary.json — is
+this file, for both.
 
 A step, whoever computes it:
     indices = global batch k of epoch e (pure function of seed, e, k); lr = lr(k)    <- the Trainer decides

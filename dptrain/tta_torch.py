@@ -4,16 +4,17 @@
 
 N ranks from torch.multiprocessing.spawn (rendezvous on 127.0.0.1, T intra-op threads each, default cores // N).
 What is the same as dptrain: the dataset, its decode cache and train/val split (load_dataset), the global batches
-(dptrain.data.sampler.Sampler, each rank a contiguous shard), the augmentation (dptrain.data.augment.make_batch,
-the same draws per image), the network (torch_ref.build_torch_model, BN eps/momentum from the config), the schedule
+(dptrain.data.sampler.Sampler, each rank a contiguous shard), the augmentation (dptrain.data.augment.make_batch, the
+same draws per image), the network (torch_ref.build_torch_model, BN eps/momentum from the config), the schedule
 (optim.lr_at: linear warmup + cosine), momentum, weight decay (weights only, or every tensor with
-train.decay_bn_and_bias), label smoothing, global-norm clipping and patience: what a training script chooses. What is PyTorch's
-own, the defaults a PyTorch user gets without asking: the initialisation (the modules' defaults, seeded with
-train.seed), BatchNorm's momentum 0.1 and eps 1e-5 (whatever model.bn_momentum / bn_eps say), BN statistics per rank
-with rank 0's running statistics broadcast by DDP, the kernels, and no average of the weights (train.ema_epochs:
-PyTorch has none built in; the twin evaluates its live weights). For a like-for-like run give dptrain the same:
---model.init=pytorch --model.bn_momentum=0.1 --model.bn_eps=1e-5. Validation is sharded over the ranks and summed
-(all_reduce). After every epoch rank 0 appends {"epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "time"} to FILE (`time`: time.time()).
+train.decay_bn_and_bias), label smoothing, global-norm clipping and patience: what a training script chooses. What
+is PyTorch's own, the defaults a PyTorch user gets without asking: the initialisation (the modules' defaults, seeded
+with train.seed), BatchNorm's momentum 0.1 and eps 1e-5 (whatever model.bn_momentum / bn_eps say), BN statistics per
+rank with rank 0's running statistics broadcast by DDP, the kernels, and no average of the weights
+(train.ema_epochs: PyTorch has none built in; the twin evaluates its live weights). For a like-for-like run give
+dptrain the same: --model.init=pytorch --model.bn_momentum=0.1 --model.bn_eps=1e-5 --train.ema_epochs=0. Validation
+is sharded over the ranks and summed (all_reduce). After every epoch rank 0 appends {"epoch", "step", "train_loss",
+"train_acc", "val_loss", "val_acc", "lr", "time"} to FILE (`time`: time.time()).
 """
 from __future__ import annotations
 

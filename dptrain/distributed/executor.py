@@ -319,9 +319,10 @@ class DistExecutor:
         self.coord.stop_within(grace_s)
 
     def meanwhile(self, work):
-        """executors.Executor.meanwhile: work() in a thread while this thread answers heartbeats and hellos (a checkpoint
-        on a slow disk must not look like a lost coordinator to the workers, whose bound is a few seconds). Nothing
-        else is done meanwhile: deaths are noticed by the next round (and no stop deadline applies to a save)."""
+        """executors.Executor.meanwhile: work() in a thread while this thread answers heartbeats and hellos (a
+        checkpoint on a slow disk must not look like a lost coordinator to the workers, whose bound is a few
+        seconds). Nothing else is done meanwhile: deaths are noticed by the next round (and no stop deadline applies
+        to a save)."""
         out: dict = {}
 
         def run():

@@ -57,8 +57,8 @@ class Conv2D(Layer):
 
 class BatchNorm(Layer):
     """Params `{name}.gamma` (ones; zeros with zero_gamma), `{name}.beta` (zeros), both decay=False; buffers
-    `{name}.running_mean` (0) and `{name}.running_var` (1). After a train-mode forward, `moments` holds this step's local float64
-    `[count, sum, sumsq]`. `allreduce`: the SyncBatchNorm hook (see norm.py); None = ordinary BN."""
+    `{name}.running_mean` (0) and `{name}.running_var` (1). After a train-mode forward, `moments` holds this step's
+    local float64 `[count, sum, sumsq]`. `allreduce`: the SyncBatchNorm hook (see norm.py); None = ordinary BN."""
 
     def __init__(self, store: ParamStore, name: str, C: int, eps: float = 1e-5, zero_gamma: bool = False):
         self.name, self.C, self.eps = name, C, eps
@@ -217,7 +217,8 @@ class ResidualBlock(Layer):
     """out = ReLU(BN(conv3x3(ReLU(BN(conv3x3_s(x))))) + shortcut(x)); shortcut = BN(conv1x1_s(x)) when the
     channels or the stride change, else identity. Convs have no bias (BN follows). Names: `{name}.conv1`,
     `{name}.bn1`, `{name}.conv2`, `{name}.bn2`, `{name}.short.conv`, `{name}.short.bn`. algo: the 3x3 convs' (Conv2D).
-    zero_init: bn2's gamma starts at 0, so the block starts as its shortcut (Goyal et al. 2017, "zero-init-residual")."""
+    zero_init: bn2's gamma starts at 0, so the block starts as its shortcut (Goyal et al. 2017,
+    "zero-init-residual")."""
 
     def __init__(self, store: ParamStore, name: str, cin: int, cout: int, stride: int = 1, eps: float = 1e-5,
                  init: str = "he", algo: str = "im2col", zero_init: bool = False):
