@@ -8,9 +8,9 @@ checkpoints allocate once), is not judged. Of the samples after it, the first 10
 shared memory, libraries): growth = median(end) / median(baseline) - 1, and the floor's growth, the same with the
 10th percentiles. A check fails when both exceed --max-growth: a leak lifts both, while a plateau lifts only the
 median (in the 2000-step soak the launcher's USS stepped ~60 MiB up for up to 35 s at a time and back down,
-presumably freed memory the allocator kept for a while). Open fds must have the same median at both ends (a file
-briefly open for a checkpoint is not a leak); the run's /dev/shm segments must not change in number or size at any
-sample of the training time.
+presumably freed memory the allocator kept for a while). Open fds must have the same minimum at both ends (a leak
+lifts the floor; a checkpoint file open while the writer thread writes it, saver.py, is not a leak); the run's
+/dev/shm segments must not change in number or size at any sample of the training time.
 """
 from __future__ import annotations
 
@@ -115,8 +115,8 @@ def analyse(samples: list[dict], total: int, args, epoch_steps: int = 0) -> tupl
             if min(growth, floor_growth) > args.max_growth and last - first > args.slack_mb:
                 failures.append(f"{label}: {key.upper()} grew {growth:.1f} % after warm-up ({first:.1f} -> "
                                 f"{last:.1f} MiB; its floor {floor_growth:+.1f} %; limit {args.max_growth:g} %)")
-        fd_first = statistics.median(x["fds"] for x in rows[:k])
-        fd_last = statistics.median(x["fds"] for x in rows[-k:])
+        fd_first = min(x["fds"] for x in rows[:k])
+        fd_last = min(x["fds"] for x in rows[-k:])
         r |= {"fds_first": fd_first, "fds_last": fd_last, "fds_min": min(x["fds"] for x in rows),
               "fds_max": max(x["fds"] for x in rows), "fds_constant": fd_first == fd_last,
               "threads_min": min(x["threads"] for x in rows), "threads_max": max(x["threads"] for x in rows)}

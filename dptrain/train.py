@@ -38,6 +38,7 @@ from .metrics import MetricsFiles, Progress
 from .nn.model import build_model
 from .nn.params import ParamStore
 from .optim import lr_at, sgd_for
+from .saver import BackgroundWriter
 
 STOP_GRACE_S = 10.0  # after the first Ctrl-C / SIGTERM the running step gets this long before it is abandoned
 
@@ -85,6 +86,7 @@ class Trainer:
         self.unsaved: OSError | None = None  # the last checkpoint write failed (a full disk): fit() ends non-zero
         self.metrics = MetricsFiles(self.out)  # metrics.jsonl and metrics.csv
         self.saved_at: tuple | None = None  # _position() of the last last.npz written
+        self.writer = BackgroundWriter()  # checkpoints are written while the next steps run
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
     def _meta(self) -> dict:
@@ -94,42 +96,63 @@ class Trainer:
                 "bad_epochs": self.bad_epochs, "epoch_sums": self.epoch_sums, "epochs_run": self.epochs_run,
                 "num_params": self.store.num_params}
 
-    def save(self, name: str) -> None:
+    def save(self, name: str, best: bool = False, keep: bool = False) -> None:
+        """Snapshot the state and write it as `name`.npz behind the next steps (saver.py); `best`: it is also
+        best.npz (a second name of the file written, or, when that write fails, a write of its own); `keep`: also
+        step-NNNNNNNN.npz (train.keep_checkpoints). The outcome is collected by the next save or collect_save()."""
+        self.collect_save()
         meta = self._meta()
         lag = self.executor.settle() if self.executor is not None else 0
         if lag:  # the state is that many steps behind the counters: the checkpoint resumes from there
             meta["step"], meta["step_in_epoch"] = self.step - lag, max(self.step_in_epoch - lag, 0)
             self.log.warning(f"checkpoint {name}: the last {lag} step(s) could not be brought in (a host was lost "
                              f"before it sent its state); it resumes at step {meta['step']}")
-        def write():
-            checkpoint.save(self.out / f"{name}.npz", params=self.store.params, velocity=self.opt.velocity,
-                            buffers=self.store.buffers, meta=meta, ema_params=self.ema and self.ema.params)
-        try:  # a distributed executor answers its peers' heartbeats while the disk is slow
-            getattr(self.executor, "meanwhile", lambda work: work())(write)
-        except checkpoint.CheckpointWriteError as e:
-            # Training goes on (its state is in memory) and says so at every checkpoint until one is written again;
-            # fit() ends non-zero if the last one never was.
-            self.unsaved = e
-            self.log.error(f"{e}; training goes on, the next checkpoint will try again")
+        arrays = self.writer.snapshot(params=self.store.params, velocity=self.opt.velocity, buffers=self.store.buffers,
+                                      ema_params=self.ema and self.ema.params)
+        path, step = self.out / f"{name}.npz", meta["step"]
+
+        def job():
+            try:
+                checkpoint.save(path, meta=meta, **arrays)
+            except checkpoint.CheckpointWriteError:
+                if best and name != "best":  # the best model must not be lost with the disk full for `name`
+                    checkpoint.save(self.out / "best.npz", meta=meta, **arrays)
+                raise
+            if best and name != "best":
+                atomic_link(path, self.out / "best.npz")
+            if keep:
+                self._keep_step_checkpoint(path, step)
+
+        self.writer.start(job, (name, self._position() if name == "last" and not lag else None))
+
+    def collect_save(self) -> None:
+        """Wait for the checkpoint write in flight (the executor answers its peers meanwhile) and report it: a
+        failure is logged and remembered (training goes on, fit() ends non-zero if the last one never was written)."""
+        done = self.writer.collect(getattr(self.executor, "meanwhile", None))
+        if done is None:
+            return
+        (name, position), error = done
+        if error is not None:
+            self.unsaved = error
+            self.log.error(f"{error}; training goes on, the next checkpoint will try again")
             return
         if self.unsaved is not None:
             self.log.warning(f"{self.out / (name + '.npz')} written: checkpoints are saved again")
         self.unsaved = None
-        if name == "last" and not lag:  # a checkpoint behind the counters is not the state now
-            self.saved_at = self._position()
+        if position is not None:  # a checkpoint behind the counters is not the state now
+            self.saved_at = position
 
     def _position(self) -> tuple:
         """What a checkpoint of the state now would record beyond the arrays, which change only with steps."""
         return (self.step, self.epoch, self.step_in_epoch, self.best_epoch, self.bad_epochs, self.epochs_run)
 
-    def keep_step_checkpoint(self) -> None:
-        """train.keep_checkpoints > 0: last.npz, just written, is also kept as step-NNNNNNNN.npz (a hard link: no
-        second write), and the oldest beyond K are removed."""
+    def _keep_step_checkpoint(self, last: Path, step: int) -> None:
+        """train.keep_checkpoints > 0: `last`, just written, is also kept as step-NNNNNNNN.npz (a hard link: no
+        second write), and the oldest beyond K are removed. In the writer's thread."""
         k = self.cfg.train.keep_checkpoints
-        last = self.out / "last.npz"
-        if k <= 0 or self.unsaved is not None or not last.exists():
+        if k <= 0:
             return
-        atomic_link(last, self.out / f"step-{self.step:08d}.npz")
+        atomic_link(last, self.out / f"step-{step:08d}.npz")
         for old in sorted(self.out.glob("step-*.npz"))[:-k]:
             old.unlink(missing_ok=True)
 
@@ -208,8 +231,7 @@ class Trainer:
                     self.step += 1
                     self.step_in_epoch += 1
                     if t.checkpoint_every_steps and self.step % t.checkpoint_every_steps == 0:
-                        self.save("last")
-                        self.keep_step_checkpoint()
+                        self.save("last", keep=True)
                     bar.step(f"loss {res.loss_sum / res.count:.3f} acc {res.correct / res.count:.3f} "
                              f"lr {lr:.4f} {res.count / dt:.0f} img/s" + (f" slowest {res.slowest}" if res.slowest else ""))
                 bar.close()
@@ -221,14 +243,17 @@ class Trainer:
             interrupted = True
         except ExecutorFailure:
             self.save("last")
+            self.collect_save()
             self.log.error(f"checkpoint written to {self.out / 'last.npz'} (step {self.step}); resume with --resume")
             raise
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
             self.board.close()
+        self.collect_save()
         if self.saved_at != self._position():  # not already on disk (an epoch's end just wrote it)
             self.save("last")
+            self.collect_save()
         self.executor = None
         summary = {**self._summary(time.perf_counter() - wall0, stopped_early, interrupted), **executor.summary()}
         try:
@@ -273,12 +298,7 @@ class Trainer:
             self.best_val_acc, self.best_epoch, self.bad_epochs = val_acc, self.epoch, 0
         else:
             self.bad_epochs += 1
-        self.save("last")
-        if improved:  # the same state: best.npz becomes a second name of the file just written (no second write)
-            if self.unsaved is None:
-                atomic_link(self.out / "last.npz", self.out / "best.npz")
-            else:
-                self.save("best")
+        self.save("last", best=improved)  # best.npz: a second name of the same file (no second write)
         if self.cfg.train.patience and self.bad_epochs >= self.cfg.train.patience:
             self.log.info(f"early stop: no better val accuracy for {self.bad_epochs} epochs "
                           f"(best {self.best_val_acc:.4f} at epoch {self.best_epoch})")
