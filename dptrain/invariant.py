@@ -39,9 +39,9 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from . import log
-from .compute import evaluate_batches, shard_gradient
+from .compute import shard_gradient
 from .data.sampler import shard_bounds
-from .executors import StepResult
+from .executors import LocalExecutor, StepResult
 from .nn.model import build_model
 from .nn.params import ParamStore
 from .nn.threads import set_threads
@@ -347,11 +347,11 @@ def worker_runner(cfg, num_classes: int, num_params: int) -> BlockRunner:
 
 
 # ---- the single process ------------------------------------------------------------------------------------------
-class InvariantExecutor:
+class InvariantExecutor(LocalExecutor):
     """executors.Executor: the whole global batch in this process, block by block (bitwise `launch --workers N` in
-    this mode, for any N)."""
+    this mode, for any N); evaluation, stop and settle are LocalExecutor's."""
 
-    def __init__(self, cfg, model, dataset, store: ParamStore, opt):
+    def __init__(self, cfg, model, dataset, store: ParamStore, opt):  # not LocalExecutor's: one BLAS thread a block
         self.cfg, self.model, self.ds, self.store, self.opt = cfg, model, dataset, store, opt
         cores, self.limits = _one_blas_thread()
         self.runner = BlockRunner(cfg, len(dataset.class_names), cores)
@@ -365,17 +365,6 @@ class InvariantExecutor:
         decode_grads(self.store.grads, [self.acc])
         norm = clipped_step(self.opt, self.store.params, self.store.grads, lr, self.cfg.train.clip_norm, step)
         return StepResult(len(indices), r.loss_sum, r.correct, r.moments, norm)
-
-    def evaluate(self, indices: np.ndarray, weights_replaced: bool = False) -> tuple[float, int]:
-        batch = self.cfg.train.eval_batch_size or self.cfg.train.batch_size
-        loss_sum, correct, _ = evaluate_batches(self.model, self.ds.images, self.ds.labels, indices, batch)
-        return loss_sum, correct
-
-    def request_stop(self, grace_s: float) -> None:
-        pass
-
-    def settle(self) -> int:
-        return 0
 
     def summary(self) -> dict:
         return {"batch_invariant_block": self.cfg.train.batch_invariant_block,
