@@ -48,6 +48,7 @@ from .fsutil import atomic_write
 from .nn.layers import (
     AvgPool2D,
     BatchNorm,
+    BNPoolReLU,
     Conv2D,
     Flatten,
     Linear,
@@ -116,6 +117,10 @@ class _OnnxGraph:
             y = self.emit(layer.main, x)
             s = x if layer.short is None else self.emit(layer.short, x)
             return self.emit(layer.relu, self.node("Add", [y, s]))
+        if isinstance(layer, BNPoolReLU):  # what it computes: BN, max-pool, ReLU
+            pooled = self.node("MaxPool", [self.emit(layer.bn, x)], kernel_shape=[layer.k] * 2,
+                               strides=[layer.stride] * 2)
+            return self.node("Relu", [pooled])
         if isinstance(layer, Conv2D):
             k = layer.w.shape[0]
             inputs = [x, self.tensor(layer.w.name, to_torch_layout(layer.w.data))]  # (F, C, kh, kw)

@@ -30,7 +30,7 @@ def test_single_process_json(tmp_path):
     assert r["mode"] == "single" and r["threads"] == 1
     assert set(r["phases_ms"]) >= {"forward", "backward", "sgd_update"}
     assert "Conv2D" in r["layers_ms"]
-    conv, bn = r["layers_ms"]["Conv2D"], r["layers_ms"]["BatchNorm2D"]
+    conv, bn = r["layers_ms"]["Conv2D"], r["layers_ms"]["BNPoolReLU"]
     assert conv["forward_gflops"] > 0 and conv["backward_gflops"] > 0 and r["gemm_peak_gflops"] > 0
     assert conv["forward_pct_of_peak"] == pytest.approx(100 * conv["forward_gflops"] / r["gemm_peak_gflops"])
     assert "forward_gflops" not in bn  # memory-bound: no GEMM FLOPs to speak of

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import conv, functional as F, norm, pool
+from . import conv, functional as F, norm, normpool, pool
 from .params import ParamStore, he_normal, ones, uniform_fan_in, zeros
 from .workspace import Workspace
 
@@ -137,6 +137,37 @@ class AvgPool2D(MaxPool2D):
 
     def backward(self, dout):
         return pool.avgpool2d_backward(dout, self.cache, self.ws)
+
+
+class BNPoolReLU(Layer):
+    """BatchNorm2D -> max-pool k (stride s) -> ReLU, computed as max-pool -> BN affine -> ReLU (normpool.py): the
+    same output bit for bit, BN's normalisation on the pooled quarter. `bn` is the BatchNorm2D whose tensors and
+    moments it uses (the model's BN plumbing, checkpoints and exports see an ordinary BatchNorm2D)."""
+
+    def __init__(self, bn: BatchNorm2D, k: int = 2, stride: int | None = None):
+        self.bn, self.k, self.stride = bn, k, stride or k
+        self.ws = Workspace()
+        self.cache: normpool.BNPoolCache | None = None
+
+    def children(self):
+        return [self.bn]
+
+    def forward(self, x, train):
+        bn = self.bn
+        out, self.cache = normpool.bn_pool_relu_forward(x, bn.gamma.data, bn.beta.data, bn.eps, train,
+                                                        bn.running_mean.data, bn.running_var.data,
+                                                        bn.allreduce if train else None, self.k, self.stride, self.ws)
+        if train:
+            bn.moments = self.cache.moments
+        return out
+
+    def backward(self, dout):
+        if self.cache is None:
+            raise RuntimeError(f"{self.bn.name}: backward needs a train-mode forward")
+        dx, dgamma, dbeta = normpool.bn_pool_relu_backward(dout, self.cache, self.ws)
+        self.bn.gamma.grad[...] = dgamma
+        self.bn.beta.grad[...] = dbeta
+        return dx
 
 
 class Linear(Layer):

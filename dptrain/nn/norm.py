@@ -51,8 +51,7 @@ def batchnorm_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: f
     outw, k = widen(out.reshape(M, C))  # (M/k, k*C): see widen()
     xw, _ = widen(x2)
     if not train:
-        scale = (gamma / np.sqrt(running_var + eps)).astype(x.dtype)  # (C,)
-        shift = (beta - running_mean * scale).astype(x.dtype)
+        scale, shift = eval_affine(gamma, beta, running_mean, running_var, eps, x.dtype)
         st, sh = np.tile(scale, k), np.tile(shift, k)
 
         def evalblock(lo, hi):
@@ -60,27 +59,50 @@ def batchnorm_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: f
             outw[lo:hi] += sh
         split_rows(evalblock, xw.shape[0], xw.size)
         return out, None
-    # Local and SyncBatchNorm paths both take mean/var from float64 [count, Σx, Σx²]: summed in float64, the moments
-    # of a batch barely depend on how it is split, so after rounding to x.dtype N workers normalise with the bits one
-    # process uses (a float32 mean/var differing by an ulp flips ReLU/max-pool choices near ties, and one flip moves
-    # a gradient by ~1e-2 relative).
-    s, ss = colmoments64(x2)  # (C,), (C,) float64
-    moments = np.concatenate(([float(M)], s, ss))  # (1 + 2C,) float64 local
-    g = moments if allreduce is None else np.asarray(allreduce(moments.copy()), dtype=np.float64)
-    count = float(g[0])
-    mean64 = g[1:1 + C] / count
-    var = np.maximum(g[1 + C:] / count - mean64 * mean64, 0.0)
+    stats = batch_stats(x2, allreduce, eps)
     xc = scratch(ws, "bn.xc", (M, C), x.dtype)
     xcw, _ = widen(xc)
-    invstd = (1.0 / np.sqrt(var + eps)).astype(x.dtype)  # (C,)
-    mt, gt, bt = np.tile(mean64.astype(x.dtype), k), np.tile(gamma * invstd, k), np.tile(beta, k)
+    mt, gt, bt = np.tile(stats.mean, k), np.tile(gamma * stats.invstd, k), np.tile(beta, k)
 
     def block(lo, hi):  # rows lo:hi of the wide views
         np.subtract(xw[lo:hi], mt, out=xcw[lo:hi])
         np.multiply(xcw[lo:hi], gt, out=outw[lo:hi])
         outw[lo:hi] += bt
     split_rows(block, xw.shape[0], xw.size)
-    return out, BNCache(xc, invstd, gamma, count, allreduce, x.shape, moments)
+    return out, BNCache(xc, stats.invstd, gamma, stats.count, allreduce, x.shape, stats.moments)
+
+
+class BatchStats(NamedTuple):
+    moments: np.ndarray  # (1 + 2C,) float64 local [count, sum, sumsq]
+    count: float  # M of the normalisation (global under SyncBatchNorm)
+    mean: np.ndarray  # (C,) in x's dtype
+    invstd: np.ndarray  # (C,) 1 / sqrt(var + eps) in x's dtype
+
+
+def batch_stats(x2: np.ndarray, allreduce: AllReduce | None, eps: float) -> BatchStats:
+    """The normalisation of a train-mode forward over x2 (M, C): its local moments, and the mean and 1/std of the
+    local (or, with allreduce, the all-reduced) ones.
+
+    Local and SyncBatchNorm paths both take mean/var from float64 [count, Σx, Σx²]: summed in float64, the moments
+    of a batch barely depend on how it is split, so after rounding to x.dtype N workers normalise with the bits one
+    process uses (a float32 mean/var differing by an ulp flips ReLU/max-pool choices near ties, and one flip moves
+    a gradient by ~1e-2 relative)."""
+    M, C = x2.shape
+    s, ss = colmoments64(x2)  # (C,), (C,) float64
+    moments = np.concatenate(([float(M)], s, ss))  # (1 + 2C,) float64 local
+    g = moments if allreduce is None else np.asarray(allreduce(moments.copy()), dtype=np.float64)
+    count = float(g[0])
+    mean64 = g[1:1 + C] / count
+    var = np.maximum(g[1 + C:] / count - mean64 * mean64, 0.0)
+    invstd = (1.0 / np.sqrt(var + eps)).astype(x2.dtype)
+    return BatchStats(moments, count, mean64.astype(x2.dtype), invstd)
+
+
+def eval_affine(gamma: np.ndarray, beta: np.ndarray, running_mean: np.ndarray, running_var: np.ndarray, eps: float,
+                dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Eval mode's out = x * scale + shift, (C,) each in dtype, from the running statistics."""
+    scale = (gamma / np.sqrt(running_var + eps)).astype(dtype)
+    return scale, (beta - running_mean * scale).astype(dtype)
 
 
 def colmoments64(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -102,13 +124,7 @@ def batchnorm_backward(dout: np.ndarray, cache: BNCache, ws: Workspace | None = 
     dy = dout.reshape(M, C)  # (M, C); copies only if dout is a strided view
     dbeta = colsum(dy)  # (C,)
     dgamma = coldot(dy, xc) * invstd  # (C,) sum(dy * xhat)
-    sum_dy, sum_dy_xhat = dbeta, dgamma
-    if cache.allreduce is not None:
-        g = np.asarray(cache.allreduce(np.concatenate((dbeta, dgamma)).astype(np.float64)), dtype=np.float64)
-        sum_dy, sum_dy_xhat = g[:C].astype(dout.dtype), g[C:].astype(dout.dtype)
-    k1 = cache.gamma * invstd  # (C,)
-    k2 = k1 * invstd * (sum_dy_xhat / dout.dtype.type(count))  # coefficient of xc
-    mean_dy = sum_dy / dout.dtype.type(count)
+    k1, k2, mean_dy = grad_coeffs(dbeta, dgamma, cache.gamma, invstd, count, cache.allreduce)
     dx = scratch(ws, "bn.dx", cache.x_shape, dout.dtype)
     dxw, k = widen(dx.reshape(M, C))
     dyw, _ = widen(dy)
@@ -124,6 +140,20 @@ def batchnorm_backward(dout: np.ndarray, cache: BNCache, ws: Workspace | None = 
         dxw[lo:hi] -= tmpw[lo:hi]
     split_rows(block, dxw.shape[0], dxw.size)
     return dx, dgamma, dbeta
+
+
+def grad_coeffs(dbeta: np.ndarray, dgamma: np.ndarray, gamma: np.ndarray, invstd: np.ndarray, count: float,
+                allreduce: AllReduce | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(k1, k2, mean_dy), (C,) each, of dx = (dy - mean_dy) * k1 - xc * k2, from the local Σdy (dbeta) and Σdy·xhat
+    (dgamma), all-reduced first under SyncBatchNorm."""
+    C, dtype = dbeta.shape[0], dbeta.dtype
+    sum_dy, sum_dy_xhat = dbeta, dgamma
+    if allreduce is not None:
+        g = np.asarray(allreduce(np.concatenate((dbeta, dgamma)).astype(np.float64)), dtype=np.float64)
+        sum_dy, sum_dy_xhat = g[:C].astype(dtype), g[C:].astype(dtype)
+    k1 = gamma * invstd  # (C,)
+    k2 = k1 * invstd * (sum_dy_xhat / dtype.type(count))  # coefficient of xc
+    return k1, k2, sum_dy / dtype.type(count)
 
 
 def running_stats_from_moments(moments: np.ndarray, running_mean: np.ndarray, running_var: np.ndarray,
