@@ -66,7 +66,6 @@ def bn_pool_relu_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps
                          ) -> tuple[np.ndarray, BNPoolCache | None]:
     """x: (N, H, W, C) -> relu(maxpool_k,s(batchnorm(x))) (N, OH, OW, C), cache (None in eval mode)."""
     s = s or k
-    C = x.shape[-1]
     if not train:
         scale, shift = eval_affine(gamma, beta, running_mean, running_var, eps, x.dtype)
         q, _ = _pool_signed(x, scale, k, s, ws)
@@ -75,7 +74,7 @@ def bn_pool_relu_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps
         out += shift
         np.maximum(out, 0, out=out)
         return out, None
-    stats = batch_stats(x.reshape(-1, C), allreduce, eps)
+    stats = batch_stats(x.reshape(-1, x.shape[-1]), allreduce, eps)
     g = gamma * stats.invstd
     q, pcache = _pool_signed(x, g, k, s, ws)
     qc = scratch(ws, "bnpool.qc", q.shape, x.dtype)
