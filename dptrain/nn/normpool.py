@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .functional import coldot, colsum, widen
+from .functional import ReluCache, coldot, colsum, relu_backward, widen
 from .norm import AllReduce, batch_stats, eval_affine, grad_coeffs
 from .pool import MaxPool2x2Cache, MaxPoolCache, maxpool2d_backward, maxpool2d_forward
 from .threads import split_rows
@@ -91,9 +91,7 @@ def bn_pool_relu_backward(dout: np.ndarray, cache: BNPoolCache, ws: Workspace | 
                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """dout: (N, OH, OW, C) -> dx (N, H, W, C), dgamma (C,), dbeta (C,) (local sums)."""
     C = dout.shape[-1]
-    dq = scratch(ws, "bnpool.dq", dout.shape, dout.dtype)
-    np.sign(cache.out, out=dq)  # ReLU's mask: 1 where out > 0, 0 where out == 0
-    dq *= dout
+    dq = relu_backward(dout, ReluCache(cache.out), ws)  # the gradient at the pooled BN output
     dq2, qc2 = dq.reshape(-1, C), cache.qc.reshape(-1, C)
     dbeta = colsum(dq2)
     dgamma = coldot(dq2, qc2) * cache.invstd
