@@ -12,6 +12,11 @@ they read the weights: shared memory, or a full copy over sockets), then puts th
 accuracy, best.npz and what predict/export/evaluate load are the average's; the live weights and momentum stay
 the training state. Not with the mesh data plane (dist.plane = "mesh" on several hosts): there the coordinator
 holds the weights only every dist.sync_every steps.
+
+With the workers updating the weights in shared memory (one host, dist.update = "workers"), they keep the average
+too, each on the slice it has just updated (`blend`, the same elementwise operations: the same bits), in a double
+buffer like the weights' (a step that fails half-way is redone from the untouched half); the coordinator's serial
+part of a step then does not grow with the model (a 9.4 M-weight average was ~6 ms a step on one core).
 """
 from __future__ import annotations
 
@@ -40,11 +45,25 @@ class WeightAverage:
         self._scratch = np.empty(min(CHUNK, params.size), np.float32)
         self._rate = np.float32(1.0 - decay)
 
+    @property
+    def rate(self) -> np.float32:
+        """1 - decay, in float32: what every update multiplies by."""
+        return self._rate
+
     def update(self, params: np.ndarray) -> None:
-        """avg += (1 - d) * (w - avg), block by block (three passes over a block while it sits in L2)."""
-        for lo in range(0, params.size, CHUNK):
-            avg = self.params[lo:lo + CHUNK]
-            s = self._scratch[:avg.size]
-            np.subtract(params[lo:lo + CHUNK], avg, out=s)
-            s *= self._rate
-            avg += s
+        """avg += (1 - d) * (w - avg), in place."""
+        blend(self.params, params, self._rate, self.params, 0, params.size, self._scratch)
+
+
+def blend(avg: np.ndarray, params: np.ndarray, rate: np.float32, out: np.ndarray, lo: int, hi: int,
+          scratch: np.ndarray | None = None) -> None:
+    """out[lo:hi] = avg + rate * (params - avg) over [lo, hi), block by block (three passes over a block while it
+    sits in L2); out may be avg (in place). Elementwise, so any split into slices gives the same bits."""
+    rate = np.float32(rate)
+    s_buf = scratch if scratch is not None else np.empty(min(CHUNK, max(hi - lo, 1)), np.float32)
+    for a in range(lo, hi, CHUNK):
+        b = min(hi, a + CHUNK)
+        s = s_buf[:b - a]
+        np.subtract(params[a:b], avg[a:b], out=s)
+        s *= rate
+        np.add(avg[a:b], s, out=out[a:b])

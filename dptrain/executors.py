@@ -39,7 +39,9 @@ class ExecutorFailure(RuntimeError):
 
 
 class Executor(Protocol):
-    """What the Trainer asks of whoever computes the gradients."""
+    """What the Trainer asks of whoever computes the gradients. An executor with a true `averages` attribute keeps
+    train.ema's average itself, from the weights it writes (the workers, in shared memory): the Trainer then does
+    not update it."""
 
     def train_step(self, indices: np.ndarray, epoch: int, step: int, lr: float) -> StepResult:
         """One optimizer step on the mean loss over images[indices]: gradient, global-norm clip at

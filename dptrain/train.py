@@ -218,8 +218,8 @@ class Trainer:
                     lr = self.lr()
                     res = executor.train_step(indices, self.epoch, self.step, lr)
                     self.model.update_running_stats(res.bn_moments, self.cfg.model.bn_momentum)
-                    if self.ema is not None:
-                        self.ema.update(self.store.params)
+                    if self.ema is not None and not getattr(executor, "averages", False):
+                        self.ema.update(self.store.params)  # (workers updating in shared memory keep it themselves)
                     norm = res.grad_norm
                     dt = time.perf_counter() - t0
                     self.epoch_sums = [self.epoch_sums[0] + res.loss_sum, self.epoch_sums[1] + res.correct,

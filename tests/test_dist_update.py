@@ -54,10 +54,12 @@ def test_workers_update_equals_coordinator_update(tiny_data, tmp_path, bn):
 
 
 @pytest.mark.timeout(150)
-def test_worker_dying_mid_update_is_redone_from_the_old_weights(tiny_data, tmp_path, monkeypatch):
-    """Rank 1 dies with half its slice of step 4's update written. Under `continue` the step is redone by the two
-    survivors from the weights before it: bitwise the run that stopped at step 4 with 3 workers and resumed with 2."""
-    kw = dict(dist__bn="sync", data__augment=False, **WIDE)
+@pytest.mark.parametrize("ema", [0.0, 0.5])
+def test_worker_dying_mid_update_is_redone_from_the_old_weights(tiny_data, tmp_path, monkeypatch, ema):
+    """Rank 1 dies with half its slice of step 4's update written (and, with train.ema_epochs, half its slice of the
+    weight average, which the workers keep). Under `continue` the step is redone by the two survivors from the
+    weights (and average) before it: bitwise the run that stopped at step 4 with 3 workers and resumed with 2."""
+    kw = dict(dist__bn="sync", data__augment=False, train__ema_epochs=ema, **WIDE)
     ref = tmp_path / "ref"
     assert launch_inproc(tiny_cfg(tiny_data, ref, dist__workers=3, **kw), stop_at_step=4) == 0
     assert launch_inproc(tiny_cfg(tiny_data, ref, dist__workers=2, **kw), resume=True) == 0
@@ -65,5 +67,5 @@ def test_worker_dying_mid_update_is_redone_from_the_old_weights(tiny_data, tmp_p
     run = tmp_path / "run"
     assert launch_inproc(tiny_cfg(tiny_data, run, dist__workers=3, dist__on_worker_failure="continue", **kw)) == 0
     a, b = arrays(run), arrays(ref)
-    for k in ("params", "velocity", "buffers"):
+    for k in ("params", "velocity", "buffers") + (("ema_params",) if ema else ()):
         assert np.array_equal(a[k], b[k]), k

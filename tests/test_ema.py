@@ -11,7 +11,7 @@ import pytest
 from distutil import arrays, launch_inproc, metrics, tiny_cfg
 from helpers import make_config
 
-from dptrain import config as C
+from dptrain import config as C, ema as ema_mod
 from dptrain.compute import evaluate_batches
 from dptrain.data.dataset import load_dataset
 from dptrain.distributed.launch import launch
@@ -81,14 +81,21 @@ def test_ema_run_resumes_bitwise_and_reports_the_average(tiny_data, tmp_path):
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("transport,update,wire", [("shm", "workers", "float32"), ("shm", "coordinator", "float32"),
                                                    ("socket", "coordinator", "float16")])
-def test_launch_keeps_the_same_average_as_its_replay(tiny_data, tmp_path, transport, update, wire):
+def test_launch_keeps_the_same_average_as_its_replay(tiny_data, tmp_path, monkeypatch, transport, update, wire):
     """The average is the Trainer's, from the weights the workers publish, and the workers evaluate it in the
     weights' place (shared memory; over sockets a full copy, then the live weights in full again, with the float16
     wire's updates after): a real 2-worker launch and its replay agree bitwise on the average, on the live weights
     and on every validation loss and accuracy, so the live weights came back intact after every evaluation."""
     extra = dict(train__ema_epochs=0.3, train__epochs=3, dist__workers=2, dist__transport=transport,
                  dist__update=update, dist__wire_dtype=wire)
+    kept_by = []
+    real_blend = ema_mod.blend
+    monkeypatch.setattr(ema_mod, "blend", lambda *a, **k: (kept_by.append(a[3] is a[0]), real_blend(*a, **k))[1])
     assert launch_inproc(tiny_cfg(tiny_data, tmp_path / "launch", **extra)) == 0
+    # the coordinator's Trainer updated the average in place, every step, unless the workers keep it (shared memory,
+    # dist.update = "workers": each blends the slice it updates; the replay below checks their bits)
+    by_workers = transport == "shm" and update == "workers"
+    assert (kept_by == []) if by_workers else (len(kept_by) >= 6 and all(kept_by)), kept_by[:3]
     run_local(tiny_cfg(tiny_data, tmp_path / "replay", **extra),
               executor_factory=replay_executor(parse_layout(workers=2)))
     a, b = arrays(tmp_path / "launch"), arrays(tmp_path / "replay")

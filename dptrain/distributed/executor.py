@@ -50,10 +50,14 @@ class SharedUpdate:
 
     params and velocity are (2, P) double buffers: step k reads half `cur` and writes half 1 - cur, so a step that
     fails half-way leaves the weights it started from whole (it is redone from them, or they are checkpointed).
-    gsum (P,) receives the reduced gradient (the rank slots it sums are the executor's grad_slots)."""
+    gsum (P,) receives the reduced gradient (the rank slots it sums are the executor's grad_slots). With
+    train.ema_epochs, `average` (the Trainer's WeightAverage) lives in the double buffer avg2 (2, P) and the workers
+    blend each slice they update into it (ema.py); its `params` is pointed at the current half after every step."""
 
-    def __init__(self, params2: np.ndarray, velocity2: np.ndarray, gsum: np.ndarray):
+    def __init__(self, params2: np.ndarray, velocity2: np.ndarray, gsum: np.ndarray,
+                 avg2: np.ndarray | None = None, average=None):
         self.params2, self.velocity2, self.gsum = params2, velocity2, gsum
+        self.avg2, self.average = avg2, average
         self.cur = 0
 
 
@@ -72,6 +76,8 @@ class DistExecutor:
         # one host, dist.factored: (w0, K, F, x slots, dy slots) of the Linear whose dW is summed from its factors
         self.factor_slots = factor_slots
         self.mesh = MeshPlane(coord, store, opt, cfg) if mesh else None
+        # the workers keep train.ema's average (SharedUpdate.avg2): the Trainer leaves it to them
+        self.averages = shared is not None and shared.avg2 is not None and not mesh
         self.policy = cfg.dist.on_worker_failure
         self.timeline = timeline
         self.version = 0
@@ -240,13 +246,16 @@ class DistExecutor:
         norm = math.sqrt(add_blocks(squares))
         scale = checked_clip(norm, self.cfg.train.clip_norm, step)
         self._serial_until_now()
+        ema = {"ema_rate": float(sh.average.rate)} if self.averages else {}
         self.coord.exchange(P.Kind.UPDATE, P.Kind.UPDATED, step, attempt,
-                            {r: {"lo": lo, "hi": hi, "lr": lr, "scale": scale, "src": sh.cur}
+                            {r: {"lo": lo, "hi": hi, "lr": lr, "scale": scale, "src": sh.cur, **ema}
                              for r, (lo, hi) in slices.items()})
         self._t_end = time.perf_counter()
-        sh.cur = 1 - sh.cur  # the step is whole: its weights become the current ones
+        sh.cur = 1 - sh.cur  # the step is whole: its weights (and their average) become the current ones
         self.store.rebind(sh.params2[sh.cur], sh.gsum, self.store.buffers, copy=False)
         self.opt.velocity = sh.velocity2[sh.cur]
+        if self.averages:
+            sh.average.params = sh.avg2[sh.cur]
         return norm, t_reduced
 
     def _account(self, ranks, results, step, t0, wall0, t1, t2, t3) -> int:

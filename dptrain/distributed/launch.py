@@ -274,6 +274,10 @@ def launch_local(cfg: Config, resume: bool | str = False, stop_at_step: int = 0,
             store.rebind(params, grads, shm["buffers"].array, copy=False)
 
         trainer = prepare_or_exit(cfg, resume, "launch", store_factory=to_shm)
+        if by_workers and trainer.ema is not None:  # the (possibly resumed) average into the workers' double buffer
+            shm["ema"] = session.shared("ema", (2, trainer.store.num_params), np.float32)
+            shm["ema"].array[0] = trainer.ema.params
+            trainer.ema.params = shm["ema"].array[0]
         out = Path(cfg.train.out)
         (out / "logs").mkdir(parents=True, exist_ok=True)
         images = session.shared("images", trainer.ds.images.shape, np.uint8, trainer.ds.images)
@@ -289,7 +293,8 @@ def launch_local(cfg: Config, resume: bool | str = False, stop_at_step: int = 0,
             velocity2 = shm["velocity"].array
             velocity2[0] = trainer.opt.velocity
             trainer.opt.velocity = velocity2[0]
-            shared = SharedUpdate(shm["params"].array, velocity2, shm["gsum"].array)
+            shared = SharedUpdate(shm["params"].array, velocity2, shm["gsum"].array,
+                                  shm["ema"].array if "ema" in shm else None, trainer.ema)
         layer = one_host_factored(cfg, trainer.model, n)
         if layer is not None:  # each rank's hidden-Linear inputs and output gradients, up to a whole batch each
             factor_slots, factored = session.factor_arrays(layer, n, cfg.train.batch_size)

@@ -61,7 +61,9 @@ The table below and `SCHEMA` list the same kinds and fields (tests/test_protocol
                                                                                       per CHUNK block of it)
     UPDATE      coordinator -> worker attempt int, lo int, hi int, lr float,          -
                                       scale float, src int: SGD on [lo, hi) from
-                                      buffer src into the other one
+                                      buffer src into the other one; ema_rate
+                                      float (optional): the weight average's
+                                      slice too (ema.blend)
     UPDATED     worker -> coordinator attempt int                                     -
     MESH        coordinator -> agent  attempt int, mesh_id int, hosts list of         params, buffers,
                                       [index, endpoint, key, lo, hi] (slice owners    velocity (the agent's

@@ -26,6 +26,7 @@ import numpy as np
 from .. import config as config_mod, invariant, log
 from ..compute import evaluate_batches, shard_gradient
 from ..data.shm import SharedArray
+from ..ema import blend
 from ..nn.model import build_model
 from ..nn.params import ParamStore
 from ..nn.threads import match_blas_threads
@@ -91,6 +92,7 @@ class Worker:
             if "velocity" in shm:  # dist.update = "workers": (2, P) weights and velocity, the reduced gradient
                 self.params2, self.velocity2 = params, self._attach(shm["velocity"]).array
                 self.gsum = self._attach(shm["gsum"]).array
+                self.avg2 = self._attach(shm["ema"]).array if "ema" in shm else None  # train.ema_epochs' average
                 self.opt = sgd_for(self.store, self.cfg.train, velocity=self.velocity2[0])
                 self.slot, params = 0, params[0]
             grad_row = self.grad_slots[self.rank]
@@ -137,8 +139,9 @@ class Worker:
         self.link.send(P.Kind.REDUCED, arrays={"squares": chunk_squares(self.gsum[lo:hi])}, attempt=f["attempt"])
 
     def update_slice(self, msg: P.Message) -> None:
-        """Clip + SGD on [lo, hi) from weights/velocity buffer `src` into the other: the `src` half is left as it
-        was, so a step that fails half-way is redone from it."""
+        """Clip + SGD on [lo, hi) from weights/velocity buffer `src` into the other, and with "ema_rate" the weight
+        average's slice blended from its `src` half into the other: the `src` halves are left as they were, so a
+        step that fails half-way is redone from them."""
         f = msg.fields
         src, dst = f["src"], 1 - f["src"]
         dying = ("update", msg.step, self.rank) in FAULTS  # a test's fault: die with half of the slice written
@@ -146,6 +149,8 @@ class Worker:
         self.opt.step(self.params2[src], self.gsum, f["lr"], f["scale"], f["lo"], hi,
                       params_out=self.params2[dst], velocity_in=self.velocity2[src],
                       velocity_out=self.velocity2[dst])
+        if "ema_rate" in f:
+            blend(self.avg2[src], self.params2[dst], f["ema_rate"], self.avg2[dst], f["lo"], hi)
         if dying:
             os._exit(17)
         self.link.send(P.Kind.UPDATED, attempt=f["attempt"])
