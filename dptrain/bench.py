@@ -81,6 +81,9 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
     t.add_argument("--stop-at-target", action="store_true", help="with --tta: stop each side at the target")
     t.add_argument("--no-torch", action="store_true", help="with --tta: dptrain only")
     t.add_argument("--sides", default="dptrain,torch", help="with --tta: which to run (dptrain, torch or both)")
+    t.add_argument("--tta-merge", nargs="+", default=None, metavar="TTA_JSON",
+                   help="summarise the runs of several tta.json files (same target, CPU, data and recipe) as one: "
+                        "OUT/tta.json and tta.png")
 
 
 def _config(args, extra: list[str]) -> tuple[config_mod.Config, dict[str, str]]:
@@ -94,6 +97,10 @@ def _config(args, extra: list[str]) -> tuple[config_mod.Config, dict[str, str]]:
 
 
 def main(args: argparse.Namespace, extra: list[str]) -> int:
+    if getattr(args, "tta_merge", None):
+        from .bench_tta import run_merge
+        args.out = args.out or "bench-tta"
+        return run_merge(args)
     if getattr(args, "tta", None) is not None:
         from .bench_tta import run as run_tta
         args.out = args.out or "bench-tta"

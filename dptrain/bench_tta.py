@@ -12,8 +12,9 @@ the moment each epoch's validation line reaches its metrics file (polled every P
 and seconds to the first epoch whose validation accuracy is >= TARGET (null when never reached), final and best
 validation accuracy, wall seconds; and the ratios dptrain / torch. With --repeat R the sides alternate (d t t d ...)
 and the medians are reported. With --seeds S1,S2,... every seed is a run per side (train.seed: its own
-initialisation, train/val split and batches), the medians are over all runs, `reached` counts the runs that hit the
-target, and `mean_val_acc` is each side's validation accuracy per epoch averaged over the runs that got there (a
+initialisation, train/val split and batches), the medians (and trimmed means, tta_stats.py: a run that never gets
+there counts as the slowest) are over all runs, `reached` counts the runs that hit the target, `per_seed` how many
+seeds dptrain needed fewer / as many / more epochs on, and `mean_val_acc` is each side's validation accuracy per epoch averaged over the runs that got there (a
 target near an epoch's mean accuracy is crossed a seed at a time: the curve says which side is ahead).
 --stop-at-target ends a side once it reaches the target (dptrain gets SIGTERM: it finishes the step and saves).
 Writes OUT/tta.json and OUT/tta.png (validation accuracy against wall time, both sides, the target as a line). The
@@ -30,17 +31,16 @@ import json
 import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from . import config as config_mod, log
+from .tta_stats import SIDES, merge, summarise_sides
 from .tta_torch import TORCH_BN_EPS, TORCH_BN_MOMENTUM
 
 POLL_S = 0.05
-SIDES = ("dptrain", "torch")
 
 
 def cpu_model() -> str:
@@ -128,20 +128,6 @@ def run_side(side: str, cfg_path: Path, out: Path, workers: int, target: float |
     return time_process(cmd, folder / "metrics.jsonl", target, out / f"{side}.log", env, signal_group=True)
 
 
-def mean_curve(runs: list[dict]) -> list[dict]:
-    """Validation accuracy per epoch averaged over the runs that reached that epoch (and how many did)."""
-    by_epoch: dict[int, list[float]] = {}
-    for r in runs:
-        for p in r["curve"]:
-            by_epoch.setdefault(p["epoch"], []).append(p["val_acc"])
-    return [{"epoch": e, "val_acc": round(statistics.fmean(v), 4), "runs": len(v)} for e, v in sorted(by_epoch.items())]
-
-
-def _median(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
-
-
 def run(args, extra: list[str]) -> int:
     lg = log.get()
     target = float(args.tta)
@@ -185,22 +171,24 @@ def run(args, extra: list[str]) -> int:
               "dptrain_model": {"init": cfg.model.init, "bn_momentum": cfg.model.bn_momentum,
                                 "bn_eps": cfg.model.bn_eps},
               "torch_model": {"init": "pytorch", "bn_momentum": TORCH_BN_MOMENTUM, "bn_eps": TORCH_BN_EPS}}
-    for side in sides:
-        rs = runs[side]
-        result[side] = {"runs": rs, **{k: _median([r[k] for r in rs]) for k in
-                                       ("epochs_to_target", "seconds_to_target", "final_val_acc", "best_val_acc",
-                                        "wall_s")},
-                        "reached": sum(r["epochs_to_target"] is not None for r in rs), "mean_val_acc": mean_curve(rs)}
-    if sides == list(SIDES):
-        for k in ("epochs_to_target", "seconds_to_target", "wall_s"):
-            a, b = result["dptrain"][k], result["torch"][k]
-            result[f"{k}_ratio"] = round(a / b, 3) if a and b else None
+    return report(summarise_sides(result, runs), sides, out, args.json)
+
+
+def report(result: dict, sides: list[str], out: Path, as_json: bool) -> int:
+    """OUT/tta.json, OUT/tta.png and the summary on stdout (JSON, or the table)."""
+    out.mkdir(parents=True, exist_ok=True)
     (out / "tta.json").write_text(json.dumps(result, indent=1) + "\n")
     plot(result, sides, out / "tta.png")
-    print(json.dumps(result) if args.json else format_result(result, sides), flush=True)
-    if not args.json:
+    print(json.dumps(result) if as_json else format_result(result, sides), flush=True)
+    if not as_json:
         print(f"\nwrote {out / 'tta.json'}, {out / 'tta.png'}", flush=True)
     return 0
+
+
+def run_merge(args) -> int:
+    """`dptrain bench --tta-merge A.json B.json ... [--out DIR]`: the runs of several results, summarised as one."""
+    result = merge(args.tta_merge)
+    return report(result, [s for s in SIDES if s in result], Path(args.out), args.json)
 
 
 def format_result(r: dict, sides: list[str]) -> str:
@@ -213,7 +201,16 @@ def format_result(r: dict, sides: list[str]) -> str:
                      f"{fmt(x['final_val_acc'], '11.4f')}{fmt(x['best_val_acc'], '10.4f')}{fmt(x['wall_s'], '8.1f')}")
     if "seconds_to_target_ratio" in r:
         lines.append(f"dptrain / torch: epochs {fmt(r['epochs_to_target_ratio'], '.2f')}, seconds "
-                     f"{fmt(r['seconds_to_target_ratio'], '.2f')}")
+                     f"{fmt(r['seconds_to_target_ratio'], '.2f')} (medians; a run that never reaches the target "
+                     f"counts as the slowest)")
+    if any(r[x].get("trimmed_epochs_to_target") is not None for x in sides):
+        lines.append("without the fastest and slowest run (MLPerf): " + "; ".join(
+            f"{x} {fmt(r[x]['trimmed_epochs_to_target'], '.2f')} epochs, "
+            f"{fmt(r[x]['trimmed_seconds_to_target'], '.1f')} s" for x in sides))
+    if r.get("per_seed"):
+        q = r["per_seed"]
+        lines.append(f"per seed, dptrain needed fewer epochs on {q['fewer']}, as many on {q['equal']}, more on "
+                     f"{q['more']}")
     if any(len(r[x]["runs"]) > 1 for x in sides):  # medians above; each run, and the mean curves, below
         for x in sides:
             runs = r[x]["runs"]
