@@ -14,8 +14,9 @@ validation accuracy, wall seconds; and the ratios dptrain / torch. With --repeat
 and the medians are reported. With --seeds S1,S2,... every seed is a run per side (train.seed: its own
 initialisation, train/val split and batches), the medians (and trimmed means, tta_stats.py: a run that never gets
 there counts as the slowest) are over all runs, `reached` counts the runs that hit the target, `per_seed` how many
-seeds dptrain needed fewer / as many / more epochs on, and `mean_val_acc` is each side's validation accuracy per epoch averaged over the runs that got there (a
-target near an epoch's mean accuracy is crossed a seed at a time: the curve says which side is ahead).
+seeds dptrain needed fewer / as many / more epochs on, and `mean_val_acc` is each side's validation accuracy per
+epoch averaged over the runs that got there (a target near an epoch's mean accuracy is crossed a seed at a time:
+the curve says which side is ahead). --tta-merge A.json B.json ... summarises the runs of several results as one.
 --stop-at-target ends a side once it reaches the target (dptrain gets SIGTERM: it finishes the step and saves).
 Writes OUT/tta.json and OUT/tta.png (validation accuracy against wall time, both sides, the target as a line). The
 CPU model and the load average before each run are in the JSON: wall seconds on a shared machine are noisy, epochs
