@@ -1,8 +1,8 @@
 """dist.update = "workers" (each worker sums its slice of every gradient slot and applies SGD to it, in shared
 memory) against dist.update = "coordinator" (the coordinator alone): the same weights, momentum and BN buffers,
-bit for bit. And a worker that dies with its slice half-updated under `continue`: the step is redone from the
-untouched half of the double buffer, which equals stopping before that step and resuming with one worker fewer.
-A model with several CHUNK blocks of parameters, so the slices are real."""
+bit for bit. And a worker that dies with its slice half-updated: under `continue` the step is redone from the
+untouched half of the double buffer, which equals stopping before that step and resuming with one worker fewer;
+under `abort` the checkpoint is the state before the step. With train.ema_epochs the weight average too. A model with several CHUNK blocks of parameters, so the slices are real."""
 from __future__ import annotations
 
 import numpy as np
@@ -69,3 +69,20 @@ def test_worker_dying_mid_update_is_redone_from_the_old_weights(tiny_data, tmp_p
     a, b = arrays(run), arrays(ref)
     for k in ("params", "velocity", "buffers") + (("ema_params",) if ema else ()):
         assert np.array_equal(a[k], b[k]), k
+
+
+@pytest.mark.timeout(150)
+def test_worker_dying_mid_update_under_abort_checkpoints_the_step_before(tiny_data, tmp_path, monkeypatch):
+    """Under `abort`, rank 1 dying with half its slice of step 4's update (weights, momentum and weight average)
+    written: last.npz is the state before step 4, bitwise the checkpoint of a run stopped there, not a mix of
+    half-updated slices."""
+    kw = dict(dist__workers=3, dist__bn="sync", data__augment=False, train__ema_epochs=0.5, **WIDE)
+    ref = tmp_path / "ref"
+    assert launch_inproc(tiny_cfg(tiny_data, ref, **kw), stop_at_step=4) == 0
+    monkeypatch.setenv("DPTRAIN_FAULT", "update:4:1")
+    run = tmp_path / "run"
+    assert launch_inproc(tiny_cfg(tiny_data, run, dist__on_worker_failure="abort", **kw)) == 1
+    a, b = arrays(run), arrays(ref)
+    for k in ("params", "velocity", "buffers", "ema_params"):
+        assert np.array_equal(a[k], b[k]), k
+    assert [m["step"] for m in step_records(run)] == [0, 1, 2, 3]
