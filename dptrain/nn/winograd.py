@@ -47,7 +47,7 @@ CHUNK_BYTES = 1 << 22  # per-chunk working set (padded copy + row stage + M): 4 
 class WinoCache(NamedTuple):
     x_shape: tuple[int, int, int, int]  # (N, H, W, C)
     V: np.ndarray  # (16, T, C) transformed input tiles (a workspace buffer)
-    U: np.ndarray  # (16, C, F) the transformed filter (a workspace buffer): dx's filter is a permutation of it
+    U: np.ndarray  # (16, C, F) the transformed filter (a workspace buffer): dx's filter is it, positions swapped
     has_bias: bool
 
 
@@ -88,17 +88,10 @@ def filter_transform(w: np.ndarray, ws: Workspace | None = None, tag: str = "win
 
 
 # filter_transform of the spatially flipped kernel: G flip(v) = J G v, J swapping entries 0 and 3 (entries 1 and 2
-# are symmetric in v0, v2; IEEE addition commutes), so its U is U's positions permuted, channels transposed
-FLIP = np.array([4 * a + b for a in (3, 1, 2, 0) for b in (3, 1, 2, 0)])
-
-
-def flipped_filter(U: np.ndarray, ws: Workspace | None = None) -> np.ndarray:
-    """U (16, C, F) of g -> (16, F, C), the U of the flipped, channel-transposed kernel (what dx convolves dout
-    with), bit for bit what filter_transform computes from it: one gather, the transposes are a view (BLAS reads
-    them as transposed operands)."""
-    Up = scratch(ws, "winoT.Uflip", U.shape, U.dtype)
-    np.take(U, FLIP, axis=0, out=Up)
-    return Up.transpose(0, 2, 1)
+# are symmetric in v0, v2; IEEE addition commutes), so its U is U's positions (a, b) -> (SWAP[a], SWAP[b]), bit for
+# bit, with the channels transposed. dx's convolution therefore multiplies by U itself (a transposed view) and has
+# its input transform write, and its output transform read, the positions in that order: no permuted copy of U.
+SWAP = (3, 1, 2, 0)
 
 
 def filter_adjoint(dU: np.ndarray, out: np.ndarray | None = None, ws: Workspace | None = None) -> np.ndarray:
@@ -123,34 +116,36 @@ def filter_adjoint(dU: np.ndarray, out: np.ndarray | None = None, ws: Workspace 
     return dg
 
 
-def _input_transform(xp, R, V6, lo, hi):
+def _input_transform(xp, R, V6, lo, hi, s=(0, 1, 2, 3)):
     """Tile rows lo:hi of the padded chunk xp (n, 2th+2, 2tw+2, C) -> V6[:, :, :, lo:hi] ((4, 4, n, th, tw, C)) =
-    B^T d B per tile. R: (4, n, th, 2tw+2, C) row-stage buffer (rows lo:hi written)."""
+    B^T d B per tile, position (a, b) stored at (s[a], s[b]) (s = SWAP: the positions as the flipped filter's
+    transform orders them). R: (4, n, th, 2tw+2, C) row-stage buffer (rows lo:hi written)."""
     tw = V6.shape[4]
     R = R[:, :, lo:hi]
     d0, d1, d2, d3 = (xp[:, 2 * lo + k:2 * hi + k:2] for k in range(4))  # (n, hi-lo, 2tw+2, C): row k of each tile
-    np.subtract(d0, d2, out=R[0])
-    np.add(d1, d2, out=R[1])
-    np.subtract(d2, d1, out=R[2])
-    np.subtract(d1, d3, out=R[3])
+    np.subtract(d0, d2, out=R[s[0]])
+    np.add(d1, d2, out=R[s[1]])
+    np.subtract(d2, d1, out=R[s[2]])
+    np.subtract(d1, d3, out=R[s[3]])
     c0, c1, c2, c3 = (R[:, :, :, k:k + 2 * tw:2] for k in range(4))  # (4, n, hi-lo, tw, C): column k
     V = V6[:, :, :, lo:hi]
-    np.subtract(c0, c2, out=V[:, 0])
-    np.add(c1, c2, out=V[:, 1])
-    np.subtract(c2, c1, out=V[:, 2])
-    np.subtract(c1, c3, out=V[:, 3])
+    np.subtract(c0, c2, out=V[:, s[0]])
+    np.add(c1, c2, out=V[:, s[1]])
+    np.subtract(c2, c1, out=V[:, s[2]])
+    np.subtract(c1, c3, out=V[:, s[3]])
 
 
-def _output_transform(M6, T, Y6):
-    """M6: (4, 4, n, th, tw, F) -> Y6 (2, 2, n, th, tw, F) = A^T m A per tile. T: (2, 4, n, th, tw, F) buffer."""
-    np.add(M6[1], M6[2], out=T[0])
-    np.subtract(M6[1], M6[2], out=T[1])
-    T[0] += M6[0]
-    T[1] -= M6[3]
-    np.add(T[:, 1], T[:, 2], out=Y6[:, 0])
-    np.subtract(T[:, 1], T[:, 2], out=Y6[:, 1])
-    Y6[:, 0] += T[:, 0]
-    Y6[:, 1] -= T[:, 3]
+def _output_transform(M6, T, Y6, s=(0, 1, 2, 3)):
+    """M6: (4, 4, n, th, tw, F), position (a, b) at (s[a], s[b]) -> Y6 (2, 2, n, th, tw, F) = A^T m A per tile.
+    T: (2, 4, n, th, tw, F) buffer (its column axis in M6's order)."""
+    np.add(M6[s[1]], M6[s[2]], out=T[0])
+    np.subtract(M6[s[1]], M6[s[2]], out=T[1])
+    T[0] += M6[s[0]]
+    T[1] -= M6[s[3]]
+    np.add(T[:, s[1]], T[:, s[2]], out=Y6[:, 0])
+    np.subtract(T[:, s[1]], T[:, s[2]], out=Y6[:, 1])
+    Y6[:, 0] += T[:, s[0]]
+    Y6[:, 1] -= T[:, s[3]]
 
 
 def _output_adjoint(dY6, T, dM6):
@@ -171,9 +166,10 @@ def _tiled(a: np.ndarray, th: int, tw: int) -> np.ndarray:
     return a.reshape(n, th, 2, tw, 2, F).transpose(2, 4, 0, 1, 3, 5)
 
 
-def _conv(x, U, ws, tag, V=None):
+def _conv(x, U, ws, tag, V=None, s=(0, 1, 2, 3)):
     """The Winograd convolution of x (N, H, W, C) with U (16, C, F) -> (N, H, W, F) (a workspace buffer or a view
-    of one), writing the transformed input into V (16, T, C) when given (the forward keeps it for dW)."""
+    of one), writing the transformed input into V (16, T, C) when given (the forward keeps it for dW). s = SWAP:
+    U's positions are those of the flipped kernel (dx's convolution, U a transposed view of the forward's)."""
     N, H, W, C = x.shape
     F = U.shape[2]
     th, tw = _tiles(H, W)
@@ -197,14 +193,14 @@ def _conv(x, U, ws, tag, V=None):
         split_rows(pad, H, n * H * W * C)
         Vc = V[:, t0:t1] if keep else V[:, :t1 - t0]
         Vc6 = Vc.reshape(4, 4, n, th, tw, C)
-        split_rows(lambda lo, hi, xc=xc, Rc=Rc, Vc6=Vc6: _input_transform(xc, Rc, Vc6, lo, hi), th, n * H * W * C)
+        split_rows(lambda lo, hi, xc=xc, Rc=Rc, Vc6=Vc6: _input_transform(xc, Rc, Vc6, lo, hi, s), th, n * H * W * C)
         Mc = M[:, :t1 - t0]
         np.matmul(Vc, U, out=Mc)  # (16, t, C) @ (16, C, F)
         M6 = Mc.reshape(4, 4, n, th, tw, F)
         Y6 = _tiled(out[n0:n1], th, tw)
         Tc = T[:, :, :n]
         split_rows(lambda lo, hi, M6=M6, Tc=Tc, Y6=Y6: _output_transform(M6[..., lo:hi, :, :], Tc[..., lo:hi, :, :],
-                                                                          Y6[..., lo:hi, :, :]), th, n * H * W * F)
+                                                                          Y6[..., lo:hi, :, :], s), th, n * H * W * F)
     return out if even else out[:, :H, :W]
 
 
@@ -251,5 +247,5 @@ def winograd_backward(dout: np.ndarray, cache: WinoCache, need_dx: bool = True, 
     dw = filter_adjoint(dU, dw_out, ws)
     if not need_dx:
         return None, dw, db
-    dx = _conv(dout, flipped_filter(cache.U, ws), ws, "winoT")
+    dx = _conv(dout, cache.U.transpose(0, 2, 1), ws, "winoT", s=SWAP)  # the flipped kernel's U, in SWAP order
     return dx, dw, db
