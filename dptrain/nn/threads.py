@@ -9,7 +9,7 @@ import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from threadpoolctl import threadpool_info
+from threadpoolctl import ThreadpoolController, threadpool_info
 
 # Threads for the non-GEMM work: `set_threads(n)` with n > 1 splits the im2col / padding copies (conv.py), the
 # elementwise passes of BatchNorm (norm.py) and 2x2 max-pooling (pool.py) into n contiguous row blocks run
@@ -19,6 +19,7 @@ from threadpoolctl import threadpool_info
 # Default 1: everything runs in the calling thread.
 _threads = 1
 _pool: ThreadPoolExecutor | None = None
+_blas: ThreadpoolController | None = None  # each_thread's BLAS limit (a cached controller: ~3 us a limit, not ~100)
 _short_spin = True  # match_blas_threads(short_spin=False) (config train.short_blas_spin) keeps OpenBLAS's wait
 PAR_MIN_ELEMS = 1 << 16  # below this a kernel runs in the calling thread (pool hand-off costs ~10-50 us)
 
@@ -94,3 +95,30 @@ def split_rows(fn: Callable[[int, int], None], n: int, elems: int) -> None:
     finally:
         for f in futs:
             f.result()
+
+
+def threads() -> int:
+    """The number of threads set_threads() set."""
+    return _threads
+
+
+def each_thread(fn: Callable[[int], None], n: int) -> None:
+    """fn(t) for t in range(min(n, threads)) concurrently (the caller runs t = 0), with BLAS limited to one thread
+    while they run: each fn does its own GEMMs on its own part of the work (whole independent items, e.g. a
+    convolution's chunks of images), no nested parallelism. One thread (or n = 1): fn(0) alone, BLAS untouched.
+    A GEMM gives the same bits on 1 thread as on several here (OpenBLAS splits M and N, never the sums over K; the
+    Winograd tests check the layers bitwise against the row-split path)."""
+    global _blas
+    t = min(_threads, n)
+    if t <= 1:
+        fn(0)
+        return
+    if _blas is None:
+        _blas = ThreadpoolController()
+    with _blas.limit(limits=1, user_api="blas"):
+        futs = [_pool.submit(fn, i) for i in range(1, t)]
+        try:
+            fn(0)
+        finally:
+            for f in futs:
+                f.result()
