@@ -210,3 +210,34 @@ def test_against_torch_autograd(case, bias):
     assert rel_error(layer.w.grad, wt.grad.numpy().transpose(2, 3, 1, 0)) < 1e-10
     if bias:
         assert rel_error(layer.b.grad, bt.grad.numpy()) < 1e-10
+
+
+@pytest.mark.parametrize("blas", [1, 2])
+def test_chunks_spread_over_threads_give_the_same_bits(monkeypatch, blas):
+    """Several chunks and several threads: each thread takes whole chunks (its own buffers, one BLAS thread); the
+    forward, dx and dW bits equal one thread's (whatever the BLAS threads of that one thread: OpenBLAS never splits
+    the sums over K), with a partial last chunk and an odd size."""
+    case = (5, 7, 9, 24, 16)
+    N, H, W, C, F = case
+    th, tw = winograd._tiles(H, W)
+    monkeypatch.setattr(winograd, "CHUNK_BYTES", 2 * 4 * ((2 * th + 2) * (2 * tw + 2) * max(C, F)
+                                                          + 4 * th * (2 * tw + 2) * max(C, F)
+                                                          + 16 * th * tw * max(C, F)))
+    assert winograd._chunk(N, th, tw, C, F) == 2 == winograd._chunk(N, th, tw, F, C)  # chunks 2 + 2 + 1
+    x, w, b, dout = data(case, np.float32)
+    results, handed = [], []
+    with threadpool_limits(blas):
+        for threads in (1, 2, 3):
+            prev = set_threads(threads)
+            try:
+                pool = threads_mod._pool
+                if pool is not None:
+                    submit = pool.submit
+                    pool.submit = lambda *a, **k: (handed.append(threads), submit(*a, **k))[1]
+                results.append(wino(x, w, b, dout, ws=Workspace()))
+            finally:
+                set_threads(prev)
+    assert handed.count(2) >= 2 and handed.count(3) >= 4  # forward and dx: 1 and 2 chunk runs handed over
+    for other in results[1:]:
+        for a, c in zip(results[0], other):
+            assert np.array_equal(a, c)
