@@ -12,6 +12,8 @@ import math
 
 import numpy as np
 
+from .nn.threads import split_rows
+
 
 def lr_at(step: int, *, base_lr: float, warmup_steps: int, total_steps: int, min_lr: float = 0.0) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warmup to base_lr over warmup_steps
@@ -97,26 +99,31 @@ class SGD:
         `grads` is modified (it receives the weight-decay term). With params_out / velocity_in / velocity_out the
         new weights and velocity go to other arrays and the old ones stay as they were (a double buffer that a
         failed step can fall back on); the bits are the same either way. Done block by block so that the five
-        vector operations touch memory once instead of five times (9.4 M parameters: ~15 ms instead of ~60 ms)."""
+        vector operations touch memory once instead of five times (9.4 M parameters: ~15 ms instead of ~60 ms), the
+        blocks split over the nn threads (elementwise: the same bits; 2 threads 12.4 -> 10.3 ms here, bandwidth-bound)."""
         hi = params.size if hi is None else hi
         w_out = params if params_out is None else params_out
         v_in = self.velocity if velocity_in is None else velocity_in
         v_out = v_in if velocity_out is None else velocity_out
         dt = params.dtype.type
         scale, wd, mu, lr = dt(scale), dt(self.weight_decay), dt(self.momentum), dt(lr)
-        for a, b, decay in self._blocks(lo, hi):
-            w, g, tmp = params[a:b], grads[a:b], self._scratch[:b - a]
-            if scale != 1:
-                g *= scale
-            if wd:
-                for x, y in decay:
-                    np.multiply(w[x:y], wd, out=tmp[x:y])
-                    g[x:y] += tmp[x:y]
-            v = v_out[a:b]
-            np.multiply(v_in[a:b], mu, out=v)
-            v += g
-            np.multiply(v, lr, out=tmp)
-            np.subtract(w, tmp, out=w_out[a:b])
+
+        def blocks(i0: int, i1: int) -> None:  # blocks i0..i1 of [lo, hi); elementwise: any split, the same bits
+            tmp_all = self._scratch if i0 == 0 else np.empty(CHUNK, self._scratch.dtype)  # the caller's, or its own
+            for a, b, decay in self._blocks(lo + i0 * CHUNK, min(hi, lo + i1 * CHUNK)):
+                w, g, tmp = params[a:b], grads[a:b], tmp_all[:b - a]
+                if scale != 1:
+                    g *= scale
+                if wd:
+                    for x, y in decay:
+                        np.multiply(w[x:y], wd, out=tmp[x:y])
+                        g[x:y] += tmp[x:y]
+                v = v_out[a:b]
+                np.multiply(v_in[a:b], mu, out=v)
+                v += g
+                np.multiply(v, lr, out=tmp)
+                np.subtract(w, tmp, out=w_out[a:b])
+        split_rows(blocks, -(-(hi - lo) // CHUNK), hi - lo)  # over the nn threads (one: in this thread)
 
 
 def sgd_for(store, t, velocity: np.ndarray | None = None) -> SGD:
