@@ -97,14 +97,10 @@ def _config(args, extra: list[str]) -> tuple[config_mod.Config, dict[str, str]]:
 
 
 def main(args: argparse.Namespace, extra: list[str]) -> int:
-    if getattr(args, "tta_merge", None):
-        from .bench_tta import run_merge
+    if getattr(args, "tta_merge", None) or getattr(args, "tta", None) is not None:
+        from .bench_tta import run as run_tta, run_merge
         args.out = args.out or "bench-tta"
-        return run_merge(args)
-    if getattr(args, "tta", None) is not None:
-        from .bench_tta import run as run_tta
-        args.out = args.out or "bench-tta"
-        return run_tta(args, extra)
+        return run_merge(args) if getattr(args, "tta_merge", None) else run_tta(args, extra)
     args.out = args.out or "bench-out"
     if args.image_size is None:
         args.image_size = 64

@@ -43,16 +43,11 @@ class WeightAverage:
         self.params = params.astype(np.float32, copy=True)
         self.live = np.empty_like(self.params)
         self._scratch = np.empty(min(CHUNK, params.size), np.float32)
-        self._rate = np.float32(1.0 - decay)
-
-    @property
-    def rate(self) -> np.float32:
-        """1 - decay, in float32: what every update multiplies by."""
-        return self._rate
+        self.rate = np.float32(1.0 - decay)  # what every update multiplies by (the workers get it in UPDATE)
 
     def update(self, params: np.ndarray) -> None:
         """avg += (1 - d) * (w - avg), in place."""
-        blend(self.params, params, self._rate, self.params, 0, params.size, self._scratch)
+        blend(self.params, params, self.rate, self.params, 0, params.size, self._scratch)
 
 
 def blend(avg: np.ndarray, params: np.ndarray, rate: np.float32, out: np.ndarray, lo: int, hi: int,

@@ -89,9 +89,15 @@ def split_rows(fn: Callable[[int, int], None], n: int, elems: int) -> None:
         fn(0, n)
         return
     bounds = [n * i // t for i in range(t + 1)]
-    futs = [_pool.submit(fn, bounds[i], bounds[i + 1]) for i in range(1, t)]
+    _fan_out(fn, [(bounds[i], bounds[i + 1]) for i in range(t)])
+
+
+def _fan_out(fn: Callable, calls: list[tuple]) -> None:
+    """fn(*calls[0]) in this thread and the other calls on the pool at the same time; returns when all are done (the
+    first exception raised, after every call has finished)."""
+    futs = [_pool.submit(fn, *args) for args in calls[1:]]
     try:
-        fn(bounds[0], bounds[1])
+        fn(*calls[0])
     finally:
         for f in futs:
             f.result()
@@ -116,9 +122,4 @@ def each_thread(fn: Callable[[int], None], n: int) -> None:
     if _blas is None:
         _blas = ThreadpoolController()
     with _blas.limit(limits=1, user_api="blas"):
-        futs = [_pool.submit(fn, i) for i in range(1, t)]
-        try:
-            fn(0)
-        finally:
-            for f in futs:
-                f.result()
+        _fan_out(fn, [(i,) for i in range(t)])

@@ -92,6 +92,7 @@ def filter_transform(w: np.ndarray, ws: Workspace | None = None, tag: str = "win
 # bit, with the channels transposed. dx's convolution therefore multiplies by U itself (a transposed view) and has
 # its input transform write, and its output transform read, the positions in that order: no permuted copy of U.
 SWAP = (3, 1, 2, 0)
+SAME = (0, 1, 2, 3)  # the forward's own order
 
 
 def filter_adjoint(dU: np.ndarray, out: np.ndarray | None = None, ws: Workspace | None = None) -> np.ndarray:
@@ -116,7 +117,7 @@ def filter_adjoint(dU: np.ndarray, out: np.ndarray | None = None, ws: Workspace 
     return dg
 
 
-def _input_transform(xp, R, V6, lo, hi, s=(0, 1, 2, 3)):
+def _input_transform(xp, R, V6, lo, hi, s=SAME):
     """Tile rows lo:hi of the padded chunk xp (n, 2th+2, 2tw+2, C) -> V6[:, :, :, lo:hi] ((4, 4, n, th, tw, C)) =
     B^T d B per tile, position (a, b) stored at (s[a], s[b]) (s = SWAP: the positions as the flipped filter's
     transform orders them). R: (4, n, th, 2tw+2, C) row-stage buffer (rows lo:hi written)."""
@@ -135,7 +136,7 @@ def _input_transform(xp, R, V6, lo, hi, s=(0, 1, 2, 3)):
     np.subtract(c1, c3, out=V[:, s[3]])
 
 
-def _output_transform(M6, T, Y6, s=(0, 1, 2, 3)):
+def _output_transform(M6, T, Y6, s=SAME):
     """M6: (4, 4, n, th, tw, F), position (a, b) at (s[a], s[b]) -> Y6 (2, 2, n, th, tw, F) = A^T m A per tile.
     T: (2, 4, n, th, tw, F) buffer (its column axis in M6's order)."""
     np.add(M6[s[1]], M6[s[2]], out=T[0])
@@ -166,7 +167,7 @@ def _tiled(a: np.ndarray, th: int, tw: int) -> np.ndarray:
     return a.reshape(n, th, 2, tw, 2, F).transpose(2, 4, 0, 1, 3, 5)
 
 
-def _conv(x, U, ws, tag, V=None, s=(0, 1, 2, 3)):
+def _conv(x, U, ws, tag, V=None, s=SAME):
     """The Winograd convolution of x (N, H, W, C) with U (16, C, F) -> (N, H, W, F) (a workspace buffer or a view
     of one), writing the transformed input into V (16, T, C) when given (the forward keeps it for dW). s = SWAP:
     U's positions are those of the flipped kernel (dx's convolution, U a transposed view of the forward's).
