@@ -93,6 +93,18 @@ def test_linear(shape):
                  (rng.standard_normal((N, D)), rng.standard_normal((D, O)), rng.standard_normal(O)))
 
 
+@pytest.mark.parametrize("n", [1, 5, 8, functional.SMALL_BATCH, functional.SMALL_BATCH + 1])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_linear_dx_blocks_give_the_whole_product(n, dtype):
+    """Few rows: dx is computed per block of w's rows (a partial last block here); the whole product either way."""
+    rng = np.random.default_rng(n)
+    dout, w = rng.standard_normal((n, 600)).astype(dtype), rng.standard_normal((1000, 600)).astype(dtype)
+    dx = functional.linear_dx(dout, w)
+    assert dx.dtype == dtype and dx.shape == (n, 1000) and dx.flags.c_contiguous
+    np.testing.assert_allclose(dx, dout.astype(np.float64) @ w.T.astype(np.float64),
+                               rtol=1e-12 if dtype == np.float64 else 1e-4, atol=1e-12 if dtype == np.float64 else 1e-3)
+
+
 @pytest.mark.parametrize("shape", [(6, 3), (4, 5), (2, 3, 4, 3), (3, 2, 5, 4)])
 def test_batchnorm_train(shape):
     rng = np.random.default_rng(len(shape) * 10 + shape[-1])
