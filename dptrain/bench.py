@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import statistics
 from pathlib import Path
 
 from . import config as config_mod, log
@@ -56,6 +57,9 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classes", type=int, default=62)
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 10; 6 with --hosts)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="with --workers: measure every N this many times, the order reversed each round (ABBA: a "
+                        "machine whose speed drifts); medians reported, speedups from each round's own pair")
     p.add_argument("--transport", default="shm", help="shm, socket or shm,socket (with --workers)")
     p.add_argument("--images", type=int, default=2000, help="size of the synthetic set (with --workers, --hosts)")
     p.add_argument("--data-dir", default=None, help="where the synthetic set is cached (~/.cache/dptrain/bench)")
@@ -140,6 +144,8 @@ def run_dist(args, cfg: config_mod.Config, overrides: dict[str, str]) -> int:
     transports = [t.strip() for t in args.transport.split(",") if t.strip()]
     if not counts or min(counts) < 1 or any(t not in ("shm", "socket") for t in transports):
         raise SystemExit("dptrain bench: --workers needs counts >= 1 and --transport shm and/or socket")
+    if args.rounds < 1:
+        raise SystemExit("dptrain bench: --rounds must be >= 1")
     if args.compare == "torch":
         from .torch_ref import require_torch
         require_torch()
@@ -151,13 +157,17 @@ def run_dist(args, cfg: config_mod.Config, overrides: dict[str, str]) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = synth_dataset(args.images, args.image_size, args.classes, args.data_dir, not args.no_progress)
-    rows = []
-    for transport in transports:
-        for n in counts:
-            lg.info(f"dptrain {transport}: {n} worker(s), {args.warmup} warm-up + {args.steps} timed steps")
-            rows.append(run_workers(n, data, out, args, overrides, transport))
-            lg.info(f"  {rows[-1]['images_per_s']:.1f} img/s, coordinator {100 * rows[-1]['coordinator_frac']:.1f}% "
-                    f"of the step, PSS {_mb(rows[-1]['pss_total_mb']).strip()} MB")
+    runs: dict[tuple[str, int], list[dict]] = {}
+    for rnd in range(args.rounds):
+        for transport in transports:
+            for n in counts if rnd % 2 == 0 else counts[::-1]:
+                lg.info(f"dptrain {transport}: {n} worker(s), {args.warmup} warm-up + {args.steps} timed steps"
+                        + (f" (round {rnd + 1} of {args.rounds})" if args.rounds > 1 else ""))
+                r = run_workers(n, data, out, args, overrides, transport)
+                runs.setdefault((transport, n), []).append(r)
+                lg.info(f"  {r['images_per_s']:.1f} img/s, coordinator {100 * r['coordinator_frac']:.1f}% "
+                        f"of the step, PSS {_mb(r['pss_total_mb']).strip()} MB")
+    rows = [median_row(runs[(t, n)]) for t in transports for n in counts]
     if args.compare == "torch":
         from .bench_ddp import run_ddp
         model = config_mod.to_dict(cfg)["model"]
@@ -182,15 +192,32 @@ def print_rows(rows: list[dict], as_json: bool, table, files: list[Path]) -> Non
         print(f"\nwrote {', '.join(map(str, files))}", flush=True)
 
 
+def median_row(runs: list[dict]) -> dict:
+    """One N's rounds as one row: the median round's figures (an even count: the upper one) and every round's img/s
+    in `images_per_s_rounds`, in round order."""
+    if len(runs) == 1:
+        return runs[0]
+    ips = [r["images_per_s"] for r in runs]
+    row = dict(sorted(runs, key=lambda r: r["images_per_s"])[len(runs) // 2])
+    row.update(images_per_s=statistics.median(ips), images_per_s_rounds=ips, rounds=len(runs))
+    return row
+
+
 def add_scaling(rows: list[dict]) -> None:
-    """speedup / efficiency against the smallest N of the same implementation and transport; dptrain vs torch."""
+    """speedup / efficiency against the smallest N of the same implementation and transport (with rounds: the
+    median of each round's own ratio, so a drift between rounds cancels); dptrain vs torch."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["impl"], r["transport"]), []).append(r)
     for group in groups.values():
         base = min(group, key=lambda r: r["workers"])
         for r in group:
-            r["speedup"] = r["images_per_s"] / base["images_per_s"]
+            a, b = r.get("images_per_s_rounds"), base.get("images_per_s_rounds")
+            if a and b and len(a) == len(b):
+                r["speedup_rounds"] = [x / y for x, y in zip(a, b)]
+                r["speedup"] = statistics.median(r["speedup_rounds"])
+            else:
+                r["speedup"] = r["images_per_s"] / base["images_per_s"]
             r["efficiency"] = r["speedup"] * base["workers"] / r["workers"]
     torch_ips = {r["workers"]: r["images_per_s"] for r in rows if r["impl"] == "torch-ddp"}
     for r in rows:
@@ -212,6 +239,12 @@ def format_table(rows: list[dict]) -> str:
             + (f"{ms('compute_s')} {ms('comm_s')}{ms('reduce_s')}{ms('update_s')}{ms('serial_s')}"
                f"{100 * r.get('coordinator_frac', 0.0):6.1f}%{_mb(r['pss_total_mb'])}{_mb(r['pss_worker_mean_mb'])}"
                if "compute_s" in r else ""))
+    for r in rows:
+        if "images_per_s_rounds" in r:
+            lines.append(f"{r['impl']} {r['transport']} N = {r['workers']}, {r['rounds']} rounds: img/s "
+                         + " ".join(f"{v:.1f}" for v in r["images_per_s_rounds"])
+                         + ("; speedup " + " ".join(f"{v:.2f}" for v in r["speedup_rounds"])
+                            if "speedup_rounds" in r else ""))
     return "\n".join(lines)
 
 

@@ -114,3 +114,39 @@ def test_scaling_plot_marks_the_cores_and_the_ideal_curve(tmp_path, monkeypatch)
     assert "2 physical cores" in seen["title"] and "N = 4 exceed" in seen["title"]
     assert list(seen["ideal"][0]) == [100.0, 200.0, 200.0]  # images/s: flat beyond the cores
     assert list(seen["ideal"][1]) == [1.0, 1.0, 0.5]
+
+
+def test_rounds_alternate_the_order_and_pair_the_ratios(tmp_path, monkeypatch, capsys):
+    """--rounds R: every N measured R times, the order reversed each round (ABBA); a row's img/s is the median of its
+    rounds and its speedup the median of each round's own ratio to the smallest N (a machine slowing down between
+    rounds does not move it)."""
+    import argparse
+
+    from dptrain import bench, bench_dist
+    order, clock = [], iter(range(100))
+
+    def fake_run(n, data, out, args, overrides, transport):
+        t = next(clock)
+        order.append(n)
+        speed = 1.0 / (1 + 0.1 * t)  # the machine slows down with every run
+        return {"impl": "dptrain", "transport": transport, "workers": n, "images_per_s": 100.0 * n ** 0.5 * speed,
+                "coordinator_frac": 0.01, "pss_total_mb": None, "run": t}
+    monkeypatch.setattr(bench_dist, "run_workers", fake_run)
+    monkeypatch.setattr(bench_dist, "synth_dataset", lambda *a: tmp_path)
+    monkeypatch.setattr(bench, "write_outputs", lambda rows, out: None)
+    p = argparse.ArgumentParser()
+    bench.add_bench_flags(p)
+    args = p.parse_args(["--workers", "1,4", "--rounds", "3", "--json", "--out", str(tmp_path / "o")])
+    args.steps, args.batch_size, args.image_size = 10, 64, 64
+    assert bench.run_dist(args, None, {}) == 0
+    assert order == [1, 4, 4, 1, 1, 4]
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    one, four = rows
+    assert four["rounds"] == 3 and len(four["images_per_s_rounds"]) == 3
+    assert four["images_per_s"] == sorted(four["images_per_s_rounds"])[1]
+    ratios = [a / b for a, b in zip(four["images_per_s_rounds"], one["images_per_s_rounds"])]
+    assert four["speedup_rounds"] == ratios and four["speedup"] == sorted(ratios)[1]
+    assert four["run"] in (1, 2, 5) and four["images_per_s"] == 100.0 * 2 / (1 + 0.1 * four["run"])
+    args.rounds = 0
+    with pytest.raises(SystemExit, match="rounds"):
+        bench.run_dist(args, None, {})
