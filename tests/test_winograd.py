@@ -213,13 +213,18 @@ def test_against_torch_autograd(case, bias):
 
 
 @pytest.mark.parametrize("blas", [1, 2])
-def test_chunks_spread_over_threads_give_the_same_bits(monkeypatch, blas):
+@pytest.mark.parametrize("case, by_chunks", [((5, 7, 9, 24, 16), False), ((5, 12, 11, 4, 8), True)])
+def test_chunks_spread_over_threads_give_the_same_bits(monkeypatch, blas, case, by_chunks):
     """Several chunks and several threads: each thread takes whole chunks (its own buffers, one BLAS thread); the
     forward, dx and dW bits equal one thread's (whatever the BLAS threads of that one thread: OpenBLAS never splits
-    the sums over K), with a partial last chunk and an odd size."""
-    case = (5, 7, 9, 24, 16)
+    the sums over K), with a partial last chunk and an odd size; dW from a whole-batch dM, or (few channels, many
+    tiles) from the chunks' own products added in chunk order."""
     N, H, W, C, F = case
     th, tw = winograd._tiles(H, W)
+    assert (2 * 3 * C <= N * th * tw) is by_chunks  # 3 chunks of partial dU against one whole-batch dM
+    calls = []
+    by_chunks_fn = winograd._filter_grad_by_chunks
+    monkeypatch.setattr(winograd, "_filter_grad_by_chunks", lambda *a: (calls.append(1), by_chunks_fn(*a)))
     monkeypatch.setattr(winograd, "CHUNK_BYTES", 2 * 4 * ((2 * th + 2) * (2 * tw + 2) * max(C, F)
                                                           + 4 * th * (2 * tw + 2) * max(C, F)
                                                           + 16 * th * tw * max(C, F)))
@@ -238,6 +243,7 @@ def test_chunks_spread_over_threads_give_the_same_bits(monkeypatch, blas):
             finally:
                 set_threads(prev)
     assert handed.count(2) >= 2 and handed.count(3) >= 4  # forward and dx: 1 and 2 chunk runs handed over
+    assert len(calls) == (3 if by_chunks else 0)
     for other in results[1:]:
         for a, c in zip(results[0], other):
             assert np.array_equal(a, c)
