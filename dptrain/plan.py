@@ -243,11 +243,14 @@ def predict(plane: str, hosts: int, slots: int, batch: int, bandwidth_bps: float
                     ("sync_every", sync_every)):
         if int(v) != v or v < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-    if not bandwidth_bps > 0 or not math.isfinite(bandwidth_bps):
+    if bandwidth_bps is None and plane in ONE_HOST:  # no link to size: one host's planes never use it
+        bw = math.inf
+    elif bandwidth_bps is None or not bandwidth_bps > 0 or not math.isfinite(bandwidth_bps):
         raise ValueError(f"bandwidth_bps must be positive and finite, got {bandwidth_bps!r}")
+    else:
+        bw = bandwidth_bps / 8 * model.link_efficiency  # a host's link, bytes/s each way
     H, S, M, a, k = hosts, slots, num_params * wire_bytes, model.latency_s, sync_every
     M32 = 4 * num_params
-    bw = bandwidth_bps / 8 * model.link_efficiency  # a host's link, bytes/s each way
     coord_bw = bw * model.coord_link_ratio  # the coordinator's
     kappa = model.wire_s_per_byte if plane != "ddp" else 0.0
     N = model.shared_cores
@@ -322,7 +325,8 @@ def predict(plane: str, hosts: int, slots: int, batch: int, bandwidth_bps: float
     base = baseline(S, batch, num_params, model)
     ips = batch / step
     out = {"plane": plane, "hosts": H, "slots": S, "workers": H * S, "batch": batch, "per_worker_batch": b,
-           "idle_workers": max(0, H * S - batch), "bandwidth_bps": float(bandwidth_bps), "wire_bytes": wire_bytes,
+           "idle_workers": max(0, H * S - batch), "wire_bytes": wire_bytes,
+           "bandwidth_bps": None if bandwidth_bps is None else float(bandwidth_bps),
            "num_params": num_params, "sync_every": k, "shared_cores": N, "model_bytes": M, "compute_s": t_compute,
            "local_reduce_s": t_local, "local_hidden_s": local_hidden, "comm_s": comm, "comm_hidden_s": comm_hidden,
            "comm_exposed_s": exposed, "update_s": upd, "step_s": step, "images_per_s": ips,

@@ -135,7 +135,8 @@ def format_table(rows: list[dict]) -> str:
         coord = r["coord_in_bytes"] / 1e6
         flags = (" coord-bound" if r["coord_bound"] else "") + (" cpu-bound" if r["cpu_bound"] else "")
         lines.append(
-            f"{r['plane']:<{w}}{format_bandwidth(r['bandwidth_bps']):>8}{r['hosts']:>6}{r['workers']:>6}"
+            f"{r['plane']:<{w}}{format_bandwidth(r['bandwidth_bps']) if r['bandwidth_bps'] else '-':>8}"
+            f"{r['hosts']:>6}{r['workers']:>6}"
             f"{r['per_worker_batch']:>5}{_ms(r['compute_s'])}{_ms(r['local_reduce_s'])}{_ms(r['comm_s'])}"
             f"{_ms(r['comm_exposed_s'])}{_ms(r['update_s'])}{_ms(r['step_s'])}{r['images_per_s']:9.1f}"
             f"{r['efficiency']:6.2f}{r['host_send_bytes'] / 1e6:9.1f}{coord:9.1f}" + flags)
@@ -176,8 +177,8 @@ def format_validation(v: dict) -> str:
 def main(args: argparse.Namespace, extra: list[str]) -> int:
     cfg = _config(args, extra)
     err = lambda msg: SystemExit(f"dptrain plan: {msg}")  # noqa: E731
-    if args.validate is None and (args.hosts is None or args.slots is None or args.bandwidth is None):
-        raise err("--hosts, --slots and --bandwidth are required (or --validate FILE...)")
+    if args.validate is None and (args.hosts is None or args.slots is None):
+        raise err("--hosts and --slots are required (and --bandwidth across hosts), or --validate FILE...")
     if args.plot is not None and args.validate is None:
         raise err("--plot draws a validation: give --validate FILE...")
     try:
@@ -247,6 +248,10 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
         return 0 if v["rows"] else 1
     if 1 in hosts and args.plane == PLANE_DEFAULT:  # one host: the workers' update against the coordinator's
         planes = planes + list(ONE_HOST)
+    if not rates:  # no --bandwidth: one host's planes only (launch --workers S: no link to size)
+        if set(hosts) != {1} or any(p not in ONE_HOST for p in planes if args.plane != PLANE_DEFAULT):
+            raise err("--bandwidth is required across hosts (and for the star, mesh and ddp planes)")
+        rates, planes = [None], [p for p in planes if p in ONE_HOST]
     factored = factor_shape(cfg, args.classes) if cfg.dist.factored else None
     rows = [predict(plane, h, args.slots, batch, bps, WIRE_BYTES[wire], num_params, model, sync_every, factored)
             for bps in rates for plane in planes for h in hosts if plane not in ONE_HOST or h == 1]

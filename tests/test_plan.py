@@ -596,6 +596,8 @@ def test_cli_validate_files_and_plot(tmp_path):
 @pytest.mark.parametrize("argv, words", [
     (["--hosts", "2", "--slots", "2", "--bandwidth", "10gbps"], "ambiguous"),
     (["--hosts", "2", "--slots", "2"], "required"),
+    (["--hosts", "1", "--slots", "2", "--plane", "star"], "--bandwidth is required"),
+    (["--hosts", "1,2", "--slots", "2"], "--bandwidth is required"),
     (["--hosts", "0", "--slots", "2", "--bandwidth", "1g"], "host counts >= 1"),
     (["--hosts", "a", "--slots", "2", "--bandwidth", "1g"], "comma list"),
     (["--hosts", "2", "--slots", "2", "--bandwidth", "1g", "--plane", "ring"], "--plane"),
@@ -622,3 +624,20 @@ def test_one_host_the_workers_update_takes_the_serial_part_off_the_step():
     assert predict("workers", 1, 2, 64, 1e10, 4, 9_434_462, model)["serial_s"] == workers["serial_s"]
     with pytest.raises(ValueError, match="one host"):
         predict("workers", 2, 16, 64, 1e10, 4, 9_434_462, model)
+
+
+def test_cli_one_host_needs_no_bandwidth(tmp_path):
+    """`dptrain plan --hosts 1 --slots 16`: launch --workers 16 has no link to size, so no --bandwidth is asked for
+    and the one host's two planes (the workers' update, the coordinator's) are what it shows."""
+    r = dptrain("--hosts", 1, "--slots", 16, "--compute-ms-per-image", 10, "--compute-ms-per-step", 20, "--json",
+                cache=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)["rows"]
+    assert [(row["plane"], row["bandwidth_bps"]) for row in rows] == [("workers", None), ("coordinator", None)]
+    model = CostModel(ms_per_image=10, ms_per_step=20)
+    for row in rows:  # the same figures as with any link: one host's planes never use it
+        assert row == pytest.approx({**predict(row["plane"], 1, 16, 64, 1e10, 4, P, model), "bandwidth_bps": None})
+    table = dptrain("--hosts", 1, "--slots", 16, "--compute-ms-per-image", 10, cache=tmp_path)
+    assert table.returncode == 0 and [ln.split()[:2] for ln in table.stdout.splitlines()
+                                      if ln.startswith(("workers", "coordinator"))] == [["workers", "-"],
+                                                                                        ["coordinator", "-"]]
