@@ -249,7 +249,8 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
     if 1 in hosts and args.plane == PLANE_DEFAULT:  # one host: the workers' update against the coordinator's
         planes = planes + list(ONE_HOST)
     if not rates:  # no --bandwidth: one host's planes only (launch --workers S: no link to size)
-        if set(hosts) != {1} or any(p not in ONE_HOST for p in planes if args.plane != PLANE_DEFAULT):
+        asked_network = args.plane != PLANE_DEFAULT and any(p not in ONE_HOST for p in planes)
+        if set(hosts) != {1} or asked_network:
             raise err("--bandwidth is required across hosts (and for the star, mesh and ddp planes)")
         rates, planes = [None], [p for p in planes if p in ONE_HOST]
     factored = factor_shape(cfg, args.classes) if cfg.dist.factored else None

@@ -223,8 +223,8 @@ def test_chunks_spread_over_threads_give_the_same_bits(monkeypatch, blas, case, 
     th, tw = winograd._tiles(H, W)
     assert (2 * 3 * C <= N * th * tw) is by_chunks  # 3 chunks of partial dU against one whole-batch dM
     calls = []
-    by_chunks_fn = winograd._filter_grad_by_chunks
-    monkeypatch.setattr(winograd, "_filter_grad_by_chunks", lambda *a: (calls.append(1), by_chunks_fn(*a)))
+    filter_grad = winograd._filter_grad
+    monkeypatch.setattr(winograd, "_filter_grad", lambda *a: (calls.append(a[3]), filter_grad(*a)))
     monkeypatch.setattr(winograd, "CHUNK_BYTES", 2 * 4 * ((2 * th + 2) * (2 * tw + 2) * max(C, F)
                                                           + 4 * th * (2 * tw + 2) * max(C, F)
                                                           + 16 * th * tw * max(C, F)))
@@ -243,7 +243,7 @@ def test_chunks_spread_over_threads_give_the_same_bits(monkeypatch, blas, case, 
             finally:
                 set_threads(prev)
     assert handed.count(2) >= 2 and handed.count(3) >= 4  # forward and dx: 1 and 2 chunk runs handed over
-    assert len(calls) == (3 if by_chunks else 0)
+    assert calls == [2 if by_chunks else N] * 3  # chunks of 2 images, or the whole batch as one
     for other in results[1:]:
         for a, c in zip(results[0], other):
             assert np.array_equal(a, c)

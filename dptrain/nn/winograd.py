@@ -21,12 +21,14 @@ the same convolution of dout with the spatially flipped, channel-transposed kern
 
 Work is done in chunks of whole images (`_chunk`, from the layer's shape only) so the padded copy, the row-stage
 buffer and M stay in cache (a full-batch M was measured up to 2-4x slower to write than cache-resident chunks); V
-(needed by dW) is full-batch. dW's dM is made chunk by chunk too, each chunk's product V^T dM into a slot of its own,
-the slots added in chunk order, where those slots (chunks x C x F x 16) are at most half of a whole-batch dM
+(needed by dW) is full-batch. dW's dM is made chunk by chunk too, each chunk's product V^T dM into a slot of its
+own, the slots added in chunk order, where those slots (chunks x C x F x 16) are at most half of a whole-batch dM
 (T x F x 16): the 32x32 and 16x16 layers (at batch 64, 1 thread: 36.6 -> 24.2 ms and 22.9 -> 21.3 for dM and dU;
-2 threads 25.8 -> 18.6 and 14.6 -> 10.4); the 8x8 layers, with few tiles and many channels, keep the whole-batch dM. The elementwise transforms of a chunk are split over its rows of tiles with
-threads.split_rows (disjoint outputs); GEMMs are numpy/BLAS. Nothing depends on the thread count. For odd H or W
-the forward output is a view (the interior of a (N, 2th, 2tw, F) buffer), like conv.py's col2im dx.
+2 threads 25.8 -> 18.6 and 14.6 -> 10.4); the 8x8 layers, with few tiles and many channels, take the whole batch as
+one chunk. The elementwise transforms of a chunk are split over its rows of tiles (or, for dM, its images) with
+threads.split_rows (disjoint outputs) when one thread has the chunks; GEMMs are numpy/BLAS. Nothing depends on the
+thread count. For odd H or W the forward output is a view (the interior of a (N, 2th, 2tw, F) buffer), like
+conv.py's col2im dx.
 
 float32 error (max|err| / max|ref| against float64): <= 8.7e-7 on the default model's layers (im2col: 7.2e-7),
 3.4e-6 for dW of a 3-channel 64x64 layer; tests/test_winograd.py bounds it by 1e-5. F(4x4, 3x3) (6x6 tiles, 36
@@ -220,31 +222,35 @@ def _conv(x, U, ws, tag, V=None, s=SAME):
     return out if even else out[:, :H, :W]
 
 
-def _filter_grad_by_chunks(dY: np.ndarray, V: np.ndarray, dU: np.ndarray, nb: int, ws: Workspace | None) -> None:
-    """dU (16, C, F) = sum over the chunks of nb images, in chunk order, of V[chunk]^T @ dM[chunk]: each chunk's dM
-    (A dy A^T of its tiles) made and multiplied while it is in cache instead of a whole-batch dM written and read
-    back (the 32x32 layer at batch 64: 67 MB each way). Threads take whole chunks (each_thread); every chunk's
-    product has a slot of its own and the slots are added in chunk order: the same bits on any number of threads."""
+def _filter_grad(dY: np.ndarray, V: np.ndarray, dU: np.ndarray, nb: int, ws: Workspace | None) -> None:
+    """dU (16, C, F) = sum over the chunks of nb images, in chunk order, of V[chunk]^T @ dM[chunk], dM = A dy A^T of
+    the chunk's tiles: made and multiplied while in cache, where a whole-batch dM is written and read back (the 32x32
+    layer at batch 64: 67 MB each way). Threads take whole chunks (each_thread); every chunk's product has a slot of
+    its own and the slots are added in chunk order: the same bits on any number of threads. nb = N: one chunk, its
+    product straight into dU, the adjoint split over the images (split_rows) and the GEMM over BLAS's threads."""
     N, H2, W2, F = dY.shape
     th, tw, C = H2 // 2, W2 // 2, V.shape[2]
     chunks = list(range(0, N, nb))
-    parts = scratch(ws, "wino.dUparts", (len(chunks), 16, C, F), dY.dtype)
+    parts = dU[None] if len(chunks) == 1 else scratch(ws, "wino.dUparts", (len(chunks), 16, C, F), dY.dtype)
     nt = min(threads(), len(chunks))
 
     def run(t):
         sfx = f"wino.{t}" if t else "wino"
-        dM = scratch(ws, f"{sfx}.dMc", (16, nb * th * tw, F), dY.dtype)
-        T = scratch(ws, f"{sfx}.dTc", (4, 2, nb, th, tw, F), dY.dtype)
+        dM = scratch(ws, f"{sfx}.dM", (16, nb * th * tw, F), dY.dtype)
+        T = scratch(ws, f"{sfx}.dT", (4, 2, nb, th, tw, F), dY.dtype)
+        rows = split_rows if nt == 1 else (lambda fn, n, elems: fn(0, n))
         for i in range(t, len(chunks), nt):
             n0, n1 = chunks[i], min(N, chunks[i] + nb)
             n, t0, t1 = n1 - n0, n0 * th * tw, n1 * th * tw
             dMc = dM[:, :t1 - t0]
-            _output_adjoint(_tiled(dY[n0:n1], th, tw), T[:, :, :n], dMc.reshape(4, 4, n, th, tw, F))
+            dY6, T6, dM6 = _tiled(dY[n0:n1], th, tw), T[:, :, :n], dMc.reshape(4, 4, n, th, tw, F)
+            rows(lambda a, b: _output_adjoint(dY6[:, :, a:b], T6[:, :, a:b], dM6[:, :, a:b]), n, dMc.size)
             np.matmul(V[:, t0:t1].transpose(0, 2, 1), dMc, out=parts[i])  # (16, C, t) @ (16, t, F)
     each_thread(run, nt)
-    np.copyto(dU, parts[0])
-    for p in parts[1:]:
-        dU += p
+    if len(chunks) > 1:
+        np.copyto(dU, parts[0])
+        for p in parts[1:]:
+            dU += p
 
 
 def winograd_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, ws: Workspace | None = None,
@@ -282,15 +288,9 @@ def winograd_backward(dout: np.ndarray, cache: WinoCache, need_dx: bool = True, 
         dY = dout
     dU = scratch(ws, "wino.dU", (16, C, F), dout.dtype)
     nb = _chunk(N, th, tw, C, F)
-    if 2 * -(-N // nb) * C <= N * th * tw:  # the chunks' partial dU move at most half the memory of a whole-batch dM
-        _filter_grad_by_chunks(dY, cache.V, dU, nb, ws)
-    else:
-        dM = scratch(ws, "wino.dM", (16, N * th * tw, F), dout.dtype)
-        dM6 = dM.reshape(4, 4, N, th, tw, F)
-        dY6 = _tiled(dY, th, tw)
-        T = scratch(ws, "wino.dT", (4, 2, N, th, tw, F), dout.dtype)
-        split_rows(lambda a, b: _output_adjoint(dY6[:, :, a:b], T[:, :, a:b], dM6[:, :, a:b]), N, dM.size)
-        np.matmul(cache.V.transpose(0, 2, 1), dM, out=dU)  # (16, C, T) @ (16, T, F)
+    if 2 * -(-N // nb) * C > N * th * tw:  # the chunks' partial dU would move over half a whole-batch dM's memory
+        nb = N
+    _filter_grad(dY, cache.V, dU, nb, ws)
     dw = filter_adjoint(dU, dw_out, ws)
     if not need_dx:
         return None, dw, db
