@@ -58,8 +58,9 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 10; 6 with --hosts)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--rounds", type=int, default=1,
-                   help="with --workers: measure every N this many times, the order reversed each round (ABBA: a "
-                        "machine whose speed drifts); medians reported, speedups from each round's own pair")
+                   help="with --workers: measure every N (and with --compare torch its DDP run) this many times, "
+                        "the order reversed each round (ABBA: a machine whose speed drifts); medians reported, "
+                        "speedups and dptrain/DDP ratios from each round's own runs")
     p.add_argument("--transport", default="shm", help="shm, socket or shm,socket (with --workers)")
     p.add_argument("--images", type=int, default=2000, help="size of the synthetic set (with --workers, --hosts)")
     p.add_argument("--data-dir", default=None, help="where the synthetic set is cached (~/.cache/dptrain/bench)")
@@ -157,25 +158,36 @@ def run_dist(args, cfg: config_mod.Config, overrides: dict[str, str]) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = synth_dataset(args.images, args.image_size, args.classes, args.data_dir, not args.no_progress)
-    runs: dict[tuple[str, int], list[dict]] = {}
-    for rnd in range(args.rounds):
-        for transport in transports:
-            for n in counts if rnd % 2 == 0 else counts[::-1]:
-                lg.info(f"dptrain {transport}: {n} worker(s), {args.warmup} warm-up + {args.steps} timed steps"
-                        + (f" (round {rnd + 1} of {args.rounds})" if args.rounds > 1 else ""))
-                r = run_workers(n, data, out, args, overrides, transport)
-                runs.setdefault((transport, n), []).append(r)
-                lg.info(f"  {r['images_per_s']:.1f} img/s, coordinator {100 * r['coordinator_frac']:.1f}% "
-                        f"of the step, PSS {_mb(r['pss_total_mb']).strip()} MB")
-    rows = [median_row(runs[(t, n)]) for t in transports for n in counts]
     if args.compare == "torch":
         from .bench_ddp import run_ddp
         model = config_mod.to_dict(cfg)["model"]
-        for n in counts:
-            lg.info(f"PyTorch DDP gloo: {n} rank(s), {args.warmup} warm-up + {args.steps} timed steps")
-            r = run_ddp(n, args.batch_size, args.image_size, args.classes, args.steps, args.warmup, model=model)
-            rows.append(r)
-            lg.info(f"  {r['images_per_s']:.1f} img/s")
+
+    def ddp(n: int) -> dict:
+        lg.info(f"PyTorch DDP gloo: {n} rank(s), {args.warmup} warm-up + {args.steps} timed steps")
+        r = run_ddp(n, args.batch_size, args.image_size, args.classes, args.steps, args.warmup, model=model)
+        lg.info(f"  {r['images_per_s']:.1f} img/s")
+        return r
+
+    def ours(n: int, transport: str) -> dict:
+        lg.info(f"dptrain {transport}: {n} worker(s), {args.warmup} warm-up + {args.steps} timed steps")
+        r = run_workers(n, data, out, args, overrides, transport)
+        lg.info(f"  {r['images_per_s']:.1f} img/s, coordinator {100 * r['coordinator_frac']:.1f}% "
+                f"of the step, PSS {_mb(r['pss_total_mb']).strip()} MB")
+        return r
+
+    # ABBA: odd rounds run the worker counts, and each count's runs, in the reverse order
+    runs: dict[tuple[str, str, int], list[dict]] = {}
+    for rnd in range(args.rounds):
+        if args.rounds > 1:
+            lg.info(f"round {rnd + 1} of {args.rounds}")
+        for n in counts if rnd % 2 == 0 else counts[::-1]:
+            jobs = [(lambda n=n, t=t: ours(n, t)) for t in transports] + \
+                ([lambda n=n: ddp(n)] if args.compare == "torch" else [])
+            for job in jobs if rnd % 2 == 0 else jobs[::-1]:
+                r = job()
+                runs.setdefault((r["impl"], r["transport"], n), []).append(r)
+    rows = [median_row(runs[("dptrain", t, n)]) for t in transports for n in counts] + \
+        ([median_row(runs[("torch-ddp", "gloo", n)]) for n in counts] if args.compare == "torch" else [])
     add_scaling(rows)
     write_outputs(rows, out)
     print_rows(rows, args.json, format_table, [out / "bench.csv", out / "bench.json", out / "bench.png"])
@@ -219,10 +231,17 @@ def add_scaling(rows: list[dict]) -> None:
             else:
                 r["speedup"] = r["images_per_s"] / base["images_per_s"]
             r["efficiency"] = r["speedup"] * base["workers"] / r["workers"]
-    torch_ips = {r["workers"]: r["images_per_s"] for r in rows if r["impl"] == "torch-ddp"}
+    torch_rows = {r["workers"]: r for r in rows if r["impl"] == "torch-ddp"}
     for r in rows:
-        if r["impl"] == "dptrain" and r["workers"] in torch_ips:
-            r["vs_torch"] = r["images_per_s"] / torch_ips[r["workers"]]
+        t = torch_rows.get(r["workers"]) if r["impl"] == "dptrain" else None
+        if t is None:
+            continue
+        a, b = r.get("images_per_s_rounds"), t.get("images_per_s_rounds")
+        if a and b and len(a) == len(b):  # each round's dptrain run against that round's DDP run
+            r["vs_torch_rounds"] = [x / y for x, y in zip(a, b)]
+            r["vs_torch"] = statistics.median(r["vs_torch_rounds"])
+        else:
+            r["vs_torch"] = r["images_per_s"] / t["images_per_s"]
 
 
 def format_table(rows: list[dict]) -> str:
@@ -244,7 +263,9 @@ def format_table(rows: list[dict]) -> str:
             lines.append(f"{r['impl']} {r['transport']} N = {r['workers']}, {r['rounds']} rounds: img/s "
                          + " ".join(f"{v:.1f}" for v in r["images_per_s_rounds"])
                          + ("; speedup " + " ".join(f"{v:.2f}" for v in r["speedup_rounds"])
-                            if "speedup_rounds" in r else ""))
+                            if "speedup_rounds" in r else "")
+                         + ("; vs torch " + " ".join(f"{v:.2f}" for v in r["vs_torch_rounds"])
+                            if "vs_torch_rounds" in r else ""))
     return "\n".join(lines)
 
 

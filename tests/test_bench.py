@@ -150,3 +150,42 @@ def test_rounds_alternate_the_order_and_pair_the_ratios(tmp_path, monkeypatch, c
     args.rounds = 0
     with pytest.raises(SystemExit, match="rounds"):
         bench.run_dist(args, None, {})
+
+
+def test_rounds_pair_dptrain_with_its_ddp_run(tmp_path, monkeypatch, capsys):
+    """--compare torch --rounds R: each N's DDP run sits next to its dptrain run in every round (the pair's order
+    reversed in odd rounds) and vs torch is the median of the rounds' own ratios."""
+    import argparse
+
+    from dptrain import bench, bench_ddp, bench_dist, torch_ref
+    order, clock = [], iter(range(100))
+
+    def speed():
+        return 1.0 / (1 + 0.2 * next(clock))  # the machine slows down with every run
+
+    def fake_ours(n, data, out, args, overrides, transport):
+        order.append(("dptrain", n))
+        return {"impl": "dptrain", "transport": transport, "workers": n, "images_per_s": 150.0 * speed(),
+                "coordinator_frac": 0.01, "pss_total_mb": None}
+
+    def fake_ddp(n, *a, **k):
+        order.append(("ddp", n))
+        return {"impl": "torch-ddp", "transport": "gloo", "workers": n, "images_per_s": 100.0 * speed()}
+    monkeypatch.setattr(bench_dist, "run_workers", fake_ours)
+    monkeypatch.setattr(bench_dist, "synth_dataset", lambda *a: tmp_path)
+    monkeypatch.setattr(bench_ddp, "run_ddp", fake_ddp)
+    monkeypatch.setattr(torch_ref, "require_torch", lambda: None)
+    monkeypatch.setattr(bench, "write_outputs", lambda rows, out: None)
+    monkeypatch.setattr(bench.config_mod, "to_dict", lambda cfg: {"model": {}})
+    p = argparse.ArgumentParser()
+    bench.add_bench_flags(p)
+    args = p.parse_args(["--workers", "2", "--compare", "torch", "--rounds", "2", "--json", "--out",
+                         str(tmp_path / "o")])
+    args.steps, args.batch_size, args.image_size = 10, 64, 64
+    assert bench.run_dist(args, None, {}) == 0
+    assert order == [("dptrain", 2), ("ddp", 2), ("ddp", 2), ("dptrain", 2)]
+    ours, theirs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert theirs["impl"] == "torch-ddp" and theirs["rounds"] == 2
+    ratios = [a / b for a, b in zip(ours["images_per_s_rounds"], theirs["images_per_s_rounds"])]
+    assert ours["vs_torch_rounds"] == ratios and ours["vs_torch"] == pytest.approx(sum(ratios) / 2)
+    assert ratios == pytest.approx([1.5 * 1.2, 1.5 * 1.4 / 1.6])  # drift within each pair only
