@@ -8,6 +8,7 @@ worker counts: one step of 1 process vs 3 workers agrees to float rounding.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -75,6 +76,8 @@ def test_sync_bn_replay_stopped_and_resumed_equals_launch_bitwise(tiny_data, tmp
     assert len(step_records(tmp_path / "replay")) == 23
     run_local(cfg, resume=True, executor_factory=replay)
     assert_same_run(launched("sync"), tmp_path / "replay")
+    summary = json.loads((launched("sync") / "summary.json").read_text())
+    assert summary["bn_sums"] == "workers (shared memory)"  # one host: the coordinator served none
 
 
 @pytest.mark.timeout(150)

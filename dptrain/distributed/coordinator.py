@@ -78,6 +78,7 @@ class Coordinator:
         self.bn_relay = bn_relay  # agents: (layer, phase, host total) -> global total, through their coordinator
         self.ours = local_versions()
         self.dropped = 0
+        self.bn_reductions = 0  # sync-BN sums served (none when one host's workers sum them in shared memory)
         self._drop_window = [0.0, 0, 0]  # window start, lines logged, lines suppressed
         self.last_publish = (0.0, 0.0)  # (start, seconds) of the last round's STEP sends (weights, with sockets)
         self.stop_deadline: float | None = None  # after a stop request, give the running step this long
@@ -414,6 +415,7 @@ class Coordinator:
         for rank in sorted(got):  # rank order, never arrival order
             total += got[rank]
         del bn[(layer, phase)]
+        self.bn_reductions += 1
         if self.bn_relay is not None:  # an agent: the host's sum goes up, the global sum comes back
             total = self.bn_relay(layer, phase, total)
         for rank in shards:

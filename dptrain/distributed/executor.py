@@ -70,8 +70,9 @@ class DistExecutor:
 
     def __init__(self, coord: Coordinator, store: ParamStore, opt: SGD, cfg: Config,
                  grad_slots: np.ndarray | None, shared: SharedUpdate | None = None, timeline: Timeline | None = None,
-                 mesh: bool = False, factor_slots: tuple | None = None):
+                 mesh: bool = False, factor_slots: tuple | None = None, local_bn: bool = False):
         self.coord, self.store, self.opt, self.cfg = coord, store, opt, cfg
+        self.local_bn = local_bn  # one host, --bn sync: STEP names the round's ranks, whose BN sums meet in shm
         self.grad_slots, self.shared = grad_slots, shared
         # one host, dist.factored: (w0, K, F, x slots, dy slots) of the Linear whose dW is summed from its factors
         self.factor_slots = factor_slots
@@ -153,6 +154,8 @@ class DistExecutor:
                 update = {"arrays": {"update": self.update_f16, "buffers": self.store.buffers},
                           "scale": self.update_scale}
         fields = fields | {"weights_slot": self.shared.cur if self.shared else -1}
+        if self.local_bn and fields["phase"] == "train":  # whose rows each rank's shared-memory BN sums wait for
+            fields["ranks"] = ranks
         arrays = side = None
         if self.mesh is not None:  # the hosts hold the weights; the BN statistics are the Trainer's
             arrays, side = {"buffers": self.store.buffers}, self.mesh.on_message
@@ -350,7 +353,8 @@ class DistExecutor:
 
     def summary(self) -> dict:
         """Mean seconds per step: compute (slowest worker), communication (the rest of the round), reduce, update,
-        serial (the coordinator alone, no worker busy); and how many messages the coordinator dropped."""
+        serial (the coordinator alone, no worker busy); how many messages the coordinator dropped; who summed the sync-BN
+        moments."""
         ph = self.phase_s
         n = max(ph["steps"], 1)
         return {"breakdown": {"step_s": ph["step"] / n, "compute_s": ph["compute"] / n,
@@ -358,7 +362,9 @@ class DistExecutor:
                               "update_s": ph["update"] / n, "serial_s": ph["serial"] / n,
                               "update_by": "hosts" if self.mesh else "workers" if self.shared else "coordinator"},
                 **({"plane": "mesh", "replica_checks": self.mesh.checks} if self.mesh else {}),
-                "dropped_messages": self.coord.dropped}
+                "dropped_messages": self.coord.dropped,
+                "bn_sums": "workers (shared memory)" if self.local_bn else
+                f"coordinator ({self.coord.bn_reductions} served)" if self.cfg.dist.bn == "sync" else "none"}
 
     def close(self) -> None:
         if self.timeline:

@@ -34,6 +34,7 @@ from ..config import Config
 from ..data.shm import remove_orphans
 from ..executors import ExecutorFailure
 from ..train import EXIT_PREEMPTED
+from . import localsum
 from .coordinator import Coordinator
 from .executor import DistExecutor, SharedUpdate
 from .reduce import one_host_factored
@@ -222,7 +223,7 @@ def run_session(cfg: Config, stop_at_step: int, start, run_id: str | None = None
             trainer.write({"restart": restarts, "step": trainer.step, "epoch": trainer.epoch})
         timeline = Timeline(cfg.dist.timeline) if cfg.dist.timeline else None
         executor = DistExecutor(session.coord, trainer.store, trainer.opt, cfg, grad_slots, shared, timeline,
-                                mesh=session.mesh, factor_slots=factor_slots)
+                                mesh=session.mesh, factor_slots=factor_slots, local_bn=session.local_bn)
         summary = trainer.fit(executor, stop_at_step=stop_at_step)
         print(json.dumps(summary))
         return EXIT_PREEMPTED if trainer.preempted else EXIT_INTERRUPTED if trainer.stop_requested else 0
@@ -289,6 +290,10 @@ def launch_local(cfg: Config, resume: bool | str = False, stop_at_step: int = 0,
             grads = session.shared("grads", (n, trainer.store.num_params),  # --batch-invariant: exact int64 sums
                                    np.int64 if cfg.train.batch_invariant_block else np.float32)
             grad_slots, shm_specs["grads"] = grads.array, grads.spec()
+        if use_shm and cfg.dist.bn == "sync":  # the BN sums among the workers, without the coordinator
+            rows = session.shared("bnsum", (2, n, localsum.width(trainer.model)), np.float64)
+            seen = session.shared("bnseen", (n,), np.int64)
+            shm_specs["bnsum"], shm_specs["bnseen"], session.local_bn = rows.spec(), seen.spec(), True
         if by_workers:  # the (possibly resumed) velocity moves into the shared double buffer
             velocity2 = shm["velocity"].array
             velocity2[0] = trainer.opt.velocity

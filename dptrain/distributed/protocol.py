@@ -45,8 +45,10 @@ The table below and `SCHEMA` list the same kinds and fields (tests/test_protocol
                                       weights_slot int (shared double buffer, or -1),
                                       global_count int (train: the loss's divisor),   update + buffers
                                       eval_batch int (eval: forward batch size),      (float16 wire), or none
-                                      shard_sizes list (agents: per-slot split)       (shared memory);
-                                                                                      buffers alone (mesh)
+                                      shard_sizes list (agents: per-slot split),      (shared memory);
+                                      ranks list (one host, sync BN: the round's      buffers alone (mesh)
+                                      ranks, whose rows its shared-memory BN sums
+                                      wait for; localsum.py)
     RESULT      peer -> coordinator   phase str, attempt int, count int,              grad if grad_in ==
                                       loss_sum float, correct int, grad_in str        "frame"; bn_moments
                                       ("shm"|"frame"|"none"), grad_scale float,       (train)

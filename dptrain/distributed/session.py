@@ -165,6 +165,7 @@ class Session:
         self.procs: list = []
         self.coord: Coordinator | None = None
         self.mesh = False  # the peers are host agents on the mesh data plane (launch --hostfile, dist.plane mesh)
+        self.local_bn = False  # one host, --bn sync: the workers sum BN moments in shared memory (localsum.py)
         self.token = secrets.token_hex(16)  # what this session's workers prove they were started by it with
         self.dir: Path | None = None  # private_dir, once a local socket lives there
         self.tee = None  # launch --tee: a thread mirroring one rank's log (stopped at close)

@@ -32,6 +32,7 @@ from ..nn.params import ParamStore
 from ..nn.threads import match_blas_threads
 from ..optim import chunk_squares, sgd_for
 from . import protocol as P
+from .localsum import LocalSum
 from .peer import PeerLink, leave, run_peer
 from .reduce import Factors, reduce_range
 from .wire import grad_frame, receive_weights
@@ -102,8 +103,12 @@ class Worker:
         self.blocks = None
         if invariant.enabled(self.cfg):  # one BLAS thread; the worker's threads compute blocks concurrently
             self.blocks = invariant.worker_runner(self.cfg, int(f["num_classes"]), self.store.num_params)
+        self.local_sum, self.round_ranks = None, None
         if self.cfg.dist.bn == "sync":
             self.model.set_bn_allreduce(self._allreduce)
+            if "bnsum" in shm:  # one host: the sums among the workers in shared memory (localsum.py)
+                self.local_sum = LocalSum(self._attach(shm["bnsum"]).array, self._attach(shm["bnseen"]).array,
+                                          self.rank, self.link)
         self.link.send(P.Kind.READY)
         self.log.info(f"ready: pid {os.getpid()} on {self.host}, {self.store.num_params} params, "
                       f"{'shared-memory' if self.shm_weights else 'socket'} weights")
@@ -119,6 +124,8 @@ class Worker:
         the reduction, so the same call of every rank meets the others at the coordinator."""
         n_bn = len(self.model.bn_layers)
         call, self.bn_calls = self.bn_calls, self.bn_calls + 1
+        if self.local_sum is not None and self.round_ranks and self.local_sum.fits(local):
+            return self.local_sum.allreduce(call, np.asarray(local, np.float64).ravel(), self.round_ranks)
         layer, phase = (call, "fwd") if call < n_bn else (call - n_bn, "bwd")
         return self.link.allreduce(layer, phase, local)
 
@@ -166,6 +173,7 @@ class Worker:
             self.balloon = np.ones(32_000_000)
         self.bn_calls = 0
         f = msg.fields
+        self.round_ranks = f.get("ranks")  # the round's ranks (one host): whose rows a shared-memory BN sum waits for
         if not self.shm_weights:
             self._take_weights(msg)
         elif f["weights_slot"] != self.slot and f["weights_slot"] >= 0:
