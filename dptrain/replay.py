@@ -8,7 +8,7 @@ same groups as the distributed run, so a surprise seen on 8 workers can be stepp
     each computing its shard with the BLAS threads its worker had (session.blas_threads: GEMM bits depend on it);
   - SyncBatchNorm: the ranks' shards run in threads of their own, one at a time in rank order (`Baton`); each BN
     reduction sums the ranks' moments from zeros in rank order (per host, then the hosts in host order), as the
-    coordinator (and an agent's local coordinator) does;
+    coordinator (and an agent's local coordinator, and one host's workers in shared memory: localsum.py) does;
   - gradients summed in rank order (reduce.sum_in_order), per host first then in host order across hosts; the float16
     wire's encodings where the run had them (a rank's frame on socket transport, a host's frame on the star, the mesh's
     fixed pieces), and the float16-rounded weight update (wire.apply_update16);

@@ -55,6 +55,8 @@ The table below and `SCHEMA` list the same kinds and fields (tests/test_protocol
                                       timings map (phase -> [start, seconds])         (mesh: squares of
                                                                                       the agent's slice)
     BN_REDUCE   peer -> coordinator   layer int, phase str ("fwd"|"bwd"), attempt int moments (float64)
+                                      (socket transport and agents; one host's shm
+                                      workers sum among themselves: localsum.py)
     BN_REDUCED  coordinator -> peer   layer int, phase str, attempt int               moments (float64)
     REDUCE      coordinator -> worker attempt int, lo int, hi int, ranks list: sum   -
                                       [lo, hi) of those ranks' gradient slots in
