@@ -85,3 +85,27 @@ def test_a_new_step_preempts_a_wait():
 def test_stamps_grow_with_step_attempt_and_call():
     assert localsum.stamp(0, 0, 0) > 0
     assert localsum.stamp(1, 0, 0) > localsum.stamp(0, 4000, 60000) > localsum.stamp(0, 3, 9) > localsum.stamp(0, 3, 8)
+
+
+def test_only_on_x86_64(monkeypatch):
+    """Other architectures may make the stamp visible before the row: there the coordinator keeps summing."""
+    for machine, ok in (("x86_64", True), ("AMD64", True), ("aarch64", False), ("arm64", False), ("ppc64le", False)):
+        monkeypatch.setattr(localsum.platform, "machine", lambda m=machine: m)
+        assert localsum.supported() is ok
+
+
+@pytest.mark.timeout(90)
+def test_a_launch_sums_in_shared_memory_or_through_the_coordinator(tiny_data, tmp_path, monkeypatch):
+    """The same run both ways (3 workers, sync BN, one epoch): the same bits; summary.json says who summed."""
+    import json
+
+    from distutil import arrays as run_arrays, launch_inproc, tiny_cfg
+    kw = dict(dist__workers=3, dist__bn="sync", train__epochs=1, train__batch_size=31)
+    assert launch_inproc(tiny_cfg(tiny_data, tmp_path / "shm", **kw)) == 0
+    monkeypatch.setattr(localsum, "supported", lambda: False)
+    assert launch_inproc(tiny_cfg(tiny_data, tmp_path / "coord", **kw)) == 0
+    shm, coord = (json.loads((tmp_path / d / "summary.json").read_text())["bn_sums"] for d in ("shm", "coord"))
+    assert shm == "workers (shared memory)" and coord.startswith("coordinator (") and " 0 served" not in coord
+    a, b = run_arrays(tmp_path / "shm"), run_arrays(tmp_path / "coord")
+    for k in ("params", "velocity", "buffers"):
+        assert np.array_equal(a[k], b[k]), k

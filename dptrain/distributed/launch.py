@@ -290,7 +290,7 @@ def launch_local(cfg: Config, resume: bool | str = False, stop_at_step: int = 0,
             grads = session.shared("grads", (n, trainer.store.num_params),  # --batch-invariant: exact int64 sums
                                    np.int64 if cfg.train.batch_invariant_block else np.float32)
             grad_slots, shm_specs["grads"] = grads.array, grads.spec()
-        if use_shm and cfg.dist.bn == "sync":  # the BN sums among the workers, without the coordinator
+        if use_shm and cfg.dist.bn == "sync" and localsum.supported():  # the BN sums among the workers
             rows = session.shared("bnsum", (2, n, localsum.width(trainer.model)), np.float64)
             seen = session.shared("bnseen", (n,), np.int64)
             shm_specs["bnsum"], shm_specs["bnseen"], session.local_bn = rows.spec(), seen.spec(), True

@@ -19,6 +19,7 @@ ranks still computing get it.
 from __future__ import annotations
 
 import os
+import platform
 import time
 
 import numpy as np
@@ -27,6 +28,13 @@ from . import protocol as P
 from .peer import Preempted
 
 PREEMPTING = (P.Kind.STEP, P.Kind.STOP, P.Kind.MESH)
+
+
+def supported() -> bool:
+    """x86-64 only: its stores become visible in program order (a row's few KB of ordinary stores, then the stamp),
+    which is what a reader that sees the stamp relies on; Python has no memory fence to give that elsewhere (ARM
+    may reorder them), so there the sums keep going through the coordinator."""
+    return platform.machine().lower() in ("x86_64", "amd64")
 
 
 def width(model) -> int:
@@ -54,7 +62,7 @@ class LocalSum:
         rows = self.rows[call % 2]
         rows[self.rank, :n] = local
         ticket = stamp(self.link.step, self.link.attempt, call)
-        self.seen[self.rank] = ticket  # after the row: x86 keeps stores in order
+        self.seen[self.rank] = ticket  # after the row: x86 keeps (these ordinary) stores in order (supported())
         order = sorted(ranks)
         self._wait(np.asarray(order), ticket)
         total = np.zeros(n, np.float64)
