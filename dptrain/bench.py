@@ -58,9 +58,9 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 10; 6 with --hosts)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--rounds", type=int, default=1,
-                   help="with --workers: measure every N (and with --compare torch its DDP run) this many times, "
-                        "the order reversed each round (ABBA: a machine whose speed drifts); medians reported, "
-                        "speedups and dptrain/DDP ratios from each round's own runs")
+                   help="measure every N (--workers; with --compare torch, its DDP run too), or the single process "
+                        "and its PyTorch twin, this many times, the order reversed each round (ABBA: a machine whose "
+                        "speed drifts); medians reported, speedups and dptrain/PyTorch ratios from each round's runs")
     p.add_argument("--transport", default="shm", help="shm, socket or shm,socket (with --workers)")
     p.add_argument("--images", type=int, default=2000, help="size of the synthetic set (with --workers, --hosts)")
     p.add_argument("--data-dir", default=None, help="where the synthetic set is cached (~/.cache/dptrain/bench)")
@@ -126,8 +126,10 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
         return run_agree(args, cfg, overrides)
     if args.workers is None:
         from .bench_local import format_local, run_local_bench
+        if args.rounds < 1:
+            raise SystemExit("dptrain bench: --rounds must be >= 1")
         r = run_local_bench(cfg, args.classes, args.threads, args.warmup, args.steps, args.compare == "torch",
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, rounds=args.rounds)
         print(json.dumps(r) if args.json else format_local(r), flush=True)
         return 0
     return run_dist(args, cfg, overrides)

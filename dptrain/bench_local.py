@@ -9,6 +9,7 @@ and the same step (clip_grad_norm_ + torch.optim.SGD) on the same tensors with t
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections import defaultdict
 
@@ -156,21 +157,37 @@ def time_torch(cfg: Config, classes: int, threads: int, warmup: int, steps: int,
 
 
 def run_local_bench(cfg: Config, classes: int, threads: int, warmup: int, steps: int, compare_torch: bool,
-                    progress: bool = True) -> dict:
-    """One JSON-able result: our img/s and breakdown, and PyTorch's img/s and the ratio when asked."""
+                    progress: bool = True, rounds: int = 1) -> dict:
+    """One JSON-able result: our img/s and breakdown, and PyTorch's img/s and the ratio when asked. rounds > 1: both
+    timed that many times, the order reversed every other round; the median round's breakdown, median img/s, and the
+    ratio as the median of each round's own (`*_rounds`: every round's figures, in order)."""
     lg = log.get()
     if compare_torch:
         from .torch_ref import require_torch
         require_torch()  # fail before spending minutes on our side
     lg.info(f"single process: batch {cfg.train.batch_size}, {cfg.data.image_size}x{cfg.data.image_size}, "
             f"{classes} classes, {threads} thread(s), {warmup} warm-up + {steps} timed steps")
-    with threadpool_limits(threads):
+    def time_ours() -> dict:
         prev = set_threads(threads)  # non-GEMM kernels use as many threads as BLAS
         try:
-            ours = time_numpy(cfg, classes, warmup, steps, progress)
+            return time_numpy(cfg, classes, warmup, steps, progress)
         finally:
             set_threads(prev)
-        theirs = time_torch(cfg, classes, threads, warmup, steps, progress) if compare_torch else None
+
+    runs: dict[str, list[dict]] = {"ours": [], "theirs": []}
+    with threadpool_limits(threads):
+        for rnd in range(rounds):
+            jobs = [("ours", time_ours)] + ([("theirs", lambda: time_torch(cfg, classes, threads, warmup, steps,
+                                                                        progress))] if compare_torch else [])
+            for side, job in jobs if rnd % 2 == 0 else jobs[::-1]:
+                runs[side].append(job())
+    ours = dict(sorted(runs["ours"], key=lambda r: r["images_per_s"])[rounds // 2])
+    theirs = dict(sorted(runs["theirs"], key=lambda r: r["images_per_s"])[rounds // 2]) if compare_torch else None
+    if rounds > 1:
+        ours.update(images_per_s=statistics.median(r["images_per_s"] for r in runs["ours"]),
+                    images_per_s_rounds=[r["images_per_s"] for r in runs["ours"]], rounds=rounds)
+        if theirs:
+            theirs["images_per_s"] = statistics.median(r["images_per_s"] for r in runs["theirs"])
     peak = gemm_peak_gflops(threads)
     for v in ours["layers_ms"].values():
         for p in ("forward", "backward"):
@@ -182,6 +199,10 @@ def run_local_bench(cfg: Config, classes: int, threads: int, warmup: int, steps:
     if theirs:
         out.update(torch_images_per_s=theirs["images_per_s"], torch_step_ms=theirs["step_ms"],
                    torch_version=theirs["torch_version"], ratio_vs_torch=ours["images_per_s"] / theirs["images_per_s"])
+        if rounds > 1:
+            out.update(torch_images_per_s_rounds=[r["images_per_s"] for r in runs["theirs"]],
+                       ratio_rounds=[a["images_per_s"] / b["images_per_s"] for a, b in zip(runs["ours"], runs["theirs"])])
+            out["ratio_vs_torch"] = statistics.median(out["ratio_rounds"])
     return out
 
 
@@ -192,6 +213,11 @@ def format_local(r: dict) -> str:
     if "torch_images_per_s" in r:
         lines.append(f"torch   : {r['torch_step_ms']:8.1f} ms/step {r['torch_images_per_s']:8.1f} img/s   "
                      f"dptrain/torch = {r['ratio_vs_torch']:.2f}x  (torch {r['torch_version']})")
+    if "images_per_s_rounds" in r:
+        lines.append(f"{r['rounds']} rounds, img/s: dptrain " + " ".join(f"{v:.1f}" for v in r["images_per_s_rounds"])
+                     + ("; torch " + " ".join(f"{v:.1f}" for v in r["torch_images_per_s_rounds"])
+                        + "; dptrain/torch " + " ".join(f"{v:.2f}" for v in r["ratio_rounds"])
+                        if "ratio_rounds" in r else ""))
     lines.append("\nphase (mean ms/step): " + "  ".join(f"{k} {v:.1f}" for k, v in r["phases_ms"].items()))
     lines.append(f"\n{'layer type':<14}{'fwd ms':>9}{'bwd ms':>9}   GFLOP/s fwd, bwd (% of the GEMM peak, "
                  f"{r['gemm_peak_gflops']:.0f} GFLOP/s at {r['threads']} thread(s); conv: direct-conv FLOPs)")

@@ -189,3 +189,30 @@ def test_rounds_pair_dptrain_with_its_ddp_run(tmp_path, monkeypatch, capsys):
     ratios = [a / b for a, b in zip(ours["images_per_s_rounds"], theirs["images_per_s_rounds"])]
     assert ours["vs_torch_rounds"] == ratios and ours["vs_torch"] == pytest.approx(sum(ratios) / 2)
     assert ratios == pytest.approx([1.5 * 1.2, 1.5 * 1.4 / 1.6])  # drift within each pair only
+
+
+def test_single_process_rounds(tmp_path, monkeypatch):
+    """The single-process bench with --rounds: ours and PyTorch's timed in turn, the pair reversed every other round;
+    the ratio is the median of each round's own; a real run of the tiny model reports every round."""
+    from dptrain import bench_local
+    order, clock = [], iter(range(100))
+
+    def fake(side, ips):
+        def run(*a, **k):
+            order.append(side)
+            speed = ips / (1 + 0.2 * next(clock))  # the machine slows down with every run
+            return {"images_per_s": speed, "step_ms": 64e3 / speed, "torch_version": "x", "layers_ms": {},
+                    "side": side}
+        return run
+    monkeypatch.setattr(bench_local, "time_numpy", fake("ours", 150.0))
+    monkeypatch.setattr(bench_local, "time_torch", fake("torch", 100.0))
+    monkeypatch.setattr(bench_local, "gemm_peak_gflops", lambda threads: 100.0)
+    monkeypatch.setattr("dptrain.torch_ref.require_torch", lambda: None)
+    from dptrain.config import Config
+    r = bench_local.run_local_bench(Config(), 10, 1, 0, 2, True, progress=False, rounds=3)
+    assert order == ["ours", "torch", "torch", "ours", "ours", "torch"]
+    ratios = [1.5 * 1.2, 1.5 * 1.4 / 1.6, 1.5 * 2.0 / 1.8]  # each round's pair: the drift between its two runs only
+    assert r["ratio_rounds"] == pytest.approx(ratios) and r["ratio_vs_torch"] == pytest.approx(sorted(ratios)[1])
+    assert r["rounds"] == 3 and r["images_per_s"] == sorted(r["images_per_s_rounds"])[1]
+    proc = run_cli(["--rounds", "2", *TINY], tmp_path)
+    assert "2 rounds, img/s: dptrain" in proc.stdout
