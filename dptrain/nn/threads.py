@@ -20,6 +20,7 @@ from threadpoolctl import ThreadpoolController, threadpool_info
 _threads = 1
 _pool: ThreadPoolExecutor | None = None
 _blas: ThreadpoolController | None = None  # each_thread's BLAS limit (a cached controller: ~3 us a limit, not ~100)
+_busy = False  # each_thread's fan-out is running: every thread already has work, split_rows runs inline
 _short_spin = True  # match_blas_threads(short_spin=False) (config train.short_blas_spin) keeps OpenBLAS's wait
 PAR_MIN_ELEMS = 1 << 16  # below this a kernel runs in the calling thread (pool hand-off costs ~10-50 us)
 
@@ -82,10 +83,11 @@ def match_blas_threads(short_spin: bool = True) -> None:
 
 def split_rows(fn: Callable[[int, int], None], n: int, elems: int) -> None:
     """Run fn(lo, hi) over [0, n) in set_threads()'s number of contiguous blocks concurrently (the caller runs the first),
-    or as one fn(0, n) when single-threaded or when the kernel touches fewer than PAR_MIN_ELEMS elements.
-    fn must only write rows lo:hi of its outputs, and must not call split_rows itself (the pool is not reentrant)."""
+    or as one fn(0, n) when single-threaded, when the kernel touches fewer than PAR_MIN_ELEMS elements, or inside
+    each_thread's threads (they already fill the pool). fn must only write rows lo:hi of its outputs, and must not
+    call split_rows itself (the pool is not reentrant)."""
     t = min(_threads, n)
-    if t <= 1 or elems < PAR_MIN_ELEMS:
+    if t <= 1 or elems < PAR_MIN_ELEMS or _busy:
         fn(0, n)
         return
     bounds = [n * i // t for i in range(t + 1)]
@@ -111,10 +113,11 @@ def threads() -> int:
 def each_thread(fn: Callable[[int], None], n: int) -> None:
     """fn(t) for t in range(min(n, threads)) concurrently (the caller runs t = 0), with BLAS limited to one thread
     while they run: each fn does its own GEMMs on its own part of the work (whole independent items, e.g. a
-    convolution's chunks of images), no nested parallelism. One thread (or n = 1): fn(0) alone, BLAS untouched.
+    convolution's chunks of images), no nested parallelism (their split_rows run inline). One thread (or n = 1):
+    fn(0) alone, BLAS untouched, its split_rows over the threads.
     A GEMM gives the same bits on 1 thread as on several here (OpenBLAS splits M and N, never the sums over K; the
     Winograd tests check the layers bitwise against the row-split path)."""
-    global _blas
+    global _blas, _busy
     t = min(_threads, n)
     if t <= 1:
         fn(0)
@@ -122,4 +125,8 @@ def each_thread(fn: Callable[[int], None], n: int) -> None:
     if _blas is None:
         _blas = ThreadpoolController()
     with _blas.limit(limits=1, user_api="blas"):
-        _fan_out(fn, [(i,) for i in range(t)])
+        _busy = True
+        try:
+            _fan_out(fn, [(i,) for i in range(t)])
+        finally:
+            _busy = False

@@ -193,13 +193,12 @@ def _conv(x, U, ws, tag, V=None, s=SAME):
     even = H == 2 * th and W == 2 * tw
     out = scratch(ws, f"{tag}.out", (N, 2 * th, 2 * tw, F), x.dtype)
 
-    def run(t):  # thread t's chunks; split over rows instead when it is the only thread
+    def run(t):  # thread t's chunks; their passes split over rows when it is the only thread (split_rows)
         sfx = f"{tag}.{t}" if t else tag
         xp = scratch(ws, f"{sfx}.xp", (nb, 2 * th + 2, 2 * tw + 2, C), x.dtype, zero_new=True)
         R = scratch(ws, f"{sfx}.R", (4, nb, th, 2 * tw + 2, C), x.dtype)
         M = scratch(ws, f"{sfx}.M", (16, nb * th * tw, F), x.dtype)
         T = scratch(ws, f"{sfx}.T", (2, 4, nb, th, tw, F), x.dtype)
-        rows = split_rows if nt == 1 else (lambda fn, n, elems: fn(0, n))
         for n0 in chunks[t::nt]:
             n1 = min(N, n0 + nb)
             n, t0, t1 = n1 - n0, n0 * th * tw, n1 * th * tw
@@ -207,17 +206,18 @@ def _conv(x, U, ws, tag, V=None, s=SAME):
 
             def pad(lo, hi, xc=xc, n0=n0, n1=n1):
                 np.copyto(xc[:, 1 + lo:1 + hi, 1:W + 1], x[n0:n1, lo:hi])
-            rows(pad, H, n * H * W * C)
+            split_rows(pad, H, n * H * W * C)
             Vc = V[:, t0:t1] if keep else V[t, :, :t1 - t0]
             Vc6 = Vc.reshape(4, 4, n, th, tw, C)
-            rows(lambda lo, hi, xc=xc, Rc=Rc, Vc6=Vc6: _input_transform(xc, Rc, Vc6, lo, hi, s), th, n * H * W * C)
+            split_rows(lambda lo, hi, xc=xc, Rc=Rc, Vc6=Vc6: _input_transform(xc, Rc, Vc6, lo, hi, s), th,
+                       n * H * W * C)
             Mc = M[:, :t1 - t0]
             np.matmul(Vc, U, out=Mc)  # (16, t, C) @ (16, C, F)
             M6 = Mc.reshape(4, 4, n, th, tw, F)
             Y6 = _tiled(out[n0:n1], th, tw)
             Tc = T[:, :, :n]
-            rows(lambda lo, hi, M6=M6, Tc=Tc, Y6=Y6: _output_transform(M6[..., lo:hi, :, :], Tc[..., lo:hi, :, :],
-                                                                        Y6[..., lo:hi, :, :], s), th, n * H * W * F)
+            split_rows(lambda lo, hi, M6=M6, Tc=Tc, Y6=Y6: _output_transform(
+                M6[..., lo:hi, :, :], Tc[..., lo:hi, :, :], Y6[..., lo:hi, :, :], s), th, n * H * W * F)
     each_thread(run, nt)
     return out if even else out[:, :H, :W]
 
@@ -238,13 +238,12 @@ def _filter_grad(dY: np.ndarray, V: np.ndarray, dU: np.ndarray, nb: int, ws: Wor
         sfx = f"wino.{t}" if t else "wino"
         dM = scratch(ws, f"{sfx}.dM", (16, nb * th * tw, F), dY.dtype)
         T = scratch(ws, f"{sfx}.dT", (4, 2, nb, th, tw, F), dY.dtype)
-        rows = split_rows if nt == 1 else (lambda fn, n, elems: fn(0, n))
         for i in range(t, len(chunks), nt):
             n0, n1 = chunks[i], min(N, chunks[i] + nb)
             n, t0, t1 = n1 - n0, n0 * th * tw, n1 * th * tw
             dMc = dM[:, :t1 - t0]
             dY6, T6, dM6 = _tiled(dY[n0:n1], th, tw), T[:, :, :n], dMc.reshape(4, 4, n, th, tw, F)
-            rows(lambda a, b: _output_adjoint(dY6[:, :, a:b], T6[:, :, a:b], dM6[:, :, a:b]), n, dMc.size)
+            split_rows(lambda a, b: _output_adjoint(dY6[:, :, a:b], T6[:, :, a:b], dM6[:, :, a:b]), n, dMc.size)
             np.matmul(V[:, t0:t1].transpose(0, 2, 1), dMc, out=parts[i])  # (16, C, t) @ (16, t, F)
     each_thread(run, nt)
     if len(chunks) > 1:
