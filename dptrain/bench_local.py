@@ -181,13 +181,9 @@ def run_local_bench(cfg: Config, classes: int, threads: int, warmup: int, steps:
                                                                         progress))] if compare_torch else [])
             for side, job in jobs if rnd % 2 == 0 else jobs[::-1]:
                 runs[side].append(job())
-    ours = dict(sorted(runs["ours"], key=lambda r: r["images_per_s"])[rounds // 2])
-    theirs = dict(sorted(runs["theirs"], key=lambda r: r["images_per_s"])[rounds // 2]) if compare_torch else None
-    if rounds > 1:
-        ours.update(images_per_s=statistics.median(r["images_per_s"] for r in runs["ours"]),
-                    images_per_s_rounds=[r["images_per_s"] for r in runs["ours"]], rounds=rounds)
-        if theirs:
-            theirs["images_per_s"] = statistics.median(r["images_per_s"] for r in runs["theirs"])
+    from .bench import median_row  # the --workers bench's: the median round's figures, median img/s, every round's
+    ours = median_row(runs["ours"])
+    theirs = median_row(runs["theirs"]) if compare_torch else None
     peak = gemm_peak_gflops(threads)
     for v in ours["layers_ms"].values():
         for p in ("forward", "backward"):
@@ -200,8 +196,8 @@ def run_local_bench(cfg: Config, classes: int, threads: int, warmup: int, steps:
         out.update(torch_images_per_s=theirs["images_per_s"], torch_step_ms=theirs["step_ms"],
                    torch_version=theirs["torch_version"], ratio_vs_torch=ours["images_per_s"] / theirs["images_per_s"])
         if rounds > 1:
-            out.update(torch_images_per_s_rounds=[r["images_per_s"] for r in runs["theirs"]],
-                       ratio_rounds=[a["images_per_s"] / b["images_per_s"] for a, b in zip(runs["ours"], runs["theirs"])])
+            out.update(torch_images_per_s_rounds=theirs["images_per_s_rounds"],
+                       ratio_rounds=[a / b for a, b in zip(ours["images_per_s_rounds"], theirs["images_per_s_rounds"])])
             out["ratio_vs_torch"] = statistics.median(out["ratio_rounds"])
     return out
 
