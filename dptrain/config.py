@@ -125,6 +125,9 @@ class DistConfig:
     step_timeout_s: float = 120.0  # a worker late by this much on one step is declared stuck
     blas_threads: int = 0  # BLAS threads per worker (0: cores // workers, at least 1)
     pin_cores: bool = False  # pin each worker to a core with psutil
+    # workers' scheduler time slice in ms (Linux 6.12+, distributed/timeslice.py): -1 = auto (100 when the workers
+    # outnumber the physical cores, else the kernel's default), 0 = the kernel's default
+    timeslice_ms: float = -1
     transport: str = "shm"  # "shm": bulk arrays through shared memory on one host; "socket": raw frames
     # With shm: "workers" = each worker sums its slice of every gradient slot and applies SGD to that slice (the
     # coordinator only decides); "coordinator" = the coordinator sums and updates alone. The same bits either way.

@@ -91,7 +91,9 @@ def test_memory_warning_when_the_workers_would_not_fit(monkeypatch):
 @pytest.mark.timeout(120)
 def test_workers_run_nicer_only_when_they_outnumber_the_cores(tiny_data, tmp_path, monkeypatch):
     """More workers than physical cores: each runs OVERSUBSCRIBED_NICE nicer than the launcher (so handing out a step
-    is not preempted by the workers already woken); otherwise at the launcher's own priority."""
+    is not preempted by the workers already woken) and with the longest scheduler slice where the kernel has them
+    (timeslice.py: each rank's log says so); otherwise at the launcher's own priority and the kernel's slice."""
+    from dptrain.distributed import timeslice
 
     from dptrain.distributed import session
     seen = []
@@ -107,6 +109,9 @@ def test_workers_run_nicer_only_when_they_outnumber_the_cores(tiny_data, tmp_pat
     kw = dict(train__epochs=1, train__steps_per_epoch=2)
     assert launch_inproc(tiny_cfg(tiny_data, tmp_path / "three", dist__workers=3, **kw)) == 0
     assert seen == [min(base + session.OVERSUBSCRIBED_NICE, 19)] * 3
+    line = "scheduler time slice 100 ms" if timeslice.supported() else "not available here"
+    assert all(line in (tmp_path / "three" / "logs" / f"rank{r}.log").read_text() for r in range(3))
     seen.clear()
     assert launch_inproc(tiny_cfg(tiny_data, tmp_path / "two", dist__workers=2, **kw)) == 0
     assert seen == [base] * 2
+    assert "scheduler time slice" not in (tmp_path / "two" / "logs" / "rank0.log").read_text()

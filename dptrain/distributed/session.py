@@ -24,6 +24,7 @@ import psutil
 from .. import log
 from ..config import Config
 from ..data.shm import SharedArray, segment_name
+from . import timeslice
 from .coordinator import Coordinator
 
 
@@ -57,12 +58,21 @@ def physical_cores() -> int:
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
-def worker_env(threads: int) -> dict:
+def worker_env(threads: int, slice_ms: float = 0) -> dict:
     env = dict(os.environ)
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = str(threads)
     env["PYTHONUNBUFFERED"] = "1"
+    env[timeslice.ENV] = str(slice_ms)
     return env
+
+
+def worker_slice_ms(cfg: Config, workers: int) -> float:
+    """dist.timeslice_ms, where -1 (auto) means the longest slice when the workers outnumber the physical cores
+    (timeslice.py) and the kernel's default otherwise."""
+    if cfg.dist.timeslice_ms >= 0:
+        return cfg.dist.timeslice_ms
+    return timeslice.MAX_MS if workers > physical_cores() else 0
 
 
 SOCKET_NAME = "coordinator"  # the local coordinator's ipc:// socket inside a run's private directory
@@ -191,7 +201,7 @@ class Session:
     def start_workers(self, cfg: Config, host: str, log_paths: list[Path]) -> None:
         """Spawn one worker per log path (local ranks 0..n-1 of self.coord) and wait until every one is READY."""
         n = len(log_paths)
-        env = worker_env(blas_threads(cfg, n))
+        env = worker_env(blas_threads(cfg, n), worker_slice_ms(cfg, n))
         cores = os.cpu_count() or 1
         nice = OVERSUBSCRIBED_NICE if n > physical_cores() else 0
 

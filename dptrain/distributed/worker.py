@@ -31,7 +31,7 @@ from ..nn.model import build_model
 from ..nn.params import ParamStore
 from ..nn.threads import match_blas_threads
 from ..optim import chunk_squares, sgd_for
-from . import protocol as P
+from . import protocol as P, timeslice
 from .localsum import LocalSum
 from .peer import PeerLink, leave, run_peer
 from .reduce import Factors, reduce_range
@@ -241,7 +241,10 @@ class Worker:
 
 
 def run_worker(endpoint: str, rank: int, run_id: str) -> int:
+    sliced = timeslice.apply_from_env()  # before the first thread: every thread of this worker inherits it
     log.setup(f"rank{rank}")
+    if sliced:
+        log.get().info(sliced)
     # the coordinator sends SIGUSR1 to a rank it declares stuck: every thread's stack goes to this rank's log first
     faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
     token = sys.stdin.readline().strip()  # the launcher's proof that we are its worker (not on the command line)
