@@ -93,9 +93,7 @@ def test_workers_run_nicer_only_when_they_outnumber_the_cores(tiny_data, tmp_pat
     """More workers than physical cores: each runs OVERSUBSCRIBED_NICE nicer than the launcher (so handing out a step
     is not preempted by the workers already woken) and with the longest scheduler slice where the kernel has them
     (timeslice.py: each rank's log says so); otherwise at the launcher's own priority and the kernel's slice."""
-    from dptrain.distributed import timeslice
-
-    from dptrain.distributed import session
+    from dptrain.distributed import session, timeslice
     seen = []
     real = session.spawn_worker
 
