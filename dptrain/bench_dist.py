@@ -44,11 +44,15 @@ def synth_dataset(images: int, image_size: int, classes: int, data_dir: str | No
 
 
 class PssSampler(threading.Thread):
-    """Peak Σ PSS of a process tree (this process + its children), sampled every interval_s."""
+    """Peak Σ PSS of a process tree (this process + its children), sampled every interval_s until `until()` says
+    the timed steps have begun. A sample is not free: reading a worker's PSS walks its ~1 GB of mappings (11-26 ms
+    of kernel time each at 8 workers), ~0.15 s of a core per sample of 9 processes, which would tax N = 8 more
+    than N = 2 if taken while the steps are timed; the memory is at its peak from the first step on (every
+    workspace and shared buffer touched), so the warm-up steps are where it is measured."""
 
-    def __init__(self, expect_workers: int, interval_s: float = 1.0):
+    def __init__(self, expect_workers: int, interval_s: float = 1.0, until=None):
         super().__init__(daemon=True)
-        self.expect_workers = expect_workers
+        self.expect_workers, self.until = expect_workers, until
         self.interval_s, self.stop_event = interval_s, threading.Event()
         self.peak_total, self.peak_procs = 0, {}
 
@@ -67,6 +71,8 @@ class PssSampler(threading.Thread):
 
     def run(self) -> None:
         while not self.stop_event.wait(self.interval_s):  # the first sample after interval_s: workers are up
+            if self.until is not None and self.until():
+                return
             self.sample()
 
     def stop(self) -> dict:
@@ -126,7 +132,9 @@ def run_workers(n: int, data: Path, out_root: Path, args, overrides: dict[str, s
           "train.progress": "false" if args.no_progress else "true", "dist.workers": str(n),
           "dist.transport": transport, "dist.timeline": str(run_dir / "timeline.json"), **overrides}
     cfg = config_mod.load(None, ov)
-    sampler = PssSampler(n, args.pss_interval)
+    # with warm-up steps, PSS is sampled during them only (PssSampler), often enough to see a step through
+    until = (lambda: steps_recorded(run_dir / "metrics.jsonl") >= args.warmup) if args.warmup else None
+    sampler = PssSampler(n, min(args.pss_interval, 0.2) if until else args.pss_interval, until)
     if args.pss_interval > 0:
         sampler.start()
     t0 = time.perf_counter()
@@ -149,6 +157,14 @@ def run_workers(n: int, data: Path, out_root: Path, args, overrides: dict[str, s
     row["coordinator_frac"] = row["serial_s"] / row["step_s"]
     row["images_mb"] = len_images_mb(run_dir, args.images, args.image_size)
     return row
+
+
+def steps_recorded(metrics: Path) -> int:
+    """How many steps a run's metrics.jsonl holds so far (0 before it exists)."""
+    try:
+        return metrics.read_bytes().count(b'"step_s"')
+    except OSError:
+        return 0
 
 
 def len_images_mb(run_dir: Path, images: int, image_size: int) -> float:

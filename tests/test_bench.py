@@ -9,6 +9,7 @@ import csv
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -216,3 +217,23 @@ def test_single_process_rounds(tmp_path, monkeypatch):
     assert r["rounds"] == 3 and r["images_per_s"] == sorted(r["images_per_s_rounds"])[1]
     proc = run_cli(["--rounds", "2", *TINY], tmp_path)
     assert "2 rounds, img/s: dptrain" in proc.stdout
+
+
+def test_pss_is_sampled_during_the_warm_up_only(tmp_path):
+    """The PSS sampler stops for good once the timed steps begin (a sample costs the cores ~0.15 s at N = 8), and
+    counts the steps from the run's metrics.jsonl as they are appended."""
+    from dptrain.bench_dist import PssSampler, steps_recorded
+    metrics = tmp_path / "metrics.jsonl"
+    assert steps_recorded(metrics) == 0
+    sampler = PssSampler(0, 0.01, until=lambda: steps_recorded(metrics) >= 2)
+    taken = []
+    sampler.sample = lambda: taken.append(steps_recorded(metrics))
+    sampler.start()
+    for step in range(4):
+        time.sleep(0.1)
+        with open(metrics, "a") as f:
+            f.write(json.dumps({"step": step, "step_s": 0.1}) + "\n")
+    time.sleep(0.1)
+    assert not sampler.is_alive()
+    sampler.stop()
+    assert taken and set(taken) == {0, 1}  # samples before and during the warm-up, none after it
