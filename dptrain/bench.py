@@ -37,7 +37,7 @@ from pathlib import Path
 from . import config as config_mod, log
 from .distributed.session import physical_cores
 
-CSV_KEYS = ["impl", "transport", "workers", "images_per_s", "speedup", "efficiency", "vs_torch", "step_s",
+CSV_KEYS = ["impl", "transport", "workers", "images_per_s", "speedup", "efficiency", "vs_torch", "of_ceiling", "step_s",
             "compute_s", "comm_s", "reduce_s", "update_s", "serial_s", "update_by", "coordinator_frac", "pss_total_mb",
             "pss_coordinator_mb", "pss_worker_mean_mb", "images_mb", "blas_threads", "threads"]
 
@@ -61,6 +61,10 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
                    help="measure every N (--workers; with --compare torch, its DDP run too), or the single process "
                         "and its PyTorch twin, this many times, the order reversed each round (ABBA: a machine whose "
                         "speed drifts); medians reported, speedups and dptrain/PyTorch ratios from each round's runs")
+    p.add_argument("--ceiling", action="store_true",
+                   help="with --workers: also run each N as N processes computing their shards with nothing to "
+                        "exchange (the most launch can reach here; bench_ceiling.py) and report dptrain's share of it")
+    p.add_argument("--ceiling-s", type=float, default=8.0, help="with --ceiling: seconds each N computes")
     p.add_argument("--transport", default="shm", help="shm, socket or shm,socket (with --workers)")
     p.add_argument("--images", type=int, default=2000, help="size of the synthetic set (with --workers, --hosts)")
     p.add_argument("--data-dir", default=None, help="where the synthetic set is cached (~/.cache/dptrain/bench)")
@@ -177,6 +181,16 @@ def run_dist(args, cfg: config_mod.Config, overrides: dict[str, str]) -> int:
                 f"of the step, PSS {_mb(r['pss_total_mb']).strip()} MB")
         return r
 
+    def ceiling(n: int) -> dict:
+        from .bench_ceiling import run_ceiling
+        lg.info(f"ceiling: {n} process(es) computing shards of {args.batch_size // n} images, nothing exchanged, "
+                f"{args.ceiling_s:g} s")
+        ccfg = config_mod.load(None, {"train.batch_size": str(args.batch_size), "data.image_size": str(args.image_size),
+                                      "dist.workers": str(n), **overrides})
+        r = run_ceiling(n, ccfg, args.classes, args.warmup, args.ceiling_s)
+        lg.info(f"  {r['images_per_s']:.1f} img/s")
+        return r
+
     # ABBA: odd rounds run the worker counts, and each count's runs, in the reverse order
     runs: dict[tuple[str, str, int], list[dict]] = {}
     for rnd in range(args.rounds):
@@ -184,12 +198,14 @@ def run_dist(args, cfg: config_mod.Config, overrides: dict[str, str]) -> int:
             lg.info(f"round {rnd + 1} of {args.rounds}")
         for n in counts if rnd % 2 == 0 else counts[::-1]:
             jobs = [(lambda n=n, t=t: ours(n, t)) for t in transports] + \
-                ([lambda n=n: ddp(n)] if args.compare == "torch" else [])
+                ([lambda n=n: ddp(n)] if args.compare == "torch" else []) + \
+                ([lambda n=n: ceiling(n)] if args.ceiling else [])
             for job in jobs if rnd % 2 == 0 else jobs[::-1]:
                 r = job()
                 runs.setdefault((r["impl"], r["transport"], n), []).append(r)
     rows = [median_row(runs[("dptrain", t, n)]) for t in transports for n in counts] + \
-        ([median_row(runs[("torch-ddp", "gloo", n)]) for n in counts] if args.compare == "torch" else [])
+        ([median_row(runs[("torch-ddp", "gloo", n)]) for n in counts] if args.compare == "torch" else []) + \
+        ([median_row(runs[("ceiling", "none", n)]) for n in counts] if args.ceiling else [])
     add_scaling(rows)
     write_outputs(rows, out)
     print_rows(rows, args.json, format_table, [out / "bench.csv", out / "bench.json", out / "bench.png"])
@@ -233,17 +249,18 @@ def add_scaling(rows: list[dict]) -> None:
             else:
                 r["speedup"] = r["images_per_s"] / base["images_per_s"]
             r["efficiency"] = r["speedup"] * base["workers"] / r["workers"]
-    torch_rows = {r["workers"]: r for r in rows if r["impl"] == "torch-ddp"}
-    for r in rows:
-        t = torch_rows.get(r["workers"]) if r["impl"] == "dptrain" else None
-        if t is None:
-            continue
-        a, b = r.get("images_per_s_rounds"), t.get("images_per_s_rounds")
-        if a and b and len(a) == len(b):  # each round's dptrain run against that round's DDP run
-            r["vs_torch_rounds"] = [x / y for x, y in zip(a, b)]
-            r["vs_torch"] = statistics.median(r["vs_torch_rounds"])
-        else:
-            r["vs_torch"] = r["images_per_s"] / t["images_per_s"]
+    for impl, key in (("torch-ddp", "vs_torch"), ("ceiling", "of_ceiling")):
+        others = {r["workers"]: r for r in rows if r["impl"] == impl}
+        for r in rows:
+            t = others.get(r["workers"]) if r["impl"] == "dptrain" else None
+            if t is None:
+                continue
+            a, b = r.get("images_per_s_rounds"), t.get("images_per_s_rounds")
+            if a and b and len(a) == len(b):  # each round's dptrain run against that round's other run
+                r[f"{key}_rounds"] = [x / y for x, y in zip(a, b)]
+                r[key] = statistics.median(r[f"{key}_rounds"])
+            else:
+                r[key] = r["images_per_s"] / t["images_per_s"]
 
 
 def format_table(rows: list[dict]) -> str:
@@ -267,7 +284,13 @@ def format_table(rows: list[dict]) -> str:
                          + ("; speedup " + " ".join(f"{v:.2f}" for v in r["speedup_rounds"])
                             if "speedup_rounds" in r else "")
                          + ("; vs torch " + " ".join(f"{v:.2f}" for v in r["vs_torch_rounds"])
-                            if "vs_torch_rounds" in r else ""))
+                            if "vs_torch_rounds" in r else "")
+                         + ("; of ceiling " + " ".join(f"{v:.2f}" for v in r["of_ceiling_rounds"])
+                            if "of_ceiling_rounds" in r else ""))
+    for r in rows:
+        if "of_ceiling" in r:
+            lines.append(f"{r['impl']} {r['transport']} N = {r['workers']}: {r['of_ceiling']:.2f} of the ceiling "
+                         f"(N processes computing their shards with nothing to exchange)")
     return "\n".join(lines)
 
 

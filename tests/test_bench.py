@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 TINY = ["--batch-size", "16", "--image-size", "16", "--classes", "10", "--steps", "2", "--warmup", "1",
@@ -237,3 +238,18 @@ def test_pss_is_sampled_during_the_warm_up_only(tmp_path):
     assert not sampler.is_alive()
     sampler.stop()
     assert taken and set(taken) == {0, 1}  # samples before and during the warm-up, none after it
+
+
+@pytest.mark.timeout(240)
+def test_ceiling_runs_the_shards_with_nothing_to_exchange(tmp_path):
+    """--ceiling: beside each N's launch, N real processes compute shards of batch // N for a common window with
+    nothing exchanged; each dptrain row says which share of that it reached (paired in the same round)."""
+    proc = run_cli(["--workers", "1,2", "--ceiling", "--ceiling-s", "1", "--json", "--images", "200",
+                    "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "o"), *TINY], tmp_path, timeout=220)
+    rows = {(r["impl"], r["workers"]): r for r in map(json.loads, proc.stdout.splitlines())}
+    assert set(rows) == {("dptrain", 1), ("dptrain", 2), ("ceiling", 1), ("ceiling", 2)}
+    for n in (1, 2):
+        ceiling, ours = rows[("ceiling", n)], rows[("dptrain", n)]
+        assert ceiling["images_per_s"] > 0 and ceiling["window_s"] >= 1 and ceiling["shard"] == 16 // n
+        assert ours["of_ceiling"] == pytest.approx(ours["images_per_s"] / ceiling["images_per_s"])
+    assert not [p for p in psutil.process_iter(["cmdline"]) if "--ceiling-child" in (p.info["cmdline"] or [])]
