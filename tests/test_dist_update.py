@@ -86,3 +86,30 @@ def test_worker_dying_mid_update_under_abort_checkpoints_the_step_before(tiny_da
     for k in ("params", "velocity", "buffers", "ema_params"):
         assert np.array_equal(a[k], b[k]), k
     assert [m["step"] for m in step_records(run)] == [0, 1, 2, 3]
+
+
+@pytest.mark.timeout(150)
+def test_one_reducer_per_core_gives_the_same_bits(tiny_data, tmp_path, monkeypatch):
+    """More workers than physical cores: only the first `cores` of them reduce and update (launch passes the core
+    count as DistExecutor's `reducers`): bitwise the weights, momentum and BN buffers of every worker taking a
+    slice."""
+    from dptrain.distributed import launch
+    from dptrain.distributed.coordinator import Coordinator
+    seen = []
+    real = Coordinator.exchange
+
+    def spy(self, kind, reply, step, attempt, per_rank, *a, **k):
+        seen.append((kind.name, len(per_rank)))
+        return real(self, kind, reply, step, attempt, per_rank, *a, **k)
+    monkeypatch.setattr(Coordinator, "exchange", spy)
+    kw = dict(dist__workers=3, data__augment=False, **WIDE)
+    runs = {}
+    for cores in (1, 8):
+        monkeypatch.setattr(launch, "physical_cores", lambda c=cores: c)
+        seen.clear()
+        runs[cores] = tmp_path / f"cores{cores}"
+        assert launch_inproc(tiny_cfg(tiny_data, runs[cores], **kw)) == 0
+        assert {n for kind, n in seen if kind in ("REDUCE", "UPDATE")} == {min(cores, 3)}
+    a, b = arrays(runs[1]), arrays(runs[8])
+    for k in ("params", "velocity", "buffers"):
+        assert np.array_equal(a[k], b[k]), k

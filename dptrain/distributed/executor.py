@@ -70,8 +70,13 @@ class DistExecutor:
 
     def __init__(self, coord: Coordinator, store: ParamStore, opt: SGD, cfg: Config,
                  grad_slots: np.ndarray | None, shared: SharedUpdate | None = None, timeline: Timeline | None = None,
-                 mesh: bool = False, factor_slots: tuple | None = None, local_bn: bool = False):
+                 mesh: bool = False, factor_slots: tuple | None = None, local_bn: bool = False,
+                 reducers: int | None = None):
         self.coord, self.store, self.opt, self.cfg = coord, store, opt, cfg
+        # dist.update = "workers": at most this many of the workers (the first active ones) reduce and update, one
+        # per physical core: more would only take turns on the cores, each woken for a smaller slice. Any number
+        # gives the same bits (slices on CHUNK boundaries, every element summed in rank order)
+        self.reducers = reducers
         self.local_bn = local_bn  # one host, --bn sync: STEP names the round's ranks, whose BN sums meet in shm
         self.grad_slots, self.shared = grad_slots, shared
         # one host, dist.factored: (w0, K, F, x slots, dy slots) of the Linear whose dW is summed from its factors
@@ -238,7 +243,7 @@ class DistExecutor:
         """Reduce-scatter, exact global norm, clip + SGD, all by the workers on slices of the shared buffers;
         the coordinator decides (norm -> clip factor) and flips the double buffer. Returns (norm, reduce end)."""
         sh = self.shared
-        peers = [p.rank for p in self.coord.active()]
+        peers = [p.rank for p in self.coord.active()][:self.reducers]
         slices = dict(zip(peers, chunk_slices(self.store.num_params, len(peers))))
         self._serial_until_now()
         counts = {"counts": [results[r].fields["count"] for r in ranks]} if self.factor_slots else {}

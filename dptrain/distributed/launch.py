@@ -223,7 +223,8 @@ def run_session(cfg: Config, stop_at_step: int, start, run_id: str | None = None
             trainer.write({"restart": restarts, "step": trainer.step, "epoch": trainer.epoch})
         timeline = Timeline(cfg.dist.timeline) if cfg.dist.timeline else None
         executor = DistExecutor(session.coord, trainer.store, trainer.opt, cfg, grad_slots, shared, timeline,
-                                mesh=session.mesh, factor_slots=factor_slots, local_bn=session.local_bn)
+                                mesh=session.mesh, factor_slots=factor_slots, local_bn=session.local_bn,
+                                reducers=physical_cores())
         summary = trainer.fit(executor, stop_at_step=stop_at_step)
         print(json.dumps(summary))
         return EXIT_PREEMPTED if trainer.preempted else EXIT_INTERRUPTED if trainer.stop_requested else 0
