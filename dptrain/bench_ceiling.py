@@ -42,7 +42,12 @@ def run_ceiling(n: int, cfg: config_mod.Config, classes: int, warmup: int, windo
         for p in procs:
             p.stdin.write(f"{t_go + window_s}\n")
             p.stdin.flush()
-        done = [json.loads(p.stdout.readline()) for p in procs]
+        done = []
+        for r, p in enumerate(procs):
+            line = p.stdout.readline()
+            if not line:
+                raise RuntimeError(f"bench --ceiling: process {r} of {n} died during the window (exit {p.wait()})")
+            done.append(json.loads(line))
     finally:
         for p in procs:
             if p.poll() is None:
@@ -56,8 +61,6 @@ def run_ceiling(n: int, cfg: config_mod.Config, classes: int, warmup: int, windo
 
 
 def _child(rank: int, spec: dict) -> None:
-    from threadpoolctl import threadpool_info  # noqa: F401  (the BLAS is loaded with the env's thread count)
-
     from .compute import shard_gradient
     from .distributed import timeslice
     from .distributed.reduce import one_host_factored

@@ -5,7 +5,7 @@ With more workers than cores, the kernel's fair scheduler switches between them 
 the caches. Linux 6.12+ (EEVDF) lets a process ask for a longer slice of its own (`sched_setattr`'s sched_runtime,
 100 us - 100 ms, no privilege needed): a rank then runs most of its shard in one go and the ranks sharing a core take
 turns. The launcher's coordinator keeps the default slice, so a rank woken by a message does not delay it.
-Elsewhere (older kernels ignore the field, other systems have no call) this does nothing."""
+Elsewhere (kernels before 6.12 ignore the field, other systems have no such call) nothing is asked."""
 from __future__ import annotations
 
 import ctypes
@@ -76,5 +76,5 @@ def apply_from_env() -> str:
     if ms <= 0:
         return ""
     if set_slice(ms):
-        return f"scheduler time slice {min(ms, MAX_MS):g} ms (workers outnumber the cores: they take turns)"
+        return f"scheduler time slice {min(ms, MAX_MS):g} ms (dist.timeslice_ms, distributed/timeslice.py)"
     return f"scheduler time slice of {ms:g} ms not available here (Linux 6.12+): the kernel's default"
