@@ -127,7 +127,7 @@ class DistConfig:
     pin_cores: bool = False  # pin each worker to a core with psutil
     # workers' scheduler time slice in ms (Linux 6.12+, distributed/timeslice.py): -1 = auto (100 when the workers
     # outnumber the physical cores and bn = "stats", else the kernel's default), 0 = the kernel's default
-    timeslice_ms: float = -1
+    timeslice_ms: float = -1.0
     transport: str = "shm"  # "shm": bulk arrays through shared memory on one host; "socket": raw frames
     # With shm: "workers" = each worker sums its slice of every gradient slot and applies SGD to that slice (the
     # coordinator only decides); "coordinator" = the coordinator sums and updates alone. The same bits either way.
