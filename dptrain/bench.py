@@ -233,6 +233,16 @@ def median_row(runs: list[dict]) -> dict:
     return row
 
 
+def paired_ratio(a: dict, b: dict) -> tuple[float, list[float] | None]:
+    """a's img/s over b's. With rounds on both (median_row): the median of each round's own ratio, and those ratios
+    (runs paired in time, so a drift between rounds cancels); else the plain ratio and None."""
+    x, y = a.get("images_per_s_rounds"), b.get("images_per_s_rounds")
+    if x and y and len(x) == len(y):
+        ratios = [p / q for p, q in zip(x, y)]
+        return statistics.median(ratios), ratios
+    return a["images_per_s"] / b["images_per_s"], None
+
+
 def add_scaling(rows: list[dict]) -> None:
     """speedup / efficiency against the smallest N of the same implementation and transport (with rounds: the
     median of each round's own ratio, so a drift between rounds cancels); dptrain vs torch."""
@@ -242,25 +252,20 @@ def add_scaling(rows: list[dict]) -> None:
     for group in groups.values():
         base = min(group, key=lambda r: r["workers"])
         for r in group:
-            a, b = r.get("images_per_s_rounds"), base.get("images_per_s_rounds")
-            if a and b and len(a) == len(b):
-                r["speedup_rounds"] = [x / y for x, y in zip(a, b)]
-                r["speedup"] = statistics.median(r["speedup_rounds"])
-            else:
-                r["speedup"] = r["images_per_s"] / base["images_per_s"]
+            _set_ratio(r, "speedup", base)
             r["efficiency"] = r["speedup"] * base["workers"] / r["workers"]
     for impl, key in (("torch-ddp", "vs_torch"), ("ceiling", "of_ceiling")):
         others = {r["workers"]: r for r in rows if r["impl"] == impl}
         for r in rows:
-            t = others.get(r["workers"]) if r["impl"] == "dptrain" else None
-            if t is None:
-                continue
-            a, b = r.get("images_per_s_rounds"), t.get("images_per_s_rounds")
-            if a and b and len(a) == len(b):  # each round's dptrain run against that round's other run
-                r[f"{key}_rounds"] = [x / y for x, y in zip(a, b)]
-                r[key] = statistics.median(r[f"{key}_rounds"])
-            else:
-                r[key] = r["images_per_s"] / t["images_per_s"]
+            if r["impl"] == "dptrain" and r["workers"] in others:  # against the same round's other run
+                _set_ratio(r, key, others[r["workers"]])
+
+
+def _set_ratio(r: dict, key: str, other: dict) -> None:
+    """r[key] = paired_ratio(r, other), and r[key + "_rounds"] when there were rounds."""
+    r[key], rounds = paired_ratio(r, other)
+    if rounds is not None:
+        r[f"{key}_rounds"] = rounds
 
 
 def format_table(rows: list[dict]) -> str:

@@ -9,7 +9,6 @@ and the same step (clip_grad_norm_ + torch.optim.SGD) on the same tensors with t
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from collections import defaultdict
 
@@ -181,7 +180,7 @@ def run_local_bench(cfg: Config, classes: int, threads: int, warmup: int, steps:
                                                                         progress))] if compare_torch else [])
             for side, job in jobs if rnd % 2 == 0 else jobs[::-1]:
                 runs[side].append(job())
-    from .bench import median_row  # the --workers bench's: the median round's figures, median img/s, every round's
+    from .bench import median_row, paired_ratio  # the --workers bench's: the median round, paired ratios
     ours = median_row(runs["ours"])
     theirs = median_row(runs["theirs"]) if compare_torch else None
     peak = gemm_peak_gflops(threads)
@@ -194,11 +193,10 @@ def run_local_bench(cfg: Config, classes: int, threads: int, warmup: int, steps:
            "conv_algo": cfg.model.conv_algo, "gemm_peak_gflops": peak, **ours}
     if theirs:
         out.update(torch_images_per_s=theirs["images_per_s"], torch_step_ms=theirs["step_ms"],
-                   torch_version=theirs["torch_version"], ratio_vs_torch=ours["images_per_s"] / theirs["images_per_s"])
-        if rounds > 1:
-            out.update(torch_images_per_s_rounds=theirs["images_per_s_rounds"],
-                       ratio_rounds=[a / b for a, b in zip(ours["images_per_s_rounds"], theirs["images_per_s_rounds"])])
-            out["ratio_vs_torch"] = statistics.median(out["ratio_rounds"])
+                   torch_version=theirs["torch_version"])
+        out["ratio_vs_torch"], ratios = paired_ratio(ours, theirs)
+        if ratios is not None:
+            out.update(torch_images_per_s_rounds=theirs["images_per_s_rounds"], ratio_rounds=ratios)
     return out
 
 
