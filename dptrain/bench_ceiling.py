@@ -14,7 +14,6 @@ import sys
 import time
 
 import numpy as np
-import psutil
 
 from . import config as config_mod
 
@@ -23,9 +22,8 @@ CHILD = "--ceiling-child"
 
 def run_ceiling(n: int, cfg: config_mod.Config, classes: int, warmup: int, window_s: float) -> dict:
     """One bench row: `impl` "ceiling", the N processes' summed img/s over the common window."""
-    from .distributed.session import OVERSUBSCRIBED_NICE, blas_threads, physical_cores, worker_env, worker_slice_ms
-    env = worker_env(blas_threads(cfg, n), worker_slice_ms(cfg, n))
-    nice = OVERSUBSCRIBED_NICE if n > physical_cores() else 0
+    from .distributed.session import lower_priority, worker_setup
+    env, nice = worker_setup(cfg, n)
     spec = json.dumps({"config": config_mod.to_dict(cfg), "workers": n, "classes": classes, "warmup": warmup})
     procs = []
     try:
@@ -33,8 +31,7 @@ def run_ceiling(n: int, cfg: config_mod.Config, classes: int, warmup: int, windo
             p = subprocess.Popen([sys.executable, "-m", "dptrain.bench_ceiling", CHILD, str(r), spec], env=env,
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
             procs.append(p)
-            if nice:
-                psutil.Process(p.pid).nice(psutil.Process().nice() + nice)
+            lower_priority(p.pid, nice, f"ceiling process {r}")
         for r, p in enumerate(procs):  # each says "ready" after its warm-up steps
             if p.stdout.readline().strip() != "ready":
                 raise RuntimeError(f"bench --ceiling: process {r} of {n} failed before its warm-up ended")

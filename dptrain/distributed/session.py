@@ -146,12 +146,25 @@ def spawn_worker(endpoint: str, rank: int, run_id: str, env: dict, log_path: Pat
             psutil.Process(proc.pid).cpu_affinity([pin_core])
         except (psutil.Error, AttributeError, ValueError) as e:
             log.get().warning(f"could not pin rank {rank} to core {pin_core}: {e}")
-    if nice:
-        try:
-            psutil.Process(proc.pid).nice(psutil.Process().nice() + nice)
-        except (psutil.Error, OSError) as e:
-            log.get().warning(f"could not lower rank {rank}'s priority: {e}")
+    lower_priority(proc.pid, nice, f"rank {rank}")
     return proc
+
+
+def lower_priority(pid: int, nice: int, who: str) -> None:
+    """Make process `pid` run `nice` steps nicer than this one (no privilege needed); a failure is a warning."""
+    if not nice:
+        return
+    try:
+        psutil.Process(pid).nice(psutil.Process().nice() + nice)
+    except (psutil.Error, OSError) as e:
+        log.get().warning(f"could not lower {who}'s priority: {e}")
+
+
+def worker_setup(cfg: Config, workers: int) -> tuple[dict, int]:
+    """The environment (BLAS threads, scheduler slice) and the extra niceness the launcher gives each of `workers`
+    workers on this host; `bench --ceiling` starts its processes with the same."""
+    nice = OVERSUBSCRIBED_NICE if workers > physical_cores() else 0
+    return worker_env(blas_threads(cfg, workers), worker_slice_ms(cfg, workers)), nice
 
 
 def reap(procs: list, grace_s: float = 5.0) -> None:
@@ -203,9 +216,8 @@ class Session:
     def start_workers(self, cfg: Config, host: str, log_paths: list[Path]) -> None:
         """Spawn one worker per log path (local ranks 0..n-1 of self.coord) and wait until every one is READY."""
         n = len(log_paths)
-        env = worker_env(blas_threads(cfg, n), worker_slice_ms(cfg, n))
+        env, nice = worker_setup(cfg, n)
         cores = os.cpu_count() or 1
-        nice = OVERSUBSCRIBED_NICE if n > physical_cores() else 0
 
         def spawn(r: int, path: Path):
             proc = spawn_worker(self.coord.endpoint, r, self.run_id, env, path, self.token,
