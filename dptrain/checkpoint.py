@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import shutil
-import time
 import zipfile
 from pathlib import Path
 
@@ -21,7 +19,6 @@ import numpy as np
 from .fsutil import atomic_write
 
 FORMAT_VERSION = 1
-SLOW_SAVE_S = float(os.environ.get("DPTRAIN_SLOW_SAVE_S", "0") or 0)  # tests only: every save waits this long first
 
 
 class CheckpointWriteError(OSError):
@@ -42,8 +39,6 @@ def size_of(params: np.ndarray, velocity: np.ndarray, buffers: np.ndarray, meta_
 def save(path: str | Path, *, params: np.ndarray, velocity: np.ndarray, buffers: np.ndarray, meta: dict,
          ema_params: np.ndarray | None = None) -> None:
     path = Path(path)
-    if SLOW_SAVE_S:  # tests: a disk this slow
-        time.sleep(SLOW_SAVE_S)
     meta = dict(meta, format_version=FORMAT_VERSION)
     blob = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     try:

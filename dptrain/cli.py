@@ -51,9 +51,11 @@ def cmd_train(args, extra) -> int:
 def cmd_launch(args, extra) -> int:
     cfg = resolve_config(args, extra)
     from .distributed.invariant import check_launch
-    from .launcher.launch import _many_hosts, launch
-    check_launch(cfg, _many_hosts(args))
-    return launch(cfg, args)
+    from .launcher.launch import launch
+    from .launcher.options import LaunchOptions
+    opts = LaunchOptions.from_args(args)
+    check_launch(cfg, opts.many_hosts)
+    return launch(cfg, opts)
 
 
 def cmd_eval(args, extra) -> int:

@@ -138,6 +138,22 @@ class Proc:
         self.close()
 
 
+FAULT_HOOKS = Path(__file__).resolve().parent / "faults"
+
+
+def fault_env(spec: str) -> dict:
+    """The environment under which worker processes fail as `spec` (PHASE:STEP:RANK,...) says: the test-only hook
+    tests/faults/sitecustomize.py first on PYTHONPATH, and the faults in DPTRAIN_FAULT."""
+    return {"DPTRAIN_FAULT": spec,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(FAULT_HOOKS), os.environ.get("PYTHONPATH")]))}
+
+
+def inject_faults(monkeypatch, spec: str) -> None:
+    """fault_env for the processes this test starts in-process (launch_inproc's workers)."""
+    for k, v in fault_env(spec).items():
+        monkeypatch.setenv(k, v)
+
+
 class Launch(Proc):
     """`python -m dptrain launch ...`; closing also reaps its workers (own sessions) and shared memory."""
 

@@ -17,7 +17,18 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
-from distutil import Launch, cli_args, params, pid_gone, step_records, wait_steps, wait_until, worker_pid, workers_of
+from distutil import (
+    Launch,
+    cli_args,
+    fault_env,
+    params,
+    pid_gone,
+    step_records,
+    wait_steps,
+    wait_until,
+    worker_pid,
+    workers_of,
+)
 
 from dptrain.data.shm import leftover_segments
 from dptrain.distributed import protocol as P
@@ -128,7 +139,7 @@ def test_stuck_worker_shows_where_it_is_stuck(tiny_data, tmp_path):
     its stack (SIGUSR1 -> faulthandler) and the report shows where it was, before it is killed."""
     out = tmp_path / "run"
     args = cli_args(tiny_data, out, dist__workers=2, train__epochs=200, dist__step_timeout_s=3, **FAST_HB)
-    with Launch(args, tmp_path / "launch.log", env={"DPTRAIN_FAULT": "hang:2:1"}) as la:
+    with Launch(args, tmp_path / "launch.log", env=fault_env("hang:2:1")) as la:
         assert la.wait(40) == 1, la.log()
         log = la.log()
     assert re.search(r"rank 1 \(host \S+, pid \d+\) is dead: stuck: no result after \d+ s \(step_timeout_s\); its "
@@ -238,7 +249,7 @@ def test_max_restarts_does_not_loop_on_a_run_that_cannot_step(tiny_data, tmp_pat
     run = tmp_path / "run"
     args = cli_args(tiny_data, run, dist__workers=2, train__epochs=2, **FAST_HB) + ["--max-restarts", "3"]
     args = args + ["--dist.step_timeout_s=2"]
-    with Launch(args, tmp_path / "launch.log", env={"DPTRAIN_FAULT": "hang:0:1"}) as la:  # stuck at step 0
+    with Launch(args, tmp_path / "launch.log", env=fault_env("hang:0:1")) as la:  # stuck at step 0
         assert la.wait(60) == 1, la.log()
         log = la.log()
     assert "not restarting: no step succeeded since the last start (restart 0 of 3)" in log
@@ -259,7 +270,7 @@ def test_worker_killed_by_the_oom_killer_is_named_so(tiny_data, tmp_path):
     try:
         run = tmp_path / "run"
         args = cli_args(tiny_data, run, dist__workers=2, train__epochs=300, **FAST_HB)
-        with Launch(args, tmp_path / "launch.log", env={"DPTRAIN_FAULT": "balloon:150:1"}) as la:
+        with Launch(args, tmp_path / "launch.log", env=fault_env("balloon:150:1")) as la:
             wait_steps(run, 3, launch=la)
             pid = worker_pid(run, 1)
             (cg / "memory.limit_in_bytes").write_text("64000000")
@@ -293,7 +304,7 @@ def test_lost_worker_is_replaced_and_the_result_matches_an_undisturbed_run(tiny_
     runs = {}
     for name, fault in (("undisturbed", ""), ("replaced", "exit:3:1"), ("used_up", "exit:3:1,exit:9:1")):
         run = runs[name] = tmp_path / name
-        with Launch(cli_args(tiny_data, run, **common), tmp_path / f"{name}.log", env={"DPTRAIN_FAULT": fault}) as la:
+        with Launch(cli_args(tiny_data, run, **common), tmp_path / f"{name}.log", env=fault_env(fault)) as la:
             assert la.wait(90) == 0, la.log()
             log = la.log()
         assert [m["step"] for m in step_records(run)] == list(range(20))
@@ -321,7 +332,7 @@ def test_a_slow_disk_does_not_look_like_a_lost_coordinator(tiny_data, tmp_path):
     run = tmp_path / "run"
     args = cli_args(tiny_data, run, dist__workers=2, train__epochs=2, dist__heartbeat_interval_s=0.5,
                     dist__heartbeat_misses=3)
-    with Launch(args, tmp_path / "launch.log", env={"DPTRAIN_SLOW_SAVE_S": "3"}) as la:
+    with Launch(args, tmp_path / "launch.log", env={**fault_env(""), "DPTRAIN_SLOW_SAVE_S": "3"}) as la:
         assert la.wait(90) == 0, la.log()
         log = la.log()
     assert "coordinator lost" not in log + (run / "logs" / "rank0.log").read_text()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from distutil import arrays, launch_inproc, step_records, tiny_cfg
+from distutil import arrays, inject_faults, launch_inproc, step_records, tiny_cfg
 
 from dptrain.optim import CHUNK, SGD, add_blocks, chunk_slices, chunk_squares, sum_of_squares
 
@@ -63,7 +63,7 @@ def test_worker_dying_mid_update_is_redone_from_the_old_weights(tiny_data, tmp_p
     ref = tmp_path / "ref"
     assert launch_inproc(tiny_cfg(tiny_data, ref, dist__workers=3, **kw), stop_at_step=4) == 0
     assert launch_inproc(tiny_cfg(tiny_data, ref, dist__workers=2, **kw), resume=True) == 0
-    monkeypatch.setenv("DPTRAIN_FAULT", "update:4:1")
+    inject_faults(monkeypatch, "update:4:1")
     run = tmp_path / "run"
     assert launch_inproc(tiny_cfg(tiny_data, run, dist__workers=3, dist__on_worker_failure="continue", **kw)) == 0
     a, b = arrays(run), arrays(ref)
@@ -79,7 +79,7 @@ def test_worker_dying_mid_update_under_abort_checkpoints_the_step_before(tiny_da
     kw = dict(dist__workers=3, dist__bn="sync", data__augment=False, train__ema_epochs=0.5, **WIDE)
     ref = tmp_path / "ref"
     assert launch_inproc(tiny_cfg(tiny_data, ref, **kw), stop_at_step=4) == 0
-    monkeypatch.setenv("DPTRAIN_FAULT", "update:4:1")
+    inject_faults(monkeypatch, "update:4:1")
     run = tmp_path / "run"
     assert launch_inproc(tiny_cfg(tiny_data, run, dist__on_worker_failure="abort", **kw)) == 1
     a, b = arrays(run), arrays(ref)

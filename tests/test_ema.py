@@ -4,8 +4,6 @@ against what it claims to evaluate (the validation accuracy written is the avera
 load the average); a checkpoint without the average resumes into a run with one; the mesh plane refuses it."""
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import pytest
 from distutil import arrays, launch_inproc, metrics, tiny_cfg
@@ -18,6 +16,7 @@ from dptrain.distributed.replay import parse_layout, replay_executor
 from dptrain.ema import WeightAverage, decay_for
 from dptrain.inference.model_file import load_model
 from dptrain.launcher.launch import launch
+from dptrain.launcher.options import LaunchOptions
 from dptrain.nn.model import build_model
 from dptrain.nn.params import ParamStore
 from dptrain.optim import CHUNK
@@ -124,7 +123,6 @@ def test_a_checkpoint_without_the_average_starts_it_from_its_weights(tiny_data, 
 
 def test_the_mesh_plane_refuses_the_average(tiny_data, tmp_path):
     cfg = tiny_cfg(tiny_data, tmp_path / "m", train__ema_epochs=0.5)
-    args = argparse.Namespace(hostfile=None, hosts="127.0.0.1:1,127.0.0.2:1", no_ssh=False, max_restarts=0,
-                              resume=False, stop_at_step=0)
+    args = LaunchOptions(hosts="127.0.0.1:1,127.0.0.2:1")
     with pytest.raises(SystemExit, match="--train.ema_epochs=0, or --plane star"):
         launch(cfg, args)

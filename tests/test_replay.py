@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 import pytest
-from distutil import Proc, arrays, launch_inproc, metrics, step_records, tiny_values
+from distutil import Proc, arrays, inject_faults, launch_inproc, metrics, step_records, tiny_values
 from gradcheck import rel_error
 from helpers import make_config
 
@@ -86,7 +86,7 @@ def test_replay_follows_a_run_that_lost_a_worker(tiny_data, tmp_path, monkeypatc
     """--bn sync, --on-worker-failure continue: rank 1 crashes as step 7 begins, the step is redone on ranks 0 and 2,
     and then either the survivors go on alone or a replacement computes from step 8 on. metrics.jsonl names the
     ranks of every step not computed by all; --replay-membership follows them, evaluations included, bitwise."""
-    monkeypatch.setenv("DPTRAIN_FAULT", "exit:7:1")
+    inject_faults(monkeypatch, "exit:7:1")
     run = tmp_path / "run"
     assert launch_inproc(default_cfg(tiny_data, run, dist__bn="sync", dist__on_worker_failure="continue",
                                      dist__max_worker_restarts=restarts)) == 0

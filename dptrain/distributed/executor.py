@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -61,29 +62,231 @@ class SharedUpdate:
         self.cur = 0
 
 
+@dataclass
+class HostBuffers:
+    """What a launcher set up for the run's data path, beside the coordinator (the `Session`)."""
+    grad_slots: np.ndarray | None = None  # one host's shared gradient rows (N, P); None: gradients come as frames
+    shared: SharedUpdate | None = None  # dist.update = "workers": the double buffers the workers update
+    factor_slots: tuple | None = None  # dist.factored on one host: (w0, K, F, x slots, dy slots) of the hidden Linear
+    local_bn: bool = False  # one host, --bn sync: STEP names the round's ranks, whose BN sums meet in shm
+    mesh: bool = False  # the peers are host agents that reduce and update among themselves (dist.plane = "mesh")
+    reducers: int | None = None  # dist.update = "workers": at most this many (the first active) ranks reduce
+
+
+class DataPath:
+    """How a step's gradients become the next weights, after the round that computed them: the part of a step that
+    differs between the data paths. `serial`: the coordinator does the bulk work itself (all of it is serial time);
+    `every_peer_trains`: every peer takes part in a training step even with no image (it owns a slice)."""
+
+    update_by = ""
+    serial = False
+    every_peer_trains = False
+
+    def __init__(self, ex: DistExecutor, buffers: HostBuffers):
+        self.ex = ex
+
+    def peers(self, peers: list) -> list:
+        """The peers that take part in this round."""
+        return peers
+
+    def begin(self, step: int, attempt: int) -> None:
+        """Before the round of a step's (or an evaluation's, step -1) try."""
+
+    def recover(self) -> None:
+        """After a lost peer, before the step is tried again over the survivors."""
+
+    def settle(self) -> int:
+        """executors.Executor.settle: the state after the last step into the store; how many steps it lacks."""
+        return 0
+
+    def before_evaluate(self, weights_replaced: bool) -> None:
+        """Before an evaluation round (`weights_replaced`: the store holds weights put there for it)."""
+
+    def round_payload(self) -> dict:
+        """What the round sends beside the shards: weights (full or as an update), arrays, a side-message handler."""
+        return {}
+
+    def step(self, step: int, attempt: int, ranks: list[int], results: dict, lr: float, indices: np.ndarray,
+             epoch: int) -> tuple[float, float]:
+        """Reduce, norm/clip and update; returns (the global gradient norm, when the reduction ended)."""
+        raise NotImplementedError
+
+
+class CoordinatorSum(DataPath):
+    """The coordinator sums the ranks' gradients in rank order, clips and updates; the weights go out in the round
+    (sockets: as frames, full or as a float16 update; shared memory: read in place). Its parts: where a rank's
+    gradient is (its shared row or its frame), how ranks are summed (float32 blocks, with the hidden Linear's from
+    its factors, or the batch-invariant exact int64 sums), and how the weights travel."""
+
+    update_by = "coordinator"
+    serial = True
+
+    def __init__(self, ex: DistExecutor, buffers: HostBuffers):
+        super().__init__(ex, buffers)
+        self.grad_slots, self.factor_slots = buffers.grad_slots, buffers.factor_slots
+        store = ex.store
+        # Weights over sockets with a float16 wire: after the first full copy, peers get the float16-rounded update
+        # (wire.apply_update16 keeps the coordinator's weights equal to what the peers rebuild from it).
+        self.update16 = self.grad_slots is None and ex.cfg.dist.wire_dtype == "float16"
+        if self.update16:
+            self.prev_params = store.params.copy()
+            self.update_f16 = np.empty(store.num_params, np.float16)
+            self.update_scale = 1.0
+
+    def round_payload(self) -> dict:
+        if self.grad_slots is not None:  # shared memory: the workers read the weights in place
+            return {}
+        store = self.ex.store
+        update = None
+        if self.update16 and self.ex.version > 0:  # version 0: no update yet, everyone needs a full copy
+            update = {"arrays": {"update": self.update_f16, "buffers": store.buffers}, "scale": self.update_scale}
+        return {"weights": {"params": store.params, "buffers": store.buffers}, "update": update}
+
+    def step(self, step, attempt, ranks, results, lr, indices, epoch) -> tuple[float, float]:
+        ex = self.ex
+        store = ex.store
+        parts = [self.grad_slots[r] if self.grad_slots is not None else results[r].arrays["grad"] for r in ranks]
+        if invariant.enabled(ex.cfg):  # int64 block sums: exact in any order, rounded once
+            invariant.decode_grads(store.grads, parts)
+        else:
+            reduce_range(store.grads, parts, 0, store.num_params,
+                         [float(results[r].fields["grad_scale"]) for r in ranks], self._factors(ranks, results))
+        t_reduced = time.perf_counter()
+        norm = clipped_step(ex.opt, store.params, store.grads, lr, ex.cfg.train.clip_norm, step)
+        if self.update16:
+            self.update_scale = apply_update16(store.params, self.prev_params, self.update_f16)
+        return norm, t_reduced
+
+    def _factors(self, ranks: list[int], results: dict) -> Factors | None:
+        """dist.factored on one host: every rank's factors of the hidden Linear, as many rows as its shard."""
+        if self.factor_slots is None:
+            return None
+        return Factors.of_slots(self.factor_slots, ranks, [results[r].fields["count"] for r in ranks])
+
+
+class WorkersSum(DataPath):
+    """dist.update = "workers" on one host: the workers reduce-scatter, report their slices' squares for the exact
+    global norm, and clip + update their slices of the shared double buffers; the coordinator decides (norm -> clip
+    factor) and flips the buffer."""
+
+    update_by = "workers"
+
+    def __init__(self, ex: DistExecutor, buffers: HostBuffers):
+        super().__init__(ex, buffers)
+        self.shared, self.factored = buffers.shared, buffers.factor_slots is not None
+        # At most `reducers` of the workers (the first active ones) reduce and update, one per physical core: more
+        # would only take turns on the cores, each woken for a smaller slice. Any number gives the same bits
+        # (slices on CHUNK boundaries, every element summed in rank order).
+        self.reducers = buffers.reducers
+        self.averages = self.shared.avg2 is not None  # the workers keep train.ema's average: the Trainer leaves it
+
+    def step(self, step, attempt, ranks, results, lr, indices, epoch) -> tuple[float, float]:
+        ex, sh = self.ex, self.shared
+        peers = [p.rank for p in ex.coord.active()][:self.reducers]
+        slices = dict(zip(peers, chunk_slices(ex.store.num_params, len(peers))))
+        ex._serial_until_now()
+        counts = {"counts": [results[r].fields["count"] for r in ranks]} if self.factored else {}
+        got = ex.coord.exchange(P.Kind.REDUCE, P.Kind.REDUCED, step, attempt,
+                                {r: {"lo": lo, "hi": hi, "ranks": ranks, **counts} for r, (lo, hi) in slices.items()})
+        t_reduced = ex._t_end = time.perf_counter()
+        squares = np.concatenate([got[r].arrays["squares"] for r in peers])  # slice order = block order
+        norm = math.sqrt(add_blocks(squares))
+        scale = checked_clip(norm, ex.cfg.train.clip_norm, step)
+        ex._serial_until_now()
+        ema = {"ema_rate": float(sh.average.rate)} if self.averages else {}
+        ex.coord.exchange(P.Kind.UPDATE, P.Kind.UPDATED, step, attempt,
+                          {r: {"lo": lo, "hi": hi, "lr": lr, "scale": scale, "src": sh.cur, **ema}
+                           for r, (lo, hi) in slices.items()})
+        ex._t_end = time.perf_counter()
+        sh.cur = 1 - sh.cur  # the step is whole: its weights (and their average) become the current ones
+        ex.store.rebind(sh.params2[sh.cur], sh.gsum, ex.store.buffers, copy=False)
+        ex.opt.velocity = sh.velocity2[sh.cur]
+        if self.averages:
+            sh.average.params = sh.avg2[sh.cur]
+        return norm, t_reduced
+
+
+class HostsMesh(DataPath):
+    """dist.plane = "mesh": the hosts reduce-scatter, the coordinator decides (norm -> clip), the hosts update and
+    all-gather (mesh.py); every sync_every steps the hosts' state comes back (mesh_plane.py). The hosts hold the
+    weights; the BN statistics are the Trainer's. Every host takes part in a training step (with no image, its
+    agent contributes zeros and still owns its slice)."""
+
+    update_by = "hosts"
+    every_peer_trains = True
+
+    def __init__(self, ex: DistExecutor, buffers: HostBuffers):
+        super().__init__(ex, buffers)
+        self.plane = MeshPlane(ex.coord, ex.store, ex.opt, ex.cfg)
+
+    def peers(self, peers: list) -> list:
+        """A host that joined is in the plane (it has the weights) from its next forming."""
+        return [p for p in peers if p.rank in self.plane.formed]
+
+    def begin(self, step: int, attempt: int) -> None:
+        self.plane.ensure(step, attempt)
+
+    def round_payload(self) -> dict:
+        return {"arrays": {"buffers": self.ex.store.buffers}, "side": self.plane.on_message}
+
+    def recover(self) -> None:
+        """After a loss: the hosts' state comes in if every host answers; otherwise the steps since the last sync
+        are redone over the survivors from the synced state (their results were already reported; the redo only
+        rebuilds the state)."""
+        ex = self.ex
+        if self.plane.settle():
+            return
+        steps = self.plane.unsynced()
+        ex.log.warning(f"steps {steps[0].step}..{steps[-1].step}: redoing them over the survivors from the state "
+                       f"synced before them")
+        for d in steps:
+            fields = train_fields(d.indices, d.epoch)
+            ex._retrying(d.step, lambda attempt, d=d, fields=fields: ex._attempt(
+                d.indices, d.epoch, d.step, d.lr, attempt, fields), attempt=d.attempt + 1)
+        if not self.plane.settle():  # lost another host meanwhile: again, from what is left
+            self.recover()
+
+    def settle(self) -> int:
+        """The hosts' state after the last step into the store; how many steps it lacks when a host was lost
+        before answering."""
+        return 0 if self.plane.settle() else len(self.plane.done)
+
+    def before_evaluate(self, weights_replaced: bool) -> None:
+        ex = self.ex
+        if weights_replaced:  # the hosts hold the weights: the store's are not theirs
+            raise ValueError("the mesh data plane evaluates the hosts' weights only")
+        if not self.plane.settle():  # a host was lost before it sent its state
+            dead = [p for p in ex.coord.peers.values() if p.state is PeerState.DEAD]
+            if ex.policy != "continue" or not ex.coord.active():
+                raise WorkerFailure(dead)
+            ex.log.warning(f"before the evaluation: lost {', '.join(p.describe() for p in dead)}; redoing the steps "
+                           f"since the last sync on {len(ex.coord.active())} surviving rank(s)")
+            self.recover()
+
+    def step(self, step, attempt, ranks, results, lr, indices, epoch) -> tuple[float, float]:
+        return self.plane.decide(step, attempt, results, lr, indices, epoch), time.perf_counter()
+
+
+def data_path(ex: DistExecutor, buffers: HostBuffers) -> DataPath:
+    """The run's data path, from what its launcher set up."""
+    if buffers.mesh:
+        return HostsMesh(ex, buffers)
+    if buffers.shared is not None:
+        return WorkersSum(ex, buffers)
+    return CoordinatorSum(ex, buffers)
+
+
 class DistExecutor:
     """The Trainer's executor (executors.Executor) over a coordinator's peers. It reads and writes the store's flat
     buffers and the optimizer's velocity (the reduced gradient, the weights it publishes) and nothing else of the
-    Trainer's. `grad_slots`: one host's shared gradient rows (None: gradients arrive as frames); `shared`: the
-    double buffers when the workers reduce and update (dist.update = "workers"); `mesh`: the peers are host
-    agents that reduce and update among themselves (dist.plane = "mesh", mesh_plane.py)."""
+    Trainer's. A step is shard -> compute (the round) -> reduce -> norm/clip -> update, the last three by the run's
+    data path: the coordinator (CoordinatorSum), one host's workers in shared memory (WorkersSum) or the hosts of
+    the mesh (HostsMesh)."""
 
-    def __init__(self, coord: Coordinator, store: ParamStore, opt: SGD, cfg: Config,
-                 grad_slots: np.ndarray | None, shared: SharedUpdate | None = None, timeline: Timeline | None = None,
-                 mesh: bool = False, factor_slots: tuple | None = None, local_bn: bool = False,
-                 reducers: int | None = None):
+    def __init__(self, coord: Coordinator, store: ParamStore, opt: SGD, cfg: Config, buffers: HostBuffers,
+                 timeline: Timeline | None = None):
         self.coord, self.store, self.opt, self.cfg = coord, store, opt, cfg
-        # dist.update = "workers": at most this many of the workers (the first active ones) reduce and update, one
-        # per physical core: more would only take turns on the cores, each woken for a smaller slice. Any number
-        # gives the same bits (slices on CHUNK boundaries, every element summed in rank order)
-        self.reducers = reducers
-        self.local_bn = local_bn  # one host, --bn sync: STEP names the round's ranks, whose BN sums meet in shm
-        self.grad_slots, self.shared = grad_slots, shared
-        # one host, dist.factored: (w0, K, F, x slots, dy slots) of the Linear whose dW is summed from its factors
-        self.factor_slots = factor_slots
-        self.mesh = MeshPlane(coord, store, opt, cfg) if mesh else None
-        # the workers keep train.ema's average (SharedUpdate.avg2): the Trainer leaves it to them
-        self.averages = shared is not None and shared.avg2 is not None and not mesh
+        self.local_bn, self.shared = buffers.local_bn, buffers.shared
         self.policy = cfg.dist.on_worker_failure
         self.timeline = timeline
         self.version = 0
@@ -91,13 +294,10 @@ class DistExecutor:
         self.phase_s = {"compute": 0.0, "round": 0.0, "reduce": 0.0, "update": 0.0, "serial": 0.0, "step": 0.0,
                         "steps": 0}
         self._t_end: float | None = None  # when the coordinator last stopped waiting on the workers
-        # Weights over sockets with a float16 wire: after the first full copy, peers get the float16-rounded update
-        # (wire.apply_update16 keeps the coordinator's weights equal to what the peers rebuild from it).
-        self.update16 = grad_slots is None and cfg.dist.wire_dtype == "float16" and not mesh
-        if self.update16:
-            self.prev_params = store.params.copy()
-            self.update_f16 = np.empty(store.num_params, np.float16)
-            self.update_scale = 1.0
+        self.path = data_path(self, buffers)
+        self.mesh = self.path.plane if isinstance(self.path, HostsMesh) else None
+        # the workers keep train.ema's average (SharedUpdate.avg2): the Trainer leaves it to them
+        self.averages = isinstance(self.path, WorkersSum) and self.path.averages
 
     # ---- rounds ------------------------------------------------------------------------------------------------
     def _retrying(self, step: int, body, attempt: int = 0):
@@ -114,31 +314,12 @@ class DistExecutor:
                 attempt += 1
                 self.log.warning(f"step {step}: lost {', '.join(p.describe() for p in e.peers)}; redoing the step "
                                  f"on {len(survivors)} surviving rank(s)")
-                if self.mesh is not None:
-                    self._redo_unsettled()
-
-    def _redo_unsettled(self) -> None:
-        """Mesh, after a loss: the hosts' state comes in if every host answers; otherwise the steps since the last
-        sync are redone over the survivors from the synced state (their results were already reported; the redo
-        only rebuilds the state)."""
-        if self.mesh.settle():
-            return
-        steps = self.mesh.unsynced()
-        self.log.warning(f"steps {steps[0].step}..{steps[-1].step}: redoing them over the survivors from the state "
-                         f"synced before them")
-        for d in steps:
-            fields = train_fields(d.indices, d.epoch)
-            self._retrying(d.step, lambda attempt, d=d, fields=fields: self._mesh_step(
-                d.indices, d.epoch, d.step, d.lr, attempt, fields), attempt=d.attempt + 1)
-        if not self.mesh.settle():  # lost another host meanwhile: again, from what is left
-            self._redo_unsettled()
+                self.path.recover()
 
     def _round(self, indices: np.ndarray, step: int, attempt: int, fields: dict, version: int | None = None
                ) -> tuple[list[int], dict]:
         """One STEP round. `version`: the weights' version with sockets (default self.version)."""
-        peers = self.coord.active()
-        if self.mesh is not None:  # a host that joined is in the plane (it has the weights) from its next forming
-            peers = [p for p in peers if p.rank in self.mesh.formed]
+        peers = self.path.peers(self.coord.active())
         if not peers:
             raise WorkerFailure([])
         B = invariant.enabled(self.cfg) if fields["phase"] == "train" else 0
@@ -147,27 +328,20 @@ class DistExecutor:
         # fewer images than slots (a small batch, a short last batch, a tiny val set): a peer with no image sits
         # the round out; an empty shard would crash its worker (a batch of 0) and stall sync BN. On the mesh every
         # host takes part in a training step (its agent contributes zeros and still owns its slice).
-        mesh_train = self.mesh is not None and fields["phase"] == "train"
-        keep = [i for i, b in enumerate(blocks) if len(b) or mesh_train]
+        every_peer = self.path.every_peer_trains and fields["phase"] == "train"
+        keep = [i for i, b in enumerate(blocks) if len(b) or every_peer]
         ranks = [peers[i].rank for i in keep]
         shards = {peers[i].rank: blocks[i] for i in keep}
         shard_sizes = {peers[i].rank: sizes[i] for i in keep}
-        weights = update = None
-        if self.grad_slots is None and self.mesh is None:  # sockets; with shm the workers read them in place
-            weights = {"params": self.store.params, "buffers": self.store.buffers}
-            if self.update16 and self.version > 0:  # version 0: no update yet, everyone needs a full copy
-                update = {"arrays": {"update": self.update_f16, "buffers": self.store.buffers},
-                          "scale": self.update_scale}
         fields = fields | {"weights_slot": self.shared.cur if self.shared else -1}
         if self.local_bn and fields["phase"] == "train":  # whose rows each rank's shared-memory BN sums wait for
             fields["ranks"] = ranks
-        arrays = side = None
-        if self.mesh is not None:  # the hosts hold the weights; the BN statistics are the Trainer's
-            arrays, side = {"buffers": self.store.buffers}, self.mesh.on_message
+        payload = self.path.round_payload()
         self._serial_until_now()
         version = self.version if version is None else version
-        results = self.coord.round(step, attempt, shards, fields, weights, version, update, shard_sizes,
-                                   arrays=arrays, side=side)
+        results = self.coord.round(step, attempt, shards, fields, payload.get("weights"), version,
+                                   payload.get("update"), shard_sizes, arrays=payload.get("arrays"),
+                                   side=payload.get("side"))
         self._t_end = time.perf_counter()
         return ranks, results
 
@@ -187,25 +361,7 @@ class DistExecutor:
             raise StepInterrupted(str(e)) from None
 
         def attempt_step(attempt: int):
-            if self.mesh is not None:
-                return self._mesh_step(indices, epoch, step, lr, attempt, fields)
-            ranks, results = self._round(indices, step, attempt, fields)
-            t1 = time.perf_counter()
-            if self.shared is not None:
-                norm, t2 = self._update_by_workers(step, attempt, ranks, results, lr)
-            else:
-                parts = [self.grad_slots[r] if self.grad_slots is not None else results[r].arrays["grad"]
-                         for r in ranks]
-                if invariant.enabled(self.cfg):  # int64 block sums: exact in any order, rounded once
-                    invariant.decode_grads(self.store.grads, parts)
-                else:
-                    reduce_range(self.store.grads, parts, 0, self.store.num_params,
-                                 [float(results[r].fields["grad_scale"]) for r in ranks], self._factors(ranks, results))
-                t2 = time.perf_counter()
-                norm = clipped_step(self.opt, self.store.params, self.store.grads, lr, self.cfg.train.clip_norm, step)
-                if self.update16:
-                    self.update_scale = apply_update16(self.store.params, self.prev_params, self.update_f16)
-            return ranks, results, norm, t1, t2
+            return self._attempt(indices, epoch, step, lr, attempt, fields)
 
         ranks, results, norm, t1, t2 = self._retrying(step, attempt_step)
         moments = sum(np.asarray(results[r].arrays["bn_moments"], np.float64) for r in ranks
@@ -213,7 +369,7 @@ class DistExecutor:
         if invariant.enabled(self.cfg):  # every rank reports the same exact global moments
             moments = np.asarray(results[ranks[0]].arrays["bn_moments"], np.float64)
         t3 = time.perf_counter()
-        if self.shared is None and self.mesh is None:  # the coordinator did the bulk work itself: all of it was serial
+        if self.path.serial:  # the coordinator did the bulk work itself: all of it was serial
             self.phase_s["serial"] += t3 - t1
             self._t_end = t3
         self.version += 1
@@ -223,48 +379,13 @@ class DistExecutor:
                           sum(results[r].fields["correct"] for r in ranks), moments, norm, slowest=f"rank {slowest}",
                           ranks=ranks if partial else None)  # metrics.jsonl: what a replay must follow
 
-    def _factors(self, ranks: list[int], results: dict) -> Factors | None:
-        """dist.factored on one host: every rank's factors of the hidden Linear, as many rows as its shard."""
-        if self.factor_slots is None:
-            return None
-        return Factors.of_slots(self.factor_slots, ranks, [results[r].fields["count"] for r in ranks])
-
-    def _mesh_step(self, indices: np.ndarray, epoch: int, step: int, lr: float, attempt: int, fields: dict):
-        """The hosts reduce-scatter, the coordinator decides (norm -> clip), the hosts update and all-gather
-        (mesh.py); every sync_every steps the hosts' state comes back (mesh_plane.py)."""
-        self.mesh.ensure(step, attempt)
+    def _attempt(self, indices: np.ndarray, epoch: int, step: int, lr: float, attempt: int, fields: dict):
+        """One try at a training step: shard -> compute (the round) -> the data path's reduce, norm/clip, update."""
+        self.path.begin(step, attempt)
         ranks, results = self._round(indices, step, attempt, fields)
         t1 = time.perf_counter()
-        norm = self.mesh.decide(step, attempt, results, lr, indices, epoch)
-        return ranks, results, norm, t1, time.perf_counter()
-
-    def _update_by_workers(self, step: int, attempt: int, ranks: list[int], results: dict,
-                           lr: float) -> tuple[float, float]:
-        """Reduce-scatter, exact global norm, clip + SGD, all by the workers on slices of the shared buffers;
-        the coordinator decides (norm -> clip factor) and flips the double buffer. Returns (norm, reduce end)."""
-        sh = self.shared
-        peers = [p.rank for p in self.coord.active()][:self.reducers]
-        slices = dict(zip(peers, chunk_slices(self.store.num_params, len(peers))))
-        self._serial_until_now()
-        counts = {"counts": [results[r].fields["count"] for r in ranks]} if self.factor_slots else {}
-        got = self.coord.exchange(P.Kind.REDUCE, P.Kind.REDUCED, step, attempt,
-                                  {r: {"lo": lo, "hi": hi, "ranks": ranks, **counts} for r, (lo, hi) in slices.items()})
-        t_reduced = self._t_end = time.perf_counter()
-        squares = np.concatenate([got[r].arrays["squares"] for r in peers])  # slice order = block order
-        norm = math.sqrt(add_blocks(squares))
-        scale = checked_clip(norm, self.cfg.train.clip_norm, step)
-        self._serial_until_now()
-        ema = {"ema_rate": float(sh.average.rate)} if self.averages else {}
-        self.coord.exchange(P.Kind.UPDATE, P.Kind.UPDATED, step, attempt,
-                            {r: {"lo": lo, "hi": hi, "lr": lr, "scale": scale, "src": sh.cur, **ema}
-                             for r, (lo, hi) in slices.items()})
-        self._t_end = time.perf_counter()
-        sh.cur = 1 - sh.cur  # the step is whole: its weights (and their average) become the current ones
-        self.store.rebind(sh.params2[sh.cur], sh.gsum, self.store.buffers, copy=False)
-        self.opt.velocity = sh.velocity2[sh.cur]
-        if self.averages:
-            sh.average.params = sh.avg2[sh.cur]
-        return norm, t_reduced
+        norm, t2 = self.path.step(step, attempt, ranks, results, lr, indices, epoch)
+        return ranks, results, norm, t1, t2
 
     def _account(self, ranks, results, step, t0, wall0, t1, t2, t3) -> int:
         """Per-phase seconds and timeline events of one step; returns the slowest rank."""
@@ -300,20 +421,10 @@ class DistExecutor:
     def settle(self) -> int:
         """executors.Executor.settle: the hosts' state after the last step into the store (mesh; a no-op otherwise).
         Returns how many steps it lacks when a host was lost before answering."""
-        if self.mesh is not None and not self.mesh.settle():
-            return len(self.mesh.done)
-        return 0
+        return self.path.settle()
 
     def evaluate(self, indices: np.ndarray, weights_replaced: bool = False) -> tuple[float, int]:
-        if weights_replaced and self.mesh is not None:  # the hosts hold the weights: the store's are not theirs
-            raise ValueError("the mesh data plane evaluates the hosts' weights only")
-        if self.mesh is not None and not self.mesh.settle():  # a host was lost before it sent its state
-            dead = [p for p in self.coord.peers.values() if p.state is PeerState.DEAD]
-            if self.policy != "continue" or not self.coord.active():
-                raise WorkerFailure(dead)
-            self.log.warning(f"before the evaluation: lost {', '.join(p.describe() for p in dead)}; redoing the steps "
-                             f"since the last sync on {len(self.coord.active())} surviving rank(s)")
-            self._redo_unsettled()
+        self.path.before_evaluate(weights_replaced)
         # Each worker evaluates in batches of its training shard's size: the layer buffers of that shape exist
         # already (a batch of 256 would make every worker allocate ~0.7 GB more for a few forward passes).
         per_worker = -(-self.cfg.train.batch_size // sum(p.slots for p in self.coord.active()))
@@ -321,8 +432,7 @@ class DistExecutor:
         fields = {"phase": "eval", "epoch": 0, "global_count": len(indices), "eval_batch": batch}
 
         def attempt_eval(attempt: int):
-            if self.mesh is not None:
-                self.mesh.ensure(-1, attempt)
+            self.path.begin(-1, attempt)
             # weights put in the store for this evaluation (train.ema_epochs): with sockets, a version no peer
             # holds (-1 is "none yet"), so every peer gets them in full, and the next step's live weights in full
             return self._round(indices, -1, attempt, fields, -2 - self.version if weights_replaced else None)
@@ -365,7 +475,7 @@ class DistExecutor:
         return {"breakdown": {"step_s": ph["step"] / n, "compute_s": ph["compute"] / n,
                               "comm_s": max(ph["round"] - ph["compute"], 0.0) / n, "reduce_s": ph["reduce"] / n,
                               "update_s": ph["update"] / n, "serial_s": ph["serial"] / n,
-                              "update_by": "hosts" if self.mesh else "workers" if self.shared else "coordinator"},
+                              "update_by": self.path.update_by},
                 **({"plane": "mesh", "replica_checks": self.mesh.checks} if self.mesh else {}),
                 "dropped_messages": self.coord.dropped,
                 "bn_sums": "workers (shared memory)" if self.local_bn else

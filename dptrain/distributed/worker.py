@@ -38,21 +38,6 @@ from .reduce import Factors, reduce_range
 from .wire import grad_frame, receive_weights
 
 
-def _faults(spec: str) -> set[tuple]:
-    """DPTRAIN_FAULT=PHASE:STEP:RANK[,...] (tests only): the worker of that rank dies as that step begins ("exit",
-    its first attempt) or inside its update ("update"), hangs in it for ever while its heartbeat goes on ("hang": a
-    stuck rank), or touches 256 MB more ("balloon": for an OOM kill inside a memory-limited cgroup). A replacement
-    of the rank inherits the list: a later step's fault hits it."""
-    out = set()
-    for item in filter(None, spec.split(",")):
-        phase, step, rank = item.split(":")
-        out.add((phase, int(step), int(rank)))
-    return out
-
-
-FAULTS = _faults(os.environ.get("DPTRAIN_FAULT", ""))
-
-
 class Worker:
     def __init__(self, endpoint: str, rank: int, run_id: str, token: str):
         self.rank, self.token = rank, token
@@ -151,26 +136,15 @@ class Worker:
         step that fails half-way is redone from them."""
         f = msg.fields
         src, dst = f["src"], 1 - f["src"]
-        dying = ("update", msg.step, self.rank) in FAULTS  # a test's fault: die with half of the slice written
-        hi = f["lo"] + (f["hi"] - f["lo"]) // 2 if dying else f["hi"]
-        self.opt.step(self.params2[src], self.gsum, f["lr"], f["scale"], f["lo"], hi,
+        self.opt.step(self.params2[src], self.gsum, f["lr"], f["scale"], f["lo"], f["hi"],
                       params_out=self.params2[dst], velocity_in=self.velocity2[src],
                       velocity_out=self.velocity2[dst])
         if "ema_rate" in f:
-            blend(self.avg2[src], self.params2[dst], f["ema_rate"], self.avg2[dst], f["lo"], hi)
-        if dying:
-            os._exit(17)
+            blend(self.avg2[src], self.params2[dst], f["ema_rate"], self.avg2[dst], f["lo"], f["hi"])
         self.link.send(P.Kind.UPDATED, attempt=f["attempt"])
 
     def run_step(self, msg: P.Message) -> None:
         t_recv = time.time()
-        if ("exit", msg.step, self.rank) in FAULTS and msg.fields["attempt"] == 0:  # a test's crash at a known step
-            os._exit(19)
-        if ("hang", msg.step, self.rank) in FAULTS:  # a test's stuck rank: alive, never answering
-            while True:
-                time.sleep(1)
-        if ("balloon", msg.step, self.rank) in FAULTS:  # a test's memory hog: 256 MB touched at once
-            self.balloon = np.ones(32_000_000)
         self.bn_calls = 0
         f = msg.fields
         self.round_ranks = f.get("ranks")  # the round's ranks (one host): whose rows a shared-memory BN sum waits for

@@ -28,9 +28,11 @@ from .. import config as config_mod, log
 from ..config import Config
 from ..distributed.coordinator import Coordinator, WorkerFailure
 from ..distributed.curve import RunKeys
+from ..distributed.executor import HostBuffers
 from ..distributed.hostfile import HostfileError, HostSlots, assign_ranks, filter_hosts, parse_hostfile, parse_hosts
 from ..distributed.peers import PeerState
 from ..distributed.session import Session
+from .options import LaunchOptions
 from .run import run_session
 
 SSH_REPORT_GRACE_S = 8.0  # after one host's ssh fails, how long the others get to fail (or not) for the report
@@ -38,7 +40,7 @@ SSH_OPTIONS = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-o", "ServerAl
                "-o", "ServerAliveCountMax=3"]
 
 
-def resolve_hosts(args) -> list[HostSlots]:
+def resolve_hosts(args: LaunchOptions) -> list[HostSlots]:
     if args.hostfile and args.hosts:
         raise SystemExit("dptrain launch: give --hostfile or -H, not both")
     if not (args.hostfile or args.hosts):
@@ -101,7 +103,7 @@ def remote_command(argv: list[str], env: dict) -> str:
     return "cd " + shlex.quote(str(Path.cwd())) + " && exec " + prefix + shlex.join(argv)
 
 
-def ssh_argv(args, host: HostSlots) -> list[str]:
+def ssh_argv(args: LaunchOptions, host: HostSlots) -> list[str]:
     argv = ["ssh", *SSH_OPTIONS]
     if args.ssh_config:
         argv += ["-F", args.ssh_config]
@@ -122,16 +124,16 @@ def ssh_failure(log_path: Path) -> str:
     return lines[-1].strip() if lines else "no output"
 
 
-def launch_hosts(cfg: Config, args, progress: dict | None = None) -> int:
+def launch_hosts(cfg: Config, args: LaunchOptions, progress: dict | None = None) -> int:
     from ..train import prepare_or_exit
     lg = log.get()
     hosts = resolve_hosts(args)
-    keys = RunKeys.read_coordinator_file(args.keys) if getattr(args, "keys", None) else RunKeys.generate()
+    keys = RunKeys.read_coordinator_file(args.keys) if args.keys else RunKeys.generate()
     if cfg.dist.bind in ("127.0.0.1", "localhost") and any(h.hostname not in ("localhost", "127.0.0.1")
                                                            for h in hosts):
         lg.warning("the coordinator binds 127.0.0.1: remote hosts cannot reach it (set --bind to this host's address)")
     python = args.remote_python or sys.executable
-    forwarded = forwarded_env(getattr(args, "export", None))
+    forwarded = forwarded_env(args.export)
     if forwarded:
         lg.info(f"environment forwarded to the hosts: {', '.join(sorted(forwarded))}")
     cfg.dist.transport = "socket"  # between hosts the weights and gradients are frames; shm is per host
@@ -201,6 +203,6 @@ def launch_hosts(cfg: Config, args, progress: dict | None = None) -> int:
             raise
         lg.info(f"all {len(hosts)} hosts ready; {cfg.dist.plane} data plane, {cfg.dist.wire_dtype} wire")
         session.mesh = cfg.dist.plane == "mesh"
-        return trainer, None, None, None  # gradients arrive as frames (one summed buffer per host)
+        return trainer, HostBuffers()  # gradients arrive as frames (one summed buffer per host)
 
-    return run_session(cfg, args.stop_at_step, start, run_id=getattr(args, "run_id", None), progress=progress)
+    return run_session(cfg, args.stop_at_step, start, run_id=args.run_id, progress=progress)

@@ -10,34 +10,32 @@ from ..config import Config
 from ..train import exit_code, run_local
 from .hosts import launch_hosts
 from .local import launch_local
+from .options import LaunchOptions
 from .run import EXIT_WORKER_LOST
 
 
-def _many_hosts(args) -> bool:
-    return bool(getattr(args, "hostfile", None) or getattr(args, "hosts", None) or getattr(args, "no_ssh", False))
-
-
-def launch(cfg: Config, args) -> int:
-    if cfg.dist.workers == 0 and not _many_hosts(args):  # the single-process fallback: the same math, no sockets
+def launch(cfg: Config, opts: LaunchOptions) -> int:
+    args = opts
+    if cfg.dist.workers == 0 and not args.many_hosts:  # the single-process fallback: the same math, no sockets
         summary = run_local(cfg, args.resume, args.stop_at_step, command="launch")
         print(json.dumps(summary))
         return exit_code(summary)
     lg = log.get()
-    limit = getattr(args, "max_restarts", 0) or 0
-    if limit and getattr(args, "no_ssh", False):
+    limit = args.max_restarts
+    if limit and args.no_ssh:
         raise SystemExit("dptrain launch: --max-restarts needs agents this launcher starts (not --no-ssh)")
-    if _many_hosts(args) and cfg.dist.plane == "mesh" and cfg.train.ema_epochs > 0:
+    if args.many_hosts and cfg.dist.plane == "mesh" and cfg.train.ema_epochs > 0:
         raise SystemExit(f"dptrain launch: train.ema_epochs = {cfg.train.ema_epochs} averages every step's weights "
                          f"at the coordinator, which the mesh data plane sends it only every dist.sync_every steps: "
                          f"add --train.ema_epochs=0, or --plane star")
     restarts = 0
     while True:
         progress = {"restarts": restarts}
-        if _many_hosts(args):
+        if args.many_hosts:
             rc = launch_hosts(cfg, args, progress)
         else:
             rc = launch_local(cfg, resume=args.resume, stop_at_step=args.stop_at_step, progress=progress,
-                              tee=getattr(args, "tee", None))
+                              tee=args.tee)
         if rc != EXIT_WORKER_LOST or restarts >= limit:
             return rc
         if not progress.get("steps"):  # a run that cannot take a step fails; it does not loop

@@ -23,7 +23,7 @@ from .. import config as config_mod, log
 from ..config import Config
 from ..distributed import localsum
 from ..distributed.coordinator import Coordinator
-from ..distributed.executor import SharedUpdate
+from ..distributed.executor import HostBuffers, SharedUpdate
 from ..distributed.reduce import one_host_factored
 from ..distributed.session import Session, blas_threads, memory_warning, physical_cores
 from .run import Tee, run_session
@@ -109,6 +109,6 @@ def launch_local(cfg: Config, resume: bool | str = False, stop_at_step: int = 0,
                        f"--workers auto starts one per physical core")
         session.start_workers(cfg, pysocket.gethostname(), [out / "logs" / f"rank{r}.log" for r in range(n)])
         lg.info(f"all {n} workers ready")
-        return trainer, grad_slots, shared, factor_slots
+        return trainer, HostBuffers(grad_slots=grad_slots, shared=shared, factor_slots=factor_slots)
 
     return run_session(cfg, stop_at_step, start, progress=progress)

@@ -67,7 +67,7 @@ def _raise_terminated(signum, frame):
 
 def run_session(cfg: Config, stop_at_step: int, start, run_id: str | None = None,
                 progress: dict | None = None) -> int:
-    """`start(session)` loads data, starts the peers and returns (trainer, grad_slots, shared, factor_slots) once
+    """`start(session)` loads data, starts the peers and returns (trainer, HostBuffers) once
     they are READY, with session.coord set; this trains, prints the summary, and maps the ways a run ends to exit codes.
     progress (--max-restarts): in, "restarts" (how many starts came before this one); out, "steps" (the steps this
     start got done)."""
@@ -83,15 +83,14 @@ def run_session(cfg: Config, stop_at_step: int, start, run_id: str | None = None
     executor = trainer = None
     first_step = 0
     try:
-        trainer, grad_slots, shared, factor_slots = start(session)
+        trainer, buffers = start(session)
         restarts = trainer.restarts = (progress or {}).get("restarts", 0)
         first_step = trainer.step
         if restarts:  # in metrics.jsonl too, where the curve restarts from
             trainer.write({"restart": restarts, "step": trainer.step, "epoch": trainer.epoch})
         timeline = Timeline(cfg.dist.timeline) if cfg.dist.timeline else None
-        executor = DistExecutor(session.coord, trainer.store, trainer.opt, cfg, grad_slots, shared, timeline,
-                                mesh=session.mesh, factor_slots=factor_slots, local_bn=session.local_bn,
-                                reducers=physical_cores())
+        buffers.local_bn, buffers.mesh, buffers.reducers = session.local_bn, session.mesh, physical_cores()
+        executor = DistExecutor(session.coord, trainer.store, trainer.opt, cfg, buffers, timeline)
         summary = trainer.fit(executor, stop_at_step=stop_at_step)
         print(json.dumps(summary))
         return EXIT_PREEMPTED if trainer.preempted else EXIT_INTERRUPTED if trainer.stop_requested else 0
