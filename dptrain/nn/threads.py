@@ -25,7 +25,7 @@ _short_spin = True  # match_blas_threads(short_spin=False) (config train.short_b
 PAR_MIN_ELEMS = 1 << 16  # below this a kernel runs in the calling thread (there the pool hand-off costs more than it saves)
 
 
-# OpenBLAS worker threads busy-wait for 2**28 cycles (~0.1 s) after each parallel GEMM before sleeping, i.e. through
+# OpenBLAS worker threads busy-wait for 2**28 cycles after each parallel GEMM before sleeping, i.e. through
 # every non-GEMM kernel between two GEMMs, taking the second core from our pool thread, which then gains nothing.
 # With threads > 1 we shorten that wait to 2**16 cycles unless the user set OPENBLAS_THREAD_TIMEOUT.
 _BLAS_SPIN_SHORT = 16
