@@ -25,7 +25,7 @@ SPLIT_KEYS = ("compute_s", "comm_s", "reduce_s", "update_s", "serial_s")
 
 def _writer_class():
     """tensorboardX's SummaryWriter, or None when it is not installed. tensorboardX imports all of PyTorch when it is
-    installed (0.94 of its 1.15 s import here), only to accept torch tensors, which we never pass (python floats):
+    installed (most of its import time), only to accept torch tensors, which we never pass (python floats):
     unless torch is loaded already, its import is made to fail for that one import (the entry is removed after, so
     torch imports normally later)."""
     blocked = "torch" not in sys.modules
@@ -42,7 +42,8 @@ def _writer_class():
 
 
 def preload() -> None:
-    """Import the writer ahead of time (0.2 s here without torch's import); nothing when it is not installed."""
+    """Import the writer ahead of time (it still takes a noticeable fraction of a second); nothing when it is not
+    installed."""
     _writer_class()
 
 

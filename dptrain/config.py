@@ -62,7 +62,7 @@ class ModelConfig:
     bn_momentum: float = 0.3
     bn_eps: float = 1e-5  # PyTorch's
     # conv/Linear weights: "pytorch" = PyTorch's defaults (kaiming_uniform a=sqrt(5): U(+-1/sqrt(fan_in)) weights
-    # and biases), which reached targets in fewer epochs here (README); "he" = He-normal (std sqrt(2 / fan_in)) with
+    # and biases), which reached targets in fewer epochs in README's runs; "he" = He-normal (std sqrt(2 / fan_in)) with
     # zero biases, the classifier PyTorch's uniform (the default before)
     init: str = "pytorch"
     zero_init_residual: bool = False  # the residual block's last BN gamma starts at 0 (the block starts as identity)
@@ -102,7 +102,7 @@ class TrainConfig:
     # `last`, exit with EXIT_PREEMPTED (75) so a requeued job resumes with --resume auto. "": none besides INT/TERM
     checkpoint_signal: str = ""
     tensorboard: bool = True  # TensorBoard events in RUN/tensorboard/ (needs the tensorboard extra: tensorboardX)
-    # With more than one thread per process, shorten OpenBLAS's ~0.1 s post-GEMM busy-wait so the non-GEMM kernels'
+    # With more than one thread per process, shorten OpenBLAS's post-GEMM busy-wait so the non-GEMM kernels'
     # threads get the cores (nn/threads.py); false leaves OpenBLAS as configured.
     short_blas_spin: bool = True
     # Batch-invariant mode (invariant.py): blocks of this many samples, each gradient summed exactly, so 1 process

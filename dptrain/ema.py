@@ -6,7 +6,7 @@ The horizon is given in epochs, so a default does not depend on the dataset's si
 taken by the Trainer from the weights each step leaves (whoever applied it: this process, the workers in shared
 memory, the coordinator), in fixed CHUNK blocks in float32: the same weights give the same average bits in every
 mode, a `--replay-workers` replay included. The BN running statistics are the live model's (they are already a
-moving average, of the batch statistics; averaging them again measured no better). To validate, the Trainer puts
+moving average, of the batch statistics; averaging them again did no better in our runs). To validate, the Trainer puts
 the average in the store in place of the weights and asks the executor as usual (the workers evaluate it where
 they read the weights: shared memory, or a full copy over sockets), then puts the live weights back. Validation
 accuracy, best.npz and what predict/export/evaluate load are the average's; the live weights and momentum stay
@@ -16,7 +16,7 @@ holds the weights only every dist.sync_every steps.
 With the workers updating the weights in shared memory (one host, dist.update = "workers"), they keep the average
 too, each on the slice it has just updated (`blend`, the same elementwise operations: the same bits), in a double
 buffer like the weights' (a step that fails half-way is redone from the untouched half); the coordinator's serial
-part of a step then does not grow with the model (a 9.4 M-weight average was ~6 ms a step on one core).
+part of a step then does not grow with the model.
 """
 from __future__ import annotations
 

@@ -52,7 +52,7 @@ def chunk_squares(g: np.ndarray) -> np.ndarray:
 
 def sum_of_squares(g: np.ndarray) -> float:
     """Σ g²: the block sums of `chunk_squares`, added by `add_blocks`. One pass over g in float32 (a float64 copy
-    costs 10x more); the relative error, ~1e-7·sqrt(block), only moves the clip factor in its 6th digit."""
+    would be a second pass and twice the memory); the relative error, ~1e-7·sqrt(block), only moves the clip factor in its 6th digit."""
     return add_blocks(chunk_squares(g))
 
 
@@ -99,8 +99,8 @@ class SGD:
         `grads` is modified (it receives the weight-decay term). With params_out / velocity_in / velocity_out the
         new weights and velocity go to other arrays and the old ones stay as they were (a double buffer that a
         failed step can fall back on); the bits are the same either way. Done block by block so that the five
-        vector operations touch memory once instead of five times (9.4 M parameters: ~15 ms instead of ~60 ms), the
-        blocks split over the nn threads (elementwise: the same bits; 2 threads 12.4 -> 10.3 ms here, bandwidth-bound)."""
+        vector operations touch memory once instead of five times (the update is bandwidth-bound), the blocks split
+        over the nn threads (elementwise: the same bits)."""
         hi = params.size if hi is None else hi
         w_out = params if params_out is None else params_out
         v_in = self.velocity if velocity_in is None else velocity_in

@@ -1,9 +1,9 @@
 """Checkpoints written behind the training: a snapshot of the state between two steps, written by a thread.
 
-The Trainer copies the checkpoint's arrays into buffers kept for the purpose (the default model's 113 MB: ~10 ms;
-the first save also maps them) and goes on with the next step; a thread writes the file (checkpoint.save: a temp
-file, fsync, rename) and links its other names (best.npz, step-N.npz) while the workers compute. Measured on the
-synthetic faces: the epoch's save took 0.27-0.40 s of the coordinator's time, during which no worker computed.
+The Trainer copies the checkpoint's arrays into buffers kept for the purpose (a memory copy, far shorter than the
+write; the first save also maps them) and goes on with the next step; a thread writes the file (checkpoint.save: a temp
+file, fsync, rename) and links its other names (best.npz, step-N.npz) while the workers compute: a synchronous
+save holds the coordinator for the whole write, during which no worker computes.
 One write at a time: the Trainer collects the outcome of a write before it takes the next snapshot, at the end of
 fit() and before it reports a failure, and reports a failed write then (the previous file of that name is intact,
 as with a synchronous write). A crash while a write is in flight leaves the previous checkpoint, as a crash during

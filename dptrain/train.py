@@ -79,7 +79,7 @@ class Trainer:
         self.restarts = 0  # how many times `launch --max-restarts` started this run again
         self.board: Board | None = None  # TensorBoard events, during fit()
         if cfg.train.tensorboard:  # now, before any worker starts: fit() must not stall a second in an import while
-            preload_board()  # workers wait for heartbeat answers (seen: 3.9 s on a loaded machine, all ranks lost)
+            preload_board()  # workers wait for heartbeat answers (seconds on a loaded machine: every rank lost)
         name = cfg.train.checkpoint_signal.upper().removeprefix("SIG")
         self.preempt_signal = getattr(signal, "SIG" + name) if name else None
         self.executor: Executor | None = None  # during fit()

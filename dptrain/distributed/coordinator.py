@@ -224,7 +224,7 @@ class Coordinator:
     def replace_lost(self) -> None:
         """At a step boundary: a replacement process for every lost peer this coordinator started (`respawn`),
         while dist.max_worker_restarts allows, and the wait until every replacement is READY or lost (a process
-        start, ~1 s for a worker): so the steps after a loss run on the same ranks whatever the machine's speed,
+        start, short against a run): so the steps after a loss run on the same ranks whatever the machine's speed,
         and the run's result depends on which step lost a rank, not on how long its replacement took to start."""
         if self.respawn is None:
             return

@@ -2,7 +2,7 @@
 
 Through the coordinator every BN layer's reduction is a round trip: each rank sends its moments, the coordinator
 waits for all of them, sums and answers; 14 of them a step for the default model, and with more workers than cores
-each one also waits for the coordinator to be scheduled (+65-120 ms a step at 8 workers on 2 cores). Here each rank
+each one also waits for the coordinator to be scheduled, once per reduction. Here each rank
 writes its moments into its row of a shared array, stamps its arrival, waits for the round's other ranks' stamps
 and sums the rows itself, from zeros in rank order: the coordinator's sum, bit for bit (the replay follows either).
 

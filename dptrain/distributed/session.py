@@ -30,8 +30,8 @@ from .coordinator import Coordinator
 
 def worker_memory_bytes(cfg: Config, num_params: int, batch: int) -> int:
     """A worker's estimated resident memory: the interpreter and numpy (~40 MB), its gradient slot, weights view and
-    scratch (3 × 4P), and activations for its shard, scaled from the default model's measured 9.7 MB per 64×64
-    image at first-layer width 32 (PSS of --workers 1..8 on this project's bench: 744 MB at 64 images, 216 at 8)."""
+    scratch (3 × 4P), and activations for its shard, scaled from the default model's 9.7 MB per 64×64 image at
+    first-layer width 32 (a worker's PSS over batch sizes: docs/performance-notes.md)."""
     widths = cfg.model.widths or [32]
     per_image = 9.7e6 * (cfg.data.image_size / 64) ** 2 * (widths[0] / 32)
     return int(40e6 + 12 * num_params + batch * per_image)
@@ -70,8 +70,7 @@ def worker_env(threads: int, slice_ms: float = 0) -> dict:
 def worker_slice_ms(cfg: Config, workers: int) -> float:
     """dist.timeslice_ms, where -1 (auto) means the longest slice when the workers outnumber the physical cores
     (timeslice.py) and the kernel's default otherwise, and with --bn sync: its 14 barriers a step want a rank that
-    waits to hand the core over at once (8 workers on 2 cores, sync BN, four alternated pairs: 100 ms slices were
-    6 % slower)."""
+    waits to hand the core over at once, which a long slice would delay."""
     if cfg.dist.timeslice_ms >= 0:
         return cfg.dist.timeslice_ms
     return timeslice.MAX_MS if workers > physical_cores() and cfg.dist.bn != "sync" else 0
@@ -123,8 +122,8 @@ def remove_stale_dirs() -> list[str]:
 
 # More workers than physical cores: the workers run this much nicer than their coordinator, so that handing out a
 # step (a message to each worker, one after the other) is not preempted by the workers it has already woken; they
-# then start within ~1 ms of each other instead of ~20, and finish together. Measured at 8 workers on 2 cores:
-# 149.3 / 151.2 img/s against 144.2 / 142.3 (alternated); not applied when every worker has a core of its own.
+# then start nearly together instead of a scheduler slice or more apart, and finish together; not applied when every
+# worker has a core of its own.
 OVERSUBSCRIBED_NICE = 5
 
 

@@ -1,7 +1,7 @@
 """Longer scheduler time slices for workers that outnumber the cores.
 
-With more workers than cores, the kernel's fair scheduler switches between them every few milliseconds (8 workers on
-2 cores: ~650 involuntary switches a second), and each switch hands the core to a rank whose activations have left
+With more workers than cores, the kernel's fair scheduler switches between them every few milliseconds (hundreds of
+involuntary switches a second), and each switch hands the core to a rank whose activations have left
 the caches. Linux 6.12+ (EEVDF) lets a process ask for a longer slice of its own (`sched_setattr`'s sched_runtime,
 100 us - 100 ms, no privilege needed): a rank then runs most of its shard in one go and the ranks sharing a core take
 turns. The launcher's coordinator keeps the default slice, so a rank woken by a message does not delay it.

@@ -5,7 +5,7 @@ OH = (H + 2*pad - kh) // stride + 1 (likewise OW), i.e. PyTorch's Conv2d(padding
 
 im2col fills a (N, OH, OW, kh, kw, C) buffer with ONE copy from a 6-D strided window view of a padded copy of x
 (whose zero border is written once, when the buffer is created, and reused). numpy merges the (kw, C) axes of that
-view into contiguous runs of kw*C floats: measured 3-5x faster here than kh*kw per-tap slice copies. The buffer's
+view into contiguous runs of kw*C floats: much faster than kh*kw per-tap slice copies. The buffer's
 (N*OH*OW, kh*kw*C) view times w viewed as (kh*kw*C, F) is the NHWC output.
 
 Input gradient: for stride 1 (every conv of the default model) dx is itself a stride-1 convolution of dout with the
@@ -38,13 +38,10 @@ def choose_algo(algo: str, w_shape: tuple[int, ...], stride: int, pad: int) -> s
     """"im2col" or "winograd" for a layer of this shape. "auto" looks at the kernel, stride, padding and input
     channels only (not the input, whose batch differs between uneven shards, nor the threads): Winograd for every
     3x3 stride-1 pad-1 conv with at least WINOGRAD_MIN_CHANNELS input channels, so every 3x3 conv of the default
-    model but the first. Measured on its layers (2-core EPYC Zen 4), forward + backward against im2col: 64 -> 128
-    at 16x16 and 128/256 -> 256 at 8x8 0.6-0.75x on 1 thread, 0.8-0.95x on 2; 32 -> 64 at 32x32 0.84x on 1 thread
-    (53.0 against 63.0 ms at batch 32; 0.80x at batch 8) and 1.08x on 2 (its transforms are memory-bound and scale
-    worse than one large GEMM); 3 -> 32 at 64x64 3-4x slower (a 27-term GEMM has little to save). The whole
-    training step, threshold 32 against 64: batch 32 on 1 thread (a worker of `launch`, one per core) 256.0 / 253.9
-    against 288.6 / 274.6 ms, batch 64 on 2 threads (one process) 366.8 / 372.0 against 363.2 / 361.7 ms: the
-    workers' case wins. (Before the transforms' buffers were reused, the threshold-16 whole step was no faster.)"""
+    model but the first. Winograd saves most where many channels share few tiles; its transforms are memory-bound
+    and scale worse over threads than one large GEMM, and a 3-channel layer (a 27-term GEMM) has little to save, so
+    it is slower there. The threshold of 32 favours a worker of `launch` (one thread per core) over one process on
+    all cores, where it is about even with 64 (figures: docs/performance-notes.md)."""
     if algo not in ALGOS:
         raise ValueError(f"conv algo must be one of {ALGOS}, got {algo!r}")
     kh, kw, C, _ = w_shape

@@ -23,10 +23,10 @@ def widen(a: np.ndarray) -> tuple[np.ndarray, int]:
     """View a C-contiguous (M, C) array as (M/k, k*C) with k*C around 2048, returning (view, k).
 
     Per-channel reductions and (C,)-vector broadcasts over (M, C) with small C run numpy's inner loop C elements at
-    a time; on the wide view the loops are k times longer (measured 2-4x faster here). A (C,) vector broadcasts
+    a time; on the wide view the loops are k times longer, so numpy's per-loop overhead is paid k times less often. A (C,) vector broadcasts
     against the wide view as `np.tile(v, k)`; row sums of the wide view fold back with `.reshape(k, C).sum(0)`.
-    Every accumulator sums only M/k terms, which also keeps float32 sums accurate (~1e-7 relative here, against
-    ~1e-5 for a naive column sum).
+    Every accumulator sums only M/k terms, which also keeps float32 sums accurate (an accumulator's rounding error grows with
+    the number of terms it sums).
     """
     M, C = a.shape
     k = max(1, min(M, 2048 // C))
@@ -101,15 +101,15 @@ def linear_backward(dout: np.ndarray, cache: LinearCache, need_dx: bool = True, 
     return dx, dw, db
 
 
-SMALL_BATCH = 16  # rows of dout up to which linear_dx goes block by block (measured 1.3-1.9x faster there)
+SMALL_BATCH = 16  # rows of dout up to which linear_dx goes block by block (faster there: see linear_dx)
 SMALL_GEMM = 1 << 19  # rows x block x out_features of one block product: OpenBLAS's small-matrix kernels' range
 
 
 def linear_dx(dout: np.ndarray, w: np.ndarray) -> np.ndarray:
     """dx = dout @ w.T, (N, O) @ (O, D) -> (N, D). For a few rows (N <= SMALL_BATCH), one product per block of
     w's rows, each small enough (N x rows x O <= SMALL_GEMM) for OpenBLAS's small-matrix kernels where it has them
-    (AVX-512), which skip packing w: 16384 x 512 at N = 8 and one thread, 7.0 -> 3.7-4.1 ms on a Zen 4, and with the
-    AVX2 (Haswell) kernels forced 6.7 -> 5.4 ms. For more rows the plain product is as fast or faster. Chosen by
+    (AVX-512), which skip packing w, the plain product's main cost for so few rows (faster with the AVX2 kernels too).
+    For more rows the plain product is as fast or faster. Chosen by
     shape alone, so the bits never depend on the thread count."""
     n, o = dout.shape
     if n > SMALL_BATCH:

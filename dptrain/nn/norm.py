@@ -107,7 +107,7 @@ def eval_affine(gamma: np.ndarray, beta: np.ndarray, running_mean: np.ndarray, r
 
 def colmoments64(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(M, C) -> (Σ rows, Σ rows²) as float64 (C,) vectors, cast in chunks of the wide view (no (M, C) float64 copy).
-    (Float32 partial sums per sample were 3.5x faster, but with x² rounded to float32 the normal and the
+    (Float32 partial sums per sample are faster, but with x² rounded to float32 the normal and the
     batch-invariant modes, 1e-6 apart after test_batch_invariant's 20 steps, parted by 3e-3: not taken.)"""
     aw, k = widen(a)  # (M/k, k*C)
     s, ss = np.zeros(aw.shape[1]), np.zeros(aw.shape[1])

@@ -5,7 +5,7 @@ x[:, i::s, j::s, :] of shape (N, OH, OW, C), so pooling is k*k elementwise passe
 Max pooling records, per output, the index (uint8, row-major in the window) of the first maximum, which is the
 element PyTorch routes the gradient to when a window has ties.
 
-The common 2x2 / stride 2 case on even sizes has its own path, ~4x faster here: reduce column pairs, then row pairs
+The common 2x2 / stride 2 case on even sizes has its own, faster path: reduce column pairs, then row pairs
 of the (N, H, W/2, C) result (long contiguous runs), keeping two boolean "second one won" masks instead of indices.
 Ties still go to the first element in row-major order: within a row the left one wins, across rows the top one.
 """

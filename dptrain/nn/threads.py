@@ -14,20 +14,20 @@ from threadpoolctl import ThreadpoolController, threadpool_info
 # Threads for the non-GEMM work: `set_threads(n)` with n > 1 splits the im2col / padding copies (conv.py), the
 # elementwise passes of BatchNorm (norm.py) and 2x2 max-pooling (pool.py) into n contiguous row blocks run
 # concurrently (numpy releases the GIL on large arrays). Reductions (BN moments, colsum, coldot) stay in the calling
-# thread: splitting them was measured slower here, and only elementwise work is split, so results are bitwise
-# identical for every thread count. ReLU and the residual add were measured too small to gain (~1 % of a step).
+# thread: splitting them costs more than it saves, and only elementwise work is split, so results are bitwise
+# identical for every thread count. ReLU and the residual add are too small a part of a step to gain from a split.
 # Default 1: everything runs in the calling thread.
 _threads = 1
 _pool: ThreadPoolExecutor | None = None
-_blas: ThreadpoolController | None = None  # each_thread's BLAS limit (a cached controller: ~3 us a limit, not ~100)
+_blas: ThreadpoolController | None = None  # each_thread's BLAS limit (a cached controller: far cheaper per limit than a new one)
 _busy = False  # each_thread's fan-out is running: every thread already has work, split_rows runs inline
 _short_spin = True  # match_blas_threads(short_spin=False) (config train.short_blas_spin) keeps OpenBLAS's wait
-PAR_MIN_ELEMS = 1 << 16  # below this a kernel runs in the calling thread (pool hand-off costs ~10-50 us)
+PAR_MIN_ELEMS = 1 << 16  # below this a kernel runs in the calling thread (there the pool hand-off costs more than it saves)
 
 
-# OpenBLAS worker threads busy-wait for 2**28 cycles (~0.1 s) after each parallel GEMM before sleeping, i.e. through
-# every non-GEMM kernel between two GEMMs, taking the second core from our pool thread (measured: no gain at all).
-# With threads > 1 we shorten that wait to 2**16 cycles (~25 us) unless the user set OPENBLAS_THREAD_TIMEOUT.
+# OpenBLAS worker threads busy-wait for 2**28 cycles after each parallel GEMM before sleeping, i.e. through
+# every non-GEMM kernel between two GEMMs, taking the second core from our pool thread, which then gains nothing.
+# With threads > 1 we shorten that wait to 2**16 cycles unless the user set OPENBLAS_THREAD_TIMEOUT.
 _BLAS_SPIN_SHORT = 16
 _BLAS_SPIN_DEFAULT = 28  # OpenBLAS's compiled-in THREAD_TIMEOUT
 

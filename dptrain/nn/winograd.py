@@ -20,11 +20,10 @@ dU[p] = V[p]^T @ dM[p] (V kept from the forward), then dg = G^T dU G. dx: for st
 the same convolution of dout with the spatially flipped, channel-transposed kernel, so it reuses the forward.
 
 Work is done in chunks of whole images (`_chunk`, from the layer's shape only) so the padded copy, the row-stage
-buffer and M stay in cache (a full-batch M was measured up to 2-4x slower to write than cache-resident chunks); V
+buffer and M stay in cache (a full-batch M is much slower to write than cache-resident chunks); V
 (needed by dW) is full-batch. dW's dM is made chunk by chunk too, each chunk's product V^T dM into a slot of its
 own, the slots added in chunk order, where those slots (chunks x C x F x 16) are at most half of a whole-batch dM
-(T x F x 16): the 32x32 and 16x16 layers (at batch 64, 1 thread: 36.6 -> 24.2 ms and 22.9 -> 21.3 for dM and dU;
-2 threads 25.8 -> 18.6 and 14.6 -> 10.4); the 8x8 layers, with few tiles and many channels, take the whole batch as
+(T x F x 16): the 32x32 and 16x16 layers, where that moves less memory; the 8x8 layers, with few tiles and many channels, take the whole batch as
 one chunk. The elementwise transforms of a chunk are split over its rows of tiles (or, for dM, its images) with
 threads.split_rows (disjoint outputs) when one thread has the chunks; GEMMs are numpy/BLAS. Nothing depends on the
 thread count. For odd H or W the forward output is a view (the interior of a (N, 2th, 2tw, F) buffer), like
@@ -32,9 +31,9 @@ conv.py's col2im dx.
 
 float32 error (max|err| / max|ref| against float64): <= 8.7e-7 on the default model's layers (im2col: 7.2e-7),
 3.4e-6 for dW of a 3-channel 64x64 layer; tests/test_winograd.py bounds it by 1e-5. F(4x4, 3x3) (6x6 tiles, 36
-GEMMs, 4x fewer multiplies than im2col) was prototyped with GEMM-based transforms: 0.49-0.62x im2col on the 32x32
-and 16x16 layers on 1 thread but no better than F(2x2) at 8x8, slower than im2col at 32x32 on 2 threads, and its
-float32 error is 15-25x larger (1.2e-5): not kept.
+GEMMs, 4x fewer multiplies than im2col) was prototyped with GEMM-based transforms: faster than im2col on the larger
+layers on 1 thread but no better than F(2x2) at 8x8, slower than im2col at 32x32 on 2 threads, and its float32
+error is 15-25x larger (1.2e-5): not kept (docs/performance-notes.md).
 """
 from __future__ import annotations
 
@@ -46,7 +45,7 @@ from .functional import colsum
 from .threads import each_thread, split_rows, threads
 from .workspace import Workspace, scratch
 
-CHUNK_BYTES = 1 << 22  # per-chunk working set (padded copy + row stage + M): 4 MiB measured best of 2, 4, 8 MiB over 1 and 2 threads
+CHUNK_BYTES = 1 << 22  # per-chunk working set (padded copy + row stage + M): small enough to stay in cache
 
 
 class WinoCache(NamedTuple):
@@ -179,8 +178,7 @@ def _conv(x, U, ws, tag, V=None, s=SAME):
 
     With several threads and several chunks, each thread takes whole chunks (t, t + threads, ...) with buffers of
     its own and one BLAS thread: a chunk's GEMMs are small and its passes short, so splitting each chunk's rows
-    over the threads (the one-chunk case) scaled poorly (the 32x32 layer's forward at batch 64: 32.6 ms on 2
-    threads against 31.0 on 1; by chunks 19.4). The same operations on the same data either way: the same bits."""
+    over the threads (the one-chunk case) scaled poorly. The same operations on the same data either way: the same bits."""
     N, H, W, C = x.shape
     F = U.shape[2]
     th, tw = _tiles(H, W)

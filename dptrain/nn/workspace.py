@@ -7,8 +7,8 @@ import numpy as np
 class Workspace:
     """One reusable buffer per tag. A request no larger than the largest so far is a view of the front of the same
     memory, so switching between batch sizes (training shards, an evaluation's short last batch) allocates nothing:
-    a fresh buffer's first touch costs page faults, measured at ~16 us per 4 KiB page in this project's VMs (a
-    training step after an evaluation took 9,700 faults when every shape change reallocated). `zero_new` buffers are
+    a fresh buffer's first touch costs a page fault per page (a training step after an evaluation took thousands
+    when every shape change reallocated). `zero_new` buffers are
     zero when new, and zeroed again when the requested shape changes (their callers rely on untouched zero borders)."""
 
     def __init__(self) -> None:
