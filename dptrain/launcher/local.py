@@ -105,7 +105,7 @@ def launch_local(cfg: Config, resume: bool | str = False, stop_at_step: int = 0,
         cores = physical_cores()
         if n > cores:  # the same mathematics, but smaller shards computed less efficiently on shared cores
             lg.warning(f"{n} workers on {cores} physical core(s): they take turns on the cores and each computes a "
-                       f"smaller shard, less efficiently (8 workers on 2 cores measured ~0.9x the images/s of 2); "
+                       f"smaller shard, less efficiently (docs/benchmarks.md has the measured cost); "
                        f"--workers auto starts one per physical core")
         session.start_workers(cfg, pysocket.gethostname(), [out / "logs" / f"rank{r}.log" for r in range(n)])
         lg.info(f"all {n} workers ready")
