@@ -66,6 +66,7 @@ def two_by_two(c, data, out, *extra):
 
 # ---- 1. same weights as one host ---------------------------------------------------------------------------------
 @pytest.mark.timeout(90)
+@pytest.mark.numerics
 def test_two_hosts_two_slots_match_one_host_four_workers(data, reference, tmp_path):
     with cluster(2, slots=2) as c:
         out = tmp_path / "run"

@@ -15,6 +15,8 @@ from dptrain.executors import LocalExecutor
 from dptrain.optim import CHUNK, SGD, chunk_squares, clip_factor, lr_at, sum_of_squares
 from dptrain.train import Trainer
 
+pytestmark = pytest.mark.numerics  # run a second time on the AVX2 kernels: make test-avx2
+
 
 # ---- schedule ----------------------------------------------------------------------------------------------------
 def _lr_reference(step, base, warmup, total, min_lr):
@@ -194,7 +196,6 @@ def gamma(k: int, u: float = 2.0 ** -53) -> float:
     return k * u / (1 - k * u)
 
 
-@pytest.mark.numerics
 def test_sum_of_squares_float64_accurate():
     """The bound of optim.sum_of_squares' docstring, which holds whatever order any kernel adds in: float32 squares
     are exact in float64, a block of n <= CHUNK of them is summed with n - 1 roundings, B block sums with B - 1, so
@@ -213,7 +214,6 @@ def test_sum_of_squares_float64_accurate():
     assert sum_of_squares(big) == 10 * float(big[0]) ** 2  # exact: a square has 48 bits, 10 of them 52
 
 
-@pytest.mark.numerics
 def test_sum_of_squares_same_bits_any_threads_and_alignment():
     """The block sums are what workers, agents and the coordinator compute on their slices and compare bitwise: they
     must not depend on the nn thread count (the blocks are split over the threads) or on where the buffer starts."""
