@@ -66,6 +66,9 @@ def avx2_env() -> dict[str, str]:
 def main(argv: list[str]) -> None:
     if not argv or argv[0] != "avx2":
         raise SystemExit("usage: python tests/kernels.py avx2 [pytest arguments]")
+    _, found = _numpy_targets()
+    if not (found.get("AVX2") and found.get("FMA3")):
+        raise SystemExit("tests/kernels.py avx2: this CPU has no AVX2 and FMA: OpenBLAS's Haswell kernels cannot run")
     env = {**os.environ, **avx2_env()}
     os.execve(sys.executable, [sys.executable, "-m", "pytest", *argv[1:]], env)
 
