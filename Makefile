@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 DATA   ?= data/synth
 WORKERS ?= 2
 
-.PHONY: venv demo test lint data bench clean
+.PHONY: venv demo test test-avx2 lint data bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ lint: $(VENV)/.installed
 
 test: lint
 	$(PY) -m pytest -q tests
+
+# The numerics-sensitive tests (pytest -m numerics) again on the AVX2 kernels of OpenBLAS, NumPy and PyTorch, as an
+# AVX2-only CPU runs them: on an AVX-512 machine too (tests/kernels.py sets the variables; the session refuses to
+# start unless the kernels really changed). docs/development.md.
+test-avx2: lint
+	$(PY) tests/kernels.py avx2 -q -m numerics tests
 
 bench: $(VENV)/.installed
 	$(PY) -m dptrain bench --workers 1,2 --out bench-out

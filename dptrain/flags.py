@@ -136,7 +136,7 @@ def add_launch_flags(p: argparse.ArgumentParser) -> None:
     h.add_argument("--wait-agents-s", type=float, default=120.0, help="how long to wait for every host's READY")
     h.add_argument("-x", dest="export", action="append", metavar="NAME[=VALUE]",
                    help="forward an environment variable to the hosts (mpirun's -x; NAME alone: this value); "
-                        "also ./.dptrain_env (NAME=VALUE lines) and OMP_*, OPENBLAS_*, MKL_* set here")
+                        "also ./.dptrain_env (NAME=VALUE lines) and OMP_*, OPENBLAS_*, MKL_*, NPY_* set here")
     h.add_argument("--tee", type=int, default=None, metavar="RANK",
                    help="also show this worker rank's log lines on the console (one host; each rank's full log "
                         "is in RUN/logs/)")

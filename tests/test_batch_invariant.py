@@ -11,6 +11,8 @@ from dptrain.distributed import invariant
 from dptrain.distributed.executor import split_by_slots
 from dptrain.train import run_local
 
+pytestmark = pytest.mark.numerics  # run a second time on the AVX2 kernels: make test-avx2
+
 # batch 29 with blocks of 4: 7 whole blocks and one of 1; steps_per_epoch 7 with drop_last off ends each epoch on a
 # short batch too (169 train images = 5 * 29 + 24 ... whatever the split: both N see the same batches)
 INV = dict(dist__bn="sync", train__batch_size=29, train__batch_invariant_block=4, train__epochs=4,

@@ -15,6 +15,8 @@ from dptrain.nn.model import build_model
 from dptrain.nn.params import ParamStore
 from dptrain.nn.pool import maxpool2d_backward, maxpool2d_forward
 
+pytestmark = pytest.mark.numerics  # run a second time on the AVX2 kernels: make test-avx2
+
 
 def _model(textbook: bool):
     cfg = make_config({"model.widths": [8, 16], "model.res_width": 16, "model.hidden": 32})

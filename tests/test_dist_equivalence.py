@@ -18,6 +18,8 @@ from gradcheck import norm_rel_error, rel_error
 
 from dptrain.train import prepare, run_local
 
+pytestmark = pytest.mark.numerics  # run a second time on the AVX2 kernels: make test-avx2
+
 # He init (not the default PyTorch one, whose 2.4x smaller conv weights train faster): over 20 steps the float32
 # rounding differences of the two reduction orders stay ~1e-8 here, where PyTorch's init lets a ReLU / max-pool flip
 # after ~10 steps lift them to ~1e-3 (still 1e-8 through 6 steps)

@@ -10,6 +10,8 @@ from gradcheck import norm_rel_error
 
 from dptrain.distributed.reduce import ROWS, Factors, local_factors_pay, one_host_factored, reduce_range
 
+pytestmark = pytest.mark.numerics  # run a second time on the AVX2 kernels: make test-avx2
+
 WIDE = dict(model__hidden=256, train__batch_size=31, train__epochs=2)
 
 

@@ -11,6 +11,8 @@ from distutil import arrays, inject_faults, launch_inproc, step_records, tiny_cf
 
 from dptrain.optim import CHUNK, SGD, add_blocks, chunk_slices, chunk_squares, sum_of_squares
 
+pytestmark = pytest.mark.numerics  # run a second time on the AVX2 kernels: make test-avx2
+
 WIDE = dict(model__hidden=256, train__batch_size=31, train__epochs=2)
 
 

@@ -20,6 +20,8 @@ from dptrain.distributed.wire import add16, apply_update16, encode16, receive_we
 from dptrain.inference.model_file import load_model
 from dptrain.optim import SGD
 
+pytestmark = pytest.mark.numerics  # run a second time on the AVX2 kernels: make test-avx2
+
 
 def test_small_gradients_survive_float16():
     rng = np.random.default_rng(0)

@@ -22,6 +22,8 @@ from dptrain.nn.params import ParamStore
 from dptrain.optim import CHUNK
 from dptrain.train import prepare, run_local
 
+pytestmark = pytest.mark.numerics  # run a second time on the AVX2 kernels: make test-avx2
+
 
 def test_decay_is_a_time_constant_in_epochs():
     assert decay_for(0, 22) == 0.0

@@ -29,6 +29,7 @@ def trained(tmp_path_factory):
     return data, ckpt, cfg, class_names, x, model.forward(x, train=False)
 
 
+@pytest.mark.numerics
 def test_onnx_runs_in_onnxruntime_like_our_model(trained, tmp_path):
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
@@ -85,6 +86,7 @@ def test_onnx_metadata_is_enough_to_use_the_model(trained, tmp_path):
         assert p.max() == pytest.approx(q, abs=1e-4)
 
 
+@pytest.mark.numerics
 def test_torch_state_dict_loads_strictly_into_the_twin(trained, tmp_path):
     torch = pytest.importorskip("torch")
     from dptrain.config import ModelConfig

@@ -113,7 +113,8 @@ def test_filter_of_filter_keeps_original_slot_ids():
 
 
 def test_environment_forwarded_to_the_hosts(tmp_path, monkeypatch):
-    """OMP_* / OPENBLAS_* / MKL_* set here, ./.dptrain_env, then -x NAME[=VALUE] (later wins); quoted for ssh."""
+    """OMP_* / OPENBLAS_* / MKL_* / NPY_* set here (threads, kernel choices), ./.dptrain_env, then -x NAME[=VALUE]
+    (later wins); quoted for ssh."""
     import shlex
 
     import pytest
@@ -121,10 +122,12 @@ def test_environment_forwarded_to_the_hosts(tmp_path, monkeypatch):
     from dptrain.launcher.hosts import forwarded_env, remote_command
     env_file = tmp_path / ".dptrain_env"
     env_file.write_text("# site settings\nDATA_ROOT=/shared data\nOMP_PROC_BIND=close\n")
-    environ = {"OMP_NUM_THREADS": "4", "MKL_DEBUG_CPU_TYPE": "5", "HOME": "/root", "WANDB_KEY": "k", "PATH": "/bin"}
+    environ = {"OMP_NUM_THREADS": "4", "MKL_DEBUG_CPU_TYPE": "5", "HOME": "/root", "WANDB_KEY": "k", "PATH": "/bin",
+               "OPENBLAS_CORETYPE": "Haswell", "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL"}
     got = forwarded_env(["WANDB_KEY", "MODE=fast", "OMP_PROC_BIND=spread"], environ, env_file)
     assert got == {"OMP_NUM_THREADS": "4", "MKL_DEBUG_CPU_TYPE": "5", "DATA_ROOT": "/shared data",
-                   "OMP_PROC_BIND": "spread", "WANDB_KEY": "k", "MODE": "fast"}
+                   "OMP_PROC_BIND": "spread", "WANDB_KEY": "k", "MODE": "fast", "OPENBLAS_CORETYPE": "Haswell",
+                   "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL"}
     line = remote_command(["/usr/bin/python3", "-m", "dptrain", "agent"], got)
     words = shlex.split(line)
     assert words[words.index("exec") + 1] == "env" and "DATA_ROOT=/shared data" in words

@@ -114,6 +114,7 @@ def _impostor(endpoint: str, run_id: str, stop: threading.Event, got: list, sent
     ctx.term()
 
 
+@pytest.mark.numerics
 @pytest.mark.timeout(120)
 def test_a_process_without_the_token_is_refused_and_changes_nothing(tiny_data, tmp_path):
     with start(tiny_data, tmp_path / "clean", train__steps_per_epoch=5) as la:

@@ -13,6 +13,8 @@ from dptrain.distributed import localsum, protocol as P
 from dptrain.distributed.localsum import LocalSum
 from dptrain.distributed.peer import Preempted
 
+pytestmark = pytest.mark.numerics  # run a second time on the AVX2 kernels: make test-avx2
+
 
 class FakeLink:
     def __init__(self, step=0, attempt=0, inbox=None):

@@ -47,6 +47,7 @@ def run_hosts(c, data, out, *extra, **train):
 
 # ---- the same bits as the star -----------------------------------------------------------------------------------
 @pytest.mark.timeout(120)
+@pytest.mark.numerics
 def test_mesh_equals_star_bitwise_and_float16_replicas_stay_identical(data, tmp_path):
     """float32: the owners sum in host order, exactly what the coordinator does on the star. Both: every host's
     weights are checked against the synced state after every step (a mismatch aborts the run). With the factored

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from distutil import ROOT, flood
 from gradcheck import rel_error
+from kernels import kernel_env
 from multihost_util import (
     agent,
     dptrain_pids,
@@ -34,6 +35,7 @@ from multihost_util import (
 from netns import cluster, require_netns
 
 from dptrain.distributed import protocol as P
+from dptrain.distributed.hosts import FORWARD_PREFIXES
 from dptrain.distributed.versions import local_versions
 
 STEPS = 5  # steps of the equivalence runs: one epoch of the tiny data set (169 train images, batch 32)
@@ -64,6 +66,7 @@ def two_by_two(c, data, out, *extra):
 
 # ---- 1. same weights as one host ---------------------------------------------------------------------------------
 @pytest.mark.timeout(90)
+@pytest.mark.numerics
 def test_two_hosts_two_slots_match_one_host_four_workers(data, reference, tmp_path):
     with cluster(2, slots=2) as c:
         out = tmp_path / "run"
@@ -228,10 +231,14 @@ def _launch_with_remote_python(c, py: Path, data: Path, out: Path, tmp_path: Pat
 @pytest.mark.timeout(90)
 def test_environment_reaches_every_host(data, tmp_path):
     """-x NAME=VALUE, -x NAME (this value), ./.dptrain_env and OMP_* set here: each host's agent starts with them
-    (its python is a wrapper that records what it got, then runs the real one)."""
+    (its python is a wrapper that records what it got, then runs the real one). The kernel choices this session runs
+    with (none in `make test`; OPENBLAS_CORETYPE, NPY_DISABLE_CPU_FEATURES under `make test-avx2`) reach the hosts
+    too, and are part of the expected list, not of the caller's environment leaking into it."""
+    kern = {k: v for k, v in kernel_env().items() if k.startswith(FORWARD_PREFIXES)}
     with cluster(2, slots=1) as c:
-        py = _wrapper(tmp_path, "py", f'echo "$(ip netns identify $$) $PROBE_A $PROBE_B $PROBE_C $OMP_PROC_BIND" '
-                                       f'>> {tmp_path}/seen\nexec {sys.executable} "$@"\n')
+        py = _wrapper(tmp_path, "py", f'echo "$(ip netns identify $$) $PROBE_A $PROBE_B $PROBE_C $OMP_PROC_BIND'
+                                       f'|$OPENBLAS_CORETYPE|$NPY_DISABLE_CPU_FEATURES" >> {tmp_path}/seen\n'
+                                       f'exec {sys.executable} "$@"\n')
         (ROOT / ".dptrain_env").write_text("PROBE_C=from_file\n")  # the launcher runs in ROOT
         try:
             os.environ.update(PROBE_B="from_here", OMP_PROC_BIND="close")
@@ -243,8 +250,10 @@ def test_environment_reaches_every_host(data, tmp_path):
                 os.environ.pop(k, None)
         assert rc == 0, log
         seen = sorted((tmp_path / "seen").read_text().split("\n")[:-1])
-        assert seen == [f"{c.namespace(h)} given from_here from_file close" for h in ("h1", "h2")], seen
-        assert "environment forwarded to the hosts: OMP_PROC_BIND, PROBE_A, PROBE_B, PROBE_C" in log
+        tail = f"|{kern.get('OPENBLAS_CORETYPE', '')}|{kern.get('NPY_DISABLE_CPU_FEATURES', '')}"
+        assert seen == [f"{c.namespace(h)} given from_here from_file close{tail}" for h in ("h1", "h2")], seen
+        names = sorted({"OMP_PROC_BIND", "PROBE_A", "PROBE_B", "PROBE_C", *kern})
+        assert f"environment forwarded to the hosts: {', '.join(names)}" in log
 
 
 @pytest.mark.timeout(90)

@@ -16,6 +16,8 @@ from dptrain.nn import conv, functional, norm, pool
 from dptrain.nn.loss import softmax_cross_entropy
 from dptrain.nn.workspace import Workspace
 
+pytestmark = pytest.mark.numerics  # run a second time on the AVX2 kernels: make test-avx2
+
 TOL = 1e-6
 
 CONV_CASES = [  # (N, H, W, C, F, k, stride, pad)

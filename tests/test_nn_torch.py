@@ -19,6 +19,8 @@ from dptrain.nn.loss import softmax_cross_entropy
 from dptrain.nn.params import ParamStore
 from dptrain.nn.torch_ref import build_torch_model, from_torch_layout, load_weights, twin_tensors
 
+pytestmark = pytest.mark.numerics  # run a second time on the AVX2 kernels: make test-avx2
+
 torch = pytest.importorskip("torch")
 nn = torch.nn
 

@@ -12,8 +12,10 @@ from helpers import make_config
 from dptrain.compute import shard_gradient
 from dptrain.data.dataset import Dataset
 from dptrain.executors import LocalExecutor
-from dptrain.optim import SGD, clip_factor, lr_at, sum_of_squares
+from dptrain.optim import CHUNK, SGD, chunk_squares, clip_factor, lr_at, sum_of_squares
 from dptrain.train import Trainer
+
+pytestmark = pytest.mark.numerics  # run a second time on the AVX2 kernels: make test-avx2
 
 
 # ---- schedule ----------------------------------------------------------------------------------------------------
@@ -189,14 +191,42 @@ def test_clip_factor():
 
 
 # ---- sum of squares ------------------------------------------------------------------------------------------------
+def gamma(k: int, u: float = 2.0 ** -53) -> float:
+    """Higham's γ(k) = k·u / (1 - k·u): the relative error bound of k roundings of a sum of non-negative terms."""
+    return k * u / (1 - k * u)
+
+
 def test_sum_of_squares_float64_accurate():
+    """The bound of optim.sum_of_squares' docstring, which holds whatever order any kernel adds in: float32 squares
+    are exact in float64, a block of n <= CHUNK of them is summed with n - 1 roundings, B block sums with B - 1, so
+    the relative error is at most γ(CHUNK + B - 2); math.fsum's reference is correctly rounded (one more u)."""
     rng = np.random.default_rng(4)
-    g = (rng.standard_normal((1 << 21) + 12345) * 1e-2).astype(np.float32)  # 3 chunks, the last one partial
+    g = (rng.standard_normal((1 << 21) + 12345) * 1e-2).astype(np.float32)  # 33 chunks, the last one partial
     g[::1000] = 3.0  # a few large entries among many small ones
     exact = math.fsum((g.astype(np.float64) ** 2).tolist())
-    # float32 block dots accumulated in float64: the clip decision needs ~6 digits, not 13 (optim.sum_of_squares)
-    assert abs(sum_of_squares(g) - exact) / exact < 1e-6
+    blocks = -(-g.size // CHUNK)
+    assert abs(sum_of_squares(g) - exact) / exact <= gamma(CHUNK + blocks - 1)  # 7.3e-12
+    wide = g.astype(np.float64)  # float64 input: one more rounding per square
+    assert abs(sum_of_squares(wide) - exact) / exact <= gamma(CHUNK + blocks + 1)
     assert sum_of_squares(np.zeros(0, np.float32)) == 0.0
     assert sum_of_squares(np.array([3.0, 4.0], np.float32)) == 25.0
     big = np.full(10, 1e30, np.float32)  # squares overflow float32 but not float64
-    assert sum_of_squares(big) == pytest.approx(1e61, rel=1e-6)
+    assert sum_of_squares(big) == 10 * float(big[0]) ** 2  # exact: a square has 48 bits, 10 of them 52
+
+
+def test_sum_of_squares_same_bits_any_threads_and_alignment():
+    """The block sums are what workers, agents and the coordinator compute on their slices and compare bitwise: they
+    must not depend on the nn thread count (the blocks are split over the threads) or on where the buffer starts."""
+    from dptrain.nn import threads
+    g = (np.random.default_rng(5).standard_normal(5 * CHUNK + 77) * 1e-2).astype(np.float32)
+    prev = threads.set_threads(1)
+    try:
+        one = chunk_squares(g)
+        threads.set_threads(3)
+        assert np.array_equal(chunk_squares(g), one)
+    finally:
+        threads.set_threads(prev)
+    shifted = np.empty(g.size + 1, np.float32)[1:]  # 4 bytes off the allocator's alignment
+    shifted[...] = g
+    assert np.array_equal(chunk_squares(shifted), one)
+    assert np.array_equal(chunk_squares(g[2 * CHUNK:]), one[2:])  # a worker's slice: the same entries

@@ -52,6 +52,7 @@ def full_run(data):
 
 
 @pytest.mark.parametrize("stop_at_step", [11, 8])  # mid-epoch 2; exactly at the epoch 1/2 boundary
+@pytest.mark.numerics
 def test_resume_is_bitwise_exact(data, full_run, stop_at_step):
     cfg_a, out_a, summary_a = full_run
     out_b = data / f"resumed{stop_at_step}"

@@ -22,6 +22,8 @@ from dptrain.nn.params import ParamStore
 from dptrain.nn.threads import set_threads
 from dptrain.nn.workspace import Workspace
 
+pytestmark = pytest.mark.numerics  # run a second time on the AVX2 kernels: make test-avx2
+
 F32_TOL = 1e-5
 F64_TOL = 1e-12
 
@@ -216,9 +218,9 @@ def test_against_torch_autograd(case, bias):
 @pytest.mark.parametrize("case, by_chunks", [((5, 7, 9, 24, 16), False), ((5, 12, 11, 4, 8), True)])
 def test_chunks_spread_over_threads_give_the_same_bits(monkeypatch, blas, case, by_chunks):
     """Several chunks and several threads: each thread takes whole chunks (its own buffers, one BLAS thread); the
-    forward, dx and dW bits equal one thread's (whatever the BLAS threads of that one thread: OpenBLAS never splits
-    the sums over K), with a partial last chunk and an odd size; dW from a whole-batch dM, or (few channels, many
-    tiles) from the chunks' own products added in chunk order."""
+    forward, dx and dW bits equal one thread's (with 2 BLAS threads too at these small sizes; a larger GEMM's bits
+    can change with the BLAS thread count on OpenBLAS's AVX2 kernels), with a partial last chunk and an odd size; dW
+    from a whole-batch dM, or (few channels, many tiles) from the chunks' own products added in chunk order."""
     N, H, W, C, F = case
     th, tw = winograd._tiles(H, W)
     assert (2 * 3 * C <= N * th * tw) is by_chunks  # 3 chunks of partial dU against one whole-batch dM
@@ -247,3 +249,25 @@ def test_chunks_spread_over_threads_give_the_same_bits(monkeypatch, blas, case, 
     for other in results[1:]:
         for a, c in zip(results[0], other):
             assert np.array_equal(a, c)
+
+
+@pytest.mark.parametrize("case", [(64, 32, 32, 32, 64), (64, 16, 16, 64, 128)])
+def test_chunked_layers_give_the_same_bits_on_one_and_two_threads(case):
+    """README (Figures): the 32x32 and 16x16 layers of the default model at batch 64, whose weight gradient is the
+    chunks' products added in chunk order, give the same bits on 1 thread as on 2 (nn threads = BLAS threads, as
+    match_blas_threads sets a process up): each thread's chunks run their GEMMs on one BLAS thread, as one thread's
+    do. Also on the AVX2 kernels, where a GEMM's bits can change with the BLAS thread count (make test-avx2)."""
+    N, H, W, C, F = case
+    th, tw = winograd._tiles(H, W)
+    assert 2 * 3 * C <= N * th * tw  # the chunked weight gradient, not a whole-batch dM
+    x, w, b, dout = data(case, np.float32)
+    results = []
+    for threads in (1, 2):
+        with threadpool_limits(threads, user_api="blas"):
+            prev = set_threads(threads)
+            try:
+                results.append(wino(x, w, b, dout, ws=Workspace()))
+            finally:
+                set_threads(prev)
+    for a, c in zip(*results):
+        assert np.array_equal(a, c)

@@ -61,12 +61,13 @@ def agent_argv(python: str, endpoint: str, run_id: str, index: int, host: HostSl
     return argv + (["--keys-stdin"] if keys == "-" else ["--keys", keys])
 
 
-FORWARD_PREFIXES = ("OMP_", "OPENBLAS_", "MKL_")  # threading knobs a user set here are meant for the hosts too
+# threading knobs and kernel choices (OPENBLAS_CORETYPE, NPY_DISABLE_CPU_FEATURES) set here are meant for the hosts too
+FORWARD_PREFIXES = ("OMP_", "OPENBLAS_", "MKL_", "NPY_")
 ENV_FILE = ".dptrain_env"
 
 
 def forwarded_env(names: list[str] | None, environ: dict | None = None, env_file: Path | None = None) -> dict:
-    """What the agents' environment gets from the launcher: OMP_* / OPENBLAS_* / MKL_* set here, the lines of
+    """What the agents' environment gets from the launcher: OMP_* / OPENBLAS_* / MKL_* / NPY_* set here, the lines of
     ./.dptrain_env (NAME=VALUE, # comments), then each `-x NAME[=VALUE]` (mpirun's spelling: NAME alone takes
     this environment's value). Later ones win. A bad name or a `-x NAME` that is not set is an error naming it."""
     environ = os.environ if environ is None else environ

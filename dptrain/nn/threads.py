@@ -115,8 +115,9 @@ def each_thread(fn: Callable[[int], None], n: int) -> None:
     while they run: each fn does its own GEMMs on its own part of the work (whole independent items, e.g. a
     convolution's chunks of images), no nested parallelism (their split_rows run inline). One thread (or n = 1):
     fn(0) alone, BLAS untouched, its split_rows over the threads.
-    A GEMM gives the same bits on 1 thread as on several here (OpenBLAS splits M and N, never the sums over K; the
-    Winograd tests check the layers bitwise against the row-split path)."""
+    Each fn's GEMMs run on one BLAS thread, as a one-thread process's do, so the bits are one thread's; a GEMM's own
+    bits can change with the BLAS thread count (OpenBLAS's AVX2 kernels: make test-avx2), so the bits of the fn(0)
+    path with several BLAS threads need not be (tests/test_winograd.py checks the layers on 1 and 2 threads)."""
     global _blas, _busy
     t = min(_threads, n)
     if t <= 1:
