@@ -144,6 +144,9 @@ class DistConfig:
     # 16384 x 512) and each owner computes its rows of dW = X^T dY over the whole batch (mesh.py)
     factored: bool = True
     timeline: str = ""  # write a Chrome-trace JSON of every phase to this file
+    # a folder for this host's shared-memory segments instead of /dev/shm (also $DPTRAIN_SHM_DIR): a larger tmpfs or
+    # a local disk when /dev/shm is too small, e.g. a container's 64 MB (docs/containers.md)
+    shm_dir: str = ""
 
 
 @dataclass

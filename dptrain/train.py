@@ -57,8 +57,8 @@ class Trainer:
         rng = np.random.default_rng(t.seed)
         self.store = ParamStore(np.float32)
         self.model = build_model(cfg.model, len(dataset.class_names), cfg.data.image_size, self.store, rng=rng)
-        if store_factory is not None:  # e.g. move the flat buffers into shared memory
-            store_factory(self.store)
+        if store_factory is not None:  # e.g. move the flat buffers into shared memory (launch.py)
+            store_factory(self.store, self.model, dataset)
         self.opt = sgd_for(self.store, t)
         self.sampler = Sampler(dataset.train_idx, t.batch_size, t.seed, t.drop_last, t.steps_per_epoch)
         self.steps_per_epoch = self.sampler.num_steps()
