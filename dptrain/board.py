@@ -15,7 +15,7 @@ import re
 import sys
 from pathlib import Path
 
-from . import log
+from . import install_hint, log
 
 STEP_KEYS = {"loss": "train/loss", "acc": "train/acc", "lr": "train/lr", "grad_norm": "train/grad_norm",
              "step_s": "time/step_s"}
@@ -53,7 +53,7 @@ class Board:
             return
         SummaryWriter = _writer_class()
         if SummaryWriter is None:
-            log.get().info("TensorBoard events are off: pip install 'dptrain[tensorboard]' (tensorboardX) to get "
+            log.get().info(f"TensorBoard events are off: {install_hint('tensorboard')} (tensorboardX) to get "
                            "them (train.tensorboard = false silences this)")
             return
         self.writer = SummaryWriter(str(Path(out) / "tensorboard"), purge_step=purge_step or None)

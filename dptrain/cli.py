@@ -22,112 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from pathlib import Path
 
-from . import config as config_mod, log
-
-
-def worker_count(text: str) -> int:
-    """--workers N, or `auto`: one worker per physical core."""
-    if text.strip().lower() == "auto":
-        from .distributed.session import physical_cores
-        return physical_cores()
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or auto, got {text!r}") from None
-
-
-# Short flags, each an alias of one config key: (flag, config key, type, choices, help). The one table both the
-# parser and the config resolution read; distributed-only ones are the `dist.` keys, offered by `launch` alone.
-TRAIN_FLAGS = [
-    ("--data", "data.path", str, None, "dataset folder or .tgz"),
-    ("--image-size", "data.image_size", int, None, "images are resized to this many pixels square"),
-    ("--min-images-per-class", "data.min_images_per_class", int, None, "drop classes with fewer images"),
-    ("--epochs", "train.epochs", int, None, None),
-    ("--batch-size", "train.batch_size", int, None, "global batch size"),
-    ("--lr", "train.lr", float, None, "peak learning rate"),
-    ("--out", "train.out", str, None, "run folder"),
-    ("--seed", "train.seed", int, None, None),
-    ("--batch-invariant", "train.batch_invariant_block", int, None,
-     "blocks of B samples summed exactly: bitwise the same weights for any worker count (needs --bn sync)"),
-    ("--workers", "dist.workers", worker_count, None,
-     "worker processes on this host (0: run in this process; auto: one per physical core)"),
-    ("--bn", "dist.bn", str, ["stats", "sync"], None),
-    ("--on-worker-failure", "dist.on_worker_failure", str, ["abort", "continue"], None),
-    ("--max-worker-restarts", "dist.max_worker_restarts", int, None,
-     "under --on-worker-failure continue: replace a lost worker (or ssh-started host agent) at most N times"),
-    ("--bind", "dist.bind", str, None, "interface the coordinator listens on"),
-    ("--port", "dist.port", int, None, "coordinator port (0: pick a free one)"),
-    ("--timeline", "dist.timeline", str, None, "write a Chrome-trace JSON of every phase"),
-    ("--checkpoint-every", "train.checkpoint_every_steps", int, None, "also write last.npz every N steps"),
-    ("--keep-checkpoints", "train.keep_checkpoints", int, None,
-     "with --checkpoint-every: keep the last K as step-NNNNNNNN.npz"),
-    ("--checkpoint-signal", "train.checkpoint_signal", str, None,
-     "a signal (USR1) that means preempted: checkpoint and exit 75"),
-    ("--wire-dtype", "dist.wire_dtype", str, ["float32", "float16"], None),
-    ("--plane", "dist.plane", str, ["mesh", "star"], "across hosts: agents reduce among themselves, or via the "
-     "coordinator"),
-]
-
-
-# mpirun / horovodrun / torchrun spellings users type out of habit
-FLAG_ALIASES = {"--workers": ("-np", "--nproc-per-node")}
-
-
-def _dest(flag: str) -> str:
-    return flag[2:].replace("-", "_")
-
-
-def add_train_flags(p: argparse.ArgumentParser, distributed: bool = False) -> None:
-    g = p.add_argument_group("training (each is an alias of a config key; --section.key=value sets any key)")
-    g.add_argument("--config", help="TOML file with [data] [model] [train] [dist] tables")
-    g.add_argument("--resume", nargs="?", const="yes", choices=["yes", "auto"], default=None,
-                   help="continue from OUT/last.npz (an error if there is none); --resume auto: continue if it "
-                        "exists, start fresh otherwise (requeued jobs, scripts)")
-    g.add_argument("--stop-at-step", type=int, default=0, help="stop (with a checkpoint) once this step is reached")
-    d = p.add_argument_group("distribution") if distributed else None
-    for flag, key, typ, choices, text in TRAIN_FLAGS:
-        if key.startswith("dist.") and d is None:
-            continue
-        (d if key.startswith("dist.") else g).add_argument(flag, *FLAG_ALIASES.get(flag, ()), type=typ, choices=choices,
-                                                           help=f"{text} ({key})" if text else f"({key})")
-
-
-def parse_overrides(extra: list[str]) -> dict[str, str]:
-    """`--section.key=value` or `--section.key value` -> {section.key: value}."""
-    out, i = {}, 0
-    while i < len(extra):
-        arg = extra[i]
-        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
-            raise SystemExit(f"dptrain: unknown argument {arg!r} (config keys look like --train.lr=0.1)")
-        key, eq, value = arg[2:].partition("=")
-        if not eq:
-            if i + 1 >= len(extra):
-                raise SystemExit(f"dptrain: {arg} needs a value")
-            i += 1
-            value = extra[i]
-        out[key.replace("-", "_")] = value
-        i += 1
-    return out
-
-
-def resolve_config(args: argparse.Namespace, extra: list[str]) -> config_mod.Config:
-    overrides = {}
-    for flag, key, *_ in TRAIN_FLAGS:
-        v = getattr(args, _dest(flag), None)
-        if v is not None:
-            overrides[key] = str(v)
-    overrides.update(parse_overrides(extra))
-    base = args.config
-    out = overrides.get("train.out")
-    if args.resume and not base and out and (Path(out) / "config.toml").exists():
-        base = str(Path(out) / "config.toml")  # a resumed run keeps its own config unless told otherwise
-    try:
-        return config_mod.load(base, overrides)
-    except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"dptrain: config error: {e}") from None
+from . import log
+from .flags import add_launch_flags, add_train_flags, resolve_config
+from .train import exit_code
 
 
 def cmd_train(args, extra) -> int:
@@ -136,7 +36,7 @@ def cmd_train(args, extra) -> int:
     cfg = resolve_config(args, extra)
     factory = LocalExecutor
     if args.replay_workers or args.replay_layout:  # a distributed run's exact sums, in this process
-        from .replay import parse_layout, read_membership, replay_executor
+        from .distributed.replay import parse_layout, read_membership, replay_executor
         try:
             membership = read_membership(args.replay_membership) if args.replay_membership else None
             factory = replay_executor(parse_layout(args.replay_workers, args.replay_layout), membership)
@@ -148,23 +48,16 @@ def cmd_train(args, extra) -> int:
     return exit_code(summary)
 
 
-def exit_code(summary: dict) -> int:
-    """0 done (or stopped at --stop-at-step); EXIT_PREEMPTED (75) stopped by train.checkpoint_signal; 130 stopped
-    by Ctrl-C / SIGTERM."""
-    from .train import EXIT_PREEMPTED
-    return EXIT_PREEMPTED if summary.get("preempted") else 130 if summary.get("stop_requested") else 0
-
-
 def cmd_launch(args, extra) -> int:
     cfg = resolve_config(args, extra)
-    from .distributed.launch import _many_hosts, launch
-    from .invariant import check_launch
+    from .distributed.invariant import check_launch
+    from .launcher.launch import _many_hosts, launch
     check_launch(cfg, _many_hosts(args))
     return launch(cfg, args)
 
 
 def cmd_eval(args, extra) -> int:
-    from .evaluate import evaluate_checkpoint
+    from .inference.evaluate import evaluate_checkpoint
     try:
         result = evaluate_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size)
     except (ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError; both messages name the path
@@ -174,7 +67,7 @@ def cmd_eval(args, extra) -> int:
 
 
 def cmd_predict(args, extra) -> int:
-    from .predict import FORMATS, predict
+    from .inference.predict import FORMATS, predict
     try:
         result = predict(args.checkpoint, args.paths, top_k=args.top_k, batch_size=args.batch_size)
     except (ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError; the messages name the path
@@ -187,7 +80,7 @@ def cmd_predict(args, extra) -> int:
 
 
 def cmd_export(args, extra) -> int:
-    from .export import export
+    from .inference.export import export
     try:
         summary = export(args.checkpoint, args.format, args.out)
     except (ValueError, FileNotFoundError) as e:
@@ -207,31 +100,72 @@ def cmd_data_synth(args, extra) -> int:
 
 
 def cmd_data_digits(args, extra) -> int:
-    from .bench_tta import make_digits
+    from .bench.tta import make_digits
     print(json.dumps(make_digits(args.out, args.image_size)))
     return 0
 
 
 def cmd_bench(args, extra) -> int:
-    from .bench import main as bench_main
+    from .bench.command import main as bench_main
     return bench_main(args, extra)
 
 
 def cmd_plot(args, extra) -> int:
-    from .plot import plot_run
+    from .inference.plot import plot_run
     path = plot_run(args.run, args.output)
     print(path)
     return 0
 
 
 def cmd_plan(args, extra) -> int:
-    from .plan_cli import main as plan_main
+    from .plan.command import main as plan_main
     return plan_main(args, extra)
 
 
 def cmd_soak(args, extra) -> int:
-    from .soak import main as soak_main
+    from .soak.command import main as soak_main
     return soak_main(args, extra)
+
+
+def add_internal_commands(sub) -> None:
+    """Commands that launch, agents and operators start: worker, agent, keys."""
+    w = sub.add_parser("worker", help="(internal) a worker process; started by launch or an agent")
+    w.add_argument("--connect", required=True)
+    w.add_argument("--rank", type=int, required=True)
+    w.add_argument("--run", required=True)
+    w.set_defaults(func=_cmd_worker)
+
+    k = sub.add_parser("keys", help="make a run's CURVE keys in advance (coordinator.json, agent.json; 0600)")
+    k.add_argument("--out", required=True, help="folder for coordinator.json and agent.json")
+    from .distributed.curve import cmd_keys
+    k.set_defaults(func=cmd_keys)
+
+    a = sub.add_parser("agent", help="a host's agent: starts its workers, reduces their gradients (multi-host)")
+    a.add_argument("--connect", default=None,
+                   help="the coordinator, tcp://HOST:PORT (default: MASTER_ADDR and MASTER_PORT, as torchrun sets)")
+    a.add_argument("--run", default=os.environ.get("DPTRAIN_RUN_ID") or os.environ.get("TORCHELASTIC_RUN_ID"),
+                   help="the run id the coordinator printed (default: $DPTRAIN_RUN_ID or $TORCHELASTIC_RUN_ID)")
+    a.add_argument("--host-index", type=int, default=None,
+                   help="this host's position in the hostfile (default: from SLURM_NODEID / OMPI / DPTRAIN_RANK)")
+    a.add_argument("--slots", type=int, default=1, help="workers on this host")
+    a.add_argument("--keys", help="the run's agent key file (no-ssh mode)")
+    a.add_argument("--keys-stdin", action="store_true", help="read the keys from stdin; exit when stdin closes (ssh)")
+    a.add_argument("--wait-keys-s", type=float, default=60.0, help="wait this long for --keys to appear")
+    a.add_argument("--host-label", default=None, help="name for logs (default: hostname)")
+    a.add_argument("--join", action="store_true",
+                   help="take the place of a lost host in a running job (--on-worker-failure continue); "
+                        "with --host-index, that one if it is lost, else any lost host with as many slots")
+    a.set_defaults(func=_cmd_agent)
+
+
+def _cmd_worker(args, extra) -> int:
+    from .distributed.worker import run_worker
+    return run_worker(args.connect, args.rank, args.run)
+
+
+def _cmd_agent(args, extra) -> int:
+    from .distributed.agent import run_agent
+    return run_agent(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -253,11 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     la = sub.add_parser("launch", help="train with a coordinator and worker processes")
     add_train_flags(la, distributed=True)
-    from .distributed.launch import add_launch_flags
     add_launch_flags(la)
     la.set_defaults(func=cmd_launch)
 
-    from .distributed.launch import add_internal_commands
     add_internal_commands(sub)
 
     e = sub.add_parser("eval", help="accuracy of a checkpoint on a dataset folder")
@@ -296,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     dg.set_defaults(func=cmd_data_digits)
 
     b = sub.add_parser("bench", help="throughput benchmarks")
-    from .bench import add_bench_flags
+    from .bench.command import add_bench_flags
     add_bench_flags(b)
     b.set_defaults(func=cmd_bench)
 
@@ -306,12 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(func=cmd_plot)
 
     pn = sub.add_parser("plan", help="predict multi-host step time, traffic and scaling (a cost model)")
-    from .plan_cli import add_plan_flags
+    from .plan.command import add_plan_flags
     add_plan_flags(pn)
     pn.set_defaults(func=cmd_plan)
 
     so = sub.add_parser("soak", help="long-run memory soak, or fault-injection trials, of launch (soak.py)")
-    from .soak import add_soak_flags
+    from .soak.command import add_soak_flags
     add_soak_flags(so)
     so.set_defaults(func=cmd_soak)
     return p

@@ -398,7 +398,7 @@ def run_local(cfg: Config, resume: bool = False, stop_at_step: int = 0, command:
     `executor_factory(cfg, model, dataset, store, opt)`: e.g. replay.replay_executor (a distributed run's sums)."""
     trainer = prepare_or_exit(cfg, resume, command) if command else prepare(cfg, resume)
     if cfg.train.batch_invariant_block:  # the same bits for any worker count: a replay is this run too
-        from .invariant import InvariantExecutor
+        from .distributed.invariant import InvariantExecutor
         executor_factory = InvariantExecutor
     executor = executor_factory(cfg, trainer.model, trainer.ds, trainer.store, trainer.opt)
     try:
@@ -410,3 +410,9 @@ def run_local(cfg: Config, resume: bool = False, stop_at_step: int = 0, command:
             from None
     finally:
         executor.close()
+
+
+def exit_code(summary: dict) -> int:
+    """0 done (or stopped at --stop-at-step); EXIT_PREEMPTED (75) stopped by train.checkpoint_signal; 130 stopped
+    by Ctrl-C / SIGTERM."""
+    return EXIT_PREEMPTED if summary.get("preempted") else 130 if summary.get("stop_requested") else 0

@@ -45,7 +45,7 @@ def cli_args(data: Path, out: Path, **extra) -> list[str]:
 def launch_inproc(cfg: config_mod.Config, resume: bool = False, stop_at_step: int = 0) -> int:
     """`launch_local` in this process; afterwards no worker child may be left (any that is gets killed, and fails)."""
     from dptrain.distributed import versions
-    from dptrain.distributed.launch import launch_local
+    from dptrain.launcher.local import launch_local
     versions.code_hash.cache_clear()  # other sessions edit dptrain while the suite runs: hash the code as it is now
     try:
         return launch_local(cfg, resume=resume, stop_at_step=stop_at_step)
@@ -184,7 +184,7 @@ def run_launch(args: list[str], log_path: Path, timeout_s: float = 120.0) -> tup
 # ---- what a run leaves behind -------------------------------------------------------------------------------------
 def workers_of(run_id: str | None) -> list[psutil.Process]:
     """Live `dptrain worker --run RUN_ID` processes (zombies excluded)."""
-    from dptrain.soak import run_processes
+    from dptrain.soak.runs import run_processes
     out = []
     for p in run_processes(run_id):
         try:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from distutil import arrays, launch_inproc, step_records, tiny_cfg
 
-from dptrain import invariant
+from dptrain.distributed import invariant
 from dptrain.distributed.executor import split_by_slots
 from dptrain.train import run_local
 

@@ -42,7 +42,7 @@ def test_gemm_flops_count_the_direct_products():
     """Forward FLOPs per layer as a direct GEMM does them; backward twice that (dW and dx), once for the first conv."""
     import numpy as np
 
-    from dptrain.bench_local import instrument
+    from dptrain.bench.local import instrument
     from dptrain.config import ModelConfig
     from dptrain.nn.layers import Conv2D, Linear
     from dptrain.nn.loss import softmax_cross_entropy
@@ -84,8 +84,8 @@ def test_workers_auto_is_the_physical_core_count(tmp_path):
 
     import pytest
 
-    from dptrain.cli import worker_count
     from dptrain.distributed.session import physical_cores
+    from dptrain.flags import worker_count
     assert worker_count("auto") == physical_cores() >= 1
     assert worker_count("3") == 3
     with pytest.raises(argparse.ArgumentTypeError, match="integer or auto"):
@@ -98,7 +98,7 @@ def test_scaling_plot_marks_the_cores_and_the_ideal_curve(tmp_path, monkeypatch)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dptrain import bench
+    from dptrain.bench import report as bench
     rows = [{"impl": "dptrain", "transport": "shm", "workers": n, "images_per_s": ips, "efficiency": e}
             for n, ips, e in ((1, 100.0, 1.0), (2, 180.0, 0.9), (4, 170.0, 0.425))]
     monkeypatch.setattr(bench, "physical_cores", lambda: 2)
@@ -124,7 +124,7 @@ def test_rounds_alternate_the_order_and_pair_the_ratios(tmp_path, monkeypatch, c
     rounds does not move it)."""
     import argparse
 
-    from dptrain import bench, bench_dist
+    from dptrain.bench import command as bench, workers as bench_dist
     order, clock = [], iter(range(100))
 
     def fake_run(n, data, out, args, overrides, transport):
@@ -159,7 +159,8 @@ def test_rounds_pair_dptrain_with_its_ddp_run(tmp_path, monkeypatch, capsys):
     reversed in odd rounds) and vs torch is the median of the rounds' own ratios."""
     import argparse
 
-    from dptrain import bench, bench_ddp, bench_dist, torch_ref
+    from dptrain.bench import command as bench, ddp as bench_ddp, workers as bench_dist
+    from dptrain.nn import torch_ref
     order, clock = [], iter(range(100))
 
     def speed():
@@ -196,7 +197,7 @@ def test_rounds_pair_dptrain_with_its_ddp_run(tmp_path, monkeypatch, capsys):
 def test_single_process_rounds(tmp_path, monkeypatch):
     """The single-process bench with --rounds: ours and PyTorch's timed in turn, the pair reversed every other round;
     the ratio is the median of each round's own; a real run of the tiny model reports every round."""
-    from dptrain import bench_local
+    from dptrain.bench import local as bench_local
     order, clock = [], iter(range(100))
 
     def fake(side, ips):
@@ -209,7 +210,7 @@ def test_single_process_rounds(tmp_path, monkeypatch):
     monkeypatch.setattr(bench_local, "time_numpy", fake("ours", 150.0))
     monkeypatch.setattr(bench_local, "time_torch", fake("torch", 100.0))
     monkeypatch.setattr(bench_local, "gemm_peak_gflops", lambda threads: 100.0)
-    monkeypatch.setattr("dptrain.torch_ref.require_torch", lambda: None)
+    monkeypatch.setattr("dptrain.nn.torch_ref.require_torch", lambda: None)
     from dptrain.config import Config
     r = bench_local.run_local_bench(Config(), 10, 1, 0, 2, True, progress=False, rounds=3)
     assert order == ["ours", "torch", "torch", "ours", "ours", "torch"]
@@ -223,7 +224,7 @@ def test_single_process_rounds(tmp_path, monkeypatch):
 def test_pss_is_sampled_during_the_warm_up_only(tmp_path):
     """The PSS sampler stops for good once the timed steps begin (a sample costs the cores ~0.15 s at N = 8), and
     counts the steps from the run's metrics.jsonl as they are appended."""
-    from dptrain.bench_dist import PssSampler, steps_recorded
+    from dptrain.bench.workers import PssSampler, steps_recorded
     metrics = tmp_path / "metrics.jsonl"
     assert steps_recorded(metrics) == 0
     sampler = PssSampler(0, 0.01, until=lambda: steps_recorded(metrics) >= 2)

@@ -13,8 +13,8 @@ import sys
 import numpy as np
 import pytest
 
-from dptrain import bench_hosts as bh, netns_cluster as nc
-from dptrain.bench_ddp import parse_master
+from dptrain.bench import hosts as bh, netns_cluster as nc
+from dptrain.bench.ddp import parse_master
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from dptrain.evaluate import evaluate_checkpoint
+from dptrain.inference.evaluate import evaluate_checkpoint
 
 TIMEOUT_S = 120
 

@@ -93,8 +93,8 @@ def test_one_reducer_per_core_gives_the_same_bits(tiny_data, tmp_path, monkeypat
     """More workers than physical cores: only the first `cores` of them reduce and update (launch passes the core
     count as DistExecutor's `reducers`): bitwise the weights, momentum and BN buffers of every worker taking a
     slice."""
-    from dptrain.distributed import launch
     from dptrain.distributed.coordinator import Coordinator
+    from dptrain.launcher import run as launch
     seen = []
     real = Coordinator.exchange
 

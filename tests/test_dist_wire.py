@@ -17,7 +17,7 @@ from distutil import launch_inproc, tiny_cfg
 from dptrain.compute import evaluate_batches
 from dptrain.data.dataset import load_dataset
 from dptrain.distributed.wire import add16, apply_update16, encode16, receive_weights
-from dptrain.evaluate import load_model
+from dptrain.inference.model_file import load_model
 from dptrain.optim import SGD
 
 

@@ -14,13 +14,13 @@ from helpers import make_config
 from dptrain import config as C, ema as ema_mod
 from dptrain.compute import evaluate_batches
 from dptrain.data.dataset import load_dataset
-from dptrain.distributed.launch import launch
+from dptrain.distributed.replay import parse_layout, replay_executor
 from dptrain.ema import WeightAverage, decay_for
-from dptrain.evaluate import load_model
+from dptrain.inference.model_file import load_model
+from dptrain.launcher.launch import launch
 from dptrain.nn.model import build_model
 from dptrain.nn.params import ParamStore
 from dptrain.optim import CHUNK
-from dptrain.replay import parse_layout, replay_executor
 from dptrain.train import prepare, run_local
 
 

@@ -10,7 +10,8 @@ from helpers import make_config
 from dptrain import checkpoint
 from dptrain.compute import evaluate_batches
 from dptrain.data import synth
-from dptrain.evaluate import evaluate_checkpoint, load_model
+from dptrain.inference.evaluate import evaluate_checkpoint
+from dptrain.inference.model_file import load_model
 from dptrain.train import prepare, run_local
 
 

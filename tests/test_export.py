@@ -13,9 +13,9 @@ from trained import train_tiny
 from dptrain import checkpoint, cli
 from dptrain.data.augment import make_batch
 from dptrain.data.dataset import load_folder_for_eval
-from dptrain.evaluate import load_model
-from dptrain.export import export
-from dptrain.predict import predict
+from dptrain.inference.export import export
+from dptrain.inference.model_file import load_model
+from dptrain.inference.predict import predict
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_onnx_metadata_is_enough_to_use_the_model(trained, tmp_path):
 def test_torch_state_dict_loads_strictly_into_the_twin(trained, tmp_path):
     torch = pytest.importorskip("torch")
     from dptrain.config import ModelConfig
-    from dptrain.torch_ref import build_torch_model
+    from dptrain.nn.torch_ref import build_torch_model
 
     data, ckpt, cfg, class_names, x, logits = trained
     out = tmp_path / "model.pt"

@@ -118,7 +118,7 @@ def test_environment_forwarded_to_the_hosts(tmp_path, monkeypatch):
 
     import pytest
 
-    from dptrain.distributed.hosts import forwarded_env, remote_command
+    from dptrain.launcher.hosts import forwarded_env, remote_command
     env_file = tmp_path / ".dptrain_env"
     env_file.write_text("# site settings\nDATA_ROOT=/shared data\nOMP_PROC_BIND=close\n")
     environ = {"OMP_NUM_THREADS": "4", "MKL_DEBUG_CPU_TYPE": "5", "HOME": "/root", "WANDB_KEY": "k", "PATH": "/bin"}

@@ -1,6 +1,6 @@
 """model.init = "pytorch" reproduces PyTorch's default initialisation tensor for tensor: every conv/Linear weight
 and bias drawn from U(+-1/sqrt(fan_in)) (kaiming_uniform with a=sqrt(5)), BN weight 1 and bias 0, running mean 0
-and variance 1. Checked against the twin network torch builds with its own defaults (dptrain.torch_ref): the same
+and variance 1. Checked against the twin network torch builds with its own defaults (dptrain.nn.torch_ref): the same
 bound (max |w| close to it, never above), the same standard deviation (bound / sqrt(3)) and mean near 0."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from helpers import small_model
 
 from dptrain.config import ModelConfig
-from dptrain.torch_ref import build_torch_model, from_torch_layout, twin_tensors
+from dptrain.nn.torch_ref import build_torch_model, from_torch_layout, twin_tensors
 
 torch = pytest.importorskip("torch")
 

@@ -1,6 +1,6 @@
 """Every layer and the whole model against PyTorch autograd: each layer in float64 over a loop of input shapes
 (forward output, input gradient, every parameter gradient, BN running statistics; rel error < 1e-10), the model
-(dptrain.torch_ref's twin, loaded with our weights) in float32, the training dtype (rel error < 1e-4);
+(dptrain.nn.torch_ref's twin, loaded with our weights) in float32, the training dtype (rel error < 1e-4);
 rel = max|a-b| / max(max|a|, max|b|).
 
 PyTorch is NCHW; inputs and output gradients are transposed on the way in, outputs and input gradients on the way
@@ -17,7 +17,7 @@ from dptrain.config import ModelConfig
 from dptrain.nn import layers as L
 from dptrain.nn.loss import softmax_cross_entropy
 from dptrain.nn.params import ParamStore
-from dptrain.torch_ref import build_torch_model, from_torch_layout, load_weights, twin_tensors
+from dptrain.nn.torch_ref import build_torch_model, from_torch_layout, load_weights, twin_tensors
 
 torch = pytest.importorskip("torch")
 nn = torch.nn

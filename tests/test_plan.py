@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from dptrain import config as config_mod, plan, plan_calibration, plan_cli, plan_validate
+from dptrain import config as config_mod
 from dptrain.nn.model import build_model
 from dptrain.nn.params import ParamStore
-from dptrain.plan import CostModel, parse_bandwidth, predict
+from dptrain.plan import calibration as plan_calibration, command as plan_cli, model as plan, validate as plan_validate
+from dptrain.plan.model import CostModel, parse_bandwidth, predict
 
 P = 9_434_462  # the default model at 64x64, 62 classes
 # the bare model the by-hand formulas are written for: full line rate, no overlap, plain links (no CURVE)

@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 
-from dptrain.plot import plot_run, read_metrics
+from dptrain.inference.plot import plot_run, read_metrics
 
 
 def write_metrics(run):

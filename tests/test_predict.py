@@ -18,8 +18,8 @@ from dptrain import cli
 from dptrain.data.augment import make_batch
 from dptrain.data.dataset import load_folder_for_eval
 from dptrain.data.decode import decode_image, to_rgb
-from dptrain.evaluate import load_model
-from dptrain.predict import predict, softmax
+from dptrain.inference.model_file import load_model
+from dptrain.inference.predict import predict, softmax
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from distutil import Proc, arrays, launch_inproc, metrics, step_records, tiny_va
 from gradcheck import rel_error
 from helpers import make_config
 
-from dptrain.replay import Layout, parse_layout, read_membership, replay_executor
+from dptrain.distributed.replay import Layout, parse_layout, read_membership, replay_executor
 from dptrain.train import run_local
 
 STEPS = 50  # 5 epochs of 10 batches of 16 (169 training images)
@@ -179,7 +179,7 @@ def test_each_rank_computes_with_its_workers_blas_threads(tiny_data, tmp_path):
 @pytest.mark.timeout(60)
 def test_bench_agree_counts_the_steps_within_tolerance(tiny_data, tmp_path):
     """`dptrain bench --agree 1,3`'s row: with --bn sync the first steps agree to 1e-6 (the mathematics is the same)."""
-    from dptrain.bench_repro import agreement, format_agreement
+    from dptrain.bench.repro import agreement, format_agreement
     r = agreement(default_cfg(tiny_data, tmp_path / "x", dist__bn="sync"), (1, 3), 3)
     assert r["steps_within_tol"] == 3 and all(0 < d < 1e-6 for d in r["rel_diff"]), r
     assert "agree to 1e-06 for 3 of 3 steps" in format_agreement(r)

@@ -11,8 +11,8 @@ import pytest
 from distutil import ROOT, TINY, wait_until, workers_of
 
 from dptrain.data.shm import leftover_segments
-from dptrain.soak import plan_epochs
-from dptrain.soak_mem import analyse
+from dptrain.soak.memory import analyse
+from dptrain.soak.runs import plan_epochs
 
 MB = 2**20
 
@@ -92,7 +92,7 @@ def test_analyse_flags_growth_fd_and_shm_leaks_and_passes_flat_runs():
 
 
 def test_warm_up_lasts_past_the_first_epoch():
-    from dptrain.soak_mem import training_span
+    from dptrain.soak.memory import training_span
     samples = _samples(lambda i: 100 * MB)  # steps 1, 3, 5, ...: step 61 is at t = 30
     assert training_span(samples, 100, 0.2) == pytest.approx((0.0, 9.6, 48.0))
     assert training_span(samples, 100, 0.2, epoch_steps=60) == (0.0, 30.0, 48.0)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from dptrain.tta_stats import median_to_target, merge, per_seed, summarise_sides, trimmed_to_target
+from dptrain.bench.tta_stats import median_to_target, merge, per_seed, summarise_sides, trimmed_to_target
 
 
 def run(seed, epochs, seconds, accs=(0.5, 0.9)):

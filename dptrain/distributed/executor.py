@@ -13,13 +13,13 @@ import time
 
 import numpy as np
 
-from .. import invariant, log
+from .. import log
 from ..config import Config
 from ..data.sampler import shard_bounds
 from ..executors import StepInterrupted, StepResult
 from ..nn.params import ParamStore
 from ..optim import SGD, add_blocks, checked_clip, chunk_slices, clipped_step
-from . import protocol as P
+from . import invariant, protocol as P
 from .coordinator import Coordinator, StopTimeout, WorkerFailure
 from .hostfile import rank_bases
 from .mesh_plane import MeshPlane

@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from .. import config as config_mod, invariant, log
+from .. import config as config_mod, log
 from ..compute import evaluate_batches, shard_gradient
 from ..data.shm import SharedArray
 from ..ema import blend
@@ -31,7 +31,7 @@ from ..nn.model import build_model
 from ..nn.params import ParamStore
 from ..nn.threads import match_blas_threads
 from ..optim import chunk_squares, sgd_for
-from . import protocol as P, timeslice
+from . import invariant, protocol as P, timeslice
 from .localsum import LocalSum
 from .peer import PeerLink, leave, run_peer
 from .reduce import Factors, reduce_range

@@ -1,0 +1,206 @@
+"""`dptrain launch --hostfile FILE` / `-H a:2,b:2`: one agent per host, over ssh or started by the hosts themselves.
+
+    dptrain launch --hostfile hosts --bind 10.0.0.1 --data /data/lfw.tgz --config configs/lfw.toml
+    dptrain launch -H a:2,b:2 --bind 10.0.0.1 --ssh-identity ~/.ssh/id_ed25519 --ssh-port 2222 ...
+    dptrain launch -H a:2,b:2 --bind 10.0.0.1 --port 29500 --no-ssh ...   # then on each host, `dptrain agent ...`
+
+The coordinator runs here, listening on --bind (an address every host can reach; 127.0.0.1 only works when every
+host is this machine). Every agent connects back with ZeroMQ CURVE: the run's keys are generated here and handed
+to agents over the ssh channel's stdin (or, with --no-ssh, written to RUN/agent-keys.json, mode 0600, which each
+host must be able to read: a shared filesystem or a copy). ssh runs with BatchMode (never a password prompt) and
+`python -m dptrain agent` with this interpreter's absolute path (override with --remote-python): hosts need the
+same install at the same path, which preflight checks (versions and code hash in HELLO; the dataset on each host).
+
+An ssh that fails (refused, unknown host key, no key) is reported in one line per host with ssh's own words.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .. import config as config_mod, log
+from ..config import Config
+from ..distributed.coordinator import Coordinator, WorkerFailure
+from ..distributed.curve import RunKeys
+from ..distributed.hostfile import HostfileError, HostSlots, assign_ranks, filter_hosts, parse_hostfile, parse_hosts
+from ..distributed.peers import PeerState
+from ..distributed.session import Session
+from .run import run_session
+
+SSH_REPORT_GRACE_S = 8.0  # after one host's ssh fails, how long the others get to fail (or not) for the report
+SSH_OPTIONS = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-o", "ServerAliveInterval=2",
+               "-o", "ServerAliveCountMax=3"]
+
+
+def resolve_hosts(args) -> list[HostSlots]:
+    if args.hostfile and args.hosts:
+        raise SystemExit("dptrain launch: give --hostfile or -H, not both")
+    if not (args.hostfile or args.hosts):
+        raise SystemExit("dptrain launch --no-ssh needs the hosts (--hostfile or -H)")
+    try:
+        hosts = parse_hostfile(args.hostfile) if args.hostfile else parse_hosts(args.hosts)
+        hosts = filter_hosts(hosts, include=args.include, exclude=args.exclude)
+    except HostfileError as e:  # it names the file and line
+        raise SystemExit(f"dptrain launch: {e}") from None
+    if not hosts:
+        raise SystemExit("dptrain launch: no host left after --include/--exclude")
+    return hosts
+
+
+def agent_argv(python: str, endpoint: str, run_id: str, index: int, host: HostSlots, keys: str) -> list[str]:
+    argv = [python, "-m", "dptrain", "agent", "--connect", endpoint, "--run", run_id, "--host-index", str(index),
+            "--slots", str(host.slots), "--host-label", host.hostname]
+    return argv + (["--keys-stdin"] if keys == "-" else ["--keys", keys])
+
+
+FORWARD_PREFIXES = ("OMP_", "OPENBLAS_", "MKL_")  # threading knobs a user set here are meant for the hosts too
+ENV_FILE = ".dptrain_env"
+
+
+def forwarded_env(names: list[str] | None, environ: dict | None = None, env_file: Path | None = None) -> dict:
+    """What the agents' environment gets from the launcher: OMP_* / OPENBLAS_* / MKL_* set here, the lines of
+    ./.dptrain_env (NAME=VALUE, # comments), then each `-x NAME[=VALUE]` (mpirun's spelling: NAME alone takes
+    this environment's value). Later ones win. A bad name or a `-x NAME` that is not set is an error naming it."""
+    environ = os.environ if environ is None else environ
+    out = {k: v for k, v in environ.items() if k.startswith(FORWARD_PREFIXES)}
+    path = Path(ENV_FILE) if env_file is None else env_file
+    if path.exists():
+        for n, line in enumerate(path.read_text().splitlines(), start=1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            name, eq, value = line.partition("=")
+            if not eq or not _env_name(name.strip()):
+                raise SystemExit(f"{path}:{n}: expected NAME=VALUE, got {line!r}")
+            out[name.strip()] = value.strip()
+    for item in names or []:
+        name, eq, value = item.partition("=")
+        if not _env_name(name):
+            raise SystemExit(f"-x {item!r}: not an environment variable name")
+        if not eq:
+            if name not in environ:
+                raise SystemExit(f"-x {name}: not set in this environment (use -x {name}=VALUE)")
+            value = environ[name]
+        out[name] = value
+    return out
+
+
+def _env_name(name: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name))
+
+
+def remote_command(argv: list[str], env: dict) -> str:
+    """The shell line ssh runs on a host: the launcher's working directory, the forwarded environment, the agent."""
+    prefix = ("env " + " ".join(shlex.quote(f"{k}={v}") for k, v in sorted(env.items())) + " ") if env else ""
+    return "cd " + shlex.quote(str(Path.cwd())) + " && exec " + prefix + shlex.join(argv)
+
+
+def ssh_argv(args, host: HostSlots) -> list[str]:
+    argv = ["ssh", *SSH_OPTIONS]
+    if args.ssh_config:
+        argv += ["-F", args.ssh_config]
+    if args.ssh_port:
+        argv += ["-p", str(args.ssh_port)]
+    if args.ssh_identity:
+        argv += ["-i", args.ssh_identity, "-o", "IdentitiesOnly=yes"]
+    return argv + [host.host]
+
+
+def ssh_failure(log_path: Path) -> str:
+    """ssh's own one-line reason, from the host's log (exit 255 is ssh's; others are the agent's)."""
+    lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()] if log_path.exists() else []
+    for ln in reversed(lines):
+        if any(k in ln for k in ("Permission denied", "Host key verification failed", "Connection refused",
+                                 "Could not resolve", "timed out", "No route to host", "No such file")):
+            return ln.strip()
+    return lines[-1].strip() if lines else "no output"
+
+
+def launch_hosts(cfg: Config, args, progress: dict | None = None) -> int:
+    from ..train import prepare_or_exit
+    lg = log.get()
+    hosts = resolve_hosts(args)
+    keys = RunKeys.read_coordinator_file(args.keys) if getattr(args, "keys", None) else RunKeys.generate()
+    if cfg.dist.bind in ("127.0.0.1", "localhost") and any(h.hostname not in ("localhost", "127.0.0.1")
+                                                           for h in hosts):
+        lg.warning("the coordinator binds 127.0.0.1: remote hosts cannot reach it (set --bind to this host's address)")
+    python = args.remote_python or sys.executable
+    forwarded = forwarded_env(getattr(args, "export", None))
+    if forwarded:
+        lg.info(f"environment forwarded to the hosts: {', '.join(sorted(forwarded))}")
+    cfg.dist.transport = "socket"  # between hosts the weights and gradients are frames; shm is per host
+
+    def start(session: Session):
+        trainer = prepare_or_exit(cfg, args.resume, "launch")
+        out = Path(cfg.train.out)
+        (out / "logs").mkdir(parents=True, exist_ok=True)
+        welcome = {"config": config_mod.to_dict(cfg), "shm": {}, "num_classes": len(trainer.ds.class_names),
+                   "fingerprint": trainer.ds.fingerprint, "class_names": trainer.ds.class_names}
+        coord = session.coord = Coordinator(cfg, session.run_id, len(hosts), welcome, {"labels": trainer.ds.labels},
+                                            curve_keys=keys, slots=[h.slots for h in hosts])
+        endpoint = coord.endpoint
+        lg.info(f"coordinator listening on {endpoint} (run {session.run_id}) for {len(hosts)} hosts, "
+                f"{sum(h.slots for h in hosts)} workers, CURVE on")
+        ranks = assign_ranks(hosts)
+        lg.info("worker ranks: " + ", ".join(
+            f"{h.hostname} {min(e.rank for e in ranks if e.host == h.host)}.."
+            f"{max(e.rank for e in ranks if e.host == h.host)}" for h in hosts))
+        if args.no_ssh:
+            key_file = keys.write_agent_file(out / "agent-keys.json")
+            for i, h in enumerate(hosts):
+                coord.adopt(i, h.hostname)
+                cmd = agent_argv(python, endpoint, session.run_id, i, h, str(key_file.resolve()))
+                if not args.remote_python:  # the console script, not `dptrain -m dptrain agent`
+                    cmd = ["dptrain", *cmd[3:]]
+                lg.info(f"on {h.hostname} run: {shlex.join(cmd)}")
+            timeout = args.wait_agents_s
+        else:
+            secret = (json.dumps(keys.for_agents()) + "\n").encode()
+
+            def ssh_agent(i: int, join: bool = False):
+                h = hosts[i]
+                log_path = out / "logs" / f"host-{h.hostname}.log"
+                argv = agent_argv(python, endpoint, session.run_id, i, h, "-") + (["--join"] if join else [])
+                with open(log_path, "ab" if join else "wb") as f:
+                    proc = subprocess.Popen(ssh_argv(args, h) + [remote_command(argv, forwarded)],
+                                            stdin=subprocess.PIPE, stdout=f, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+                session.procs.append(proc)
+                try:
+                    proc.stdin.write(secret)  # the channel stays open: its closing tells the agent to stop
+                    proc.stdin.flush()
+                except BrokenPipeError:
+                    pass  # ssh already gave up (unknown host...): its exit code and words are reported below
+                return proc, log_path
+
+            for i, h in enumerate(hosts):
+                coord.adopt(i, h.hostname, *ssh_agent(i))
+            # a lost host's agent started again in its place (dist.max_worker_restarts; it joins the running job)
+            coord.respawn = lambda peer: ssh_agent(peer.rank, join=True)
+            timeout = args.wait_agents_s
+        try:
+            coord.wait_ready(timeout)
+        except WorkerFailure:
+            # the first failure ends the wait, but every host's ssh failure gets its line: give the others a moment
+            deadline = time.monotonic() + SSH_REPORT_GRACE_S
+            for p in coord.peers.values():
+                if p.proc is not None and p.state is not PeerState.READY:
+                    try:
+                        p.proc.wait(max(0.0, deadline - time.monotonic()))
+                    except subprocess.TimeoutExpired:
+                        pass
+            for p in coord.peers.values():
+                if p.proc is not None and p.proc.poll() == 255:
+                    lg.error(f"host {p.host}: ssh failed: {ssh_failure(p.log_path)}")
+            raise
+        lg.info(f"all {len(hosts)} hosts ready; {cfg.dist.plane} data plane, {cfg.dist.wire_dtype} wire")
+        session.mesh = cfg.dist.plane == "mesh"
+        return trainer, None, None, None  # gradients arrive as frames (one summed buffer per host)
+
+    return run_session(cfg, args.stop_at_step, start, run_id=getattr(args, "run_id", None), progress=progress)

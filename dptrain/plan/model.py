@@ -1,0 +1,360 @@
+"""`dptrain plan`: a cost model of one data-parallel training step on H hosts of S worker slots each.
+
+    dptrain plan --hosts 1,16,64 --slots 8 --bandwidth 10gbit,25gbit [--wire-dtype float16] [--batch-size B]
+                 [--plane star,mesh,ddp] [--shared-cores N] [--compute-ms-per-image X | --calibrate] [--json]
+    dptrain plan --validate FILE... [--plot scaling.png]    measured rows (dptrain bench --hosts) against the
+        model: step, exposed communication and bytes per step on a host's and the coordinator's link, measured and
+        predicted, with the relative error. bench --hosts runs every host on one box, so --validate assumes
+        --shared-cores = this machine's cores unless told otherwise (--shared-cores off: separate hosts). Flat rows
+        with hosts, slots, rate, wire_dtype, plane, batch_size, step_s, comm_s are read too; extra keys are ignored.
+        --plot draws measured (markers) and predicted (lines) step time against H per link rate.
+
+Per host count it predicts the step time, its compute / local-reduce / communication (total and exposed) / update
+parts, images/s, scaling efficiency against one host, and the bytes per step on a host's link and on the
+coordinator's. Model and image keys are overridden like in `dptrain bench` (`--model.widths=[8,16]`); the sync
+interval is dist.sync_every (`--dist.sync_every=20`).
+
+The model (every constant is a field of `CostModel`, so predictions can be fitted to measurements):
+
+    P, M   = num_params; M = P × wire bytes (4, or 2 with float16); M32 = 4P
+    Bw     = bandwidth / 8 × link_efficiency    bytes/s per direction per host (full duplex); the coordinator's link
+             is coord_link_ratio × that
+    b      = ceil(B / (H·S))                    per-worker batch
+    c      = ms_per_step + b × ms_per_image     one forward + backward on one core (calibrated: both terms)
+    sw, sc = 1, 1 on separate hosts (S workers on S cores; a host's communication thread has a core of its own);
+             with --shared-cores N (one box, as `dptrain bench --hosts` runs it: all H·S workers and all H hosts'
+             communication threads share N cores): sw = max(1, H·S/N), sc = max(1, H/N)
+    local  = S × 4P / mem_bytes_per_s          when S > 1: the host sums its S float32 gradients
+    U      = P × update_ns_per_param            clip + momentum SGD of the whole model, one core
+    κ      = 1 / curve_bytes_per_cpu_s          CPU-seconds per wire byte to seal it (sender) and open it (receiver)
+             with ZeroMQ CURVE, copies included; 0 when the links are not encrypted (DDP's gloo never is)
+    f16    = P × (enc·(1 + 1/H) + 2·dec)        a host's float16 work per step with --wire-dtype float16 (enc, dec:
+             ns per element): its local sum encoded; the H contributions to its slice decoded; its slice's update
+             encoded and decoded; the others' updates decoded. 0 with float32.
+
+    mesh  (as built: the agents reduce-scatter each piece of the gradient to its slice's owner while backward goes
+          on, owners send block sums of squares to the coordinator, which answers (lr, clip); owners update their
+          1/H slice and all-gather it; every k = dist.sync_every steps the coordinator pulls each owner's slice of
+          weights + momentum, float32, SYNC):
+          a host's link per step: out = 2(H−1)/H·M + 2·M32/(H·k), in = 2(H−1)/H·M; the coordinator's: in = 2·M32/k
+          rs = ag = (H−1)/H·M/Bw + (H−1)·α      reduce-scatter, all-gather on the wire
+          sync = 2·M32/(H·k)/Bw                 a host's SYNC upload, averaged over the k steps
+          wire = sc·(κ·(out + in)/2 + f16)       the host's CURVE and float16 work. Serial with the wire, not beside
+                   it: CURVE seals a whole message before its first byte leaves and opens it after its last byte
+                   arrives, and the hidden Linear's share of a slice (89 % of the bytes) is one message; float16 is
+                   encoded before a send and decoded after it
+          comm = local + rs + ag + sync + wire + 2α
+          hidden = min(overlap·c·sw, local + rs)   the local sum and the reduce-scatter run while backward goes on
+                   (the hidden Linear's gradient is final ~10 % into backward, i.e. after ~40 % of c: overlap 0.6);
+                   the all-gather never overlaps (it needs the update)
+          update = sc·U/H;  and a step is never shorter than the coordinator's link: 2·M32/k / (Bw·coord_link_ratio)
+    star  (every host sends M to the coordinator, which sums, updates and sends M back)
+          comm = 2·max(H·M/Bw_coord, M/Bw) + 2α + κ·H·M·max(1, 2/N)   (the coordinator seals and opens H·M each way
+          on its one I/O thread; on one box all ends share N cores);  hidden = 0;  update = U
+    workers, coordinator   (one host, `launch --workers S`; H = 1; comm = the control messages, local_control_s)
+          coordinator: the coordinator sums the S slots (local) and updates (U) alone while no worker computes
+          workers: each worker sums its 1/S slice of every slot (4P / mem_bytes_per_s) and updates it (U/S),
+          all at once; serial = the control messages only (what `dptrain plan --hosts 1 --slots 16` compares)
+    ddp   (PyTorch DDP's ring all-reduce over gloo, for comparison; plain TCP)
+          comm = local + 2·(H−1)/H·M/Bw + 2·(H−1)·α;  hidden = min(overlap_ddp·c·sw, comm − local);
+          update = sw·U (every rank updates the whole model)
+
+    step = c·sw + comm − hidden + update   (compute + exposed communication + update);  images/s = B / step
+    With --shared-cores N also step ≥ (all CPU work of a step on the box) / N: H·S·c + H·local, the hosts' and the
+    coordinator's wire work (mesh: H·(κ·(out + in)/2 + f16) + κ/2·2·M32/k; star: 2κ·H·M) and the updates (mesh,
+    star: U; ddp: H·S·U). On this 2-core box the measured steps are that link-bound chain, not the CPU bound:
+    the serial wire work is why dptrain's one-box steps are slower than the links alone would allow.
+    efficiency = images/s ÷ (H × images/s of one host alone: c(ceil(B/S))·max(1, S/N) + local + U/S, no network) ≤ 1
+
+Compute comes from --compute-ms-per-image [--compute-ms-per-step], from --calibrate (a few real training steps of
+the model at two batch sizes in this process, one BLAS thread, warm-up excluded, via dptrain.bench.local), or from
+the calibration cache ($DPTRAIN_CACHE or ~/.cache/dptrain, file plan-calibration.json, keyed by CPU model and
+network); with neither flag and no matching cache entry it calibrates once and saves. The per-image cost is not
+constant in the batch (a step has a fixed part: the 16384×512 hidden Linear, for one, reads its 32 MB of weights and
+writes its 32 MB gradient whatever the batch), hence the fixed + per-image fit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+
+from .. import config as config_mod
+
+PLANES = ("star", "mesh", "ddp")
+ONE_HOST = ("workers", "coordinator")
+PLANE_DEFAULT = "star,mesh,ddp"  # `launch --workers S` on one host: dist.update = workers | coordinator
+WIRE_BYTES = {"float32": 4, "float16": 2}
+CALIBRATION_FILE = "plan-calibration.json"
+CALIBRATION_BATCHES = (2, 32)  # the fixed + per-image fit: two points, about 2 s for the default model
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Every constant of the model, with the defaults `dptrain plan` uses; `dataclasses.replace` to fit."""
+    ms_per_image: float  # forward + backward of one image on one core (BLAS 1 thread), the slope in the batch
+    ms_per_step: float = 0.0  # the part of a worker's forward + backward that does not scale with its batch
+    latency_s: float = 50e-6  # α: per message (one-way), software + wire
+    # payload bytes per line-rate byte: TCP/IPv4 with timestamps over a 1500-byte MTU carries 1448 bytes per
+    # 1514-byte frame (0.956); DDP's plain gloo rows on the shaped namespace links fit 0.95
+    link_efficiency: float = 0.95
+    update_ns_per_param: float = 4.0  # clip + momentum SGD (+ weight decay) per parameter on one core
+    mem_bytes_per_s: float = 5e9  # a host summing its S float32 gradients in shared memory
+    coord_link_ratio: float = 1.0  # the coordinator's link bandwidth ÷ a host's (a head node with a fatter uplink)
+    # wire bytes sealed (sender) + opened (receiver) with ZeroMQ CURVE per CPU-second, copies included: 0.62 GB/s
+    # on this AMD EPYC (one loopback stream of 37.7 MB messages, CPU time of both ends); None: plain links.
+    # Star and mesh only (DDP's gloo does not encrypt).
+    curve_bytes_per_cpu_s: float | None = 0.62e9
+    f16_encode_ns: float = 3.2  # float32 -> float16 with a power-of-two scale, per element (numpy, one core)
+    f16_decode_ns: float = 2.6  # float16 -> float32 (scaled) into the destination, per element
+    # fraction of compute during which mesh's local sum and reduce-scatter run hidden: the hidden Linear (89 % of
+    # the bytes) is final ~10 % into backward, after forward (~1/3 of c) + 10 % of backward (~2/3): ~0.6
+    overlap: float = 0.6
+    # the same for DDP's bucketed all-reduce; None: `overlap`. On the one-box namespace bench DDP hides nothing
+    # measurable (its exposed communication equals its ring's wire time within 5 %): 0.
+    overlap_ddp: float | None = 0.0
+    # all hosts on one box: every worker and every host's communication thread share this many cores (None: each
+    # host has its own S cores, plus one for its communication)
+    shared_cores: int | None = None
+    # one host: the control messages of a step when the workers reduce and update (REDUCE/UPDATE and their replies
+    # over ipc://): measured 0.7-0.9 ms of serial time per step on this box at N = 1..8
+    local_control_s: float = 0.8e-3
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if v is not None and (not math.isfinite(v) or v < 0):
+                raise ValueError(f"{f.name} must be a finite number >= 0, got {v!r}")
+        for name in ("overlap", "overlap_ddp", "link_efficiency"):
+            v = getattr(self, name)
+            if v is not None and v > 1:
+                raise ValueError(f"{name} must be in [0, 1], got {v!r}")
+        for name in ("ms_per_image", "link_efficiency", "mem_bytes_per_s", "coord_link_ratio",
+                     "curve_bytes_per_cpu_s", "shared_cores"):
+            if getattr(self, name) == 0:
+                raise ValueError(f"{name} must be > 0")
+        if self.shared_cores is not None and int(self.shared_cores) != self.shared_cores:
+            raise ValueError(f"shared_cores must be a whole number of cores, got {self.shared_cores!r}")
+
+    @property
+    def wire_s_per_byte(self) -> float:
+        """κ: CPU-seconds per wire byte of an encrypted link (sealing + opening)."""
+        return 1.0 / self.curve_bytes_per_cpu_s if self.curve_bytes_per_cpu_s else 0.0
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+
+_BW_RE = re.compile(r"(?P<num>[0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(?P<prefix>[kmgt]?)(?:bits?)?(?:/s)?", re.I)
+_PREFIX = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+
+
+def parse_bandwidth(text: str | float | int) -> float:
+    """A link rate in bits per second: 10gbit, 25Gbit, 1g, 100mbit, 2.5gbit/s, 1e9 (a bare number is bit/s).
+    Byte units (10gbps, 1GB/s) are refused: tc reads `gbps` as gigabytes per second, most people as gigabits."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value = float(text)
+    else:
+        s = str(text).strip()
+        m = _BW_RE.fullmatch(s)
+        if m is None:
+            if re.fullmatch(r"[0-9.e+-]+\s*[kmgt]?(bps|b/s|b|bytes?(/s)?)", s, re.I):
+                raise ValueError(f"bandwidth {text!r} is ambiguous (bits or bytes? tc reads 'gbps' as bytes/s): "
+                                 "write it in bits per second, e.g. 10gbit, 100mbit")
+            raise ValueError(f"bandwidth {text!r}: expected bits per second such as 10gbit, 25Gbit, 1g, 100mbit, 1e9")
+        value = float(m["num"]) * _PREFIX[m["prefix"].lower()]
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"bandwidth {text!r} must be a positive, finite rate")
+    return value
+
+
+def format_bandwidth(bps: float) -> str:
+    for div, unit in ((1e12, "Tbit"), (1e9, "Gbit"), (1e6, "Mbit"), (1e3, "kbit")):
+        if bps >= div:
+            return f"{bps / div:g}{unit}"
+    return f"{bps:g}bit"
+
+
+def parse_hosts(text: str) -> list[int]:
+    try:
+        hosts = sorted({int(h) for h in text.split(",") if h.strip()})
+    except ValueError:
+        raise ValueError(f"--hosts wants a comma list of host counts, got {text!r}") from None
+    if not hosts or hosts[0] < 1:
+        raise ValueError(f"--hosts wants host counts >= 1, got {text!r}")
+    return hosts
+
+
+# ---------------------------------------------------------------------------------------------- the model
+
+def per_worker_batch(batch: int, hosts: int, slots: int) -> int:
+    return max(1, math.ceil(batch / (hosts * slots)))
+
+
+def compute_s(model: CostModel, b: int) -> float:
+    return (model.ms_per_step + b * model.ms_per_image) / 1e3
+
+
+def local_reduce_s(model: CostModel, slots: int, num_params: int) -> float:
+    return slots * num_params * 4 / model.mem_bytes_per_s if slots > 1 else 0.0
+
+
+def update_s(model: CostModel, num_params: int) -> float:
+    return num_params * model.update_ns_per_param * 1e-9
+
+
+def sharing(model: CostModel, threads: int) -> float:
+    """How much slower each of `threads` busy threads runs when they share the box's cores (1: not shared)."""
+    return max(1.0, threads / model.shared_cores) if model.shared_cores else 1.0
+
+
+def f16_s(model: CostModel, hosts: int, num_params: int, factored_params: int = 0) -> float:
+    """A mesh host's float16 encode + decode per step (see the module docstring); the factored Linear's weights
+    (factored_params) are not in the reduce-scatter, only in the all-gather."""
+    rs = num_params - factored_params  # its local sum encoded, the hosts' contributions to its slice decoded
+    return (rs * (model.f16_encode_ns + model.f16_decode_ns)
+            + num_params * (model.f16_encode_ns / hosts + model.f16_decode_ns)) * 1e-9
+
+
+def baseline(slots: int, batch: int, num_params: int, model: CostModel) -> dict:
+    """One host alone, no network, at its best: its S workers compute, their gradients are summed (each worker its
+    1/S slice, as `launch --workers S` does, or under backward as far as `overlap` allows, whichever is faster) and
+    each worker updates its 1/S slice. No plane beats it, so efficiency stays <= 1."""
+    b = per_worker_batch(batch, 1, slots)
+    sw = sharing(model, slots)
+    c = compute_s(model, b) * sw
+    parallel = 4 * num_params / model.mem_bytes_per_s if slots > 1 else 0.0  # each worker its 1/S slice
+    hidden = max(0.0, local_reduce_s(model, slots, num_params) - model.overlap * c)  # or under backward
+    step = c + min(parallel, hidden) + update_s(model, num_params) * sw / slots
+    return {"per_worker_batch": b, "step_s": step, "images_per_s": batch / step}
+
+
+def predict(plane: str, hosts: int, slots: int, batch: int, bandwidth_bps: float, wire_bytes: int, num_params: int,
+            model: CostModel, sync_every: int = 10, factored: tuple[int, int] | None = None) -> dict:
+    """Predicted seconds, bytes and throughput of one step (see the module docstring for the formulas). Pure.
+    factored (mesh): (K, F) of the Linear whose weight gradient travels as factors when mesh.factors_pay says so."""
+    if plane not in PLANES + ONE_HOST:
+        raise ValueError(f"plane must be one of {', '.join(PLANES + ONE_HOST)}, got {plane!r}")
+    if plane in ONE_HOST and hosts != 1:
+        raise ValueError(f"plane {plane!r} is one host's (launch --workers S): hosts must be 1, got {hosts!r}")
+    if wire_bytes not in (2, 4):
+        raise ValueError(f"wire_bytes must be 2 (float16) or 4 (float32), got {wire_bytes!r}")
+    for name, v in (("hosts", hosts), ("slots", slots), ("batch", batch), ("num_params", num_params),
+                    ("sync_every", sync_every)):
+        if int(v) != v or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    if bandwidth_bps is None and plane in ONE_HOST:  # no link to size: one host's planes never use it
+        bw = math.inf
+    elif bandwidth_bps is None or not bandwidth_bps > 0 or not math.isfinite(bandwidth_bps):
+        raise ValueError(f"bandwidth_bps must be positive and finite, got {bandwidth_bps!r}")
+    else:
+        bw = bandwidth_bps / 8 * model.link_efficiency  # a host's link, bytes/s each way
+    H, S, M, a, k = hosts, slots, num_params * wire_bytes, model.latency_s, sync_every
+    M32 = 4 * num_params
+    coord_bw = bw * model.coord_link_ratio  # the coordinator's
+    kappa = model.wire_s_per_byte if plane != "ddp" else 0.0
+    N = model.shared_cores
+    sw, sc = sharing(model, H * S), sharing(model, H)
+    b = per_worker_batch(batch, H, S)
+    c1 = compute_s(model, b)
+    t_compute = c1 * sw
+    t_local = local_reduce_s(model, S, num_params)
+    U = update_s(model, num_params)
+    extra: dict = {}
+    local_hidden = comm_hidden = 0.0
+    if plane == "star":
+        wire = kappa * H * M * max(1.0, 2 / N if N else 1.0)
+        comm = 2 * max(H * M / coord_bw, M / bw) + 2 * a + wire
+        upd = U
+        send = recv = M
+        coord_in = coord_out = H * M
+        cpu_wire = 2 * kappa * H * M
+        cpu_update = U
+    elif plane == "mesh":
+        # factored: the Linear's K x F weights leave the reduce-scatter; a host sends its ceil(B/H) samples' inputs
+        # (split over the owners) and output gradients (to each other owner), float32, instead
+        from ..distributed.mesh import factors_pay
+        use = factored is not None and factors_pay(batch, H, *factored)
+        Kf, Ff = factored if use else (0, 0)
+        fb = -(-batch // H) * (Kf * (H - 1) / H + (H - 1) * Ff) * 4 if use else 0.0
+        Mrs = (num_params - Kf * Ff) * wire_bytes
+        rs = (H - 1) / H * Mrs / bw + fb / bw + (H - 1) * a
+        ag = (H - 1) / H * M / bw + (H - 1) * a
+        send = (H - 1) / H * (Mrs + M) + fb + 2 * M32 / (H * k)  # + its SYNC share, averaged over the k steps
+        recv = (H - 1) / H * (Mrs + M) + fb
+        sync = 2 * M32 / (H * k) / bw
+        wire_host = kappa * (send + recv) / 2 + (f16_s(model, H, num_params, Kf * Ff) if wire_bytes == 2 else 0.0)
+        wire = sc * wire_host
+        comm = rs + ag + sync + wire + 2 * a
+        window = model.overlap * t_compute
+        local_hidden = min(window, t_local)
+        comm_hidden = min(window - local_hidden, rs)
+        upd = sc * U / H
+        coord_in, coord_out = 2 * M32 / k, 0
+        cpu_wire = H * wire_host + kappa * coord_in / 2
+        cpu_update = U
+        extra = {"reduce_scatter_s": rs, "all_gather_s": ag, "sync_s": sync, "wire_cpu_s": wire, "factored": use}
+    elif plane in ONE_HOST:  # no network; what is serial is what no worker computes during
+        comm, send, recv, coord_in, coord_out, cpu_wire = model.local_control_s, 0, 0, 0, 0, 0.0
+        if plane == "coordinator":  # the coordinator sums the S slots, then updates, alone
+            upd, cpu_update = U, U
+            extra = {"serial_s": t_local + U + comm}
+        else:  # each worker sums its 1/S slice of every slot (S·4P/S bytes) and updates that slice, in parallel
+            t_local = 4 * num_params / model.mem_bytes_per_s if S > 1 else 0.0
+            upd, cpu_update = sw * U / S, U
+            extra = {"serial_s": comm}
+    else:
+        comm = 2 * (H - 1) / H * M / bw + 2 * (H - 1) * a
+        ov = model.overlap if model.overlap_ddp is None else model.overlap_ddp
+        comm_hidden = min(ov * t_compute, comm)
+        upd = sw * U
+        send = recv = 2 * (H - 1) / H * M
+        coord_in = coord_out = 0
+        cpu_wire = 0.0
+        cpu_update = H * S * U
+    exposed = comm - comm_hidden
+    step = t_compute + (t_local - local_hidden) + exposed + upd
+    coord_link = max(coord_in, coord_out) / coord_bw
+    coord_bound = plane == "mesh" and coord_link > step  # the SYNC uploads must fit in their k steps
+    if coord_bound:
+        step = coord_link
+    cpu_s = (H * S * c1 + H * t_local + cpu_wire + cpu_update) / N if N else 0.0
+    cpu_bound = bool(N) and cpu_s > step
+    if cpu_bound:
+        step = cpu_s
+    base = baseline(S, batch, num_params, model)
+    ips = batch / step
+    out = {"plane": plane, "hosts": H, "slots": S, "workers": H * S, "batch": batch, "per_worker_batch": b,
+           "idle_workers": max(0, H * S - batch), "wire_bytes": wire_bytes,
+           "bandwidth_bps": None if bandwidth_bps is None else float(bandwidth_bps),
+           "num_params": num_params, "sync_every": k, "shared_cores": N, "model_bytes": M, "compute_s": t_compute,
+           "local_reduce_s": t_local, "local_hidden_s": local_hidden, "comm_s": comm, "comm_hidden_s": comm_hidden,
+           "comm_exposed_s": exposed, "update_s": upd, "step_s": step, "images_per_s": ips,
+           "speedup": ips / base["images_per_s"], "efficiency": ips / (H * base["images_per_s"]),
+           "baseline_step_s": base["step_s"], "host_send_bytes": send, "host_recv_bytes": recv,
+           "coord_in_bytes": coord_in, "coord_out_bytes": coord_out, "coord_link_s": coord_link,
+           "coord_bound": coord_bound, "cpu_s": cpu_s, "cpu_bound": cpu_bound}
+    out.update(extra)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the network
+
+def factor_shape(cfg: config_mod.Config, classes: int) -> tuple[int, int] | None:
+    """(K, F) of the model's factored Linear (the hidden one), or None."""
+    import numpy as np
+
+    from ..nn.model import build_model
+    from ..nn.params import ParamStore
+    layer = build_model(cfg.model, classes, cfg.data.image_size, ParamStore(np.float32)).factor_layer()
+    return tuple(layer.w.shape) if layer is not None else None
+
+
+def count_params(cfg: config_mod.Config, classes: int) -> int:
+    import numpy as np
+
+    from ..nn.model import build_model
+    from ..nn.params import ParamStore
+    store = ParamStore(np.float32)
+    build_model(cfg.model, classes, cfg.data.image_size, store)  # registration only: nothing allocated
+    return store.num_params
