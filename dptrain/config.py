@@ -32,6 +32,11 @@ class DataConfig:
     # both; set to N >= 0 (configs from before `shift`; a run's config.toml, which records the pixels used) it wins.
     max_shift: int = -1
     cache_dir: str = ""  # where decoded uint8 caches are kept ("": ~/.cache/dptrain)
+    # an image that would decode to more pixels is skipped and named, never decoded (data/guard.py; a JPEG counts at
+    # its DCT draft's scale): 32 MP keeps a 24-30 MP camera image as PNG/TIFF and bounds one decode to ~100 MB RGB
+    max_image_pixels: int = 32_000_000
+    # a file or archive member larger than this is skipped and named, never read (a .tgz member is read whole)
+    max_file_mb: float = 64.0
 
     def __post_init__(self):
         self.__dict__["_shift_derived"] = self.max_shift < 0
@@ -144,6 +149,9 @@ class DistConfig:
     # 16384 x 512) and each owner computes its rows of dW = X^T dY over the whole batch (mesh.py)
     factored: bool = True
     timeline: str = ""  # write a Chrome-trace JSON of every phase to this file
+    # a folder for this host's shared-memory segments instead of /dev/shm (also $DPTRAIN_SHM_DIR): a larger tmpfs or
+    # a local disk when /dev/shm is too small, e.g. a container's 64 MB (docs/containers.md)
+    shm_dir: str = ""
 
 
 @dataclass
@@ -176,6 +184,8 @@ class Config:
             raise ValueError(f"model.init must be 'he' or 'pytorch', got {self.model.init!r}")
         if self.model.conv_algo not in CONV_ALGOS:
             raise ValueError(f"model.conv_algo must be one of {', '.join(CONV_ALGOS)}, got {self.model.conv_algo!r}")
+        if self.data.max_image_pixels < 1 or self.data.max_file_mb <= 0:
+            raise ValueError("data.max_image_pixels and data.max_file_mb must be > 0")
         if not 0 <= self.data.shift < 0.5:
             raise ValueError(f"data.shift is a fraction of the image size in [0, 0.5), got {self.data.shift}")
         for name in ("epochs", "batch_size", "image_size"):
@@ -247,7 +257,11 @@ def load(path: str | Path | None = None, overrides: dict[str, str] | None = None
     cfg = Config()
     if path:
         with open(path, "rb") as f:
-            apply(cfg, tomllib.load(f), str(path))
+            try:
+                table = tomllib.load(f)
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:  # e.g. a truncated or damaged file
+                raise ValueError(f"{path}: not a readable TOML config ({e})") from None
+        apply(cfg, table, str(path))
     for dotted, text in (overrides or {}).items():
         section, _, key = dotted.partition(".")
         sec = getattr(cfg, section, None)

@@ -33,7 +33,7 @@ from .data.dataset import Dataset, load_dataset
 from .data.sampler import Sampler
 from .ema import WeightAverage, decay_for
 from .executors import Executor, ExecutorFailure, LocalExecutor, StepInterrupted
-from .fsutil import atomic_link
+from .fsutil import atomic_link, atomic_write
 from .metrics import MetricsFiles, Progress
 from .nn.model import build_model
 from .nn.params import ParamStore
@@ -57,8 +57,8 @@ class Trainer:
         rng = np.random.default_rng(t.seed)
         self.store = ParamStore(np.float32)
         self.model = build_model(cfg.model, len(dataset.class_names), cfg.data.image_size, self.store, rng=rng)
-        if store_factory is not None:  # e.g. move the flat buffers into shared memory
-            store_factory(self.store)
+        if store_factory is not None:  # e.g. move the flat buffers into shared memory (launch.py)
+            store_factory(self.store, self.model, dataset)
         self.opt = sgd_for(self.store, t)
         self.sampler = Sampler(dataset.train_idx, t.batch_size, t.seed, t.drop_last, t.steps_per_epoch)
         self.steps_per_epoch = self.sampler.num_steps()
@@ -194,8 +194,9 @@ class Trainer:
             self.metrics.jsonl.unlink()
         self.check_space()
         self.metrics.write_csv()
-        try:
-            (self.out / "config.toml").write_text(config_mod.dumps(self.cfg))
+        try:  # atomically: a full disk leaves the previous config.toml, never a truncated one --resume would read
+            text = config_mod.dumps(self.cfg).encode()
+            atomic_write(self.out / "config.toml", lambda f: f.write(text))
         except OSError as e:
             self.log.error(f"{self.out / 'config.toml'}: cannot write it ({e.strerror})")
         wall0 = time.perf_counter()
@@ -351,7 +352,7 @@ def prepare(cfg: Config, resume: bool | str | None, store_factory=None) -> Train
     last = Path(cfg.train.out) / "last.npz"
     if resume:
         if last.exists():
-            trainer.restore(last)
+            restore_newest(trainer, last, fall_back=resume == "auto")
             trainer.metrics.trim(trainer.epoch, trainer.step)
         elif resume == "auto":
             trainer.log.info(f"--resume auto: no {last} yet, starting fresh")
@@ -359,6 +360,28 @@ def prepare(cfg: Config, resume: bool | str | None, store_factory=None) -> Train
             raise FileNotFoundError(f"--resume: {last} does not exist (--resume auto starts fresh when there is "
                                     f"none)")
     return trainer
+
+
+def restore_newest(trainer: Trainer, last: Path, fall_back: bool) -> Path:
+    """Restore `last`; when it is unreadable and fall_back (--resume auto), the newest step-NNNNNNNN.npz beside it
+    that restores (train.keep_checkpoints), said in one warning line. Raises the CheckpointError of `last` when none
+    does."""
+    try:
+        trainer.restore(last)
+        return last
+    except checkpoint.CheckpointError as e:
+        if not fall_back:
+            raise
+        first = e
+    for older in sorted(last.parent.glob("step-*.npz"), reverse=True):  # zero-padded steps: newest first
+        try:
+            trainer.restore(older)
+        except checkpoint.CheckpointError:
+            continue
+        trainer.log.warning(f"--resume auto: {first}; resuming from {older.name}, the newest readable checkpoint "
+                            f"(step {trainer.step})")
+        return older
+    raise checkpoint.CheckpointError(f"{first}; no readable step-NNNNNNNN.npz beside it either") from None
 
 
 def prepare_or_exit(cfg: Config, resume: bool, command: str, store_factory=None) -> Trainer:

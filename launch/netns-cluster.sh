@@ -14,7 +14,10 @@
 #
 # State (keys, sshd configs, pid files, logs, ssh_config, known_hosts, hostfile)
 # lives in $DPTRAIN_NETNS_DIR (default /tmp/dptrain-netns) or --state DIR.
-# One state dir holds one cluster.  Must run as root.
+# One state dir holds one cluster.  Must run as root.  The state dir is made by
+# 'up' itself (mode 0700, marked with .dptrain-netns-state); every command refuses
+# one it did not make, a symlink, another owner, a looser mode or a parent others
+# may write to, before reading anything in it (cluster.env is sourced, as root).
 #
 # Names (Linux interface names are at most 15 characters, so the prefix is at most 9):
 #   namespaces   PREFIX-h1 .. PREFIX-hN       ssh aliases  h1 .. hN
@@ -50,9 +53,51 @@ need_tools() {
     [[ -x $SSHD ]] || die "$SSHD not found (apt-get install openssh-server, or .ci/install-system.sh)"
 }
 
+STATE_MARK=.dptrain-netns-state
+
+state_problem() {
+    # Prints why STATE must not be used (nothing when it is this script's own): it is sourced and holds keys, and
+    # this runs as root, so a folder someone else prepared (e.g. in /tmp) could run their code as root.
+    local me owner mode parent
+    me=$(id -u)
+    if [[ -L $STATE ]]; then echo "is a symbolic link"; return; fi
+    if [[ ! -d $STATE ]]; then echo "is not a directory"; return; fi
+    read -r owner mode < <(stat -c '%u %a' -- "$STATE")
+    if [[ $owner != "$me" ]]; then echo "is owned by uid $owner, not $me"; return; fi
+    if [[ $mode != 700 ]]; then echo "has mode $mode, not 700"; return; fi
+    if [[ -L $STATE/$STATE_MARK || ! -f $STATE/$STATE_MARK ]]; then
+        echo "was not made by $PROG (no $STATE_MARK in it)"; return
+    fi
+    parent=$(dirname -- "$(realpath -- "$STATE")")
+    read -r owner mode < <(stat -c '%u %a' -- "$parent")
+    # others may write to the parent only when it is sticky (like /tmp): else they could swap the folder
+    if [[ $owner != 0 && $owner != "$me" ]]; then echo "is in $parent, owned by uid $owner"; return; fi
+    if (( (8#$mode & 8#022) && !(8#$mode & 8#1000) )); then echo "is in $parent, writable by others (mode $mode)"; fi
+}
+
+check_state() {
+    # Dies (one line) when STATE exists but is not this script's own folder; a missing one is fine.
+    local why
+    [[ -e $STATE || -L $STATE ]] || return 0
+    why=$(state_problem)
+    [[ -z $why ]] || die "state dir $STATE $why: refusing to use it (remove it, or pass --state with a new path)"
+}
+
+make_state() {
+    # up: make STATE (0700, marked) unless it is already this script's own.
+    if [[ ! -e $STATE && ! -L $STATE ]]; then
+        mkdir -p -- "$(dirname -- "$STATE")"
+        (umask 077 && mkdir -- "$STATE") || die "cannot make state dir $STATE"
+        : >"$STATE/$STATE_MARK"
+    fi
+    check_state
+}
+
 load_state() {
-    # Sets PREFIX SUBNET N SLOTS from STATE/cluster.env if present.
-    if [[ -f $STATE/cluster.env ]]; then
+    # Sets PREFIX SUBNET N SLOTS from STATE/cluster.env if present (after check_state: never from a folder we did
+    # not make).
+    check_state
+    if [[ -f $STATE/cluster.env && ! -L $STATE/cluster.env ]]; then
         # shellcheck disable=SC1091
         source "$STATE/cluster.env"
         return 0
@@ -101,6 +146,7 @@ cmd_down() {
     fi
     check_prefix "$prefix"
     need_root
+    check_state
 
     # 1. sshds by pid file (they may live in a namespace that is already gone).
     for pidf in "$STATE"/sshd-*.pid; do
@@ -146,6 +192,7 @@ cmd_up() {
     [[ $subnet =~ ^10\.([0-9]{1,3})\.([0-9]{1,3})$ || $subnet =~ ^192\.168\.([0-9]{1,3})$ ]] ||
         die "up: --subnet must be the first three octets of a private /24: 10.A.B or 192.168.C"
     need_root
+    check_state
     need_tools
 
     # Refuse to collide with an existing cluster or with any address already on this machine.
@@ -163,8 +210,7 @@ cmd_up() {
         die "up: a route for $subnet.0/24 already exists; pick another --subnet"
     fi
 
-    mkdir -p "$STATE"
-    chmod 700 "$STATE"
+    make_state
     # Anything below fails -> tear down what we built (safe after a partial up).
     trap 'rc=$?; trap - ERR; set +E; log "up failed (exit $rc); cleaning up"; cmd_down --prefix "$prefix" --state "$STATE" || true; exit $rc' ERR
     set -E

@@ -254,7 +254,6 @@ class NetnsCluster:
         with open(BASE / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             cand = _pick_subnet()
-            self.state_dir.mkdir(parents=True, exist_ok=True)
             r = _sh(["bash", str(self.script), "up", str(self.n_hosts), "--prefix", self.prefix,
                      "--subnet", cand, "--slots", str(self.slots), "--state", str(self.state_dir),
                      "--owner-pid", str(os.getpid())], timeout=self.up_timeout)

@@ -245,7 +245,6 @@ def test_stale_cluster_of_dead_session_is_cleaned_but_live_one_kept():
     dead = subprocess.Popen(["true"])
     dead.wait()
     stale = NetnsCluster(1)
-    stale.state_dir.mkdir(parents=True, exist_ok=True)
     r = subprocess.run(["bash", str(SCRIPT), "up", "1", "--prefix", stale.prefix, "--subnet", _pick_subnet(),
                         "--state", str(stale.state_dir), "--owner-pid", str(dead.pid)],
                        capture_output=True, text=True, timeout=30)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..fsutil import atomic_write
-from .decode import DECODER_VERSION, Decoded, decode_entries, warn_skipped
+from .decode import DECODER_VERSION, DEFAULT_LIMITS, Decoded, decode_entries, warn_skipped
 from .discover import Discovered
 
 log = logging.getLogger(__name__)
@@ -30,8 +30,8 @@ def resolve_cache_dir(cache_dir: str | os.PathLike = "") -> Path:
     return Path(cache_dir or os.environ.get("DPTRAIN_CACHE") or "~/.cache/dptrain").expanduser()
 
 
-def cache_key(fingerprint: str, image_size: int, center_crop: int) -> str:
-    text = f"{fingerprint}|size={image_size}|crop={center_crop}|decoder={DECODER_VERSION}"
+def cache_key(fingerprint: str, image_size: int, center_crop: int, limits=DEFAULT_LIMITS) -> str:
+    text = f"{fingerprint}|size={image_size}|crop={center_crop}|decoder={DECODER_VERSION}|{limits.key()}"
     return "decoded_" + hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
@@ -63,13 +63,15 @@ def load(cache_dir: Path, key: str, mmap: bool = False) -> Decoded | None:
 
 
 def decode_cached(found: Discovered, image_size: int, center_crop: int = 0, cache_dir: str | os.PathLike = "", *,
-                  workers: int | None = None, progress: bool = True, use_cache: bool = True) -> Decoded:
-    """Decoded images of `found`, from the cache when present, else decoded and written to it."""
+                  workers: int | None = None, progress: bool = True, use_cache: bool = True,
+                  limits=DEFAULT_LIMITS) -> Decoded:
+    """Decoded images of `found`, from the cache when present, else decoded and written to it. limits (guard.py):
+    what is refused; part of the key, since it decides which files are skipped."""
     where = resolve_cache_dir(cache_dir)
-    key = cache_key(found.fingerprint, image_size, center_crop)
+    key = cache_key(found.fingerprint, image_size, center_crop, limits)
     decoded = load(where, key) if use_cache else None
     if decoded is None:
-        decoded = decode_entries(found, image_size, center_crop, workers=workers, progress=progress)
+        decoded = decode_entries(found, image_size, center_crop, workers=workers, progress=progress, limits=limits)
         if use_cache:
             try:
                 save(where, key, decoded, dict(source=str(found.path), fingerprint=found.fingerprint,

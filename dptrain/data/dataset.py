@@ -16,6 +16,7 @@ import numpy as np
 from ..config import DataConfig
 from .cache import decode_cached
 from .discover import discover
+from .guard import DEFAULT_LIMITS, Limits
 from .split import describe_counts, label_map, select_classes, stratified_split
 
 log = logging.getLogger(__name__)
@@ -48,9 +49,11 @@ class Dataset:
                 f"{' (from cache)' if self.from_cache else ''}")
 
 
-def _decode(path, image_size: int, center_crop: int, cache_dir: str, progress: bool, workers: int | None):
+def _decode(path, image_size: int, center_crop: int, cache_dir: str, progress: bool, workers: int | None,
+            limits: Limits):
     found = discover(path)
-    decoded = decode_cached(found, image_size, center_crop, cache_dir, workers=workers, progress=progress)
+    decoded = decode_cached(found, image_size, center_crop, cache_dir, workers=workers, progress=progress,
+                            limits=limits)
     if not decoded.names:
         raise ValueError(f"none of the {len(found.entries)} image files under {found.path} could be decoded "
                          f"(first: {decoded.skipped[0][0]}: {decoded.skipped[0][1]})")
@@ -61,7 +64,7 @@ def _decode(path, image_size: int, center_crop: int, cache_dir: str, progress: b
 def load_dataset(dcfg: DataConfig, seed: int, *, progress: bool = True, workers: int | None = None) -> Dataset:
     """Load, filter and split the dataset described by dcfg. workers: decode processes (None: automatic)."""
     found, decoded, classes = _decode(dcfg.path, dcfg.image_size, dcfg.center_crop, dcfg.cache_dir, progress,
-                                      workers)
+                                      workers, Limits.from_config(dcfg))
     class_names = select_classes(classes, dcfg.min_images_per_class, dcfg.max_classes)
     if not class_names:
         raise ValueError(f"no class of {found.path} has >= {dcfg.min_images_per_class} decodable images "
@@ -80,13 +83,14 @@ def load_dataset(dcfg: DataConfig, seed: int, *, progress: bool = True, workers:
 
 
 def load_folder_for_eval(path: str | os.PathLike, class_names: list[str], image_size: int, center_crop: int = 0,
-                         *, cache_dir: str = "", progress: bool = True, workers: int | None = None) -> Dataset:
+                         *, cache_dir: str = "", progress: bool = True, workers: int | None = None,
+                         limits: Limits = DEFAULT_LIMITS) -> Dataset:
     """Every decodable image of `path` whose class is in class_names (a checkpoint's), labelled accordingly.
 
     All of them land in val_idx (train_idx is empty). Classes unknown to the checkpoint are reported in one
     warning and in `unknown_classes`, and their images left out.
     """
-    found, decoded, classes = _decode(path, image_size, center_crop, cache_dir, progress, workers)
+    found, decoded, classes = _decode(path, image_size, center_crop, cache_dir, progress, workers, limits)
     to_label = label_map(list(class_names))
     labels_all = np.array([to_label.get(c, -1) for c in classes], np.int64)
     unknown = sorted({c for c in classes if c not in to_label})

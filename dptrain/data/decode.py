@@ -7,8 +7,10 @@ source pixels (clamped to the image; 0 = whole image) is resampled to S x S in o
 its triangle filter by the downscale factor, so downscaling is antialiased (area-like), not point-sampled.
 Non-square images without a crop are squashed to a square.
 
-Files that cannot be decoded (empty, truncated, corrupt, not an image) are skipped, never fatal and never silent:
-`decode_entries` returns their names with the reason, and `warn_skipped` logs one warning naming up to 10.
+Files that cannot be decoded (empty, truncated, corrupt, not an image) or that the loader refuses to read (guard.py:
+FIFOs and devices, files or archive members over data.max_file_mb, images over data.max_image_pixels, formats other
+than the supported rasters) are skipped, never fatal and never silent: `decode_entries` returns their names with the
+reason, and `warn_skipped` logs one warning naming up to 10.
 
 Parallelism: a process pool over chunks of files when there are many; processes rather than threads because
 Pillow releases the GIL only inside the codec and the resampler. Archives are read sequentially in this process (a .tgz has no
@@ -16,6 +18,7 @@ random access) and the bytes are shipped to the pool.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
@@ -26,13 +29,16 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from .discover import Discovered
+from .guard import DEFAULT_LIMITS, Limits, Refused, check_bytes, check_pixels, open_regular, unsupported
 
 log = logging.getLogger(__name__)
 
-DECODER_VERSION = 2  # bump when decoded pixels change; part of the cache key (2: 16-bit grey scaled)
+# bump when decoded pixels or the set of decoded files change; part of the cache key (2: 16-bit grey scaled,
+# 3: only the supported raster formats, size limits)
+DECODER_VERSION = 3
 PARALLEL_MIN_FILES = 400  # below this a pool costs more to start than it saves
 CHUNK = 64  # files per pool task
 
@@ -60,19 +66,29 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def decode_image(src, image_size: int, center_crop: int = 0) -> np.ndarray:
-    """Decode one image (a path, bytes or file object) to uint8 (S, S, 3). Raises on unreadable data."""
+def decode_image(src, image_size: int, center_crop: int = 0, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
+    """Decode one image (a path, bytes or file object) to uint8 (S, S, 3). Raises on unreadable data, and Refused
+    (guard.py) for what the loader does not read: not a regular file, over a limit, not one of limits.formats."""
+    opened = None  # what this function opened, and closes
     if isinstance(src, (bytes, bytearray, memoryview)):
+        check_bytes(len(src), limits)
         src = io.BytesIO(src)
-    with warnings.catch_warnings():
+    elif isinstance(src, (str, os.PathLike)):
+        src = opened = open_regular(src, limits)
+    with warnings.catch_warnings(), opened or contextlib.nullcontext():
         warnings.simplefilter("ignore")  # palette-transparency and EXIF chatter: not our concern per file
-        with Image.open(src) as im:
+        try:
+            im = Image.open(src, formats=limits.formats)  # the header only: nothing is decoded yet
+        except UnidentifiedImageError:
+            raise unsupported(limits.formats) from None
+        with im:
             w0, h0 = im.size
             crop = min(center_crop, w0, h0) if center_crop > 0 else 0
             # Smallest JPEG draft that still has >= image_size pixels across the crop (or the whole image).
             fx = image_size / (crop or w0)
             fy = image_size / (crop or h0)
             im.draft("RGB", (math.ceil(w0 * fx), math.ceil(h0 * fy)))
+            check_pixels(*im.size, limits, (w0, h0))  # the size to be decoded (a JPEG draft's), before decoding
             rgb = to_rgb(im)  # forces the decode: truncation/corruption raises here
     w, h = rgb.size
     sx, sy = w / w0, h / h0  # draft scale
@@ -85,24 +101,30 @@ def decode_image(src, image_size: int, center_crop: int = 0) -> np.ndarray:
     return np.asarray(out, dtype=np.uint8)
 
 
-def _decode_chunk(items: list[tuple[str, object]], image_size: int, center_crop: int):
-    """Pool task: [(name, path or bytes)] -> (uint8 (k, S, S, 3), ok mask (k,), {name: reason})."""
+def _decode_chunk(items: list[tuple[str, object]], image_size: int, center_crop: int,
+                  limits: Limits = DEFAULT_LIMITS):
+    """Pool task: [(name, path, bytes or a Refused already)] -> (uint8 (k, S, S, 3), ok mask (k,), {name: reason})."""
     out = np.zeros((len(items), image_size, image_size, 3), np.uint8)
     ok = np.zeros(len(items), bool)
     errors = {}
     for j, (name, src) in enumerate(items):
         try:
-            out[j] = decode_image(src, image_size, center_crop)
+            if isinstance(src, Refused):  # refused before reading (an archive member over the byte limit)
+                raise src
+            out[j] = decode_image(src, image_size, center_crop, limits)
             ok[j] = True
+        except Refused as e:
+            errors[name] = f"refused: {e}"
         except Exception as e:  # any failure of one file skips that file, never the run
             errors[name] = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
     return out, ok, errors
 
 
-def _iter_chunks(found: Discovered):
-    """Yield (entry indices, [(name, path or bytes)]) in chunks of CHUNK files.
+def _iter_chunks(found: Discovered, limits: Limits = DEFAULT_LIMITS):
+    """Yield (entry indices, [(name, path, bytes or Refused)]) in chunks of CHUNK files.
 
-    Archives are streamed in member order (a .tgz has no random access), so chunks carry their entry indices.
+    Archives are streamed in member order (a .tgz has no random access), so chunks carry their entry indices; a
+    member over the byte limit (its header's size) or not a regular file is never read: a Refused stands for it.
     """
     entries = found.entries
     if found.kind == "dir":
@@ -117,9 +139,15 @@ def _iter_chunks(found: Discovered):
             i = position.pop(m.name, None)
             if i is None:
                 continue
-            f = tf.extractfile(m)
             idx.append(i)
-            items.append((entries[i].name, f.read() if f else b""))
+            try:
+                if not m.isfile():
+                    raise Refused("not a regular file member; never read")
+                check_bytes(m.size, limits, "member")
+                f = tf.extractfile(m)
+                items.append((entries[i].name, f.read() if f else b""))
+            except Refused as e:
+                items.append((entries[i].name, e))
             if len(idx) == CHUNK:
                 yield idx, items
                 idx, items = [], []
@@ -137,8 +165,8 @@ def default_workers(n_files: int) -> int:
 
 
 def decode_entries(found: Discovered, image_size: int, center_crop: int = 0, *, workers: int | None = None,
-                   progress: bool = True) -> Decoded:
-    """Decode every entry of `found`. workers: None = automatic, 1 = in this process."""
+                   progress: bool = True, limits: Limits = DEFAULT_LIMITS) -> Decoded:
+    """Decode every entry of `found` (what `limits` refuses is skipped). workers: None = automatic, 1 = here."""
     from tqdm import tqdm
 
     n = len(found.entries)
@@ -156,13 +184,13 @@ def decode_entries(found: Discovered, image_size: int, center_crop: int = 0, *, 
         bar.update(len(idx))
 
     if workers == 1:
-        for idx, items in _iter_chunks(found):
-            take(idx, _decode_chunk(items, image_size, center_crop))
+        for idx, items in _iter_chunks(found, limits):
+            take(idx, _decode_chunk(items, image_size, center_crop, limits))
     else:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             inflight = []
-            for idx, items in _iter_chunks(found):
-                inflight.append((idx, pool.submit(_decode_chunk, items, image_size, center_crop)))
+            for idx, items in _iter_chunks(found, limits):
+                inflight.append((idx, pool.submit(_decode_chunk, items, image_size, center_crop, limits)))
                 while len(inflight) > 4 * workers:  # bound the bytes held in flight for an archive
                     k, fut = inflight.pop(0)
                     take(k, fut.result())
@@ -184,4 +212,4 @@ def warn_skipped(skipped: list[tuple[str, str]], where: str, limit: int = 10) ->
         return
     shown = "; ".join(f"{nm} ({why})" for nm, why in skipped[:limit])
     more = f"; ... and {len(skipped) - limit} more" if len(skipped) > limit else ""
-    log.warning("skipped %d unreadable image file(s) in %s: %s%s", len(skipped), where, shown, more)
+    log.warning("skipped %d unreadable or refused image file(s) in %s: %s%s", len(skipped), where, shown, more)

@@ -126,8 +126,12 @@ def dir_images(path: Path, extensions=IMAGE_EXTENSIONS) -> tuple[list[Item], int
             if fn.startswith(".") or not _is_image(fn, extensions):
                 continue
             full = os.path.join(dirpath, fn)
-            st = os.stat(full)
-            items.append((rel + (fn,), os.path.abspath(full), st.st_size, st.st_mtime_ns))
+            try:  # stat, never open: a FIFO or device named .jpg is listed here and refused unopened by guard.py
+                st = os.stat(full)
+                size, mtime = st.st_size, st.st_mtime_ns
+            except OSError:  # a dangling link: listed, then skipped with its reason when decoded
+                size, mtime = 0, 0
+            items.append((rel + (fn,), os.path.abspath(full), size, mtime))
     return items, seen
 
 

@@ -23,7 +23,7 @@ import psutil
 
 from .. import log
 from ..config import Config
-from ..data.shm import SharedArray, segment_name
+from ..data.shm import NoSpace, SharedArray, check_space, free_bytes, segment_dir, segment_name
 from . import timeslice
 from .coordinator import Coordinator
 
@@ -180,11 +180,21 @@ def reap(procs: list, grace_s: float = 5.0) -> None:
             p.wait()
 
 
+def _or_exit(fn, *args, **kwargs):
+    """fn(...), with NoSpace (the segments do not fit, or their folder is unusable) as a one-line exit."""
+    try:
+        return fn(*args, **kwargs)
+    except NoSpace as e:
+        raise SystemExit(f"dptrain: {e}") from None
+
+
 class Session:
     """Everything one host's side of a run started, torn down in `close()`."""
 
-    def __init__(self, run_id: str):
+    def __init__(self, run_id: str, shm_dir: str = ""):
         self.run_id = run_id
+        self.shm_dir = _or_exit(segment_dir, shm_dir)  # "" = /dev/shm; dist.shm_dir or $DPTRAIN_SHM_DIR
+        self.layout: dict | None = None  # what -> (shape, dtype) of every segment, once plan() checked them
         self.segments: list[SharedArray] = []
         self.procs: list = []
         self.coord: Coordinator | None = None
@@ -199,8 +209,26 @@ class Session:
         self.dir = private_dir(self.run_id)
         return f"ipc://{self.dir / SOCKET_NAME}"
 
+    def plan(self, layout: dict) -> dict:
+        """Check that segments of `layout` (what -> (shape, dtype)) fit in the free space of the segments' filesystem
+        before any is made (else exit with one line naming both figures and the fixes); then shared() makes only
+        these, with these shapes. Returns layout."""
+        sizes = {what: int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize for what, (shape, dt) in
+                 layout.items()}
+        need = _or_exit(check_space, sizes, self.shm_dir)
+        log.get().info(f"shared memory: {len(sizes)} segments, {need / 2**20:,.1f} MB in "
+                       f"{self.shm_dir or '/dev/shm'} ({free_bytes(self.shm_dir) / 2**20:,.1f} MB free)")
+        self.layout = dict(layout)
+        return self.layout
+
     def shared(self, what: str, shape, dtype, fill=None) -> SharedArray:
-        seg = SharedArray.create(fill, segment_name(self.run_id, what), shape=shape, dtype=dtype, writable=True)
+        """A writable segment of this run, its pages reserved: no room exits with one line, never a SIGBUS later."""
+        if self.layout is not None:  # the capacity check must have counted it
+            planned = self.layout.get(what)
+            if planned is None or tuple(planned[0]) != tuple(shape) or np.dtype(planned[1]) != np.dtype(dtype):
+                raise RuntimeError(f"segment {what!r} {tuple(shape)} {np.dtype(dtype)} is not the planned {planned}")
+        seg = _or_exit(SharedArray.create, fill, segment_name(self.run_id, what), shape=shape, dtype=dtype,
+                       writable=True, where=self.shm_dir)
         self.segments.append(seg)
         return seg
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from ..compute import evaluate_batches
 from ..data.dataset import load_folder_for_eval
+from ..data.guard import Limits
 from .model_file import load_model
 
 
@@ -32,7 +33,8 @@ def evaluate_checkpoint(checkpoint_path: str | Path, data_path: str | Path, batc
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     model, cfg, class_names = load_model(checkpoint_path)
     ds = load_folder_for_eval(data_path, class_names, cfg.data.image_size, cfg.data.center_crop,
-                              cache_dir=cfg.data.cache_dir if cache_dir is None else cache_dir, progress=progress)
+                              cache_dir=cfg.data.cache_dir if cache_dir is None else cache_dir, progress=progress,
+                              limits=Limits.from_config(cfg.data))
     idx = ds.val_idx
     loss_total, _, pred = evaluate_batches(model, ds.images, ds.labels, idx, batch_size)
     labels = ds.labels[idx]

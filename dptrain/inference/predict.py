@@ -2,10 +2,13 @@
 
     dptrain predict --checkpoint runs/demo/best.npz photo.jpg more/ shots.tgz [--top-k 5] [--format table|json|csv]
 
-Inputs, in the order given: image files (any format Pillow opens, whatever the extension), folders (every image
-below them, recursively, in sorted order; hidden files and folders are left out) and .tgz/.tar.gz/.tar archives
-(every image member, in sorted order, named `archive.tgz:member/path.jpg`). Unlike training, no class layout is
-needed: an image directly in a folder counts.
+Inputs, in the order given: image files (JPEG, PNG, BMP, PPM/PGM, GIF, WebP or TIFF, whatever the extension),
+folders (every image below them, recursively, in sorted order; hidden files and folders are left out) and
+.tgz/.tar.gz/.tar archives (every image member, in sorted order, named `archive.tgz:member/path.jpg`). Unlike
+training, no class layout is needed: an image directly in a folder counts. What training's loader refuses is refused
+here by the same code (data/guard.py, the checkpoint's data.max_image_pixels and data.max_file_mb): FIFOs and devices
+(never opened), files and members over the byte limit (never read), images over the pixel limit (never decoded),
+other formats (an EPS named .jpg is never handed to Ghostscript).
 
 Preprocessing is training's without augmentation, by the same code: `decode.decode_entries` (Pillow, every mode
 converted to RGB by `decode.to_rgb`: greyscale, palette, RGBA, CMYK, 16-bit "I;16"/"I" scaled to 8 bits; centre
@@ -14,7 +17,7 @@ crop `data.center_crop` and resize to `data.image_size` from the checkpoint's co
 float64. Folders and loose files are decoded `DECODE_GROUP` images at a time (bounded memory); an archive is
 decoded whole (a .tgz has no random access), N x S x S x 3 bytes, as training does.
 
-A file that does not decode is named in one warning (stderr), counted and listed under `skipped` in the JSON
+A file that does not decode or is refused is named in one warning (stderr), counted and listed under `skipped` in the JSON
 output; the rest are predicted. Output (stdout): `table` (aligned text), `csv` (path, class_1, prob_1, ...,
 class_k, prob_k) or `json` ({checkpoint, num_images, num_skipped, top_k, predictions: [{path, top: [{class,
 probability}]}], skipped: [{path, reason}]}). A tqdm bar shows progress on stderr when it is a terminal and there
@@ -38,6 +41,7 @@ import numpy as np
 from ..data.augment import make_batch
 from ..data.decode import decode_entries, warn_skipped
 from ..data.discover import IMAGE_EXTENSIONS, Discovered, Entry, dir_images, is_archive, tar_images
+from ..data.guard import PREDICT_FORMATS, Limits
 from .evaluate import load_model
 
 log = logging.getLogger(__name__)
@@ -134,10 +138,12 @@ def iter_probabilities(model, cfg, sources: list[Discovered], batch_size: int, *
                        ) -> Iterator[tuple[list[str], np.ndarray]]:
     """(paths, float64 (B, K) probabilities) per batch of `batch_size` decoded images, in input order. Files that
     do not decode are appended to `skipped` as (path, reason) and counted on `bar`."""
+    limits = Limits.from_config(cfg.data, PREDICT_FORMATS)
     for source in sources:
         for group in _groups(source):
             decoded = decode_entries(group, cfg.data.image_size, cfg.data.center_crop, workers=workers,
-                                     progress=bar is not None and not bar.disable and group.kind == "tar")
+                                     progress=bar is not None and not bar.disable and group.kind == "tar",
+                                     limits=limits)
             if skipped is not None:
                 skipped.extend(decoded.skipped)
             if bar is not None:

@@ -39,43 +39,43 @@ def launch_local(cfg: Config, resume: bool | str = False, stop_at_step: int = 0,
     shm: dict = {}
 
     def start(session: Session):
-        def to_shm(store) -> None:
-            """Weights and BN buffers into shared memory (with dist.update = "workers": double buffers, and the
-            reduced gradient too; otherwise the coordinator's gradient stays private)."""
+        def to_shm(store, model, ds) -> None:
+            """Check that every segment of the run fits before making any (segment_layout); then weights and BN
+            buffers into shared memory (with dist.update = "workers": double buffers, and the reduced gradient too;
+            otherwise the coordinator's gradient stays private)."""
+            L = session.plan(segment_layout(cfg, n, store, model, ds.images.shape))
             if not use_shm:
                 return
-            P = store.num_params
             if by_workers:
-                shm["params"] = session.shared("params", (2, P), np.float32)
+                shm["params"] = session.shared("params", *L["params"])
                 shm["params"].array[0] = store.params
-                shm["velocity"] = session.shared("velocity", (2, P), np.float32)
-                shm["gsum"] = session.shared("gsum", (P,), np.float32)
+                shm["velocity"] = session.shared("velocity", *L["velocity"])
+                shm["gsum"] = session.shared("gsum", *L["gsum"])
                 params, grads = shm["params"].array[0], shm["gsum"].array
             else:
-                shm["params"] = session.shared("params", (P,), np.float32, store.params)
+                shm["params"] = session.shared("params", *L["params"], store.params)
                 params, grads = shm["params"].array, store.grads
-            shm["buffers"] = session.shared("buffers", store.buffers.shape, np.float32, store.buffers)
+            shm["buffers"] = session.shared("buffers", *L["buffers"], store.buffers)
             store.rebind(params, grads, shm["buffers"].array, copy=False)
 
         trainer = prepare_or_exit(cfg, resume, "launch", store_factory=to_shm)
-        if by_workers and trainer.ema is not None:  # the (possibly resumed) average into the workers' double buffer
-            shm["ema"] = session.shared("ema", (2, trainer.store.num_params), np.float32)
+        L = session.layout
+        if "ema" in L:  # the (possibly resumed) average into the workers' double buffer
+            shm["ema"] = session.shared("ema", *L["ema"])
             shm["ema"].array[0] = trainer.ema.params
             trainer.ema.params = shm["ema"].array[0]
         out = Path(cfg.train.out)
         (out / "logs").mkdir(parents=True, exist_ok=True)
-        images = session.shared("images", trainer.ds.images.shape, np.uint8, trainer.ds.images)
+        images = session.shared("images", *L["images"], trainer.ds.images)
         trainer.ds.images = images.array  # one copy of the images on this host: the shared one
         shm_specs = {"images": images.spec(), **{k: seg.spec() for k, seg in shm.items()}}
         grad_slots = shared = factor_slots = None
         factored = {}
         if use_shm:
-            grads = session.shared("grads", (n, trainer.store.num_params),  # --batch-invariant: exact int64 sums
-                                   np.int64 if cfg.train.batch_invariant_block else np.float32)
+            grads = session.shared("grads", *L["grads"])  # --batch-invariant: exact int64 sums
             grad_slots, shm_specs["grads"] = grads.array, grads.spec()
-        if use_shm and cfg.dist.bn == "sync" and localsum.supported():  # the BN sums among the workers
-            rows = session.shared("bnsum", (2, n, localsum.width(trainer.model)), np.float64)
-            seen = session.shared("bnseen", (n,), np.int64)
+        if "bnsum" in L:  # the BN sums among the workers
+            rows, seen = session.shared("bnsum", *L["bnsum"]), session.shared("bnseen", *L["bnseen"])
             shm_specs["bnsum"], shm_specs["bnseen"], session.local_bn = rows.spec(), seen.spec(), True
         if by_workers:  # the (possibly resumed) velocity moves into the shared double buffer
             velocity2 = shm["velocity"].array
@@ -112,3 +112,27 @@ def launch_local(cfg: Config, resume: bool | str = False, stop_at_step: int = 0,
         return trainer, HostBuffers(grad_slots=grad_slots, shared=shared, factor_slots=factor_slots)
 
     return run_session(cfg, stop_at_step, start, progress=progress)
+
+
+def segment_layout(cfg: Config, n: int, store, model, images_shape) -> dict:
+    """Every shared-memory segment launch_local makes for n workers: what -> (shape, dtype). The session checks
+    their total against the free space before the first is made, and makes only these."""
+    P, f32 = store.num_params, np.float32
+    use_shm = cfg.dist.transport == "shm"
+    by_workers = use_shm and cfg.dist.update == "workers"
+    L = {"images": (tuple(images_shape), np.uint8)}
+    if use_shm:
+        L["params"] = ((2, P) if by_workers else (P,), f32)
+        L["buffers"] = ((store.num_buffers,), f32)
+        L["grads"] = ((n, P), np.int64 if cfg.train.batch_invariant_block else f32)
+    if by_workers:
+        L["velocity"], L["gsum"] = ((2, P), f32), ((P,), f32)
+        if cfg.train.ema_epochs > 0:  # Trainer keeps a weight average (ema.py)
+            L["ema"] = ((2, P), f32)
+    if use_shm and cfg.dist.bn == "sync" and localsum.supported():
+        L["bnsum"], L["bnseen"] = ((2, n, localsum.width(model)), np.float64), ((n,), np.int64)
+    layer = one_host_factored(cfg, model, n)
+    if layer is not None:  # Session.factor_arrays: up to a whole batch per rank (after losses one may get it)
+        K, F = layer.w.shape
+        L["fx"], L["fdy"] = ((n, cfg.train.batch_size, K), f32), ((n, cfg.train.batch_size, F), f32)
+    return L

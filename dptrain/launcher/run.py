@@ -73,10 +73,10 @@ def run_session(cfg: Config, stop_at_step: int, start, run_id: str | None = None
     start got done)."""
     lg = log.get()
     remove_stale_dirs()
-    orphans = remove_orphans()
+    session = Session(run_id or uuid.uuid4().hex[:10], cfg.dist.shm_dir)  # a bad dist.shm_dir exits here
+    orphans = remove_orphans(session.shm_dir)
     if orphans:
         lg.warning(f"removed {len(orphans)} shared-memory segment(s) left by dead runs: {', '.join(orphans[:4])}")
-    session = Session(run_id or uuid.uuid4().hex[:10])
     old_term = signal.signal(signal.SIGTERM, _raise_terminated)
     # The workers own the cores; the coordinator's few BLAS calls (norms) must not spin up threads against them.
     blas = threadpool_limits(1)
