@@ -35,8 +35,8 @@ from multihost_util import (
 from netns import cluster, require_netns
 
 from dptrain.distributed import protocol as P
-from dptrain.launcher.hosts import FORWARD_PREFIXES
 from dptrain.distributed.versions import local_versions
+from dptrain.launcher.hosts import FORWARD_PREFIXES
 
 STEPS = 5  # steps of the equivalence runs: one epoch of the tiny data set (169 train images, batch 32)
 
