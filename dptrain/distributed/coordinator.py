@@ -64,13 +64,17 @@ class Coordinator:
             self.curve = CurveServer(self.ctx, curve_keys)
             self.curve(self.sock)
         d = cfg.dist
-        if endpoint is not None:  # one host: ipc:// in a private directory
-            self.sock.bind(endpoint)
-        elif d.port:
-            endpoint = f"tcp://{d.bind}:{d.port}"
-            self.sock.bind(endpoint)
-        else:
-            endpoint = f"tcp://{d.bind}:{self.sock.bind_to_random_port(f'tcp://{d.bind}')}"
+        try:
+            if endpoint is not None:  # one host: ipc:// in a private directory
+                self.sock.bind(endpoint)
+            elif d.port:
+                endpoint = f"tcp://{d.bind}:{d.port}"
+                self.sock.bind(endpoint)
+            else:
+                endpoint = f"tcp://{d.bind}:{self.sock.bind_to_random_port(f'tcp://{d.bind}')}"
+        except zmq.ZMQError as e:  # an address not of this machine, a port in use
+            self.close()
+            raise SystemExit(f"cannot listen on {endpoint or f'tcp://{d.bind}'}: {e}") from None
         self.endpoint = endpoint
         self.token = token  # one host: a HELLO must carry the token the launcher gave its workers
         self.peers = {r: Peer(r, slots=(slots[r] if slots else 1)) for r in range(world_size)}

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from .. import config as config_mod, log
 from ..config import Config
+from ..distributed import hostfile
 from ..distributed.coordinator import Coordinator, WorkerFailure
 from ..distributed.curve import RunKeys
 from ..distributed.hostfile import HostfileError, HostSlots, assign_ranks, filter_hosts, parse_hostfile, parse_hosts
@@ -50,6 +51,18 @@ def resolve_hosts(args) -> list[HostSlots]:
         raise SystemExit(f"dptrain launch: {e}") from None
     if not hosts:
         raise SystemExit("dptrain launch: no host left after --include/--exclude")
+    source = f"--hostfile {args.hostfile}" if args.hostfile else f"-H {args.hosts}"
+    total = getattr(args, "np", None)
+    if total is not None:  # mpirun's and horovodrun's -np: the total, filled host by host
+        try:
+            hosts = hostfile.first_slots(hosts, total, source)
+        except HostfileError as e:
+            raise SystemExit(f"dptrain launch: {e}") from None
+    per_host = getattr(args, "workers", None)
+    if per_host is not None and any(h.slots != per_host for h in hosts):  # torchrun's per-node count
+        raise SystemExit(f"dptrain launch: --workers/--nproc-per-node {per_host} is per host, but {source} gives "
+                         f"{', '.join(f'{h.hostname}:{h.slots}' for h in hosts)}: set the slots there, or -np N for "
+                         f"a total")
     return hosts
 
 
