@@ -31,7 +31,7 @@ from ..distributed.coordinator import Coordinator, WorkerFailure
 from ..distributed.curve import RunKeys
 from ..distributed.hostfile import HostfileError, HostSlots, assign_ranks, filter_hosts, parse_hostfile, parse_hosts
 from ..distributed.peers import PeerState
-from ..distributed.session import Session
+from ..distributed.session import Session, frame_limit
 from .run import run_session
 
 SSH_REPORT_GRACE_S = 8.0  # after one host's ssh fails, how long the others get to fail (or not) for the report
@@ -156,7 +156,8 @@ def launch_hosts(cfg: Config, args, progress: dict | None = None) -> int:
         welcome = {"config": config_mod.to_dict(cfg), "shm": {}, "num_classes": len(trainer.ds.class_names),
                    "fingerprint": trainer.ds.fingerprint, "class_names": trainer.ds.class_names}
         coord = session.coord = Coordinator(cfg, session.run_id, len(hosts), welcome, {"labels": trainer.ds.labels},
-                                            curve_keys=keys, slots=[h.slots for h in hosts])
+                                            curve_keys=keys, slots=[h.slots for h in hosts],
+                                            max_frame=frame_limit(cfg, trainer.model, len(trainer.ds.labels)))
         endpoint = coord.endpoint
         lg.info(f"coordinator listening on {endpoint} (run {session.run_id}) for {len(hosts)} hosts, "
                 f"{sum(h.slots for h in hosts)} workers, CURVE on")
