@@ -228,9 +228,11 @@ def _launch_with_remote_python(c, py: Path, data: Path, out: Path, tmp_path: Pat
 @pytest.mark.timeout(90)
 def test_environment_reaches_every_host(data, tmp_path):
     """-x NAME=VALUE, -x NAME (this value), ./.dptrain_env and OMP_* set here: each host's agent starts with them
-    (its python is a wrapper that records what it got, then runs the real one)."""
+    (its python is a wrapper that records what it got, then runs the real one). No value is on any command line
+    meanwhile (`ps`, here and on the hosts: the namespaces share the process table): they go down ssh's stdin."""
     with cluster(2, slots=1) as c:
-        py = _wrapper(tmp_path, "py", f'echo "$(ip netns identify $$) $PROBE_A $PROBE_B $PROBE_C $OMP_PROC_BIND" '
+        py = _wrapper(tmp_path, "py", f'echo "$(ip netns identify $$) $PROBE_A $PROBE_B $PROBE_C $OMP_PROC_BIND '
+                                       f'$(grep -l "from_her[e]" /proc/[0-9]*/cmdline 2>/dev/null | wc -l)" '
                                        f'>> {tmp_path}/seen\nexec {sys.executable} "$@"\n')
         (ROOT / ".dptrain_env").write_text("PROBE_C=from_file\n")  # the launcher runs in ROOT
         try:
@@ -243,7 +245,7 @@ def test_environment_reaches_every_host(data, tmp_path):
                 os.environ.pop(k, None)
         assert rc == 0, log
         seen = sorted((tmp_path / "seen").read_text().split("\n")[:-1])
-        assert seen == [f"{c.namespace(h)} given from_here from_file close" for h in ("h1", "h2")], seen
+        assert seen == [f"{c.namespace(h)} given from_here from_file close 0" for h in ("h1", "h2")], seen
         assert "environment forwarded to the hosts: OMP_PROC_BIND, PROBE_A, PROBE_B, PROBE_C" in log
 
 

@@ -7,7 +7,8 @@
 The coordinator runs here, listening on --bind (an address every host can reach; 127.0.0.1 only works when every
 host is this machine). Every agent connects back with ZeroMQ CURVE: the run's keys are generated here and handed
 to agents over the ssh channel's stdin (or, with --no-ssh, written to RUN/agent-keys.json, mode 0600, which each
-host must be able to read: a shared filesystem or a copy). ssh runs with BatchMode (never a password prompt) and
+host must be able to read: a shared filesystem or a copy). The environment forwarded with -x goes down the same stdin
+first: its values are never on a command line, which `ps` shows every local user. ssh runs with BatchMode (never a password prompt) and
 `python -m dptrain agent` with this interpreter's absolute path (override with --remote-python): hosts need the
 same install at the same path, which preflight checks (versions and code hash in HELLO; the dataset on each host).
 
@@ -101,6 +102,9 @@ def forwarded_env(names: list[str] | None, environ: dict | None = None, env_file
                 raise SystemExit(f"-x {name}: not set in this environment (use -x {name}=VALUE)")
             value = environ[name]
         out[name] = value
+    for name, value in out.items():
+        if "\n" in value or "\0" in value:  # they travel as lines (env_lines)
+            raise SystemExit(f"{name}: a value with a newline or NUL cannot be forwarded to the hosts")
     return out
 
 
@@ -108,10 +112,22 @@ def _env_name(name: str) -> bool:
     return bool(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name))
 
 
+# Reads NAME=VALUE lines from stdin up to an empty one, exports each (`export "$kv"` assigns the text as it is: nothing
+# in it is evaluated), then runs the agent, whose stdin goes on with the keys. The values never appear in an argv.
+READ_ENV = 'while IFS= read -r kv && [ -n "$kv" ]; do export "$kv"; done; exec "$@"'
+
+
 def remote_command(argv: list[str], env: dict) -> str:
-    """The shell line ssh runs on a host: the launcher's working directory, the forwarded environment, the agent."""
-    prefix = ("env " + " ".join(shlex.quote(f"{k}={v}") for k, v in sorted(env.items())) + " ") if env else ""
-    return "cd " + shlex.quote(str(Path.cwd())) + " && exec " + prefix + shlex.join(argv)
+    """The shell line ssh runs on a host: the launcher's working directory, then the agent, under a /bin/sh that
+    first reads the forwarded environment's names and values from stdin (`env_lines`: ssh's channel, never the
+    command line, which every local user can read with `ps` on both ends for the whole run)."""
+    run = shlex.join(["/bin/sh", "-c", READ_ENV, "sh", *argv]) if env else shlex.join(argv)
+    return "cd " + shlex.quote(str(Path.cwd())) + " && exec " + run
+
+
+def env_lines(env: dict) -> bytes:
+    """What goes down ssh's stdin before the keys when `remote_command` got `env`: NAME=VALUE lines, an empty one."""
+    return "".join(f"{k}={v}\n" for k, v in sorted(env.items())).encode() + b"\n" if env else b""
 
 
 def ssh_argv(args, host: HostSlots) -> list[str]:
@@ -175,7 +191,7 @@ def launch_hosts(cfg: Config, args, progress: dict | None = None) -> int:
                 lg.info(f"on {h.hostname} run: {shlex.join(cmd)}")
             timeout = args.wait_agents_s
         else:
-            secret = (json.dumps(keys.for_agents()) + "\n").encode()
+            secret = env_lines(forwarded) + (json.dumps(keys.for_agents()) + "\n").encode()
 
             def ssh_agent(i: int, join: bool = False):
                 h = hosts[i]
