@@ -142,3 +142,73 @@ def test_a_neighbour_on_the_tcp_port_cannot_end_or_change_the_run(tiny_data, tmp
     assert len(refusals) <= (120 // 10 + 1) * (DROP_LOG_BURST + 1), len(refusals)
     assert max(len(ln) for ln in refusals) < DROP_LINE_CHARS + 80, max(refusals, key=len)
     assert not any("is dead" in ln or "reported an error" in ln for ln in log.splitlines()), log[-3000:]
+
+
+def test_every_socket_has_the_runs_frame_limit_and_a_larger_frame_never_arrives(tiny_data, tmp_path):
+    """protocol.max_frame_bytes against the frames a run of the tiny model really sends (its largest: the exact
+    int64 gradient of --batch-invariant over sockets, 8 bytes a parameter), then libzmq's ZMQ_MAXMSGSIZE on the
+    coordinator's real socket: a frame of exactly the limit arrives, one byte more drops the sender's connection
+    unread (the sender's next, small message arrives over its new connection)."""
+    import time
+
+    import zmq
+    from distutil import tiny_cfg
+
+    from dptrain.data.dataset import load_dataset
+    from dptrain.distributed import protocol as P
+    from dptrain.distributed.coordinator import Coordinator
+    from dptrain.distributed.mesh import MeshLink
+    from dptrain.distributed.peer import PeerLink
+    from dptrain.distributed.session import frame_limit
+    from dptrain.nn.model import build_model
+    from dptrain.nn.params import ParamStore
+    cfg = tiny_cfg(tiny_data, tmp_path / "run", dist__port=0, train__batch_invariant_block=8, dist__bn="sync",
+                   model__hidden=192)  # 200 k parameters: the gradient, not the header bound, is the largest
+    ds = load_dataset(cfg.data, cfg.train.seed, progress=False)
+    store = ParamStore(np.float32)
+    model = build_model(cfg.model, len(ds.class_names), cfg.data.image_size, store)
+    limit = frame_limit(cfg, model, len(ds.labels))
+    frames = [P.encode(P.Kind.RESULT, "r", arrays={"grad": np.zeros(store.num_params, np.int64),
+                                                   "bn_moments": np.zeros(model.bn_moments_size * 4)},
+                       phase="train", attempt=0, count=1, loss_sum=0.0, correct=0, grad_in="frame", grad_scale=1.0,
+                       timings={}),
+              P.encode(P.Kind.STEP, "r", arrays={"indices": np.arange(cfg.train.batch_size),
+                                                 "params": np.zeros(store.num_params, np.float32),
+                                                 "buffers": np.zeros(store.num_buffers, np.float32)},
+                       phase="train", epoch=0, attempt=0, weights_version=1, weights_slot=-1, global_count=1,
+                       eval_batch=0, shard_sizes=[1]),
+              P.encode(P.Kind.WELCOME, "r", arrays={"labels": ds.labels}, world_size=1, rank_base=0, config={},
+                       shm={}, num_classes=8)]
+    sizes = [len(memoryview(f).cast("B")) for m in frames for f in m]
+    assert max(sizes) == limit == 8 * store.num_params > P.DEFAULT_LIMITS.max_header_bytes
+
+    coord = Coordinator(cfg, "r", 1, {}, {}, token="t" * 32, max_frame=limit)
+    ctx = zmq.Context()
+    try:
+        assert coord.sock.getsockopt(zmq.MAXMSGSIZE) == limit
+        link = PeerLink(coord.endpoint, "r", 0, "rank 0", max_frame=limit)
+        assert link.sock.getsockopt(zmq.MAXMSGSIZE) == limit
+        link.close()
+        mesh = MeshLink(ctx, "127.0.0.1", None, "r", 0, "h", limit)
+        assert mesh.sock.getsockopt(zmq.MAXMSGSIZE) == limit
+        mesh.close()
+        d = ctx.socket(zmq.DEALER)
+        d.setsockopt(zmq.LINGER, 0)
+        d.connect(coord.endpoint)
+
+        def arrives(*parts) -> list | None:
+            d.send_multipart(list(parts))
+            if not coord.sock.poll(2000):
+                return None
+            return [len(f) for f in coord.sock.recv_multipart()[1:]]
+        assert arrives(b"h", bytes(limit)) == [1, limit]
+        assert arrives(b"h", bytes(limit + 1)) is None
+        deadline = time.monotonic() + 10
+        got = None
+        while got is None and time.monotonic() < deadline:  # ZeroMQ reconnects the dropped DEALER on its own
+            got = arrives(b"small")
+        assert got == [5]
+        d.close(0)
+    finally:
+        coord.close()
+        ctx.term()
