@@ -3,7 +3,7 @@ user who reads the port and the run id from `ps`.
 
 The intruder is a real process (a second system account made here when the tests run as root, as in CI; the same
 user otherwise) with plain DEALER sockets: it finds the workers in /proc as `ps` does, takes ZeroMQ identities
-shaped like theirs (name and pid) before they connect, and sends HELLO, HEARTBEAT and ERROR for every rank with the
+shaped like theirs (name and pid; before they connect, when it is quick enough), and sends HELLO, HEARTBEAT and ERROR for every rank with the
 right run id, guessed and empty tokens, and a 100 MB frame. Compared against the same run without it: the same
 weights bit for bit (the token gate drops every message it sends, so nothing it does reaches the training), nothing
 sent back to it, and a bounded number of short refusal lines in the log.
