@@ -57,8 +57,9 @@ TRAIN_FLAGS = [
 ]
 
 
-# mpirun / horovodrun / torchrun spellings users type out of habit
-FLAG_ALIASES = {"--workers": ("-np", "--nproc-per-node")}
+# torchrun's spellings of the per-host count, typed out of habit (mpirun's and horovodrun's -np is a total across
+# hosts: a flag of its own, add_launch_flags)
+FLAG_ALIASES = {"--workers": ("--nproc-per-node", "--nproc_per_node")}
 
 
 def dest(flag: str) -> str:
@@ -104,6 +105,14 @@ def resolve_config(args: argparse.Namespace, extra: list[str]) -> config_mod.Con
         v = getattr(args, dest(flag), None)
         if v is not None:
             overrides[key] = str(v)
+    total = getattr(args, "np", None)
+    if total is not None and not (getattr(args, "hostfile", None) or getattr(args, "hosts", None)):
+        if total < 1:
+            raise SystemExit(f"dptrain launch: -np {total}: the number of workers must be at least 1")
+        workers = getattr(args, "workers", None)
+        if workers is not None and workers != total:  # on one host both count the same workers
+            raise SystemExit(f"dptrain launch: -np {total} and --workers {workers} disagree: give one of them")
+        overrides["dist.workers"] = str(total)
     overrides.update(parse_overrides(extra))
     base = args.config
     out = overrides.get("train.out")
@@ -123,6 +132,9 @@ def run_id(text: str) -> str:
 
 def add_launch_flags(p: argparse.ArgumentParser) -> None:
     h = p.add_argument_group("many hosts")
+    h.add_argument("-np", dest="np", type=int, default=None, metavar="N",
+                   help="workers in all, as in mpirun and horovodrun: with -H/--hostfile the hosts' slots are filled "
+                        "in order up to N (more than the slots is an error); on one host the same as --workers N")
     h.add_argument("--hostfile", help="lines of `host slots=N` (OpenMPI/Horovod/DeepSpeed format)")
     h.add_argument("-H", "--hosts", help="host list like a:2,b:2")
     h.add_argument("--include", help="only these hosts/slots (DeepSpeed syntax: a@b:0,1)")

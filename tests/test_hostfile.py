@@ -130,7 +130,7 @@ def test_environment_forwarded_to_the_hosts(tmp_path, monkeypatch):
                    "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL"}
     line = remote_command(["/usr/bin/python3", "-m", "dptrain", "agent"], got)
     words = shlex.split(line)
-    assert words[words.index("exec") + 1] == "env" and "DATA_ROOT=/shared data" in words
+    assert words[words.index("exec") + 1] == "/bin/sh" and not any("DATA_ROOT" in w or "fast" in w for w in words)
     assert words[-4:] == ["/usr/bin/python3", "-m", "dptrain", "agent"]
     with pytest.raises(SystemExit, match="-x NOPE: not set"):
         forwarded_env(["NOPE"], environ, env_file)
@@ -140,3 +140,38 @@ def test_environment_forwarded_to_the_hosts(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"\.dptrain_env:1: expected NAME=VALUE"):
         forwarded_env([], environ, env_file)
     assert remote_command(["x"], {}).endswith("exec x")
+
+
+def test_forwarded_values_travel_on_stdin_never_in_the_ssh_command_line(tmp_path):
+    """-x NAME=VALUE: ssh's argv (which `ps` shows every local user, here and on the host, for the whole run) has
+    no value; the remote shell line, run for real by /bin/sh with what the launcher writes down ssh's stdin, exports
+    them as they are (nothing evaluated) before the agent's interpreter starts (PYTHONPATH counts), and leaves the
+    next line (the keys) for the agent."""
+    import argparse
+    import json
+    import subprocess
+    import sys
+
+    from dptrain.launcher.hosts import agent_argv, env_lines, remote_command, ssh_argv
+    (tmp_path / "mods").mkdir()
+    (tmp_path / "mods" / "probe_mod.py").write_text("SEEN = 'imported'\n")
+    pwned = tmp_path / "pwned"
+    env = {"WANDB_API_KEY": f"s3cr3t $(touch {pwned}) `touch {pwned}` ' \" \\ ;", "OMP_NUM_THREADS": "2",
+           "PYTHONPATH": str(tmp_path / "mods"), "EMPTY": ""}
+    names = sorted(env)
+    probe = [sys.executable, "-c", "import json, os, sys, probe_mod; print(json.dumps({'env': {k: os.environ.get(k) "
+             f"for k in {names!r}}}, 'mod': probe_mod.SEEN, 'next': sys.stdin.readline()}}))"]
+    line = remote_command(probe, env)
+    keys = b'{"server_public": "..."}\n'
+    r = subprocess.run(["/bin/sh", "-c", line], input=env_lines(env) + keys, capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"env": env, "mod": "imported", "next": keys.decode()}
+    assert not pwned.exists()
+    ssh = ssh_argv(argparse.Namespace(ssh_config=None, ssh_port=None, ssh_identity=None), HostSlots("h", 2))
+    argv = ssh + [remote_command(agent_argv("/usr/bin/python3", "tcp://10.0.0.1:5", "run", 0, HostSlots("h", 2),
+                                            "-"), env)]
+    assert not any("s3cr3t" in a or "OMP_NUM_THREADS" in a or str(tmp_path) in a for a in argv), argv
+    assert remote_command(["x"], {}).endswith("exec x") and env_lines({}) == b""
+    from dptrain.launcher.hosts import forwarded_env
+    with pytest.raises(SystemExit, match="MULTI: a value with a newline"):
+        forwarded_env(["MULTI=a\nb"], {}, tmp_path / "none")

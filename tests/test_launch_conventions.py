@@ -14,7 +14,7 @@ import subprocess
 import sys
 
 import pytest
-from distutil import ROOT, TINY, Proc, step_records
+from distutil import ROOT, TINY, Proc, cli_args, step_records
 
 from dptrain.cli import build_parser
 from dptrain.distributed.rankenv import RankEnvError, coordinator_from_env, from_env
@@ -38,10 +38,75 @@ def test_torchrun_variables_give_the_rank_and_the_coordinator():
 
 
 @pytest.mark.parametrize("argv, workers", [(["launch", "-np", "3"], 3), (["launch", "--nproc-per-node", "4"], 4),
-                                           (["launch", "--workers", "2"], 2)])
+                                           (["launch", "--nproc_per_node", "5"], 5), (["launch", "--workers", "2"], 2)])
 def test_mpirun_and_torchrun_spellings_of_workers(argv, workers):
-    args, _ = build_parser().parse_known_args(argv)
-    assert args.workers == workers
+    from dptrain.flags import resolve_config
+    args, extra = build_parser().parse_known_args(argv)
+    assert resolve_config(args, extra).dist.workers == workers  # one host: -np N is N workers, like --workers N
+
+
+def test_np_is_the_total_filled_host_by_host():
+    """mpirun / horovodrun: `-np 6 -H a:4,b:4` is 6 workers, a's 4 then 2 of b's; more than the slots is refused."""
+    from dptrain.distributed.hostfile import HostfileError, HostSlots, filter_hosts, first_slots, parse_hosts
+    hosts = parse_hosts("a:4,b:4,c:2")
+    assert first_slots(hosts, 6) == [HostSlots("a", 4), HostSlots("b", 2)]
+    assert first_slots(hosts, 10) == hosts
+    assert first_slots(hosts, 3) == [HostSlots("a", 3)]
+    assert first_slots(filter_hosts(hosts, exclude="a:0"), 4) == [HostSlots("a", 3, (1, 2, 3)), HostSlots("b", 1)]
+    with pytest.raises(HostfileError, match=r"-np 11 is more than the 10 slots of -H x \(a:4, b:4, c:2\)"):
+        first_slots(hosts, 11, "-H x")
+    with pytest.raises(HostfileError, match="at least 1"):
+        first_slots(hosts, 0)
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["-np", "9", "-H", "a:4,b:4"], "dptrain launch: -np 9 is more than the 8 slots of -H a:4,b:4 (a:4, b:4)"),
+    (["--workers", "2", "-H", "a:4,b:4"], "dptrain launch: --workers/--nproc-per-node 2 is per host, but -H a:4,b:4 "
+                                         "gives a:4, b:4"),
+    (["-np", "3", "--workers", "2"], "dptrain launch: -np 3 and --workers 2 disagree"),
+    (["--bind", "no-such-host.invalid", "-H", "a:1"], "dptrain launch: --bind no-such-host.invalid: cannot resolve"),
+    (["--bind", "::1", "-H", "a:1"], "--bind ::1: IPv6 addresses are not supported"),
+    (["--bind", "192.0.2.1", "--port", "0", "--no-ssh", "-H", "a:1"], "cannot listen on tcp://192.0.2.1"),
+])
+def test_launch_conventions_refused_in_one_line(tiny_data, tmp_path, extra, words):
+    from distutil import cli_args
+    r = subprocess.run([sys.executable, "-m", "dptrain", "launch", *extra, *cli_args(tiny_data, tmp_path / "run")],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode != 0 and words in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "run" / "summary.json").exists()
+
+
+@pytest.mark.timeout(150)
+def test_np_with_hosts_runs_that_many_workers_and_bind_takes_a_host_name(tiny_data, tmp_path):
+    """`launch --no-ssh -np 3 -H a:2,b:2 --bind localhost`: the printed agent commands (run here, as each host
+    would) bring 2 and 1 slots, the run ends with 3 workers (ranks a 0..1, b 2), and the coordinator listens on
+    localhost's address."""
+    import re
+    import shlex
+    port, out = _free_port(), tmp_path / "run"
+    tiny = ["--train.epochs=1", "--train.steps_per_epoch=2", "--dist.blas_threads=1"]
+    argv = [sys.executable, "-m", "dptrain", "launch", "--no-ssh", "-np", "3", "-H", "a:2,b:2", "--bind", "localhost",
+            "--port", str(port), *cli_args(tiny_data, out), *tiny]
+    agents = []
+    with Proc(argv, tmp_path / "launch.log") as coord:
+        coord.wait_log(f"coordinator listening on tcp://127.0.0.1:{port} .* 2 hosts, 3 workers", 60)
+        coord.wait_log(r"on b run: ")
+        lines = re.findall(r"on (a|b) run: (.*)", coord.log())
+        try:
+            for host, line in lines:
+                cmd = shlex.split(line)
+                assert cmd[:2] == ["dptrain", "agent"]
+                assert cmd[cmd.index("--slots") + 1] == {"a": "2", "b": "1"}[host]
+                agents.append(Proc([sys.executable, "-m", "dptrain", *cmd[1:]], tmp_path / f"agent-{host}.log"))
+            assert coord.wait(120) == 0, coord.log() + "".join(a.log() for a in agents)
+            for a in agents:
+                assert a.wait(30) == 0, a.log()
+        finally:
+            for a in agents:
+                a.close()
+    assert "worker ranks: a 0..1, b 2..2" in coord.log()
+    assert sorted(p.name for p in (out / "logs").glob("*-rank*.log")) == ["a-rank0.log", "a-rank1.log", "b-rank2.log"]
+    assert len(step_records(out)) == 2
 
 
 def test_resume_auto_starts_fresh_and_plain_resume_wants_a_checkpoint(tiny_data, tmp_path):

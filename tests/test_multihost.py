@@ -233,10 +233,13 @@ def test_environment_reaches_every_host(data, tmp_path):
     """-x NAME=VALUE, -x NAME (this value), ./.dptrain_env and OMP_* set here: each host's agent starts with them
     (its python is a wrapper that records what it got, then runs the real one). The kernel choices this session runs
     with (none in `make test`; OPENBLAS_CORETYPE, NPY_DISABLE_CPU_FEATURES under `make test-avx2`) reach the hosts
-    too, and are part of the expected list, not of the caller's environment leaking into it."""
+    too, and are part of the expected list, not of the caller's environment leaking into it. No value is on any
+    command line meanwhile (`ps`, here and on the hosts: the namespaces share the process table): they go down ssh's
+    stdin."""
     kern = {k: v for k, v in kernel_env().items() if k.startswith(FORWARD_PREFIXES)}
     with cluster(2, slots=1) as c:
-        py = _wrapper(tmp_path, "py", f'echo "$(ip netns identify $$) $PROBE_A $PROBE_B $PROBE_C $OMP_PROC_BIND'
+        py = _wrapper(tmp_path, "py", f'echo "$(ip netns identify $$) $PROBE_A $PROBE_B $PROBE_C $OMP_PROC_BIND '
+                                       f'$(grep -l "from_her[e]" /proc/[0-9]*/cmdline 2>/dev/null | wc -l)'
                                        f'|$OPENBLAS_CORETYPE|$NPY_DISABLE_CPU_FEATURES" >> {tmp_path}/seen\n'
                                        f'exec {sys.executable} "$@"\n')
         (ROOT / ".dptrain_env").write_text("PROBE_C=from_file\n")  # the launcher runs in ROOT
@@ -251,7 +254,7 @@ def test_environment_reaches_every_host(data, tmp_path):
         assert rc == 0, log
         seen = sorted((tmp_path / "seen").read_text().split("\n")[:-1])
         tail = f"|{kern.get('OPENBLAS_CORETYPE', '')}|{kern.get('NPY_DISABLE_CPU_FEATURES', '')}"
-        assert seen == [f"{c.namespace(h)} given from_here from_file close{tail}" for h in ("h1", "h2")], seen
+        assert seen == [f"{c.namespace(h)} given from_here from_file close 0{tail}" for h in ("h1", "h2")], seen
         names = sorted({"OMP_PROC_BIND", "PROBE_A", "PROBE_B", "PROBE_C", *kern})
         assert f"environment forwarded to the hosts: {', '.join(names)}" in log
 

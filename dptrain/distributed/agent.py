@@ -45,7 +45,7 @@ from .curve import client_setup, read_agent_keys
 from .mesh import MeshLink, MeshReplica, checksum, factors_pay
 from .peer import PeerLink, leave, run_peer
 from .reduce import sum_in_order
-from .session import Session
+from .session import Session, frame_limit
 from .timeline import busy_s
 from .wire import grad_frame, receive_weights
 
@@ -91,7 +91,8 @@ class Agent:
         self._start_local(ds, int(f["num_classes"]), int(f["rank_base"]), int(f["world_size"]))
         mesh = {}
         if self.cfg.dist.plane == "mesh":
-            link = MeshLink(self.link.ctx, address, self.keys, self.link.run_id, self.index, self.host)
+            link = MeshLink(self.link.ctx, address, self.keys, self.link.run_id, self.index, self.host,
+                            self.max_frame)
             self.replica = MeshReplica(link, sgd_for(self.store, self.cfg.train), self.params, self.buffers,
                                        self.cfg.dist.wire_dtype, self.param_starts, self.factor)
             mesh = {"mesh_endpoint": link.endpoint, "mesh_key": link.key}
@@ -106,6 +107,7 @@ class Agent:
         store = self.store = ParamStore(np.float32)
         model = build_model(self.cfg.model, num_classes, self.cfg.data.image_size, store)
         self.param_starts = model.param_starts
+        self.max_frame = frame_limit(self.cfg, model, len(ds.labels))
         images = shared("images", ds.images.shape, np.uint8, ds.images)
         params = shared("params", (store.num_params,), np.float32)
         buffers = shared("buffers", (store.num_buffers,), np.float32)
@@ -127,7 +129,7 @@ class Agent:
                    "factored": factored}
         self.session.coord = Coordinator(local_cfg, self.session.run_id, self.slots, welcome, {"labels": ds.labels},
                                          bn_relay=self.link.allreduce, endpoint=self.session.local_endpoint(),
-                                         token=self.session.token)
+                                         token=self.session.token, max_frame=self.max_frame)
         out = Path(self.cfg.train.out) / "logs"
         out.mkdir(parents=True, exist_ok=True)
         self.session.start_workers(self.cfg, self.host,

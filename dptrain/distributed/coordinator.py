@@ -28,8 +28,9 @@ from .versions import local_versions, mismatches
 
 POLL_TICK_S = 0.1
 MAX_DRAIN = 1000  # messages handled per poll before liveness is checked again
-DROP_LOG_BURST = 50  # dropped-message lines logged per window; the rest are counted
+DROP_LOG_BURST = 50  # dropped-message lines logged per window; the rest are counted: a flood is at most 51 lines a window
 DROP_LOG_WINDOW_S = 10.0
+DROP_LINE_CHARS = 200  # a dropped message's line is cut here: what a stranger sends never fills the log
 LATE_WARNING_EVERY_S = 10.0
 STACK_DUMP_WAIT_S = 0.5  # for a stuck rank's stack to reach its log
 RSS_SAMPLE_S = 1.0  # how often the resident memory of a started process is sampled (to name an OOM kill)
@@ -50,7 +51,7 @@ class WorkerFailure(ExecutorFailure):
 class Coordinator:
     def __init__(self, cfg: Config, run_id: str, world_size: int, welcome: dict, welcome_arrays: dict,
                  curve_keys=None, slots: list[int] | None = None, bn_relay=None, endpoint: str | None = None,
-                 token: str | None = None):
+                 token: str | None = None, max_frame: int = 0):
         self.cfg, self.run_id, self.world_size = cfg, run_id, world_size
         self.welcome, self.welcome_arrays = welcome, welcome_arrays
         self.log = log.get()
@@ -59,20 +60,32 @@ class Coordinator:
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a message to a vanished peer is dropped, not an error
+        # session.frame_limit: a larger frame drops its sender's connection before anything is allocated for it
+        self.max_frame = max_frame
+        if max_frame:
+            self.sock.setsockopt(zmq.MAXMSGSIZE, max_frame)
         if curve_keys is not None:
             from .curve import CurveServer
             self.curve = CurveServer(self.ctx, curve_keys)
             self.curve(self.sock)
         d = cfg.dist
-        if endpoint is not None:  # one host: ipc:// in a private directory
-            self.sock.bind(endpoint)
-        elif d.port:
-            endpoint = f"tcp://{d.bind}:{d.port}"
-            self.sock.bind(endpoint)
-        else:
-            endpoint = f"tcp://{d.bind}:{self.sock.bind_to_random_port(f'tcp://{d.bind}')}"
+        try:
+            if endpoint is not None:  # one host: ipc:// in a private directory
+                self.sock.bind(endpoint)
+            elif d.port:
+                endpoint = f"tcp://{d.bind}:{d.port}"
+                self.sock.bind(endpoint)
+            else:
+                endpoint = f"tcp://{d.bind}:{self.sock.bind_to_random_port(f'tcp://{d.bind}')}"
+        except zmq.ZMQError as e:  # an address not of this machine, a port in use
+            self.close()
+            raise SystemExit(f"cannot listen on {endpoint or f'tcp://{d.bind}'}: {e}") from None
         self.endpoint = endpoint
-        self.token = token  # one host: a HELLO must carry the token the launcher gave its workers
+        # One host: the token the launcher gave its workers (on their stdin). No message from a ZeroMQ identity is
+        # acted on, and nothing is sent to it, until it has proven the token (in its HELLO, or its heartbeat
+        # socket's HEARTBEAT); others are dropped unanswered. Identities are random, so none can be claimed first.
+        self.token = token
+        self.trusted: set[bytes] = set()
         self.peers = {r: Peer(r, slots=(slots[r] if slots else 1)) for r in range(world_size)}
         self.rank_base = rank_bases([self.peers[r].slots for r in range(world_size)])  # first worker rank of a peer
         self.bn_relay = bn_relay  # agents: (layer, phase, host total) -> global total, through their coordinator
@@ -128,11 +141,35 @@ class Coordinator:
             except P.ProtocolError as e:
                 self._dropped(f"dropped a message from peer {bytes(identity.bytes)[:24]!r}: {e}")
                 continue
+            if not self._proven(identity.bytes, msg):
+                continue
             yield identity.bytes, msg
+
+    def _proven(self, identity: bytes, msg: P.Message) -> bool:
+        """Whether `msg` may be acted on: with a token, its identity proved it (now, by a HELLO or HEARTBEAT that
+        carries it, or before); and past HELLO and HEARTBEAT, it is the identity that said HELLO as that rank.
+        Whatever fails is dropped unanswered, in a short, rate-limited line."""
+        if self.token is not None and identity not in self.trusted:
+            token = msg.fields.get("token")
+            if msg.kind not in (P.Kind.HELLO, P.Kind.HEARTBEAT) or not isinstance(token, str) \
+                    or not secrets.compare_digest(token.encode(), self.token.encode()):
+                self._dropped(f"refused {msg.kind.name} claiming rank {msg.rank} from {identity[:24]!r}: not started "
+                              f"by this run's launcher (no or wrong token)")
+                return False
+            self.trusted.add(identity)
+        if msg.kind in (P.Kind.HELLO, P.Kind.HEARTBEAT):
+            return True
+        peer = self.peers.get(msg.rank)
+        if peer is None or peer.identity != identity:
+            self._dropped(f"dropped {msg.kind.name} claiming rank {msg.rank} from {identity[:24]!r}: not that "
+                          f"rank's peer")
+            return False
+        return True
 
     def _dropped(self, line: str) -> None:
         """Log a dropped message; past DROP_LOG_BURST in a DROP_LOG_WINDOW_S window only count them."""
         self.dropped += 1
+        line = line if len(line) <= DROP_LINE_CHARS else line[:DROP_LINE_CHARS - 3] + "..."
         now = time.monotonic()
         if now - self._drop_window[0] > DROP_LOG_WINDOW_S:
             if self._drop_window[2]:
@@ -155,8 +192,7 @@ class Coordinator:
         if msg.kind is P.Kind.HELLO:
             self._hello(identity, msg, peer)
             return True
-        if peer is None or (peer.identity is not None and identity != peer.identity):
-            self._dropped(f"dropped {msg.kind.name} claiming rank {msg.rank} from an unknown peer")
+        if peer is None or identity != peer.identity:  # checked in _proven already
             return True
         peer.last_seen = time.monotonic()
         if msg.kind is P.Kind.READY and peer.state is PeerState.WELCOMED:
@@ -174,8 +210,9 @@ class Coordinator:
         return False
 
     def _hello(self, identity: bytes, msg: P.Message, peer: Peer | None) -> None:
-        def refuse(reason: str) -> None:
-            self.log.error(f"refused a peer claiming rank {msg.rank} from {msg.fields.get('host')}: {reason}")
+        def refuse(reason: str) -> None:  # a peer that proved the token or, across hosts, holds the run's key
+            self._dropped(f"refused a peer claiming rank {msg.rank} from {P.short(msg.fields.get('host'))}: "
+                          f"{reason}")
             self.sock.send_multipart([identity, *P.encode(P.Kind.STOP, self.run_id, reason=reason)])
         if msg.run != self.run_id:
             return refuse(f"wrong run id {msg.run!r}")
@@ -184,11 +221,6 @@ class Coordinator:
             peer, why = self._join_as(msg)
             if peer is None:
                 return refuse(why)
-        if self.token is not None and not secrets.compare_digest(str(msg.fields.get("token", "")), self.token):
-            self._dropped(f"refused a HELLO claiming rank {msg.rank} (pid {msg.fields.get('pid')}): not started by "
-                          f"this run's launcher (no or wrong token)")
-            self.sock.send_multipart([identity, *P.encode(P.Kind.STOP, self.run_id, reason="not of this run")])
-            return
         if peer is None or peer.state is not PeerState.STARTING:
             return refuse(f"rank {msg.rank} is not expected (world size {self.world_size})")
         peer.identity, peer.host, peer.pid = identity, msg.fields["host"], msg.fields["pid"]

@@ -28,13 +28,18 @@ Include and exclude together is an error, as is a host or slot the list does not
 have. A host left with no slots is dropped. Host order always stays the order of the
 hostfile, so the same file gives the same ranks whatever the filter's order.
 
+`-np N` (mpirun, horovodrun): N workers in all, `first_slots` fills the hosts in order up to N (``-np 6 -H a:4,b:4``
+-> a:4, b:2; a host left with none is dropped); more than the hosts' slots is an error.
+
 Ranks pack each host first: host order as given, ``local_rank`` 0..k-1 on each host.
 `HostSlots.slot_ids` keeps which of the host's original slots survived a filter
 (for core pinning); ``local_rank`` is the position among them, not the slot id.
 """
 from __future__ import annotations
 
+import ipaddress
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -203,6 +208,48 @@ def filter_hosts(hosts: list[HostSlots], include: str | None = None,
     if not out:
         raise HostfileError(f"filter {spec!r} leaves no slots")
     return out
+
+
+def first_slots(hosts: list[HostSlots], total: int, source: str = "the hosts") -> list[HostSlots]:
+    """The first `total` slots of `hosts`, host by host in order (mpirun's and horovodrun's -np: a total, not per
+    host). A host keeps its first slot ids; a host left with none is dropped."""
+    have = sum(h.slots for h in hosts)
+    if total < 1:
+        raise HostfileError(f"-np {total}: the number of workers must be at least 1")
+    if total > have:
+        raise HostfileError(f"-np {total} is more than the {have} slots of {source} "
+                            f"({', '.join(f'{h.hostname}:{h.slots}' for h in hosts)})")
+    out, left = [], total
+    for h in hosts:
+        if left <= 0:
+            break
+        take = min(h.slots, left)
+        out.append(h if take == h.slots else HostSlots(h.host, take, h.slot_ids[:take]))
+        left -= take
+    return out
+
+
+def bind_address(name: str) -> str:
+    """--bind as ZeroMQ can bind it: an IPv4 address, `*` or one of this machine's interface names stay as they are;
+    a host name becomes its (first) IPv4 address, which is also what the agents are told to connect to."""
+    if name == "*" or name in {n for _, n in socket.if_nameindex()}:
+        return name
+    try:
+        return str(ipaddress.IPv4Address(name))
+    except ValueError:
+        pass
+    try:
+        ipaddress.IPv6Address(name.strip("[]"))
+    except ValueError:
+        pass
+    else:
+        raise HostfileError(f"--bind {name}: IPv6 addresses are not supported (give an IPv4 address or host name)")
+    try:
+        infos = socket.getaddrinfo(name, None, socket.AF_INET, socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        why = getattr(e, "strerror", None) or str(e)
+        raise HostfileError(f"--bind {name}: cannot resolve this host name to an IPv4 address ({why})") from None
+    return infos[0][4][0]
 
 
 def rank_bases(slots: list[int]) -> list[int]:

@@ -61,13 +61,15 @@ def checksum(params: np.ndarray) -> int:
 class MeshLink:
     """This agent's sockets to the other agents and the waits on them."""
 
-    def __init__(self, ctx: zmq.Context, address: str, keys: dict | None, run_id: str, index: int, host: str):
+    def __init__(self, ctx: zmq.Context, address: str, keys: dict | None, run_id: str, index: int, host: str,
+                 max_frame: int):
         self.ctx, self.run_id, self.index, self.host = ctx, run_id, index, host
         self.keys = keys
         self.log = log.get()
         self.server = None
         self.sock = ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, max_frame)  # session.frame_limit
         self.key = ""
         if keys is not None:
             public, secret = zmq.curve_keypair()
@@ -98,7 +100,8 @@ class MeshLink:
                 curve = client_setup({"server_public": key, "client_public": self.keys["client_public"],
                                       "client_secret": self.keys["client_secret"]})
             # a fresh identity per plane: a ROUTER ignores a newcomer under an identity it still knows
-            self.out[index] = dealer(self.ctx, endpoint, f"mesh{self.index}-{os.getpid()}-{mesh_id}", curve)
+            self.out[index] = dealer(self.ctx, endpoint, f"mesh{self.index}-{os.getpid()}-{mesh_id}", curve,
+                                     max_frame=P.DEFAULT_LIMITS.max_header_bytes)  # sends only: nothing comes back
 
     def name(self, index: int) -> str:
         return next((h[5] for h in self.hosts if h[0] == index), f"#{index}")

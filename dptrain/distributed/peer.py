@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import sys
 import threading
 import time
@@ -40,11 +41,15 @@ class Preempted(Exception):
         self.msg = msg
 
 
-def dealer(ctx: zmq.Context, endpoint: str, identity: str, curve=None) -> zmq.Socket:
-    """A connected DEALER that drops unsent messages on close; `curve` makes it a CURVE client (agents)."""
+def dealer(ctx: zmq.Context, endpoint: str, identity: str, curve=None, *, max_frame: int) -> zmq.Socket:
+    """A connected DEALER that drops unsent messages on close; `curve` makes it a CURVE client (agents). Its
+    identity is `identity` plus random bytes: a ROUTER ignores a second connection under a name it knows, so a
+    guessable one (a name and a pid, which `ps` shows) could be taken first by someone else's socket. A frame over
+    `max_frame` bytes (protocol.max_frame_bytes) drops the connection before it is allocated."""
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.IDENTITY, identity.encode())
+    sock.setsockopt(zmq.MAXMSGSIZE, max_frame)
+    sock.setsockopt(zmq.IDENTITY, f"{identity}-{secrets.token_hex(8)}".encode())
     if curve:
         curve(sock)
     sock.connect(endpoint)
@@ -56,18 +61,22 @@ class Heartbeat(threading.Thread):
     goes silent, so a lost coordinator never leaves peers behind."""
 
     def __init__(self, ctx, endpoint: str, run_id: str, rank: int, interval_s: float, misses: int, curve=None,
-                 watch_parent: bool = True):
+                 watch_parent: bool = True, token: str | None = None):
         super().__init__(daemon=True, name=f"heartbeat-{rank}")
         self.ctx, self.endpoint, self.run_id, self.rank = ctx, endpoint, run_id, rank
+        self.token = token  # one host: this socket proves it to the coordinator too (its first beat does)
         self.interval_s, self.misses, self.curve = interval_s, misses, curve
         self.parent = os.getppid() if watch_parent else None
 
     def run(self) -> None:
-        sock = dealer(self.ctx, self.endpoint, f"hb{self.rank}-{os.getpid()}", self.curve)
+        sock = dealer(self.ctx, self.endpoint, f"hb{self.rank}-{os.getpid()}", self.curve,  # HEARTBEATs only
+                      max_frame=P.DEFAULT_LIMITS.max_header_bytes)
         last_answer = time.monotonic()
         try:
+            beat = P.encode(P.Kind.HEARTBEAT, self.run_id, rank=self.rank,
+                            **({"token": self.token} if self.token is not None else {}))
             while True:
-                sock.send_multipart(P.encode(P.Kind.HEARTBEAT, self.run_id, rank=self.rank), copy=False)
+                sock.send_multipart(beat, copy=False)
                 deadline = time.monotonic() + self.interval_s
                 while (left := deadline - time.monotonic()) > 0:
                     if sock.poll(int(left * 1000) + 1):
@@ -87,14 +96,17 @@ class PeerLink:
     """One peer's connection to its coordinator. `who` prefixes error messages ("rank 3", "host b")."""
 
     def __init__(self, endpoint: str, run_id: str, rank: int, who: str, curve=None,
-                 idle: Callable[[], None] | None = None):
+                 idle: Callable[[], None] | None = None, max_frame: int | None = None):
         self.endpoint, self.run_id, self.rank, self.who, self.curve = endpoint, run_id, rank, who, curve
         self.idle = idle  # called between upstream polls (an agent answers its workers meanwhile)
         self.ctx = zmq.Context()
-        self.sock = dealer(self.ctx, endpoint, f"{who.replace(' ', '')}-{os.getpid()}", curve)
+        # max_frame: the run's (a worker's launcher knows it); None before the run is known (an agent's link)
+        self.sock = dealer(self.ctx, endpoint, f"{who.replace(' ', '')}-{os.getpid()}", curve,
+                           max_frame=P.ceiling_frame_bytes() if max_frame is None else max_frame)
         self.log = log.get()
         self.step = self.attempt = 0
         self.welcomed = False
+        self.token: str | None = None  # one host: the launcher's token, said in HELLO and by the heartbeat socket
         self.stash: deque[P.Message] = deque()  # read while waiting on something else (mesh.collect): next in line
 
     # ---- messages ----------------------------------------------------------------------------------------------
@@ -138,6 +150,7 @@ class PeerLink:
         """HELLO (with the launcher's token on one host; `join`: an agent taking the place of a lost host), then the
         WELCOME, which says the rank this peer has from now on; anything else ends the process with one line saying
         why."""
+        self.token = token
         self.send(P.Kind.HELLO, role=role, host=host, pid=os.getpid(), slots=slots, **local_versions(),
                   **({"token": token} if token is not None else {}), **({"join": True} if join else {}))
         msg = self.recv(timeout_s)
@@ -157,7 +170,7 @@ class PeerLink:
 
     def start_heartbeat(self, interval_s: float, misses: int, watch_parent: bool) -> None:
         Heartbeat(self.ctx, self.endpoint, self.run_id, self.rank, interval_s, misses, self.curve,
-                  watch_parent).start()
+                  watch_parent, self.token).start()
 
     def allreduce(self, layer: int, phase: str, local: np.ndarray) -> np.ndarray:
         """`local` summed over every rank of this step attempt, in rank order (a round trip to the coordinator).

@@ -208,6 +208,29 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
+def max_frame_bytes(num_params: int, num_buffers: int, bn_moments: int, num_images: int, batch_size: int,
+                    factor_shape: tuple[int, int] = (0, 0), limits: Limits = DEFAULT_LIMITS) -> int:
+    """The largest frame any message of a run legitimately carries: every socket's ZMQ_MAXMSGSIZE (libzmq checks
+    each frame's announced length before it allocates the frame, and drops the connection past it). A frame is the
+    header (at most limits.max_header_bytes, which decode enforces anyway) or one array:
+
+        weights, a gradient, an update, a mesh piece, squares  <= num_params elements x 8 bytes (float32, or the
+                                                                  exact int64 sums of --batch-invariant)
+        the BN buffers                                            num_buffers x 4 (float32)
+        BN moments (RESULT, BN_REDUCE, BN_REDUCED)                <= bn_moments x 8 (float64)
+        labels (WELCOME), indices (STEP)                          max(num_images, batch_size) x 8 (int64)
+        a factored Linear's inputs / output gradients (FACTORS)   batch_size x max(K, F) x 4 (float32)
+    """
+    return max(limits.max_header_bytes, 8 * num_params, 4 * num_buffers, 8 * bn_moments,
+               8 * max(num_images, batch_size), 4 * batch_size * max(factor_shape))
+
+
+def ceiling_frame_bytes(limits: Limits = DEFAULT_LIMITS) -> int:
+    """The largest frame decode could accept at all (an array of max_array_elements int64 or float64): the bound of
+    a socket opened before its run's sizes are known (an agent's first link, before WELCOME tells it the run)."""
+    return max(limits.max_header_bytes, limits.max_array_elements * 8)
+
+
 @dataclass
 class Message:
     """A decoded message. `arrays` are read-only views over the received frames."""
@@ -223,6 +246,9 @@ def _short(x: Any) -> str:
     """repr for a log line: a hostile header must not turn one reason into a megabyte."""
     r = repr(x)
     return r if len(r) <= 40 else r[:37] + "..."
+
+
+short = _short  # for the receivers' log lines about what a peer sent
 
 
 def _is_int(x: Any) -> bool:

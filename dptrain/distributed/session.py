@@ -24,7 +24,7 @@ import psutil
 from .. import log
 from ..config import Config
 from ..data.shm import NoSpace, SharedArray, check_space, free_bytes, segment_dir, segment_name
-from . import timeslice
+from . import invariant, protocol as P, timeslice
 from .coordinator import Coordinator
 
 
@@ -74,6 +74,14 @@ def worker_slice_ms(cfg: Config, workers: int) -> float:
     if cfg.dist.timeslice_ms >= 0:
         return cfg.dist.timeslice_ms
     return timeslice.MAX_MS if workers > physical_cores() and cfg.dist.bn != "sync" else 0
+
+
+def frame_limit(cfg: Config, model, num_images: int) -> int:
+    """ZMQ_MAXMSGSIZE of every socket of a run of `model` on `num_images` images (protocol.max_frame_bytes)."""
+    layer = model.factor_layer() if cfg.dist.factored else None
+    moments = model.bn_moments_size * (invariant.LIMBS if invariant.enabled(cfg) else 1)  # exact sums: in limbs
+    return P.max_frame_bytes(model.store.num_params, model.store.num_buffers, moments, num_images,
+                             cfg.train.batch_size, layer.w.shape if layer is not None else (0, 0))
 
 
 SOCKET_NAME = "coordinator"  # the local coordinator's ipc:// socket inside a run's private directory
@@ -128,15 +136,16 @@ OVERSUBSCRIBED_NICE = 5
 
 
 def spawn_worker(endpoint: str, rank: int, run_id: str, env: dict, log_path: Path, token: str,
-                 pin_core: int | None = None, nice: int = 0):
-    """A worker process; the run's token reaches it on its stdin (never its command line: `ps` shows that).
-    nice > 0: the process runs that much nicer (raising niceness needs no privilege)."""
+                 pin_core: int | None = None, nice: int = 0, max_frame: int = 0):
+    """A worker process; the run's token and its sockets' frame limit (`frame_limit`; 0: none) reach it on its
+    stdin (never its command line: `ps` shows that). nice > 0: the process runs that much nicer (raising niceness
+    needs no privilege)."""
     cmd = [sys.executable, "-m", "dptrain", "worker", "--connect", endpoint, "--rank", str(rank), "--run", run_id]
     with open(log_path, "ab") as f:
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=f, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
     try:
-        proc.stdin.write(token.encode() + b"\n")
+        proc.stdin.write(f"{token} {max_frame}\n".encode())
         proc.stdin.close()
     except BrokenPipeError:
         pass  # it died at once: its exit code and log are reported by the coordinator
@@ -248,7 +257,7 @@ class Session:
 
         def spawn(r: int, path: Path):
             proc = spawn_worker(self.coord.endpoint, r, self.run_id, env, path, self.token,
-                                (r % cores) if cfg.dist.pin_cores else None, nice)
+                                (r % cores) if cfg.dist.pin_cores else None, nice, self.coord.max_frame)
             self.procs.append(proc)
             return proc
 

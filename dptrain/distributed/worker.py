@@ -39,10 +39,10 @@ from .wire import grad_frame, receive_weights
 
 
 class Worker:
-    def __init__(self, endpoint: str, rank: int, run_id: str, token: str):
+    def __init__(self, endpoint: str, rank: int, run_id: str, token: str, max_frame: int):
         self.rank, self.token = rank, token
         self.host = pysocket.gethostname()
-        self.link = PeerLink(endpoint, run_id, rank, f"rank {rank}")
+        self.link = PeerLink(endpoint, run_id, rank, f"rank {rank}", max_frame=max_frame)
         self.log = log.get()
         self.segments: list[SharedArray] = []
         self.bn_calls = 0
@@ -221,8 +221,9 @@ def run_worker(endpoint: str, rank: int, run_id: str) -> int:
         log.get().info(sliced)
     # the coordinator sends SIGUSR1 to a rank it declares stuck: every thread's stack goes to this rank's log first
     faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
-    token = sys.stdin.readline().strip()  # the launcher's proof that we are its worker (not on the command line)
-    w = Worker(endpoint, rank, run_id, token)
+    # the launcher's proof that we are its worker and the run's frame limit (stdin: not on the command line)
+    token, _, max_frame = sys.stdin.readline().strip().partition(" ")
+    w = Worker(endpoint, rank, run_id, token, int(max_frame) if max_frame.isdigit() else 0)
     rc = 1
     try:
         rc = run_peer(w.link, lambda: (w.start(), w.serve())[1])

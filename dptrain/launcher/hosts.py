@@ -7,7 +7,8 @@
 The coordinator runs here, listening on --bind (an address every host can reach; 127.0.0.1 only works when every
 host is this machine). Every agent connects back with ZeroMQ CURVE: the run's keys are generated here and handed
 to agents over the ssh channel's stdin (or, with --no-ssh, written to RUN/agent-keys.json, mode 0600, which each
-host must be able to read: a shared filesystem or a copy). ssh runs with BatchMode (never a password prompt) and
+host must be able to read: a shared filesystem or a copy). The environment forwarded with -x goes down the same stdin
+first: its values are never on a command line, which `ps` shows every local user. ssh runs with BatchMode (never a password prompt) and
 `python -m dptrain agent` with this interpreter's absolute path (override with --remote-python): hosts need the
 same install at the same path, which preflight checks (versions and code hash in HELLO; the dataset on each host).
 
@@ -26,12 +27,13 @@ from pathlib import Path
 
 from .. import config as config_mod, log
 from ..config import Config
+from ..distributed import hostfile
 from ..distributed.coordinator import Coordinator, WorkerFailure
 from ..distributed.curve import RunKeys
 from ..distributed.executor import HostBuffers
 from ..distributed.hostfile import HostfileError, HostSlots, assign_ranks, filter_hosts, parse_hostfile, parse_hosts
 from ..distributed.peers import PeerState
-from ..distributed.session import Session
+from ..distributed.session import Session, frame_limit
 from .options import LaunchOptions
 from .run import run_session
 
@@ -52,6 +54,18 @@ def resolve_hosts(args: LaunchOptions) -> list[HostSlots]:
         raise SystemExit(f"dptrain launch: {e}") from None
     if not hosts:
         raise SystemExit("dptrain launch: no host left after --include/--exclude")
+    source = f"--hostfile {args.hostfile}" if args.hostfile else f"-H {args.hosts}"
+    total = args.np
+    if total is not None:  # mpirun's and horovodrun's -np: the total, filled host by host
+        try:
+            hosts = hostfile.first_slots(hosts, total, source)
+        except HostfileError as e:
+            raise SystemExit(f"dptrain launch: {e}") from None
+    per_host = args.workers
+    if per_host is not None and any(h.slots != per_host for h in hosts):  # torchrun's per-node count
+        raise SystemExit(f"dptrain launch: --workers/--nproc-per-node {per_host} is per host, but {source} gives "
+                         f"{', '.join(f'{h.hostname}:{h.slots}' for h in hosts)}: set the slots there, or -np N for "
+                         f"a total")
     return hosts
 
 
@@ -91,6 +105,9 @@ def forwarded_env(names: list[str] | None, environ: dict | None = None, env_file
                 raise SystemExit(f"-x {name}: not set in this environment (use -x {name}=VALUE)")
             value = environ[name]
         out[name] = value
+    for name, value in out.items():
+        if "\n" in value or "\0" in value:  # they travel as lines (env_lines)
+            raise SystemExit(f"{name}: a value with a newline or NUL cannot be forwarded to the hosts")
     return out
 
 
@@ -98,10 +115,22 @@ def _env_name(name: str) -> bool:
     return bool(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name))
 
 
+# Reads NAME=VALUE lines from stdin up to an empty one, exports each (`export "$kv"` assigns the text as it is: nothing
+# in it is evaluated), then runs the agent, whose stdin goes on with the keys. The values never appear in an argv.
+READ_ENV = 'while IFS= read -r kv && [ -n "$kv" ]; do export "$kv"; done; exec "$@"'
+
+
 def remote_command(argv: list[str], env: dict) -> str:
-    """The shell line ssh runs on a host: the launcher's working directory, the forwarded environment, the agent."""
-    prefix = ("env " + " ".join(shlex.quote(f"{k}={v}") for k, v in sorted(env.items())) + " ") if env else ""
-    return "cd " + shlex.quote(str(Path.cwd())) + " && exec " + prefix + shlex.join(argv)
+    """The shell line ssh runs on a host: the launcher's working directory, then the agent, under a /bin/sh that
+    first reads the forwarded environment's names and values from stdin (`env_lines`: ssh's channel, never the
+    command line, which every local user can read with `ps` on both ends for the whole run)."""
+    run = shlex.join(["/bin/sh", "-c", READ_ENV, "sh", *argv]) if env else shlex.join(argv)
+    return "cd " + shlex.quote(str(Path.cwd())) + " && exec " + run
+
+
+def env_lines(env: dict) -> bytes:
+    """What goes down ssh's stdin before the keys when `remote_command` got `env`: NAME=VALUE lines, an empty one."""
+    return "".join(f"{k}={v}\n" for k, v in sorted(env.items())).encode() + b"\n" if env else b""
 
 
 def ssh_argv(args: LaunchOptions, host: HostSlots) -> list[str]:
@@ -146,7 +175,8 @@ def launch_hosts(cfg: Config, args: LaunchOptions, progress: dict | None = None)
         welcome = {"config": config_mod.to_dict(cfg), "shm": {}, "num_classes": len(trainer.ds.class_names),
                    "fingerprint": trainer.ds.fingerprint, "class_names": trainer.ds.class_names}
         coord = session.coord = Coordinator(cfg, session.run_id, len(hosts), welcome, {"labels": trainer.ds.labels},
-                                            curve_keys=keys, slots=[h.slots for h in hosts])
+                                            curve_keys=keys, slots=[h.slots for h in hosts],
+                                            max_frame=frame_limit(cfg, trainer.model, len(trainer.ds.labels)))
         endpoint = coord.endpoint
         lg.info(f"coordinator listening on {endpoint} (run {session.run_id}) for {len(hosts)} hosts, "
                 f"{sum(h.slots for h in hosts)} workers, CURVE on")
@@ -164,7 +194,7 @@ def launch_hosts(cfg: Config, args: LaunchOptions, progress: dict | None = None)
                 lg.info(f"on {h.hostname} run: {shlex.join(cmd)}")
             timeout = args.wait_agents_s
         else:
-            secret = (json.dumps(keys.for_agents()) + "\n").encode()
+            secret = env_lines(forwarded) + (json.dumps(keys.for_agents()) + "\n").encode()
 
             def ssh_agent(i: int, join: bool = False):
                 h = hosts[i]

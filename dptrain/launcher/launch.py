@@ -7,6 +7,7 @@ import json
 
 from .. import log
 from ..config import Config
+from ..distributed.hostfile import HostfileError, bind_address
 from ..train import exit_code, run_local
 from .hosts import launch_hosts
 from .local import launch_local
@@ -21,6 +22,10 @@ def launch(cfg: Config, opts: LaunchOptions) -> int:
         print(json.dumps(summary))
         return exit_code(summary)
     lg = log.get()
+    try:  # a host name: ZeroMQ binds addresses and interfaces only
+        cfg.dist.bind = bind_address(cfg.dist.bind)
+    except HostfileError as e:
+        raise SystemExit(f"dptrain launch: {e}") from None
     limit = args.max_restarts
     if limit and args.no_ssh:
         raise SystemExit("dptrain launch: --max-restarts needs agents this launcher starts (not --no-ssh)")

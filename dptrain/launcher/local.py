@@ -25,7 +25,7 @@ from ..distributed import localsum
 from ..distributed.coordinator import Coordinator
 from ..distributed.executor import HostBuffers, SharedUpdate
 from ..distributed.reduce import one_host_factored
-from ..distributed.session import Session, blas_threads, memory_warning, physical_cores
+from ..distributed.session import Session, blas_threads, frame_limit, memory_warning, physical_cores
 from .run import Tee, run_session
 
 
@@ -90,7 +90,8 @@ def launch_local(cfg: Config, resume: bool | str = False, stop_at_step: int = 0,
                    "factored": factored}
         session.coord = Coordinator(cfg, session.run_id, n, welcome, {"labels": trainer.ds.labels},
                                     endpoint=None if cfg.dist.port else session.local_endpoint(),
-                                    token=session.token)
+                                    token=session.token,
+                                    max_frame=frame_limit(cfg, trainer.model, len(trainer.ds.labels)))
         lg.info(f"coordinator listening on {session.coord.endpoint} (run {session.run_id}); starting {n} workers, "
                 f"{blas_threads(cfg, n)} BLAS thread(s) each, {cfg.dist.transport} transport, bn={cfg.dist.bn}"
                 + (", update by the workers" if by_workers else "")

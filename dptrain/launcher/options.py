@@ -25,6 +25,8 @@ class LaunchOptions:
     max_restarts: int = 0
     keys: str | None = None  # the coordinator's key file made by `dptrain keys`
     run_id: str | None = None
+    np: int | None = None  # -np N: the total number of workers over the hosts (mpirun's, horovodrun's meaning)
+    workers: int | None = None  # --workers / --nproc-per-node as given (per host with -H or a hostfile)
 
     @classmethod
     def from_args(cls, args) -> LaunchOptions:
