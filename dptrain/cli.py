@@ -150,8 +150,12 @@ def add_internal_commands(sub) -> None:
     a.add_argument("--slots", type=int, default=1, help="workers on this host")
     a.add_argument("--keys", help="the run's agent key file (no-ssh mode)")
     a.add_argument("--keys-stdin", action="store_true", help="read the keys from stdin; exit when stdin closes (ssh)")
-    a.add_argument("--wait-keys-s", type=float, default=60.0, help="wait this long for --keys to appear")
-    a.add_argument("--host-label", default=None, help="name for logs (default: hostname)")
+    a.add_argument("--wait-keys-s", type=float, default=60.0,
+                   help="wait this long for --keys to appear (a file for another run is waited past, not used)")
+    a.add_argument("--wait-coordinator-s", type=float, default=300.0,
+                   help="retry a coordinator that is not listening yet (pods start in any order) for this long")
+    a.add_argument("--host-label", default=None,
+                   help="name for logs (default: $SLURMD_NODENAME, else the host name, with OMPI_COMM_WORLD_RANK)")
     a.add_argument("--join", action="store_true",
                    help="take the place of a lost host in a running job (--on-worker-failure continue); "
                         "with --host-index, that one if it is lost, else any lost host with as many slots")
