@@ -154,6 +154,9 @@ def add_internal_commands(sub) -> None:
                    help="wait this long for --keys to appear (a file for another run is waited past, not used)")
     a.add_argument("--wait-coordinator-s", type=float, default=300.0,
                    help="retry a coordinator that is not listening yet (pods start in any order) for this long")
+    a.add_argument("--stop-grace-s", type=float, default=20.0,
+                   help="on SIGTERM/SIGINT, give the coordinator this long to finish its step and checkpoint (its "
+                        "STOP ends the agent); a second signal stops at once; 0: stop at once")
     a.add_argument("--host-label", default=None,
                    help="name for logs (default: $SLURMD_NODENAME, else the host name, with OMPI_COMM_WORLD_RANK)")
     a.add_argument("--join", action="store_true",

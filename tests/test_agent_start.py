@@ -14,7 +14,7 @@ import pytest
 from distutil import Proc, cli_args
 
 from dptrain.distributed import protocol as P
-from dptrain.distributed.agent import AgentStop, _raise_stop, default_label
+from dptrain.distributed.agent import AgentStop, StopSignals, default_label
 from dptrain.distributed.curve import RunKeys
 
 
@@ -106,7 +106,7 @@ def test_sigterm_inside_a_decode_is_not_swallowed(monkeypatch):
         raised.append("not interrupted")
         return None
 
-    old = signal.signal(signal.SIGTERM, _raise_stop)
+    old = signal.signal(signal.SIGTERM, StopSignals("hA", 20.0, in_run=lambda: False))  # not welcomed: at once
     try:
         monkeypatch.setattr(P, "_decode", decode_interrupted)
         with pytest.raises(AgentStop):

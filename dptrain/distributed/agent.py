@@ -315,14 +315,44 @@ def default_label(environ=None) -> str:
     return f"{name}-{rank}" if rank and rank.isdigit() else name
 
 
-def _watch_stdin() -> None:
-    """ssh mode: the channel closing (launcher gone, Ctrl-C, lost connection) ends the agent."""
+class StopSignals:
+    """SIGTERM / SIGINT. A scheduler that stops a job signals every process of it at once (Slurm's requeue, scancel
+    and time limit; mpirun; Kubernetes deleting the Pods), the coordinator included, which then finishes its step
+    and writes last.npz, for which it needs this agent's part of the state. So once the agent is in the run the
+    first signal only starts a countdown of `grace_s`: the coordinator's STOP, or its silence, ends the agent in
+    order before that. A second signal, the countdown's end, a signal before the coordinator has welcomed the agent
+    or after `now()` (ssh mode: the channel closed, the launcher is gone) stop it at once (AgentStop)."""
+
+    def __init__(self, host: str, grace_s: float, in_run=lambda: True):
+        self.host, self.grace_s, self.in_run, self.signalled = host, grace_s, in_run, False
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self)
+        signal.signal(signal.SIGINT, self)
+
+    def now(self) -> None:
+        self.grace_s = 0.0
+
+    def __call__(self, signum, frame) -> None:
+        if self.signalled or self.grace_s <= 0 or not self.in_run():
+            raise AgentStop(f"signal {signum}")
+        self.signalled = True
+        log.get().warning(f"host {self.host}: signal {signum}: stopping when the coordinator has finished its step "
+                          f"and checkpoint (its STOP), at most {self.grace_s:.0f} s from now; again to stop at once")
+        timer = threading.Timer(self.grace_s, os.kill, (os.getpid(), signum))
+        timer.daemon = True
+        timer.start()
+
+
+def _watch_stdin(stop: StopSignals) -> None:
+    """ssh mode: the channel closing (launcher gone, Ctrl-C, lost connection) ends the agent at once."""
     def watch():
         try:
             while sys.stdin.buffer.read(4096):
                 pass
         except (OSError, ValueError):
             pass
+        stop.now()
         os.kill(os.getpid(), signal.SIGTERM)
     threading.Thread(target=watch, daemon=True, name="stdin-watch").start()
 
@@ -357,15 +387,16 @@ def run_agent(args) -> int:
         # OMPI_COMM_WORLD_NODE_RANK is a rank *within* the node (across jobs), not the node's index: with one agent
         # per node, the world rank is the host index. SLURM_NODEID / DPTRAIN_NODE_RANK are node indices.
         index = env.node_rank if env.node_rank is not None and env.source != "openmpi" else env.rank
+    agent = None
+    stop = StopSignals(host, args.stop_grace_s, lambda: agent is not None and agent.link.welcomed)
     if args.keys_stdin:
         keys = read_agent_keys(sys.stdin.readline(), "stdin")
-        _watch_stdin()
+        _watch_stdin(stop)
     elif args.keys:
         keys = wait_for_keys(Path(args.keys), args.run, host, args.wait_keys_s)
     else:
         keys = None
-    signal.signal(signal.SIGTERM, _raise_stop)
-    signal.signal(signal.SIGINT, _raise_stop)
+    stop.install()
     agent = Agent(args.connect, index, slots, args.run, keys, host, join=args.join,
                   wait_coordinator_s=args.wait_coordinator_s)
     rc = 1
