@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# System packages for the multi-host tests (launch/netns-cluster.sh, tests/test_netns_cluster.py).
+# System packages for the multi-host tests (launch/netns-cluster.sh, tests/test_netns_cluster.py,
+# tests/test_slurm.py, tests/test_mpirun.py).
 # Run as root on Debian/Ubuntu.  Idempotent: skips apt entirely when everything is present.
 # It never starts, enables or reconfigures the machine's own ssh service: the test
 # cluster runs its own sshd processes with their own config inside network namespaces.
@@ -9,7 +10,9 @@ set -euo pipefail
 
 [[ $(id -u) -eq 0 ]] || { echo "install-system.sh: must run as root" >&2; exit 1; }
 
-PKGS=(openssh-server openssh-client iproute2 procps)
+# slurm-wlm + munge: tests/test_slurm.py runs slurmctld and a slurmd per namespace host (their own config and
+# state, never the machine's services); openmpi-bin: tests/test_mpirun.py runs mpirun over the namespaces' sshd.
+PKGS=(openssh-server openssh-client iproute2 procps slurm-wlm munge openmpi-bin)
 
 missing=()
 for p in "${PKGS[@]}"; do
@@ -41,7 +44,7 @@ fi
 mkdir -p /run/sshd
 chmod 755 /run/sshd
 
-for t in ip tc ssh ssh-keygen pgrep /usr/sbin/sshd; do
+for t in ip tc ssh ssh-keygen pgrep nsenter /usr/sbin/sshd slurmctld slurmd sbatch munged mpirun; do
     command -v "$t" >/dev/null || { echo "install-system.sh: '$t' still missing" >&2; exit 1; }
 done
 /usr/sbin/sshd -V 2>&1 | head -1 || true

@@ -139,8 +139,7 @@ def add_internal_commands(sub) -> None:
 
     k = sub.add_parser("keys", help="make a run's CURVE keys in advance (coordinator.json, agent.json; 0600)")
     k.add_argument("--out", required=True, help="folder for coordinator.json and agent.json")
-    from .distributed.curve import cmd_keys
-    k.set_defaults(func=cmd_keys)
+    k.set_defaults(func=_cmd_keys)
 
     a = sub.add_parser("agent", help="a host's agent: starts its workers, reduces their gradients (multi-host)")
     a.add_argument("--connect", default=None,
@@ -152,12 +151,24 @@ def add_internal_commands(sub) -> None:
     a.add_argument("--slots", type=int, default=1, help="workers on this host")
     a.add_argument("--keys", help="the run's agent key file (no-ssh mode)")
     a.add_argument("--keys-stdin", action="store_true", help="read the keys from stdin; exit when stdin closes (ssh)")
-    a.add_argument("--wait-keys-s", type=float, default=60.0, help="wait this long for --keys to appear")
-    a.add_argument("--host-label", default=None, help="name for logs (default: hostname)")
+    a.add_argument("--wait-keys-s", type=float, default=60.0,
+                   help="wait this long for --keys to appear (a file for another run is waited past, not used)")
+    a.add_argument("--wait-coordinator-s", type=float, default=300.0,
+                   help="retry a coordinator that is not listening yet (pods start in any order) for this long")
+    a.add_argument("--stop-grace-s", type=float, default=20.0,
+                   help="on SIGTERM/SIGINT, give the coordinator this long to finish its step and checkpoint (its "
+                        "STOP ends the agent); a second signal stops at once; 0: stop at once")
+    a.add_argument("--host-label", default=None,
+                   help="name for logs (default: $SLURMD_NODENAME, else the host name, with OMPI_COMM_WORLD_RANK)")
     a.add_argument("--join", action="store_true",
                    help="take the place of a lost host in a running job (--on-worker-failure continue); "
                         "with --host-index, that one if it is lost, else any lost host with as many slots")
     a.set_defaults(func=_cmd_agent)
+
+
+def _cmd_keys(args, extra) -> int:
+    from .distributed.curve import make_key_files
+    return make_key_files(args.out)
 
 
 def _cmd_worker(args, extra) -> int:
@@ -166,8 +177,8 @@ def _cmd_worker(args, extra) -> int:
 
 
 def _cmd_agent(args, extra) -> int:
-    from .distributed.agent import run_agent
-    return run_agent(args)
+    from .distributed.agent import AgentOptions, run_agent
+    return run_agent(AgentOptions.from_args(args))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import stat
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from distutil import ROOT, TINY, Proc, cli_args, step_records
@@ -134,21 +137,46 @@ def _swap(argv: list[str], flag: str, value: str) -> list[str]:
     return argv[:i + 1] + [value] + argv[i + 2:]
 
 
+def _mounted_from(pod_spec: dict, container: dict, path: str) -> dict:
+    """The Pod volume that holds `path` in `container` (by the longest mountPath that is a prefix of it)."""
+    mounts = [m for m in container["volumeMounts"] if path.startswith(m["mountPath"].rstrip("/") + "/")]
+    assert mounts, f"{path} is on no volume of {container['name']}"
+    name = max(mounts, key=lambda m: len(m["mountPath"]))["name"]
+    return next(v for v in pod_spec["volumes"] if v["name"] == name)
+
+
 @pytest.mark.timeout(150)
-def test_kubernetes_manifest_runs(tiny_data, tmp_path):
-    docs = list(yaml.safe_load_all((ROOT / "launch" / "kubernetes.yaml").read_text()))
+def test_kubernetes_manifest_runs_with_agents_started_before_the_coordinator(tiny_data, tmp_path):
+    """Pods start in any order: the agents start first (their coordinator's port is closed), wait with backoff,
+    and the run finishes once the coordinator comes up seconds later."""
+    text = (ROOT / "launch" / "kubernetes.yaml").read_text()
+    docs = list(yaml.safe_load_all(text))
     kinds = {d["kind"]: d for d in docs}
     assert set(kinds) == {"Service", "Pod", "Job"}
     coord_spec = kinds["Pod"]["spec"]["containers"][0]
     job = kinds["Job"]["spec"]
-    agent_spec = job["template"]["spec"]["containers"][0]
+    agent_pod = job["template"]["spec"]
+    agent_spec = agent_pod["containers"][0]
     assert job["completionMode"] == "Indexed" and job["completions"] == job["parallelism"]
+    # one agent per node: a required anti-affinity on the node's host name against the agents' own label
+    anti = agent_pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert any(t["topologyKey"] == "kubernetes.io/hostname" and
+               t["labelSelector"]["matchLabels"].items() <= job["template"]["metadata"]["labels"].items()
+               for t in anti), anti
+    # the config the docs give (configs/lfw.toml) reaches the coordinator from the ConfigMap the header makes
+    cmd = coord_spec["command"]
+    config_path = cmd[cmd.index("--config") + 1]
+    volume = _mounted_from(kinds["Pod"]["spec"], coord_spec, config_path)
+    made = re.search(r"kubectl create configmap (\S+) --from-file=(\S+)", text)
+    assert made and volume["configMap"]["name"] == made.group(1), (volume, made)
+    assert (ROOT / made.group(2)).is_file() and config_path.endswith("/" + Path(made.group(2)).name)
+    assert "--config configs/lfw.toml" in (ROOT / "launch" / "README.md").read_text()
     env = {e["name"]: e.get("value") for e in agent_spec["env"]}
     assert env["RANK"] is None  # from the completion index annotation
     assert [e for e in agent_spec["env"] if e["name"] == "RANK"][0]["valueFrom"]["fieldRef"]["fieldPath"] \
         == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
     hosts = int(env["WORLD_SIZE"])
-    assert hosts == job["completions"] == len(coord_spec["command"][coord_spec["command"].index("-H") + 1].split(","))
+    assert hosts == job["completions"] == len(cmd[cmd.index("-H") + 1].split(","))
     assert kinds["Service"]["spec"]["ports"][0]["port"] == int(env["MASTER_PORT"])
 
     keys = tmp_path / "keys"
@@ -160,32 +188,52 @@ def test_kubernetes_manifest_runs(tiny_data, tmp_path):
     assert "server_secret" not in json.loads((keys / "agent.json").read_text())
 
     port, out = _free_port(), tmp_path / "runs" / "demo"
-    tiny = ["--config", str(TINY), "--data.cache_dir", str(tiny_data.parent / "cache"), "--train.epochs=1",
+    tiny = ["--data.cache_dir", str(tiny_data.parent / "cache"), "--train.epochs=1",
             "--train.steps_per_epoch=3", "--train.progress=false", "--dist.blas_threads=1"]
-    cmd = coord_spec["command"]
     cmd = _swap(_swap(_swap(_swap(cmd, "--bind", "127.0.0.1"), "--port", str(port)), "--data", str(tiny_data)),
                 "--out", str(out))
-    cmd = _swap(cmd, "--keys", str(keys / "coordinator.json"))
+    cmd = _swap(_swap(cmd, "--keys", str(keys / "coordinator.json")), "--config", str(TINY))
     assert cmd[:2] == ["dptrain", "launch"]
     agents = []
-    with Proc([sys.executable, "-m", "dptrain", *cmd[1:], *tiny], tmp_path / "coordinator.log") as coord:
-        coord.wait_log(f"coordinator listening on tcp://127.0.0.1:{port}")
-        try:
-            for i in range(hosts):
-                a_env = {**env, "RANK": str(i), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-                a_cmd = _swap(agent_spec["command"], "--keys", str(keys / "agent.json"))
-                assert a_cmd[:2] == ["dptrain", "agent"] and "--connect" not in a_cmd and "--host-index" not in a_cmd
-                agents.append(Proc([sys.executable, "-m", "dptrain", *a_cmd[1:], "--host-label", f"agent-{i}"],
-                                   tmp_path / f"agent-{i}.log", {**os.environ, **a_env}))
+    try:
+        for i in range(hosts):
+            a_env = {**env, "RANK": str(i), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+            a_cmd = _swap(agent_spec["command"], "--keys", str(keys / "agent.json"))
+            assert a_cmd[:2] == ["dptrain", "agent"] and "--connect" not in a_cmd and "--host-index" not in a_cmd
+            agents.append(Proc([sys.executable, "-m", "dptrain", *a_cmd[1:], "--host-label", f"agent-{i}"],
+                               tmp_path / f"agent-{i}.log", {**os.environ, **a_env}))
+        for a in agents:  # refused, and waiting (not exited)
+            a.wait_log(rf"waiting for the coordinator at 127\.0\.0\.1:{port} \(.*refused.*; up to 600 s\)")
+        time.sleep(2.0)  # a few more refused tries, backing off
+        assert all(a.proc.poll() is None for a in agents), "".join(a.log() for a in agents)
+        with Proc([sys.executable, "-m", "dptrain", *cmd[1:], *tiny], tmp_path / "coordinator.log") as coord:
             assert coord.wait(120) == 0, coord.log() + "".join(a.log() for a in agents)
-            for a in agents:
-                assert a.wait(20) == 0, a.log()
-        finally:
-            for a in agents:
-                a.close()
+        for a in agents:
+            assert a.wait(20) == 0, a.log()
+    finally:
+        for a in agents:
+            a.close()
     assert len(step_records(out)) == 3
     assert f"all {hosts} hosts ready" in coord.log()
     assert "ranks 2..3" in (tmp_path / "agent-1.log").read_text()
+
+
+@pytest.mark.timeout(60)
+def test_agent_that_never_sees_its_coordinator_stops_at_the_deadline_naming_it(tmp_path):
+    port = _free_port()
+    keys = tmp_path / "keys"
+    subprocess.run([sys.executable, "-m", "dptrain", "keys", "--out", str(keys)], capture_output=True, timeout=30,
+                   check=True)
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "dptrain", "agent", "--connect", f"tcp://127.0.0.1:{port}", "--run",
+                        "r1", "--host-index", "0", "--keys", str(keys / "agent.json"), "--wait-coordinator-s", "3"],
+                       capture_output=True, text=True, timeout=40)
+    took = time.monotonic() - t0
+    assert r.returncode == 1, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert f"cannot reach the coordinator at 127.0.0.1:{port} for 3 s (--wait-coordinator-s)" in last, r.stderr
+    assert "Traceback" not in r.stderr
+    assert 3 <= took < 30, took
 
 
 @pytest.mark.timeout(120)

@@ -23,13 +23,16 @@ It exits when the coordinator says STOP, when the coordinator goes silent (heart
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket as pysocket
+import stat
 import sys
 import threading
 import time
 import uuid
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -50,14 +53,16 @@ from .timeline import busy_s
 from .wire import grad_frame, receive_weights
 
 
-class AgentStop(Exception):
-    pass
+class AgentStop(BaseException):
+    """SIGTERM / SIGINT, raised by the handler wherever the agent is. A BaseException, like KeyboardInterrupt, so
+    that no `except Exception` on the way (a message's decoding drops whatever fails to decode) swallows it."""
 
 
 class Agent:
     def __init__(self, endpoint: str, host_index: int, slots: int, run_id: str, keys: dict | None, host: str,
-                 join: bool = False):
+                 join: bool = False, wait_coordinator_s: float = 0.0):
         self.endpoint, self.index, self.slots, self.host, self.join = endpoint, host_index, slots, host, join
+        self.wait_coordinator_s = wait_coordinator_s  # pods and tasks start in any order: wait for its port
         self.log = log.get()
         # While it waits upstream the agent answers its own workers (heartbeats, hellos, deaths).
         self.link = PeerLink(endpoint, run_id, host_index, f"host {host}", client_setup(keys) if keys else None,
@@ -72,7 +77,7 @@ class Agent:
 
     # ---- set-up and preflight ------------------------------------------------------------------------------------
     def start(self, timeout_s: float = 120.0) -> None:
-        address = probe_port(self.endpoint, self.host)
+        address = probe_port(self.endpoint, self.host, wait_s=self.wait_coordinator_s)
         msg = self.link.handshake("agent", self.host, self.slots, timeout_s, join=self.join)
         f = msg.fields
         if self.link.rank != self.index:  # joined in place of another lost host than the one asked for
@@ -217,25 +222,140 @@ class Agent:
         self.link.close()
 
 
-def probe_port(endpoint: str, host: str, timeout_s: float = 10.0) -> str:
+def probe_port(endpoint: str, host: str, timeout_s: float = 10.0, wait_s: float = 0.0) -> str:
     """Preflight: a plain TCP connect first, because ZeroMQ retries an unreachable address silently forever.
-    Returns this host's address on the way to the coordinator (where the other agents reach it too)."""
+    A refused or unresolvable address is tried again, backing off up to BACKOFF_MAX_S, until `wait_s` has passed:
+    the coordinator binds only once it has loaded the data, and a scheduler (a Kubernetes Job, srun, mpirun) may
+    start the agents first. Returns this host's address on the way to the coordinator (where the other agents
+    reach it too)."""
     addr, _, port = endpoint.removeprefix("tcp://").rpartition(":")
-    try:
-        with pysocket.create_connection((addr, int(port)), timeout=timeout_s) as s:
-            return s.getsockname()[0]
-    except OSError as e:
-        raise SystemExit(f"host {host}: preflight: cannot reach the coordinator at {addr}:{port}: {e}") from None
+    deadline = time.monotonic() + wait_s
+    pause, told = BACKOFF_FIRST_S, False
+    while True:
+        try:
+            with pysocket.create_connection((addr, int(port)), timeout=timeout_s) as s:
+                return s.getsockname()[0]
+        except OSError as e:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                waited = f" for {wait_s:.0f} s (--wait-coordinator-s)" if wait_s > 0 else ""
+                raise SystemExit(f"host {host}: preflight: cannot reach the coordinator at {addr}:{port}{waited}: "
+                                 f"{e}") from None
+            if not told:
+                log.get().info(f"host {host}: waiting for the coordinator at {addr}:{port} ({e}; up to "
+                               f"{wait_s:.0f} s)")
+                told = True
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, BACKOFF_MAX_S)
 
 
-def _watch_stdin() -> None:
-    """ssh mode: the channel closing (launcher gone, Ctrl-C, lost connection) ends the agent."""
+BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.25, 4.0  # a closed port is tried again after 0.25, 0.5, 1, 2, 4, 4... s
+
+
+def key_file_mode_problem(st) -> str | None:
+    """Why a key file's owner or mode make it unfit to hold a run's secret key (None: fine). Readable by the file's
+    group is allowed (a Kubernetes Secret mounted with an fsGroup is 0440); others' access or another owner not."""
+    if st.st_uid not in (os.geteuid(), 0):
+        return f"owned by uid {st.st_uid}, not this user ({os.geteuid()}) or root"
+    if st.st_mode & 0o027:
+        return f"mode {stat.S_IMODE(st.st_mode):04o} lets others read or write it (chmod 600)"
+    return None
+
+
+def wait_for_keys(path: Path, run_id: str, host: str, wait_s: float) -> dict:
+    """No-ssh mode: the run's agent keys from `path`, once the launcher has written them for THIS run. A file that
+    is absent, or that names another run (a requeued job's earlier start left it), is waited for, not used; one
+    saying that the launcher failed ends the agent at once with the launcher's reason; one that others may read, or
+    that another user owns, is refused. Pre-made keys (`dptrain keys`) name no run and are used as they are."""
+    deadline = time.monotonic() + wait_s
+    told = None
+    while True:
+        why = None
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # NONBLOCK: a FIFO at the path must not hang us
+        except FileNotFoundError:
+            why = "it does not exist yet"
+        except OSError as e:
+            raise SystemExit(f"host {host}: key file {path}: {e.strerror}") from None
+        if why is None:
+            with os.fdopen(fd, "rb") as f:
+                st = os.fstat(f.fileno())
+                if not stat.S_ISREG(st.st_mode):
+                    raise SystemExit(f"host {host}: key file {path} is not a regular file")
+                problem = key_file_mode_problem(st)
+                if problem:
+                    raise SystemExit(f"host {host}: key file {path} is {problem}")
+                text = f.read(64 * 1024).decode(errors="replace")
+            try:
+                data = json.loads(text)
+            except ValueError:
+                data = None
+            run = data.get("run") if isinstance(data, dict) else None
+            if run is not None and run != run_id:
+                why = f"it is for run {run!r}, not {run_id!r} (left by an earlier start?)"
+            elif isinstance(data, dict) and "failed" in data:
+                raise SystemExit(f"host {host}: the launcher of run {run_id} failed before it wrote the keys: "
+                                 f"{data['failed']}")
+            else:
+                return read_agent_keys(text, str(path))
+        if time.monotonic() >= deadline:
+            raise SystemExit(f"host {host}: no key file for run {run_id} at {path} after {wait_s:.0f} s "
+                             f"(--wait-keys-s): {why}")
+        if why != told:
+            log.get().info(f"host {host}: waiting for the key file {path}: {why}")
+            told = why
+        time.sleep(0.5)
+
+
+def default_label(environ=None) -> str:
+    """The agent's name in logs when --host-label is not given: Slurm's node name (every namespace, container or
+    node may share one machine name), else the machine's name, with Open MPI's rank when mpirun started it."""
+    environ = os.environ if environ is None else environ
+    if environ.get("SLURMD_NODENAME"):
+        return environ["SLURMD_NODENAME"]
+    name = pysocket.gethostname()
+    rank = environ.get("OMPI_COMM_WORLD_RANK")
+    return f"{name}-{rank}" if rank and rank.isdigit() else name
+
+
+class StopSignals:
+    """SIGTERM / SIGINT. A scheduler that stops a job signals every process of it at once (Slurm's requeue, scancel
+    and time limit; mpirun; Kubernetes deleting the Pods), the coordinator included, which then finishes its step
+    and writes last.npz, for which it needs this agent's part of the state. So once the agent is in the run the
+    first signal only starts a countdown of `grace_s`: the coordinator's STOP, or its silence, ends the agent in
+    order before that. A second signal, the countdown's end, a signal before the coordinator has welcomed the agent
+    or after `now()` (ssh mode: the channel closed, the launcher is gone) stop it at once (AgentStop)."""
+
+    def __init__(self, host: str, grace_s: float, in_run=lambda: True):
+        self.host, self.grace_s, self.in_run, self.signalled = host, grace_s, in_run, False
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self)
+        signal.signal(signal.SIGINT, self)
+
+    def now(self) -> None:
+        self.grace_s = 0.0
+
+    def __call__(self, signum, frame) -> None:
+        if self.signalled or self.grace_s <= 0 or not self.in_run():
+            raise AgentStop(f"signal {signum}")
+        self.signalled = True
+        log.get().warning(f"host {self.host}: signal {signum}: stopping when the coordinator has finished its step "
+                          f"and checkpoint (its STOP), at most {self.grace_s:.0f} s from now; again to stop at once")
+        timer = threading.Timer(self.grace_s, os.kill, (os.getpid(), signum))
+        timer.daemon = True
+        timer.start()
+
+
+def _watch_stdin(stop: StopSignals) -> None:
+    """ssh mode: the channel closing (launcher gone, Ctrl-C, lost connection) ends the agent at once."""
     def watch():
         try:
             while sys.stdin.buffer.read(4096):
                 pass
         except (OSError, ValueError):
             pass
+        stop.now()
         os.kill(os.getpid(), signal.SIGTERM)
     threading.Thread(target=watch, daemon=True, name="stdin-watch").start()
 
@@ -244,21 +364,42 @@ def _raise_stop(signum, frame):
     raise AgentStop(f"signal {signum}")
 
 
-def run_agent(args) -> int:
+@dataclass
+class AgentOptions:
+    """`dptrain agent`'s options (cli.py makes them from its arguments): which coordinator and run, this host's place
+    and workers, where the keys come from, and how long to wait for each."""
+    connect: str | None = None  # tcp://HOST:PORT; None: MASTER_ADDR and MASTER_PORT
+    run: str | None = None  # the run id the coordinator printed
+    host_index: int | None = None  # this host's position in the hostfile; None: from the scheduler's rank variables
+    slots: int = 1
+    keys: str | None = None  # the run's agent key file (no-ssh mode)
+    keys_stdin: bool = False  # the keys come on stdin (ssh); exit when stdin closes
+    wait_keys_s: float = 60.0
+    wait_coordinator_s: float = 300.0
+    stop_grace_s: float = 20.0
+    host_label: str | None = None
+    join: bool = False  # take the place of a lost host in a running job
+
+    @classmethod
+    def from_args(cls, args) -> AgentOptions:
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None})
+
+
+def run_agent(opts: AgentOptions) -> int:
     from .rankenv import RankEnvError, coordinator_from_env, from_env
-    host = args.host_label or pysocket.gethostname()
+    host = opts.host_label or default_label()
     log.setup(f"agent@{host}")
-    index, slots = args.host_index, args.slots
+    index, slots = opts.host_index, opts.slots
     try:
         env = from_env() if index is None else None  # a stray RANK in a shell must not matter with --host-index
-        args.connect = args.connect or coordinator_from_env()
+        opts.connect = opts.connect or coordinator_from_env()
     except RankEnvError as e:
         raise SystemExit(f"dptrain agent: {e}") from None
-    if not args.connect:
+    if not opts.connect:
         raise SystemExit("dptrain agent: --connect tcp://HOST:PORT not given and MASTER_ADDR/MASTER_PORT not set")
-    if not args.run:
+    if not opts.run:
         raise SystemExit("dptrain agent: --run not given and DPTRAIN_RUN_ID/TORCHELASTIC_RUN_ID not set")
-    if index is None and args.join:
+    if index is None and opts.join:
         index = 0  # any lost host: the coordinator says which one this agent replaces
     if index is None:
         if env is None:
@@ -270,22 +411,18 @@ def run_agent(args) -> int:
         # OMPI_COMM_WORLD_NODE_RANK is a rank *within* the node (across jobs), not the node's index: with one agent
         # per node, the world rank is the host index. SLURM_NODEID / DPTRAIN_NODE_RANK are node indices.
         index = env.node_rank if env.node_rank is not None and env.source != "openmpi" else env.rank
-    if args.keys_stdin:
+    agent = None
+    stop = StopSignals(host, opts.stop_grace_s, lambda: agent is not None and agent.link.welcomed)
+    if opts.keys_stdin:
         keys = read_agent_keys(sys.stdin.readline(), "stdin")
-        _watch_stdin()
-    elif args.keys:
-        path = Path(args.keys)
-        deadline = time.monotonic() + args.wait_keys_s
-        while not path.exists() and time.monotonic() < deadline:  # Slurm: task 0 may still be writing it
-            time.sleep(0.5)
-        if not path.exists():
-            raise SystemExit(f"host {host}: key file {path} does not exist")
-        keys = read_agent_keys(path.read_text(), str(path))
+        _watch_stdin(stop)
+    elif opts.keys:
+        keys = wait_for_keys(Path(opts.keys), opts.run, host, opts.wait_keys_s)
     else:
         keys = None
-    signal.signal(signal.SIGTERM, _raise_stop)
-    signal.signal(signal.SIGINT, _raise_stop)
-    agent = Agent(args.connect, index, slots, args.run, keys, host, join=args.join)
+    stop.install()
+    agent = Agent(opts.connect, index, slots, opts.run, keys, host, join=opts.join,
+                  wait_coordinator_s=opts.wait_coordinator_s)
     rc = 1
     try:
         rc = run_peer(agent.link, lambda: (agent.start(), agent.serve())[1], (AgentStop,))

@@ -34,8 +34,10 @@ class RunKeys:
         return {"server_public": self.server_public, "client_public": self.client_public,
                 "client_secret": self.client_secret}
 
-    def write_agent_file(self, path: str | Path) -> Path:
-        return _write_private(path, self.for_agents())
+    def write_agent_file(self, path: str | Path, run: str | None = None) -> Path:
+        """The agents' keys; `run` ties the file to one start of one run (an agent given another run id waits for
+        its own file instead of using this one: a requeued job's earlier start left it)."""
+        return _write_private(path, self.for_agents() | ({"run": run} if run is not None else {}))
 
     def write_coordinator_file(self, path: str | Path) -> Path:
         """All four keys (the server secret too): for `launch --keys`, e.g. from a Kubernetes Secret."""
@@ -53,18 +55,34 @@ class RunKeys:
 
 
 def _write_private(path: str | Path, data: dict) -> Path:
-    """JSON in a file only this user can read (0600 from its creation on)."""
+    """JSON in a file only this user can read (0600 from its creation on), written atomically: a reader (an agent
+    polling for the file on a shared filesystem) sees no file or the whole file, never a part of it."""
     path = Path(path)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)  # one a killed writer of this pid left: O_EXCL makes the new one 0600 for sure
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
-def cmd_keys(args, extra) -> int:
+def write_launch_failure(path: str | Path, run: str, reason: str) -> Path:
+    """No-ssh mode, the launcher failed before it wrote the keys: the key file says so, so that agents waiting for
+    it stop at once with the launcher's reason instead of waiting out --wait-keys-s."""
+    return _write_private(path, {"run": run, "failed": reason})
+
+
+def make_key_files(out: str | Path) -> int:
     """`dptrain keys --out DIR`: a run's key pairs made in advance (a Kubernetes Secret, a scheduler's spool):
     DIR/coordinator.json for `launch --keys`, DIR/agent.json for `agent --keys`; both 0600."""
-    out = Path(args.out)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     keys = RunKeys.generate()
     for p in (keys.write_coordinator_file(out / "coordinator.json"), keys.write_agent_file(out / "agent.json")):

@@ -19,6 +19,7 @@ import os
 import signal
 import socket as pysocket
 import sys
+import threading
 import time
 
 import numpy as np
@@ -214,9 +215,38 @@ class Worker:
         self.link.close()
 
 
+WORKER_STOP_GRACE_S = 30.0  # after a first SIGTERM/SIGINT, the longest a worker waits for its parent's word
+
+
+def defer_stop_signals(grace_s: float = WORKER_STOP_GRACE_S) -> None:
+    """A scheduler that stops a job signals every process of it at once (Slurm's requeue, scancel and time limit),
+    this worker too. While the process that started it (an agent or the launcher) lives, that one decides when the
+    worker stops (STOP after the step and the checkpoint, or its own exit, which the heartbeat notices): the first
+    SIGTERM/SIGINT only starts a countdown. A second one, the countdown's end, or a signal once the parent is gone
+    end the worker as the signal always did."""
+    parent = os.getppid()
+    armed = []
+
+    def handler(signum, frame):
+        if armed or os.getppid() != parent:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        armed.append(signum)
+        log.get().warning(f"signal {signum}: the process that started this worker decides when it stops (at most "
+                          f"{grace_s:.0f} s; again to stop at once)")
+        timer = threading.Timer(grace_s, os.kill, (os.getpid(), signum))
+        timer.daemon = True
+        timer.start()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
+
+
 def run_worker(endpoint: str, rank: int, run_id: str) -> int:
     sliced = timeslice.apply_from_env()  # before the first thread: every thread of this worker inherits it
     log.setup(f"rank{rank}")
+    defer_stop_signals()
     if sliced:
         log.get().info(sliced)
     # the coordinator sends SIGUSR1 to a rank it declares stuck: every thread's stack goes to this rank's log first

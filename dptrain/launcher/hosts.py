@@ -29,7 +29,7 @@ from .. import config as config_mod, log
 from ..config import Config
 from ..distributed import hostfile
 from ..distributed.coordinator import Coordinator, WorkerFailure
-from ..distributed.curve import RunKeys
+from ..distributed.curve import RunKeys, write_launch_failure
 from ..distributed.executor import HostBuffers
 from ..distributed.hostfile import HostfileError, HostSlots, assign_ranks, filter_hosts, parse_hostfile, parse_hosts
 from ..distributed.peers import PeerState
@@ -168,7 +168,15 @@ def launch_hosts(cfg: Config, args: LaunchOptions, progress: dict | None = None)
         lg.info(f"environment forwarded to the hosts: {', '.join(sorted(forwarded))}")
     cfg.dist.transport = "socket"  # between hosts the weights and gradients are frames; shm is per host
 
+    key_path = Path(cfg.train.out) / "agent-keys.json"
+    no_ssh = {"run": None, "keys_written": False}  # for the failure note agents read instead of the keys
+    if args.no_ssh:
+        # An earlier start's keys (a requeued job's) must not be read by this start's agents: gone before the data
+        # loads. Agents given this start's run id would wait past it anyway (the file names its run).
+        key_path.unlink(missing_ok=True)
+
     def start(session: Session):
+        no_ssh["run"] = session.run_id
         trainer = prepare_or_exit(cfg, args.resume, "launch")
         out = Path(cfg.train.out)
         (out / "logs").mkdir(parents=True, exist_ok=True)
@@ -185,7 +193,8 @@ def launch_hosts(cfg: Config, args: LaunchOptions, progress: dict | None = None)
             f"{h.hostname} {min(e.rank for e in ranks if e.host == h.host)}.."
             f"{max(e.rank for e in ranks if e.host == h.host)}" for h in hosts))
         if args.no_ssh:
-            key_file = keys.write_agent_file(out / "agent-keys.json")
+            key_file = keys.write_agent_file(key_path, run=session.run_id)
+            no_ssh["keys_written"] = True
             for i, h in enumerate(hosts):
                 coord.adopt(i, h.hostname)
                 cmd = agent_argv(python, endpoint, session.run_id, i, h, str(key_file.resolve()))
@@ -236,4 +245,15 @@ def launch_hosts(cfg: Config, args: LaunchOptions, progress: dict | None = None)
         session.mesh = cfg.dist.plane == "mesh"
         return trainer, HostBuffers()  # gradients arrive as frames (one summed buffer per host)
 
-    return run_session(cfg, args.stop_at_step, start, run_id=args.run_id, progress=progress)
+    try:
+        return run_session(cfg, args.stop_at_step, start, run_id=args.run_id, progress=progress)
+    except BaseException as e:
+        if args.no_ssh and no_ssh["run"] and not no_ssh["keys_written"]:
+            # Agents that a scheduler started are waiting for the key file: tell them, so the job ends now
+            reason = str(e) if isinstance(e, SystemExit) and not isinstance(e.code, int) else type(e).__name__
+            try:
+                key_path.parent.mkdir(parents=True, exist_ok=True)
+                write_launch_failure(key_path, no_ssh["run"], reason)
+            except OSError as err:
+                lg.warning(f"{key_path}: cannot tell the agents that the launch failed ({err.strerror})")
+        raise
