@@ -336,16 +336,30 @@ def test_layout_lists_every_module():
     assert not missing, f"modules the Layout does not list under their folder: {missing}"
 
 
+def _anchors(path: Path) -> set[str]:
+    """GitHub's anchors of a markdown file's headings: lower case, punctuation dropped, spaces as hyphens."""
+    out = set()
+    for line in path.read_text().splitlines():
+        m = re.match(r"#{1,6} (.*)", line)
+        if m:
+            out.add(re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-"))
+    return out
+
+
 def test_relative_links_resolve():
+    """Relative links lead to files that exist, and a #fragment to a heading of that file."""
     bad = []
     for path in DOCS:
         if not path.exists():
             continue
-        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", path.read_text()):
+        for target, fragment in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)", path.read_text()):
             if re.match(r"[a-z]+:", target):
                 continue
-            resolved = (path.parent / target).resolve()
+            resolved = (path.parent / target).resolve() if target else path
             rel = resolved.relative_to(ROOT) if resolved.is_relative_to(ROOT) else resolved
-            if not resolved.exists() and str(rel) not in PENDING:
-                bad.append(f"{path.relative_to(ROOT)}: {target}")
-    assert not bad, f"links to files that do not exist: {bad}"
+            if not resolved.exists():
+                if str(rel) not in PENDING:
+                    bad.append(f"{path.relative_to(ROOT)}: {target}")
+            elif fragment and resolved.suffix == ".md" and fragment not in _anchors(resolved):
+                bad.append(f"{path.relative_to(ROOT)}: {target}#{fragment} (no such heading)")
+    assert not bad, f"links that lead nowhere: {bad}"
