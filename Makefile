@@ -1,11 +1,12 @@
-# dptrain: `make demo` trains on the built-in synthetic faces with 2 workers; `make test` runs the test suite.
+# dptrain: `make demo` trains on the built-in synthetic faces with 2 workers; `make test` runs the test suite;
+# `make check` is the contributors' quick tier (lint + the fast unit tests); `make docs` regenerates docs/cli.md.
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 DATA   ?= data/synth
 WORKERS ?= 2
 
-.PHONY: venv demo test test-avx2 lint data bench clean
+.PHONY: venv demo test test-avx2 check lint docs data bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +38,14 @@ test: lint
 # start unless the kernels really changed). docs/development.md.
 test-avx2: lint
 	$(PY) tests/kernels.py avx2 -q -m numerics tests
+
+# The quick tier: every test not marked slow (tests/conftest.py marks the ones that start processes, train or time
+# real work); docs/contributing.md says how the split was chosen.
+check: lint
+	$(PY) -m pytest -q -m "not slow" --durations=5 tests
+
+docs: $(VENV)/.installed
+	$(PY) tools/gen_cli_md.py
 
 bench: $(VENV)/.installed
 	$(PY) -m dptrain bench --workers 1,2 --out bench-out

@@ -6,7 +6,7 @@ the coordinator: never one writer per rank).
 Per step: train/loss, train/acc, train/lr, train/grad_norm, train/images_per_s, time/step_s, time/slowest_rank (a
 distributed run's slowest rank that step); per epoch: epoch/{train_loss, train_acc, val_loss, val_acc, images_per_s}
 and the mean step-time split so far (time/compute_s, comm_s, reduce_s, update_s, serial_s). Written with tensorboardX
-(`pip install dptrain[tensorboard]`), a small, well-kept writer; without it the run goes on and says once how to get
+(`pip install 'dptrain[tensorboard]'`), a small, well-kept writer; without it the run goes on and says once how to get
 the events. A resumed run purges the events past its checkpoint, as it trims metrics.jsonl.
 """
 from __future__ import annotations

@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_flags(pn)
     pn.set_defaults(func=cmd_plan)
 
-    so = sub.add_parser("soak", help="long-run memory soak, or fault-injection trials, of launch (soak.py)")
+    so = sub.add_parser("soak", help="long-run memory soak, or fault-injection trials, of launch (dptrain/soak/)")
     from .soak.command import add_soak_flags
     add_soak_flags(so)
     so.set_defaults(func=cmd_soak)

@@ -26,7 +26,7 @@ class DataConfig:
     val_fraction: float = 0.2  # fraction of each class held out (classes with one image stay in training)
     augment: bool = True  # random horizontal flip + small translation, seeded per sample
     # largest translation as a fraction of image_size (1/32: 2 px at 64, 1 px at 32). Chosen by epochs to a target
-    # (README, "Time to accuracy"): the old fixed 4 px (1/8 of a 32 px image) slowed small images down.
+    # (docs/time-to-accuracy.md): the old fixed 4 px (1/8 of a 32 px image) slowed small images down.
     shift: float = 0.03125
     # largest translation in pixels. Unset (or set to -1) it is derived, round(shift * image_size), and follows
     # both; set to N >= 0 (configs from before `shift`; a run's config.toml, which records the pixels used) it wins.
@@ -63,12 +63,13 @@ class ModelConfig:
     hidden: int = 512  # width of the hidden Linear + BN1D + ReLU (0: none)
     # running = (1 - m) * running + m * batch (PyTorch's convention; its default is 0.1). 0.3: the running statistics
     # follow the weights of the last few steps, so the model evaluated at an epoch's end is the one trained (same
-    # training; fewer epochs to a validation target on few steps per epoch, same final accuracy; README)
+    # training; fewer epochs to a validation target on few steps per epoch, same final accuracy:
+    # docs/time-to-accuracy.md)
     bn_momentum: float = 0.3
     bn_eps: float = 1e-5  # PyTorch's
     # conv/Linear weights: "pytorch" = PyTorch's defaults (kaiming_uniform a=sqrt(5): U(+-1/sqrt(fan_in)) weights
-    # and biases), which reached targets in fewer epochs in README's runs; "he" = He-normal (std sqrt(2 / fan_in)) with
-    # zero biases, the classifier PyTorch's uniform (the default before)
+    # and biases), which reached targets in fewer epochs (docs/time-to-accuracy.md); "he" = He-normal
+    # (std sqrt(2 / fan_in)) with zero biases, the classifier PyTorch's uniform (the default before)
     init: str = "pytorch"
     zero_init_residual: bool = False  # the residual block's last BN gamma starts at 0 (the block starts as identity)
     # 3x3 stride-1 convolutions: "im2col" (the reference: im2col + one GEMM), "winograd" (F(2x2, 3x3): 2.25x fewer
@@ -80,13 +81,13 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     out: str = "runs/default"  # run folder: config.toml, metrics.jsonl, summary.json, checkpoints
-    epochs: int = 10
+    epochs: int = 10  # passes over the training split (early stopping or --stop-at-step may end it sooner)
     batch_size: int = 64  # global batch size (split across workers in distributed runs)
     lr: float = 0.05  # peak learning rate after warmup
     min_lr: float = 0.0  # floor of the cosine schedule
     warmup_epochs: float = 1.0  # linear warmup length, converted to steps with the real steps per epoch
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    momentum: float = 0.9  # SGD momentum, PyTorch's convention: v = momentum * v + g; w -= lr * v
+    weight_decay: float = 5e-4  # L2: weight_decay * w is added to the gradient of conv/Linear weights
     decay_bn_and_bias: bool = False  # apply weight decay to BN gamma/beta and biases too
     clip_norm: float = 5.0  # global L2 gradient-norm clip (0: off)
     # cross-entropy against (1 - s) onehot + s / classes (label smoothing; 0: the plain loss). The loss logged is
@@ -96,7 +97,7 @@ class TrainConfig:
     # epochs (ema.py; 0: the live weights). Not with the mesh data plane across hosts (ema.py says why).
     ema_epochs: float = 0.0
     patience: int = 5  # early stop after this many epochs without a better val accuracy (0: never)
-    seed: int = 0
+    seed: int = 0  # initialisation, train/val split, batch order and augmentation: a run is a function of it
     drop_last: bool = True  # drop the last incomplete batch of an epoch
     eval_batch_size: int = 0  # validation batch per process (0: the per-worker training batch, whose buffers exist)
     steps_per_epoch: int = 0  # cap steps per epoch (0: whole epoch), for quick runs
@@ -110,8 +111,8 @@ class TrainConfig:
     # With more than one thread per process, shorten OpenBLAS's post-GEMM busy-wait so the non-GEMM kernels'
     # threads get the cores (nn/threads.py); false leaves OpenBLAS as configured.
     short_blas_spin: bool = True
-    # Batch-invariant mode (invariant.py): blocks of this many samples, each gradient summed exactly, so 1 process
-    # and `launch --workers N --bn sync` give bitwise the same weights for any N. 0: off (the normal mode)
+    # Batch-invariant mode (distributed/invariant.py): blocks of this many samples, each gradient summed exactly,
+    # so 1 process and `launch --workers N --bn sync` give bitwise the same weights for any N. 0: off (normal mode)
     batch_invariant_block: int = 0
 
 
@@ -125,7 +126,7 @@ class DistConfig:
     max_worker_restarts: int = 0
     bind: str = "127.0.0.1"  # interface the coordinator listens on
     port: int = 0  # 0: pick a free port
-    heartbeat_interval_s: float = 1.0
+    heartbeat_interval_s: float = 1.0  # seconds between liveness messages each way (coordinator <-> peers)
     heartbeat_misses: int = 5  # a peer silent for this many intervals is dead
     step_timeout_s: float = 120.0  # a worker late by this much on one step is declared stuck
     blas_threads: int = 0  # BLAS threads per worker (0: cores // workers, at least 1)

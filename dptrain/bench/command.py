@@ -14,7 +14,7 @@
         a cluster on one box (launch/netns-cluster.sh, H+1 network namespaces, every link shaped to --rate) per H:
         `dptrain launch --hostfile` with the coordinator inside host h1 and one agent on each other host, then
         PyTorch DDP (gloo) on the same namespaces and links; step time, communication and bytes per step on the
-        links, one row per H; writes bench-hosts.csv and bench-hosts.json into --out (dptrain/bench_hosts.py).
+        links, one row per H; writes bench-hosts.csv and bench-hosts.json into --out (dptrain/bench/hosts.py).
 
 Model and training keys can be overridden like in `dptrain train` (`--model.widths=[8,16]`); with --hosts every
 override (`--dist.wire_dtype=float16`, `--wire-dtype float16`) is passed to `dptrain launch` unchanged. Warm-up
@@ -24,7 +24,7 @@ line per row with --workers or --hosts).
     dptrain bench --tta TARGET [--config F] [--data DIR] [--workers 2] [--epochs E] [--repeat R] [--seeds 0,1,2]
                   [--stop-at-target]
         time to accuracy: dptrain and its PyTorch DDP twin trained with one recipe, epochs and seconds from process
-        start to TARGET validation accuracy, tta.json and tta.png in --out (dptrain/bench_tta.py).
+        start to TARGET validation accuracy, tta.json and tta.png in --out (dptrain/bench/tta.py).
 """
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
                         "speed drifts); medians reported, speedups and dptrain/PyTorch ratios from each round's runs")
     p.add_argument("--ceiling", action="store_true",
                    help="with --workers: also run each N as N processes computing their shards with nothing to "
-                        "exchange (the most launch can reach here; bench_ceiling.py) and report dptrain's share of it")
+                        "exchange (the most launch can reach here; bench/ceiling.py) and report dptrain's share of it")
     p.add_argument("--ceiling-s", type=float, default=8.0, help="with --ceiling: seconds each N computes")
     p.add_argument("--transport", default="shm", help="shm, socket or shm,socket (with --workers)")
     p.add_argument("--images", type=int, default=2000, help="size of the synthetic set (with --workers, --hosts)")
@@ -77,9 +77,9 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     p.add_argument("--agree", default=None, metavar="A,B",
                    help="steps for which A and B workers (bitwise replays of launch) keep the weights equal to 1e-6 "
-                        "(--steps compared, default 20; dptrain/bench_repro.py)")
+                        "(--steps compared, default 20; dptrain/bench/repro.py)")
     p.add_argument("--no-progress", action="store_true")
-    t = p.add_argument_group("time to accuracy (--tta; dptrain/bench_tta.py)")
+    t = p.add_argument_group("time to accuracy (--tta; dptrain/bench/tta.py)")
     t.add_argument("--tta", type=float, default=None, metavar="TARGET",
                    help="train dptrain (launch --workers N, default 2) and its PyTorch DDP twin with one recipe; "
                         "epochs and seconds to this validation accuracy")

@@ -42,7 +42,7 @@ import time
 import tomllib
 from pathlib import Path
 
-from .. import config as config_mod, log
+from .. import config as config_mod, install_hint, log
 from .netns_cluster import BenchError, Cluster, Job, cleanup_stale, down_all, terminate
 from .report import print_rows
 
@@ -326,7 +326,7 @@ def run(args, extra: list[str]) -> int:
         raise SystemExit(f"dptrain bench: --dist.blas_threads wants an integer, got {ov['dist.blas_threads']!r}") from None
     ddp = not args.no_ddp
     if ddp and importlib.util.find_spec("torch") is None:
-        lg.warning("PyTorch is not importable: DDP skipped (pip install torch, CPU wheel)")
+        lg.warning(f"PyTorch is not importable: DDP skipped ({install_hint('oracle')})")
         ddp = False
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .. import log
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # dptrain/bench/ -> the checkout
 SCRIPT = REPO / "launch" / "netns-cluster.sh"
 STATE_BASE = Path(os.environ.get("DPTRAIN_BENCH_HOSTS_DIR", "/tmp/dptrain-bench-hosts"))
 

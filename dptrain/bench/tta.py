@@ -5,7 +5,7 @@
 
 One resolved config (defaults < --config < flags) is written to OUT/config.toml and both sides train from it, one
 after the other, never at the same time: `dptrain launch --workers N` (run folder OUT/dptrain), then the PyTorch
-twin (dptrain/tta_torch.py: DDP gloo with N ranks, the same data, split, batches, augmentation, schedule and
+twin (dptrain/bench/tta_torch.py: DDP gloo with N ranks, the same data, split, batches, augmentation, schedule and
 optimizer; PyTorch's own initialisation and kernels). The decode cache is filled first, so neither side pays for
 decoding. Each side is timed from the moment its process is started (imports, data loading and start-up included) to
 the moment each epoch's validation line reaches its metrics file (polled every POLL_S). Reported per side: epochs

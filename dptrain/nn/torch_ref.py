@@ -9,7 +9,7 @@ Its modules are named like our layers, so every tensor of ours has one twin: `bl
 `block1.conv.weight`, `{bn}.gamma` / `{bn}.beta` are `{bn}.weight` / `{bn}.bias`. Layouts differ only by a
 transpose: conv weights are (F, C, kh, kw) there and (kh, kw, C, F) here, Linear weights (out, in) there and (in, out)
 here. The Flatten permutes NCHW to NHWC first, so the flat features come in our order and the first Linear's rows
-need no permutation. The benchmarks (bench_local, bench_ddp) time this network with PyTorch's own initialisation.
+need no permutation. The benchmarks (bench/local.py, bench/ddp.py) time this network with PyTorch's own initialisation.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`dptrain plan`'s command line: flags, tables, the validation report (the model itself is plan.py)."""
+"""`dptrain plan`'s command line: flags, tables, the validation report (the model itself is model.py)."""
 from __future__ import annotations
 
 import argparse

@@ -1,7 +1,7 @@
 """`dptrain soak`: long and hostile runs to do before trusting a machine or a cluster (issue 11, "Long runs").
 
     dptrain soak --steps 2000 --workers 4 [--image-size 32] [--batch-size 32] [--out soak-out] [--section.key=value]
-        memory soak (soak_mem.py): one `python -m dptrain launch` of exactly STEPS steps in a subprocess; every
+        memory soak (memory.py): one `python -m dptrain launch` of exactly STEPS steps in a subprocess; every
         --interval s the launcher and every worker are sampled (psutil: USS and PSS from memory_full_info, open fds,
         threads) with the count and bytes of the run's /dev/shm segments. Checks, each a one-line reason when it
         fails: the run finished every step; USS and PSS of every process grew by at most --max-growth % (median of
@@ -9,7 +9,7 @@
         fds and shared-memory segments stayed constant; the coordinator dropped no message; nothing of the run is
         left afterwards. Writes soak.json and soak.png (memory over time per process) into --out.
     dptrain soak --faults N [--kinds kill,stop,int] [--flap-cmd CMD] [--seed S] [--trial-steps 60]
-        fault-injection soak (soak_faults.py): N short runs under `--on-worker-failure continue
+        fault-injection soak (faults.py): N short runs under `--on-worker-failure continue
         --max-worker-restarts K`, each hit at a seeded random step by one fault: kill -9 of a random worker, SIGSTOP of
         one for longer than the liveness bound (then SIGCONT), SIGINT of the launcher (exit 130, then the trial goes on
         with `--resume auto`), or the user's --flap-cmd (e.g. a link down for a few seconds). Each trial must not hang
