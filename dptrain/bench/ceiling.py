@@ -16,13 +16,19 @@ import time
 import numpy as np
 
 from .. import config as config_mod
+from ..compute import shard_gradient
+from ..distributed import timeslice
+from ..distributed.reduce import one_host_factored
+from ..distributed.session import lower_priority, worker_setup
+from ..nn.model import build_model
+from ..nn.params import ParamStore
+from ..nn.threads import match_blas_threads
 
 CHILD = "--ceiling-child"
 
 
 def run_ceiling(n: int, cfg: config_mod.Config, classes: int, warmup: int, window_s: float) -> dict:
     """One bench row: `impl` "ceiling", the N processes' summed img/s over the common window."""
-    from ..distributed.session import lower_priority, worker_setup
     env, nice = worker_setup(cfg, n)
     spec = json.dumps({"config": config_mod.to_dict(cfg), "workers": n, "classes": classes, "warmup": warmup})
     procs = []
@@ -58,12 +64,6 @@ def run_ceiling(n: int, cfg: config_mod.Config, classes: int, warmup: int, windo
 
 
 def _child(rank: int, spec: dict) -> None:
-    from ..compute import shard_gradient
-    from ..distributed import timeslice
-    from ..distributed.reduce import one_host_factored
-    from ..nn.model import build_model
-    from ..nn.params import ParamStore
-    from ..nn.threads import match_blas_threads
     timeslice.apply_from_env()
     cfg = config_mod.from_dict(spec["config"])
     n, classes = spec["workers"], spec["classes"]

@@ -43,8 +43,10 @@ import tomllib
 from pathlib import Path
 
 from .. import config as config_mod, install_hint, log
+from ..flags import TRAIN_FLAGS
 from .netns_cluster import BenchError, Cluster, Job, cleanup_stale, down_all, terminate
-from .report import print_rows
+from .report import print_rows, write_rows
+from .workers import split_from_timeline, synth_dataset
 
 DDP_PORT = 29500
 POLL_S = 0.002
@@ -81,7 +83,6 @@ def rate_bps(rate: str) -> float | None:
 def normalize_overrides(extra: list[str]) -> list[str]:
     """The extra arguments as `--section.key=value`, unchanged in meaning: `--dist.plane star` and launch's short
     flags (`--wire-dtype float16`, `--bn=sync`) are rewritten, unknown keys are passed on for launch to judge."""
-    from ..flags import TRAIN_FLAGS
     short = {flag: key for flag, key, *_ in TRAIN_FLAGS}
     out, i = [], 0
     while i < len(extra):
@@ -153,7 +154,6 @@ def format_table(rows: list[dict]) -> str:
 # ---- the two runs -------------------------------------------------------------------------------------------------
 def run_dptrain(c: Cluster, H: int, args, data: Path, out: Path, threads: int, user: list[str],
                 timeout_s: float) -> dict:
-    from .workers import split_from_timeline
     run = out / f"dptrain-h{H}"
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
@@ -300,7 +300,6 @@ def bench_one(H: int, args, bps: float | None, user: list[str], threads: int, da
 
 # ---- the command --------------------------------------------------------------------------------------------------
 def run(args, extra: list[str]) -> int:
-    from .workers import synth_dataset
     lg = log.get()
     try:
         hosts, bps = parse_hosts_list(args.hosts), rate_bps(args.rate)
@@ -351,5 +350,4 @@ def run(args, extra: list[str]) -> int:
 
 
 def write_outputs(rows: list[dict], out: Path) -> None:
-    from .report import write_rows
     write_rows(rows, out / "bench-hosts.csv", CSV_KEYS)

@@ -12,6 +12,7 @@ import numpy as np
 from ..config import Config
 from ..distributed.replay import parse_layout, replay_executor
 from ..train import prepare
+from .workers import synth_dataset
 
 
 def divergence(cfg: Config, counts: tuple[int, int], steps: int) -> list[float]:
@@ -61,7 +62,6 @@ def run(args, cfg: Config, overrides: dict[str, str]) -> int:
     train different functions (they differ from the first step, by design)."""
     import json
 
-    from .workers import synth_dataset
     try:
         a, b = (int(x) for x in args.agree.split(","))
     except ValueError:

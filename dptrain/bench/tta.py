@@ -38,6 +38,8 @@ import time
 from pathlib import Path
 
 from .. import config as config_mod, log
+from ..data.dataset import load_dataset
+from ..flags import parse_overrides
 from .tta_stats import SIDES, merge, summarise_sides
 from .tta_torch import TORCH_BN_EPS, TORCH_BN_MOMENTUM
 
@@ -56,7 +58,6 @@ def cpu_model() -> str:
 
 
 def resolve(args, extra: list[str]) -> config_mod.Config:
-    from ..flags import parse_overrides
     overrides = {}
     for flag, key in (("data", "data.path"), ("epochs", "train.epochs"), ("batch_size", "train.batch_size"),
                       ("image_size", "data.image_size")):
@@ -149,7 +150,6 @@ def run(args, extra: list[str]) -> int:
     except ValueError:
         raise SystemExit(f"dptrain bench --tta: --seeds wants a comma list of integers, got {args.seeds!r}") from None
     cfg_path = out / "config.toml"
-    from ..data.dataset import load_dataset
     runs: dict[str, list[dict]] = {s: [] for s in sides}
     order = [s for i in range(args.repeat) for s in (sides if i % 2 == 0 else sides[::-1])]
     for seed in seeds:

@@ -47,6 +47,7 @@ from .coordinator import Coordinator, WorkerFailure
 from .curve import client_setup, read_agent_keys
 from .mesh import MeshLink, MeshReplica, checksum, factors_pay
 from .peer import PeerLink, leave, run_peer
+from .rankenv import RankEnvError, coordinator_from_env, from_env
 from .reduce import sum_in_order
 from .session import Session, frame_limit
 from .timeline import busy_s
@@ -386,7 +387,6 @@ class AgentOptions:
 
 
 def run_agent(opts: AgentOptions) -> int:
-    from .rankenv import RankEnvError, coordinator_from_env, from_env
     host = opts.host_label or default_label()
     log.setup(f"agent@{host}")
     index, slots = opts.host_index, opts.slots

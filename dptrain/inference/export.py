@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import config as config_mod
+from .. import __version__, config as config_mod
 from ..data.augment import MEAN, STD
 from ..fsutil import atomic_write
 from ..nn.layers import (
@@ -56,7 +56,7 @@ from ..nn.layers import (
     ResidualBlock,
     Sequential,
 )
-from ..nn.torch_ref import to_torch_layout
+from ..nn.torch_ref import build_torch_model, load_weights, to_torch_layout
 from .model_file import load_model, require
 
 FORMATS = ("onnx", "torch", "safetensors")
@@ -152,7 +152,6 @@ def onnx_model(model, cfg, class_names: list[str], metadata: dict[str, str]):
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", K]),
          helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", K])],
         initializer=g.initializers)
-    from .. import __version__
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)], producer_name="dptrain",
                           producer_version=__version__, ir_version=ONNX_IR_VERSION,
                           doc_string=f"dptrain CNN, {K} classes; input NCHW float32 normalised RGB, see "
@@ -165,7 +164,6 @@ def onnx_model(model, cfg, class_names: list[str], metadata: dict[str, str]):
 def torch_state_dict(model, cfg, class_names: list[str]):
     """The state_dict of torch_ref's twin with our weights and BN statistics (PyTorch layouts)."""
     require("torch", "--format torch")
-    from ..nn.torch_ref import build_torch_model, load_weights
 
     net = build_torch_model(cfg.model, len(class_names), cfg.data.image_size).eval()
     load_weights(net, model.store)

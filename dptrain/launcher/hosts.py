@@ -34,6 +34,7 @@ from ..distributed.executor import HostBuffers
 from ..distributed.hostfile import HostfileError, HostSlots, assign_ranks, filter_hosts, parse_hostfile, parse_hosts
 from ..distributed.peers import PeerState
 from ..distributed.session import Session, frame_limit
+from ..train import prepare_or_exit
 from .options import LaunchOptions
 from .run import run_session
 
@@ -155,7 +156,6 @@ def ssh_failure(log_path: Path) -> str:
 
 
 def launch_hosts(cfg: Config, args: LaunchOptions, progress: dict | None = None) -> int:
-    from ..train import prepare_or_exit
     lg = log.get()
     hosts = resolve_hosts(args)
     keys = RunKeys.read_coordinator_file(args.keys) if args.keys else RunKeys.generate()

@@ -26,12 +26,12 @@ from ..distributed.coordinator import Coordinator
 from ..distributed.executor import HostBuffers, SharedUpdate
 from ..distributed.reduce import one_host_factored
 from ..distributed.session import Session, blas_threads, frame_limit, memory_warning, physical_cores
+from ..train import prepare_or_exit
 from .run import Tee, run_session
 
 
 def launch_local(cfg: Config, resume: bool | str = False, stop_at_step: int = 0, progress: dict | None = None,
                  tee: int | None = None) -> int:
-    from ..train import prepare_or_exit
     lg = log.get()
     n = cfg.dist.workers
     use_shm = cfg.dist.transport == "shm"

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 from .. import config as config_mod, log
+from ..bench.local import run_local_bench
+from ..fsutil import atomic_write
 from .model import CALIBRATION_BATCHES, CALIBRATION_FILE
 
 # ---------------------------------------------------------------------------------------------- calibration
@@ -46,7 +48,6 @@ def fit_affine(points: dict[int, float]) -> tuple[float, float]:
 def calibrate(cfg: config_mod.Config, classes: int, batches=CALIBRATION_BATCHES, warmup: int = 1,
               steps: int = 3) -> dict:
     """Time forward + loss + backward of the model at each batch (one BLAS thread, warm-up excluded)."""
-    from ..bench.local import run_local_bench
     points, sgd_ns = {}, []
     for b in batches:
         c = copy.deepcopy(cfg)
@@ -78,7 +79,6 @@ def load_calibration(cfg: config_mod.Config, classes: int, path: Path | None = N
 
 
 def save_calibration(entry: dict, path: Path | None = None) -> Path:
-    from ..fsutil import atomic_write
     path = path or calibration_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     try:

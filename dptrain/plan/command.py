@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from .. import config as config_mod, install_hint, log
+from ..flags import parse_overrides
 from .calibration import compute_source
 from .model import (
     ONE_HOST,
@@ -108,7 +109,6 @@ def file_labels(paths: list) -> list[str]:
 
 
 def _config(args, extra: list[str], more: dict[str, str] | None = None) -> config_mod.Config:
-    from ..flags import parse_overrides
     overrides = {**parse_overrides(extra), **(more or {})}
     if args.image_size is not None:
         overrides.setdefault("data.image_size", str(args.image_size))

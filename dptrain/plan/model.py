@@ -81,6 +81,8 @@ import re
 from dataclasses import dataclass
 
 from .. import config as config_mod
+from ..nn.model import build_model
+from ..nn.params import ParamStore
 
 PLANES = ("star", "mesh", "ddp")
 ONE_HOST = ("workers", "coordinator")
@@ -344,8 +346,6 @@ def factor_shape(cfg: config_mod.Config, classes: int) -> tuple[int, int] | None
     """(K, F) of the model's factored Linear (the hidden one), or None."""
     import numpy as np
 
-    from ..nn.model import build_model
-    from ..nn.params import ParamStore
     layer = build_model(cfg.model, classes, cfg.data.image_size, ParamStore(np.float32)).factor_layer()
     return tuple(layer.w.shape) if layer is not None else None
 
@@ -353,8 +353,6 @@ def factor_shape(cfg: config_mod.Config, classes: int) -> tuple[int, int] | None
 def count_params(cfg: config_mod.Config, classes: int) -> int:
     import numpy as np
 
-    from ..nn.model import build_model
-    from ..nn.params import ParamStore
     store = ParamStore(np.float32)
     build_model(cfg.model, classes, cfg.data.image_size, store)  # registration only: nothing allocated
     return store.num_params

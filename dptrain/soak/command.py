@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 
+from .memory import run_memory_soak
+
 
 def add_soak_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=2000, help="memory soak: training steps of the one run")
@@ -66,5 +68,4 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
     if args.faults:
         from .faults import run_faults
         return run_faults(args, extra)
-    from .memory import run_memory_soak
     return run_memory_soak(args, extra)

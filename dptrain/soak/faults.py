@@ -41,7 +41,7 @@ from pathlib import Path
 
 import psutil
 
-from .runs import Run, completion, fail_lines, leftovers, remove_segments, run_processes, settings
+from .runs import Run, completion, fail_lines, leftovers, remove_segments, run_processes, settings, step_records
 
 KINDS = ("kill", "stop", "int", "flap")
 EXIT_INTERRUPTED = 130
@@ -106,7 +106,6 @@ def cluster(args) -> bool:
 
 def wait_for_step(run: Run, out: Path, step: int, deadline: float) -> int | None:
     """Until metrics.jsonl holds `step` step records; the launch's exit code if it ends first."""
-    from .runs import step_records
     while len(step_records(out)) < step:
         if not run.alive():
             return run.proc.returncode

@@ -16,7 +16,9 @@ from pathlib import Path
 import psutil
 
 from .. import config as config_mod, log
+from ..data.dataset import load_dataset
 from ..data.shm import leftover_segments
+from ..flags import parse_overrides
 
 
 def fail_lines(failures: list[str], what: str) -> int:
@@ -43,8 +45,6 @@ def settings(args, extra: list[str], out: Path, steps: int, more: dict | None = 
     """The launch's arguments (after `launch`) for `steps` steps into `out`, the number of steps it will run and
     the steps of one epoch.
     The dataset is loaded here once (it fills the decode cache, and its split says how many batches an epoch has)."""
-    from ..data.dataset import load_dataset
-    from ..flags import parse_overrides
     user = parse_overrides(extra)
     ours = {"dist.workers": args.workers, "data.image_size": args.image_size, "train.batch_size": args.batch_size,
             "train.patience": 0, "train.progress": "false", "train.out": out, **(more or {})}
