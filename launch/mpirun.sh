@@ -66,7 +66,7 @@ EOF
 NHOSTS=$(wc -l < "$RUN/hosts.txt")
 rm -f "$RUN/agent-keys.json"                    # an earlier run's keys: gone before any agent looks
 
-# its own session: a Ctrl-C in the terminal reaches it once, through the trap below, not also straight from the tty
+# its own session: a Ctrl-C in the terminal reaches it once, through the trap below, not also from the tty
 setsid "$PY" -m dptrain launch --hostfile "$RUN/hostfile" --no-ssh --run-id "$RUN_ID" --bind "$BIND" \
     --port "$PORT" --out "$RUN" "${ARGS[@]}" &
 LAUNCHER=$!
@@ -76,7 +76,9 @@ trap 'kill -TERM $LAUNCHER 2>/dev/null' INT TERM
 
 EXPORT=(-x PATH)
 [[ -n ${PYTHONPATH:-} ]] && EXPORT+=(-x PYTHONPATH)
-mpirun -np "$NHOSTS" --map-by ppr:1:node --bind-to none --hostfile "$RUN/hostfile" "${EXPORT[@]}" \
+# mpirun in its own session too: on a Ctrl-C it would kill the agents while the coordinator still needs them for
+# its last step and checkpoint; they exit on its STOP instead
+setsid mpirun -np "$NHOSTS" --map-by ppr:1:node --bind-to none --hostfile "$RUN/hostfile" "${EXPORT[@]}" \
     bash -c 'i=$((OMPI_COMM_WORLD_RANK + 1)); exec "$0" -m dptrain agent --connect "$1" --run "$2" \
              --keys "$3/agent-keys.json" --wait-keys-s "$4" --wait-coordinator-s "$4" \
              --slots "$(sed -n "${i}p" "$3/slots.txt")" --host-label "$(sed -n "${i}p" "$3/hosts.txt")"' \

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from multihost_util import ROOT, launcher, make_data, params, step_records, train_args
+from multihost_util import ROOT, launcher, make_data, params, step_records, train_args, wait_until
 from netns import cluster, require_netns
 
 SCRIPT = ROOT / "launch" / "mpirun.sh"
@@ -182,3 +183,25 @@ def test_early_launcher_failure_and_mpirun_failure_end_the_job_with_their_status
         m = re.search(r"mpirun exited (\d+) before the launcher", out)
         assert m and rc == int(m.group(1)) != 0, out
         assert time.monotonic() - t0 < 60, out
+
+
+@pytest.mark.timeout(180)
+def test_ctrl_c_stops_the_job_once_in_order(data, tmp_path):
+    """Ctrl-C reaches the script (the terminal's process group; the launcher and mpirun have sessions of their
+    own): the launcher gets one TERM from the script, finishes its step and writes last.npz with every host's
+    state, and its STOP ends the agents, hence mpirun, in order."""
+    with cluster(2, slots=2) as c:
+        run, log = tmp_path / "run", tmp_path / "mpirun.log"
+        p = mpirun_sh(c, run, job_args(data, train__epochs=300), log)
+        try:
+            assert wait_until(lambda: len(step_records(run)) >= 3, 90), log.read_text(errors="replace")
+            os.killpg(p.pid, signal.SIGINT)
+            rc = finish(p, 60, log)
+        finally:
+            if p.poll() is None:
+                os.killpg(p.pid, 9)
+        out = log.read_text(errors="replace")
+    assert rc == 130 and "dptrain launch exited 130, mpirun 0" in out, out
+    assert "could not be brought in" not in out and "Traceback" not in out, out
+    assert out.count("signal 15: finishing this step") == 1, out
+    assert (run / "last.npz").exists()
