@@ -83,7 +83,7 @@ def test_sbatch_runs_to_the_end_like_the_ssh_launch_and_refuses_another_jobs_fol
 def test_early_usr1_and_scontrol_requeue_each_stop_once_and_resume_with_fresh_keys(data, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
-    epochs, per_epoch = 30, 5
+    epochs, per_epoch = 20, 5
     args = job_args(data, train__epochs=epochs)
     with cluster(2, slots=2) as c, SlurmCluster(c, tmp_path / "slurm") as s:
         job = s.sbatch(["--nodes=2", str(SCRIPT), *args], cwd=work, env=job_env())
