@@ -83,7 +83,7 @@ def test_sbatch_runs_to_the_end_like_the_ssh_launch_and_refuses_another_jobs_fol
 def test_early_usr1_and_scontrol_requeue_each_stop_once_and_resume_with_fresh_keys(data, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
-    epochs, per_epoch = 30, 5
+    epochs, per_epoch = 20, 5
     args = job_args(data, train__epochs=epochs)
     with cluster(2, slots=2) as c, SlurmCluster(c, tmp_path / "slurm") as s:
         job = s.sbatch(["--nodes=2", str(SCRIPT), *args], cwd=work, env=job_env())
@@ -113,3 +113,21 @@ def test_early_usr1_and_scontrol_requeue_each_stop_once_and_resume_with_fresh_ke
     steps = [r["step"] for r in step_records(run)]
     assert steps == list(range(epochs * per_epoch)), steps  # every step once: each stop checkpointed its last
     assert time.time() > 0
+
+
+@pytest.mark.timeout(240)
+def test_time_limit_signal_checkpoints_and_requeues(data, tmp_path):
+    """The real --signal=B:USR1@S before a --time limit (slurmctld sends it from its periodic time-limit check, so
+    up to ~30 s late): exit 75 with last.npz, the script's `scontrol requeue`, a second start that resumes."""
+    work = tmp_path / "work"
+    work.mkdir()
+    args = job_args(data, train__epochs=100000)  # cannot finish before the signal
+    with cluster(2, slots=2) as c, SlurmCluster(c, tmp_path / "slurm") as s:
+        job = s.sbatch(["--nodes=2", "--time=1", "--signal=B:USR1@55", str(SCRIPT), *args], cwd=work, env=job_env())
+        run = work / "runs" / f"slurm-{job}"
+        assert wait_until(lambda: "resumed from" in output(work, job), 180), output(work, job) + s.logs()
+        log = output(work, job)
+        s.run(["scancel", str(job)])
+    assert "dptrain launch exited 75" in log.split(f"job {job} start 1:")[0], log
+    assert "signal 10: finishing this step" in log and "could not be brought in" not in log, log
+    assert (run / "last.npz").exists()

@@ -19,7 +19,9 @@ O(model) bytes whatever the number of hosts; "star" sends the host's sum to the 
 back from it.
 
 It exits when the coordinator says STOP, when the coordinator goes silent (heartbeats), when its ssh channel closes
-(stdin EOF, with --keys-stdin), or on SIGTERM; its workers follow within a second, and its shared memory goes with it.
+(stdin EOF, with --keys-stdin), or on SIGTERM (once in the run: after the coordinator's STOP or --stop-grace-s, see
+StopSignals); its workers follow within a second, and its shared memory goes with it. Started by a scheduler, it
+waits for its key file (wait_for_keys) and for the coordinator's port (probe_port): tasks start in any order.
 """
 from __future__ import annotations
 

@@ -245,15 +245,19 @@ def launch_hosts(cfg: Config, args: LaunchOptions, progress: dict | None = None)
         session.mesh = cfg.dist.plane == "mesh"
         return trainer, HostBuffers()  # gradients arrive as frames (one summed buffer per host)
 
+    reason = "stopped"
     try:
-        return run_session(cfg, args.stop_at_step, start, run_id=args.run_id, progress=progress)
+        rc = run_session(cfg, args.stop_at_step, start, run_id=args.run_id, progress=progress)
+        reason = f"it exited {rc}"
+        return rc
     except BaseException as e:
+        reason = str(e) if isinstance(e, SystemExit) and not isinstance(e.code, int) else type(e).__name__
+        raise
+    finally:
         if args.no_ssh and no_ssh["run"] and not no_ssh["keys_written"]:
             # Agents that a scheduler started are waiting for the key file: tell them, so the job ends now
-            reason = str(e) if isinstance(e, SystemExit) and not isinstance(e.code, int) else type(e).__name__
             try:
                 key_path.parent.mkdir(parents=True, exist_ok=True)
                 write_launch_failure(key_path, no_ssh["run"], reason)
             except OSError as err:
                 lg.warning(f"{key_path}: cannot tell the agents that the launch failed ({err.strerror})")
-        raise
