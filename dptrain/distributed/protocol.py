@@ -95,6 +95,8 @@ The table below and `SCHEMA` list the same kinds and fields (tests/test_protocol
 
 `rank` is -1 for the coordinator and for a peer that has no rank yet. HELLO is the one
 kind whose `run` is not checked by decode: the caller compares it and answers STOP.
+On one host a worker's HELLO and HEARTBEATs also carry `token` str: until a socket has shown
+it, the coordinator neither acts on nor answers what it sends (docs/security.md).
 """
 from __future__ import annotations
 
