@@ -1,5 +1,5 @@
 """ABBA micro benchmark of optim.sum_of_squares against the float32-dot version it replaced (issue 27), on the default
-model's parameter count. Usage: python bench/norm/abba.py THREADS ROUNDS (THREADS: BLAS limit and nn threads).
+model's parameter count. Usage: python bench/avx2/norm_abba.py THREADS ROUNDS (THREADS: BLAS limit and nn threads).
 Prints each version's median and minimum per call and the median of the paired new/old ratios."""
 import math
 import statistics
