@@ -26,6 +26,8 @@ def lr_at(step: int, *, base_lr: float, warmup_steps: int, total_steps: int, min
 
 
 CHUNK = 1 << 16  # elements per block: w, g, v and a scratch block (1 MiB) stay in L2 between the vector ops
+FOLD = 8  # a block's squares are added in columns of FOLD in g's dtype, then the CHUNK / FOLD column sums in float64
+TINY = 2.0 ** -100  # a block whose sum is below this is redone in float64: its float32 squares may have underflowed
 
 
 def chunk_slices(size: int, n: int) -> list[tuple[int, int]]:
@@ -38,33 +40,43 @@ def chunk_slices(size: int, n: int) -> list[tuple[int, int]]:
 def chunk_squares(g: np.ndarray) -> np.ndarray:
     """Σ g² of every CHUNK-element block of g (float64, one per block). Blocks are independent, so a slice starting
     on a block boundary gives exactly the entries of the whole array's list: workers can each take a slice and the
-    sums still match. See `sum_of_squares` for the error bound. Each block is widened to float64 in a buffer of this
-    call's own and squared and summed by NumPy's einsum loop, not BLAS (whose dot splits over its threads, so its
-    bits depend on the thread count); the blocks are split over the nn threads (each block's sum is computed alone:
-    any split, the same bits)."""
+    sums still match. A whole block is squared into a buffer of this call's own, its FOLD rows of CHUNK / FOLD are
+    added elementwise in g's dtype, and the column sums are added by NumPy's float64 reduction; a partial last block,
+    or one whose squares overflow or may have underflowed (a sum below TINY), is squared and added in float64 (exact
+    squares of float32 values). No BLAS call: the bits depend on neither the BLAS thread count (a BLAS dot splits
+    over its threads) nor on where g starts. One thread (a split over the nn threads did not pay where it was
+    measured: docs/reproducibility.md). Error bound: `sum_of_squares`."""
     parts = np.empty(-(-g.size // CHUNK), np.float64)
-
-    def blocks(i0: int, i1: int) -> None:
-        wide = np.empty(min(CHUNK, g.size), np.float64)
-        for i in range(i0, i1):
+    sq = np.empty(min(CHUNK, g.size), g.dtype)
+    rows = sq.reshape(FOLD, -1) if sq.size == CHUNK else None
+    with np.errstate(over="ignore", under="ignore"):  # caught below and redone
+        for i in range(parts.size):
             part = g[i * CHUNK:(i + 1) * CHUNK]
-            w = wide[:part.size]
-            np.copyto(w, part)
-            parts[i] = np.einsum("i,i->", w, w)  # float32 x: x² is exact in float64 (24 + 24 bits <= 53)
-    split_rows(blocks, parts.size, g.size)
+            if part.size == CHUNK:
+                np.square(part, out=sq)
+                for j in range(1, FOLD):
+                    np.add(rows[0], rows[j], out=rows[0])
+                parts[i] = np.add.reduce(rows[0], dtype=np.float64)
+            if part.size < CHUNK or not (TINY <= parts[i] < math.inf):  # NaN too: it stays NaN
+                wide = part.astype(np.float64)  # float32 x: x² is exact in float64 (24 + 24 bits <= 53)
+                parts[i] = np.einsum("i,i->", wide, wide)
     return parts
 
 
 def sum_of_squares(g: np.ndarray) -> float:
     """Σ g²: the block sums of `chunk_squares`, added by `add_blocks`.
 
-    Error bound, whatever order any kernel adds in (u = 2⁻⁵³, float64's unit roundoff): for float32 g every square
-    is exact in float64, and all terms are >= 0, so summing the n <= CHUNK squares of a block in any order errs by at
-    most γ(n-1)·(block sum), γ(k) = k·u / (1 - k·u); adding the B block sums in order errs by at most γ(B-1)·Σ. So
-    |computed - Σ g²| <= γ(CHUNK + B - 2)·Σ g², a relative 7.3e-12 for a 2 M-element array (B = 33) and 8.4e-12 for
-    9.5 M (B = 145): far below what the clip factor and the logged norm need. (For float64 g each square adds one
-    more rounding: γ(CHUNK + B).) A float32 dot per block (as before) errs by up to γ(n) with float32's u = 2⁻²⁴,
-    3.9e-3, and by how much in practice depends on the BLAS kernel's accumulators (docs/reproducibility.md)."""
+    Error bound, whatever order any kernel adds in (the terms are >= 0, so k roundings of relative size <= u each
+    cost at most γ(k) = k·u / (1 - k·u) of the sum; u = 2⁻²⁴ in float32, 2⁻⁵³ in float64): a square of a whole block
+    meets at most FOLD roundings in g's dtype (the square, FOLD - 1 column additions), then at most CHUNK / FOLD - 1
+    in the float64 sum of the columns and B - 1 in adding the B block sums; so for float32 g
+        |computed - Σ g²| <= ((1 + γ32(FOLD))·(1 + γ64(CHUNK / FOLD + B - 2)) - 1)·Σ g²,
+    a relative 4.8e-7 (tests/test_optim.py checks it). Underflow is the one exception to relative bounds: a float32
+    square below 2⁻¹²⁶ errs by up to 2⁻¹⁵⁰ absolute, so a block's CHUNK of them by 2⁻¹³⁴, a relative 2⁻³⁴ of any
+    block sum >= TINY; smaller sums, partial and overflowed blocks are exact float64 squares summed with at most
+    CHUNK - 1 roundings: within γ64(CHUNK) = 7.3e-12. The clip factor and the logged norm need ~6 digits. A float32
+    dot per block (as before) errs by up to γ32(CHUNK) = 3.9e-3, and by how much in practice depends on the BLAS
+    kernel's accumulators (docs/reproducibility.md)."""
     return add_blocks(chunk_squares(g))
 
 

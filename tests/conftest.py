@@ -6,12 +6,12 @@ GOTO_*, KMP_*), NumPy's other knobs (NPY_*), dptrain's own (DPTRAIN_*) and the r
 torchrun (rankenv.py reads them). Each test then starts in the repository root, whatever directory pytest was
 started from.
 
-Kept: KERNEL_VARS, the variables that choose which SIMD kernels OpenBLAS, NumPy, MKL and PyTorch run (e.g.
-`make test-avx2`'s OPENBLAS_CORETYPE=Haswell and NPY_DISABLE_CPU_FEATURES). They must reach the code under test and
-every process a test starts (workers, agents, the hosts over ssh, which the launcher forwards them to), and a test
-that asserts about forwarded variables counts them in (kernels.kernel_env()). Kept too: the two variables that configure
-the suite itself (DPTRAIN_REQUIRE_NETNS, DPTRAIN_NETNS_TEST_DIR). Under DPTRAIN_TEST_KERNELS=avx2 (set by
-`make test-avx2`) the session refuses to start unless OpenBLAS and NumPy really run their AVX2 kernels.
+Kept: kernels.KERNEL_VARS, the variables that choose which SIMD kernels OpenBLAS, NumPy, MKL and PyTorch run
+(`make test-avx2`'s OPENBLAS_CORETYPE=Haswell, NPY_DISABLE_CPU_FEATURES, ...). They must reach the code under test
+and every process a test starts (workers inherit them; the launcher forwards OPENBLAS_*, MKL_* and NPY_* to the
+hosts), and a test that asserts about forwarded variables counts them in (kernels.kernel_env()). Kept too: the
+suite's own switches (SUITE_VARS). Under DPTRAIN_TEST_KERNELS=avx2 (set by `make test-avx2`) the session refuses
+to start unless OpenBLAS and NumPy really run their AVX2 kernels.
 """
 from __future__ import annotations
 
