@@ -49,14 +49,16 @@ def chunk_squares(g: np.ndarray) -> np.ndarray:
     parts = np.empty(-(-g.size // CHUNK), np.float64)
     sq = np.empty(min(CHUNK, g.size), g.dtype)
     rows = sq.reshape(FOLD, -1) if sq.size == CHUNK else None
+    cols = np.empty(CHUNK // FOLD, g.dtype)
     with np.errstate(over="ignore", under="ignore"):  # caught below and redone
         for i in range(parts.size):
             part = g[i * CHUNK:(i + 1) * CHUNK]
             if part.size == CHUNK:
                 np.square(part, out=sq)
-                for j in range(1, FOLD):
-                    np.add(rows[0], rows[j], out=rows[0])
-                parts[i] = np.add.reduce(rows[0], dtype=np.float64)
+                # one call for the FOLD - 1 row additions: a reduction over the outer axis adds the rows in order,
+                # ((r0 + r1) + r2) + ..., the same bits as a loop of np.add (the call overhead was half the time)
+                np.add.reduce(rows, axis=0, out=cols)
+                parts[i] = np.add.reduce(cols, dtype=np.float64)
             if part.size < CHUNK or not (TINY <= parts[i] < math.inf):  # NaN too: it stays NaN
                 wide = part.astype(np.float64)  # float32 x: x² is exact in float64 (24 + 24 bits <= 53)
                 parts[i] = np.einsum("i,i->", wide, wide)
