@@ -297,6 +297,25 @@ def test_preflight_missing_dataset_names_host_and_dataset(data, tmp_path):
         assert wait_until(lambda: not dptrain_pids(c), 10), dptrain_pids(c)
 
 
+@pytest.mark.timeout(90)
+def test_small_dev_shm_on_one_host_is_one_line_naming_it(data, tmp_path):
+    """On h2 only, /dev/shm is a 1 MB tmpfs (a container's small shared memory, in a private mount namespace): its
+    agent checks what its segments need against that before making any, and the run stops with one line naming the
+    host and both figures; no Bus error, nothing of the run left on either host."""
+    with cluster(2, slots=1) as c:
+        py = _wrapper(tmp_path, "py", f'if [ "$(ip netns identify $$)" = "{c.namespace("h2")}" ]; then\n'
+                                       f'  exec unshare -m /bin/bash -c \'mount -t tmpfs -o size=1m tmpfs /dev/shm && '
+                                       f'exec {sys.executable} "$@"\' py "$@"\nfi\nexec {sys.executable} "$@"\n')
+        out = tmp_path / "run"
+        rc, log = _launch_with_remote_python(c, py, data, out, tmp_path)
+        assert rc != 0, log
+        assert re.search(r"host h2: dptrain: shared memory: .* need [0-9.,]+ MB, /dev/shm has [0-9.,]+ MB free", log), log
+        assert "Bus error" not in log and "Traceback" not in log, log
+        assert not re.search(r"host h1: dptrain: shared memory", log), log
+        assert step_records(out) == [] and not (out / "summary.json").exists()
+        assert wait_until(lambda: not dptrain_pids(c), 10), dptrain_pids(c)
+
+
 @pytest.mark.timeout(60)
 def test_ssh_failures_one_line_per_host_and_fast(data, tmp_path):
     with cluster(2, slots=1) as c:

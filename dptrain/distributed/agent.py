@@ -110,12 +110,28 @@ class Agent:
                       f"{f['rank_base'] + self.slots - 1})")
 
     def _start_local(self, ds, num_classes: int, rank_base: int, hosts: int) -> None:
-        self.session = Session(f"{self.link.run_id}h{self.index}{uuid.uuid4().hex[:4]}")
+        self.session = Session(f"{self.link.run_id}h{self.index}{uuid.uuid4().hex[:4]}", self.cfg.dist.shm_dir)
         shared = self.session.shared
         store = self.store = ParamStore(np.float32)
         model = build_model(self.cfg.model, num_classes, self.cfg.data.image_size, store)
         self.param_starts = model.param_starts
         self.max_frame = frame_limit(self.cfg, model, len(ds.labels))
+        layer = model.factor_layer() if self.cfg.dist.plane == "mesh" and self.cfg.dist.factored else None
+        if layer is not None and not factors_pay(self.cfg.train.batch_size, hosts, *layer.w.shape):
+            layer = None  # a batch this large: the gradient itself is fewer bytes
+        # every segment this host makes, checked against the free space before the first is made (a container's
+        # small /dev/shm: one line naming both figures and the fixes, never a SIGBUS)
+        P, f32 = store.num_params, np.float32
+        layout = {"images": (tuple(ds.images.shape), np.uint8), "params": ((P,), f32),
+                  "buffers": ((store.num_buffers,), f32), "grads": ((self.slots, P), f32)}
+        if layer is not None:
+            K, F = layer.w.shape
+            B = self.cfg.train.batch_size
+            layout["fx"], layout["fdy"] = ((self.slots, B, K), f32), ((self.slots, B, F), f32)
+        try:
+            self.session.plan(layout)
+        except SystemExit as e:
+            raise SystemExit(f"host {self.host}: {e}") from None
         images = shared("images", ds.images.shape, np.uint8, ds.images)
         params = shared("params", (store.num_params,), np.float32)
         buffers = shared("buffers", (store.num_buffers,), np.float32)
@@ -123,9 +139,6 @@ class Agent:
         self.params, self.buffers, self.grad_slots = params.array, buffers.array, grads.array
         self.gsum = np.empty(store.num_params, np.float32)
         shm = {k: s.spec() for k, s in zip(("images", "params", "buffers", "grads"), (images, params, buffers, grads))}
-        layer = model.factor_layer() if self.cfg.dist.plane == "mesh" and self.cfg.dist.factored else None
-        if layer is not None and not factors_pay(self.cfg.train.batch_size, hosts, *layer.w.shape):
-            layer = None  # a batch this large: the gradient itself is fewer bytes
         self.factor = None  # (offset, rows K, cols F, x slots, dy slots) of the factored Linear (mesh.py)
         factored = {}
         if layer is not None:
