@@ -29,6 +29,10 @@ from . import log
 from .flags import add_launch_flags, add_train_flags, resolve_config
 from .train import exit_code
 
+# Each subcommand imports what it runs when it runs: every worker process, agent and `dptrain --help` starts
+# through this module, and importing every subcommand's modules up front costs each of them about 0.15-0.25 s
+# more (docs/performance-notes.md, cli).
+
 
 def cmd_train(args, extra) -> int:
     from .executors import LocalExecutor
@@ -102,7 +106,7 @@ def cmd_data_synth(args, extra) -> int:
 
 
 def cmd_data_digits(args, extra) -> int:
-    from .bench.tta import make_digits
+    from .data.digits import make_digits
     print(json.dumps(make_digits(args.out, args.image_size)))
     return 0
 

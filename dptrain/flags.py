@@ -11,12 +11,12 @@ import re
 from pathlib import Path
 
 from . import config as config_mod
+from .distributed.session import physical_cores
 
 
 def worker_count(text: str) -> int:
     """--workers N, or `auto`: one worker per physical core."""
     if text.strip().lower() == "auto":
-        from .distributed.session import physical_cores
         return physical_cores()
     try:
         return int(text)

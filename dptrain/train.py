@@ -31,6 +31,7 @@ from .board import Board, preload as preload_board
 from .config import Config
 from .data.dataset import Dataset, load_dataset
 from .data.sampler import Sampler
+from .distributed.invariant import InvariantExecutor
 from .ema import WeightAverage, decay_for
 from .executors import Executor, ExecutorFailure, LocalExecutor, StepInterrupted
 from .fsutil import atomic_link, atomic_write
@@ -398,7 +399,6 @@ def run_local(cfg: Config, resume: bool = False, stop_at_step: int = 0, command:
     `executor_factory(cfg, model, dataset, store, opt)`: e.g. replay.replay_executor (a distributed run's sums)."""
     trainer = prepare_or_exit(cfg, resume, command) if command else prepare(cfg, resume)
     if cfg.train.batch_invariant_block:  # the same bits for any worker count: a replay is this run too
-        from .distributed.invariant import InvariantExecutor
         executor_factory = InvariantExecutor
     executor = executor_factory(cfg, trainer.model, trainer.ds, trainer.store, trainer.opt)
     try:

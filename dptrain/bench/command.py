@@ -34,6 +34,9 @@ from pathlib import Path
 
 from .. import config as config_mod, log
 from ..distributed.session import physical_cores
+from ..flags import parse_overrides
+from ..nn import torch_ref
+from . import ceiling as ceiling_bench, ddp as ddp_bench, hosts as hosts_bench, local, repro, tta, workers
 from .report import (
     add_scaling,
     format_table,
@@ -98,7 +101,6 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args, extra: list[str]) -> tuple[config_mod.Config, dict[str, str]]:
-    from ..flags import parse_overrides
     overrides = parse_overrides(extra)
     base = {"train.batch_size": str(args.batch_size), "data.image_size": str(args.image_size)}
     try:
@@ -109,9 +111,8 @@ def _config(args, extra: list[str]) -> tuple[config_mod.Config, dict[str, str]]:
 
 def main(args: argparse.Namespace, extra: list[str]) -> int:
     if getattr(args, "tta_merge", None) or getattr(args, "tta", None) is not None:
-        from .tta import run as run_tta, run_merge
         args.out = args.out or "bench-tta"
-        return run_merge(args) if getattr(args, "tta_merge", None) else run_tta(args, extra)
+        return tta.run_merge(args) if getattr(args, "tta_merge", None) else tta.run(args, extra)
     args.out = args.out or "bench-out"
     if args.image_size is None:
         args.image_size = 64
@@ -122,27 +123,23 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
     if args.steps is None:
         args.steps = 6 if hosts else 10
     if hosts:  # overrides go to `dptrain launch` as they are: not resolved here
-        from .hosts import run as run_hosts
-        return run_hosts(args, extra)
+        return hosts_bench.run(args, extra)
     cfg, overrides = _config(args, extra)
     if args.steps < 1 or args.warmup < 0:
         raise SystemExit("dptrain bench: --steps must be >= 1 and --warmup >= 0")
     if getattr(args, "agree", None):
-        from .repro import run as run_agree
-        return run_agree(args, cfg, overrides)
+        return repro.run(args, cfg, overrides)
     if args.workers is None:
-        from .local import format_local, run_local_bench
         if args.rounds < 1:
             raise SystemExit("dptrain bench: --rounds must be >= 1")
-        r = run_local_bench(cfg, args.classes, args.threads, args.warmup, args.steps, args.compare == "torch",
+        r = local.run_local_bench(cfg, args.classes, args.threads, args.warmup, args.steps, args.compare == "torch",
                             progress=not args.no_progress, rounds=args.rounds)
-        print(json.dumps(r) if args.json else format_local(r), flush=True)
+        print(json.dumps(r) if args.json else local.format_local(r), flush=True)
         return 0
     return run_dist(args, cfg, overrides)
 
 
 def run_dist(args, cfg: config_mod.Config, overrides: dict[str, str]) -> int:
-    from .workers import run_workers, synth_dataset
     lg = log.get()
     try:
         counts = sorted({physical_cores() if w.strip() == "auto" else int(w) for w in args.workers.split(",")
@@ -156,8 +153,7 @@ def run_dist(args, cfg: config_mod.Config, overrides: dict[str, str]) -> int:
     if args.rounds < 1:
         raise SystemExit("dptrain bench: --rounds must be >= 1")
     if args.compare == "torch":
-        from ..nn.torch_ref import require_torch
-        require_torch()
+        torch_ref.require_torch()
     need = args.batch_size * (args.warmup + args.steps)
     if args.images < args.batch_size:
         raise SystemExit(f"dptrain bench: --images {args.images} is smaller than one batch ({args.batch_size})")
@@ -165,31 +161,29 @@ def run_dist(args, cfg: config_mod.Config, overrides: dict[str, str]) -> int:
         lg.info(f"{args.images} images < {need} needed for one epoch of steps: the run spans several epochs")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = synth_dataset(args.images, args.image_size, args.classes, args.data_dir, not args.no_progress)
+    data = workers.synth_dataset(args.images, args.image_size, args.classes, args.data_dir, not args.no_progress)
     if args.compare == "torch":
-        from .ddp import run_ddp
         model = config_mod.to_dict(cfg)["model"]
 
     def ddp(n: int) -> dict:
         lg.info(f"PyTorch DDP gloo: {n} rank(s), {args.warmup} warm-up + {args.steps} timed steps")
-        r = run_ddp(n, args.batch_size, args.image_size, args.classes, args.steps, args.warmup, model=model)
+        r = ddp_bench.run_ddp(n, args.batch_size, args.image_size, args.classes, args.steps, args.warmup, model=model)
         lg.info(f"  {r['images_per_s']:.1f} img/s")
         return r
 
     def ours(n: int, transport: str) -> dict:
         lg.info(f"dptrain {transport}: {n} worker(s), {args.warmup} warm-up + {args.steps} timed steps")
-        r = run_workers(n, data, out, args, overrides, transport)
+        r = workers.run_workers(n, data, out, args, overrides, transport)
         lg.info(f"  {r['images_per_s']:.1f} img/s, coordinator {100 * r['coordinator_frac']:.1f}% "
                 f"of the step, PSS {mb(r['pss_total_mb']).strip()} MB")
         return r
 
     def ceiling(n: int) -> dict:
-        from .ceiling import run_ceiling
         lg.info(f"ceiling: {n} process(es) computing shards of {args.batch_size // n} images, nothing exchanged, "
                 f"{args.ceiling_s:g} s")
         ccfg = config_mod.load(None, {"train.batch_size": str(args.batch_size), "data.image_size": str(args.image_size),
                                       "dist.workers": str(n), **overrides})
-        r = run_ceiling(n, ccfg, args.classes, args.warmup, args.ceiling_s)
+        r = ceiling_bench.run_ceiling(n, ccfg, args.classes, args.warmup, args.ceiling_s)
         lg.info(f"  {r['images_per_s']:.1f} img/s")
         return r
 

@@ -27,6 +27,9 @@ import time
 
 import numpy as np
 
+from ..config import Config, ModelConfig
+from ..nn.torch_ref import build_torch_model, torch_sgd
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -53,8 +56,6 @@ def _rank_main(rank: int, a: argparse.Namespace, init_method: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from ..config import Config, ModelConfig
-    from ..nn.torch_ref import build_torch_model, torch_sgd
     torch.set_num_threads(a.threads)
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=a.workers,
                             timeout=datetime.timedelta(seconds=a.rendezvous_timeout_s))

@@ -43,7 +43,9 @@ import tomllib
 from pathlib import Path
 
 from .. import config as config_mod, install_hint, log
+from ..config import load
 from ..flags import TRAIN_FLAGS
+from ..plan.model import factor_shape
 from .netns_cluster import BenchError, Cluster, Job, cleanup_stale, down_all, terminate
 from .report import print_rows, write_rows
 from .workers import split_from_timeline, synth_dataset
@@ -207,8 +209,6 @@ def run_dptrain(c: Cluster, H: int, args, data: Path, out: Path, threads: int, u
     dist = tomllib.loads((run / "config.toml").read_text()).get("dist", {})  # the settings the run resolved
     row.update(plane=dist.get("plane"), wire_dtype=dist.get("wire_dtype"))
     if dist.get("plane") == "mesh" and dist.get("factored", True):  # (K, F) for `dptrain plan --validate`
-        from ..config import load
-        from ..plan.model import factor_shape
         row["factored"] = factor_shape(load(str(run / "config.toml")), args.classes)
     bd = json.loads((run / "summary.json").read_text()).get("breakdown", {})
     row["dptrain_comm_all_s"] = bd.get("comm_s")

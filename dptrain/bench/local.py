@@ -23,6 +23,7 @@ from ..nn.loss import softmax_cross_entropy
 from ..nn.model import build_model
 from ..nn.params import ParamStore
 from ..nn.threads import set_threads
+from ..nn.torch_ref import build_torch_model, require_torch, torch_sgd
 from ..optim import SGD, clip_factor, sum_of_squares
 from .report import median_row, paired_ratio
 
@@ -136,7 +137,6 @@ def time_numpy(cfg: Config, classes: int, warmup: int, steps: int, progress: boo
 
 
 def time_torch(cfg: Config, classes: int, threads: int, warmup: int, steps: int, progress: bool = True) -> dict:
-    from ..nn.torch_ref import build_torch_model, require_torch, torch_sgd
     torch = require_torch()
     torch.set_num_threads(threads)
     batch, size = cfg.train.batch_size, cfg.data.image_size
@@ -163,7 +163,6 @@ def run_local_bench(cfg: Config, classes: int, threads: int, warmup: int, steps:
     ratio as the median of each round's own (`*_rounds`: every round's figures, in order)."""
     lg = log.get()
     if compare_torch:
-        from ..nn.torch_ref import require_torch
         require_torch()  # fail before spending minutes on our side
     lg.info(f"single process: batch {cfg.train.batch_size}, {cfg.data.image_size}x{cfg.data.image_size}, "
             f"{classes} classes, {threads} thread(s), {warmup} warm-up + {steps} timed steps")

@@ -40,6 +40,7 @@ from pathlib import Path
 from .. import config as config_mod, log
 from ..data.dataset import load_dataset
 from ..flags import parse_overrides
+from ..nn.torch_ref import require_torch
 from .tta_stats import SIDES, merge, summarise_sides
 from .tta_torch import TORCH_BN_EPS, TORCH_BN_MOMENTUM
 
@@ -140,7 +141,6 @@ def run(args, extra: list[str]) -> int:
     if not sides:
         raise SystemExit(f"dptrain bench --tta: --sides wants dptrain and/or torch, got {args.sides!r}")
     if "torch" in sides:
-        from ..nn.torch_ref import require_torch
         require_torch()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,14 @@ import os
 import sys
 import time
 
+from .. import config as config_mod
+from ..data.augment import make_batch
+from ..data.dataset import load_dataset
+from ..data.sampler import Sampler, shard_bounds
+from ..nn.torch_ref import build_torch_model
+from ..optim import lr_at
+from .ddp import free_port
+
 TORCH_BN_MOMENTUM, TORCH_BN_EPS = 0.1, 1e-5  # nn.BatchNorm2d's defaults
 
 
@@ -35,12 +43,6 @@ def _rank(rank: int, a: argparse.Namespace, port: int) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from .. import config as config_mod
-    from ..data.augment import make_batch
-    from ..data.dataset import load_dataset
-    from ..data.sampler import Sampler, shard_bounds
-    from ..nn.torch_ref import build_torch_model
-    from ..optim import lr_at
     torch.set_num_threads(a.threads)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=a.workers,
                             timeout=datetime.timedelta(seconds=300))
@@ -131,7 +133,6 @@ def main() -> None:
     a.threads = a.threads or max(1, (os.cpu_count() or 1) // a.workers)
     import torch.multiprocessing as mp
 
-    from .ddp import free_port
     mp.spawn(_rank, args=(a, free_port()), nprocs=a.workers, join=True)
 
 

@@ -28,6 +28,8 @@ from pathlib import Path
 import psutil
 
 from .. import config as config_mod, log
+from ..data.synth import generate
+from ..launcher.local import launch_local
 
 
 def synth_dataset(images: int, image_size: int, classes: int, data_dir: str | None, progress: bool = True) -> Path:
@@ -36,7 +38,6 @@ def synth_dataset(images: int, image_size: int, classes: int, data_dir: str | No
     root = Path(data_dir) if data_dir else Path.home() / ".cache" / "dptrain" / "bench"
     out = root / f"synth-{classes}x{per}-{image_size}px"
     if not (out / "summary.json").exists():
-        from ..data.synth import generate
         log.get().info(f"rendering {classes * per} synthetic images into {out} (once)")
         generate(out, num_classes=classes, image_size=image_size, num_rich=classes, max_images=per, min_rich=per,
                  workers=os.cpu_count() or 1, progress=progress)
@@ -116,7 +117,6 @@ def split_from_timeline(trace_path: Path, first_step: int, end_step: int | None 
 
 def run_workers(n: int, data: Path, out_root: Path, args, overrides: dict[str, str], transport: str) -> dict:
     """Train warm-up + timed steps with N real workers; returns one result row."""
-    from ..launcher.local import launch_local
     batch = args.batch_size
     total = args.warmup + args.steps
     run_dir = out_root / f"run-{transport}-w{n}"

@@ -22,6 +22,7 @@ from .. import log
 from ..config import Config
 from ..executors import ExecutorFailure
 from . import protocol as P
+from .curve import CurveServer
 from .hostfile import rank_bases
 from .peers import Peer, PeerState, killed_how
 from .versions import local_versions, mismatches
@@ -65,7 +66,6 @@ class Coordinator:
         if max_frame:
             self.sock.setsockopt(zmq.MAXMSGSIZE, max_frame)
         if curve_keys is not None:
-            from .curve import CurveServer
             self.curve = CurveServer(self.ctx, curve_keys)
             self.curve(self.sock)
         d = cfg.dist

@@ -81,6 +81,7 @@ import re
 from dataclasses import dataclass
 
 from .. import config as config_mod
+from ..distributed.mesh import factors_pay
 from ..nn.model import build_model
 from ..nn.params import ParamStore
 
@@ -275,7 +276,6 @@ def predict(plane: str, hosts: int, slots: int, batch: int, bandwidth_bps: float
     elif plane == "mesh":
         # factored: the Linear's K x F weights leave the reduce-scatter; a host sends its ceil(B/H) samples' inputs
         # (split over the owners) and output gradients (to each other owner), float32, instead
-        from ..distributed.mesh import factors_pay
         use = factored is not None and factors_pay(batch, H, *factored)
         Kf, Ff = factored if use else (0, 0)
         fb = -(-batch // H) * (Kf * (H - 1) / H + (H - 1) * Ff) * 4 if use else 0.0

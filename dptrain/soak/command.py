@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 
+from .faults import run_faults
 from .memory import run_memory_soak
 
 
@@ -66,6 +67,5 @@ def add_soak_flags(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace, extra: list[str]) -> int:
     if args.faults:
-        from .faults import run_faults
         return run_faults(args, extra)
     return run_memory_soak(args, extra)

@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 
 from .. import config as config_mod, log
+from ..bench.workers import synth_dataset
 from ..data.dataset import load_dataset
 from ..data.shm import leftover_segments
 from ..flags import parse_overrides
@@ -52,7 +53,6 @@ def settings(args, extra: list[str], out: Path, steps: int, more: dict | None = 
         if args.data:
             ours["data.path"] = args.data
         else:
-            from ..bench.workers import synth_dataset
             size = int(user.get("data.image_size", args.image_size))
             ours["data.path"] = synth_dataset(args.images, size, args.classes, None, progress=False)
     values = {k: str(v) for k, v in {**ours, **user, "train.out": out}.items()}  # the soak watches `out`
