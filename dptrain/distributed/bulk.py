@@ -11,7 +11,7 @@ and the reasons; in short:
 * nonces: 96 bits = sender (16) | receiver (16) | counter (64). The counter belongs to one direction of one plane,
   starts at 0 and goes up by one per frame, so no nonce repeats under a key (a key is never used by another
   direction or plane, and the sender and receiver are in the nonce as well);
-* a message travels as [envelope, sealed header, sealed arrays...]. The envelope (plain, 24 bytes: magic, plane,
+* a message travels as [envelope, sealed header, sealed arrays...]. The envelope (plain, 20 bytes: magic, plane,
   sender, receiver, first counter) is the associated data of the header; the envelope and the header's plaintext
   (run, step, attempt, kind, sender, slice bounds, scale, each array's name, dtype and shape) are the associated
   data of every array, so an array cannot be moved into another message, step, piece or link;
