@@ -81,12 +81,13 @@ def test_mesh_equals_star_bitwise_and_float16_replicas_stay_identical(data, tmp_
 
 # ---- a lost host in the middle of the chain of slices ------------------------------------------------------------
 @pytest.mark.timeout(120)
-def test_lost_middle_host_under_continue_reforms_the_plane_over_the_survivors(data, tmp_path):
+@pytest.mark.parametrize("cipher", ["curve", "aes-gcm"])  # aes-gcm: plane 2 brings new keys, counters from 0
+def test_lost_middle_host_under_continue_reforms_the_plane_over_the_survivors(data, tmp_path, cipher):
     epochs, steps = 30, 150  # 5 steps an epoch
     with cluster(3, slots=1) as c:
         out = tmp_path / "run"
         with run_hosts(c, data, out, "--on-worker-failure", "continue", "--dist.sync_every=7",
-                       train__epochs=epochs) as la:
+                       f"--dist.bulk_cipher={cipher}", train__epochs=epochs) as la:
             la.wait_log("all 3 hosts ready")
             assert wait_until(lambda: len(step_records(out)) >= 3, 30), la.log()
             c.kill_host("h2")
