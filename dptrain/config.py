@@ -149,6 +149,11 @@ class DistConfig:
     # sends the owners its samples' inputs and output gradients of that layer (B_h x (16384 + 512) floats instead of
     # 16384 x 512) and each owner computes its rows of dW = X^T dY over the whole batch (mesh.py)
     factored: bool = True
+    # mesh, across hosts: what protects the host-to-host gradients and weights. "curve": those sockets are ZeroMQ
+    # CURVE like every other link; "aes-gcm": they drop CURVE and every message is sealed with AES-256-GCM under
+    # per-plane, per-direction keys the coordinator hands out over its CURVE link (distributed/bulk.py,
+    # docs/security.md); the coordinator's link keeps CURVE either way
+    bulk_cipher: str = "curve"
     timeline: str = ""  # write a Chrome-trace JSON of every phase to this file
     # a folder for this host's shared-memory segments instead of /dev/shm (also $DPTRAIN_SHM_DIR): a larger tmpfs or
     # a local disk when /dev/shm is too small, e.g. a container's 64 MB (docs/containers.md)
@@ -177,6 +182,8 @@ class Config:
                                                           .removeprefix("SIG")):
             raise ValueError(f"train.checkpoint_signal {self.train.checkpoint_signal!r} is not a signal name "
                              f"(e.g. USR1)")
+        if self.dist.bulk_cipher not in ("curve", "aes-gcm"):
+            raise ValueError(f"dist.bulk_cipher must be 'curve' or 'aes-gcm', got {self.dist.bulk_cipher!r}")
         if self.dist.plane not in ("mesh", "star"):
             raise ValueError(f"dist.plane must be 'mesh' or 'star', got {self.dist.plane!r}")
         if self.dist.wire_dtype not in ("float32", "float16"):

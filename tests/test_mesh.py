@@ -57,6 +57,7 @@ def test_mesh_equals_star_bitwise_and_float16_replicas_stay_identical(data, tmp_
     with cluster(3, slots=2) as c:  # 2 workers a host: their sum is built piece by piece as backward goes
         for name, extra in (("star", ["--plane", "star"]), ("mesh", ["--plane", "mesh", "--dist.factored=false"]),
                             ("factored", ["--plane", "mesh"]),
+                            ("mesh-aes", ["--plane", "mesh", "--dist.factored=false", "--dist.bulk_cipher=aes-gcm"]),
                             ("mesh16", ["--plane", "mesh", "--wire-dtype", "float16"])):
             out = tmp_path / name
             # He init: the float16 bound below was set with it (PyTorch's, the default, drifts to ~3e-2 in 10 steps)
@@ -66,23 +67,27 @@ def test_mesh_equals_star_bitwise_and_float16_replicas_stay_identical(data, tmp_
             got[name] = params(out)
             if name.startswith("mesh"):
                 assert "mesh data plane 1 over 3 hosts (h1, h2, h3)" in la.log()
+                sealed = "bulk frames sealed with AES-256-GCM" in (out / "logs" / "host-h2.log").read_text()
+                assert sealed == name.endswith("aes")
                 s = summary(out)
                 assert s["plane"] == "mesh" and s["breakdown"]["update_by"] == "hosts"
                 assert s["replica_checks"] == 10  # every step: each host's weights equal the synced state
         assert wait_until(lambda: not dptrain_pids(c), 10), dptrain_pids(c)
     assert np.array_equal(got["mesh"], got["star"])
+    assert np.array_equal(got["mesh-aes"], got["star"])  # sealed and opened: the same bytes arrive
     assert 0 < rel_error(got["factored"], got["star"]) < 1e-5
     assert 0 < rel_error(got["mesh16"], got["factored"]) < 1e-2  # rounded on the wire, close to float32
 
 
 # ---- a lost host in the middle of the chain of slices ------------------------------------------------------------
 @pytest.mark.timeout(120)
-def test_lost_middle_host_under_continue_reforms_the_plane_over_the_survivors(data, tmp_path):
+@pytest.mark.parametrize("cipher", ["curve", "aes-gcm"])  # aes-gcm: plane 2 brings new keys, counters from 0
+def test_lost_middle_host_under_continue_reforms_the_plane_over_the_survivors(data, tmp_path, cipher):
     epochs, steps = 30, 150  # 5 steps an epoch
     with cluster(3, slots=1) as c:
         out = tmp_path / "run"
         with run_hosts(c, data, out, "--on-worker-failure", "continue", "--dist.sync_every=7",
-                       train__epochs=epochs) as la:
+                       f"--dist.bulk_cipher={cipher}", train__epochs=epochs) as la:
             la.wait_log("all 3 hosts ready")
             assert wait_until(lambda: len(step_records(out)) >= 3, 30), la.log()
             c.kill_host("h2")
@@ -216,8 +221,36 @@ def _mesh_intruders(endpoint: str, server_key: str, run_id: str, stop: threading
     ctx.term()
 
 
+def _sealed_intruders(endpoint: str, run_id: str, stop: threading.Event, sent: list, got: list):
+    """dist.bulk_cipher = "aes-gcm": the mesh socket has no CURVE, so anyone connects. A plain DEALER floods it with
+    unsealed gradients and weights, and with sealed-looking ones (a valid envelope for every sender, receiver and
+    plane 1, counters from 0 up, random bytes where the ciphertext and tag go)."""
+    import zmq
+
+    from dptrain.distributed.bulk import ENVELOPE, MAGIC, TAG
+    ctx = zmq.Context()
+    plain = ctx.socket(zmq.DEALER)
+    plain.setsockopt(zmq.LINGER, 0)
+    plain.setsockopt(zmq.SNDHWM, 50)
+    plain.connect(endpoint)
+    big = np.full(1 << 17, 1e4, np.float32)
+    rng = np.random.default_rng(0)
+    msgs = [P.encode(kind, run_id, step=step, rank=src, arrays={name: big}, attempt=0, mesh_id=1, src=src, lo=0,
+                     hi=big.size, scale=1.0)
+            for step in range(20) for src in (0, 1)
+            for kind, name in ((P.Kind.SCATTER, "grad"), (P.Kind.GATHER, "params"))]
+    msgs += [[ENVELOPE.pack(MAGIC, 1, src, dst, c), rng.bytes(200 + TAG), rng.bytes(big.nbytes + TAG)]
+             for c in range(0, 400, 2) for src, dst in ((0, 1), (1, 0))]
+    flood([plain], msgs, stop, sent, got)
+    ctx.term()
+
+
 @pytest.mark.timeout(120)
-def test_agent_mesh_socket_admits_only_the_run_key(data, tmp_path):
+@pytest.mark.parametrize("cipher", ["curve", "aes-gcm"])
+def test_agent_mesh_socket_admits_only_the_run_key(data, tmp_path, cipher):
+    """Intruders on host h2's mesh socket from its first step to the run's end: the weights are an undisturbed
+    run's bit for bit and nothing comes back. "curve": they cannot complete the handshake; "aes-gcm": they connect,
+    and every message they send is dropped and counted (none is authentic)."""
     results = {}
     with cluster(2, slots=1) as c:
         for name in ("clean", "attacked"):
@@ -225,14 +258,19 @@ def test_agent_mesh_socket_admits_only_the_run_key(data, tmp_path):
             stop, sent, got = threading.Event(), [0], []
             intruder = None
             with run_hosts(c, data, out, "--dist.sync_every=1", "--run-id", f"mesh{name}",
-                           train__steps_per_epoch=5, train__epochs=8) as la:
+                           f"--dist.bulk_cipher={cipher}", train__steps_per_epoch=5, train__epochs=8) as la:
                 if name == "attacked":
                     host_log = out / "logs" / "host-h2.log"
                     assert wait_until(lambda: host_log.exists() and "mesh endpoint" in host_log.read_text(), 30), \
                         la.log()
-                    m = re.search(r"mesh endpoint (\S+), CURVE server key (\S+)", host_log.read_text())
-                    intruder = threading.Thread(target=_mesh_intruders,
-                                                args=(m[1], m[2], f"mesh{name}", stop, sent, got))
+                    m = re.search(r"mesh endpoint (\S+), CURVE server key ([^\s,]+)", host_log.read_text())
+                    if cipher == "curve":
+                        intruder = threading.Thread(target=_mesh_intruders,
+                                                    args=(m[1], m[2], f"mesh{name}", stop, sent, got))
+                    else:
+                        assert m[2] == "none"
+                        intruder = threading.Thread(target=_sealed_intruders,
+                                                    args=(m[1], f"mesh{name}", stop, sent, got))
                     intruder.start()
                 try:
                     assert la.wait(60) == 0, la.log()
@@ -244,6 +282,8 @@ def test_agent_mesh_socket_admits_only_the_run_key(data, tmp_path):
             if name == "attacked":
                 assert sent[0] > 20 and got == []
                 assert summary(out)["replica_checks"] == 40
+                if cipher == "aes-gcm":  # they did reach the socket, and were refused there
+                    assert "dropped a message from another host" in (out / "logs" / "host-h2.log").read_text()
     assert np.array_equal(results["clean"], results["attacked"])
 
 

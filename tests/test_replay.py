@@ -133,15 +133,16 @@ def test_one_step_one_process_equals_workers_to_rounding(tiny_data, tmp_path):
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("plane,wire,bn", [("mesh", "float16", "sync"), ("star", "float32", "stats")])
-def test_replay_layout_equals_two_hosts_bitwise(tiny_data, tmp_path, plane, wire, bn):
+@pytest.mark.parametrize("plane,wire,bn,cipher", [("mesh", "float16", "sync", "curve"), ("star", "float32", "stats", "curve"),
+                                                  ("mesh", "float16", "sync", "aes-gcm")])
+def test_replay_layout_equals_two_hosts_bitwise(tiny_data, tmp_path, plane, wire, bn, cipher):
     """`launch -H 127.0.0.1:2,localhost:2 --no-ssh` with two agents started here (2 hosts x 2 workers), then
     `dptrain train --replay-layout 2x2` on the command line: the same bits. The mesh with the float16 wire covers
     the host-local sums, the host-order sums of each fixed piece's float16 encoding and the rounded updates."""
     steps = 20
     flags = [f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in tiny_values(
         tiny_data, tmp_path / "x", data__image_size=16, train__batch_size=16, train__epochs=2, dist__plane=plane,
-        dist__wire_dtype=wire, dist__bn=bn).items() if k != "train.out"]
+        dist__wire_dtype=wire, dist__bn=bn, dist__bulk_cipher=cipher).items() if k != "train.out"]
     out, port, run_id = tmp_path / "hosts", 29900 + os.getpid() % 80, f"replay{os.getpid()}"
     with Proc([sys.executable, "-m", "dptrain", "launch", "-H", "127.0.0.1:2,localhost:2", "--no-ssh", "--bind",
                "127.0.0.1", "--port", str(port), "--run-id", run_id, f"--train.out={out}", *flags],

@@ -100,11 +100,12 @@ class Agent:
         mesh = {}
         if self.cfg.dist.plane == "mesh":
             link = MeshLink(self.link.ctx, address, self.keys, self.link.run_id, self.index, self.host,
-                            self.max_frame)
+                            self.max_frame, self.cfg.dist.bulk_cipher)
             self.replica = MeshReplica(link, sgd_for(self.store, self.cfg.train), self.params, self.buffers,
                                        self.cfg.dist.wire_dtype, self.param_starts, self.factor)
             mesh = {"mesh_endpoint": link.endpoint, "mesh_key": link.key}
-            self.log.info(f"host {self.host}: mesh endpoint {link.endpoint}, CURVE server key {link.key or 'none'}")
+            self.log.info(f"host {self.host}: mesh endpoint {link.endpoint}, CURVE server key {link.key or 'none'}"
+                          + (", bulk frames sealed with AES-256-GCM" if link.sealed else ""))
         self.link.send(P.Kind.READY, **mesh)
         self.log.info(f"host {self.host}: {self.slots} workers ready (ranks {f['rank_base']}.."
                       f"{f['rank_base'] + self.slots - 1})")

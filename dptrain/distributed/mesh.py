@@ -30,6 +30,7 @@ answered the coordinator for this step, so libzmq has long let go of them.
 from __future__ import annotations
 
 import os
+import secrets
 import time
 import zlib
 from collections.abc import Callable
@@ -40,6 +41,7 @@ import zmq
 from .. import log
 from ..optim import CHUNK, chunk_squares
 from . import protocol as P
+from .bulk import SECRET_BYTES, TAG, BulkError, Opener, OtherPlane, Sealer
 from .curve import CurveServer, RunKeys, client_setup
 from .peer import PeerLink, Preempted, dealer
 from .reduce import sum_in_order
@@ -51,6 +53,7 @@ WAIT_WARNING_EVERY_S = 10.0
 PIECE = 16 * CHUNK
 EARLY_MAX = 1024  # messages kept for a later phase (a step brings 2 (H - 1)): a bound, not a working limit
 POLL_MS = 50
+LOGGED_DROPS = 50  # refused messages logged one by one; after that every 50th (an intruder cannot flood the log)
 
 
 def checksum(params: np.ndarray) -> int:
@@ -62,16 +65,23 @@ class MeshLink:
     """This agent's sockets to the other agents and the waits on them."""
 
     def __init__(self, ctx: zmq.Context, address: str, keys: dict | None, run_id: str, index: int, host: str,
-                 max_frame: int):
+                 max_frame: int, cipher: str = "curve"):
         self.ctx, self.run_id, self.index, self.host = ctx, run_id, index, host
         self.keys = keys
+        # dist.bulk_cipher = "aes-gcm" (with the run's keys): these sockets drop CURVE and every message on them is
+        # sealed with AES-256-GCM under keys from the MESH message (bulk.py); without keys nothing is encrypted
+        self.sealed = keys is not None and cipher == "aes-gcm"
+        self.sealers: dict[int, Sealer] = {}
+        self.opener: Opener | None = None
+        self.dropped = 0  # messages refused on this socket: malformed, or sealed and not authentic
         self.log = log.get()
         self.server = None
         self.sock = ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, max_frame)  # session.frame_limit
+        # session.frame_limit; a sealed frame is TAG bytes longer than the array it holds
+        self.sock.setsockopt(zmq.MAXMSGSIZE, max_frame + (TAG if self.sealed else 0))
         self.key = ""
-        if keys is not None:
+        if keys is not None and not self.sealed:
             public, secret = zmq.curve_keypair()
             self.key = public.decode()
             self.server = CurveServer(ctx, RunKeys(self.key, secret.decode(), keys["client_public"],
@@ -85,22 +95,32 @@ class MeshLink:
         self.lo = self.hi = 0
         self.early: list[P.Message] = []  # valid messages of a later phase than the one being waited for
 
-    def configure(self, hosts: list[list], mesh_id: int) -> None:
-        """Join the plane the coordinator formed: connect to every other agent, take this host's slice."""
+    def configure(self, hosts: list[list], mesh_id: int, secret: bytes | None = None) -> None:
+        """Join the plane the coordinator formed: connect to every other agent, take this host's slice. `secret`:
+        the plane's bulk secret (sealed sockets only)."""
         for s in self.out.values():
             s.close(0)
         self.out = {}
         self.hosts, self.mesh_id = hosts, mesh_id
+        if self.sealed:
+            if not isinstance(secret, bytes) or len(secret) != SECRET_BYTES:
+                raise SystemExit(f"host {self.host}: the coordinator sent no bulk key for plane {mesh_id} "
+                                 f"(dist.bulk_cipher = 'aes-gcm' needs the coordinator of this version)")
+            others = [h[0] for h in hosts if h[0] != self.index]
+            self.sealers = {j: Sealer(secret, self.run_id, mesh_id, self.index, j) for j in others}
+            self.opener = Opener(secret, self.run_id, mesh_id, self.index, others)
         for index, endpoint, key, lo, hi, _ in hosts:
             if index == self.index:
                 self.lo, self.hi = lo, hi
                 continue
             curve = None
-            if self.keys is not None:
+            if self.keys is not None and not self.sealed:
                 curve = client_setup({"server_public": key, "client_public": self.keys["client_public"],
                                       "client_secret": self.keys["client_secret"]})
-            # a fresh identity per plane: a ROUTER ignores a newcomer under an identity it still knows
-            self.out[index] = dealer(self.ctx, endpoint, f"mesh{self.index}-{os.getpid()}-{mesh_id}", curve,
+            # a fresh identity per plane: a ROUTER ignores a newcomer under an identity it still knows; 64 random
+            # bits, so that nobody can take it first on a socket without CURVE
+            self.out[index] = dealer(self.ctx, endpoint,
+                                     f"mesh{self.index}-{os.getpid()}-{mesh_id}-{secrets.token_hex(8)}", curve,
                                      max_frame=P.DEFAULT_LIMITS.max_header_bytes)  # sends only: nothing comes back
 
     def name(self, index: int) -> str:
@@ -109,6 +129,8 @@ class MeshLink:
     def send(self, index: int, kind: P.Kind, step: int, attempt: int, arrays: dict, **fields) -> None:
         frames = P.encode(kind, self.run_id, step=step, rank=self.index, arrays=arrays, attempt=attempt,
                           mesh_id=self.mesh_id, src=self.index, **fields)
+        if self.sealed:
+            frames = self.sealers[index].seal(frames)
         self.out[index].send_multipart(frames, copy=False)
 
     def collect(self, kind: P.Kind, step: int, attempt: int, upstream: PeerLink, waiting: set[tuple[int, int]],
@@ -157,9 +179,23 @@ class MeshLink:
             except zmq.Again:
                 return
             try:
+                sender = None
+                if self.sealed:
+                    if self.opener is None:
+                        raise BulkError("sealed message before this host joined a plane")
+                    sender, frames = self.opener.open(frames)
                 msg = P.decode(frames, run=self.run_id)
-            except P.ProtocolError as e:
-                self.log.warning(f"host {self.host}: dropped a malformed message from another host: {e}")
+                if sender is not None and (msg.rank != sender or msg.fields.get("src") != sender
+                                           or msg.fields.get("mesh_id") != self.mesh_id):
+                    raise BulkError(f"host {sender} sealed a message of host {msg.rank}, plane "
+                                    f"{msg.fields.get('mesh_id')}")
+            except OtherPlane:
+                continue
+            except (P.ProtocolError, BulkError) as e:
+                self.dropped += 1
+                if self.dropped <= LOGGED_DROPS or self.dropped % LOGGED_DROPS == 0:
+                    self.log.warning(f"host {self.host}: dropped a message from another host ({self.dropped} so "
+                                     f"far): {e}")
                 continue
             if msg.kind in (P.Kind.SCATTER, P.Kind.GATHER, P.Kind.FACTORS) and msg.fields["src"] == msg.rank:
                 self.early.append(msg)
@@ -213,7 +249,7 @@ class MeshReplica:
     def take_state(self, msg: P.Message) -> None:
         """MESH: join the plane and start from the coordinator's weights and this slice's momentum."""
         mesh = self.mesh
-        mesh.configure(msg.fields["hosts"], msg.fields["mesh_id"])
+        mesh.configure(msg.fields["hosts"], msg.fields["mesh_id"], msg.fields.get("bulk_secret"))
         np.copyto(self.params, msg.arrays["params"])
         np.copyto(self.buffers, msg.arrays["buffers"])
         self.opt.velocity[mesh.lo:mesh.hi] = msg.arrays["velocity"]

@@ -27,6 +27,7 @@ from ..executors import ExecutorFailure
 from ..nn.params import ParamStore
 from ..optim import SGD, add_blocks, checked_clip, chunk_slices
 from . import protocol as P
+from .bulk import plane_secret
 from .coordinator import Coordinator, WorkerFailure
 from .mesh import checksum
 from .peers import PeerState
@@ -89,8 +90,11 @@ class MeshPlane:
         peers = self.coord.peers
         hosts = [[r, peers[r].mesh_endpoint, peers[r].mesh_key, lo, hi, peers[r].host]
                  for r, (lo, hi) in self.slices.items()]
+        # dist.bulk_cipher = "aes-gcm": the plane's secret, only over this CURVE link (a fresh one per plane)
+        sealed = {"bulk_secret": plane_secret()} if self.cfg.dist.bulk_cipher == "aes-gcm" else {}
         for r, (lo, hi) in self.slices.items():
             self.coord.send(peers[r], P.Kind.MESH, step=step, attempt=attempt, mesh_id=self.mesh_id, hosts=hosts,
+                            **sealed,
                             arrays={"params": self.store.params, "buffers": self.store.buffers,
                                     "velocity": self.opt.velocity[lo:hi]})
         self.coord.collect(step, attempt, list(ranks), P.Kind.MESHED)

@@ -71,7 +71,9 @@ The table below and `SCHEMA` list the same kinds and fields (tests/test_protocol
     UPDATED     worker -> coordinator attempt int                                     -
     MESH        coordinator -> agent  attempt int, mesh_id int, hosts list of         params, buffers,
                                       [index, endpoint, key, lo, hi] (slice owners    velocity (the agent's
-                                      in host order): join this data plane            slice) (float32)
+                                      in host order): join this data plane;           slice) (float32)
+                                      bulk_secret bin (optional: dist.bulk_cipher
+                                      "aes-gcm", the plane's AEAD secret, bulk.py)
     MESHED      agent -> coordinator  attempt int, mesh_id int                       -
     SCATTER     agent -> agent        attempt int, mesh_id int, src int, lo int,      grad (float32|float16:
                                       hi int, scale float: the sender's local sum     × scale)
