@@ -61,15 +61,60 @@ def test_records_and_per_step():
     assert mb == {"out": 2.0, "in": 1.0}
 
 
+def test_zmq_io_thread_ticks():
+    # a /proc/PID/task/TID/stat line: comm in parentheses (spaces and ')' allowed), utime and stime fields 14, 15
+    line = "4242 (ZMQbg/IO/0) S 1 4242 4242 0 -1 4194368 50 0 0 0 731 52 0 0 20 0 3 0 100 0 0"
+    assert nc.thread_ticks(line) == ("ZMQbg/IO/0", 731, 52)
+    assert nc.thread_ticks("7 (a) b) R 1 7 7 0 -1 0 0 0 0 0 5 6 0")[1:] == (5, 6)
+    t = nc.CLK_TCK
+    before = {(1, 2): (10, 5), (1, 3): (100, 0)}  # (1, 3) ends before the second sample: left out
+    after = {(1, 2): (10 + 4 * t, 5 + t), (9, 9): (2 * t, 0)}  # (9, 9) starts meanwhile: counted from 0
+    assert nc.io_cpu_s(before, after, steps=2) == {"user": 3.0, "sys": 0.5}
+    # the coordinator (h1) and the agents (h2, h3) apart, user time only; kernel time apart
+    w = bh.wire_cpu({1: {(1, 1): (0, 0)}, 2: {}, 3: {}},
+                    {1: {(1, 1): (t, t)}, 2: {(2, 1): (2 * t, 0)}, 3: {(3, 1): (t, 0)}}, steps=1)
+    assert w == {"wire_cpu_coord_s": 1.0, "wire_cpu_hosts_s": 3.0, "wire_cpu_s": 4.0, "wire_sys_s": 1.0}
+
+
+def test_zmq_io_threads_of_this_namespace():
+    # this process's own ZeroMQ I/O thread, found through its network namespace, and its CPU time grows while it
+    # moves bytes (a PUSH/PULL pair over loopback, CURVE-encrypted: the work the bench attributes to the wire)
+    import os
+
+    import zmq
+    ctx = zmq.Context()
+    try:
+        server_pub, server_sec = zmq.curve_keypair()
+        client_pub, client_sec = zmq.curve_keypair()
+        pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+        pull.curve_server, pull.curve_secretkey = True, server_sec
+        port = pull.bind_to_random_port("tcp://127.0.0.1")
+        push.curve_serverkey, push.curve_publickey, push.curve_secretkey = server_pub, client_pub, client_sec
+        push.connect(f"tcp://127.0.0.1:{port}")
+        pids = nc.namespace_pids({"me": "/proc/self/ns/net"})["me"]
+        assert os.getpid() in pids
+        t0 = nc.zmq_io_ticks([os.getpid()])
+        assert t0 and all(pid == os.getpid() for pid, _ in t0)
+        blob = b"\0" * (4 << 20)
+        for _ in range(40):  # 160 MiB sealed and opened: tens of CPU-ms at any CURVE speed, several ticks
+            push.send(blob)
+            pull.recv(copy=False)
+        cpu = nc.io_cpu_s(t0, nc.zmq_io_ticks([os.getpid()]), steps=1)
+        assert cpu["user"] > 0
+    finally:
+        ctx.destroy(linger=0)
+
+
 def test_format_table_and_outputs(tmp_path):
     full = {"hosts": 2, "slots": 1, "workers": 2, "rate": "1gbit", "dptrain_step_s": 1.7368, "dptrain_images_per_s": 9.2,
             "dptrain_comm_s": 1.5561, "h1_out_mb": 75.7, "h1_in_mb": 75.7, "h2_out_mb": 37.8, "h2_in_mb": 0.0123,
             "ddp_step_s": 0.4907, "ddp_images_per_s": 32.6, "ddp_comm_s": 0.1387, "ddp_h2_out_mb": 37.8,
-            "ddp_h2_in_mb": 37.8, "dptrain_vs_ddp": 0.28, "plane": "star", "wire_dtype": "float32", "batch_size": 16,
+            "ddp_h2_in_mb": 37.8, "dptrain_vs_ddp": 0.28, "wire_cpu_s": 0.1234, "plane": "star", "wire_dtype": "float32", "batch_size": 16,
             "warmup": 2, "steps": 6, "threads": 1}
     failed = {"hosts": 3, "slots": 1, "workers": 3, "rate": "1gbit", "error": "dptrain launch on 3 hosts: exit 1"}
     text = bh.format_table([full, failed])
     row2, row3 = text.splitlines()[3:5]
+    assert "0.123|" in row2 and "crypto s" in text.splitlines()[1]
     assert "1736.8" in row2 and "75.7" in row2 and "0.0123" in row2 and "490.7" in row2 and "0.28" in row2
     assert row3.split()[:4] == ["3", "3", "1gbit", "|"] and "error: dptrain launch on 3 hosts" in row3
     assert "plane star, wire float32; global batch 16, 2 warm-up + 6 timed steps, 1 thread(s)" in text
@@ -146,6 +191,17 @@ def test_two_hosts_dptrain_and_ddp(tmp_path):
     # 2 hosts. Start-up (welcome, initial weights, preflight) and shutdown would add at least one g: not counted.
     for key, n in (("h2_out_mb", 1), ("h2_in_mb", 1), ("h1_out_mb", 2), ("h1_in_mb", 2)):
         assert 0.8 * n * g < row[key] < 1.5 * n * g, (key, row[key], g)
+    # the wire's cryptography: the star's coordinator seals and opens what its link carries, each agent what its own
+    # does. Bounds: CURVE (XSalsa20-Poly1305 in libsodium) costs at least ~1 cycle per byte at any clock this test
+    # runs on (so >= 1 CPU-s per 5 GB, with ZeroMQ's copies on top); and the I/O threads cannot use more CPU than
+    # the box has during a step. /proc ticks are 1/CLK_TCK s each, per thread and sample: slack of 2 ticks per
+    # thread (about 10 I/O threads: the coordinator's, 2 agents', their workers') spread over the 3 timed steps.
+    import os
+    crypt = (row["h1_out_mb"] + row["h1_in_mb"] + 2 * (row["h2_out_mb"] + row["h2_in_mb"])) * 1e6
+    slack = 10 * 2 / nc.CLK_TCK / 3
+    assert crypt / 5e9 - slack < row["wire_cpu_s"] <= (os.cpu_count() or 1) * row["dptrain_step_s"] + slack, row
+    assert row["wire_cpu_s"] == pytest.approx(row["wire_cpu_coord_s"] + row["wire_cpu_hosts_s"])
+    assert row["wire_cpu_coord_s"] > 0 and row["wire_sys_s"] >= 0
     if ddp:
         assert row["ddp_step_s"] > 0 and row["dptrain_vs_ddp"] > 0 and "ddp_comm_s" in row
         assert 0.8 * g < row["ddp_h2_out_mb"] < 2.5 * g and 0.8 * g < row["ddp_h2_in_mb"] < 2.5 * g
