@@ -119,15 +119,38 @@ def test_mesh_sync_every():
 
 
 def test_ddp_by_hand_and_its_own_overlap():
-    M, H = 4 * P, 8
+    M, H, S = 4 * P, 8, 8
+    W = H * S  # gloo's ring runs over every rank, not over hosts
     r = run("ddp", H, bps=8e9)
-    assert r["comm_s"] == pytest.approx(2 * (H - 1) / H * M / 1e9 + 2 * (H - 1) * 50e-6)
+    assert r["comm_s"] == pytest.approx(2 * (W - 1) / W * M / 1e9 + 2 * (W - 1) * 50e-6)
+    assert r["host_send_bytes"] == r["host_recv_bytes"] == pytest.approx(2 * (W - 1) / W * M)
+    assert r["local_reduce_s"] == 0  # no host sums its ranks: they are all on the ring
     assert r["coord_in_bytes"] == 0 and r["update_s"] == pytest.approx(P * 4e-9)
     same = run("ddp", H, model=dataclasses.replace(MODEL, overlap=0.5))
     own = run("ddp", H, model=dataclasses.replace(MODEL, overlap=0.5, overlap_ddp=0.0))
     assert same["comm_hidden_s"] > 0 and own["comm_hidden_s"] == 0
     assert CostModel(1.0).overlap_ddp == 0.0  # the default: as measured on the one-box bench
-    assert run("ddp", 1)["comm_s"] == 0  # one host: nothing to all-reduce
+    assert run("ddp", 1, slots=1)["comm_s"] == 0  # one rank: nothing to all-reduce
+    assert run("ddp", 1)["host_send_bytes"] == 0 < run("ddp", 1)["comm_s"]  # one host's 8 ranks: loopback, CPU
+
+
+def test_ddp_ring_over_ranks():
+    """gloo's ring with S ranks a host: a host's link carries 2(W-1)/W of the model each way (2 x 2: 1.5 M, as
+    measured: 56.8 MB a step for the 37.7 MB model, bench/netns-ddp-slots-*), and the ring goes at the pace of the
+    slower of the link and the ranks' CPU."""
+    M = 4 * P
+    two_by_two, three_by_one = run("ddp", 2, slots=2, bps=GBIT), run("ddp", 3, slots=1, bps=GBIT)
+    assert two_by_two["host_send_bytes"] == pytest.approx(1.5 * M)
+    assert three_by_one["host_send_bytes"] == pytest.approx(4 / 3 * M)
+    assert two_by_two["comm_s"] == pytest.approx(1.5 * M / (GBIT / 8) + 6 * 50e-6)
+    one_host = run("ddp", 1, slots=4, bps=GBIT)  # every edge is loopback: CPU only
+    assert one_host["host_send_bytes"] == 0
+    assert one_host["comm_s"] == pytest.approx(1.5 * M / MODEL.gloo_bytes_per_cpu_s + 6 * 50e-6)
+    # a fast link: the ranks' gloo CPU sets the pace; shared cores slow it by the sharing factor
+    fast = run("ddp", 2, slots=2, bps=1000 * GBIT)
+    assert fast["comm_s"] == pytest.approx(fast["ring_cpu_s"] + 6 * 50e-6)
+    shared = run("ddp", 2, slots=2, bps=1000 * GBIT, model=dataclasses.replace(MODEL, shared_cores=2))
+    assert shared["ring_cpu_s"] == pytest.approx(2 * fast["ring_cpu_s"])
 
 
 def test_defaults_are_the_validated_ones():
@@ -180,9 +203,13 @@ def test_shared_cores_monotonic_in_cores(plane, wire):
 def test_shared_cores_cpu_bound():
     # 64 workers on one core with a fast link: the box's CPU, not the chain, sets the step
     m = CostModel(ms_per_image=10.0, ms_per_step=20.0, shared_cores=1)
-    r = predict("ddp", 8, 8, 512, 100 * GBIT, 4, P, m)
+    r = predict("star", 8, 8, 512, 100 * GBIT, 4, P, m)
     assert r["cpu_bound"] and r["step_s"] == pytest.approx(r["cpu_s"])
-    assert r["cpu_s"] == pytest.approx(64 * (20 + 8 * 10) / 1e3 + 8 * plan.local_reduce_s(m, 8, P) + 64 * P * 4e-9)
+    # DDP's chain on one core is every rank's work in series (its gloo ring included): the CPU bound itself
+    r = predict("ddp", 8, 8, 512, 100 * GBIT, 4, P, m)
+    assert r["step_s"] == pytest.approx(r["cpu_s"] + 2 * 63 * m.latency_s)  # + its ring's 2(W - 1) latencies
+    ring = 2 * 63 / 64 * 4 * P / m.gloo_bytes_per_cpu_s  # each rank's share of gloo's ring
+    assert r["cpu_s"] == pytest.approx(64 * (20 + 8 * 10) / 1e3 + 64 * ring + 64 * P * 4e-9)
 
 
 def test_parse_shared_cores():
@@ -201,7 +228,10 @@ def test_monotonic_in_bandwidth(plane):
         assert steps == sorted(steps, reverse=True)
         if hosts > 1 or plane == "star":
             comms = [r["comm_s"] for r in rows]
-            assert all(x > y for x, y in zip(comms, comms[1:]))
+            # DDP's ring goes at the pace of the slower of the link and its ranks' CPU: flat once the CPU's
+            faster = [x > y or (plane == "ddp" and r["ring_cpu_s"] >= r["ring_wire_s"] and x == y)
+                      for x, y, r in zip(comms, comms[1:], rows[1:])]
+            assert all(faster)
 
 
 def test_star_grows_with_hosts_mesh_links_stay_flat():
@@ -216,9 +246,10 @@ def test_star_grows_with_hosts_mesh_links_stay_flat():
         assert rows[-2]["host_send_bytes"] == pytest.approx(rows[-1]["host_send_bytes"], rel=0.03)  # 64 vs 256
         no_latency = [run(plane, h, model=dataclasses.replace(MODEL, latency_s=0.0)) for h in (64, 256)]
         assert no_latency[0]["comm_s"] == pytest.approx(no_latency[1]["comm_s"], rel=0.03)  # bytes: flat
-        # what grows is the per-message latency: H - 1 messages each way
+        # what grows is the per-message latency: H - 1 messages each way (DDP: W - 1, its ring is over ranks)
+        per = 8 if plane == "ddp" else 1
         assert rows[-1]["comm_s"] - rows[-2]["comm_s"] == pytest.approx(
-            (no_latency[1]["comm_s"] - no_latency[0]["comm_s"]) + 2 * (256 - 64) * 50e-6)
+            (no_latency[1]["comm_s"] - no_latency[0]["comm_s"]) + 2 * (256 - 64) * per * 50e-6)
     # the coordinator: each host's slice of weights + momentum every sync_every (10) steps, whatever H
     assert all(r["coord_in_bytes"] == pytest.approx(2 * M / 10) for r in (run("mesh", h) for h in hosts))
 
