@@ -129,9 +129,22 @@ def test_ddp_by_hand_and_its_own_overlap():
     same = run("ddp", H, model=dataclasses.replace(MODEL, overlap=0.5))
     own = run("ddp", H, model=dataclasses.replace(MODEL, overlap=0.5, overlap_ddp=0.0))
     assert same["comm_hidden_s"] > 0 and own["comm_hidden_s"] == 0
-    assert CostModel(1.0).overlap_ddp == 0.0  # the default: as measured on the one-box bench
+    assert CostModel(1.0).overlap_ddp == 0.3  # the default: as measured on the one-box bench at batch 96
     assert run("ddp", 1, slots=1)["comm_s"] == 0  # one rank: nothing to all-reduce
     assert run("ddp", 1)["host_send_bytes"] == 0 < run("ddp", 1)["comm_s"]  # one host's 8 ranks: loopback, CPU
+
+
+def test_ddp_overlap_is_beside_the_per_image_backward():
+    # what DDP hides is a fraction of the per-image compute (the conv layers' backward after the hidden Linear's
+    # bucket is ready), none of the batch-independent part: a bigger fixed part hides nothing more
+    m = dataclasses.replace(MODEL, overlap_ddp=0.5)
+    r = predict("ddp", 4, 1, 64, 0.1 * GBIT, 4, P, m)
+    assert r["comm_hidden_s"] == pytest.approx(0.5 * 16 * 10.0 / 1e3)
+    fixed = predict("ddp", 4, 1, 64, 0.1 * GBIT, 4, P, dataclasses.replace(m, ms_per_step=500.0))
+    assert fixed["comm_hidden_s"] == r["comm_hidden_s"] and fixed["step_s"] == pytest.approx(r["step_s"] + 0.48)
+    # never more than the communication itself
+    fast = predict("ddp", 4, 1, 64, 1000 * GBIT, 4, P, m)
+    assert fast["comm_hidden_s"] == fast["comm_s"] and fast["comm_exposed_s"] == 0
 
 
 def test_ddp_ring_over_ranks():
@@ -155,8 +168,8 @@ def test_ddp_ring_over_ranks():
 
 def test_defaults_are_the_validated_ones():
     d = CostModel(1.0)
-    assert (d.link_efficiency, d.overlap, d.overlap_ddp, d.curve_bytes_per_cpu_s, d.shared_cores) == (
-        0.95, 0.6, 0.0, 0.62e9, None)
+    assert (d.link_efficiency, d.overlap, d.overlap_ddp, d.curve_bytes_per_cpu_s, d.shared_cores,
+            d.gloo_bytes_per_cpu_s) == (0.95, 0.6, 0.3, 0.62e9, None, 1.65e9)
     assert d.wire_s_per_byte == pytest.approx(1 / 0.62e9)
     assert dataclasses.replace(d, curve_bytes_per_cpu_s=None).wire_s_per_byte == 0
 
@@ -205,9 +218,9 @@ def test_shared_cores_cpu_bound():
     m = CostModel(ms_per_image=10.0, ms_per_step=20.0, shared_cores=1)
     r = predict("star", 8, 8, 512, 100 * GBIT, 4, P, m)
     assert r["cpu_bound"] and r["step_s"] == pytest.approx(r["cpu_s"])
-    # DDP's chain on one core is every rank's work in series (its gloo ring included): the CPU bound itself
+    # DDP's chain hides its ring behind backward, but on one core that CPU is still spent: the bound sets the step
     r = predict("ddp", 8, 8, 512, 100 * GBIT, 4, P, m)
-    assert r["step_s"] == pytest.approx(r["cpu_s"] + 2 * 63 * m.latency_s)  # + its ring's 2(W - 1) latencies
+    assert r["comm_hidden_s"] > 0 and r["cpu_bound"] and r["step_s"] == pytest.approx(r["cpu_s"])
     ring = 2 * 63 / 64 * 4 * P / m.gloo_bytes_per_cpu_s  # each rank's share of gloo's ring
     assert r["cpu_s"] == pytest.approx(64 * (20 + 8 * 10) / 1e3 + 64 * ring + 64 * P * 4e-9)
 
@@ -673,3 +686,30 @@ def test_cli_one_host_needs_no_bandwidth(tmp_path):
     assert table.returncode == 0 and [ln.split()[:2] for ln in table.stdout.splitlines()
                                       if ln.startswith(("workers", "coordinator"))] == [["workers", "-"],
                                                                                         ["coordinator", "-"]]
+
+
+SLOTS = Path(__file__).resolve().parent.parent / "bench" / "netns-ddp-slots-2026-12-07"
+
+
+def test_validate_two_slots_per_host_and_batch_96():
+    """bench/netns-ddp-slots-2026-12-07: 2 hosts x 2 slots and 3 x 1, global batch 16 and 96, 1 Gbit/s, mesh and DDP
+    side by side. The model's claim (issue 30): every row within 15 % with the default constants. These rows are
+    fixed data, so this checks the model, not the box; overlap_ddp was set from the two batch-96 DDP rows (their
+    measured hidden fraction, 0.28 and 0.33), every other constant from other measurements (the bench's CPU model,
+    the ring's bytes from gloo's algorithm, its CPU from --ring-cpu)."""
+    files = sorted(SLOTS.glob("*.json"))
+    assert len(files) == 4
+    v = plan_validate.validate([(f.stem, plan_cli.read_rows(f)) for f in files], P, EPYC, None)
+    assert not v["skipped"] and len(v["rows"]) == 8
+    assert sorted((r["hosts"], r["slots"], r["batch_size"], r["plane"]) for r in v["rows"]) == sorted(
+        (h, s, b, p) for h, s in ((2, 2), (3, 1)) for b in (16, 96) for p in ("mesh", "ddp"))
+    for r in v["rows"]:
+        assert abs(r["step_err"]) < 0.15, r
+        assert r["host_out_mb"] == pytest.approx(r["pred_host_out_mb"], rel=0.01) or r["plane"] == "mesh"
+    # the mechanism behind the 2 x 2 row: gloo's ring over 4 ranks sends 1.5 M over a host's link, not M
+    ddp22 = [r for r in v["rows"] if r["plane"] == "ddp" and r["slots"] == 2]
+    assert all(r["host_out_mb"] == pytest.approx(1.5 * 4 * P / 1e6, rel=0.01) for r in ddp22)
+    # the model before (a ring over hosts, M a link, and a local sum) missed the 2 x 2 DDP rows by more than 15 %
+    old = [r for r in ddp22 if r["batch_size"] == 16][0]
+    old_pred = old["pred_step_s"] - 0.5 * 4 * P / (GBIT / 8 * 0.95)
+    assert old_pred / old["step_s"] - 1 < -0.15

@@ -63,7 +63,8 @@ The model (every constant is a field of `CostModel`, so predictions can be fitte
           ring = R / gloo_bytes_per_cpu_s        one rank's CPU for it (the loopback edges' TCP copies, the sums)
           comm = max(R/Bw, sw·ring) + 2·(W−1)·α  the lockstep stages go at the pace of the slower of the link
                    and the ranks' CPU (the link at 1–10 Gbit/s; at 25 Gbit/s a rank's gloo thread on its core)
-          hidden = min(overlap_ddp·c·sw, comm);  update = sw·U (every rank updates the whole model)
+          hidden = min(overlap_ddp·b·ms_per_image·sw, comm)   the rings run beside the conv layers' backward,
+                   per-image work (see CostModel.overlap_ddp);  update = sw·U (every rank updates the whole model)
 
     step = c·sw + comm − hidden + update   (compute + exposed communication + update);  images/s = B / step
     With --shared-cores N also step ≥ (all CPU work of a step on the box) / N: H·S·c + H·local, the hosts' and the
@@ -119,9 +120,14 @@ class CostModel:
     # fraction of compute during which mesh's local sum and reduce-scatter run hidden: the hidden Linear (89 % of
     # the bytes) is final ~10 % into backward, after forward (~1/3 of c) + 10 % of backward (~2/3): ~0.6
     overlap: float = 0.6
-    # the same for DDP's bucketed all-reduce; None: `overlap`. On the one-box namespace bench DDP hides nothing
-    # measurable (its exposed communication equals its ring's wire time within 5 %): 0.
-    overlap_ddp: float | None = 0.0
+    # fraction of the per-image part of compute (b × ms_per_image) that hides DDP's bucketed all-reduce; None:
+    # `overlap`. The hidden Linear's bucket (89 % of the bytes) is ready once its backward is done; its ring then
+    # runs beside the conv layers' backward, which is per-image work (about 2/3 of the per-image part: backward is
+    # about twice forward), none of the batch-independent part. On the one-box bench (every rank, gloo thread and
+    # the kernel's TCP on 2 shared cores) about half of that is hidden: 0.28 and 0.33 measured at global batch 96
+    # (2 × 2 and 3 × 1 hosts, 1 Gbit/s; bench/netns-ddp-slots-2026-12-07), 0.13-0.16 at 16 (where 0.3 errs by
+    # under 3 % of the step). On separate hosts up to ~0.67 (the whole conv backward) is possible.
+    overlap_ddp: float | None = 0.3
     # DDP's gloo ring: bytes a rank sends (receiving and summing as many) per CPU-second of that rank, TCP's
     # copies in the kernel included (loopback or not). Measured on this AMD EPYC with dptrain.bench.ddp
     # --ring-cpu (a 37.7 MB all-reduce, 1 thread per rank): 1.60 GB/s at W = 2, 1.69 at W = 4 (shared box)
@@ -337,7 +343,7 @@ def predict(plane: str, hosts: int, slots: int, batch: int, bandwidth_bps: float
         send = recv = ring["link_bytes"]
         comm = max(ring["link_bytes"] / bw, sw * ring["cpu_s"]) + 2 * (W - 1) * a
         ov = model.overlap if model.overlap_ddp is None else model.overlap_ddp
-        comm_hidden = min(ov * t_compute, comm)
+        comm_hidden = min(ov * b * model.ms_per_image / 1e3 * sw, comm)  # beside the per-image backward
         upd = sw * U
         coord_in = coord_out = 0
         cpu_wire = W * ring["cpu_s"]
