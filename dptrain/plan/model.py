@@ -130,7 +130,8 @@ class CostModel:
     overlap_ddp: float | None = 0.3
     # DDP's gloo ring: bytes a rank sends (receiving and summing as many) per CPU-second of that rank, TCP's
     # copies in the kernel included (loopback or not). Measured on this AMD EPYC with dptrain.bench.ddp
-    # --ring-cpu (a 37.7 MB all-reduce, 1 thread per rank): 1.60 GB/s at W = 2, 1.69 at W = 4 (shared box)
+    # --ring-cpu (a 37.7 MB all-reduce, 1 thread per rank): 1.51 GB/s at W = 2, 1.79 at W = 4 (load 0.8; with
+    # the box loaded, 1.60 and 1.69)
     gloo_bytes_per_cpu_s: float = 1.65e9
     # all hosts on one box: every worker and every host's communication thread share this many cores (None: each
     # host has its own S cores, plus one for its communication)
