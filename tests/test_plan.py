@@ -709,6 +709,10 @@ def test_validate_two_slots_per_host_and_batch_96():
     # the mechanism behind the 2 x 2 row: gloo's ring over 4 ranks sends 1.5 M over a host's link, not M
     ddp22 = [r for r in v["rows"] if r["plane"] == "ddp" and r["slots"] == 2]
     assert all(r["host_out_mb"] == pytest.approx(1.5 * 4 * P / 1e6, rel=0.01) for r in ddp22)
+    # the wire's CPU measured per row (ZeroMQ I/O threads): every agent seals what it sends and opens what it gets
+    mesh = [r for r in v["rows"] if r["plane"] == "mesh"]
+    assert all(r["wire_cpu_s"] > 0 and 0.5e9 < r["wire_bytes_per_io_cpu_s"] < 5e9 for r in mesh)
+    assert "crypto: 4 dptrain row(s) measured" in plan_cli.format_validation(v)
     # the model before (a ring over hosts, M a link, and a local sum) missed the 2 x 2 DDP rows by more than 15 %
     old = [r for r in ddp22 if r["batch_size"] == 16][0]
     old_pred = old["pred_step_s"] - 0.5 * 4 * P / (GBIT / 8 * 0.95)

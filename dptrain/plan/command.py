@@ -172,6 +172,12 @@ def format_validation(v: dict) -> str:
                      "scatter that overlaps backward as busy, so no error is given for it) against the predicted "
                      "exposed communication; host MB: sent by an agent host per step; coord MB: into the "
                      "coordinator per step")
+    rates = [r["wire_bytes_per_io_cpu_s"] for r in v["rows"] if r.get("wire_bytes_per_io_cpu_s")]
+    if rates:
+        lines.append(f"crypto: {len(rates)} dptrain row(s) measured their wire's CPU (the ZeroMQ I/O threads, user "
+                     f"mode: CURVE with ZeroMQ's copies): {min(rates) / 1e9:.2f}-{max(rates) / 1e9:.2f} GB sealed + "
+                     "opened per CPU-second (the plan's --curve-gb-per-cpu-s also counts the copies outside those "
+                     "threads, at both ends)")
     return "\n".join(lines)
 
 
