@@ -68,9 +68,9 @@ The model (every constant is a field of `CostModel`, so predictions can be fitte
 
     step = c·sw + comm − hidden + update   (compute + exposed communication + update);  images/s = B / step
     With --shared-cores N also step ≥ (all CPU work of a step on the box) / N: H·S·c + H·local, the hosts' and the
-    coordinator's wire work (mesh: H·(κ·(out + in)/2 + f16) + κ/2·2·M32/k; star: 2κ·H·M; ddp: W·ring) and the updates (mesh,
-    star: U; ddp: H·S·U). On this 2-core box the measured steps are that link-bound chain, not the CPU bound:
-    the serial wire work is why dptrain's one-box steps are slower than the links alone would allow.
+    coordinator's wire work (mesh: H·(κ·(out + in)/2 + f16) + κ/2·2·M32/k; star: 2κ·H·M; ddp: W·ring) and the
+    updates (mesh, star: U; ddp: H·S·U). On this 2-core box the measured steps are that link-bound chain, not the
+    CPU bound: the serial wire work is why dptrain's one-box steps are slower than the links alone would allow.
     efficiency = images/s ÷ (H × images/s of one host alone: c(ceil(B/S))·max(1, S/N) + local + U/S, no network) ≤ 1
 
 Compute comes from --compute-ms-per-image [--compute-ms-per-step], from --calibrate (a few real training steps of
