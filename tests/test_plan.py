@@ -697,7 +697,7 @@ def test_validate_two_slots_per_host_and_batch_96():
     fixed data, so this checks the model, not the box; overlap_ddp was set from the two batch-96 DDP rows (their
     measured hidden fraction, 0.28 and 0.33), every other constant from other measurements (the bench's CPU model,
     the ring's bytes from gloo's algorithm, its CPU from --ring-cpu)."""
-    files = sorted(SLOTS.glob("*.json"))
+    files = sorted(SLOTS.glob("1gbit-*.json"))
     assert len(files) == 4
     v = plan_validate.validate([(f.stem, plan_cli.read_rows(f)) for f in files], P, EPYC, None)
     assert not v["skipped"] and len(v["rows"]) == 8
@@ -717,3 +717,17 @@ def test_validate_two_slots_per_host_and_batch_96():
     old = [r for r in ddp22 if r["batch_size"] == 16][0]
     old_pred = old["pred_step_s"] - 0.5 * 4 * P / (GBIT / 8 * 0.95)
     assert old_pred / old["step_s"] - 1 < -0.15
+
+
+def test_validate_two_slots_per_host_checks():
+    """bench/netns-ddp-slots-2026-12-07/check-*: 2 x 2 at 500 Mbit/s (batch 16 and 96) and with the mesh on float16
+    (1 Gbit/s), measured after the model's constants were set: nothing was fitted to them. Every row within 15 %."""
+    files = sorted(SLOTS.glob("check-*.json"))
+    assert len(files) == 3
+    v = plan_validate.validate([(f.stem, plan_cli.read_rows(f)) for f in files], P, EPYC, None)
+    assert not v["skipped"] and len(v["rows"]) == 6
+    assert {r["bandwidth_bps"] for r in v["rows"]} == {1e9, 5e8}
+    assert {(r["plane"], r["wire_dtype"]) for r in v["rows"]} == {("mesh", "float32"), ("mesh", "float16"),
+                                                                  ("ddp", "float32")}
+    for r in v["rows"]:
+        assert abs(r["step_err"]) < 0.15, r
