@@ -216,3 +216,32 @@ def test_two_hosts_dptrain_and_ddp(tmp_path):
     prefix = re.search(r"cluster (dpb[a-z0-9]+) up", proc.stderr).group(1)
     assert prefix not in _ip_netns_list()  # torn down: namespaces, and with them every process in them
     assert not (nc.STATE_BASE / prefix).exists()
+
+
+@pytest.mark.timeout(120)
+def test_ddp_ring_cpu():
+    """`python -m dptrain.bench.ddp --ring-cpu W`: gloo's ring alone, the plan's gloo_bytes_per_cpu_s. Bounds: a
+    rank sends 2(W-1)/W of the tensor exactly; per CPU-second it cannot move more than memory bandwidth allows (it
+    copies and sums every byte at least once: < 100 GB/s on any box this runs on) nor less than 10 MB (a ring
+    that slow would be broken, not slow)."""
+    if importlib.util.find_spec("torch") is None:
+        pytest.skip("PyTorch not installed (the oracle extra)")
+    bad = subprocess.run([sys.executable, "-m", "dptrain.bench.ddp", "--ring-cpu", "1"], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "--ring-cpu wants at least 2 ranks" in bad.stderr
+    import os
+    import signal
+    proc = subprocess.Popen([sys.executable, "-m", "dptrain.bench.ddp", "--ring-cpu", "2", "--params", "2000000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=100)
+    finally:  # the ranks are the child's children, in its session: reap them all
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    assert proc.returncode == 0, err[-2000:]
+    r = json.loads(out.strip().splitlines()[-1])
+    assert r["world"] == 2 and r["bytes_sent_per_rank"] == 2 * 1 / 2 * 4 * 2_000_000
+    assert 1e7 < r["gloo_bytes_per_cpu_s"] < 1e11 and r["cpu_s_per_rank"] > 0
