@@ -61,15 +61,67 @@ def test_records_and_per_step():
     assert mb == {"out": 2.0, "in": 1.0}
 
 
+def test_zmq_io_thread_ticks():
+    # a /proc/PID/task/TID/stat line: comm in parentheses (spaces and ')' allowed), utime and stime fields 14, 15
+    line = "4242 (ZMQbg/IO/0) S 1 4242 4242 0 -1 4194368 50 0 0 0 731 52 0 0 20 0 3 0 100 0 0"
+    assert nc.thread_ticks(line) == ("ZMQbg/IO/0", 731, 52)
+    assert nc.thread_ticks("7 (a) b) R 1 7 7 0 -1 0 0 0 0 0 5 6 0")[1:] == (5, 6)
+    t = nc.CLK_TCK
+    before = {(1, 2): (10, 5), (1, 3): (100, 0)}  # (1, 3) ends before the second sample: left out
+    after = {(1, 2): (10 + 4 * t, 5 + t), (9, 9): (2 * t, 0)}  # (9, 9) starts meanwhile: counted from 0
+    assert nc.io_cpu_s(before, after, steps=2) == {"user": 3.0, "sys": 0.5}
+    # the coordinator (h1) and the agents (h2, h3) apart, user time only; kernel time apart
+    w = bh.wire_cpu({1: {(1, 1): (0, 0)}, 2: {}, 3: {}},
+                    {1: {(1, 1): (t, t)}, 2: {(2, 1): (2 * t, 0)}, 3: {(3, 1): (t, 0)}}, steps=1)
+    assert w == {"wire_cpu_coord_s": 1.0, "wire_cpu_hosts_s": 3.0, "wire_cpu_s": 4.0, "wire_sys_s": 1.0}
+
+
+def test_zmq_io_threads_of_this_namespace():
+    # this process's own ZeroMQ I/O thread, found through its network namespace, and its CPU time grows while it
+    # moves bytes (a PUSH/PULL pair over loopback, CURVE-encrypted: the work the bench attributes to the wire)
+    import os
+    import time
+
+    import zmq
+    ctx = zmq.Context()
+    try:
+        server_pub, server_sec = zmq.curve_keypair()
+        client_pub, client_sec = zmq.curve_keypair()
+        pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+        pull.curve_server, pull.curve_secretkey = True, server_sec
+        port = pull.bind_to_random_port("tcp://127.0.0.1")
+        push.curve_serverkey, push.curve_publickey, push.curve_secretkey = server_pub, client_pub, client_sec
+        push.connect(f"tcp://127.0.0.1:{port}")
+        pids = nc.namespace_pids({"me": "/proc/self/ns/net"})["me"]
+        assert os.getpid() in pids
+        t0 = nc.zmq_io_ticks([os.getpid()])
+        assert len(t0) == 1 and all(pid == os.getpid() for pid, _ in t0)  # one context, one I/O thread
+        blob = b"\0" * (4 << 20)
+        w0 = time.perf_counter()
+        for _ in range(40):  # 168 MB sealed and opened, both by this context's one I/O thread
+            push.send(blob)
+            pull.recv(copy=False)
+        wall = time.perf_counter() - w0
+        cpu = nc.io_cpu_s(t0, nc.zmq_io_ticks([os.getpid()]), steps=1)
+        # at least the CURVE work: XSalsa20-Poly1305 at under 5 GB per CPU-second on any core this runs on, sealing
+        # and opening each byte: >= 67 ms; less 1 tick for the sampling. At most the loop's wall time (one thread)
+        # plus that tick.
+        tick = 1 / nc.CLK_TCK
+        assert 2 * 40 * len(blob) / 5e9 - tick <= cpu["user"] <= wall + tick, (cpu, wall)
+    finally:
+        ctx.destroy(linger=0)
+
+
 def test_format_table_and_outputs(tmp_path):
     full = {"hosts": 2, "slots": 1, "workers": 2, "rate": "1gbit", "dptrain_step_s": 1.7368, "dptrain_images_per_s": 9.2,
             "dptrain_comm_s": 1.5561, "h1_out_mb": 75.7, "h1_in_mb": 75.7, "h2_out_mb": 37.8, "h2_in_mb": 0.0123,
             "ddp_step_s": 0.4907, "ddp_images_per_s": 32.6, "ddp_comm_s": 0.1387, "ddp_h2_out_mb": 37.8,
-            "ddp_h2_in_mb": 37.8, "dptrain_vs_ddp": 0.28, "plane": "star", "wire_dtype": "float32", "batch_size": 16,
+            "ddp_h2_in_mb": 37.8, "dptrain_vs_ddp": 0.28, "wire_cpu_s": 0.1234, "plane": "star", "wire_dtype": "float32", "batch_size": 16,
             "warmup": 2, "steps": 6, "threads": 1}
     failed = {"hosts": 3, "slots": 1, "workers": 3, "rate": "1gbit", "error": "dptrain launch on 3 hosts: exit 1"}
     text = bh.format_table([full, failed])
     row2, row3 = text.splitlines()[3:5]
+    assert "0.123|" in row2 and "crypto s" in text.splitlines()[1]
     assert "1736.8" in row2 and "75.7" in row2 and "0.0123" in row2 and "490.7" in row2 and "0.28" in row2
     assert row3.split()[:4] == ["3", "3", "1gbit", "|"] and "error: dptrain launch on 3 hosts" in row3
     assert "plane star, wire float32; global batch 16, 2 warm-up + 6 timed steps, 1 thread(s)" in text
@@ -146,6 +198,16 @@ def test_two_hosts_dptrain_and_ddp(tmp_path):
     # 2 hosts. Start-up (welcome, initial weights, preflight) and shutdown would add at least one g: not counted.
     for key, n in (("h2_out_mb", 1), ("h2_in_mb", 1), ("h1_out_mb", 2), ("h1_in_mb", 2)):
         assert 0.8 * n * g < row[key] < 1.5 * n * g, (key, row[key], g)
+    # the wire's cryptography: the star's coordinator seals and opens all its link carries (~17 MB a step here, 52
+    # MB over the 3 timed steps: >= 10 ms even at 5 GB per CPU-second, well above CURVE's speed on any core, so at
+    # least one 1/CLK_TCK tick), each agent what its own does. The I/O threads cannot use more CPU than the box has
+    # during the steps: a sample's delta is within 1 tick of the truth per thread (about 10 I/O threads: the
+    # coordinator's, 2 agents', their workers'), spread over the 3 timed steps.
+    import os
+    slack = 10 / nc.CLK_TCK / 3
+    assert 0 < row["wire_cpu_coord_s"] and 0 <= row["wire_cpu_hosts_s"] and row["wire_sys_s"] >= 0, row
+    assert row["wire_cpu_s"] <= (os.cpu_count() or 1) * row["dptrain_step_s"] + slack, row
+    assert row["wire_cpu_s"] == pytest.approx(row["wire_cpu_coord_s"] + row["wire_cpu_hosts_s"])
     if ddp:
         assert row["ddp_step_s"] > 0 and row["dptrain_vs_ddp"] > 0 and "ddp_comm_s" in row
         assert 0.8 * g < row["ddp_h2_out_mb"] < 2.5 * g and 0.8 * g < row["ddp_h2_in_mb"] < 2.5 * g
@@ -154,3 +216,32 @@ def test_two_hosts_dptrain_and_ddp(tmp_path):
     prefix = re.search(r"cluster (dpb[a-z0-9]+) up", proc.stderr).group(1)
     assert prefix not in _ip_netns_list()  # torn down: namespaces, and with them every process in them
     assert not (nc.STATE_BASE / prefix).exists()
+
+
+@pytest.mark.timeout(120)
+def test_ddp_ring_cpu():
+    """`python -m dptrain.bench.ddp --ring-cpu W`: gloo's ring alone, the plan's gloo_bytes_per_cpu_s. Bounds: a
+    rank sends 2(W-1)/W of the tensor exactly; per CPU-second it cannot move more than memory bandwidth allows (it
+    copies and sums every byte at least once: < 100 GB/s on any box this runs on) nor less than 10 MB (a ring
+    that slow would be broken, not slow)."""
+    if importlib.util.find_spec("torch") is None:
+        pytest.skip("PyTorch not installed (the oracle extra)")
+    bad = subprocess.run([sys.executable, "-m", "dptrain.bench.ddp", "--ring-cpu", "1"], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "--ring-cpu wants at least 2 ranks" in bad.stderr
+    import os
+    import signal
+    proc = subprocess.Popen([sys.executable, "-m", "dptrain.bench.ddp", "--ring-cpu", "2", "--params", "2000000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=100)
+    finally:  # the ranks are the child's children, in its session: reap them all
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    assert proc.returncode == 0, err[-2000:]
+    r = json.loads(out.strip().splitlines()[-1])
+    assert r["world"] == 2 and r["bytes_sent_per_rank"] == 2 * 1 / 2 * 4 * 2_000_000
+    assert 1e7 < r["gloo_bytes_per_cpu_s"] < 1e11 and r["cpu_s_per_rank"] > 0

@@ -119,21 +119,57 @@ def test_mesh_sync_every():
 
 
 def test_ddp_by_hand_and_its_own_overlap():
-    M, H = 4 * P, 8
+    M, H, S = 4 * P, 8, 8
+    W = H * S  # gloo's ring runs over every rank, not over hosts
     r = run("ddp", H, bps=8e9)
-    assert r["comm_s"] == pytest.approx(2 * (H - 1) / H * M / 1e9 + 2 * (H - 1) * 50e-6)
+    assert r["comm_s"] == pytest.approx(2 * (W - 1) / W * M / 1e9 + 2 * (W - 1) * 50e-6)
+    assert r["host_send_bytes"] == r["host_recv_bytes"] == pytest.approx(2 * (W - 1) / W * M)
+    assert r["local_reduce_s"] == 0  # no host sums its ranks: they are all on the ring
     assert r["coord_in_bytes"] == 0 and r["update_s"] == pytest.approx(P * 4e-9)
     same = run("ddp", H, model=dataclasses.replace(MODEL, overlap=0.5))
     own = run("ddp", H, model=dataclasses.replace(MODEL, overlap=0.5, overlap_ddp=0.0))
     assert same["comm_hidden_s"] > 0 and own["comm_hidden_s"] == 0
-    assert CostModel(1.0).overlap_ddp == 0.0  # the default: as measured on the one-box bench
-    assert run("ddp", 1)["comm_s"] == 0  # one host: nothing to all-reduce
+    assert CostModel(1.0).overlap_ddp == 0.3  # the default: as measured on the one-box bench at batch 96
+    assert run("ddp", 1, slots=1)["comm_s"] == 0  # one rank: nothing to all-reduce
+    assert run("ddp", 1)["host_send_bytes"] == 0 < run("ddp", 1)["comm_s"]  # one host's 8 ranks: loopback, CPU
+
+
+def test_ddp_overlap_is_beside_the_per_image_backward():
+    # what DDP hides is a fraction of the per-image compute (the conv layers' backward after the hidden Linear's
+    # bucket is ready), none of the batch-independent part: a bigger fixed part hides nothing more
+    m = dataclasses.replace(MODEL, overlap_ddp=0.5)
+    r = predict("ddp", 4, 1, 64, 0.1 * GBIT, 4, P, m)
+    assert r["comm_hidden_s"] == pytest.approx(0.5 * 16 * 10.0 / 1e3)
+    fixed = predict("ddp", 4, 1, 64, 0.1 * GBIT, 4, P, dataclasses.replace(m, ms_per_step=500.0))
+    assert fixed["comm_hidden_s"] == r["comm_hidden_s"] and fixed["step_s"] == pytest.approx(r["step_s"] + 0.48)
+    # never more than the communication itself
+    fast = predict("ddp", 4, 1, 64, 1000 * GBIT, 4, P, m)
+    assert fast["comm_hidden_s"] == fast["comm_s"] and fast["comm_exposed_s"] == 0
+
+
+def test_ddp_ring_over_ranks():
+    """gloo's ring with S ranks a host: a host's link carries 2(W-1)/W of the model each way (2 x 2: 1.5 M, as
+    measured: 56.8 MB a step for the 37.7 MB model, bench/netns-ddp-slots-*), and the ring goes at the pace of the
+    slower of the link and the ranks' CPU."""
+    M = 4 * P
+    two_by_two, three_by_one = run("ddp", 2, slots=2, bps=GBIT), run("ddp", 3, slots=1, bps=GBIT)
+    assert two_by_two["host_send_bytes"] == pytest.approx(1.5 * M)
+    assert three_by_one["host_send_bytes"] == pytest.approx(4 / 3 * M)
+    assert two_by_two["comm_s"] == pytest.approx(1.5 * M / (GBIT / 8) + 6 * 50e-6)
+    one_host = run("ddp", 1, slots=4, bps=GBIT)  # every edge is loopback: CPU only
+    assert one_host["host_send_bytes"] == 0
+    assert one_host["comm_s"] == pytest.approx(1.5 * M / MODEL.gloo_bytes_per_cpu_s + 6 * 50e-6)
+    # a fast link: the ranks' gloo CPU sets the pace; shared cores slow it by the sharing factor
+    fast = run("ddp", 2, slots=2, bps=1000 * GBIT)
+    assert fast["comm_s"] == pytest.approx(fast["ring_cpu_s"] + 6 * 50e-6)
+    shared = run("ddp", 2, slots=2, bps=1000 * GBIT, model=dataclasses.replace(MODEL, shared_cores=2))
+    assert shared["ring_cpu_s"] == pytest.approx(2 * fast["ring_cpu_s"])
 
 
 def test_defaults_are_the_validated_ones():
     d = CostModel(1.0)
-    assert (d.link_efficiency, d.overlap, d.overlap_ddp, d.curve_bytes_per_cpu_s, d.shared_cores) == (
-        0.95, 0.6, 0.0, 0.62e9, None)
+    assert (d.link_efficiency, d.overlap, d.overlap_ddp, d.curve_bytes_per_cpu_s, d.shared_cores,
+            d.gloo_bytes_per_cpu_s) == (0.95, 0.6, 0.3, 0.62e9, None, 1.65e9)
     assert d.wire_s_per_byte == pytest.approx(1 / 0.62e9)
     assert dataclasses.replace(d, curve_bytes_per_cpu_s=None).wire_s_per_byte == 0
 
@@ -180,9 +216,13 @@ def test_shared_cores_monotonic_in_cores(plane, wire):
 def test_shared_cores_cpu_bound():
     # 64 workers on one core with a fast link: the box's CPU, not the chain, sets the step
     m = CostModel(ms_per_image=10.0, ms_per_step=20.0, shared_cores=1)
-    r = predict("ddp", 8, 8, 512, 100 * GBIT, 4, P, m)
+    r = predict("star", 8, 8, 512, 100 * GBIT, 4, P, m)
     assert r["cpu_bound"] and r["step_s"] == pytest.approx(r["cpu_s"])
-    assert r["cpu_s"] == pytest.approx(64 * (20 + 8 * 10) / 1e3 + 8 * plan.local_reduce_s(m, 8, P) + 64 * P * 4e-9)
+    # DDP's chain hides its ring behind backward, but on one core that CPU is still spent: the bound sets the step
+    r = predict("ddp", 8, 8, 512, 100 * GBIT, 4, P, m)
+    assert r["comm_hidden_s"] > 0 and r["cpu_bound"] and r["step_s"] == pytest.approx(r["cpu_s"])
+    ring = 2 * 63 / 64 * 4 * P / m.gloo_bytes_per_cpu_s  # each rank's share of gloo's ring
+    assert r["cpu_s"] == pytest.approx(64 * (20 + 8 * 10) / 1e3 + 64 * ring + 64 * P * 4e-9)
 
 
 def test_parse_shared_cores():
@@ -201,7 +241,10 @@ def test_monotonic_in_bandwidth(plane):
         assert steps == sorted(steps, reverse=True)
         if hosts > 1 or plane == "star":
             comms = [r["comm_s"] for r in rows]
-            assert all(x > y for x, y in zip(comms, comms[1:]))
+            # DDP's ring goes at the pace of the slower of the link and its ranks' CPU: flat once the CPU's
+            faster = [x > y or (plane == "ddp" and r["ring_cpu_s"] >= r["ring_wire_s"] and x == y)
+                      for x, y, r in zip(comms, comms[1:], rows[1:])]
+            assert all(faster)
 
 
 def test_star_grows_with_hosts_mesh_links_stay_flat():
@@ -216,9 +259,10 @@ def test_star_grows_with_hosts_mesh_links_stay_flat():
         assert rows[-2]["host_send_bytes"] == pytest.approx(rows[-1]["host_send_bytes"], rel=0.03)  # 64 vs 256
         no_latency = [run(plane, h, model=dataclasses.replace(MODEL, latency_s=0.0)) for h in (64, 256)]
         assert no_latency[0]["comm_s"] == pytest.approx(no_latency[1]["comm_s"], rel=0.03)  # bytes: flat
-        # what grows is the per-message latency: H - 1 messages each way
+        # what grows is the per-message latency: H - 1 messages each way (DDP: W - 1, its ring is over ranks)
+        per = 8 if plane == "ddp" else 1
         assert rows[-1]["comm_s"] - rows[-2]["comm_s"] == pytest.approx(
-            (no_latency[1]["comm_s"] - no_latency[0]["comm_s"]) + 2 * (256 - 64) * 50e-6)
+            (no_latency[1]["comm_s"] - no_latency[0]["comm_s"]) + 2 * (256 - 64) * per * 50e-6)
     # the coordinator: each host's slice of weights + momentum every sync_every (10) steps, whatever H
     assert all(r["coord_in_bytes"] == pytest.approx(2 * M / 10) for r in (run("mesh", h) for h in hosts))
 
@@ -642,3 +686,48 @@ def test_cli_one_host_needs_no_bandwidth(tmp_path):
     assert table.returncode == 0 and [ln.split()[:2] for ln in table.stdout.splitlines()
                                       if ln.startswith(("workers", "coordinator"))] == [["workers", "-"],
                                                                                         ["coordinator", "-"]]
+
+
+SLOTS = Path(__file__).resolve().parent.parent / "bench" / "netns-ddp-slots-2026-12-07"
+
+
+def test_validate_two_slots_per_host_and_batch_96():
+    """bench/netns-ddp-slots-2026-12-07: 2 hosts x 2 slots and 3 x 1, global batch 16 and 96, 1 Gbit/s, mesh and DDP
+    side by side. The model's claim (issue 30): every row within 15 % with the default constants. These rows are
+    fixed data, so this checks the model, not the box; overlap_ddp was set from the two batch-96 DDP rows (their
+    measured hidden fraction, 0.28 and 0.33), every other constant from other measurements (the bench's CPU model,
+    the ring's bytes from gloo's algorithm, its CPU from --ring-cpu)."""
+    files = sorted(SLOTS.glob("1gbit-*.json"))
+    assert len(files) == 4
+    v = plan_validate.validate([(f.stem, plan_cli.read_rows(f)) for f in files], P, EPYC, None)
+    assert not v["skipped"] and len(v["rows"]) == 8
+    assert sorted((r["hosts"], r["slots"], r["batch_size"], r["plane"]) for r in v["rows"]) == sorted(
+        (h, s, b, p) for h, s in ((2, 2), (3, 1)) for b in (16, 96) for p in ("mesh", "ddp"))
+    for r in v["rows"]:
+        assert abs(r["step_err"]) < 0.15, r
+        assert r["host_out_mb"] == pytest.approx(r["pred_host_out_mb"], rel=0.01) or r["plane"] == "mesh"
+    # the mechanism behind the 2 x 2 row: gloo's ring over 4 ranks sends 1.5 M over a host's link, not M
+    ddp22 = [r for r in v["rows"] if r["plane"] == "ddp" and r["slots"] == 2]
+    assert all(r["host_out_mb"] == pytest.approx(1.5 * 4 * P / 1e6, rel=0.01) for r in ddp22)
+    # the wire's CPU measured per row (ZeroMQ I/O threads): every agent seals what it sends and opens what it gets
+    mesh = [r for r in v["rows"] if r["plane"] == "mesh"]
+    assert all(r["wire_cpu_s"] > 0 and 0.5e9 < r["wire_bytes_per_io_cpu_s"] < 5e9 for r in mesh)
+    assert "crypto: 4 dptrain row(s) measured" in plan_cli.format_validation(v)
+    # the model before (a ring over hosts, M a link, and a local sum) missed the 2 x 2 DDP rows by more than 15 %
+    old = [r for r in ddp22 if r["batch_size"] == 16][0]
+    old_pred = old["pred_step_s"] - 0.5 * 4 * P / (GBIT / 8 * 0.95)
+    assert old_pred / old["step_s"] - 1 < -0.15
+
+
+def test_validate_two_slots_per_host_checks():
+    """bench/netns-ddp-slots-2026-12-07/check-*: 2 x 2 at 500 Mbit/s (batch 16 and 96) and with the mesh on float16
+    (1 Gbit/s), measured after the model's constants were set: nothing was fitted to them. Every row within 15 %."""
+    files = sorted(SLOTS.glob("check-*.json"))
+    assert len(files) == 3
+    v = plan_validate.validate([(f.stem, plan_cli.read_rows(f)) for f in files], P, EPYC, None)
+    assert not v["skipped"] and len(v["rows"]) == 6
+    assert {r["bandwidth_bps"] for r in v["rows"]} == {1e9, 5e8}
+    assert {(r["plane"], r["wire_dtype"]) for r in v["rows"]} == {("mesh", "float32"), ("mesh", "float16"),
+                                                                  ("ddp", "float32")}
+    for r in v["rows"]:
+        assert abs(r["step_err"]) < 0.15, r

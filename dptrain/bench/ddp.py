@@ -3,6 +3,8 @@
     python -m dptrain.bench.ddp --workers N --result FILE [--batch-size 64 --image-size 64 --classes 62
                                 --steps 10 --warmup 2 --threads T --model-json '{...}']
     python -m dptrain.bench.ddp --rank R --world W --master ADDR:PORT --result FILE [same options] [--iface eth0]
+    python -m dptrain.bench.ddp --ring-cpu W [--params P]    gloo's ring alone: CPU-seconds per rank (the plan's
+                                                              gloo_bytes_per_cpu_s)
 
 One node (`--workers N`, for `bench --compare torch`): N ranks from torch.multiprocessing.spawn, rendezvous over
 tcp://127.0.0.1:PORT, each with T intra-op threads (default cores // N). Many nodes (`--rank/--world/--master`, for
@@ -105,6 +107,41 @@ def _rank_main(rank: int, a: argparse.Namespace, init_method: str) -> None:
     dist.destroy_process_group()
 
 
+def _ring_rank(rank: int, world: int, port: int, params: int, repeats: int, result: str) -> None:
+    import torch
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    t = torch.ones(params)
+    dist.all_reduce(t)  # warm-up: connections, buffers
+    dist.barrier()
+    c0 = time.process_time()  # this rank's CPU, gloo's threads included
+    for _ in range(repeats):
+        dist.all_reduce(t)
+    cpu = (time.process_time() - c0) / repeats
+    dist.barrier()
+    with open(f"{result}.{rank}", "w") as f:
+        json.dump({"cpu_s": cpu}, f)
+    dist.destroy_process_group()
+
+
+def ring_cpu(world: int, params: int, repeats: int = 8) -> dict:
+    """gloo's ring all-reduce of `params` float32 over `world` ranks on this host (loopback, 1 thread each): the
+    CPU-seconds of one rank per all-reduce and the bytes a rank sends per CPU-second (2(W−1)/W of the tensor; it
+    receives as many and sums half of them) — the plan's gloo_bytes_per_cpu_s."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+    with tempfile.TemporaryDirectory() as tmp:
+        result = os.path.join(tmp, "ring")
+        mp.spawn(_ring_rank, args=(world, free_port(), params, repeats, result), nprocs=world, join=True)
+        cpu = [json.load(open(f"{result}.{r}"))["cpu_s"] for r in range(world)]
+    sent = 2 * (world - 1) / world * 4 * params
+    mean = sum(cpu) / world
+    return {"world": world, "params": params, "repeats": repeats, "cpu_s_per_rank": mean,
+            "bytes_sent_per_rank": sent, "gloo_bytes_per_cpu_s": sent / mean}
+
+
 def run_ddp(workers: int, batch_size: int, image_size: int, classes: int, steps: int, warmup: int,
             threads: int | None = None, model: dict | None = None, timeout_s: float = 1800.0) -> dict:
     """Run the DDP benchmark in a fresh interpreter (torch never loads into the caller) and return its result."""
@@ -138,11 +175,15 @@ def main() -> None:
     mode = ap.add_mutually_exclusive_group(required=True)
     mode.add_argument("--workers", type=int, help="one node: spawn this many ranks")
     mode.add_argument("--rank", type=int, help="many nodes: this process's rank (with --world and --master)")
+    mode.add_argument("--ring-cpu", type=int, metavar="W",
+                      help="gloo's ring all-reduce over W ranks on loopback: CPU per rank and bytes per CPU-second "
+                           "(the plan's gloo_bytes_per_cpu_s); --params elements, JSON on stdout")
     ap.add_argument("--world", type=int, default=0, help="many nodes: number of ranks")
     ap.add_argument("--master", default="", help="many nodes: ADDR:PORT of rank 0's rendezvous store")
     ap.add_argument("--iface", default="", help="many nodes: report this interface's bytes over the timed steps")
     ap.add_argument("--rendezvous-timeout-s", type=float, default=300.0)
-    ap.add_argument("--result", required=True)
+    ap.add_argument("--params", type=int, default=9_434_462, help="with --ring-cpu: tensor elements (float32)")
+    ap.add_argument("--result", default="")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--classes", type=int, default=62)
@@ -151,6 +192,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--model-json", default="")
     a = ap.parse_args()
+    if a.ring_cpu is not None:
+        if a.ring_cpu < 2 or a.params < 1:
+            ap.error("--ring-cpu wants at least 2 ranks and --params >= 1")
+        print(json.dumps(ring_cpu(a.ring_cpu, a.params)))
+        return
+    if not a.result:
+        ap.error("--result is required")
     if a.rank is not None:  # one rank of a many-node job
         if not 0 <= a.rank < a.world:
             ap.error(f"--rank {a.rank} must be in 0..{a.world - 1} (--world {a.world})")

@@ -24,6 +24,10 @@ Reported per H (one row; bench-hosts.json / bench-hosts.csv in --out; MB = 10^6 
             has one more (untimed) step after the timed ones, so both reads come the same few ms into a step and the
             window spans exactly --steps steps of traffic; start-up, preflight, checkpoints and shutdown are outside
             it. DDP: h2 (rank 0's host), rank 0 reads its eth0 counters (inside h2) around the timed steps.
+  crypto s  dptrain: the wire's cryptography, CPU-seconds per timed step: the user-mode CPU time of every ZeroMQ
+            I/O thread (ZMQbg/IO/n in /proc/PID/task/TID/stat) of the processes in each host's namespace, read at the
+            same two marks (wire_cpu_coord_s: h1, wire_cpu_hosts_s: the agents, wire_cpu_s: both; their kernel time,
+            TCP's copies, is wire_sys_s). CURVE's sealing and opening run there; so do ZeroMQ's framing copies.
 
 Every subprocess runs in its own session under a hard timeout; on failure the command and the last lines of its log
 are printed. The cluster is always torn down (finally, atexit, SIGTERM/SIGHUP), which kills whatever still runs in
@@ -46,7 +50,7 @@ from .. import config as config_mod, install_hint, log
 from ..config import load
 from ..flags import TRAIN_FLAGS
 from ..plan.model import factor_shape
-from .netns_cluster import BenchError, Cluster, Job, cleanup_stale, down_all, terminate
+from .netns_cluster import BenchError, Cluster, Job, cleanup_stale, down_all, io_cpu_s, terminate
 from .report import print_rows, write_rows
 from .workers import split_from_timeline, synth_dataset
 
@@ -55,7 +59,8 @@ POLL_S = 0.002
 CSV_KEYS = ["hosts", "slots", "workers", "rate", "batch_size", "warmup", "steps", "threads", "overrides", "plane",
             "wire_dtype",
             "dptrain_step_s", "dptrain_images_per_s", "dptrain_comm_s", "dptrain_comm_all_s", "dptrain_compute_s",
-            "h1_out_mb", "h1_in_mb", "h2_out_mb", "h2_in_mb", "ddp_step_s", "ddp_images_per_s", "ddp_nosync_s",
+            "h1_out_mb", "h1_in_mb", "h2_out_mb", "h2_in_mb", "wire_cpu_s", "wire_cpu_coord_s", "wire_cpu_hosts_s",
+            "wire_sys_s", "ddp_step_s", "ddp_images_per_s", "ddp_nosync_s",
             "ddp_comm_s", "ddp_h2_out_mb", "ddp_h2_in_mb", "dptrain_vs_ddp", "error"]
 _UNITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "bps": 8, "kbps": 8e3, "mbps": 8e6, "gbps": 8e9}
 
@@ -122,6 +127,20 @@ def timed_step_s(records: list[dict], warmup: int, steps: int) -> list[float]:
     return [r["step_s"] for r in records if "step_s" in r and warmup <= r["step"] < warmup + steps]
 
 
+def wire_cpu(before: dict, after: dict, steps: int) -> dict[str, float]:
+    """The wire's cryptography in CPU-seconds per step, from the ZeroMQ I/O threads (zmq_io_ticks of every host at
+    the first and last mark). libzmq seals (encodes) and opens (decodes) CURVE on the I/O thread of the socket's
+    context, with ZeroMQ's framing copies; their user-mode time is that work (libsodium runs in user mode), the
+    kernel's TCP send/receive copies are their system time (kept apart: wire_sys_s). Coordinator = h1, hosts = the
+    agents (h2..), each with its workers' contexts (loopback control messages: a few kB per step, no CURVE)."""
+    cpu = {h: io_cpu_s(before.get(h, {}), t, steps) for h, t in after.items()}
+    hosts = [v for h, v in cpu.items() if h != 1]
+    coord = cpu.get(1, {"user": 0.0, "sys": 0.0})
+    return {"wire_cpu_coord_s": coord["user"], "wire_cpu_hosts_s": sum(v["user"] for v in hosts),
+            "wire_cpu_s": coord["user"] + sum(v["user"] for v in hosts),
+            "wire_sys_s": coord["sys"] + sum(v["sys"] for v in hosts)}
+
+
 def _mb(x: float | None) -> str:
     return f"{'-':>8}" if x is None else f"{x:8.1f}" if x >= 1 else f"{x:8.3g}"
 
@@ -130,16 +149,17 @@ def format_table(rows: list[dict]) -> str:
     def v(r, k, scale=1.0, w=8, p=1):
         return f"{r[k] * scale:{w}.{p}f}" if r.get(k) is not None else f"{'-':>{w}}"
 
-    head1 = (f"{'':>3}{'':>4}{'':>8} |{'dptrain (coordinator on h1)':^56}|{'PyTorch DDP (gloo)':^40}|")
+    head1 = (f"{'':>3}{'':>4}{'':>8} |{'dptrain (coordinator on h1)':^65}|{'PyTorch DDP (gloo)':^40}|")
     head2 = (f"{'H':>3}{'W':>4}{'rate':>8} |{'step ms':>8}{'img/s':>8}{'comm ms':>8}{'h1 out':>8}{'h1 in':>8}"
-             f"{'h2 out':>8}{'h2 in':>8}|{'step ms':>8}{'img/s':>8}{'comm ms':>8}{'h2 out':>8}{'h2 in':>8}|"
+             f"{'h2 out':>8}{'h2 in':>8}{'crypto s':>9}|{'step ms':>8}{'img/s':>8}{'comm ms':>8}{'h2 out':>8}{'h2 in':>8}|"
              f"{'vs DDP':>7}")
     lines = [head1, head2, "-" * len(head2)]
     for r in rows:
         lines.append(
             f"{r['hosts']:>3}{r['workers']:>4}{r['rate']:>8} |{v(r, 'dptrain_step_s', 1e3)}"
             f"{v(r, 'dptrain_images_per_s')}{v(r, 'dptrain_comm_s', 1e3)}{_mb(r.get('h1_out_mb'))}"
-            f"{_mb(r.get('h1_in_mb'))}{_mb(r.get('h2_out_mb'))}{_mb(r.get('h2_in_mb'))}|{v(r, 'ddp_step_s', 1e3)}"
+            f"{_mb(r.get('h1_in_mb'))}{_mb(r.get('h2_out_mb'))}{_mb(r.get('h2_in_mb'))}{v(r, 'wire_cpu_s', w=9, p=3)}|"
+            f"{v(r, 'ddp_step_s', 1e3)}"
             f"{v(r, 'ddp_images_per_s')}{v(r, 'ddp_comm_s', 1e3)}{_mb(r.get('ddp_h2_out_mb'))}"
             f"{_mb(r.get('ddp_h2_in_mb'))}|{v(r, 'dptrain_vs_ddp', w=7, p=2)}"
             + (f"  error: {r['error']}" if r.get("error") else ""))
@@ -150,6 +170,8 @@ def format_table(rows: list[dict]) -> str:
                      f"timed steps, {threads} thread(s) per process")
     lines.append("MB per timed step on the host's link (out = sent by the host); comm: dptrain = round - compute, "
                  "DDP = step - no_sync step; vs DDP = DDP step / dptrain step")
+    lines.append("crypto s: CPU-seconds per step of every host's ZeroMQ I/O threads in user mode (CURVE sealing and "
+                 "opening, with ZeroMQ's copies), coordinator and agents together; DDP's gloo does not encrypt")
     return "\n".join(lines)
 
 
@@ -173,6 +195,7 @@ def run_dptrain(c: Cluster, H: int, args, data: Path, out: Path, threads: int, u
     job = Job(argv, run / "launch.log", ns=c.ns(1))
     first, last = args.warmup - 1, args.warmup + args.steps - 1
     marks: dict[int, dict] = {}
+    io: dict[int, dict] = {}  # the ZeroMQ I/O threads' CPU ticks per host at the same two marks
     metrics, buf, offset = run / "metrics.jsonl", "", 0
     deadline = time.monotonic() + timeout_s
     try:
@@ -186,6 +209,7 @@ def run_dptrain(c: Cluster, H: int, args, data: Path, out: Path, threads: int, u
                 for r in recs:
                     if "step_s" in r and r["step"] in (first, last):
                         marks[r["step"]] = {h: c.link_bytes(h) for h in (1, 2)}
+                        io[r["step"]] = c.zmq_io_ticks()
             elif job.proc.poll() is not None:
                 raise job.failure(f"dptrain launch on {H} hosts exited ({job.proc.returncode}) before its last "
                                   f"timed step ({last})")
@@ -217,6 +241,7 @@ def run_dptrain(c: Cluster, H: int, args, data: Path, out: Path, threads: int, u
     for h in (1, 2):
         mb = per_step_mb(marks[first][h], marks[last][h], args.steps)
         row[f"h{h}_out_mb"], row[f"h{h}_in_mb"] = mb["out"], mb["in"]
+    row.update(wire_cpu(io[first], io[last], args.steps))
     return row
 
 

@@ -144,6 +144,12 @@ class Cluster:
         with open(f"{base}/rx_bytes") as rx, open(f"{base}/tx_bytes") as tx:
             return {"out": int(rx.read()), "in": int(tx.read())}
 
+    def zmq_io_ticks(self) -> dict[int, dict[tuple[int, int], tuple[int, int]]]:
+        """{host i: {(pid, tid): (user, system) clock ticks}} of every ZeroMQ I/O thread (libzmq names them
+        ZMQbg/IO/n) of the processes in each host's network namespace, one pass over /proc: see io_cpu_s."""
+        pids = namespace_pids({i: f"/run/netns/{self.ns(i)}" for i in range(1, self.n + 1)})
+        return {i: zmq_io_ticks(p) for i, p in pids.items()}
+
     def down(self) -> None:
         """Kill everything in the namespaces, delete them (idempotent); Ctrl-C cannot interrupt it."""
         if self not in _live:
@@ -219,3 +225,65 @@ def down_all() -> None:
 
 def terminate(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+# ---- the CPU time of the ZeroMQ I/O threads (the wire's CURVE work) ------------------------------------------------
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def namespace_pids(paths: dict) -> dict:
+    """{key: pids whose network namespace is the one bound at paths[key] (/run/netns/NAME)}: the same nsfs inode.
+    The namespaces share this box's pid namespace, so /proc here sees their processes."""
+    want = {}
+    for key, path in paths.items():
+        try:
+            want[os.stat(path).st_ino] = key
+        except OSError:
+            pass
+    out = {key: [] for key in paths}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                key = want.get(os.stat(f"/proc/{d}/ns/net").st_ino)
+            except OSError:  # gone meanwhile, or not ours to read
+                continue
+            if key is not None:
+                out[key].append(int(d))
+    return out
+
+
+def thread_ticks(stat: str) -> tuple[str, int, int]:
+    """(comm, utime, stime) from a /proc/PID/task/TID/stat line (comm is parenthesised and may hold spaces)."""
+    head, _, rest = stat.rpartition(")")
+    fields = rest.split()
+    return head.partition("(")[2], int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5), 1-based
+
+
+def zmq_io_ticks(pids: list[int]) -> dict[tuple[int, int], tuple[int, int]]:
+    """{(pid, tid): (utime, stime)} of the ZMQbg/IO/n threads of these processes (threads gone meanwhile skipped)."""
+    out = {}
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                    comm, ut, st = thread_ticks(f.read())
+            except (OSError, ValueError, IndexError):
+                continue
+            if comm.startswith("ZMQbg/IO"):
+                out[(pid, int(tid))] = (ut, st)
+    return out
+
+
+def io_cpu_s(before: dict, after: dict, steps: int) -> dict[str, float]:
+    """CPU-seconds per step of the I/O threads between two zmq_io_ticks samples: {"user", "sys"}. A thread seen
+    only in `after` counts from 0 (it started meanwhile); one seen only in `before` is left out (it ended, and its
+    last ticks went with it), so a sample never goes negative."""
+    u = s = 0
+    for key, (ut, st) in after.items():
+        ub, sb = before.get(key, (0, 0))
+        u, s = u + max(0, ut - ub), s + max(0, st - sb)
+    return {"user": u / CLK_TCK / steps, "sys": s / CLK_TCK / steps}

@@ -55,15 +55,22 @@ The model (every constant is a field of `CostModel`, so predictions can be fitte
           coordinator: the coordinator sums the S slots (local) and updates (U) alone while no worker computes
           workers: each worker sums its 1/S slice of every slot (4P / mem_bytes_per_s) and updates it (U/S),
           all at once; serial = the control messages only (what `dptrain plan --hosts 1 --slots 16` compares)
-    ddp   (PyTorch DDP's ring all-reduce over gloo, for comparison; plain TCP)
-          comm = local + 2·(H−1)/H·M/Bw + 2·(H−1)·α;  hidden = min(overlap_ddp·c·sw, comm − local);
-          update = sw·U (every rank updates the whole model)
+    ddp   (PyTorch DDP's ring all-reduce over gloo, for comparison; plain TCP; no local sum: every rank is on the
+          ring, W = H·S ranks, a host's S ranks adjacent)
+          R    = 2·(W−1)/W·M                     what every rank sends (and receives) in the ring; it is also what
+                   a host's link carries each way (H > 1), as only one ring edge leaves a host: with S = 2, H = 2
+                   that is 1.5·M, not the M of a ring over hosts (measured 56.8 MB a step for M = 37.7 MB)
+          ring = R / gloo_bytes_per_cpu_s        one rank's CPU for it (the loopback edges' TCP copies, the sums)
+          comm = max(R/Bw, sw·ring) + 2·(W−1)·α  the lockstep stages go at the pace of the slower of the link
+                   and the ranks' CPU (the link at 1–10 Gbit/s; at 25 Gbit/s a rank's gloo thread on its core)
+          hidden = min(overlap_ddp·b·ms_per_image·sw, comm)   the rings run beside the conv layers' backward,
+                   per-image work (see CostModel.overlap_ddp);  update = sw·U (every rank updates the whole model)
 
     step = c·sw + comm − hidden + update   (compute + exposed communication + update);  images/s = B / step
     With --shared-cores N also step ≥ (all CPU work of a step on the box) / N: H·S·c + H·local, the hosts' and the
-    coordinator's wire work (mesh: H·(κ·(out + in)/2 + f16) + κ/2·2·M32/k; star: 2κ·H·M) and the updates (mesh,
-    star: U; ddp: H·S·U). On this 2-core box the measured steps are that link-bound chain, not the CPU bound:
-    the serial wire work is why dptrain's one-box steps are slower than the links alone would allow.
+    coordinator's wire work (mesh: H·(κ·(out + in)/2 + f16) + κ/2·2·M32/k; star: 2κ·H·M; ddp: W·ring) and the
+    updates (mesh, star: U; ddp: H·S·U). On this 2-core box the measured steps are that link-bound chain, not the
+    CPU bound: the serial wire work is why dptrain's one-box steps are slower than the links alone would allow.
     efficiency = images/s ÷ (H × images/s of one host alone: c(ceil(B/S))·max(1, S/N) + local + U/S, no network) ≤ 1
 
 Compute comes from --compute-ms-per-image [--compute-ms-per-step], from --calibrate (a few real training steps of
@@ -114,9 +121,19 @@ class CostModel:
     # fraction of compute during which mesh's local sum and reduce-scatter run hidden: the hidden Linear (89 % of
     # the bytes) is final ~10 % into backward, after forward (~1/3 of c) + 10 % of backward (~2/3): ~0.6
     overlap: float = 0.6
-    # the same for DDP's bucketed all-reduce; None: `overlap`. On the one-box namespace bench DDP hides nothing
-    # measurable (its exposed communication equals its ring's wire time within 5 %): 0.
-    overlap_ddp: float | None = 0.0
+    # fraction of the per-image part of compute (b × ms_per_image) that hides DDP's bucketed all-reduce; None:
+    # `overlap`. The hidden Linear's bucket (89 % of the bytes) is ready once its backward is done; its ring then
+    # runs beside the conv layers' backward, which is per-image work (about 2/3 of the per-image part: backward is
+    # about twice forward), none of the batch-independent part. On the one-box bench (every rank, gloo thread and
+    # the kernel's TCP on 2 shared cores) about half of that is hidden: 0.28 and 0.33 measured at global batch 96
+    # (2 × 2 and 3 × 1 hosts, 1 Gbit/s; bench/netns-ddp-slots-2026-12-07), 0.13-0.16 at 16 (where 0.3 errs by
+    # under 3 % of the step). On separate hosts up to ~0.67 (the whole conv backward) is possible.
+    overlap_ddp: float | None = 0.3
+    # DDP's gloo ring: bytes a rank sends (receiving and summing as many) per CPU-second of that rank, TCP's
+    # copies in the kernel included (loopback or not). Measured on this AMD EPYC with dptrain.bench.ddp
+    # --ring-cpu (a 37.7 MB all-reduce, 1 thread per rank): 1.51 GB/s at W = 2, 1.79 at W = 4 (load 0.8; with
+    # the box loaded, 1.60 and 1.69)
+    gloo_bytes_per_cpu_s: float = 1.65e9
     # all hosts on one box: every worker and every host's communication thread share this many cores (None: each
     # host has its own S cores, plus one for its communication)
     shared_cores: int | None = None
@@ -134,7 +151,7 @@ class CostModel:
             if v is not None and v > 1:
                 raise ValueError(f"{name} must be in [0, 1], got {v!r}")
         for name in ("ms_per_image", "link_efficiency", "mem_bytes_per_s", "coord_link_ratio",
-                     "curve_bytes_per_cpu_s", "shared_cores"):
+                     "curve_bytes_per_cpu_s", "shared_cores", "gloo_bytes_per_cpu_s"):
             if getattr(self, name) == 0:
                 raise ValueError(f"{name} must be > 0")
         if self.shared_cores is not None and int(self.shared_cores) != self.shared_cores:
@@ -219,16 +236,28 @@ def f16_s(model: CostModel, hosts: int, num_params: int, factored_params: int = 
             + num_params * (model.f16_encode_ns / hosts + model.f16_decode_ns)) * 1e-9
 
 
+def ddp_ring(model: CostModel, hosts: int, slots: int, model_bytes: float) -> dict:
+    """gloo's ring all-reduce over W = hosts × slots ranks: {"link_bytes": what a host's link carries each way,
+    "cpu_s": one rank's CPU-seconds for it, on a core of its own}. Every rank sends 2(W−1)/W·M (W−1 reduce-scatter
+    and W−1 all-gather stages of M/W each), receives as much and sums half of it; with the ranks of a host
+    adjacent on the ring only one edge leaves each host (none with one host)."""
+    W = hosts * slots
+    per_rank = 2 * (W - 1) / W * model_bytes
+    return {"link_bytes": per_rank if hosts > 1 else 0.0, "cpu_s": per_rank / model.gloo_bytes_per_cpu_s}
+
+
 def baseline(slots: int, batch: int, num_params: int, model: CostModel) -> dict:
     """One host alone, no network, at its best: its S workers compute, their gradients are summed (each worker its
     1/S slice, as `launch --workers S` does, or under backward as far as `overlap` allows, whichever is faster) and
-    each worker updates its 1/S slice. No plane beats it, so efficiency stays <= 1."""
+    each worker updates its 1/S slice; or as DDP's ranks do, in gloo's ring over loopback). No plane beats it, so
+    efficiency stays <= 1."""
     b = per_worker_batch(batch, 1, slots)
     sw = sharing(model, slots)
     c = compute_s(model, b) * sw
     parallel = 4 * num_params / model.mem_bytes_per_s if slots > 1 else 0.0  # each worker its 1/S slice
     hidden = max(0.0, local_reduce_s(model, slots, num_params) - model.overlap * c)  # or under backward
-    step = c + min(parallel, hidden) + update_s(model, num_params) * sw / slots
+    ring = ddp_ring(model, 1, slots, 2 * num_params)["cpu_s"] * sw  # DDP's ranks of one host (float16 at best)
+    step = c + min(parallel, hidden, ring) + update_s(model, num_params) * sw / slots
     return {"per_worker_batch": b, "step_s": step, "images_per_s": batch / step}
 
 
@@ -306,14 +335,21 @@ def predict(plane: str, hosts: int, slots: int, batch: int, bandwidth_bps: float
             upd, cpu_update = sw * U / S, U
             extra = {"serial_s": comm}
     else:
-        comm = 2 * (H - 1) / H * M / bw + 2 * (H - 1) * a
+        # gloo's ring runs over all W = H·S ranks (host by host: ranks of a host are neighbours on the ring), so
+        # the one ring edge that leaves a host carries 2(W−1)/W·M each way and gates every lockstep stage; the S−1
+        # edges inside a host are loopback TCP, which costs CPU only (see ddp_ring)
+        W = H * S
+        t_local = 0.0  # no host sums its ranks' gradients: they are all on the ring
+        ring = ddp_ring(model, H, S, M)
+        send = recv = ring["link_bytes"]
+        comm = max(ring["link_bytes"] / bw, sw * ring["cpu_s"]) + 2 * (W - 1) * a
         ov = model.overlap if model.overlap_ddp is None else model.overlap_ddp
-        comm_hidden = min(ov * t_compute, comm)
+        comm_hidden = min(ov * b * model.ms_per_image / 1e3 * sw, comm)  # beside the per-image backward
         upd = sw * U
-        send = recv = 2 * (H - 1) / H * M
         coord_in = coord_out = 0
-        cpu_wire = 0.0
+        cpu_wire = W * ring["cpu_s"]
         cpu_update = H * S * U
+        extra = {"ring_wire_s": ring["link_bytes"] / bw, "ring_cpu_s": sw * ring["cpu_s"]}
     exposed = comm - comm_hidden
     step = t_compute + (t_local - local_hidden) + exposed + upd
     coord_link = max(coord_in, coord_out) / coord_bw

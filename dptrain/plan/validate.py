@@ -56,7 +56,7 @@ def measured_rows(raw) -> tuple[list[dict], list[dict]]:
                          "step_s": r["dptrain_step_s"], "comm_s": r.get("dptrain_comm_s"),
                          "compute_s": r.get("dptrain_compute_s"), "host_out_mb": r.get("h2_out_mb"),
                          "host_in_mb": r.get("h2_in_mb"), "coord_in_mb": r.get("h1_in_mb"),
-                         "coord_out_mb": r.get("h1_out_mb")})
+                         "coord_out_mb": r.get("h1_out_mb"), "wire_cpu_s": r.get("wire_cpu_s")})
         if r.get("ddp_step_s") is not None:
             flat.append({**common, "row": i, "source": "ddp", "plane": "ddp", "wire_dtype": "float32",
                          "step_s": r["ddp_step_s"], "comm_s": r.get("ddp_comm_s"),
@@ -95,6 +95,12 @@ def predict_row(row: dict, num_params: int, model: CostModel, default_bps: float
     if row.get("compute_s") is not None:  # the rest of the model on top of the measured compute
         out["compute_s"] = float(row["compute_s"])
         out["pred_step_given_compute_s"] = p["step_s"] - p["compute_s"] + out["compute_s"]
+    if row.get("wire_cpu_s") is not None:  # measured: the ZeroMQ I/O threads' user CPU (dptrain bench --hosts)
+        out["wire_cpu_s"] = float(row["wire_cpu_s"])
+        moved = [row.get(k) for k in ("host_out_mb", "host_in_mb", "coord_in_mb", "coord_out_mb")]
+        if all(m is not None for m in moved) and out["wire_cpu_s"] > 0:  # every agent moves what h2 moves
+            sealed = (p["hosts"] * (moved[0] + moved[1]) + moved[2] + moved[3]) * 1e6
+            out["wire_bytes_per_io_cpu_s"] = sealed / out["wire_cpu_s"]
     for k, pk in (("host_out_mb", "host_send_bytes"), ("host_in_mb", "host_recv_bytes"),
                   ("coord_in_mb", "coord_in_bytes"), ("coord_out_mb", "coord_out_bytes")):
         if row.get(k) is not None:
