@@ -222,6 +222,14 @@ def _wrapper(tmp_path: Path, name: str, body: str) -> Path:
     return path
 
 
+def _h2_with_mount(tmp_path: Path, c, mount: str) -> Path:
+    """A python for the hosts that, on h2 only, first runs `mount` in a private mount namespace (the agent and its
+    workers see it; nothing else does)."""
+    return _wrapper(tmp_path, "py", f'if [ "$(ip netns identify $$)" = "{c.namespace("h2")}" ]; then\n'
+                                    f'  exec unshare -m /bin/bash -c \'{mount} && exec {sys.executable} "$@"\' py "$@"\n'
+                                    f'fi\nexec {sys.executable} "$@"\n')
+
+
 def _launch_with_remote_python(c, py: Path, data: Path, out: Path, tmp_path: Path, *extra: str) -> tuple[int, str]:
     """A 2-host launch over ssh whose hosts run `py` as their python; returns (exit code, launcher log)."""
     with launcher(["--hostfile", str(c.hostfile), "--ssh-config", str(c.ssh_config), "--bind", c.coordinator_addr,
@@ -287,9 +295,7 @@ def test_preflight_missing_dataset_names_host_and_dataset(data, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     with cluster(2, slots=1) as c:
-        py = _wrapper(tmp_path, "py", f'if [ "$(ip netns identify $$)" = "{c.namespace("h2")}" ]; then\n'
-                                       f'  exec unshare -m /bin/bash -c \'mount --bind {empty} {data} && '
-                                       f'exec {sys.executable} "$@"\' py "$@"\nfi\nexec {sys.executable} "$@"\n')
+        py = _h2_with_mount(tmp_path, c, f"mount --bind {empty} {data}")
         out = tmp_path / "run"
         rc, log = _launch_with_remote_python(c, py, data, out, tmp_path)
         assert rc != 0, log
@@ -306,9 +312,7 @@ def test_small_dev_shm_on_one_host_is_one_line_naming_it(data, tmp_path):
     agent checks what its segments need against that before making any, and the run stops with one line naming the
     host and both figures; no Bus error, nothing of the run left on either host."""
     with cluster(2, slots=1) as c:
-        py = _wrapper(tmp_path, "py", f'if [ "$(ip netns identify $$)" = "{c.namespace("h2")}" ]; then\n'
-                                       f'  exec unshare -m /bin/bash -c \'mount -t tmpfs -o size=1m tmpfs /dev/shm && '
-                                       f'exec {sys.executable} "$@"\' py "$@"\nfi\nexec {sys.executable} "$@"\n')
+        py = _h2_with_mount(tmp_path, c, "mount -t tmpfs -o size=1m tmpfs /dev/shm")
         out = tmp_path / "run"
         rc, log = _launch_with_remote_python(c, py, data, out, tmp_path)
         assert rc != 0, log
