@@ -36,3 +36,27 @@ def small_model(mcfg: ModelConfig, classes: int = 5, size: int = 16, dtype=np.fl
     if jitter:
         store.params[...] += np.random.default_rng(seed + 1).normal(0, jitter, store.num_params).astype(dtype)
     return model, store
+
+
+def on_each_thread_count(compute, counts=(1, 2, 3)):
+    """compute() once with each nn thread count in `counts`, BLAS pinned to one thread (so that only the split of
+    elementwise work changes); returns (the results in that order, the thread counts whose pool was handed blocks:
+    evidence the work was split)."""
+    from threadpoolctl import threadpool_limits
+
+    from dptrain.nn import threads as threads_mod
+
+    results, handed = [], set()
+    with threadpool_limits(1, user_api="blas"):
+        for n in counts:
+            prev = threads_mod.set_threads(n)
+            try:
+                pool = threads_mod._pool
+                if pool is not None:
+                    submit = pool.submit
+                    pool.submit = lambda *a, _n=n, _s=submit, **k: (handed.add(_n), _s(*a, **k))[1]
+                results.append(compute())
+            finally:
+                threads_mod.set_threads(prev)
+    return results, handed
+

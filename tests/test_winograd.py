@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from gradcheck import check_kernel, rel_error
-from helpers import small_model
+from helpers import on_each_thread_count, small_model
 from threadpoolctl import threadpool_limits
 
 from dptrain.config import ModelConfig
@@ -124,18 +124,7 @@ def test_thread_count_does_not_change_bits():
     """Only elementwise work is split over threads (BLAS pinned to 1 thread here): bitwise equal results."""
     case = (8, 16, 16, 32, 32)  # chunks big enough for split_rows to split
     x, w, b, dout = data(case, np.float32)
-    results, submitted = [], []
-    with threadpool_limits(1):
-        for threads in (1, 2, 3):
-            prev = set_threads(threads)
-            try:
-                pool = threads_mod._pool
-                if pool is not None:  # count the blocks handed to the pool: the split did happen
-                    submit = pool.submit
-                    pool.submit = lambda *a, **k: (submitted.append(threads), submit(*a, **k))[1]
-                results.append(wino(x, w, b, dout, ws=Workspace()))
-            finally:
-                set_threads(prev)
+    results, submitted = on_each_thread_count(lambda: wino(x, w, b, dout, ws=Workspace()))
     assert 2 in submitted and 3 in submitted
     for other in results[1:]:
         for a, c in zip(results[0], other):
