@@ -256,7 +256,9 @@ def baseline(slots: int, batch: int, num_params: int, model: CostModel) -> dict:
     c = compute_s(model, b) * sw
     parallel = 4 * num_params / model.mem_bytes_per_s if slots > 1 else 0.0  # each worker its 1/S slice
     hidden = max(0.0, local_reduce_s(model, slots, num_params) - model.overlap * c)  # or under backward
-    ring = ddp_ring(model, 1, slots, 2 * num_params)["cpu_s"] * sw  # DDP's ranks of one host (float16 at best)
+    ring = ddp_ring(model, 1, slots, 2 * num_params)["cpu_s"] * sw  # DDP's ranks of one host (float16 at best),
+    ov = model.overlap if model.overlap_ddp is None else model.overlap_ddp  # less what hides beside the backward
+    ring = max(0.0, ring - ov * b * model.ms_per_image / 1e3 * sw)  # (as predict's DDP plane hides it)
     step = c + min(parallel, hidden, ring) + update_s(model, num_params) * sw / slots
     return {"per_worker_batch": b, "step_s": step, "images_per_s": batch / step}
 
