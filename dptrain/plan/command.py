@@ -11,6 +11,7 @@ from .. import config as config_mod, install_hint, log
 from ..flags import parse_overrides
 from .calibration import compute_source
 from .model import (
+    AES_GCM_BYTES_PER_CPU_S,
     ONE_HOST,
     PLANE_DEFAULT,
     PLANES,
@@ -74,6 +75,9 @@ def add_plan_flags(p: argparse.ArgumentParser) -> None:
                    help="the coordinator's link bandwidth / a host's")
     p.add_argument("--curve-gb-per-cpu-s", type=float, default=d.curve_bytes_per_cpu_s / 1e9,
                    help="GB of wire bytes sealed + opened with CURVE per CPU-second (star, mesh; 0: plain links)")
+    p.add_argument("--aes-gcm-gb-per-cpu-s", type=float, default=AES_GCM_BYTES_PER_CPU_S / 1e9,
+                   help="GB sealed + opened with AES-256-GCM per CPU-second on the mesh's sockets, used when "
+                        "dist.bulk_cipher = aes-gcm (--dist.bulk_cipher=aes-gcm)")
     p.add_argument("--f16-encode-ns", type=float, default=d.f16_encode_ns, help="float16 encode per element")
     p.add_argument("--f16-decode-ns", type=float, default=d.f16_decode_ns, help="float16 decode per element")
     p.add_argument("--overlap", type=float, default=d.overlap,
@@ -211,6 +215,8 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
                           link_efficiency=args.link_efficiency, update_ns_per_param=args.update_ns_per_param,
                           mem_bytes_per_s=args.mem_gb_per_s * 1e9, coord_link_ratio=args.coord_link_ratio,
                           curve_bytes_per_cpu_s=args.curve_gb_per_cpu_s * 1e9 if args.curve_gb_per_cpu_s else None,
+                          aes_gcm_bytes_per_cpu_s=args.aes_gcm_gb_per_cpu_s * 1e9
+                          if cfg.dist.bulk_cipher == "aes-gcm" and args.aes_gcm_gb_per_cpu_s else None,
                           f16_encode_ns=args.f16_encode_ns, f16_decode_ns=args.f16_decode_ns,
                           overlap=args.overlap, overlap_ddp=args.overlap_ddp, shared_cores=shared)
     except ValueError as e:
@@ -271,6 +277,8 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
     idle = [r["hosts"] for r in rows if r["idle_workers"]]
     curve = (f"CURVE {model.curve_bytes_per_cpu_s / 1e9:g} GB per CPU-s" if model.curve_bytes_per_cpu_s
              else "plain links (no CURVE)")
+    if model.aes_gcm_bytes_per_cpu_s and model.curve_bytes_per_cpu_s:
+        curve += f" (the mesh's sockets AES-256-GCM {model.aes_gcm_bytes_per_cpu_s / 1e9:g})"
     print(f"model: {num_params:,} params, {cfg.data.image_size}x{cfg.data.image_size}, {args.classes} classes; "
           f"M = {num_params * WIRE_BYTES[wire] / 1e6:.1f} MB per step on the wire ({wire})\n"
           f"compute: {fixed:.1f} ms/step + {per_image:.2f} ms/image per worker ({source})\n"

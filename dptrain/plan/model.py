@@ -96,6 +96,9 @@ PLANES = ("star", "mesh", "ddp")
 ONE_HOST = ("workers", "coordinator")
 PLANE_DEFAULT = "star,mesh,ddp"  # `launch --workers S` on one host: dist.update = workers | coordinator
 WIRE_BYTES = {"float32": 4, "float16": 2}
+# AES-256-GCM through bulk.py's framing over a socket, sealed + opened per CPU-second, copies included
+# (bench/cipher_throughput.py, 2026-12-07, 2-core Intel Xeon): what a row run with dist.bulk_cipher = aes-gcm costs
+AES_GCM_BYTES_PER_CPU_S = 1.15e9
 CALIBRATION_FILE = "plan-calibration.json"
 CALIBRATION_BATCHES = (2, 32)  # the fixed + per-image fit: two points, about 2 s for the default model
 
@@ -116,6 +119,10 @@ class CostModel:
     # on this AMD EPYC (one loopback stream of 37.7 MB messages, CPU time of both ends); None: plain links.
     # Star and mesh only (DDP's gloo does not encrypt).
     curve_bytes_per_cpu_s: float | None = 0.62e9
+    # dist.bulk_cipher = "aes-gcm": the mesh sockets' bytes sealed + opened with AES-256-GCM per CPU-second, copies
+    # included (1.15 GB/s over a socket, bench/cipher_throughput.py, 2026-12-07, Intel Xeon); None: the mesh's
+    # sockets are CURVE too. The coordinator's link (SYNC, the star) stays CURVE either way.
+    aes_gcm_bytes_per_cpu_s: float | None = None
     f16_encode_ns: float = 3.2  # float32 -> float16 with a power-of-two scale, per element (numpy, one core)
     f16_decode_ns: float = 2.6  # float16 -> float32 (scaled) into the destination, per element
     # fraction of compute during which mesh's local sum and reduce-scatter run hidden: the hidden Linear (89 % of
@@ -151,7 +158,7 @@ class CostModel:
             if v is not None and v > 1:
                 raise ValueError(f"{name} must be in [0, 1], got {v!r}")
         for name in ("ms_per_image", "link_efficiency", "mem_bytes_per_s", "coord_link_ratio",
-                     "curve_bytes_per_cpu_s", "shared_cores", "gloo_bytes_per_cpu_s"):
+                     "curve_bytes_per_cpu_s", "aes_gcm_bytes_per_cpu_s", "shared_cores", "gloo_bytes_per_cpu_s"):
             if getattr(self, name) == 0:
                 raise ValueError(f"{name} must be > 0")
         if self.shared_cores is not None and int(self.shared_cores) != self.shared_cores:
@@ -161,6 +168,14 @@ class CostModel:
     def wire_s_per_byte(self) -> float:
         """κ: CPU-seconds per wire byte of an encrypted link (sealing + opening)."""
         return 1.0 / self.curve_bytes_per_cpu_s if self.curve_bytes_per_cpu_s else 0.0
+
+    @property
+    def mesh_s_per_byte(self) -> float:
+        """CPU-seconds per byte on the mesh's host-to-host sockets: AES-GCM's where dist.bulk_cipher says so (only
+        on encrypted runs: without keys nothing is sealed), else CURVE's."""
+        if self.aes_gcm_bytes_per_cpu_s and self.curve_bytes_per_cpu_s:
+            return 1.0 / self.aes_gcm_bytes_per_cpu_s
+        return self.wire_s_per_byte
 
 
 # ---------------------------------------------------------------------------------------------- parsing
@@ -316,7 +331,9 @@ def predict(plane: str, hosts: int, slots: int, batch: int, bandwidth_bps: float
         send = (H - 1) / H * (Mrs + M) + fb + 2 * M32 / (H * k)  # + its SYNC share, averaged over the k steps
         recv = (H - 1) / H * (Mrs + M) + fb
         sync = 2 * M32 / (H * k) / bw
-        wire_host = kappa * (send + recv) / 2 + (f16_s(model, H, num_params, Kf * Ff) if wire_bytes == 2 else 0.0)
+        sync_bytes = 2 * M32 / (H * k)  # its SYNC share goes over the coordinator's CURVE link, the rest host to host
+        wire_host = (model.mesh_s_per_byte * (send - sync_bytes + recv) + kappa * sync_bytes) / 2 \
+            + (f16_s(model, H, num_params, Kf * Ff) if wire_bytes == 2 else 0.0)
         wire = sc * wire_host
         comm = rs + ag + sync + wire + 2 * a
         window = model.overlap * t_compute

@@ -1,11 +1,12 @@
 """`dptrain plan --validate`: measured rows (dptrain bench --hosts) against the cost model, and their plot."""
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
 from .. import config as config_mod
-from .model import WIRE_BYTES, CostModel, format_bandwidth, parse_bandwidth, predict
+from .model import AES_GCM_BYTES_PER_CPU_S, WIRE_BYTES, CostModel, format_bandwidth, parse_bandwidth, predict
 
 # ---------------------------------------------------------------------------------------------- validation
 
@@ -24,8 +25,9 @@ def parse_tc_rate(rate) -> float | None:
 def _overrides(text) -> dict[str, str]:
     """`--dist.plane=star --model.widths=[8,16]` (a string or a list, as bench-hosts rows keep them) -> dict."""
     items = text.split() if isinstance(text, str) else list(text or [])
-    return dict(o[2:].replace("-", "_").split("=", 1) if "=" in o else (o[2:], "") for o in items
-                if isinstance(o, str) and o.startswith("--"))
+    pairs = (o[2:].split("=", 1) if "=" in o else (o[2:], "") for o in items
+             if isinstance(o, str) and o.startswith("--"))
+    return {k.replace("-", "_"): v for k, v in pairs}  # the key's dashes only: a value keeps its own (aes-gcm)
 
 
 def measured_rows(raw) -> tuple[list[dict], list[dict]]:
@@ -53,6 +55,7 @@ def measured_rows(raw) -> tuple[list[dict], list[dict]]:
                          "plane": r.get("plane") or ov.get("dist.plane") or config_mod.DistConfig().plane,
                          "wire_dtype": r.get("wire_dtype") or ov.get("dist.wire_dtype") or "float32",
                          "sync_every": ov.get("dist.sync_every"), "factored": r.get("factored"),
+                         "bulk_cipher": ov.get("dist.bulk_cipher") or config_mod.DistConfig().bulk_cipher,
                          "step_s": r["dptrain_step_s"], "comm_s": r.get("dptrain_comm_s"),
                          "compute_s": r.get("dptrain_compute_s"), "host_out_mb": r.get("h2_out_mb"),
                          "host_in_mb": r.get("h2_in_mb"), "coord_in_mb": r.get("h1_in_mb"),
@@ -78,6 +81,10 @@ def predict_row(row: dict, num_params: int, model: CostModel, default_bps: float
     wire = row.get("wire_dtype") or "float32"
     if wire not in WIRE_BYTES:
         raise ValueError(f"wire_dtype {wire!r}")
+    if (row.get("bulk_cipher") or "curve") == "aes-gcm":  # the row's mesh sockets were AES-GCM, not CURVE
+        model = dataclasses.replace(model, aes_gcm_bytes_per_cpu_s=model.aes_gcm_bytes_per_cpu_s or AES_GCM_BYTES_PER_CPU_S)
+    else:
+        model = dataclasses.replace(model, aes_gcm_bytes_per_cpu_s=None)
     p = predict(row["plane"], int(row["hosts"]), int(row["slots"]), int(row["batch_size"]), bps, WIRE_BYTES[wire],
                 int(row.get("num_params") or num_params), model, int(row.get("sync_every") or sync_every),
                 tuple(row["factored"]) if row.get("factored") else None)  # rows from before factors: none
@@ -95,7 +102,8 @@ def predict_row(row: dict, num_params: int, model: CostModel, default_bps: float
     if row.get("compute_s") is not None:  # the rest of the model on top of the measured compute
         out["compute_s"] = float(row["compute_s"])
         out["pred_step_given_compute_s"] = p["step_s"] - p["compute_s"] + out["compute_s"]
-    if row.get("wire_cpu_s") is not None:  # measured: the ZeroMQ I/O threads' user CPU (dptrain bench --hosts)
+    aes = (row.get("bulk_cipher") or "curve") == "aes-gcm"  # AES-GCM seals in the agents' threads, not ZeroMQ's
+    if row.get("wire_cpu_s") is not None and not aes:  # measured: the ZeroMQ I/O threads' user CPU (bench --hosts)
         out["wire_cpu_s"] = float(row["wire_cpu_s"])
         moved = [row.get(k) for k in ("host_out_mb", "host_in_mb", "coord_in_mb", "coord_out_mb")]
         if all(m is not None for m in moved) and out["wire_cpu_s"] > 0:  # every agent moves what h2 moves
