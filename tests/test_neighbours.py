@@ -138,7 +138,7 @@ def test_a_neighbour_on_the_tcp_port_cannot_end_or_change_the_run(tiny_data, tmp
                 or "dropped a message" in ln or "more dropped messages" in ln]
     assert refusals and "intruder" not in log, log[-3000:]
     # at most DROP_LOG_BURST + 1 lines per DROP_LOG_WINDOW_S of the run, each cut at DROP_LINE_CHARS (+ the prefix)
-    from dptrain.distributed.coordinator import DROP_LINE_CHARS, DROP_LOG_BURST
+    from dptrain.distributed.protocol import DROP_LINE_CHARS, DROP_LOG_BURST
     assert len(refusals) <= (120 // 10 + 1) * (DROP_LOG_BURST + 1), len(refusals)
     assert max(len(ln) for ln in refusals) < DROP_LINE_CHARS + 80, max(refusals, key=len)
     assert not any("is dead" in ln or "reported an error" in ln for ln in log.splitlines()), log[-3000:]

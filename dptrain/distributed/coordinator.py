@@ -29,9 +29,6 @@ from .versions import local_versions, mismatches
 
 POLL_TICK_S = 0.1
 MAX_DRAIN = 1000  # messages handled per poll before liveness is checked again
-DROP_LOG_BURST = 50  # dropped-message lines logged per window; the rest are counted: a flood is at most 51 lines a window
-DROP_LOG_WINDOW_S = 10.0
-DROP_LINE_CHARS = 200  # a dropped message's line is cut here: what a stranger sends never fills the log
 LATE_WARNING_EVERY_S = 10.0
 STACK_DUMP_WAIT_S = 0.5  # for a stuck rank's stack to reach its log
 RSS_SAMPLE_S = 1.0  # how often the resident memory of a started process is sampled (to name an OOM kill)
@@ -92,7 +89,7 @@ class Coordinator:
         self.ours = local_versions()
         self.dropped = 0
         self.bn_reductions = 0  # sync-BN sums served (none when one host's workers sum them in shared memory)
-        self._drop_window = [0.0, 0, 0]  # window start, lines logged, lines suppressed
+        self._drop_log = log.DropLog(P.DROP_LOG_BURST, P.DROP_LOG_WINDOW_S, P.DROP_LINE_CHARS)
         self.last_publish = (0.0, 0.0)  # (start, seconds) of the last round's STEP sends (weights, with sockets)
         self.stop_deadline: float | None = None  # after a stop request, give the running step this long
         # Capacity coming back (dist.on_worker_failure "continue"): respawn(peer) starts a replacement process for
@@ -167,19 +164,10 @@ class Coordinator:
         return True
 
     def _dropped(self, line: str) -> None:
-        """Log a dropped message; past DROP_LOG_BURST in a DROP_LOG_WINDOW_S window only count them."""
+        """Count a dropped message and log it (cut short; past DROP_LOG_BURST in a DROP_LOG_WINDOW_S window only
+        counted: log.DropLog)."""
         self.dropped += 1
-        line = line if len(line) <= DROP_LINE_CHARS else line[:DROP_LINE_CHARS - 3] + "..."
-        now = time.monotonic()
-        if now - self._drop_window[0] > DROP_LOG_WINDOW_S:
-            if self._drop_window[2]:
-                self.log.warning(f"... and {self._drop_window[2]} more dropped messages not shown")
-            self._drop_window = [now, 0, 0]
-        if self._drop_window[1] < DROP_LOG_BURST:
-            self._drop_window[1] += 1
-            self.log.warning(line)
-        else:
-            self._drop_window[2] += 1
+        self._drop_log(line)
 
     def _handle_common(self, identity: bytes, msg: P.Message) -> bool:
         """Heartbeats, hellos, readies, errors and logs. Returns True when handled."""

@@ -53,7 +53,6 @@ WAIT_WARNING_EVERY_S = 10.0
 PIECE = 16 * CHUNK
 EARLY_MAX = 1024  # messages kept for a later phase (a step brings 2 (H - 1)): a bound, not a working limit
 POLL_MS = 50
-LOGGED_DROPS = 50  # refused messages logged one by one; after that every 50th (an intruder cannot flood the log)
 
 
 def checksum(params: np.ndarray) -> int:
@@ -74,6 +73,7 @@ class MeshLink:
         self.sealers: dict[int, Sealer] = {}
         self.opener: Opener | None = None
         self.dropped = 0  # messages refused on this socket: malformed, or sealed and not authentic
+        self.drop_log = log.DropLog(P.DROP_LOG_BURST, P.DROP_LOG_WINDOW_S, P.DROP_LINE_CHARS)  # a flood: a few lines
         self.log = log.get()
         self.server = None
         self.sock = ctx.socket(zmq.ROUTER)
@@ -193,9 +193,7 @@ class MeshLink:
                 continue
             except (P.ProtocolError, BulkError) as e:
                 self.dropped += 1
-                if self.dropped <= LOGGED_DROPS or self.dropped % LOGGED_DROPS == 0:
-                    self.log.warning(f"host {self.host}: dropped a message from another host ({self.dropped} so "
-                                     f"far): {e}")
+                self.drop_log(f"host {self.host}: dropped a message from another host ({self.dropped} so far): {e}")
                 continue
             if msg.kind in (P.Kind.SCATTER, P.Kind.GATHER, P.Kind.FACTORS) and msg.fields["src"] == msg.rank:
                 self.early.append(msg)

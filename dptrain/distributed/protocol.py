@@ -211,6 +211,11 @@ class Limits:
 
 DEFAULT_LIMITS = Limits()
 
+# what a dropped message costs the log, wherever one is dropped (log.DropLog: the coordinator, a mesh socket)
+DROP_LOG_BURST = 50  # dropped-message lines logged per window; the rest are counted: a flood is at most 51 lines a window
+DROP_LOG_WINDOW_S = 10.0
+DROP_LINE_CHARS = 200  # a dropped message's line is cut here: what a stranger sends never fills the log
+
 
 def max_frame_bytes(num_params: int, num_buffers: int, bn_moments: int, num_images: int, batch_size: int,
                     factor_shape: tuple[int, int] = (0, 0), limits: Limits = DEFAULT_LIMITS) -> int:
