@@ -26,7 +26,7 @@ import os
 import sys
 
 from . import log
-from .flags import add_launch_flags, add_train_flags, resolve_config
+from .flags import add_launch_flags, add_train_flags, options_from, resolve_config
 from .train import exit_code
 
 # Each subcommand imports what it runs when it runs: every worker process, agent and `dptrain --help` starts
@@ -57,7 +57,7 @@ def cmd_launch(args, extra) -> int:
     from .distributed.invariant import check_launch
     from .launcher.launch import launch
     from .launcher.options import LaunchOptions
-    opts = LaunchOptions.from_args(args)
+    opts = options_from(LaunchOptions, args)
     check_launch(cfg, opts.many_hosts)
     return launch(cfg, opts)
 
@@ -182,7 +182,7 @@ def _cmd_worker(args, extra) -> int:
 
 def _cmd_agent(args, extra) -> int:
     from .distributed.agent import AgentOptions, run_agent
-    return run_agent(AgentOptions.from_args(args))
+    return run_agent(options_from(AgentOptions, args))
 
 
 def build_parser() -> argparse.ArgumentParser:

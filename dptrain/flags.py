@@ -7,6 +7,7 @@ commands (cli.py) and the tools (bench/, plan/, soak/) read their arguments thro
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 from pathlib import Path
 
@@ -122,6 +123,13 @@ def resolve_config(args: argparse.Namespace, extra: list[str]) -> config_mod.Con
         return config_mod.load(base, overrides)
     except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"dptrain: config error: {e}") from None
+
+
+def options_from(cls, args: argparse.Namespace):
+    """The options dataclass `cls` (LaunchOptions, AgentOptions) from the arguments: each field the parser gave a
+    value; the rest keep their defaults. The command line's edge: nothing below it sees the Namespace."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+                  if getattr(args, f.name, None) is not None})
 
 
 def run_id(text: str) -> str:

@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +51,7 @@ from .mesh import MeshLink, MeshReplica, checksum, factors_pay
 from .peer import PeerLink, leave, run_peer
 from .rankenv import RankEnvError, coordinator_from_env, from_env
 from .reduce import sum_in_order
-from .session import Session, frame_limit
+from .session import Session, factor_layout, frame_limit
 from .timeline import busy_s
 from .wire import grad_frame, receive_weights
 
@@ -126,9 +126,7 @@ class Agent:
         layout = {"images": (tuple(ds.images.shape), np.uint8), "params": ((P,), f32),
                   "buffers": ((store.num_buffers,), f32), "grads": ((self.slots, P), f32)}
         if layer is not None:
-            K, F = layer.w.shape
-            B = self.cfg.train.batch_size
-            layout["fx"], layout["fdy"] = ((self.slots, B, K), f32), ((self.slots, B, F), f32)
+            layout.update(factor_layout(layer, self.slots, self.cfg.train.batch_size))
         try:
             self.session.plan(layout)
         except SystemExit as e:
@@ -396,10 +394,6 @@ class AgentOptions:
     stop_grace_s: float = 20.0
     host_label: str | None = None
     join: bool = False  # take the place of a lost host in a running job
-
-    @classmethod
-    def from_args(cls, args) -> AgentOptions:
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None})
 
 
 def run_agent(opts: AgentOptions) -> int:

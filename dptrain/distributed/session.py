@@ -197,6 +197,13 @@ def _or_exit(fn, *args, **kwargs):
         raise SystemExit(f"dptrain: {e}") from None
 
 
+def factor_layout(layer, slots: int, cap: int) -> dict:
+    """The factored Linear's segments (Session.factor_arrays) in a layout for Session.plan: every worker's inputs
+    (slots, cap, K) and output gradients (slots, cap, F), float32."""
+    K, F = layer.w.shape
+    return {"fx": ((slots, cap, K), np.float32), "fdy": ((slots, cap, F), np.float32)}
+
+
 class Session:
     """Everything one host's side of a run started, torn down in `close()`."""
 
@@ -246,7 +253,7 @@ class Session:
         output gradients (slots, cap, F), up to `cap` samples each (after losses one worker may get the whole batch;
         tmpfs allocates only the pages written). Returns (w0, K, F, x, dy) and WELCOME's `factored` field."""
         K, F = layer.w.shape
-        fx, fdy = self.shared("fx", (slots, cap, K), np.float32), self.shared("fdy", (slots, cap, F), np.float32)
+        fx, fdy = (self.shared(what, *spec) for what, spec in factor_layout(layer, slots, cap).items())
         return (layer.w.offset, K, F, fx.array, fdy.array), {"x": fx.spec(), "dy": fdy.spec()}
 
     def start_workers(self, cfg: Config, host: str, log_paths: list[Path]) -> None:

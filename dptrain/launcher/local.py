@@ -25,7 +25,7 @@ from ..distributed import localsum
 from ..distributed.coordinator import Coordinator
 from ..distributed.executor import HostBuffers, SharedUpdate
 from ..distributed.reduce import one_host_factored
-from ..distributed.session import Session, blas_threads, frame_limit, memory_warning, physical_cores
+from ..distributed.session import Session, blas_threads, factor_layout, frame_limit, memory_warning, physical_cores
 from ..train import prepare_or_exit
 from .run import Tee, run_session
 
@@ -134,6 +134,5 @@ def segment_layout(cfg: Config, n: int, store, model, images_shape) -> dict:
         L["bnsum"], L["bnseen"] = ((2, n, localsum.width(model)), np.float64), ((n,), np.int64)
     layer = one_host_factored(cfg, model, n)
     if layer is not None:  # Session.factor_arrays: up to a whole batch per rank (after losses one may get it)
-        K, F = layer.w.shape
-        L["fx"], L["fdy"] = ((n, cfg.train.batch_size, K), f32), ((n, cfg.train.batch_size, F), f32)
+        L.update(factor_layout(layer, n, cfg.train.batch_size))
     return L

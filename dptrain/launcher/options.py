@@ -1,7 +1,7 @@
 """`dptrain launch`'s options beyond the Config, made from the command line's arguments at its edge."""
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 
 @dataclass
@@ -27,10 +27,6 @@ class LaunchOptions:
     run_id: str | None = None
     np: int | None = None  # -np N: the total number of workers over the hosts (mpirun's, horovodrun's meaning)
     workers: int | None = None  # --workers / --nproc-per-node as given (per host with -H or a hostfile)
-
-    @classmethod
-    def from_args(cls, args) -> LaunchOptions:
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None})
 
     @property
     def many_hosts(self) -> bool:
