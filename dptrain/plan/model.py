@@ -97,7 +97,8 @@ ONE_HOST = ("workers", "coordinator")
 PLANE_DEFAULT = "star,mesh,ddp"  # `launch --workers S` on one host: dist.update = workers | coordinator
 WIRE_BYTES = {"float32": 4, "float16": 2}
 # AES-256-GCM through bulk.py's framing over a socket, sealed + opened per CPU-second, copies included
-# (bench/cipher_throughput.py, 2026-12-07, 2-core Intel Xeon): what a row run with dist.bulk_cipher = aes-gcm costs
+# (bench/cipher_throughput.py; the measurement: docs/performance-notes.md, plan): what a row run with
+# dist.bulk_cipher = aes-gcm costs
 AES_GCM_BYTES_PER_CPU_S = 1.15e9
 CALIBRATION_FILE = "plan-calibration.json"
 CALIBRATION_BATCHES = (2, 32)  # the fixed + per-image fit: two points, about 2 s for the default model
@@ -115,13 +116,12 @@ class CostModel:
     update_ns_per_param: float = 4.0  # clip + momentum SGD (+ weight decay) per parameter on one core
     mem_bytes_per_s: float = 5e9  # a host summing its S float32 gradients in shared memory
     coord_link_ratio: float = 1.0  # the coordinator's link bandwidth ÷ a host's (a head node with a fatter uplink)
-    # wire bytes sealed (sender) + opened (receiver) with ZeroMQ CURVE per CPU-second, copies included: 0.62 GB/s
-    # on this AMD EPYC (one loopback stream of 37.7 MB messages, CPU time of both ends); None: plain links.
-    # Star and mesh only (DDP's gloo does not encrypt).
+    # wire bytes sealed (sender) + opened (receiver) with ZeroMQ CURVE per CPU-second, copies included (one
+    # loopback stream of model-sized messages, CPU time of both ends; docs/performance-notes.md, plan); None: plain
+    # links. Star and mesh only (DDP's gloo does not encrypt).
     curve_bytes_per_cpu_s: float | None = 0.62e9
     # dist.bulk_cipher = "aes-gcm": the mesh sockets' bytes sealed + opened with AES-256-GCM per CPU-second, copies
-    # included (1.15 GB/s over a socket, bench/cipher_throughput.py, 2026-12-07, Intel Xeon); None: the mesh's
-    # sockets are CURVE too. The coordinator's link (SYNC, the star) stays CURVE either way.
+    # included (AES_GCM_BYTES_PER_CPU_S); None: the mesh's sockets are CURVE too. The coordinator's link (SYNC, the star) stays CURVE either way.
     aes_gcm_bytes_per_cpu_s: float | None = None
     f16_encode_ns: float = 3.2  # float32 -> float16 with a power-of-two scale, per element (numpy, one core)
     f16_decode_ns: float = 2.6  # float16 -> float32 (scaled) into the destination, per element
@@ -132,20 +132,19 @@ class CostModel:
     # `overlap`. The hidden Linear's bucket (89 % of the bytes) is ready once its backward is done; its ring then
     # runs beside the conv layers' backward, which is per-image work (about 2/3 of the per-image part: backward is
     # about twice forward), none of the batch-independent part. On the one-box bench (every rank, gloo thread and
-    # the kernel's TCP on 2 shared cores) about half of that is hidden: 0.28 and 0.33 measured at global batch 96
-    # (2 × 2 and 3 × 1 hosts, 1 Gbit/s; bench/netns-ddp-slots-2026-12-07), 0.13-0.16 at 16 (where 0.3 errs by
-    # under 3 % of the step). On separate hosts up to ~0.67 (the whole conv backward) is possible.
+    # the kernel's TCP on shared cores) about half of that is hidden: set from the batch-96 rows of
+    # bench/netns-ddp-slots-2026-12-07 (docs/performance-notes.md, plan). On separate hosts up to ~0.67 (the whole
+    # conv backward) is possible.
     overlap_ddp: float | None = 0.3
     # DDP's gloo ring: bytes a rank sends (receiving and summing as many) per CPU-second of that rank, TCP's
-    # copies in the kernel included (loopback or not). Measured on this AMD EPYC with dptrain.bench.ddp
-    # --ring-cpu (a 37.7 MB all-reduce, 1 thread per rank): 1.51 GB/s at W = 2, 1.79 at W = 4 (load 0.8; with
-    # the box loaded, 1.60 and 1.69)
+    # copies in the kernel included (loopback or not); `python -m dptrain.bench.ddp --ring-cpu W` measures it
+    # (docs/performance-notes.md, plan)
     gloo_bytes_per_cpu_s: float = 1.65e9
     # all hosts on one box: every worker and every host's communication thread share this many cores (None: each
     # host has its own S cores, plus one for its communication)
     shared_cores: int | None = None
     # one host: the control messages of a step when the workers reduce and update (REDUCE/UPDATE and their replies
-    # over ipc://): measured 0.7-0.9 ms of serial time per step on this box at N = 1..8
+    # over ipc://): serial time per step (docs/performance-notes.md, plan)
     local_control_s: float = 0.8e-3
 
     def __post_init__(self):
