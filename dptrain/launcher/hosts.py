@@ -30,7 +30,7 @@ from ..config import Config
 from ..distributed import hostfile
 from ..distributed.coordinator import Coordinator, WorkerFailure
 from ..distributed.curve import RunKeys, write_launch_failure
-from ..distributed.executor import HostBuffers
+from ..distributed.datapaths import HostBuffers
 from ..distributed.hostfile import HostfileError, HostSlots, assign_ranks, filter_hosts, parse_hostfile, parse_hosts
 from ..distributed.peers import PeerState
 from ..distributed.session import Session, frame_limit

@@ -23,7 +23,7 @@ from .. import config as config_mod, log
 from ..config import Config
 from ..distributed import localsum
 from ..distributed.coordinator import Coordinator
-from ..distributed.executor import HostBuffers, SharedUpdate
+from ..distributed.datapaths import HostBuffers, SharedUpdate
 from ..distributed.reduce import one_host_factored
 from ..distributed.session import Session, blas_threads, factor_layout, frame_limit, memory_warning, physical_cores
 from ..train import prepare_or_exit
