@@ -95,7 +95,13 @@ def intruder_user() -> list[str]:
         pwd.getpwnam(OTHER)
     except KeyError:
         subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", OTHER], check=True)
-    return ["setpriv", "--reuid", OTHER, "--regid", OTHER, "--clear-groups"]
+    as_other = ["setpriv", "--reuid", OTHER, "--regid", OTHER, "--clear-groups"]
+    # the other account must be able to run this interpreter with pyzmq and this checkout: a checkout in a folder
+    # only its owner may enter (a mktemp folder, /root) is not readable to it; then the intruder runs as this user
+    # (a process without the run's token all the same, which is what the gate checks)
+    probe = subprocess.run([*as_other, sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
+                            "import zmq, dptrain.distributed.protocol"], capture_output=True, cwd="/", timeout=60)
+    return as_other if probe.returncode == 0 else []
 
 
 def _free_port() -> int:
