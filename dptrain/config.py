@@ -149,6 +149,11 @@ class DistConfig:
     # sends the owners its samples' inputs and output gradients of that layer (B_h x (16384 + 512) floats instead of
     # 16384 x 512) and each owner computes its rows of dW = X^T dY over the whole batch (mesh.py)
     factored: bool = True
+    # mesh, with factored: who updates that Linear's weights. "owners": each host computes and updates its slice's
+    # rows and all-gathers them (as every other weight); "replicated": every host gets every host's factors, computes
+    # the whole dW (per owner's rows, the owners' very GEMMs: the same bits) and updates all of W itself, so W never
+    # travels; "auto": replicated while the global batch is small enough to pay (mesh.replicate_pays)
+    factor_update: str = "auto"
     # mesh, across hosts: what protects the host-to-host gradients and weights. "curve": those sockets are ZeroMQ
     # CURVE like every other link; "aes-gcm": they drop CURVE and every message is sealed with AES-256-GCM under
     # per-plane, per-direction keys the coordinator hands out over its CURVE link (distributed/bulk.py,
@@ -182,6 +187,9 @@ class Config:
                                                           .removeprefix("SIG")):
             raise ValueError(f"train.checkpoint_signal {self.train.checkpoint_signal!r} is not a signal name "
                              f"(e.g. USR1)")
+        if self.dist.factor_update not in ("auto", "owners", "replicated"):
+            raise ValueError("dist.factor_update must be 'auto', 'owners' or 'replicated', "
+                             f"got {self.dist.factor_update!r}")
         if self.dist.bulk_cipher not in ("curve", "aes-gcm"):
             raise ValueError(f"dist.bulk_cipher must be 'curve' or 'aes-gcm', got {self.dist.bulk_cipher!r}")
         if self.dist.plane not in ("mesh", "star"):

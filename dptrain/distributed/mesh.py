@@ -435,6 +435,28 @@ def factors_pay(batch: int, hosts: int, rows: int, cols: int) -> bool:
     return hosts > 1 and b * (rows + (hosts - 1) * cols) < (hosts - 1) * rows * cols / hosts
 
 
+# dist.factor_update = "auto" replicates the factored Linear's update only up to this global batch: every host then
+# computes the whole dW = X^T dY (2·B flops per weight, a GEMM) and updates all of W (one SGD pass) instead of its
+# rows and an all-gather of W. Per weight that is 2·B flops + ~4 ns against sending and sealing 4 bytes: at 10 Gbit/s
+# (3.4 ns on the wire, ~7 ns sealing + opening with AES-GCM) the one-core GEMM (~50-100 GFLOP/s) breaks even near
+# B = 256; at 1 Gbit/s far above it. `dptrain plan` models both (--dist.factor_update) for a given cluster.
+REPLICATE_MAX_BATCH = 256
+
+
+def replicate_pays(batch: int, hosts: int, rows: int, cols: int, wire_bytes: int, mode: str = "auto") -> bool:
+    """Does every host compute and update the factored (rows x cols) Linear's weights itself (no all-gather of that
+    layer), given dist.factor_update `mode`? "auto": when the batch is small (REPLICATE_MAX_BATCH) and a host's link
+    carries fewer bytes that way: its samples' inputs and output gradients to every other host, ceil(B/H)·(rows +
+    cols) floats each, instead of the owners' share of them plus (H-1)/H of the layer's weights in the all-gather."""
+    if hosts < 2 or mode == "owners":
+        return False
+    if mode == "replicated":
+        return True
+    b = -(-batch // hosts)
+    owners = b * (rows * (hosts - 1) / hosts + (hosts - 1) * cols) * 4 + (hosts - 1) / hosts * rows * cols * wire_bytes
+    return batch <= REPLICATE_MAX_BATCH and (hosts - 1) * b * (rows + cols) * 4 < owners
+
+
 def scatter_pieces(starts, size: int, slices: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
     """The reduce-scatter's fixed pieces of a flat buffer of `size`: cut at the layers' `starts`, at every slice bound
     (slices: (host index, lo, hi)) and every PIECE elements; each (lo, hi, owner's host index), in flat order. Fixed
