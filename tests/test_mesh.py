@@ -46,7 +46,7 @@ def run_hosts(c, data, out, *extra, **train):
 
 
 # ---- the same bits as the star -----------------------------------------------------------------------------------
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(180)
 @pytest.mark.numerics
 def test_mesh_equals_star_bitwise_and_float16_replicas_stay_identical(data, tmp_path):
     """float32: the owners sum in host order, exactly what the coordinator does on the star. Both: every host's
@@ -56,9 +56,11 @@ def test_mesh_equals_star_bitwise_and_float16_replicas_stay_identical(data, tmp_
     got = {}
     with cluster(3, slots=2) as c:  # 2 workers a host: their sum is built piece by piece as backward goes
         for name, extra in (("star", ["--plane", "star"]), ("mesh", ["--plane", "mesh", "--dist.factored=false"]),
-                            ("factored", ["--plane", "mesh"]),
+                            ("factored", ["--plane", "mesh", "--dist.factor_update=owners"]),
+                            ("replicated", ["--plane", "mesh"]),
                             ("mesh-aes", ["--plane", "mesh", "--dist.factored=false", "--dist.bulk_cipher=aes-gcm"]),
-                            ("mesh16", ["--plane", "mesh", "--wire-dtype", "float16"])):
+                            ("mesh16", ["--plane", "mesh", "--wire-dtype", "float16", "--dist.factor_update=owners"]),
+                            ("mesh16-rep", ["--plane", "mesh", "--wire-dtype", "float16"])):
             out = tmp_path / name
             # He init: the float16 bound below was set with it (PyTorch's, the default, drifts to ~3e-2 in 10 steps)
             with run_hosts(c, data, out, *extra, "--dist.sync_every=1", "--model.init=he", train__steps_per_epoch=5,
@@ -67,6 +69,8 @@ def test_mesh_equals_star_bitwise_and_float16_replicas_stay_identical(data, tmp_
             got[name] = params(out)
             if name.startswith("mesh"):
                 assert "mesh data plane 1 over 3 hosts (h1, h2, h3)" in la.log()
+                # dist.factor_update = auto at this small batch: every host updates the factored Linear itself
+                assert ("updates the factored Linear" in la.log()) == (name in ("replicated", "mesh16-rep"))
                 sealed = "bulk frames sealed with AES-256-GCM" in (out / "logs" / "host-h2.log").read_text()
                 assert sealed == name.endswith("aes")
                 s = summary(out)
@@ -76,6 +80,9 @@ def test_mesh_equals_star_bitwise_and_float16_replicas_stay_identical(data, tmp_
     assert np.array_equal(got["mesh"], got["star"])
     assert np.array_equal(got["mesh-aes"], got["star"])  # sealed and opened: the same bytes arrive
     assert 0 < rel_error(got["factored"], got["star"]) < 1e-5
+    # replicated: every host runs each owner's GEMM on the same inputs and the same SGD: the owners' bits
+    assert np.array_equal(got["replicated"], got["factored"])
+    assert np.array_equal(got["mesh16-rep"], got["mesh16"])
     assert 0 < rel_error(got["mesh16"], got["factored"]) < 1e-2  # rounded on the wire, close to float32
 
 

@@ -103,7 +103,8 @@ class Agent:
                             self.max_frame, self.cfg.dist.bulk_cipher)
             self.replica = MeshReplica(link, sgd_for(self.store, self.cfg.train), self.params, self.buffers,
                                        self.cfg.dist.wire_dtype, self.param_starts, self.factor)
-            mesh = {"mesh_endpoint": link.endpoint, "mesh_key": link.key}
+            mesh = {"mesh_endpoint": link.endpoint, "mesh_key": link.key,
+                    "mesh_factor": list(self.factor[:3]) if self.factor else []}
             self.log.info(f"host {self.host}: mesh endpoint {link.endpoint}, CURVE server key {link.key or 'none'}"
                           + (", bulk frames sealed with AES-256-GCM" if link.sealed else ""))
         self.link.send(P.Kind.READY, **mesh)

@@ -187,6 +187,8 @@ class Coordinator:
             peer.state = PeerState.READY
             peer.mesh_endpoint = str(msg.fields.get("mesh_endpoint", ""))
             peer.mesh_key = str(msg.fields.get("mesh_key", ""))
+            factor = msg.fields.get("mesh_factor") or ()
+            peer.mesh_factor = tuple(int(v) for v in factor) if isinstance(factor, list) and len(factor) == 3 else ()
             if peer.replacement:
                 self.log.warning(f"{peer.describe()} is back after {time.monotonic() - peer.started:.1f} s: it "
                                  f"takes part from the next step on")

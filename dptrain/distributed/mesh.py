@@ -241,6 +241,7 @@ class MeshReplica:
         self.red = np.zeros_like(params)
         self.out16 = np.empty(params.size, np.float16) if self.wire16 else None
         self.pieces: list[tuple[int, int, int]] = []  # (lo, hi, owner's host index), in flat order
+        self.replicate = False  # this plane: every host updates the factored Linear itself (no all-gather of it)
         self.parts = np.empty((0, 0), np.float32)  # (hosts, this slice): every host's contribution, decoded
         self.position: dict[int, int] = {}  # host index -> row of parts (host order)
 
@@ -251,6 +252,14 @@ class MeshReplica:
         np.copyto(self.params, msg.arrays["params"])
         np.copyto(self.buffers, msg.arrays["buffers"])
         self.opt.velocity[mesh.lo:mesh.hi] = msg.arrays["velocity"]
+        # dist.factor_update: this plane's hosts each compute and update the whole factored Linear ([w0, w1))
+        rep = msg.fields.get("replicate")
+        self.replicate = self.factor is not None and rep == list(self.w)
+        if rep and not self.replicate:
+            raise SystemExit(f"host {mesh.host}: plane {mesh.mesh_id} replicates weights [{rep[0]}, {rep[1]}), but "
+                             f"this host's factored Linear is {list(self.w) if self.factor else 'none'}")
+        if self.replicate:
+            self.opt.velocity[self.w[0]:self.w[1]] = msg.arrays["velocity_w"]
         self.pieces = scatter_pieces(self.param_starts, self.params.size, [(h[0], h[3], h[4]) for h in mesh.hosts])
         self.position = {h[0]: k for k, h in enumerate(mesh.hosts)}
         self.parts = np.empty((len(mesh.hosts), mesh.hi - mesh.lo), np.float32)
@@ -317,6 +326,13 @@ class MeshReplica:
         if self.ranks:
             x_h = np.concatenate([fx[r, :self.counts[r]] for r in self.ranks])
             dy_h = np.concatenate([fdy[r, :self.counts[r]] for r in self.ranks])
+        if self.replicate:  # every host computes all of dW: all of x to everyone
+            self.fparts[mesh.index] = (x_h, dy_h)
+            for index in mesh.out:
+                mesh.send(index, P.Kind.FACTORS, self.step, self.attempt, {"x": x_h, "dy": dy_h}, lo=w0,
+                          hi=w0 + K * F)
+            self.factors_sent = True
+            return
         for index, _, _, lo, hi, _ in mesh.hosts:
             span = factor_span(w0, K, F, lo, hi)
             if span is None:
@@ -333,6 +349,9 @@ class MeshReplica:
         """Our rows of the factored Linear's weight gradient, dW = X^T dY over the whole batch (every host's samples
         in host order): one GEMM instead of summing H hosts' full-size contributions."""
         mesh, (w0, K, F, _, _) = self.mesh, self.factor
+        if self.replicate:
+            self._replicated_rows(upstream)
+            return
         span = factor_span(w0, K, F, mesh.lo, mesh.hi)
         if span is None:
             return
@@ -349,6 +368,29 @@ class MeshReplica:
         x = np.concatenate([self.fparts[h][0] for h in order])
         dy = np.concatenate([self.fparts[h][1] for h in order])
         self.red[a:b] = dw_span(x, dy, w0, F, span)
+
+    def _replicated_rows(self, upstream: PeerLink) -> None:
+        """dist.factor_update replicated: the whole factored Linear's weight gradient from every host's factors,
+        owner by owner, with the very GEMM each owner would run on its rows (the same inputs, shapes and columns of
+        X: the same bits as the owners' way)."""
+        mesh, (w0, K, F, _, _) = self.mesh, self.factor
+
+        def take(m: P.Message) -> None:
+            x, dy = m.arrays["x"], m.arrays["dy"]
+            if m.fields["hi"] != w0 + K * F or x.ndim != 2 or x.shape[1] != K or dy.shape != (x.shape[0], F):
+                raise SystemExit(f"host {mesh.host}: host {mesh.name(m.rank)} sent factors of shape {x.shape}, "
+                                 f"{dy.shape} for [{w0}, {m.fields['hi']}), expected (n, {K}), (n, {F}) for "
+                                 f"[{w0}, {w0 + K * F})")
+            self.fparts[m.rank] = (x, dy)
+        mesh.collect(P.Kind.FACTORS, self.step, self.attempt, upstream, {(src, w0) for src in mesh.out}, take)
+        order = [h[0] for h in mesh.hosts]
+        x = np.concatenate([self.fparts[h][0] for h in order])
+        dy = np.concatenate([self.fparts[h][1] for h in order])
+        for h in mesh.hosts:
+            span = factor_span(w0, K, F, h[3], h[4])
+            if span is not None:
+                a, b, k0, k1 = span
+                self.red[a:b] = dw_span(np.ascontiguousarray(x[:, k0:k1]), dy, w0, F, span)
 
     def _place(self, src: int, lo: int, part: np.ndarray, scale: float) -> None:
         row = self.parts[self.position[src], lo - self.mesh.lo:lo - self.mesh.lo + part.size]
@@ -385,19 +427,25 @@ class MeshReplica:
     def update_gather(self, lr: float, scale: float, step: int, attempt: int, upstream: PeerLink) -> None:
         """Clip + SGD on this host's slice, its new weights to every other host, theirs into our replica; piece by
         piece (gather_pieces), so the first pieces are on the wire while the next are computed, and each piece
-        received is applied while the rest is on its way."""
+        received is applied while the rest is on its way. Replicated (dist.factor_update): the factored Linear's
+        pieces of every slice are updated here, as their owners do, and none of them travels."""
         mesh = self.mesh
-        for a, b in gather_pieces(mesh.lo, mesh.hi):
-            prev = self.params[a:b].copy() if self.wire16 else None
-            self.opt.step(self.params, self.red, lr, scale, a, b)
-            if self.wire16:
-                uscale = apply_update16(self.params[a:b], prev, self.out16[a:b])
-                arrays = {"update": self.out16[a:b]}
-            else:
-                uscale, arrays = 1.0, {"params": self.params[a:b]}
+        cuts = self.w if self.factor else ()
+        for a, b in gather_pieces(mesh.lo, mesh.hi, cuts):
+            uscale, arrays = self._update_piece(a, b, lr, scale)
+            if self.replicate and self.w[0] <= a < self.w[1]:
+                continue
             for index in mesh.out:
                 mesh.send(index, P.Kind.GATHER, step, attempt, arrays, lo=a, hi=b, scale=uscale)
-        ends = {(h[0], a): b for h in mesh.hosts if h[0] != mesh.index for a, b in gather_pieces(h[3], h[4])}
+        ends = {}
+        for h in mesh.hosts:
+            if h[0] == mesh.index:
+                continue
+            for a, b in gather_pieces(h[3], h[4], cuts):
+                if self.replicate and self.w[0] <= a < self.w[1]:
+                    self._update_piece(a, b, lr, scale)
+                else:
+                    ends[(h[0], a)] = b
 
         def take(m: P.Message) -> None:
             a, b = m.fields["lo"], ends[(m.rank, m.fields["lo"])]
@@ -410,6 +458,15 @@ class MeshReplica:
             else:
                 np.copyto(self.params[a:b], arr)
         mesh.collect(P.Kind.GATHER, step, attempt, upstream, set(ends), take)
+
+    def _update_piece(self, a: int, b: int, lr: float, scale: float) -> tuple[float, dict]:
+        """Clip + SGD on the piece [a, b); with the float16 wire its weights become the float16-rounded update's
+        (what the other hosts rebuild). Returns (the update's scale, the arrays that carry the piece)."""
+        prev = self.params[a:b].copy() if self.wire16 else None
+        self.opt.step(self.params, self.red, lr, scale, a, b)
+        if self.wire16:
+            return apply_update16(self.params[a:b], prev, self.out16[a:b]), {"update": self.out16[a:b]}
+        return 1.0, {"params": self.params[a:b]}
 
 
 def factor_span(w0: int, K: int, F: int, lo: int, hi: int) -> tuple[int, int, int, int] | None:
@@ -466,6 +523,8 @@ def scatter_pieces(starts, size: int, slices: list[tuple[int, int, int]]) -> lis
     return [(a, b, next(i for i, lo, hi in slices if lo <= a and b <= hi)) for a, b in zip(cuts, cuts[1:]) if b > a]
 
 
-def gather_pieces(lo: int, hi: int) -> list[tuple[int, int]]:
-    """An owner's slice in PIECE-element pieces (CHUNK multiples: a fixed cut, so float16 scales are too)."""
-    return [(a, min(a + PIECE, hi)) for a in range(lo, hi, PIECE)]
+def gather_pieces(lo: int, hi: int, cuts: tuple[int, ...] = ()) -> list[tuple[int, int]]:
+    """An owner's slice in PIECE-element pieces, also cut at `cuts` (the factored Linear's bounds: its pieces are
+    its alone, so a replicated update rounds them as their owner does): a fixed cut, so float16 scales are too."""
+    bounds = sorted({lo, hi} | set(range(lo, hi, PIECE)) | {c for c in cuts if lo < c < hi})
+    return list(zip(bounds, bounds[1:]))

@@ -29,7 +29,7 @@ from ..optim import SGD, add_blocks, checked_clip, chunk_slices
 from . import protocol as P
 from .bulk import plane_secret
 from .coordinator import Coordinator, WorkerFailure
-from .mesh import checksum
+from .mesh import checksum, replicate_pays
 from .peers import PeerState
 
 
@@ -92,16 +92,34 @@ class MeshPlane:
                  for r, (lo, hi) in self.slices.items()]
         # dist.bulk_cipher = "aes-gcm": the plane's secret, only over this CURVE link (a fresh one per plane)
         sealed = {"bulk_secret": plane_secret()} if self.cfg.dist.bulk_cipher == "aes-gcm" else {}
+        replicate = self.replicated(ranks)
         for r, (lo, hi) in self.slices.items():
+            arrays = {"params": self.store.params, "buffers": self.store.buffers, "velocity": self.opt.velocity[lo:hi]}
+            if replicate:  # every host updates that layer: it starts from the whole layer's momentum
+                arrays["velocity_w"] = self.opt.velocity[replicate[0]:replicate[1]]
             self.coord.send(peers[r], P.Kind.MESH, step=step, attempt=attempt, mesh_id=self.mesh_id, hosts=hosts,
-                            **sealed,
-                            arrays={"params": self.store.params, "buffers": self.store.buffers,
-                                    "velocity": self.opt.velocity[lo:hi]})
+                            **sealed, **({"replicate": list(replicate)} if replicate else {}), arrays=arrays)
         self.coord.collect(step, attempt, list(ranks), P.Kind.MESHED)
         self.formed = ranks
         mb = self.store.num_params * 4 / len(ranks) / 1e6
         self.log.info(f"mesh data plane {self.mesh_id} over {len(ranks)} hosts "
-                      f"({', '.join(peers[r].host for r in ranks)}): {mb:.1f} MB slices")
+                      f"({', '.join(peers[r].host for r in ranks)}): {mb:.1f} MB slices"
+                      + (f"; every host updates the factored Linear [{replicate[0]}, {replicate[1]}) itself"
+                         if replicate else ""))
+
+    def replicated(self, ranks: tuple[int, ...]) -> tuple[int, int] | None:
+        """[w0, w1) of the factored Linear when every host of this plane computes its whole weight gradient from
+        every host's factors and updates it (dist.factor_update, mesh.replicate_pays): all hosts factor the same
+        layer, and it pays for this batch and number of hosts. Decided per plane, by the coordinator alone."""
+        factors = {self.coord.peers[r].mesh_factor for r in ranks}
+        if len(factors) != 1 or not next(iter(factors)):
+            return None
+        w0, K, F = next(iter(factors))
+        d = self.cfg.dist
+        if not replicate_pays(self.cfg.train.batch_size, len(ranks), K, F, 2 if d.wire_dtype == "float16" else 4,
+                              d.factor_update):
+            return None
+        return w0, w0 + K * F
 
     def decide(self, step: int, attempt: int, results: dict[int, P.Message], lr: float, indices: np.ndarray,
                epoch: int) -> float:

@@ -38,6 +38,7 @@ class Peer:
     slots: int = 1  # worker ranks behind this peer: 1 for a worker, the host's slots for an agent
     mesh_endpoint: str = ""  # an agent on the mesh plane: where the other agents reach it, and its public key
     mesh_key: str = ""
+    mesh_factor: tuple = ()  # an agent whose workers leave the factored Linear's factors: (w0, K, F) of it
     death: str = ""
     rss_mb: float = 0.0  # resident memory at the last sample (processes this coordinator started)
     rss_at: float = 0.0

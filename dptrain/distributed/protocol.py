@@ -39,7 +39,9 @@ The table below and `SCHEMA` list the same kinds and fields (tests/test_protocol
     WELCOME     coordinator -> peer   world_size int, rank_base int, config map,      labels (int64)
                                       shm map, num_classes int
     READY       peer -> coordinator   - (an agent adds mesh_endpoint str, mesh_key    -
-                                      str: where the other agents reach it)
+                                      str: where the other agents reach it, and
+                                      mesh_factor [w0, K, F] when its workers leave
+                                      the factored Linear's factors)
     STEP        coordinator -> peer   phase str ("train"|"eval"), epoch int,          indices (int32|int64);
                                       attempt int, weights_version int,               params + buffers, or
                                       weights_slot int (shared double buffer, or -1),
@@ -73,7 +75,9 @@ The table below and `SCHEMA` list the same kinds and fields (tests/test_protocol
                                       [index, endpoint, key, lo, hi] (slice owners    velocity (the agent's
                                       in host order): join this data plane;           slice) (float32)
                                       bulk_secret bin (optional: dist.bulk_cipher
-                                      "aes-gcm", the plane's AEAD secret, bulk.py)
+                                      "aes-gcm", the plane's AEAD secret, bulk.py);   velocity_w (with
+                                      replicate [w0, w1] (optional: every host        replicate: that
+                                      updates the factored Linear's weights itself)   layer's, float32)
     MESHED      agent -> coordinator  attempt int, mesh_id int                       -
     SCATTER     agent -> agent        attempt int, mesh_id int, src int, lo int,      grad (float32|float16:
                                       hi int, scale float: the sender's local sum     × scale)
@@ -89,7 +93,8 @@ The table below and `SCHEMA` list the same kinds and fields (tests/test_protocol
                                       its host sends it on while backward goes on)
     FACTORS     agent -> agent        attempt int, mesh_id int, src int, lo int,      x, dy (float32): the
                                       hi int: [lo, hi) of the factored Linear's       host's samples' inputs
-                                      weight gradient the receiver owns               (its rows) and output
+                                      weight gradient the receiver owns (replicated:  (its rows; replicated:
+                                      the whole layer)                                all) and output
                                                                                       gradients
     HEARTBEAT   both ways             -                                               -
     STOP        coordinator -> peer   reason str                                      -

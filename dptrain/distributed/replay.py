@@ -316,8 +316,9 @@ class ReplayExecutor:
         norm = math.sqrt(add_blocks(chunk_squares(g)))
         self.opt.step(self.store.params, g, lr, checked_clip(norm, self.cfg.train.clip_norm, step))
         if self.wire16:  # every owner's new weights travel as float16-rounded updates, piece by piece
+            cuts = (self.factor[0], self.factor[0] + self.factor[1] * self.factor[2]) if self.factor else ()
             for lo, hi in self.slices:
-                for a, b in gather_pieces(lo, hi):
+                for a, b in gather_pieces(lo, hi, cuts):
                     apply_update16(self.store.params[a:b], self.prev[a:b], self.out16[a:b])
         return norm
 
