@@ -27,6 +27,7 @@ class StepResult:
     grad_norm: float  # global L2 norm of the gradient before clipping
     slowest: str = ""  # who the step waited on last (distributed runs)
     ranks: list[int] | None = None  # one host: the worker ranks that computed it, when not all of them (a loss)
+    cipher_cpu_s: float | None = None  # mesh, AES-GCM: the hosts' CPU-seconds sealing + opening so far, summed
 
 
 class StepInterrupted(Exception):

@@ -229,6 +229,7 @@ class Trainer:
                     self.write({"step": self.step, "epoch": self.epoch, "loss": res.loss_sum / res.count,
                                 "acc": res.correct / res.count, "lr": lr, "grad_norm": norm, "images": res.count,
                                 "step_s": dt, **({"slowest": res.slowest} if res.slowest else {}),
+                                **({"cipher_cpu_s": res.cipher_cpu_s} if res.cipher_cpu_s is not None else {}),
                                 **({"ranks": res.ranks} if res.ranks is not None else {})})
                     self.step += 1
                     self.step_in_epoch += 1

@@ -28,6 +28,9 @@ Reported per H (one row; bench-hosts.json / bench-hosts.csv in --out; MB = 10^6 
             I/O thread (ZMQbg/IO/n in /proc/PID/task/TID/stat) of the processes in each host's namespace, read at the
             same two marks (wire_cpu_coord_s: h1, wire_cpu_hosts_s: the agents, wire_cpu_s: both; their kernel time,
             TCP's copies, is wire_sys_s). CURVE's sealing and opening run there; so do ZeroMQ's framing copies.
+            With dist.bulk_cipher = aes-gcm (the default) the agents seal and open on their own thread: they count
+            that thread's CPU time (bulk.py) and metrics.jsonl carries the sum, read at the same marks (wire_aes_s,
+            included in wire_cpu_hosts_s and wire_cpu_s).
 
 Every subprocess runs in its own session under a hard timeout; on failure the command and the last lines of its log
 are printed. The cluster is always torn down (finally, atexit, SIGTERM/SIGHUP), which kills whatever still runs in
@@ -171,7 +174,8 @@ def format_table(rows: list[dict]) -> str:
     lines.append("MB per timed step on the host's link (out = sent by the host); comm: dptrain = round - compute, "
                  "DDP = step - no_sync step; vs DDP = DDP step / dptrain step")
     lines.append("crypto s: CPU-seconds per step of every host's ZeroMQ I/O threads in user mode (CURVE sealing and "
-                 "opening, with ZeroMQ's copies), coordinator and agents together; DDP's gloo does not encrypt")
+                 "opening, with ZeroMQ's copies) and of the agents' AES-GCM sealing and opening, coordinator and agents "
+                 "together; DDP's gloo does not encrypt")
     return "\n".join(lines)
 
 
@@ -196,6 +200,7 @@ def run_dptrain(c: Cluster, H: int, args, data: Path, out: Path, threads: int, u
     first, last = args.warmup - 1, args.warmup + args.steps - 1
     marks: dict[int, dict] = {}
     io: dict[int, dict] = {}  # the ZeroMQ I/O threads' CPU ticks per host at the same two marks
+    sealed: dict[int, float | None] = {}  # the agents' AES-GCM CPU-seconds so far (metrics.jsonl) at the marks
     metrics, buf, offset = run / "metrics.jsonl", "", 0
     deadline = time.monotonic() + timeout_s
     try:
@@ -210,6 +215,7 @@ def run_dptrain(c: Cluster, H: int, args, data: Path, out: Path, threads: int, u
                     if "step_s" in r and r["step"] in (first, last):
                         marks[r["step"]] = {h: c.link_bytes(h) for h in (1, 2)}
                         io[r["step"]] = c.zmq_io_ticks()
+                        sealed[r["step"]] = r.get("cipher_cpu_s")
             elif job.proc.poll() is not None:
                 raise job.failure(f"dptrain launch on {H} hosts exited ({job.proc.returncode}) before its last "
                                   f"timed step ({last})")
@@ -231,7 +237,8 @@ def run_dptrain(c: Cluster, H: int, args, data: Path, out: Path, threads: int, u
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         log.get().warning(f"no per-step split from {run / 'timeline.json'} ({e}); comm from summary.json")
     dist = tomllib.loads((run / "config.toml").read_text()).get("dist", {})  # the settings the run resolved
-    row.update(plane=dist.get("plane"), wire_dtype=dist.get("wire_dtype"))
+    row.update(plane=dist.get("plane"), wire_dtype=dist.get("wire_dtype"), bulk_cipher=dist.get("bulk_cipher"),
+               factor_update=dist.get("factor_update"))
     if dist.get("plane") == "mesh" and dist.get("factored", True):  # (K, F) for `dptrain plan --validate`
         row["factored"] = factor_shape(load(str(run / "config.toml")), args.classes)
     bd = json.loads((run / "summary.json").read_text()).get("breakdown", {})
@@ -242,6 +249,9 @@ def run_dptrain(c: Cluster, H: int, args, data: Path, out: Path, threads: int, u
         mb = per_step_mb(marks[first][h], marks[last][h], args.steps)
         row[f"h{h}_out_mb"], row[f"h{h}_in_mb"] = mb["out"], mb["in"]
     row.update(wire_cpu(io[first], io[last], args.steps))
+    if sealed.get(first) is not None and sealed.get(last) is not None:  # AES-GCM runs on the agents' own threads
+        aes = (sealed[last] - sealed[first]) / args.steps
+        row.update(wire_aes_s=aes, wire_cpu_hosts_s=row["wire_cpu_hosts_s"] + aes, wire_cpu_s=row["wire_cpu_s"] + aes)
     return row
 
 

@@ -196,7 +196,7 @@ class Agent:
             squares = self.replica.finish_scatter(self.link)
             timings["scatter"] = [t1, time.time() - t1]
             self.link.send_result("train", len(idx), loss_sum, correct, timings, bn_moments=moments,
-                                  arrays={"squares": squares})
+                                  arrays={"squares": squares}, cipher_cpu_s=self.replica.mesh.cipher_cpu_s)
             return
         grad, grad_scale = grad_frame(self.gsum, self.cfg.dist.wire_dtype)
         self.link.send_result("train", len(idx), loss_sum, correct, timings, grad_in="frame", grad=grad,

@@ -135,9 +135,11 @@ class DistExecutor:
         self.version += 1
         slowest = self._account(ranks, results, step, t0, wall0, t1, t2, t3)
         partial = self.mesh is None and self.coord.token is not None and len(ranks) < self.coord.world_size
+        cipher = [results[r].fields["cipher_cpu_s"] for r in ranks if "cipher_cpu_s" in results[r].fields]
         return StepResult(len(indices), sum(results[r].fields["loss_sum"] for r in ranks),
                           sum(results[r].fields["correct"] for r in ranks), moments, norm, slowest=f"rank {slowest}",
-                          ranks=ranks if partial else None)  # metrics.jsonl: what a replay must follow
+                          ranks=ranks if partial else None,  # metrics.jsonl: what a replay must follow
+                          cipher_cpu_s=float(sum(cipher)) if any(cipher) else None)
 
     def _attempt(self, indices: np.ndarray, epoch: int, step: int, lr: float, attempt: int, fields: dict):
         """One try at a training step: shard -> compute (the round) -> the data path's reduce, norm/clip, update."""

@@ -72,6 +72,7 @@ class MeshLink:
         self.sealed = keys is not None and cipher == "aes-gcm"
         self.sealers: dict[int, Sealer] = {}
         self.opener: Opener | None = None
+        self.cipher_cpu_done = 0.0  # CPU-seconds sealing and opening of the planes before this one
         self.dropped = 0  # messages refused on this socket: malformed, or sealed and not authentic
         self.drop_log = log.DropLog(P.DROP_LOG_BURST, P.DROP_LOG_WINDOW_S, P.DROP_LINE_CHARS)  # a flood: a few lines
         self.log = log.get()
@@ -107,6 +108,7 @@ class MeshLink:
                 raise SystemExit(f"host {self.host}: the coordinator sent no bulk key for plane {mesh_id} "
                                  f"(dist.bulk_cipher = 'aes-gcm' needs the coordinator of this version)")
             others = [h[0] for h in hosts if h[0] != self.index]
+            self.cipher_cpu_done = self.cipher_cpu_s
             self.sealers = {j: Sealer(secret, self.run_id, mesh_id, self.index, j) for j in others}
             self.opener = Opener(secret, self.run_id, mesh_id, self.index, others)
         for index, endpoint, key, lo, hi, _ in hosts:
@@ -122,6 +124,13 @@ class MeshLink:
             self.out[index] = dealer(self.ctx, endpoint,
                                      f"mesh{self.index}-{os.getpid()}-{mesh_id}-{secrets.token_hex(8)}", curve,
                                      max_frame=P.DEFAULT_LIMITS.max_header_bytes)  # sends only: nothing comes back
+
+    @property
+    def cipher_cpu_s(self) -> float:
+        """CPU-seconds this host spent sealing and opening bulk frames (AES-GCM) since it started; 0 with CURVE,
+        which libzmq runs on its I/O thread (bench --hosts reads that thread's time)."""
+        return self.cipher_cpu_done + sum(s.cpu_s for s in self.sealers.values()) + \
+            (self.opener.cpu_s if self.opener is not None else 0.0)
 
     def name(self, index: int) -> str:
         return next((h[5] for h in self.hosts if h[0] == index), f"#{index}")
