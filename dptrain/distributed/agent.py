@@ -220,9 +220,11 @@ class Agent:
         """The coordinator takes this host's slice of the weights and momentum as the state, and checks our whole
         copy of the weights against it."""
         mesh, r = self.replica.mesh, self.replica
+        replicated = {"velocity_crc": checksum(r.opt.velocity[r.w[0]:r.w[1]])} if r.replicate else {}
         self.link.send(P.Kind.SYNCED, arrays={"params": r.params[mesh.lo:mesh.hi],
                                               "velocity": r.opt.velocity[mesh.lo:mesh.hi]},
-                       attempt=msg.fields["attempt"], lo=mesh.lo, hi=mesh.hi, params_crc=checksum(r.params))
+                       attempt=msg.fields["attempt"], lo=mesh.lo, hi=mesh.hi, params_crc=checksum(r.params),
+                       **replicated)
 
     def serve(self) -> int:
         handlers = None

@@ -70,6 +70,7 @@ class MeshPlane:
         self.sync: Sync | None = None
         self.every = max(cfg.dist.sync_every, 1)
         self.checks = 0  # syncs whose replica checksums were compared
+        self.replicate: tuple[int, int] | None = None  # this plane: [w0, w1) every host updates itself
 
     def ensure(self, step: int, attempt: int) -> None:
         """Form the plane over the live hosts unless it is formed over exactly them: slices, peers' addresses and
@@ -92,7 +93,7 @@ class MeshPlane:
                  for r, (lo, hi) in self.slices.items()]
         # dist.bulk_cipher = "aes-gcm": the plane's secret, only over this CURVE link (a fresh one per plane)
         sealed = {"bulk_secret": plane_secret()} if self.cfg.dist.bulk_cipher == "aes-gcm" else {}
-        replicate = self.replicated(ranks)
+        replicate = self.replicate = self.replicated(ranks)
         for r, (lo, hi) in self.slices.items():
             arrays = {"params": self.store.params, "buffers": self.store.buffers, "velocity": self.opt.velocity[lo:hi]}
             if replicate:  # every host updates that layer: it starts from the whole layer's momentum
@@ -168,6 +169,9 @@ class MeshPlane:
             self.opt.velocity[lo:hi] = s.got[r].arrays["velocity"]
         ours = checksum(self.store.params)
         bad = [r for r, m in s.got.items() if m.fields["params_crc"] != ours]
+        # a replicated layer's momentum lives on every host too: each copy against the owners' (synced) one
+        v_ours = checksum(self.opt.velocity[self.replicate[0]:self.replicate[1]]) if self.replicate else None
+        v_bad = [r for r, m in s.got.items() if v_ours is not None and m.fields.get("velocity_crc") != v_ours]
         self.sync = None
         self.done = [d for d in self.done if d.step > s.step]
         self.checks += 1
@@ -175,6 +179,11 @@ class MeshPlane:
             who = ", ".join(self.coord.peers[r].describe() for r in bad)
             raise ReplicaMismatch(f"step {s.step}: the weights of {who} differ from the synced state "
                                   f"(checksum {s.got[bad[0]].fields['params_crc']:#010x} != {ours:#010x})")
+        if v_bad:
+            who = ", ".join(self.coord.peers[r].describe() for r in v_bad)
+            raise ReplicaMismatch(f"step {s.step}: the momentum of the replicated layer on {who} differs from the "
+                                  f"synced state (checksum {s.got[v_bad[0]].fields.get('velocity_crc')} != "
+                                  f"{v_ours:#010x})")
 
     def settle(self) -> bool:
         """The hosts' state after the last step into the coordinator's store (a sync, waited for). False when a

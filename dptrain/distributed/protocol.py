@@ -54,8 +54,9 @@ The table below and `SCHEMA` list the same kinds and fields (tests/test_protocol
     RESULT      peer -> coordinator   phase str, attempt int, count int,              grad if grad_in ==
                                       loss_sum float, correct int, grad_in str        "frame"; bn_moments
                                       ("shm"|"frame"|"none"), grad_scale float,       (train)
-                                      timings map (phase -> [start, seconds])         (mesh: squares of
-                                                                                      the agent's slice)
+                                      timings map (phase -> [start, seconds]),        (mesh: squares of
+                                      cipher_cpu_s float (mesh agent: its AES-GCM     the agent's slice)
+                                      sealing + opening so far, CPU-seconds)
     BN_REDUCE   peer -> coordinator   layer int, phase str ("fwd"|"bwd"), attempt int moments (float64)
                                       (socket transport and agents; one host's shm
                                       workers sum among themselves: localsum.py)
@@ -87,7 +88,9 @@ The table below and `SCHEMA` list the same kinds and fields (tests/test_protocol
                                       over a piece [lo, hi) of its slice
     SYNC        coordinator -> agent  attempt int: your state after this step         -
     SYNCED      agent -> coordinator  attempt int, lo int, hi int, params_crc int     params, velocity
-                                      (CRC-32 of the agent's whole weights)           (float32, its slice)
+                                      (CRC-32 of the agent's whole weights),          (float32, its slice)
+                                      velocity_crc int (replicated plane: CRC-32 of
+                                      that layer's momentum)
     BUCKET      worker -> agent       attempt int, ready_from int: this rank's        -
                                       gradient slot [ready_from:] is final (mesh:
                                       its host sends it on while backward goes on)
