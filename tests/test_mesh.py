@@ -323,3 +323,34 @@ def test_link_flap_within_the_liveness_bound_is_ridden_out(data, tmp_path, down_
             assert rc == 1 and re.search(r"host h2\b.*dead", log), log
             assert (out / "last.npz").exists()
         assert wait_until(lambda: not dptrain_pids(c), 15), dptrain_pids(c)
+
+
+# ---- the replicated factored layer's rule and pieces (no cluster) ------------------------------------------------
+def test_replicate_pays_where_a_host_sends_fewer_bytes_at_a_small_batch():
+    """auto: every host updates the factored Linear itself while its factors to every other host are fewer bytes
+    than the owners' share of them plus the layer's all-gather, and the batch is at most REPLICATE_MAX_BATCH (the
+    full-batch GEMM on every host); owners / replicated force it; one host never replicates."""
+    from dptrain.distributed.mesh import REPLICATE_MAX_BATCH, replicate_pays
+    K, F = 16384, 512
+    for B, H in ((16, 2), (16, 3), (96, 3), (96, 4), (256, 16)):
+        b = -(-B // H)
+        replicated = (H - 1) * b * (K + F) * 4
+        owners = b * (K * (H - 1) / H + (H - 1) * F) * 4 + (H - 1) / H * K * F * 4
+        assert replicated < owners and replicate_pays(B, H, K, F, 4)
+    assert not replicate_pays(REPLICATE_MAX_BATCH + 1, 64, K, F, 4)  # the GEMM: B·K·F·2 flops on every host
+    assert not replicate_pays(4096, 16, K, F, 4) and not replicate_pays(4096, 64, K, F, 4)
+    # a narrow layer (1024 x 64) at batch 200 over 2 hosts: 100 samples' factors (435 kB) outweigh its gather
+    assert not replicate_pays(200, 2, 1024, 64, 4)
+    assert not replicate_pays(16, 3, K, F, 4, "owners") and replicate_pays(4096, 16, K, F, 4, "replicated")
+    assert not replicate_pays(16, 1, K, F, 4, "replicated")
+
+
+def test_gather_pieces_cut_at_the_factored_layer_and_cover_the_slice_once():
+    from dptrain.distributed.mesh import PIECE, gather_pieces
+    lo, hi, w0, w1 = 1000, 1000 + 3 * PIECE + 17, 1000 + PIECE + 5, 1000 + 2 * PIECE + 300
+    pieces = gather_pieces(lo, hi, (w0, w1))
+    assert pieces[0][0] == lo and pieces[-1][1] == hi and all(a < b for a, b in pieces)
+    assert all(p[1] == q[0] for p, q in zip(pieces, pieces[1:]))  # contiguous, no overlap
+    assert all(b - a <= PIECE for a, b in pieces)
+    assert all(b <= w0 or a >= w1 or (w0 <= a and b <= w1) for a, b in pieces)  # none straddles the layer
+    assert gather_pieces(lo, hi) == [(a, min(a + PIECE, hi)) for a in range(lo, hi, PIECE)]  # no cuts: as before
