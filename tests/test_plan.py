@@ -389,7 +389,8 @@ def test_calibration_cache_is_keyed_by_cpu_and_model(tmp_path, monkeypatch):
     (tmp_path / plan.CALIBRATION_FILE).write_text("{not json")
     assert plan_calibration.compute_source(args, small, 10)[1] == 10.0  # unreadable cache: calibrate again
     args.compute_ms_per_image, args.compute_ms_per_step = 7.0, 3.0
-    assert plan_calibration.compute_source(args, small, 10) == (3.0, 7.0, "given")
+    assert plan_calibration.compute_source(args, small, 10)[:3] == (3.0, 7.0, "given")
+    assert set(plan_calibration.compute_source(args, small, 10)[3].values()) == {None}  # nothing factored given
 
 
 # ---------------------------------------------------------------------------------------------- --validate
@@ -578,7 +579,8 @@ def test_cli_json(tmp_path):
         if p not in plan.ONE_HOST or h == 1]  # one host: the workers' update and the coordinator's too
     for row in out["rows"]:
         want = predict(row["plane"], row["hosts"], 8, 4096, row["bandwidth_bps"], 2, P,
-                       CostModel(ms_per_image=10, ms_per_step=20), factored=(16384, 512))  # dist.factored
+                       CostModel(ms_per_image=10, ms_per_step=20), factored=(16384, 512),  # dist.factored
+                       factor_update="auto")  # dist.factor_update's default
         assert row == pytest.approx(want)
     assert not list(tmp_path.iterdir())  # given compute: nothing calibrated, nothing cached
 
@@ -681,7 +683,8 @@ def test_cli_one_host_needs_no_bandwidth(tmp_path):
     assert [(row["plane"], row["bandwidth_bps"]) for row in rows] == [("workers", None), ("coordinator", None)]
     model = CostModel(ms_per_image=10, ms_per_step=20)
     for row in rows:  # the same figures as with any link: one host's planes never use it
-        assert row == pytest.approx({**predict(row["plane"], 1, 16, 64, 1e10, 4, P, model), "bandwidth_bps": None})
+        assert row == pytest.approx({**predict(row["plane"], 1, 16, 64, 1e10, 4, P, model, factored=(16384, 512)),
+                                     "bandwidth_bps": None})  # 64 images on 16 ranks: factored (local_factors_pay)
     table = dptrain("--hosts", 1, "--slots", 16, "--compute-ms-per-image", 10, cache=tmp_path)
     assert table.returncode == 0 and [ln.split()[:2] for ln in table.stdout.splitlines()
                                       if ln.startswith(("workers", "coordinator"))] == [["workers", "-"],
