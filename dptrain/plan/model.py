@@ -47,11 +47,12 @@ The model (every constant is a field of `CostModel`, so predictions can be fitte
             the reduce-scatter, which carries (H−1)/H·(P − K·F)·wire bytes + the factors fb = 4·b_h·(K(H−1)/H +
             (H−1)F) (each owner its columns of x, every other host all of dy); local = S·4(P − K·F)/mem + the
             factors gathered, 4·b_h·(2K + F)/mem; then, serial after the reduce-scatter and before the update,
-            dW = sw·(K/H)·B·F·2 / (S·G): each owner's rows over the global batch on the host's S cores (the agent's
-            BLAS; the workers are done)
+            dW = sw·(K/H)·B·F·2 / (S·G) + sc·4·B·(K/H + F)/mem: each owner's rows over the global batch on the
+            host's S cores (the agent's BLAS; the workers are done), after concatenating every host's factors
           replicated (factored, and mesh.replicate_pays(B, H, K, F, wire, dist.factor_update)): every host sends its
             samples' whole x and dy to every other host, fb = 4·(H−1)·b_h·(K + F) each way (factors gathered:
-            4·b_h·(K + F)/mem); computes the whole dW, sw·K·B·F·2 / (S·G); and updates all of W itself: update =
+            4·b_h·(K + F)/mem); computes the whole dW, sw·K·B·F·2 / (S·G) + sc·4·B·(2K + F)/mem (every owner's
+            rows, each from its columns of x cut out); and updates all of W itself: update =
             sc·((P − K·F)/H·u + K·F·(u + f16 apply: enc + dec per element with float16)); W leaves the all-gather:
             ag = (H−1)/H·(P − K·F)·wire/Bw + (H−1)·α
           sync = 2·M32/(H·k)/Bw                 a host's SYNC upload, averaged over the k steps
@@ -74,7 +75,8 @@ The model (every constant is a field of `CostModel`, so predictions can be fitte
           all at once; serial = the control messages only (what `dptrain plan --hosts 1 --slots 16` compares)
           factored (reduce.local_factors_pay(B, S, K, F), shm): the workers leave (x, dy); the sums skip W
           (P − K·F) and dW = Xᵀ·dY over the batch, B·K·F·2 flops, is computed by the coordinator alone (one BLAS
-          thread: dW = 2KBF/G) or by each worker for its 1/S of the rows (dW = sw·2KBF/(S·G))
+          thread: dW = 2KBF/G + 4B(K + F)/mem, the factors' copies) or by each worker for its 1/S of the rows
+          (dW = sw·(2KBF/(S·G) + 4B(K/S + F)/mem))
     ddp   (PyTorch DDP's ring all-reduce over gloo, for comparison; plain TCP; no local sum: every rank is on the
           ring, W = H·S ranks, a host's S ranks adjacent)
           R    = 2·(W−1)/W·M                     what every rank sends (and receives) in the ring; it is also what
@@ -90,7 +92,7 @@ The model (every constant is a field of `CostModel`, so predictions can be fitte
     factored Linear's dW + update);  images/s = B / step
     With --shared-cores N also step ≥ (all CPU work of a step on the box) / N: H·S·c + H·local, the hosts' and the
     coordinator's wire work (mesh: H·(κ·(out + in)/2 + f16) + κ/2·2·M32/k; star: 2κ·H·M; ddp: W·ring), dW's GEMMs
-    (2KBF/G, replicated H times) and the updates (mesh, star: U; replicated: H × a host's; ddp: H·S·U). On this
+    and copies (2KBF/G, replicated H times) and the updates (mesh, star: U; replicated: H × a host's; ddp: H·S·U). On this
     2-core box the measured steps are that link-bound chain, not the CPU bound: the serial wire work is why
     dptrain's one-box steps are slower than the links alone would allow.
     efficiency = images/s ÷ (H × images/s of one host alone: c(ceil(B/S))·max(1, S/N) + local + U/S, no network;
@@ -285,6 +287,12 @@ def gemm_s(model: CostModel, flops: float, cores: float) -> float:
     return flops / (model.gemm_flops_per_s * cores)
 
 
+def gather_s(model: CostModel, floats: float) -> float:
+    """Copying `floats` float32 (the batch's factors concatenated, columns of x cut out) before dW's GEMM, one
+    thread: bytes read at mem_bytes_per_s, as the local sum counts them."""
+    return 4 * floats / model.mem_bytes_per_s
+
+
 def update_s(model: CostModel, num_params: int) -> float:
     return num_params * model.update_ns_per_param * 1e-9
 
@@ -328,8 +336,8 @@ def baseline(slots: int, batch: int, num_params: int, model: CostModel,
     each worker updates its 1/S slice; or as DDP's ranks do, in gloo's ring over loopback). With a factored Linear
     (K, F) also the way that leaves its weight gradient as factors, whichever is faster (whatever
     reduce.local_factors_pay decides: a plane that factors must not beat the denominator): the workers' factored
-    step, the sum of the other P − K·F, and each worker's 1/S of the rows of dW = X^T dY (B·K·F·2 flops). No plane
-    beats it, so efficiency stays <= 1."""
+    step, the sum of the other P − K·F, and each worker's 1/S of the rows of dW = X^T dY (B·K·F·2 flops; the
+    factors' copies left out: a lower bound). No plane beats it, so efficiency stays <= 1."""
     b = per_worker_batch(batch, 1, slots)
     sw = sharing(model, slots)
     upd = update_s(model, num_params) * sw / slots
@@ -423,9 +431,13 @@ def predict(plane: str, hosts: int, slots: int, batch: int, bandwidth_bps: float
         Mag = Mrs if repl else M
         if use:
             t_local += factor_copy_s(model, bh, K, F, columns=not repl)
-            flops = 2.0 * K * batch * F / (1 if repl else H)  # its rows of dW over the global batch, or all of them
-            t_gemm = gemm_s(model, flops, S) * sw  # the agent's BLAS on the host's S cores (workers done)
-            cpu_gemm = H * flops / model.gemm_flops_per_s
+            # its rows of dW over the global batch (or all of them), after every host's factors are concatenated in
+            # host order (replicated: then each owner's columns of x cut out, mesh._replicated_rows), on the agent's
+            # BLAS, which has the host's S cores (the workers are done)
+            flops = 2.0 * K * batch * F / (1 if repl else H)
+            gathered = gather_s(model, batch * ((2 * K if repl else K / H) + F))
+            t_gemm = gemm_s(model, flops, S) * sw + sc * gathered
+            cpu_gemm = H * (flops / model.gemm_flops_per_s + gathered)
         rs = (H - 1) / H * Mrs / bw + fb / bw + (H - 1) * a
         ag = (H - 1) / H * Mag / bw + (H - 1) * a
         send = (H - 1) / H * (Mrs + Mag) + fb + 2 * M32 / (H * k)  # + its SYNC share, averaged over the k steps
@@ -449,16 +461,20 @@ def predict(plane: str, hosts: int, slots: int, batch: int, bandwidth_bps: float
         extra = {"reduce_scatter_s": rs, "all_gather_s": ag, "sync_s": sync, "wire_cpu_s": wire}
     elif plane in ONE_HOST:  # no network; what is serial is what no worker computes during
         comm, send, recv, coord_in, coord_out, cpu_wire = model.local_control_s, 0, 0, 0, 0, 0.0
-        flops = 2.0 * K * batch * F if use else 0.0  # dW = X^T dY over the batch, from the ranks' factors
-        cpu_gemm = flops / model.gemm_flops_per_s
+        # dW = X^T dY over the batch from the ranks' factors (reduce.factored_rows: dy concatenated, then x's
+        # columns block by block)
+        flops = 2.0 * K * batch * F if use else 0.0
         if plane == "coordinator":  # the coordinator sums the S slots, computes dW (one BLAS thread), updates, alone
-            t_gemm = gemm_s(model, flops, 1)
+            t_gemm = gemm_s(model, flops, 1) + (gather_s(model, batch * (K + F)) if use else 0.0)
+            cpu_gemm = t_gemm
             upd, cpu_update = U, U
             extra = {"serial_s": t_local + t_gemm + U + comm}
         else:  # each worker sums its 1/S slice of every slot (S·4P/S bytes), computes its 1/S of dW's rows (one
             # core each) and updates that slice, in parallel
             t_local = 4 * (num_params - KF) / model.mem_bytes_per_s if S > 1 else 0.0
-            t_gemm = gemm_s(model, flops, S) * sw
+            gathered = gather_s(model, batch * (K / S + F)) if use else 0.0
+            t_gemm = (gemm_s(model, flops, S) + gathered) * sw
+            cpu_gemm = flops / model.gemm_flops_per_s + S * gathered
             upd, cpu_update = sw * U / S, U
             extra = {"serial_s": comm}
     else:
