@@ -241,7 +241,6 @@ def run_dptrain(c: Cluster, H: int, args, data: Path, out: Path, threads: int, u
                factor_update=dist.get("factor_update"))
     if dist.get("plane") == "mesh" and dist.get("factored", True):  # (K, F) for `dptrain plan --validate`
         row["factored"] = factor_shape(load(str(run / "config.toml")), args.classes)
-        row["factor_update"] = dist.get("factor_update")  # the plane replicates W where replicate_pays says so
     bd = json.loads((run / "summary.json").read_text()).get("breakdown", {})
     row["dptrain_comm_all_s"] = bd.get("comm_s")
     row.setdefault("dptrain_comm_s", bd.get("comm_s"))
