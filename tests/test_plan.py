@@ -765,10 +765,13 @@ def test_cli_json(tmp_path):
     assert [(row["bandwidth_bps"], row["plane"], row["hosts"]) for row in out["rows"]] == [
         (b, p, h) for b in (10e9, 25e9) for p in plan.PLANES + plan.ONE_HOST for h in (1, 4, 16)
         if p not in plan.ONE_HOST or h == 1]  # one host: the workers' update and the coordinator's too
+    # dist.bulk_cipher's default prices the mesh's host-to-host bytes (aes-gcm since 2026-12-07)
+    aes = plan.AES_GCM_BYTES_PER_CPU_S if config_mod.DistConfig().bulk_cipher == "aes-gcm" else None
+    assert out["cost_model"]["aes_gcm_bytes_per_cpu_s"] == aes
     for row in out["rows"]:
         want = predict(row["plane"], row["hosts"], 8, 4096, row["bandwidth_bps"], 2, P,
-                       CostModel(ms_per_image=10, ms_per_step=20), factored=(16384, 512),  # dist.factored
-                       factor_update="auto")  # dist.factor_update's default
+                       CostModel(ms_per_image=10, ms_per_step=20, aes_gcm_bytes_per_cpu_s=aes),
+                       factored=(16384, 512), factor_update="auto")  # dist.factored, dist.factor_update's defaults
         assert row == pytest.approx(want)
     assert not list(tmp_path.iterdir())  # given compute: nothing calibrated, nothing cached
 

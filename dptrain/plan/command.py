@@ -303,10 +303,10 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
           + (f", coordinator link ×{model.coord_link_ratio:g}" if model.coord_link_ratio != 1 else "") + "\n"
           f"global batch {batch}, {args.slots} slot(s) per host; efficiency against 1 host alone, no network: "
           f"b={base['per_worker_batch']}, {1e3 * base['step_s']:.1f} ms/step, {base['images_per_s']:.1f} img/s\n"
-          "ms per step; comm includes the CURVE and float16 work on the hosts' CPUs; dW = the factored Linear's "
-          "weight gradient from its factors (- where not factored), W-replicated = every host computes all of it and "
-          "updates the layer itself; host MB = bytes a host sends per step (it receives about as many); coord MB = "
-          "into the coordinator per step\n", flush=True)
+          "ms per step; comm includes the wire's cipher (CURVE, AES-GCM) and float16 work on the hosts' CPUs; dW = "
+          "the factored Linear's weight gradient from its factors (- where not factored), W-replicated = every host "
+          "computes all of it and updates the layer itself; host MB = bytes a host sends per step (it receives about "
+          "as many); coord MB = into the coordinator per step\n", flush=True)
     print(format_table(rows), flush=True)
     if idle:
         print(f"\nnote: global batch {batch} < workers for {sorted(set(idle))} host(s): some workers get no images",
