@@ -125,6 +125,7 @@ def time_numpy(cfg: Config, classes: int, warmup: int, steps: int, progress: boo
     opt = SGD(store.num_params, momentum=t.momentum, weight_decay=t.weight_decay, decay_ranges=store.decay_ranges())
     times, flops = instrument(model)
     phase = defaultdict(float)
+    fwd_bwd: list[float] = []  # per timed step: forward + loss + backward, seconds
 
     def step():
         t0 = time.perf_counter()
@@ -144,12 +145,14 @@ def time_numpy(cfg: Config, classes: int, warmup: int, steps: int, progress: boo
         for k, dt in (("forward", t1 - t0), ("loss", t2 - t1), ("backward", t3 - t2), ("grad_norm", t4 - t3),
                       ("sgd_update", t5 - t4)):
             phase[k] += dt
+        fwd_bwd.append(t3 - t0)
 
     for _ in range(warmup):
         step()
     times.clear()
     flops.clear()
     phase.clear()
+    fwd_bwd.clear()
     secs = _timed_loop(step, 0, steps, "numpy", progress)
     n = len(secs)
     layers = {k: {"forward_ms": f * 1e3 / n, "backward_ms": b * 1e3 / n} for k, (f, b) in times.items()}
@@ -158,7 +161,8 @@ def time_numpy(cfg: Config, classes: int, warmup: int, steps: int, progress: boo
             layers[k].update(forward_gflops=f / times[k][0] / 1e9, backward_gflops=b / times[k][1] / 1e9)
     return {"step_ms": 1e3 * float(np.median(secs)), "images_per_s": batch / float(np.median(secs)),
             "phases_ms": {k: v * 1e3 / n for k, v in phase.items()}, "layers_ms": layers,
-            "num_params": store.num_params, "factored": layer is not None}
+            "num_params": store.num_params, "factored": layer is not None,
+            "forward_backward_ms": [1e3 * t for t in fwd_bwd]}
 
 
 def time_torch(cfg: Config, classes: int, threads: int, warmup: int, steps: int, progress: bool = True) -> dict:
