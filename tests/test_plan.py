@@ -305,19 +305,31 @@ def test_mesh_is_bounded_by_the_coordinator_link():
     assert not run("mesh", 8)["coord_bound"]
 
 
-@settings(max_examples=300, deadline=None)
-@given(plane=st.sampled_from(plan.PLANES), hosts=st.integers(1, 512), slots=st.integers(1, 64),
+@settings(max_examples=400, deadline=None)
+@given(plane=st.sampled_from(plan.PLANES + plan.ONE_HOST), hosts=st.integers(1, 512), slots=st.integers(1, 64),
        batch=st.integers(1, 1 << 16), gbit=st.floats(0.001, 400), wire=st.sampled_from([2, 4]),
        params=st.integers(1, 10**9), per_image=st.floats(1e-3, 1e3), per_step=st.floats(0, 1e3),
        latency=st.floats(0, 1e-2), upd=st.floats(0, 100), mem=st.floats(1e8, 1e11), overlap=st.floats(0, 1),
        eff=st.floats(0.1, 1), ratio=st.floats(0.1, 100), curve=st.none() | st.floats(1e6, 1e11),
-       f16=st.floats(0, 100), cores=st.none() | st.integers(1, 4096), sync=st.integers(1, 1000))
+       f16=st.floats(0, 100), cores=st.none() | st.integers(1, 4096), sync=st.integers(1, 1000),
+       factored=st.none() | st.tuples(st.integers(1, 1 << 15), st.integers(1, 1 << 12)),
+       factor_update=st.sampled_from(["auto", "owners", "replicated"]), gemm=st.floats(1e8, 1e13),
+       fcompute=st.none() | st.tuples(st.floats(1e-3, 1e3), st.floats(0, 1e3)))
 def test_efficiency_never_exceeds_one(plane, hosts, slots, batch, gbit, wire, params, per_image, per_step, latency,
-                                      upd, mem, overlap, eff, ratio, curve, f16, cores, sync):
+                                      upd, mem, overlap, eff, ratio, curve, f16, cores, sync, factored,
+                                      factor_update, gemm, fcompute):
+    """Against one host alone at its best: whatever the constants, and with a factored Linear of any shape, factored
+    or not by any plane (its factored step's figures may even exceed the unfactored ones)."""
     m = CostModel(ms_per_image=per_image, ms_per_step=per_step, latency_s=latency, link_efficiency=eff,
                   update_ns_per_param=upd, mem_bytes_per_s=mem, overlap=overlap, coord_link_ratio=ratio,
-                  curve_bytes_per_cpu_s=curve, f16_encode_ns=f16, f16_decode_ns=f16 / 2, shared_cores=cores)
-    r = predict(plane, hosts, slots, batch, gbit * GBIT, wire, params, m, sync)
+                  curve_bytes_per_cpu_s=curve, f16_encode_ns=f16, f16_decode_ns=f16 / 2, shared_cores=cores,
+                  gemm_flops_per_s=gemm, ms_per_image_factored=fcompute and fcompute[0],
+                  ms_per_step_factored=fcompute and fcompute[1])
+    if plane in plan.ONE_HOST:
+        hosts = 1
+    if factored is not None:
+        params = max(params, factored[0] * factored[1])
+    r = predict(plane, hosts, slots, batch, gbit * GBIT, wire, params, m, sync, factored, factor_update)
     assert 0 < r["efficiency"] <= 1 + 1e-9
     assert 0 <= r["comm_exposed_s"] <= r["comm_s"] + 1e-15
     assert r["step_s"] >= r["compute_s"]
@@ -363,6 +375,46 @@ def test_calibrate_times_the_real_model():
     assert entry["ms_per_image"] > 0 and entry["ms_per_step"] >= 0
     assert set(entry["measured_ms"]) == {"2", "8"} and entry["batches"] == [2, 8]
     assert entry["cpu_model"] == plan_calibration.cpu_model() and entry["model"]["widths"] == [8, 16]
+    # the factored step too (its hidden Linear, 1024 x 32, factored) and one core's GEMM rate on dW's shape
+    assert entry["ms_per_image_factored"] > 0 and entry["ms_per_step_factored"] >= 0
+    assert set(entry["measured_ms_factored"]) == {"2", "8"} and entry["gemm_flops_per_s"] > 0
+    assert entry["gemm_shape"] == [plan_calibration.GEMM_ROWS, plan_calibration.GEMM_BATCH, 32]
+
+
+def test_time_numpy_factored_leaves_the_weight_gradient_alone():
+    from dptrain.bench import local as bench_local
+    cfg = config_mod.load(None, {**TINY, "train.batch_size": "4"})
+    r = bench_local.time_numpy(cfg, 10, 0, 1, progress=False, factored=True)
+    assert r["factored"] and not bench_local.time_numpy(cfg, 10, 0, 1, progress=False)["factored"]
+
+
+def test_calibration_entries_without_the_factored_figures_still_load(tmp_path, monkeypatch):
+    """A cache entry written before the factored step and the GEMM rate were measured: it stands (no surprise
+    recalibration), the unfactored figures and the default GEMM rate stand in, and the compute line says so."""
+    monkeypatch.setenv("DPTRAIN_CACHE", str(tmp_path))
+    cfg = config_mod.load(None, TINY)
+    old = {**plan_calibration._key(cfg, 10, plan_calibration.cpu_model()), "ms_per_step": 1.5, "ms_per_image": 2.5,
+           "batches": [2, 32], "measured_ms": {"2": 6.5, "32": 81.5}, "measured_update_ns_per_param": 1.2,
+           "created": "2026-11-26T10:00:00"}
+    plan_calibration.save_calibration(old)
+    monkeypatch.setattr(plan_calibration, "calibrate", lambda *a, **k: pytest.fail("recalibrated"))
+    args = type("A", (), {"compute_ms_per_image": None, "compute_ms_per_step": 0.0, "calibrate": False})
+    fixed, per_image, source, more = plan_calibration.compute_source(args, cfg, 10)
+    assert (fixed, per_image) == (1.5, 2.5) and set(more.values()) == {None}
+    assert "older entry" in source and "GEMM rate not in this entry" in source
+    model = CostModel(ms_per_image=per_image, ms_per_step=fixed, **{k: v for k, v in more.items() if v is not None})
+    assert plan.compute_s(model, 4, factored=True) == plan.compute_s(model, 4)
+    new = {**old, "ms_per_step_factored": 1.0, "ms_per_image_factored": 2.0, "gemm_flops_per_s": 9e10}
+    plan_calibration.save_calibration(new)
+    fixed, per_image, source, more = plan_calibration.compute_source(args, cfg, 10)
+    assert more == {"ms_per_step_factored": 1.0, "ms_per_image_factored": 2.0, "gemm_flops_per_s": 9e10}
+    assert "factored step 1.0 ms + 2.00 ms/image" in source and "GEMM 90 GFLOP/s" in source
+    # and the command line runs on the old entry, saying so
+    plan_calibration.save_calibration(old)
+    r = dptrain("--hosts", 2, "--slots", 2, "--bandwidth", "1g", "--plane", "mesh", "--classes", 10,
+                *(f"--{k}={v}" for k, v in TINY.items()), cache=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "older entry" in r.stdout and "calibrating" not in r.stderr
 
 
 def test_calibration_cache_is_keyed_by_cpu_and_model(tmp_path, monkeypatch):
@@ -389,7 +441,8 @@ def test_calibration_cache_is_keyed_by_cpu_and_model(tmp_path, monkeypatch):
     (tmp_path / plan.CALIBRATION_FILE).write_text("{not json")
     assert plan_calibration.compute_source(args, small, 10)[1] == 10.0  # unreadable cache: calibrate again
     args.compute_ms_per_image, args.compute_ms_per_step = 7.0, 3.0
-    assert plan_calibration.compute_source(args, small, 10) == (3.0, 7.0, "given")
+    assert plan_calibration.compute_source(args, small, 10)[:3] == (3.0, 7.0, "given")
+    assert set(plan_calibration.compute_source(args, small, 10)[3].values()) == {None}  # nothing factored given
 
 
 # ---------------------------------------------------------------------------------------------- --validate
@@ -418,6 +471,21 @@ def test_validate_rows():
     assert len(plan_validate.validate(rows, P, MODEL, GBIT)["rows"]) == 3  # --bandwidth fills a missing rate
     with pytest.raises(ValueError, match="list"):
         plan_validate.validate({"rows": []}, P, MODEL, None)
+
+
+def test_validate_reads_a_rows_factor_update_and_cipher():
+    """A row's own dist.factor_update (recorded, or in its overrides) and bulk_cipher; rows without them were measured
+    before either existed: the factored Linear's owners updated it, every link was CURVE."""
+    base = bench_hosts_row(hosts=3, batch_size=16, overrides="--dist.plane=mesh", factored=[K, F], ddp_step_s=None)
+    rows = [base, {**base, "factor_update": "replicated"},
+            {**base, "overrides": "--dist.plane=mesh --dist.factor_update=replicated"},
+            {**base, "bulk_cipher": "aes-gcm"}]
+    model = dataclasses.replace(EPYC, shared_cores=None)
+    old, rec, over, aes = plan_validate.validate(rows, P, model, None)["rows"]
+    assert old["factored"] and not old["replicated"] and rec["replicated"] and over["replicated"]
+    want = predict("mesh", 3, 1, 16, 1e9, 4, P, model, factored=(K, F), factor_update="replicated")
+    assert rec["pred_host_out_mb"] == pytest.approx(want["host_send_bytes"] / 1e6)
+    assert aes["pred_step_s"] < old["pred_step_s"]  # AES-GCM is cheaper than CURVE per byte
 
 
 def test_parse_tc_rate():
@@ -566,6 +634,127 @@ def test_factored_mesh_sends_fewer_bytes_while_the_factors_are_smaller():
     assert not big["factored"] and big["host_send_bytes"] == predict("mesh", 8, 1, 8192, 1e9, 4, P, m)["host_send_bytes"]
 
 
+K, F = 16384, 512  # the default model's factored (hidden) Linear
+KF = K * F
+FACTORED = CostModel(ms_per_image=10.0, ms_per_step=20.0, link_efficiency=1.0, overlap=0.0, overlap_ddp=None,
+                     curve_bytes_per_cpu_s=None, ms_per_step_factored=14.0, ms_per_image_factored=9.5,
+                     gemm_flops_per_s=100e9)
+
+
+def test_mesh_factored_workers_leave_w_out_of_the_local_sum_and_their_step():
+    """Inside a host (mesh): where factors_pay, the workers compute the factored step and write no dW, and the agent
+    sums only the other P − K·F parameters of its S slots (mesh.MeshReplica._outside_w), plus gathering the
+    factors (concatenated, then each owner's columns of x): not S·4P, 60 ms at S = 8."""
+    H, S, B = 16, 8, 4096
+    plain = predict("mesh", H, S, B, 10 * GBIT, 4, P, FACTORED)
+    r = predict("mesh", H, S, B, 10 * GBIT, 4, P, FACTORED, factored=(K, F))
+    assert r["factored"] and not plain["factored"] and not r["replicated"]
+    bh = B // H
+    assert plain["local_reduce_s"] == pytest.approx(S * 4 * P / 5e9)  # 60 ms
+    assert r["local_reduce_s"] == pytest.approx(S * 4 * (P - KF) / 5e9 + 4 * bh * (2 * K + F) / 5e9)
+    assert r["local_reduce_s"] < plain["local_reduce_s"] / 4
+    b = B // (H * S)
+    assert plain["compute_s"] == pytest.approx((20 + b * 10) / 1e3)
+    assert r["compute_s"] == pytest.approx((14 + b * 9.5) / 1e3)
+    # not measured (None): the unfactored figures stand in
+    unmeasured = dataclasses.replace(FACTORED, ms_per_step_factored=None, ms_per_image_factored=None)
+    assert predict("mesh", H, S, B, 10 * GBIT, 4, P, unmeasured, factored=(K, F))["compute_s"] == plain["compute_s"]
+    # the serial parts add up, the owner's GEMM among them
+    assert r["step_s"] == pytest.approx(r["compute_s"] + r["local_reduce_s"] + r["comm_s"] + r["factor_gemm_s"]
+                                        + r["update_s"])
+
+
+def test_mesh_owners_gemm_scales_with_the_batch_and_the_host():
+    """An owner's rows of dW = X^T dY over the global batch: (K/H)·B·F·2 flops on its host's S cores, serial after
+    the reduce-scatter; on one box (--shared-cores) it shares the cores like every worker. (The factors' copies
+    before it, one thread, are left out here: infinitely fast memory.)"""
+    def gemm(H=16, S=8, B=4096, model=FACTORED):
+        model = dataclasses.replace(model, mem_bytes_per_s=1e300)
+        r = predict("mesh", H, S, B, 10 * GBIT, 4, P, model, factored=(K, F), factor_update="owners")
+        assert r["factored"]
+        return r["factor_gemm_s"]
+    assert gemm() == pytest.approx(2 * (K / 16) * 4096 * F / (8 * 100e9))
+    # with them: every host's factors concatenated, its columns of x and all of dy
+    r = predict("mesh", 16, 8, 4096, 10 * GBIT, 4, P, FACTORED, factored=(K, F))
+    assert r["factor_gemm_s"] == pytest.approx(gemm() + 4 * 4096 * (K / 16 + F) / 5e9)
+    assert gemm(B=2048) == pytest.approx(gemm() / 2)  # linear in B
+    assert gemm(S=4) == pytest.approx(2 * gemm())  # 1/S
+    assert gemm(H=32) == pytest.approx(gemm() / 2)  # each owner 1/H of the rows
+    shared = dataclasses.replace(FACTORED, shared_cores=32)  # 16 × 8 threads on 32 cores: 4× slower each
+    assert gemm(model=shared) == pytest.approx(4 * gemm())
+    assert predict("mesh", 16, 8, 4096, 10 * GBIT, 4, P, FACTORED)["factor_gemm_s"] == 0  # not factored: none
+
+
+def test_mesh_replicated_update_bytes_and_times():
+    """dist.factor_update: every host sends its samples' whole x and dy to every other host, computes the whole dW
+    and updates all of W itself; W leaves the all-gather (only (H−1)/H·(P − K·F) wire bytes), the reduce-scatter
+    is the owners' (P − K·F plus factors)."""
+    H, S, B, wire = 3, 2, 16, 2
+    bh = -(-B // H)
+    own = predict("mesh", H, S, B, GBIT, wire, P, FACTORED, factored=(K, F), factor_update="owners")
+    rep = predict("mesh", H, S, B, GBIT, wire, P, FACTORED, factored=(K, F), factor_update="replicated")
+    assert rep["replicated"] and rep["factored"] and not own["replicated"] and own["factored"]
+    bw, a = GBIT / 8, 50e-6
+    fb = (H - 1) * bh * (K + F) * 4
+    sync = 2 * 4 * P / (H * 10)
+    rest = (H - 1) / H * (P - KF) * wire
+    assert rep["host_send_bytes"] == pytest.approx(2 * rest + fb + sync)
+    assert rep["host_recv_bytes"] == pytest.approx(2 * rest + fb)
+    assert rep["all_gather_s"] == pytest.approx(rest / bw + (H - 1) * a)  # no W in the all-gather
+    assert own["all_gather_s"] == pytest.approx((H - 1) / H * P * wire / bw + (H - 1) * a)
+    assert rep["reduce_scatter_s"] == pytest.approx(rest / bw + fb / bw + (H - 1) * a)
+    # all of dW, on its S cores, from every host's factors concatenated and each owner's columns of x cut out
+    assert rep["factor_gemm_s"] == pytest.approx(2 * K * B * F / (S * 100e9) + 4 * B * (2 * K + F) / 5e9)
+    assert own["factor_gemm_s"] == pytest.approx(2 * K / H * B * F / (S * 100e9) + 4 * B * (K / H + F) / 5e9)
+    f16w = KF * (3.2 + 2.6) * 1e-9  # apply_update16 on all of W
+    assert rep["update_s"] == pytest.approx((P - KF) * 4e-9 / H + KF * 4e-9 + f16w)
+    assert rep["local_reduce_s"] == pytest.approx(S * 4 * (P - KF) / 5e9 + 4 * bh * (K + F) / 5e9)
+    f16 = ((P - KF) * (3.2 + 2.6) + (P - KF) * (3.2 / H + 2.6)) * 1e-9  # W in neither collective
+    assert rep["wire_cpu_s"] == pytest.approx(f16)
+    # the wire's cipher on those bytes: AES-GCM on the host-to-host ones, CURVE on the SYNC share
+    aes = dataclasses.replace(FACTORED, curve_bytes_per_cpu_s=0.62e9, aes_gcm_bytes_per_cpu_s=1.15e9)
+    sealed = predict("mesh", H, S, B, GBIT, wire, P, aes, factored=(K, F), factor_update="replicated")
+    assert sealed["wire_cpu_s"] == pytest.approx(
+        f16 + ((rep["host_send_bytes"] - sync + rep["host_recv_bytes"]) / 1.15e9 + sync / 0.62e9) / 2)
+
+
+def test_mesh_factor_update_follows_replicate_pays():
+    """auto: replicated while mesh.replicate_pays says so (small global batches); owners: never; replicated: always
+    where the layer is factored at all (factors_pay), never where it is not."""
+    def repl(B, mode, H=3, wire=4):
+        return predict("mesh", H, 1, B, GBIT, wire, P, FACTORED, factored=(K, F), factor_update=mode)["replicated"]
+    assert repl(16, "auto") and not repl(16, "owners") and repl(16, "replicated")
+    assert not repl(4096, "auto", H=16)  # above REPLICATE_MAX_BATCH
+    assert not repl(8192, "replicated", H=8)  # the layer is not factored there (factors_pay): nothing to replicate
+    assert not predict("mesh", 3, 1, 16, GBIT, 4, P, FACTORED, factor_update="replicated")["replicated"]
+    with pytest.raises(ValueError, match="factor_update"):
+        predict("mesh", 3, 1, 16, GBIT, 4, P, FACTORED, factored=(K, F), factor_update="everyone")
+
+
+def test_one_host_factored_reduction():
+    """One host (launch --workers S): where reduce.local_factors_pay, the workers leave factors, the reduction sums
+    P − K·F per slot and computes dW = X^T dY over the batch: each worker its 1/S of the rows (one core each), or
+    the coordinator all of it (one BLAS thread)."""
+    S, B = 16, 64
+    w = predict("workers", 1, S, B, None, 4, P, FACTORED, factored=(K, F))
+    c = predict("coordinator", 1, S, B, None, 4, P, FACTORED, factored=(K, F))
+    assert w["factored"] and c["factored"]
+    assert w["local_reduce_s"] == pytest.approx(4 * (P - KF) / 5e9)
+    assert c["local_reduce_s"] == pytest.approx(S * 4 * (P - KF) / 5e9)
+    assert w["factor_gemm_s"] == pytest.approx(2 * K * B * F / (S * 100e9) + 4 * B * (K / S + F) / 5e9)
+    assert c["factor_gemm_s"] == pytest.approx(2 * K * B * F / 100e9 + 4 * B * (K + F) / 5e9)
+    assert c["serial_s"] == pytest.approx(c["local_reduce_s"] + c["factor_gemm_s"] + P * 4e-9 + 0.8e-3)
+    assert w["compute_s"] == pytest.approx((14 + 4 * 9.5) / 1e3)
+    assert w["step_s"] == pytest.approx(w["compute_s"] + w["local_reduce_s"] + w["comm_s"] + w["factor_gemm_s"]
+                                        + w["update_s"])
+    # 4096 images on 8 ranks: the ranks' weight gradients are fewer bytes than the factors, so none
+    big = predict("workers", 1, 8, 4096, None, 4, P, FACTORED, factored=(K, F))
+    assert not big["factored"] and big["factor_gemm_s"] == 0 and big["local_reduce_s"] == pytest.approx(4 * P / 5e9)
+    # the denominator knows the factored host: no plane beats it
+    base = plan.baseline(S, B, P, FACTORED, (K, F))
+    assert base["step_s"] <= w["step_s"] and base["step_s"] < plan.baseline(S, B, P, FACTORED)["step_s"]
+
+
 def test_cli_json(tmp_path):
     r = dptrain("--hosts", "4,1,16", "--slots", 8, "--bandwidth", "10gbit,25gbit", "--batch-size", 4096,
                 "--compute-ms-per-image", 10, "--compute-ms-per-step", 20, "--wire-dtype", "float16", "--json",
@@ -576,11 +765,39 @@ def test_cli_json(tmp_path):
     assert [(row["bandwidth_bps"], row["plane"], row["hosts"]) for row in out["rows"]] == [
         (b, p, h) for b in (10e9, 25e9) for p in plan.PLANES + plan.ONE_HOST for h in (1, 4, 16)
         if p not in plan.ONE_HOST or h == 1]  # one host: the workers' update and the coordinator's too
+    # dist.bulk_cipher's default prices the mesh's host-to-host bytes (aes-gcm since 2026-12-07)
+    aes = plan.AES_GCM_BYTES_PER_CPU_S if config_mod.DistConfig().bulk_cipher == "aes-gcm" else None
+    assert out["cost_model"]["aes_gcm_bytes_per_cpu_s"] == aes
     for row in out["rows"]:
         want = predict(row["plane"], row["hosts"], 8, 4096, row["bandwidth_bps"], 2, P,
-                       CostModel(ms_per_image=10, ms_per_step=20), factored=(16384, 512))  # dist.factored
+                       CostModel(ms_per_image=10, ms_per_step=20, aes_gcm_bytes_per_cpu_s=aes),
+                       factored=(16384, 512), factor_update="auto")  # dist.factored, dist.factor_update's defaults
         assert row == pytest.approx(want)
     assert not list(tmp_path.iterdir())  # given compute: nothing calibrated, nothing cached
+
+
+def test_cli_factor_update_and_bulk_cipher_overrides(tmp_path):
+    """`dptrain plan --dist.factor_update=...` like any config override; the table marks the replicated rows; the
+    cipher is dist.bulk_cipher's (its default when not given)."""
+    args = ("--hosts", 3, "--slots", 1, "--bandwidth", "1gbit", "--batch-size", 16, "--plane", "mesh",
+            "--compute-ms-per-image", 9.65, "--compute-ms-per-step", 19.3)
+    rows = {}
+    for mode in ("owners", "replicated", "auto"):
+        r = dptrain(*args, f"--dist.factor_update={mode}", "--json", cache=tmp_path)
+        assert r.returncode == 0, r.stderr
+        (rows[mode],) = json.loads(r.stdout)["rows"]
+    assert rows["replicated"]["replicated"] and not rows["owners"]["replicated"]
+    assert rows["auto"] == rows["replicated"]  # 16 images over 3 hosts: replicate_pays
+    def mesh_lines(mode):
+        r = dptrain(*args, f"--dist.factor_update={mode}", cache=tmp_path)
+        assert f"update {mode} (dist.factor_update)" in r.stdout
+        return [ln for ln in r.stdout.splitlines() if ln.startswith("mesh")]
+    assert mesh_lines("replicated")[0].endswith("W-replicated")
+    assert "W-replicated" not in mesh_lines("owners")[0]
+    default = json.loads(dptrain(*args, "--json", cache=tmp_path).stdout)["cost_model"]
+    aes = json.loads(dptrain(*args, "--dist.bulk_cipher=aes-gcm", "--json", cache=tmp_path).stdout)["cost_model"]
+    assert aes["aes_gcm_bytes_per_cpu_s"] == plan.AES_GCM_BYTES_PER_CPU_S
+    assert (default["aes_gcm_bytes_per_cpu_s"] is not None) == (config_mod.DistConfig().bulk_cipher == "aes-gcm")
 
 
 def test_cli_table_model_overrides_and_calibration(tmp_path):
@@ -681,7 +898,8 @@ def test_cli_one_host_needs_no_bandwidth(tmp_path):
     assert [(row["plane"], row["bandwidth_bps"]) for row in rows] == [("workers", None), ("coordinator", None)]
     model = CostModel(ms_per_image=10, ms_per_step=20)
     for row in rows:  # the same figures as with any link: one host's planes never use it
-        assert row == pytest.approx({**predict(row["plane"], 1, 16, 64, 1e10, 4, P, model), "bandwidth_bps": None})
+        assert row == pytest.approx({**predict(row["plane"], 1, 16, 64, 1e10, 4, P, model, factored=(16384, 512)),
+                                     "bandwidth_bps": None})  # 64 images on 16 ranks: factored (local_factors_pay)
     table = dptrain("--hosts", 1, "--slots", 16, "--compute-ms-per-image", 10, cache=tmp_path)
     assert table.returncode == 0 and [ln.split()[:2] for ln in table.stdout.splitlines()
                                       if ln.startswith(("workers", "coordinator"))] == [["workers", "-"],

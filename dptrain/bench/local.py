@@ -77,6 +77,21 @@ def gemm_peak_gflops(threads: int, n: int = 2048, repeats: int = 5) -> float:
     return 2.0 * n ** 3 / best / 1e9
 
 
+def gemm_rate(m: int, n: int, k: int, threads: int = 1, repeats: int = 5) -> float:
+    """Float32 FLOP/s of the factored Linear's dW GEMM shape, x^T (m x n) @ dy (n x k) with x stored (n, m) as the
+    factors are, with `threads` BLAS threads: the best of `repeats`."""
+    x, dy = (np.random.default_rng(i).standard_normal(s).astype(np.float32) for i, s in ((0, (n, m)), (1, (n, k))))
+    out = np.empty((m, k), np.float32)
+    best = math.inf
+    with threadpool_limits(threads):
+        np.matmul(x.T, dy, out=out)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            np.matmul(x.T, dy, out=out)
+            best = min(best, time.perf_counter() - t0)
+    return 2.0 * m * n * k / best
+
+
 def synthetic_batch(batch: int, size: int, classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((batch, size, size, 3)).astype(np.float32)  # (N, H, W, C)
@@ -94,14 +109,23 @@ def _timed_loop(step, warmup: int, steps: int, desc: str, progress: bool) -> lis
     return secs
 
 
-def time_numpy(cfg: Config, classes: int, warmup: int, steps: int, progress: bool = True) -> dict:
+def time_numpy(cfg: Config, classes: int, warmup: int, steps: int, progress: bool = True,
+               factored: bool = False) -> dict:
+    """factored: the model's factored Linear (model.factor_layer) leaves its (x, dy) instead of computing its weight
+    gradient, as a worker's does when its host computes dW from the factors (dist.factored); backward then also
+    copies them into arrays of their own, as the worker does into the host's shared factor slots."""
     t, batch, size = cfg.train, cfg.train.batch_size, cfg.data.image_size
     x, y = synthetic_batch(batch, size, classes)
     store = ParamStore(np.float32)
     model = build_model(cfg.model, classes, size, store, rng=np.random.default_rng(0))
+    layer = model.factor_layer() if factored else None
+    if layer is not None:
+        layer.factored = True
+        slots = (np.empty((batch, layer.w.shape[0]), np.float32), np.empty((batch, layer.w.shape[1]), np.float32))
     opt = SGD(store.num_params, momentum=t.momentum, weight_decay=t.weight_decay, decay_ranges=store.decay_ranges())
     times, flops = instrument(model)
     phase = defaultdict(float)
+    fwd_bwd: list[float] = []  # per timed step: forward + loss + backward, seconds
 
     def step():
         t0 = time.perf_counter()
@@ -110,6 +134,8 @@ def time_numpy(cfg: Config, classes: int, warmup: int, steps: int, progress: boo
         _, dlogits, _ = softmax_cross_entropy(logits, y, batch)
         t2 = time.perf_counter()
         model.backward(dlogits)
+        if layer is not None:  # worker._leave_factors
+            slots[0][...], slots[1][...] = layer.factors
         t3 = time.perf_counter()
         norm = math.sqrt(sum_of_squares(store.grads))
         t4 = time.perf_counter()
@@ -119,12 +145,14 @@ def time_numpy(cfg: Config, classes: int, warmup: int, steps: int, progress: boo
         for k, dt in (("forward", t1 - t0), ("loss", t2 - t1), ("backward", t3 - t2), ("grad_norm", t4 - t3),
                       ("sgd_update", t5 - t4)):
             phase[k] += dt
+        fwd_bwd.append(t3 - t0)
 
     for _ in range(warmup):
         step()
     times.clear()
     flops.clear()
     phase.clear()
+    fwd_bwd.clear()
     secs = _timed_loop(step, 0, steps, "numpy", progress)
     n = len(secs)
     layers = {k: {"forward_ms": f * 1e3 / n, "backward_ms": b * 1e3 / n} for k, (f, b) in times.items()}
@@ -133,7 +161,8 @@ def time_numpy(cfg: Config, classes: int, warmup: int, steps: int, progress: boo
             layers[k].update(forward_gflops=f / times[k][0] / 1e9, backward_gflops=b / times[k][1] / 1e9)
     return {"step_ms": 1e3 * float(np.median(secs)), "images_per_s": batch / float(np.median(secs)),
             "phases_ms": {k: v * 1e3 / n for k, v in phase.items()}, "layers_ms": layers,
-            "num_params": store.num_params}
+            "num_params": store.num_params, "factored": layer is not None,
+            "forward_backward_ms": [1e3 * t for t in fwd_bwd]}
 
 
 def time_torch(cfg: Config, classes: int, threads: int, warmup: int, steps: int, progress: bool = True) -> dict:

@@ -9,10 +9,18 @@ import platform
 import time
 from pathlib import Path
 
+from threadpoolctl import threadpool_limits
+
 from .. import config as config_mod, log
-from ..bench.local import run_local_bench
+from ..bench.local import gemm_rate, time_numpy
 from ..fsutil import atomic_write
-from .model import CALIBRATION_BATCHES, CALIBRATION_FILE
+from ..nn.threads import set_threads
+from .model import CALIBRATION_BATCHES, CALIBRATION_FILE, CostModel, factor_shape
+
+# the factored Linear's dW GEMM as calibrate() times it: (GEMM_ROWS x GEMM_BATCH) @ (GEMM_BATCH x F), one core. An
+# owner's rows at 16 hosts (16384 / 16) over a global batch of 512; the rate is flat from there up (122-127 GFLOP/s
+# at batch 512-4096 on a 2-core Intel Xeon) and lower at tiny batches (64 at 16 images), where dW costs little anyway
+GEMM_ROWS, GEMM_BATCH = 1024, 512
 
 # ---------------------------------------------------------------------------------------------- calibration
 
@@ -45,21 +53,51 @@ def fit_affine(points: dict[int, float]) -> tuple[float, float]:
     return fixed, slope
 
 
+def _step_ms(cfg: config_mod.Config, classes: int, warmup: int, steps: int, factored: bool) -> dict:
+    """One BLAS thread, one thread for the other kernels: a worker's forward + loss + backward (ms) and SGD."""
+    prev = set_threads(1)
+    try:
+        with threadpool_limits(1):
+            r = time_numpy(cfg, classes, warmup, steps, progress=False, factored=factored)
+    finally:
+        set_threads(prev)
+    p = r["phases_ms"]
+    # the median step's forward + loss + backward: on a shared box one preempted step would move a mean by half
+    steps_ms = sorted(r.get("forward_backward_ms") or [p["forward"] + p["loss"] + p["backward"]])
+    return {"ms": steps_ms[len(steps_ms) // 2], "factored": r.get("factored", False),
+            "sgd_ns": (p["grad_norm"] + p["sgd_update"]) * 1e6 / r["num_params"]}
+
+
 def calibrate(cfg: config_mod.Config, classes: int, batches=CALIBRATION_BATCHES, warmup: int = 1,
               steps: int = 3) -> dict:
-    """Time forward + loss + backward of the model at each batch (one BLAS thread, warm-up excluded)."""
-    points, sgd_ns = {}, []
+    """Time forward + loss + backward of the model at each batch (one BLAS thread, warm-up excluded), also with its
+    factored Linear factored (ms_per_step_factored, ms_per_image_factored; None when the model has none), and one
+    core's GEMM rate on that layer's dW = X^T dY (gemm_flops_per_s)."""
+    points, fpoints, sgd_ns = {}, {}, []
+    shape = factor_shape(cfg, classes)
     for b in batches:
         c = copy.deepcopy(cfg)
         c.train.batch_size = b
-        r = run_local_bench(c, classes, 1, warmup, steps + (2 if b <= 8 else 0), False, progress=False)
-        p = r["phases_ms"]
-        points[b] = p["forward"] + p["loss"] + p["backward"]
-        sgd_ns.append((p["grad_norm"] + p["sgd_update"]) * 1e6 / r["num_params"])
+        n = steps + (2 if b <= 8 else 0)
+        r = _step_ms(c, classes, warmup, n, False)
+        points[b] = r["ms"]
+        sgd_ns.append(r["sgd_ns"])
+        if shape is not None:
+            fpoints[b] = _step_ms(c, classes, warmup, n, True)["ms"]
     fixed, slope = fit_affine(points)
-    return {**_key(cfg, classes, cpu_model()), "ms_per_step": fixed, "ms_per_image": slope,
-            "batches": list(batches), "measured_ms": {str(b): t for b, t in points.items()},
-            "measured_update_ns_per_param": min(sgd_ns), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    entry = {**_key(cfg, classes, cpu_model()), "ms_per_step": fixed, "ms_per_image": slope,
+             "batches": list(batches), "measured_ms": {str(b): t for b, t in points.items()},
+             "measured_update_ns_per_param": min(sgd_ns), "ms_per_step_factored": None,
+             "ms_per_image_factored": None}
+    if fpoints:
+        ffixed, fslope = fit_affine(fpoints)
+        entry.update(ms_per_step_factored=ffixed, ms_per_image_factored=fslope,
+                     measured_ms_factored={str(b): t for b, t in fpoints.items()})
+    F = shape[1] if shape is not None else 512
+    entry["gemm_flops_per_s"] = gemm_rate(GEMM_ROWS, GEMM_BATCH, F, threads=1)
+    entry["gemm_shape"] = [GEMM_ROWS, GEMM_BATCH, F]
+    entry["created"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    return entry
 
 
 def load_calibration(cfg: config_mod.Config, classes: int, path: Path | None = None) -> dict | None:
@@ -95,21 +133,36 @@ def save_calibration(entry: dict, path: Path | None = None) -> Path:
     return path
 
 
-def compute_source(args, cfg: config_mod.Config, classes: int) -> tuple[float, float, str]:
-    """(ms_per_step, ms_per_image, where they come from)."""
+def compute_source(args, cfg: config_mod.Config, classes: int) -> tuple[float, float, str, dict]:
+    """(ms_per_step, ms_per_image, where they come from, the rest: {"ms_per_step_factored", "ms_per_image_factored",
+    "gemm_flops_per_s"}, None where not measured). Given compute (--compute-ms-per-image) has no factored figures;
+    a cache entry from before they were measured neither (nor a GEMM rate): the unfactored figures and CostModel's
+    default GEMM rate stand in, and the description says so."""
     lg = log.get()
+    none = {"ms_per_step_factored": None, "ms_per_image_factored": None, "gemm_flops_per_s": None}
     if args.compute_ms_per_image is not None:
-        return args.compute_ms_per_step, args.compute_ms_per_image, "given"
+        return args.compute_ms_per_step, args.compute_ms_per_image, "given", none
     entry = None if args.calibrate else load_calibration(cfg, classes)
     if entry is None:
         lg.info(f"calibrating: training steps of the model at batch {' and '.join(map(str, CALIBRATION_BATCHES))}, "
-                "1 BLAS thread, in this process")
+                "1 BLAS thread, factored and not, in this process")
         entry = calibrate(cfg, classes)
         where = save_calibration(entry)
         lg.info(f"saved the calibration to {where}")
         how = "calibrated now"
     else:
         how = f"calibration of {entry.get('created', '?')}"
+    more = {k: (float(entry[k]) if entry.get(k) is not None else None) for k in none}
+    if more["ms_per_image_factored"] is not None:
+        factored = (f"factored step {more['ms_per_step_factored'] or 0.0:.1f} ms + "
+                    f"{more['ms_per_image_factored']:.2f} ms/image")
+    elif "ms_per_image_factored" in entry:  # measured: the model has no factored Linear
+        factored = "no factored Linear"
+    else:
+        factored = "no factored step in this older entry (--calibrate measures it): the unfactored figures stand in"
+    gemm = (f"GEMM {more['gemm_flops_per_s'] / 1e9:.0f} GFLOP/s a core" if more["gemm_flops_per_s"] else
+            f"GEMM rate not in this entry: the default {CostModel(1.0).gemm_flops_per_s / 1e9:.0f} GFLOP/s a core")
     return (float(entry["ms_per_step"]), float(entry["ms_per_image"]),
             f"{how}, batch {' and '.join(map(str, entry.get('batches', [])))}, {entry['cpu_model']}, "
-            f"1 BLAS thread; its SGD measured {entry.get('measured_update_ns_per_param', float('nan')):.1f} ns/param")
+            f"1 BLAS thread; its SGD measured {entry.get('measured_update_ns_per_param', float('nan')):.1f} ns/param; "
+            f"{factored}; {gemm}", more)

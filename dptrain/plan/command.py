@@ -78,6 +78,9 @@ def add_plan_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--aes-gcm-gb-per-cpu-s", type=float, default=AES_GCM_BYTES_PER_CPU_S / 1e9,
                    help="GB sealed + opened with AES-256-GCM per CPU-second on the mesh's sockets, used when "
                         "dist.bulk_cipher = aes-gcm (--dist.bulk_cipher=aes-gcm)")
+    p.add_argument("--gemm-gflops", type=float, default=None,
+                   help="one core's float32 GEMM GFLOP/s on the factored Linear's dW = X^T dY (default: the "
+                        f"calibration's, or {d.gemm_flops_per_s / 1e9:g} with --compute-ms-per-image)")
     p.add_argument("--f16-encode-ns", type=float, default=d.f16_encode_ns, help="float16 encode per element")
     p.add_argument("--f16-decode-ns", type=float, default=d.f16_decode_ns, help="float16 decode per element")
     p.add_argument("--overlap", type=float, default=d.overlap,
@@ -134,16 +137,18 @@ def _ms(s: float) -> str:
 def format_table(rows: list[dict]) -> str:
     w = max([6] + [len(r["plane"]) + 1 for r in rows])
     head = (f"{'plane':<{w}}{'link':>8}{'hosts':>6}{'H×S':>6}{'b':>5}{'compute':>9}{'local':>9}{'comm':>9}"
-            f"{'exposed':>9}{'update':>9}{'step ms':>9}{'img/s':>9}{'eff':>6}{'host MB':>9}{'coord MB':>9}")
+            f"{'exposed':>9}{'dW':>7}{'update':>9}{'step ms':>9}{'img/s':>9}{'eff':>6}{'host MB':>9}{'coord MB':>9}")
     lines = [head, "-" * len(head)]
     for r in rows:
         coord = r["coord_in_bytes"] / 1e6
-        flags = (" coord-bound" if r["coord_bound"] else "") + (" cpu-bound" if r["cpu_bound"] else "")
+        flags = ((" W-replicated" if r.get("replicated") else "") + (" coord-bound" if r["coord_bound"] else "")
+                 + (" cpu-bound" if r["cpu_bound"] else ""))
+        dw = f"{1e3 * r['factor_gemm_s']:7.1f}" if r.get("factored") else f"{'-':>7}"
         lines.append(
             f"{r['plane']:<{w}}{format_bandwidth(r['bandwidth_bps']) if r['bandwidth_bps'] else '-':>8}"
             f"{r['hosts']:>6}{r['workers']:>6}"
             f"{r['per_worker_batch']:>5}{_ms(r['compute_s'])}{_ms(r['local_reduce_s'])}{_ms(r['comm_s'])}"
-            f"{_ms(r['comm_exposed_s'])}{_ms(r['update_s'])}{_ms(r['step_s'])}{r['images_per_s']:9.1f}"
+            f"{_ms(r['comm_exposed_s'])}{dw}{_ms(r['update_s'])}{_ms(r['step_s'])}{r['images_per_s']:9.1f}"
             f"{r['efficiency']:6.2f}{r['host_send_bytes'] / 1e6:9.1f}{coord:9.1f}" + flags)
     return "\n".join(lines)
 
@@ -209,9 +214,14 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
         num_params = count_params(cfg, args.classes)
     except ValueError as e:
         raise err(e) from None
-    fixed, per_image, source = compute_source(args, cfg, args.classes)
+    fixed, per_image, source, more = compute_source(args, cfg, args.classes)
+    if args.gemm_gflops is not None:
+        more["gemm_flops_per_s"] = args.gemm_gflops * 1e9
+    gemm = {"gemm_flops_per_s": more["gemm_flops_per_s"]} if more["gemm_flops_per_s"] is not None else {}
     try:
         model = CostModel(ms_per_image=per_image, ms_per_step=fixed, latency_s=args.latency_us * 1e-6,
+                          ms_per_step_factored=more["ms_per_step_factored"],
+                          ms_per_image_factored=more["ms_per_image_factored"], **gemm,
                           link_efficiency=args.link_efficiency, update_ns_per_param=args.update_ns_per_param,
                           mem_bytes_per_s=args.mem_gb_per_s * 1e9, coord_link_ratio=args.coord_link_ratio,
                           curve_bytes_per_cpu_s=args.curve_gb_per_cpu_s * 1e9 if args.curve_gb_per_cpu_s else None,
@@ -267,9 +277,12 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
             raise err("--bandwidth is required across hosts (and for the star, mesh and ddp planes)")
         rates, planes = [None], [p for p in planes if p in ONE_HOST]
     factored = factor_shape(cfg, args.classes) if cfg.dist.factored else None
-    rows = [predict(plane, h, args.slots, batch, bps, WIRE_BYTES[wire], num_params, model, sync_every, factored)
+    # one host factors only with its gradients in shared memory and not --batch-invariant (reduce.one_host_factored)
+    local_ok = cfg.dist.transport == "shm" and not cfg.train.batch_invariant_block
+    rows = [predict(plane, h, args.slots, batch, bps, WIRE_BYTES[wire], num_params, model, sync_every,
+                    factored if plane not in ONE_HOST or local_ok else None, cfg.dist.factor_update)
             for bps in rates for plane in planes for h in hosts if plane not in ONE_HOST or h == 1]
-    base = baseline(args.slots, batch, num_params, model)
+    base = baseline(args.slots, batch, num_params, model, factored)
     if args.json:
         print(json.dumps({**info, "wire_dtype": wire, "batch": batch, "slots": args.slots, "baseline": base,
                           "rows": rows}), flush=True)
@@ -282,15 +295,18 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
     print(f"model: {num_params:,} params, {cfg.data.image_size}x{cfg.data.image_size}, {args.classes} classes; "
           f"M = {num_params * WIRE_BYTES[wire] / 1e6:.1f} MB per step on the wire ({wire})\n"
           f"compute: {fixed:.1f} ms/step + {per_image:.2f} ms/image per worker ({source})\n"
-          f"{cores}; update {model.update_ns_per_param:g} ns/param, latency {model.latency_s * 1e6:g} us, link "
+          f"{cores}; dW GEMM {model.gemm_flops_per_s / 1e9:.0f} GFLOP/s a core, the factored Linear's update "
+          f"{cfg.dist.factor_update} (dist.factor_update); update {model.update_ns_per_param:g} ns/param, latency {model.latency_s * 1e6:g} us, link "
           f"efficiency {model.link_efficiency:g}, local sum {model.mem_bytes_per_s / 1e9:g} GB/s, {curve}, float16 "
           f"{model.f16_encode_ns:g}/{model.f16_decode_ns:g} ns per element, overlap {model.overlap:g} (ddp "
           f"{model.overlap if model.overlap_ddp is None else model.overlap_ddp:g}), sync every {sync_every} steps"
           + (f", coordinator link ×{model.coord_link_ratio:g}" if model.coord_link_ratio != 1 else "") + "\n"
           f"global batch {batch}, {args.slots} slot(s) per host; efficiency against 1 host alone, no network: "
           f"b={base['per_worker_batch']}, {1e3 * base['step_s']:.1f} ms/step, {base['images_per_s']:.1f} img/s\n"
-          "ms per step; comm includes the CURVE and float16 work on the hosts' CPUs; host MB = bytes a host sends "
-          "per step (it receives about as many); coord MB = into the coordinator per step\n", flush=True)
+          "ms per step; comm includes the wire's cipher (CURVE, AES-GCM) and float16 work on the hosts' CPUs; dW = "
+          "the factored Linear's weight gradient from its factors (- where not factored), W-replicated = every host "
+          "computes all of it and updates the layer itself; host MB = bytes a host sends per step (it receives about "
+          "as many); coord MB = into the coordinator per step\n", flush=True)
     print(format_table(rows), flush=True)
     if idle:
         print(f"\nnote: global batch {batch} < workers for {sorted(set(idle))} host(s): some workers get no images",

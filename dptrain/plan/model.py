@@ -20,11 +20,16 @@ The model (every constant is a field of `CostModel`, so predictions can be fitte
     Bw     = bandwidth / 8 × link_efficiency    bytes/s per direction per host (full duplex); the coordinator's link
              is coord_link_ratio × that
     b      = ceil(B / (H·S))                    per-worker batch
-    c      = ms_per_step + b × ms_per_image     one forward + backward on one core (calibrated: both terms)
+    c      = ms_per_step + b × ms_per_image     one forward + backward on one core (calibrated: both terms); where
+             the hidden Linear (K × F = 16384 × 512, 89 % of P) is factored (below), ms_per_step_factored + b ×
+             ms_per_image_factored: backward leaves (x, dy) in shared memory and computes and writes no dW
+             (calibrated too; not measured: the unfactored figures)
+    G      = gemm_flops_per_s                   one core's float32 GEMM on dW = Xᵀ·dY's shape (calibrated)
     sw, sc = 1, 1 on separate hosts (S workers on S cores; a host's communication thread has a core of its own);
              with --shared-cores N (one box, as `dptrain bench --hosts` runs it: all H·S workers and all H hosts'
              communication threads share N cores): sw = max(1, H·S/N), sc = max(1, H/N)
-    local  = S × 4P / mem_bytes_per_s          when S > 1: the host sums its S float32 gradients
+    local  = S × 4P / mem_bytes_per_s          when S > 1: the host sums its S float32 gradients; factored, the
+             other P − K·F only (mesh._outside_w, reduce.reduce_range)
     U      = P × update_ns_per_param            clip + momentum SGD of the whole model, one core
     κ      = 1 / curve_bytes_per_cpu_s          CPU-seconds per wire byte to seal it (sender) and open it (receiver)
              with ZeroMQ CURVE, copies included; 0 when the links are not encrypted (DDP's gloo never is)
@@ -38,16 +43,29 @@ The model (every constant is a field of `CostModel`, so predictions can be fitte
           weights + momentum, float32, SYNC):
           a host's link per step: out = 2(H−1)/H·M + 2·M32/(H·k), in = 2(H−1)/H·M; the coordinator's: in = 2·M32/k
           rs = ag = (H−1)/H·M/Bw + (H−1)·α      reduce-scatter, all-gather on the wire
+          factored (mesh.factors_pay(B, H, K, F); b_h = ceil(B/H)): the workers leave (x, dy); W's K·F weights leave
+            the reduce-scatter, which carries (H−1)/H·(P − K·F)·wire bytes + the factors fb = 4·b_h·(K(H−1)/H +
+            (H−1)F) (each owner its columns of x, every other host all of dy); local = S·4(P − K·F)/mem + the
+            factors gathered, 4·b_h·(2K + F)/mem; then, serial after the reduce-scatter and before the update,
+            dW = sw·(K/H)·B·F·2 / (S·G) + sc·4·B·(K/H + F)/mem: each owner's rows over the global batch on the
+            host's S cores (the agent's BLAS; the workers are done), after concatenating every host's factors
+          replicated (factored, and mesh.replicate_pays(B, H, K, F, wire, dist.factor_update)): every host sends its
+            samples' whole x and dy to every other host, fb = 4·(H−1)·b_h·(K + F) each way (factors gathered:
+            4·b_h·(K + F)/mem); computes the whole dW, sw·K·B·F·2 / (S·G) + sc·4·B·(2K + F)/mem (every owner's
+            rows, each from its columns of x cut out); and updates all of W itself: update =
+            sc·((P − K·F)/H·u + K·F·(u + f16 apply: enc + dec per element with float16)); W leaves the all-gather:
+            ag = (H−1)/H·(P − K·F)·wire/Bw + (H−1)·α
           sync = 2·M32/(H·k)/Bw                 a host's SYNC upload, averaged over the k steps
           wire = sc·(κ·(out + in)/2 + f16)       the host's CURVE and float16 work. Serial with the wire, not beside
                    it: CURVE seals a whole message before its first byte leaves and opens it after its last byte
                    arrives, and the hidden Linear's share of a slice (89 % of the bytes) is one message; float16 is
                    encoded before a send and decoded after it
-          comm = local + rs + ag + sync + wire + 2α
+          comm = rs + ag + sync + wire + 2α
           hidden = min(overlap·c·sw, local + rs)   the local sum and the reduce-scatter run while backward goes on
                    (the hidden Linear's gradient is final ~10 % into backward, i.e. after ~40 % of c: overlap 0.6);
                    the all-gather never overlaps (it needs the update)
-          update = sc·U/H;  and a step is never shorter than the coordinator's link: 2·M32/k / (Bw·coord_link_ratio)
+          update = sc·U/H (replicated: above);  and a step is never shorter than the coordinator's link:
+          2·M32/k / (Bw·coord_link_ratio)
     star  (every host sends M to the coordinator, which sums, updates and sends M back)
           comm = 2·max(H·M/Bw_coord, M/Bw) + 2α + κ·H·M·max(1, 2/N)   (the coordinator seals and opens H·M each way
           on its one I/O thread; on one box all ends share N cores);  hidden = 0;  update = U
@@ -55,6 +73,10 @@ The model (every constant is a field of `CostModel`, so predictions can be fitte
           coordinator: the coordinator sums the S slots (local) and updates (U) alone while no worker computes
           workers: each worker sums its 1/S slice of every slot (4P / mem_bytes_per_s) and updates it (U/S),
           all at once; serial = the control messages only (what `dptrain plan --hosts 1 --slots 16` compares)
+          factored (reduce.local_factors_pay(B, S, K, F), shm): the workers leave (x, dy); the sums skip W
+          (P − K·F) and dW = Xᵀ·dY over the batch, B·K·F·2 flops, is computed by the coordinator alone (one BLAS
+          thread: dW = 2KBF/G + 4B(K + F)/mem, the factors' copies) or by each worker for its 1/S of the rows
+          (dW = sw·(2KBF/(S·G) + 4B(K/S + F)/mem))
     ddp   (PyTorch DDP's ring all-reduce over gloo, for comparison; plain TCP; no local sum: every rank is on the
           ring, W = H·S ranks, a host's S ranks adjacent)
           R    = 2·(W−1)/W·M                     what every rank sends (and receives) in the ring; it is also what
@@ -66,19 +88,24 @@ The model (every constant is a field of `CostModel`, so predictions can be fitte
           hidden = min(overlap_ddp·b·ms_per_image·sw, comm)   the rings run beside the conv layers' backward,
                    per-image work (see CostModel.overlap_ddp);  update = sw·U (every rank updates the whole model)
 
-    step = c·sw + comm − hidden + update   (compute + exposed communication + update);  images/s = B / step
+    step = c·sw + (local + comm − hidden) + dW + update   (compute + exposed local sum and communication + the
+    factored Linear's dW + update);  images/s = B / step
     With --shared-cores N also step ≥ (all CPU work of a step on the box) / N: H·S·c + H·local, the hosts' and the
-    coordinator's wire work (mesh: H·(κ·(out + in)/2 + f16) + κ/2·2·M32/k; star: 2κ·H·M; ddp: W·ring) and the
-    updates (mesh, star: U; ddp: H·S·U). On this 2-core box the measured steps are that link-bound chain, not the
-    CPU bound: the serial wire work is why dptrain's one-box steps are slower than the links alone would allow.
-    efficiency = images/s ÷ (H × images/s of one host alone: c(ceil(B/S))·max(1, S/N) + local + U/S, no network) ≤ 1
+    coordinator's wire work (mesh: H·(κ·(out + in)/2 + f16) + κ/2·2·M32/k; star: 2κ·H·M; ddp: W·ring), dW's GEMMs
+    and copies (2KBF/G, replicated H times) and the updates (mesh, star: U; replicated: H × a host's; ddp: H·S·U). On this
+    2-core box the measured steps are that link-bound chain, not the CPU bound: the serial wire work is why
+    dptrain's one-box steps are slower than the links alone would allow.
+    efficiency = images/s ÷ (H × images/s of one host alone: c(ceil(B/S))·max(1, S/N) + local + U/S, no network;
+    or, with a factored Linear, factored the same way, whichever is faster) ≤ 1
 
 Compute comes from --compute-ms-per-image [--compute-ms-per-step], from --calibrate (a few real training steps of
 the model at two batch sizes in this process, one BLAS thread, warm-up excluded, via dptrain.bench.local), or from
 the calibration cache ($DPTRAIN_CACHE or ~/.cache/dptrain, file plan-calibration.json, keyed by CPU model and
 network); with neither flag and no matching cache entry it calibrates once and saves. The per-image cost is not
 constant in the batch (a step has a fixed part: the 16384×512 hidden Linear, for one, reads its 32 MB of weights and
-writes its 32 MB gradient whatever the batch), hence the fixed + per-image fit.
+writes its 32 MB gradient whatever the batch), hence the fixed + per-image fit. The calibration times the step
+twice, with that Linear factored and not, and G on the owners' GEMM shape; an entry from before it did (no
+factored figures) stands, with the unfactored figures for the factored step and the default G (say --calibrate).
 """
 from __future__ import annotations
 
@@ -88,7 +115,8 @@ import re
 from dataclasses import dataclass
 
 from .. import config as config_mod
-from ..distributed.mesh import factors_pay
+from ..distributed.mesh import factors_pay, replicate_pays
+from ..distributed.reduce import local_factors_pay
 from ..nn.model import build_model
 from ..nn.params import ParamStore
 
@@ -109,6 +137,13 @@ class CostModel:
     """Every constant of the model, with the defaults `dptrain plan` uses; `dataclasses.replace` to fit."""
     ms_per_image: float  # forward + backward of one image on one core (BLAS 1 thread), the slope in the batch
     ms_per_step: float = 0.0  # the part of a worker's forward + backward that does not scale with its batch
+    # the same with the factored Linear factored (Linear.factored: backward leaves x, dy and computes no dW, writes no
+    # 32 MB gradient); None: not measured, the unfactored figures stand in (an over-estimate of the worker's step)
+    ms_per_step_factored: float | None = None
+    ms_per_image_factored: float | None = None
+    # float32 GEMM FLOP/s of one core (BLAS 1 thread) on the factored Linear's dW = X^T dY, (1024 x B) @ (B x 512) at
+    # B = 512 (calibrate() measures it; docs/performance-notes.md, plan)
+    gemm_flops_per_s: float = 1.2e11
     latency_s: float = 50e-6  # α: per message (one-way), software + wire
     # payload bytes per line-rate byte: TCP/IPv4 with timestamps over a 1500-byte MTU carries 1448 bytes per
     # 1514-byte frame (0.956); DDP's plain gloo rows on the shaped namespace links fit 0.95
@@ -156,8 +191,9 @@ class CostModel:
             v = getattr(self, name)
             if v is not None and v > 1:
                 raise ValueError(f"{name} must be in [0, 1], got {v!r}")
-        for name in ("ms_per_image", "link_efficiency", "mem_bytes_per_s", "coord_link_ratio",
-                     "curve_bytes_per_cpu_s", "aes_gcm_bytes_per_cpu_s", "shared_cores", "gloo_bytes_per_cpu_s"):
+        for name in ("ms_per_image", "ms_per_image_factored", "link_efficiency", "mem_bytes_per_s",
+                     "coord_link_ratio", "curve_bytes_per_cpu_s", "aes_gcm_bytes_per_cpu_s", "shared_cores",
+                     "gloo_bytes_per_cpu_s", "gemm_flops_per_s"):
             if getattr(self, name) == 0:
                 raise ValueError(f"{name} must be > 0")
         if self.shared_cores is not None and int(self.shared_cores) != self.shared_cores:
@@ -225,12 +261,36 @@ def per_worker_batch(batch: int, hosts: int, slots: int) -> int:
     return max(1, math.ceil(batch / (hosts * slots)))
 
 
-def compute_s(model: CostModel, b: int) -> float:
+def compute_s(model: CostModel, b: int, factored: bool = False) -> float:
+    """One worker's forward + backward of b images on one core; `factored`: with the factored Linear's weight
+    gradient left as factors (the unfactored figures where that step was not measured)."""
+    if factored and model.ms_per_image_factored is not None:
+        return ((model.ms_per_step_factored or 0.0) + b * model.ms_per_image_factored) / 1e3
     return (model.ms_per_step + b * model.ms_per_image) / 1e3
 
 
 def local_reduce_s(model: CostModel, slots: int, num_params: int) -> float:
+    """A host summing its S float32 gradients of num_params (the factored Linear's weights left out when they
+    travel as factors: pass P − K·F)."""
     return slots * num_params * 4 / model.mem_bytes_per_s if slots > 1 else 0.0
+
+
+def factor_copy_s(model: CostModel, samples: int, K: int, F: int, columns: bool = True) -> float:
+    """A mesh agent gathering its samples' factors before it sends them (mesh.MeshReplica._send_factors): the
+    workers' x (samples × K) and dy (samples × F) concatenated out of shared memory, then (owners, `columns`) each
+    owner's columns of x cut out: bytes read, at mem_bytes_per_s, as the local sum counts them."""
+    return 4 * samples * ((2 if columns else 1) * K + F) / model.mem_bytes_per_s
+
+
+def gemm_s(model: CostModel, flops: float, cores: float) -> float:
+    """`flops` of float32 GEMM (the factored Linear's dW = X^T dY) on `cores` cores."""
+    return flops / (model.gemm_flops_per_s * cores)
+
+
+def gather_s(model: CostModel, floats: float) -> float:
+    """Copying `floats` float32 (the batch's factors concatenated, columns of x cut out) before dW's GEMM, one
+    thread: bytes read at mem_bytes_per_s, as the local sum counts them."""
+    return 4 * floats / model.mem_bytes_per_s
 
 
 def update_s(model: CostModel, num_params: int) -> float:
@@ -242,12 +302,21 @@ def sharing(model: CostModel, threads: int) -> float:
     return max(1.0, threads / model.shared_cores) if model.shared_cores else 1.0
 
 
-def f16_s(model: CostModel, hosts: int, num_params: int, factored_params: int = 0) -> float:
+def f16_s(model: CostModel, hosts: int, num_params: int, factored_params: int = 0, replicated: bool = False) -> float:
     """A mesh host's float16 encode + decode per step (see the module docstring); the factored Linear's weights
-    (factored_params) are not in the reduce-scatter, only in the all-gather."""
+    (factored_params) are not in the reduce-scatter, only in the all-gather, and not there either when every host
+    updates them itself (`replicated`: their apply_update16 is the update's, replicated_update_s)."""
     rs = num_params - factored_params  # its local sum encoded, the hosts' contributions to its slice decoded
+    ag = num_params - factored_params if replicated else num_params  # its slice's update encoded, all decoded
     return (rs * (model.f16_encode_ns + model.f16_decode_ns)
-            + num_params * (model.f16_encode_ns / hosts + model.f16_decode_ns)) * 1e-9
+            + ag * (model.f16_encode_ns / hosts + model.f16_decode_ns)) * 1e-9
+
+
+def replicated_update_s(model: CostModel, hosts: int, num_params: int, factored_params: int, wire_bytes: int) -> float:
+    """A mesh host's update when every host updates the factored Linear itself: its 1/H slice of the other weights
+    and all K·F of that layer (with the float16 wire, apply_update16 on them: an encode and a decode each), one core."""
+    f16 = factored_params * (model.f16_encode_ns + model.f16_decode_ns) * 1e-9 if wire_bytes == 2 else 0.0
+    return update_s(model, num_params - factored_params) / hosts + update_s(model, factored_params) + f16
 
 
 def ddp_ring(model: CostModel, hosts: int, slots: int, model_bytes: float) -> dict:
@@ -260,37 +329,58 @@ def ddp_ring(model: CostModel, hosts: int, slots: int, model_bytes: float) -> di
     return {"link_bytes": per_rank if hosts > 1 else 0.0, "cpu_s": per_rank / model.gloo_bytes_per_cpu_s}
 
 
-def baseline(slots: int, batch: int, num_params: int, model: CostModel) -> dict:
+def baseline(slots: int, batch: int, num_params: int, model: CostModel,
+             factored: tuple[int, int] | None = None) -> dict:
     """One host alone, no network, at its best: its S workers compute, their gradients are summed (each worker its
     1/S slice, as `launch --workers S` does, or under backward as far as `overlap` allows, whichever is faster) and
-    each worker updates its 1/S slice; or as DDP's ranks do, in gloo's ring over loopback). No plane beats it, so
-    efficiency stays <= 1."""
+    each worker updates its 1/S slice; or as DDP's ranks do, in gloo's ring over loopback). With a factored Linear
+    (K, F) also the way that leaves its weight gradient as factors, whichever is faster (whatever
+    reduce.local_factors_pay decides: a plane that factors must not beat the denominator): the workers' factored
+    step, the sum of the other P − K·F, and each worker's 1/S of the rows of dW = X^T dY (B·K·F·2 flops; the
+    factors' copies left out: a lower bound). No plane beats it, so efficiency stays <= 1."""
     b = per_worker_batch(batch, 1, slots)
     sw = sharing(model, slots)
-    c = compute_s(model, b) * sw
-    parallel = 4 * num_params / model.mem_bytes_per_s if slots > 1 else 0.0  # each worker its 1/S slice
-    hidden = max(0.0, local_reduce_s(model, slots, num_params) - model.overlap * c)  # or under backward
-    ring = ddp_ring(model, 1, slots, 2 * num_params)["cpu_s"] * sw  # DDP's ranks of one host (float16 at best),
-    ov = model.overlap if model.overlap_ddp is None else model.overlap_ddp  # less what hides beside the backward
-    ring = max(0.0, ring - ov * b * model.ms_per_image / 1e3 * sw)  # (as predict's DDP plane hides it)
-    step = c + min(parallel, hidden, ring) + update_s(model, num_params) * sw / slots
-    return {"per_worker_batch": b, "step_s": step, "images_per_s": batch / step}
+    upd = update_s(model, num_params) * sw / slots
+
+    def step(c: float, params: int, extra: float, ring: bool) -> float:
+        parallel = 4 * params / model.mem_bytes_per_s if slots > 1 else 0.0  # each worker its 1/S slice
+        hidden = max(0.0, local_reduce_s(model, slots, params) - model.overlap * c)  # or under backward
+        options = [parallel, hidden]
+        if ring:  # DDP's ranks of one host (float16 at best), less what hides beside the backward (as predict's)
+            ov = model.overlap if model.overlap_ddp is None else model.overlap_ddp
+            cpu = ddp_ring(model, 1, slots, 2 * params)["cpu_s"] * sw
+            options.append(max(0.0, cpu - ov * b * model.ms_per_image / 1e3 * sw))
+        return c + min(options) + extra + upd
+
+    best = step(compute_s(model, b) * sw, num_params, 0.0, True)
+    if factored is not None:
+        K, F = factored
+        dw = gemm_s(model, 2.0 * K * batch * F, slots) * sw  # each worker its 1/S of W's rows, one core each
+        best = min(best, step(compute_s(model, b, True) * sw, num_params - K * F, dw, False))
+    return {"per_worker_batch": b, "step_s": best, "images_per_s": batch / best}
 
 
 def predict(plane: str, hosts: int, slots: int, batch: int, bandwidth_bps: float, wire_bytes: int, num_params: int,
-            model: CostModel, sync_every: int = 10, factored: tuple[int, int] | None = None) -> dict:
+            model: CostModel, sync_every: int = 10, factored: tuple[int, int] | None = None,
+            factor_update: str = "owners") -> dict:
     """Predicted seconds, bytes and throughput of one step (see the module docstring for the formulas). Pure.
-    factored (mesh): (K, F) of the Linear whose weight gradient travels as factors when mesh.factors_pay says so."""
+    factored: (K, F) of the Linear whose weight gradient is left as factors where the code decides so (mesh:
+    mesh.factors_pay; one host: reduce.local_factors_pay); factor_update (dist.factor_update, mesh): who computes and
+    updates that layer's weights, decided by mesh.replicate_pays ("owners": the rows' owners, as before it existed)."""
     if plane not in PLANES + ONE_HOST:
         raise ValueError(f"plane must be one of {', '.join(PLANES + ONE_HOST)}, got {plane!r}")
     if plane in ONE_HOST and hosts != 1:
         raise ValueError(f"plane {plane!r} is one host's (launch --workers S): hosts must be 1, got {hosts!r}")
     if wire_bytes not in (2, 4):
         raise ValueError(f"wire_bytes must be 2 (float16) or 4 (float32), got {wire_bytes!r}")
+    if factor_update not in ("auto", "owners", "replicated"):
+        raise ValueError(f"factor_update must be 'auto', 'owners' or 'replicated', got {factor_update!r}")
     for name, v in (("hosts", hosts), ("slots", slots), ("batch", batch), ("num_params", num_params),
                     ("sync_every", sync_every)):
         if int(v) != v or v < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    if factored is not None and (len(factored) != 2 or min(factored) < 1 or factored[0] * factored[1] > num_params):
+        raise ValueError(f"factored must be (K, F) with 1 <= K·F <= num_params, got {factored!r}")
     if bandwidth_bps is None and plane in ONE_HOST:  # no link to size: one host's planes never use it
         bw = math.inf
     elif bandwidth_bps is None or not bandwidth_bps > 0 or not math.isfinite(bandwidth_bps):
@@ -304,10 +394,20 @@ def predict(plane: str, hosts: int, slots: int, batch: int, bandwidth_bps: float
     N = model.shared_cores
     sw, sc = sharing(model, H * S), sharing(model, H)
     b = per_worker_batch(batch, H, S)
-    c1 = compute_s(model, b)
+    K, F = factored or (0, 0)
+    if plane == "mesh":
+        use = factored is not None and factors_pay(batch, H, K, F)
+    elif plane in ONE_HOST:
+        use = factored is not None and local_factors_pay(batch, S, K, F)
+    else:
+        use = False
+    repl = plane == "mesh" and use and replicate_pays(batch, H, K, F, wire_bytes, factor_update)
+    KF = K * F if use else 0
+    c1 = compute_s(model, b, use)
     t_compute = c1 * sw
-    t_local = local_reduce_s(model, S, num_params)
+    t_local = local_reduce_s(model, S, num_params - KF)
     U = update_s(model, num_params)
+    t_gemm = cpu_gemm = 0.0
     extra: dict = {}
     local_hidden = comm_hidden = 0.0
     if plane == "star":
@@ -320,36 +420,61 @@ def predict(plane: str, hosts: int, slots: int, batch: int, bandwidth_bps: float
         cpu_update = U
     elif plane == "mesh":
         # factored: the Linear's K x F weights leave the reduce-scatter; a host sends its ceil(B/H) samples' inputs
-        # (split over the owners) and output gradients (to each other owner), float32, instead
-        use = factored is not None and factors_pay(batch, H, *factored)
-        Kf, Ff = factored if use else (0, 0)
-        fb = -(-batch // H) * (Kf * (H - 1) / H + (H - 1) * Ff) * 4 if use else 0.0
-        Mrs = (num_params - Kf * Ff) * wire_bytes
+        # (split over the owners) and output gradients (to each other owner), float32, instead. Replicated: its
+        # samples' whole inputs and output gradients to every other host, and W leaves the all-gather too
+        bh = -(-batch // H)
+        if repl:
+            fb = (H - 1) * bh * (K + F) * 4
+        else:
+            fb = bh * (K * (H - 1) / H + (H - 1) * F) * 4 if use else 0.0
+        Mrs = (num_params - KF) * wire_bytes
+        Mag = Mrs if repl else M
+        if use:
+            t_local += factor_copy_s(model, bh, K, F, columns=not repl)
+            # its rows of dW over the global batch (or all of them), after every host's factors are concatenated in
+            # host order (replicated: then each owner's columns of x cut out, mesh._replicated_rows), on the agent's
+            # BLAS, which has the host's S cores (the workers are done)
+            flops = 2.0 * K * batch * F / (1 if repl else H)
+            gathered = gather_s(model, batch * ((2 * K if repl else K / H) + F))
+            t_gemm = gemm_s(model, flops, S) * sw + sc * gathered
+            cpu_gemm = H * (flops / model.gemm_flops_per_s + gathered)
         rs = (H - 1) / H * Mrs / bw + fb / bw + (H - 1) * a
-        ag = (H - 1) / H * M / bw + (H - 1) * a
-        send = (H - 1) / H * (Mrs + M) + fb + 2 * M32 / (H * k)  # + its SYNC share, averaged over the k steps
-        recv = (H - 1) / H * (Mrs + M) + fb
+        ag = (H - 1) / H * Mag / bw + (H - 1) * a
+        send = (H - 1) / H * (Mrs + Mag) + fb + 2 * M32 / (H * k)  # + its SYNC share, averaged over the k steps
+        recv = (H - 1) / H * (Mrs + Mag) + fb
         sync = 2 * M32 / (H * k) / bw
         sync_bytes = 2 * M32 / (H * k)  # its SYNC share goes over the coordinator's CURVE link, the rest host to host
         wire_host = (model.mesh_s_per_byte * (send - sync_bytes + recv) + kappa * sync_bytes) / 2 \
-            + (f16_s(model, H, num_params, Kf * Ff) if wire_bytes == 2 else 0.0)
+            + (f16_s(model, H, num_params, KF, repl) if wire_bytes == 2 else 0.0)
         wire = sc * wire_host
         comm = rs + ag + sync + wire + 2 * a
         window = model.overlap * t_compute
         local_hidden = min(window, t_local)
         comm_hidden = min(window - local_hidden, rs)
-        upd = sc * U / H
+        if repl:
+            host_update = replicated_update_s(model, H, num_params, KF, wire_bytes)
+            upd, cpu_update = sc * host_update, H * host_update
+        else:
+            upd, cpu_update = sc * U / H, U
         coord_in, coord_out = 2 * M32 / k, 0
         cpu_wire = H * wire_host + kappa * coord_in / 2
-        cpu_update = U
-        extra = {"reduce_scatter_s": rs, "all_gather_s": ag, "sync_s": sync, "wire_cpu_s": wire, "factored": use}
+        extra = {"reduce_scatter_s": rs, "all_gather_s": ag, "sync_s": sync, "wire_cpu_s": wire}
     elif plane in ONE_HOST:  # no network; what is serial is what no worker computes during
         comm, send, recv, coord_in, coord_out, cpu_wire = model.local_control_s, 0, 0, 0, 0, 0.0
-        if plane == "coordinator":  # the coordinator sums the S slots, then updates, alone
+        # dW = X^T dY over the batch from the ranks' factors (reduce.factored_rows: dy concatenated, then x's
+        # columns block by block)
+        flops = 2.0 * K * batch * F if use else 0.0
+        if plane == "coordinator":  # the coordinator sums the S slots, computes dW (one BLAS thread), updates, alone
+            t_gemm = gemm_s(model, flops, 1) + (gather_s(model, batch * (K + F)) if use else 0.0)
+            cpu_gemm = t_gemm
             upd, cpu_update = U, U
-            extra = {"serial_s": t_local + U + comm}
-        else:  # each worker sums its 1/S slice of every slot (S·4P/S bytes) and updates that slice, in parallel
-            t_local = 4 * num_params / model.mem_bytes_per_s if S > 1 else 0.0
+            extra = {"serial_s": t_local + t_gemm + U + comm}
+        else:  # each worker sums its 1/S slice of every slot (S·4P/S bytes), computes its 1/S of dW's rows (one
+            # core each) and updates that slice, in parallel
+            t_local = 4 * (num_params - KF) / model.mem_bytes_per_s if S > 1 else 0.0
+            gathered = gather_s(model, batch * (K / S + F)) if use else 0.0
+            t_gemm = (gemm_s(model, flops, S) + gathered) * sw
+            cpu_gemm = flops / model.gemm_flops_per_s + S * gathered
             upd, cpu_update = sw * U / S, U
             extra = {"serial_s": comm}
     else:
@@ -369,27 +494,27 @@ def predict(plane: str, hosts: int, slots: int, batch: int, bandwidth_bps: float
         cpu_update = H * S * U
         extra = {"ring_wire_s": ring["link_bytes"] / bw, "ring_cpu_s": sw * ring["cpu_s"]}
     exposed = comm - comm_hidden
-    step = t_compute + (t_local - local_hidden) + exposed + upd
+    step = t_compute + (t_local - local_hidden) + exposed + t_gemm + upd
     coord_link = max(coord_in, coord_out) / coord_bw
     coord_bound = plane == "mesh" and coord_link > step  # the SYNC uploads must fit in their k steps
     if coord_bound:
         step = coord_link
-    cpu_s = (H * S * c1 + H * t_local + cpu_wire + cpu_update) / N if N else 0.0
+    cpu_s = (H * S * c1 + H * t_local + cpu_wire + cpu_gemm + cpu_update) / N if N else 0.0
     cpu_bound = bool(N) and cpu_s > step
     if cpu_bound:
         step = cpu_s
-    base = baseline(S, batch, num_params, model)
+    base = baseline(S, batch, num_params, model, factored)
     ips = batch / step
     out = {"plane": plane, "hosts": H, "slots": S, "workers": H * S, "batch": batch, "per_worker_batch": b,
            "idle_workers": max(0, H * S - batch), "wire_bytes": wire_bytes,
            "bandwidth_bps": None if bandwidth_bps is None else float(bandwidth_bps),
            "num_params": num_params, "sync_every": k, "shared_cores": N, "model_bytes": M, "compute_s": t_compute,
            "local_reduce_s": t_local, "local_hidden_s": local_hidden, "comm_s": comm, "comm_hidden_s": comm_hidden,
-           "comm_exposed_s": exposed, "update_s": upd, "step_s": step, "images_per_s": ips,
+           "comm_exposed_s": exposed, "factor_gemm_s": t_gemm, "update_s": upd, "step_s": step, "images_per_s": ips,
            "speedup": ips / base["images_per_s"], "efficiency": ips / (H * base["images_per_s"]),
            "baseline_step_s": base["step_s"], "host_send_bytes": send, "host_recv_bytes": recv,
            "coord_in_bytes": coord_in, "coord_out_bytes": coord_out, "coord_link_s": coord_link,
-           "coord_bound": coord_bound, "cpu_s": cpu_s, "cpu_bound": cpu_bound}
+           "coord_bound": coord_bound, "cpu_s": cpu_s, "cpu_bound": cpu_bound, "factored": use, "replicated": repl}
     out.update(extra)
     return out
 

@@ -33,7 +33,7 @@ def _overrides(text) -> dict[str, str]:
 def measured_rows(raw) -> tuple[list[dict], list[dict]]:
     """(flat rows, skipped) from a list of measured rows. A flat row has hosts, slots, rate, wire_dtype, plane,
     batch_size, step_s, comm_s (+ optional compute_s, host_out_mb, host_in_mb, coord_in_mb, coord_out_mb,
-    sync_every). A row of `dptrain bench --hosts` (dptrain_step_s, ddp_step_s, h1_in_mb, ..., overrides) becomes a
+    sync_every, factored: (K, F), factor_update, bulk_cipher). A row of `dptrain bench --hosts` (dptrain_step_s, ddp_step_s, h1_in_mb, ..., overrides) becomes a
     dptrain row (plane, wire and dist.sync_every from its overrides) and, when DDP ran, a ddp row. Unknown keys are
     ignored."""
     if not isinstance(raw, list) or not all(isinstance(r, dict) for r in raw):
@@ -55,7 +55,10 @@ def measured_rows(raw) -> tuple[list[dict], list[dict]]:
                          "plane": r.get("plane") or ov.get("dist.plane") or config_mod.DistConfig().plane,
                          "wire_dtype": r.get("wire_dtype") or ov.get("dist.wire_dtype") or "float32",
                          "sync_every": ov.get("dist.sync_every"), "factored": r.get("factored"),
-                         "bulk_cipher": ov.get("dist.bulk_cipher") or config_mod.DistConfig().bulk_cipher,
+                         # rows record what the run resolved; older ones only their overrides, over the defaults
+                         # of their day: CURVE on every link, the factored Linear updated by its rows' owners
+                         "bulk_cipher": r.get("bulk_cipher") or ov.get("dist.bulk_cipher") or "curve",
+                         "factor_update": r.get("factor_update") or ov.get("dist.factor_update") or "owners",
                          "step_s": r["dptrain_step_s"], "comm_s": r.get("dptrain_comm_s"),
                          "compute_s": r.get("dptrain_compute_s"), "host_out_mb": r.get("h2_out_mb"),
                          "host_in_mb": r.get("h2_in_mb"), "coord_in_mb": r.get("h1_in_mb"),
@@ -87,13 +90,14 @@ def predict_row(row: dict, num_params: int, model: CostModel, default_bps: float
         model = dataclasses.replace(model, aes_gcm_bytes_per_cpu_s=None)
     p = predict(row["plane"], int(row["hosts"]), int(row["slots"]), int(row["batch_size"]), bps, WIRE_BYTES[wire],
                 int(row.get("num_params") or num_params), model, int(row.get("sync_every") or sync_every),
-                tuple(row["factored"]) if row.get("factored") else None)  # rows from before factors: none
+                tuple(row["factored"]) if row.get("factored") else None,  # rows from before factors: none
+                row.get("factor_update") or "owners")  # rows from before dist.factor_update: the owners
     step = float(row["step_s"])
     out = {"file": row.get("file", ""), "row": row.get("row"), "source": row.get("source", ""), "hosts": p["hosts"],
            "slots": p["slots"], "plane": p["plane"], "wire_dtype": wire, "bandwidth_bps": bps,
            "batch_size": p["batch"], "num_params": p["num_params"], "step_s": step, "pred_step_s": p["step_s"],
            "step_err": p["step_s"] / step - 1 if step > 0 else None, "pred_compute_s": p["compute_s"],
-           "pred_cpu_s": p["cpu_s"]}
+           "pred_cpu_s": p["cpu_s"], "factored": p["factored"], "replicated": p["replicated"]}
     if row.get("comm_s") is not None:
         out.update(comm_s=float(row["comm_s"]), pred_comm_s=p["comm_exposed_s"])
         out["comm_err"] = p["comm_exposed_s"] / out["comm_s"] - 1 if out["comm_s"] > 0 else None
