@@ -160,6 +160,9 @@ class DistConfig:
     # docs/security.md); "curve": ZeroMQ CURVE like every other link (its handshake also keeps strangers from
     # connecting at all). The coordinator's link keeps CURVE either way
     bulk_cipher: str = "aes-gcm"
+    # mesh, aes-gcm: threads that seal and open the bulk frames side by side (OpenSSL runs without Python's lock);
+    # 0 = auto: min(4, this host's cores); 1 = on the agent's own thread, as CURVE's one I/O thread does
+    cipher_threads: int = 0
     timeline: str = ""  # write a Chrome-trace JSON of every phase to this file
     # a folder for this host's shared-memory segments instead of /dev/shm (also $DPTRAIN_SHM_DIR): a larger tmpfs or
     # a local disk when /dev/shm is too small, e.g. a container's 64 MB (docs/containers.md)
@@ -191,6 +194,8 @@ class Config:
         if self.dist.factor_update not in ("auto", "owners", "replicated"):
             raise ValueError("dist.factor_update must be 'auto', 'owners' or 'replicated', "
                              f"got {self.dist.factor_update!r}")
+        if self.dist.cipher_threads < 0:
+            raise ValueError(f"dist.cipher_threads must be >= 0 (0: auto), got {self.dist.cipher_threads}")
         if self.dist.bulk_cipher not in ("curve", "aes-gcm"):
             raise ValueError(f"dist.bulk_cipher must be 'curve' or 'aes-gcm', got {self.dist.bulk_cipher!r}")
         if self.dist.plane not in ("mesh", "star"):

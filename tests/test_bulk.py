@@ -149,10 +149,10 @@ def test_nonces_never_repeat_under_a_key():
 
 
 # ---- two real mesh sockets over loopback --------------------------------------------------------------------------
-def _links(ctx, cipher="aes-gcm"):
+def _links(ctx, cipher="aes-gcm", threads=1):
     from dptrain.distributed.mesh import MeshLink
     keys = {"client_public": "x" * 40, "client_secret": "y" * 40}  # sealed sockets never use them as CURVE keys
-    links = [MeshLink(ctx, "127.0.0.1", keys, RUN, i, f"h{i}", 1 << 20, cipher) for i in range(2)]
+    links = [MeshLink(ctx, "127.0.0.1", keys, RUN, i, f"h{i}", 1 << 20, cipher, threads) for i in range(2)]
     return links
 
 
@@ -164,12 +164,13 @@ def _drain_until(link, n, timeout=5.0):
 
 
 @pytest.mark.timeout(30)
-def test_sealed_mesh_link_delivers_and_an_intruder_changes_nothing():
+@pytest.mark.parametrize("threads", [1, 3])  # 3: sealed and opened on a pool (dist.cipher_threads), in order
+def test_sealed_mesh_link_delivers_and_an_intruder_changes_nothing(threads):
     """Host 0 sends host 1 two pieces over a socket without CURVE; an intruder on the same socket sends an unsealed
     message, a forged one and a recorded genuine one played again: only the two genuine pieces are kept, the three
     others are counted as dropped, and the intruder gets nothing back."""
     ctx = zmq.Context()
-    links = _links(ctx)
+    links = _links(ctx, threads=threads)
     try:
         assert all(link.sealed and link.key == "" for link in links)
         secret = os.urandom(32)
@@ -177,10 +178,11 @@ def test_sealed_mesh_link_delivers_and_an_intruder_changes_nothing():
         for link in links:
             link.configure(hosts, 1, secret)
         recorded = []
-        seal = links[0].sealers[1].seal
-        links[0].sealers[1].seal = lambda fr: recorded.append(seal(fr)) or recorded[-1]
+        seal = links[0].sealers[1].seal_reserved
+        links[0].sealers[1].seal_reserved = lambda c0, fr: recorded.append(seal(c0, fr)[0]) or (recorded[-1], 0.0)
         grad = np.linspace(-1, 1, 1000, dtype=np.float32)
         links[0].send(1, P.Kind.SCATTER, 7, 0, {"grad": grad}, lo=0, hi=1000, scale=1.0)
+        links[0].flush()
         _drain_until(links[1], 1)
         evil = ctx.socket(zmq.DEALER)
         evil.setsockopt(zmq.LINGER, 0)
@@ -192,6 +194,7 @@ def test_sealed_mesh_link_delivers_and_an_intruder_changes_nothing():
         evil.send_multipart(recorded[0])  # played again
         _drain_until(links[1], 4)
         links[0].send(1, P.Kind.SCATTER, 8, 0, {"grad": grad * 2}, lo=0, hi=1000, scale=1.0)
+        links[0].flush()
         _drain_until(links[1], 5)
         assert links[1].dropped == 3
         assert [(m.step, m.rank) for m in links[1].early] == [(7, 0), (8, 0)]
@@ -215,4 +218,48 @@ def test_curve_setting_keeps_curve_on_the_mesh_socket():
         assert not link.sealed and len(link.key) == 40 and link.sock.curve_server
     finally:
         link.close()
+        ctx.term()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("threads", [1, 3])
+def test_a_burst_arrives_whole_and_in_order_and_a_copy_cannot_overtake_it(threads):
+    """40 pieces (sealed side by side with dist.cipher_threads 3) are sent in their order (the receiver's window only
+    moves up) and opened in one drain (side by side with 3); a recorded genuine message played again over another
+    connection inside the same drain is refused: the ROUTER interleaves connections, and were the copy taken first,
+    its counter would make the sender's genuine earlier messages look replayed (each sender is bound to the
+    connection its first authentic message came over)."""
+    ctx = zmq.Context()
+    links = _links(ctx, threads=threads)
+    try:
+        hosts = [[i, link.endpoint, link.key, 0, 1000, f"h{i}"] for i, link in enumerate(links)]
+        secret = os.urandom(32)
+        for link in links:
+            link.configure(hosts, 1, secret)
+        recorded = {}
+        seal = links[0].sealers[1].seal_reserved
+
+        def keep(c0, fr):  # runs on the pool's threads
+            recorded[c0] = seal(c0, fr)[0]
+            return recorded[c0], 0.0
+        links[0].sealers[1].seal_reserved = keep
+        pieces = [np.full(4096, k, np.float32) for k in range(40)]
+        for k, p in enumerate(pieces):
+            links[0].send(1, P.Kind.SCATTER, 3, 0, {"grad": p}, lo=k, hi=k + 1, scale=1.0)
+        links[0].flush()
+        evil = ctx.socket(zmq.DEALER)
+        evil.setsockopt(zmq.LINGER, 0)
+        evil.connect(links[1].endpoint)
+        time.sleep(0.3)  # the 40 are queued at host 1 before the copy
+        evil.send_multipart(recorded[10])  # the sixth message (counters 10, 11)
+        time.sleep(0.3)
+        _drain_until(links[1], 41)
+        assert links[1].dropped == 1
+        assert [m.fields["lo"] for m in links[1].early] == list(range(40))
+        assert all(np.array_equal(m.arrays["grad"], pieces[k]) for k, m in enumerate(links[1].early))
+        assert links[0].cipher_cpu_s >= 0 and links[1].opener.cpu_s > 0
+        evil.close(0)
+    finally:
+        for link in links:
+            link.close()
         ctx.term()

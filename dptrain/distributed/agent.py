@@ -100,7 +100,8 @@ class Agent:
         mesh = {}
         if self.cfg.dist.plane == "mesh":
             link = MeshLink(self.link.ctx, address, self.keys, self.link.run_id, self.index, self.host,
-                            self.max_frame, self.cfg.dist.bulk_cipher)
+                            self.max_frame, self.cfg.dist.bulk_cipher,
+                            self.cfg.dist.cipher_threads or min(4, os.cpu_count() or 1))
             self.replica = MeshReplica(link, sgd_for(self.store, self.cfg.train), self.params, self.buffers,
                                        self.cfg.dist.wire_dtype, self.param_starts, self.factor)
             mesh = {"mesh_endpoint": link.endpoint, "mesh_key": link.key,

@@ -77,17 +77,28 @@ class Sealer:
 
     def seal(self, frames: list) -> list:
         """[header, *arrays] (protocol.encode's frames) -> [envelope, sealed header, *sealed arrays]."""
-        t0 = time.thread_time()
+        out, cpu = self.seal_reserved(self.reserve(frames), frames)
+        self.cpu_s += cpu
+        return out
+
+    def reserve(self, frames: list) -> int:
+        """The message's first counter, taken in send order (the receiver accepts counters only upwards) and before
+        sealing: an exception half-way never leads to a reuse."""
         c0 = self.counter
-        self.counter += len(frames)  # taken before sealing: an exception half-way never leads to a reuse
+        self.counter += len(frames)
+        return c0
+
+    def seal_reserved(self, c0: int, frames: list) -> tuple[list, float]:
+        """Seal under the counters reserved at c0: (the sealed frames, this thread's CPU-seconds for it). Safe to
+        run on another thread (the frames' buffers must stay unchanged until it returns)."""
+        t0 = time.thread_time()
         env = ENVELOPE.pack(MAGIC, self.plane, self.sender, self.receiver, c0)
         head = bytes(frames[0])
         out = [env, self.aead.encrypt(_nonce(self.sender, self.receiver, c0), head, env)]
         ad = env + head
         for i, f in enumerate(frames[1:], start=1):
             out.append(self.aead.encrypt(_nonce(self.sender, self.receiver, c0 + i), _bytes(f), ad))
-        self.cpu_s += time.thread_time() - t0
-        return out
+        return out, time.thread_time() - t0
 
 
 class Opener:
@@ -98,11 +109,24 @@ class Opener:
         self.plane, self.receiver = plane, receiver
         self.aead = {s: AESGCM(link_key(secret, run, plane, s, receiver)) for s in senders}
         self.next = dict.fromkeys(senders, 0)
+        # the connection (ZeroMQ routing identity) each sender's first authentic message came over: later ones must
+        # come over it too, so a recorded message played again over another connection cannot overtake the
+        # sender's own queue and make its genuine messages look replayed (they are in order on one connection)
+        self.via: dict[int, bytes] = {}
         self.cpu_s = 0.0  # this thread's CPU-seconds spent opening (authentic or not)
 
-    def open(self, frames: list) -> tuple[int, list[bytes]]:
-        """(sender, [header, *arrays] in plaintext) of a sealed message, or BulkError. The replay window moves only
-        once every frame has verified: a forged message changes nothing."""
+    def open(self, frames: list, via: bytes | None = None) -> tuple[int, list[bytes]]:
+        """(sender, [header, *arrays] in plaintext) of a sealed message that came over connection `via`, or
+        BulkError. The replay window moves only once every frame has verified: a forged message changes nothing."""
+        sender, c0, env = self.check(frames, via)
+        plain, cpu = self.decrypt(sender, c0, env, frames)
+        self.cpu_s += cpu
+        self.commit(sender, c0, len(frames), via)
+        return sender, plain
+
+    def check(self, frames: list, via: bytes | None = None) -> tuple[int, int, bytes]:
+        """The envelope of a sealed message: (sender, first counter, envelope), or BulkError / OtherPlane. Nothing
+        is decrypted and the window does not move."""
         if len(frames) < 2:
             raise BulkError(f"{len(frames)} frame(s): not a sealed message")
         env = bytes(_bytes(frames[0]))
@@ -117,19 +141,34 @@ class Opener:
             raise BulkError(f"sealed from host {sender} to host {receiver}: not a link of this host")
         if c0 < self.next[sender]:
             raise BulkError(f"host {sender}'s counter {c0} was already used (replayed or reordered)")
+        if via is not None and self.via.get(sender, via) != via:
+            raise BulkError(f"a message of host {sender} over another connection than host {sender}'s")
+        return sender, c0, env
+
+    def decrypt(self, sender: int, c0: int, env: bytes, frames: list) -> tuple[list[bytes], float]:
+        """([header, *arrays] in plaintext, this thread's CPU-seconds) of a message `check` passed, or BulkError.
+        Safe to run on another thread; the window moves only in `commit`."""
         aead = self.aead[sender]
         t0 = time.thread_time()
         try:
-            head = aead.decrypt(_nonce(sender, receiver, c0), _bytes(frames[1]), env)
+            head = aead.decrypt(_nonce(sender, self.receiver, c0), _bytes(frames[1]), env)
             ad = env + head
-            arrays = [aead.decrypt(_nonce(sender, receiver, c0 + i), _bytes(f), ad)
+            arrays = [aead.decrypt(_nonce(sender, self.receiver, c0 + i), _bytes(f), ad)
                       for i, f in enumerate(frames[2:], start=1)]
         except InvalidTag:
             raise BulkError(f"a frame from host {sender} failed authentication") from None
-        finally:
-            self.cpu_s += time.thread_time() - t0
-        self.next[sender] = c0 + len(frames) - 1
-        return sender, [head, *arrays]
+        return [head, *arrays], time.thread_time() - t0
+
+    def commit(self, sender: int, c0: int, nframes: int, via: bytes | None = None) -> None:
+        """An authentic message is taken: the window moves past its counters (and the sender is bound to the
+        connection it came over). Checked again here, in arrival order, so that of two authentic copies opened
+        side by side only the first is taken."""
+        if c0 < self.next[sender]:
+            raise BulkError(f"host {sender}'s counter {c0} was already used (replayed or reordered)")
+        if via is not None:
+            if self.via.setdefault(sender, via) != via:
+                raise BulkError(f"a message of host {sender} over another connection than host {sender}'s")
+        self.next[sender] = c0 + nframes - 1
 
 
 def _bytes(frame) -> memoryview:

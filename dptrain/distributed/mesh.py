@@ -33,7 +33,9 @@ import os
 import secrets
 import time
 import zlib
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import zmq
@@ -64,7 +66,7 @@ class MeshLink:
     """This agent's sockets to the other agents and the waits on them."""
 
     def __init__(self, ctx: zmq.Context, address: str, keys: dict | None, run_id: str, index: int, host: str,
-                 max_frame: int, cipher: str = "curve"):
+                 max_frame: int, cipher: str = "curve", cipher_threads: int = 1):
         self.ctx, self.run_id, self.index, self.host = ctx, run_id, index, host
         self.keys = keys
         # dist.bulk_cipher = "aes-gcm" (with the run's keys): these sockets drop CURVE and every message on them is
@@ -72,6 +74,10 @@ class MeshLink:
         self.sealed = keys is not None and cipher == "aes-gcm"
         self.sealers: dict[int, Sealer] = {}
         self.opener: Opener | None = None
+        # dist.cipher_threads > 1: messages are sealed and opened on that many threads (OpenSSL runs without the GIL),
+        # sent and taken in their order on this one (ZeroMQ sockets are not thread-safe; counters only go upwards)
+        self.pool = ThreadPoolExecutor(cipher_threads, "seal") if self.sealed and cipher_threads > 1 else None
+        self.pending: deque[tuple[Future, zmq.Socket]] = deque()  # sealing on the pool, to be sent in this order
         self.cipher_cpu_done = 0.0  # CPU-seconds sealing and opening of the planes before this one
         self.dropped = 0  # messages refused on this socket: malformed, or sealed and not authentic
         self.drop_log = log.DropLog(P.DROP_LOG_BURST, P.DROP_LOG_WINDOW_S, P.DROP_LINE_CHARS)  # a flood: a few lines
@@ -99,6 +105,7 @@ class MeshLink:
     def configure(self, hosts: list[list], mesh_id: int, secret: bytes | None = None) -> None:
         """Join the plane the coordinator formed: connect to every other agent, take this host's slice. `secret`:
         the plane's bulk secret (sealed sockets only)."""
+        self._settle_pending()  # the old plane's messages still being sealed: never sent
         for s in self.out.values():
             s.close(0)
         self.out = {}
@@ -138,9 +145,32 @@ class MeshLink:
     def send(self, index: int, kind: P.Kind, step: int, attempt: int, arrays: dict, **fields) -> None:
         frames = P.encode(kind, self.run_id, step=step, rank=self.index, arrays=arrays, attempt=attempt,
                           mesh_id=self.mesh_id, src=self.index, **fields)
+        sock = self.out[index]
+        if self.sealed and self.pool is not None:  # sealed on the pool; sent in order as each is done
+            sealer = self.sealers[index]
+            self.pending.append((self.pool.submit(sealer.seal_reserved, sealer.reserve(frames), frames), sock))
+            self.flush(wait=False)
+            return
         if self.sealed:
             frames = self.sealers[index].seal(frames)
-        self.out[index].send_multipart(frames, copy=False)
+        sock.send_multipart(frames, copy=False)
+
+    def flush(self, wait: bool = True) -> None:
+        """Send the messages sealed on the pool, in the order they were given (wait: all of them, else those done
+        at the head of the queue). Their plaintext buffers may change once this has waited."""
+        while self.pending and (wait or self.pending[0][0].done()):
+            job, sock = self.pending.popleft()
+            frames, cpu = job.result()
+            self.cipher_cpu_done += cpu
+            sock.send_multipart(frames, copy=False)
+
+    def _settle_pending(self) -> None:
+        while self.pending:
+            job, _ = self.pending.popleft()
+            try:
+                job.result()
+            except Exception:  # noqa: BLE001 - a message of a plane being left: it is dropped either way
+                pass
 
     def collect(self, kind: P.Kind, step: int, attempt: int, upstream: PeerLink, waiting: set[tuple[int, int]],
                 take: Callable[[P.Message], None]) -> None:
@@ -148,6 +178,7 @@ class MeshLink:
         as it comes (its bytes are used while the rest is still on the wire). The coordinator's link is watched
         meanwhile: MESH or STOP raises Preempted; anything else waits its turn. A host late by
         WAIT_WARNING_EVERY_S is named, with the piece it owes."""
+        self.flush()  # whatever this host still owes the others goes out before it waits on them
         got: list[P.Message] = []
         self._take(kind, step, attempt, waiting, got)
         poller = zmq.Poller()
@@ -182,17 +213,23 @@ class MeshLink:
             take(msg)
 
     def _drain(self) -> None:
+        batch = []
         for _ in range(1000):
             try:
-                _, *frames = self.sock.recv_multipart(copy=False, flags=zmq.NOBLOCK)
+                via, *frames = self.sock.recv_multipart(copy=False, flags=zmq.NOBLOCK)
             except zmq.Again:
-                return
+                break
+            batch.append((via.bytes, frames))
+        opened = self._open_all(batch) if self.sealed and self.pool is not None else \
+            [(via, None, frames, None) for via, frames in batch]
+        for via, sender, frames, error in opened:
             try:
-                sender = None
-                if self.sealed:
+                if error is not None:
+                    raise error
+                if self.sealed and sender is None:
                     if self.opener is None:
                         raise BulkError("sealed message before this host joined a plane")
-                    sender, frames = self.opener.open(frames)
+                    sender, frames = self.opener.open(frames, via)
                 msg = P.decode(frames, run=self.run_id)
                 if sender is not None and (msg.rank != sender or msg.fields.get("src") != sender
                                            or msg.fields.get("mesh_id") != self.mesh_id):
@@ -206,6 +243,35 @@ class MeshLink:
                 continue
             if msg.kind in (P.Kind.SCATTER, P.Kind.GATHER, P.Kind.FACTORS) and msg.fields["src"] == msg.rank:
                 self.early.append(msg)
+
+    def _open_all(self, batch: list[tuple[bytes, list]]) -> list[tuple[bytes, int | None, list, Exception | None]]:
+        """Sealed messages received together (each with the connection it came over), opened side by side on the
+        pool: [(via, sender, plaintext frames, None) or (via, None, frames, the error)], in arrival order.
+        Envelopes are checked and the replay window moved here, in that order; only decryption runs on the pool."""
+        opener = self.opener
+        if opener is None:
+            return [(via, None, f, BulkError("sealed message before this host joined a plane")) for via, f in batch]
+        jobs = []
+        for via, frames in batch:
+            try:
+                sender, c0, env = opener.check(frames, via)
+                jobs.append((via, frames, sender, c0, self.pool.submit(opener.decrypt, sender, c0, env, frames),
+                             None))
+            except (OtherPlane, BulkError) as e:
+                jobs.append((via, frames, None, None, None, e))
+        out = []
+        for via, frames, sender, c0, job, error in jobs:
+            if error is None:
+                try:
+                    plain, cpu = job.result()
+                    opener.cpu_s += cpu
+                    opener.commit(sender, c0, len(frames), via)
+                    out.append((via, sender, plain, None))
+                    continue
+                except BulkError as e:
+                    error = e
+            out.append((via, None, frames, error))
+        return out
 
     def _take(self, kind: P.Kind, step: int, attempt: int, waiting: set[tuple[int, int]], got: list) -> None:
         """Move what this wait is for out of `early` (messages that came while this host was still busy with an
@@ -225,6 +291,9 @@ class MeshLink:
         self.early = keep[-EARLY_MAX:]
 
     def close(self) -> None:
+        self._settle_pending()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
         for s in self.out.values():
             s.close(0)
         self.sock.close(0)
@@ -318,6 +387,7 @@ class MeshReplica:
             else:
                 mesh.send(owner, P.Kind.SCATTER, self.step, self.attempt, {"grad": part}, lo=lo, hi=hi,
                           scale=scale)
+        mesh.flush()  # sealed side by side (dist.cipher_threads), on the wire while backward goes on
         self.sent_from = a
 
     def _outside_w(self, a: int, b: int) -> list[tuple[int, int]]:
@@ -340,6 +410,7 @@ class MeshReplica:
             for index in mesh.out:
                 mesh.send(index, P.Kind.FACTORS, self.step, self.attempt, {"x": x_h, "dy": dy_h}, lo=w0,
                           hi=w0 + K * F)
+            mesh.flush()
             self.factors_sent = True
             return
         for index, _, _, lo, hi, _ in mesh.hosts:
@@ -352,6 +423,7 @@ class MeshReplica:
                 self.fparts[index] = (x, dy_h)
             else:
                 mesh.send(index, P.Kind.FACTORS, self.step, self.attempt, {"x": x, "dy": dy_h}, lo=a, hi=b)
+        mesh.flush()
         self.factors_sent = True
 
     def _factored_rows(self, upstream: PeerLink) -> None:
