@@ -714,8 +714,19 @@ def test_mesh_replicated_update_bytes_and_times():
     # the wire's cipher on those bytes: AES-GCM on the host-to-host ones, CURVE on the SYNC share
     aes = dataclasses.replace(FACTORED, curve_bytes_per_cpu_s=0.62e9, aes_gcm_bytes_per_cpu_s=1.15e9)
     sealed = predict("mesh", H, S, B, GBIT, wire, P, aes, factored=(K, F), factor_update="replicated")
-    assert sealed["wire_cpu_s"] == pytest.approx(
-        f16 + ((rep["host_send_bytes"] - sync + rep["host_recv_bytes"]) / 1.15e9 + sync / 0.62e9) / 2)
+    moved = (rep["host_send_bytes"] - sync + rep["host_recv_bytes"]) / 1.15e9 / 2
+    # dist.cipher_threads (auto: min(4, S) = 2 here): the AES part side by side on separate hosts; CURVE's not
+    assert sealed["wire_cpu_s"] == pytest.approx(f16 + moved / 2 + sync / 0.62e9 / 2)
+    one = predict("mesh", H, S, B, GBIT, wire, P, dataclasses.replace(aes, cipher_threads=1), factored=(K, F),
+                  factor_update="replicated")
+    assert one["wire_cpu_s"] == pytest.approx(f16 + moved + sync / 0.62e9 / 2)
+    shared = predict("mesh", H, S, B, GBIT, wire, P, dataclasses.replace(aes, shared_cores=2), factored=(K, F),
+                     factor_update="replicated")  # one box: the box's CPU bound holds the threads' work
+    assert shared["wire_cpu_s"] == pytest.approx(sharing_factor(H, 2) * (f16 + moved + sync / 0.62e9 / 2))
+
+
+def sharing_factor(threads: int, cores: int) -> float:
+    return max(1.0, threads / cores)
 
 
 def test_mesh_factor_update_follows_replicate_pays():

@@ -228,7 +228,8 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
                           aes_gcm_bytes_per_cpu_s=args.aes_gcm_gb_per_cpu_s * 1e9
                           if cfg.dist.bulk_cipher == "aes-gcm" and args.aes_gcm_gb_per_cpu_s else None,
                           f16_encode_ns=args.f16_encode_ns, f16_decode_ns=args.f16_decode_ns,
-                          overlap=args.overlap, overlap_ddp=args.overlap_ddp, shared_cores=shared)
+                          overlap=args.overlap, overlap_ddp=args.overlap_ddp, shared_cores=shared,
+                          cipher_threads=cfg.dist.cipher_threads)
     except ValueError as e:
         raise err(e) from None
     wire = cfg.dist.wire_dtype
@@ -291,7 +292,8 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
     curve = (f"CURVE {model.curve_bytes_per_cpu_s / 1e9:g} GB per CPU-s" if model.curve_bytes_per_cpu_s
              else "plain links (no CURVE)")
     if model.aes_gcm_bytes_per_cpu_s and model.curve_bytes_per_cpu_s:
-        curve += f" (the mesh's sockets AES-256-GCM {model.aes_gcm_bytes_per_cpu_s / 1e9:g})"
+        threads = f"{model.cipher_threads} thread(s)" if model.cipher_threads else "min(4, slots) threads"
+        curve += f" (the mesh's sockets AES-256-GCM {model.aes_gcm_bytes_per_cpu_s / 1e9:g}, {threads} a host)"
     print(f"model: {num_params:,} params, {cfg.data.image_size}x{cfg.data.image_size}, {args.classes} classes; "
           f"M = {num_params * WIRE_BYTES[wire] / 1e6:.1f} MB per step on the wire ({wire})\n"
           f"compute: {fixed:.1f} ms/step + {per_image:.2f} ms/image per worker ({source})\n"

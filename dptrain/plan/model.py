@@ -178,6 +178,11 @@ class CostModel:
     # all hosts on one box: every worker and every host's communication thread share this many cores (None: each
     # host has its own S cores, plus one for its communication)
     shared_cores: int | None = None
+    # dist.cipher_threads: threads that seal and open AES-GCM frames side by side on a host (0: auto, min(4, S)).
+    # On separate hosts the host's cipher work is spread over min(these, S) cores: the exposed part, the all-gather,
+    # runs while the workers wait for the weights. Not with --shared-cores (the box's CPU bound holds it) or CURVE
+    # (libzmq's one I/O thread).
+    cipher_threads: int = 0
     # one host: the control messages of a step when the workers reduce and update (REDUCE/UPDATE and their replies
     # over ipc://): serial time per step (docs/performance-notes.md, plan)
     local_control_s: float = 0.8e-3
@@ -444,9 +449,11 @@ def predict(plane: str, hosts: int, slots: int, batch: int, bandwidth_bps: float
         recv = (H - 1) / H * (Mrs + Mag) + fb
         sync = 2 * M32 / (H * k) / bw
         sync_bytes = 2 * M32 / (H * k)  # its SYNC share goes over the coordinator's CURVE link, the rest host to host
-        wire_host = (model.mesh_s_per_byte * (send - sync_bytes + recv) + kappa * sync_bytes) / 2 \
-            + (f16_s(model, H, num_params, KF, repl) if wire_bytes == 2 else 0.0)
-        wire = sc * wire_host
+        sealing = model.mesh_s_per_byte * (send - sync_bytes + recv) / 2
+        wire_host = sealing + kappa * sync_bytes / 2 + (f16_s(model, H, num_params, KF, repl) if wire_bytes == 2 else 0.0)
+        threads = 1 if N or not (model.aes_gcm_bytes_per_cpu_s and model.curve_bytes_per_cpu_s) else \
+            min(model.cipher_threads or 4, S)
+        wire = sc * (wire_host - sealing + sealing / threads)
         comm = rs + ag + sync + wire + 2 * a
         window = model.overlap * t_compute
         local_hidden = min(window, t_local)
