@@ -354,3 +354,24 @@ def test_gather_pieces_cut_at_the_factored_layer_and_cover_the_slice_once():
     assert all(b - a <= PIECE for a, b in pieces)
     assert all(b <= w0 or a >= w1 or (w0 <= a and b <= w1) for a, b in pieces)  # none straddles the layer
     assert gather_pieces(lo, hi) == [(a, min(a + PIECE, hi)) for a in range(lo, hi, PIECE)]  # no cuts: as before
+
+
+def test_plane_slices_balance_the_parameters_that_travel_and_sync_shares_the_replicated_layer():
+    """With a replicated layer the slices are even in the other parameters (what the reduce-scatter and all-gather
+    carry), on CHUNK boundaries, covering the buffer once; a SYNC uploads each host's slice without that layer plus
+    an even share of it: together every element once, nobody the whole layer."""
+    from dptrain.distributed.mesh import plane_slices, sync_ranges
+    from dptrain.optim import CHUNK, chunk_slices
+    P, w0, w1 = 9_434_462, 1_013_248, 1_013_248 + 16384 * 512  # the default model's layout, roughly
+    assert plane_slices(P, 3) == chunk_slices(P, 3)
+    for H in (2, 3, 4, 16):
+        cut = plane_slices(P, H, (w0, w1))
+        assert cut[0][0] == 0 and cut[-1][1] == P and all(a[1] == b[0] for a, b in zip(cut, cut[1:]))
+        assert all(lo % CHUNK == 0 for lo, _ in cut)
+        rest = [sum(max(0, min(hi, e) - max(lo, s)) for s, e in ((0, w0), (w1, P))) for lo, hi in cut]
+        assert max(rest) - min(rest) <= 2 * CHUNK  # even in what travels, to a block
+        ranges = sync_ranges(cut, (w0, w1))
+        flat = sorted(r for rs in ranges for r in rs)
+        assert flat[0][0] == 0 and flat[-1][1] == P and all(a[1] == b[0] for a, b in zip(flat, flat[1:]))
+        sizes = [sum(b - a for a, b in rs) for rs in ranges]
+        assert max(sizes) - min(sizes) <= 2 * CHUNK + H  # and so is every host's upload

@@ -222,10 +222,16 @@ class Agent:
         copy of the weights against it."""
         mesh, r = self.replica.mesh, self.replica
         replicated = {"velocity_crc": checksum(r.opt.velocity[r.w[0]:r.w[1]])} if r.replicate else {}
-        self.link.send(P.Kind.SYNCED, arrays={"params": r.params[mesh.lo:mesh.hi],
-                                              "velocity": r.opt.velocity[mesh.lo:mesh.hi]},
+        # the ranges the coordinator asks for (mesh.sync_ranges: with a replicated layer, this slice without it and
+        # a share of it); an older coordinator names none: the slice
+        ranges = [(int(a), int(b)) for a, b in msg.fields.get("ranges") or [[mesh.lo, mesh.hi]]]
+        params = np.concatenate([r.params[a:b] for a, b in ranges]) if len(ranges) != 1 else \
+            r.params[ranges[0][0]:ranges[0][1]]
+        velocity = np.concatenate([r.opt.velocity[a:b] for a, b in ranges]) if len(ranges) != 1 else \
+            r.opt.velocity[ranges[0][0]:ranges[0][1]]
+        self.link.send(P.Kind.SYNCED, arrays={"params": params, "velocity": velocity},
                        attempt=msg.fields["attempt"], lo=mesh.lo, hi=mesh.hi, params_crc=checksum(r.params),
-                       **replicated)
+                       ranges=[list(x) for x in ranges], **replicated)
 
     def serve(self) -> int:
         handlers = None

@@ -41,7 +41,7 @@ import numpy as np
 import zmq
 
 from .. import log
-from ..optim import CHUNK, chunk_squares
+from ..optim import CHUNK, chunk_slices, chunk_squares
 from . import protocol as P
 from .bulk import SECRET_BYTES, TAG, BulkError, Opener, OtherPlane, Sealer
 from .curve import CurveServer, RunKeys, client_setup
@@ -593,6 +593,42 @@ def replicate_pays(batch: int, hosts: int, rows: int, cols: int, wire_bytes: int
     b = -(-batch // hosts)
     owners = b * (rows * (hosts - 1) / hosts + (hosts - 1) * cols) * 4 + (hosts - 1) / hosts * rows * cols * wire_bytes
     return batch <= REPLICATE_MAX_BATCH and (hosts - 1) * b * (rows + cols) * 4 < owners
+
+
+def plane_slices(size: int, hosts: int, replicated: tuple[int, int] | None = None) -> list[tuple[int, int]]:
+    """Each host's slice [lo, hi) of the flat buffer, on CHUNK boundaries, in host order. Without a replicated layer,
+    as even as the blocks allow (optim.chunk_slices). With one ([w0, w1): every host updates it, none of it travels),
+    even in the *other* parameters, whose reduce-scatter and all-gather are what the links carry: an even cut of the
+    whole buffer would leave the host whose slice holds them (the convolutions, before the hidden Linear) sending
+    them to every other host, (H - 1) times its share."""
+    if replicated is None:
+        return chunk_slices(size, hosts)
+    w0, w1 = replicated
+    rest = size - (w1 - w0)
+
+    def flat(t: float) -> int:  # position t among the other parameters -> flat offset, rounded to a block
+        at = t if t <= w0 else t + (w1 - w0)
+        return min(size, int(round(at / CHUNK)) * CHUNK)
+    cuts = [0] + [flat(rest * r / hosts) for r in range(1, hosts)] + [size]
+    for i in range(1, len(cuts)):
+        cuts[i] = max(cuts[i], cuts[i - 1])
+    return list(zip(cuts, cuts[1:]))
+
+
+def sync_ranges(slices: list[tuple[int, int]], replicated: tuple[int, int] | None) -> list[list[tuple[int, int]]]:
+    """What each host uploads at a SYNC (its weights and momentum there): its slice; with a replicated layer (every
+    host holds all of it, weights and momentum alike) its slice without that layer, plus an even 1/H share of it, so
+    that no host uploads the whole layer."""
+    if replicated is None:
+        return [[s] for s in slices]
+    w0, w1 = replicated
+    H = len(slices)
+    shares = [(w0 + (w1 - w0) * h // H, w0 + (w1 - w0) * (h + 1) // H) for h in range(H)]
+    out = []
+    for (lo, hi), share in zip(slices, shares):
+        parts = [(a, b) for a, b in ((lo, min(hi, w0)), (max(lo, w1), hi)) if a < b]
+        out.append(sorted(parts + ([share] if share[0] < share[1] else [])))
+    return out
 
 
 def scatter_pieces(starts, size: int, slices: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:

@@ -25,11 +25,11 @@ from .. import log
 from ..config import Config
 from ..executors import ExecutorFailure
 from ..nn.params import ParamStore
-from ..optim import SGD, add_blocks, checked_clip, chunk_slices
+from ..optim import SGD, add_blocks, checked_clip
 from . import protocol as P
 from .bulk import plane_secret
 from .coordinator import Coordinator, WorkerFailure
-from .mesh import checksum, replicate_pays
+from .mesh import checksum, plane_slices, replicate_pays, sync_ranges
 from .peers import PeerState
 
 
@@ -52,7 +52,7 @@ class Sync:
     """A SYNC in flight: the answers so far, keyed by host rank."""
     step: int
     attempt: int
-    slices: dict[int, tuple[int, int]]
+    slices: dict[int, list[tuple[int, int]]]  # what each host uploads (mesh.sync_ranges)
     got: dict[int, P.Message] = field(default_factory=dict)
 
     def complete(self) -> bool:
@@ -66,6 +66,7 @@ class MeshPlane:
         self.mesh_id = 0
         self.formed: tuple[int, ...] = ()
         self.slices: dict[int, tuple[int, int]] = {}
+        self.sync_ranges: dict[int, list[tuple[int, int]]] = {}  # what each host uploads at a SYNC
         self.done: list[Done] = []  # applied by the hosts, not yet in the synced state
         self.sync: Sync | None = None
         self.every = max(cfg.dist.sync_every, 1)
@@ -86,14 +87,16 @@ class MeshPlane:
                                  and p.state is PeerState.DEAD])
         ranks = tuple(p.rank for p in self.coord.active())  # (settling lets another host become ready)
         self.sync = None
-        self.slices = dict(zip(ranks, chunk_slices(self.store.num_params, len(ranks))))
+        replicate = self.replicate = self.replicated(ranks)
+        cut = plane_slices(self.store.num_params, len(ranks), replicate)
+        self.slices = dict(zip(ranks, cut))
+        self.sync_ranges = dict(zip(ranks, sync_ranges(cut, replicate)))
         self.mesh_id += 1
         peers = self.coord.peers
         hosts = [[r, peers[r].mesh_endpoint, peers[r].mesh_key, lo, hi, peers[r].host]
                  for r, (lo, hi) in self.slices.items()]
         # dist.bulk_cipher = "aes-gcm": the plane's secret, only over this CURVE link (a fresh one per plane)
         sealed = {"bulk_secret": plane_secret()} if self.cfg.dist.bulk_cipher == "aes-gcm" else {}
-        replicate = self.replicate = self.replicated(ranks)
         for r, (lo, hi) in self.slices.items():
             arrays = {"params": self.store.params, "buffers": self.store.buffers, "velocity": self.opt.velocity[lo:hi]}
             if replicate:  # every host updates that layer: it starts from the whole layer's momentum
@@ -141,20 +144,22 @@ class MeshPlane:
 
     def _request_sync(self) -> None:
         last = self.done[-1]
-        self.sync = Sync(last.step, last.attempt, dict(self.slices))
-        for r in self.slices:
-            self.coord.send(self.coord.peers[r], P.Kind.SYNC, step=last.step, attempt=last.attempt)
+        self.sync = Sync(last.step, last.attempt, dict(self.sync_ranges))
+        for r, ranges in self.sync_ranges.items():
+            self.coord.send(self.coord.peers[r], P.Kind.SYNC, step=last.step, attempt=last.attempt,
+                            ranges=[list(x) for x in ranges])
 
     def on_message(self, msg: P.Message) -> None:
         """A round's side channel: the answers to a SYNC in flight."""
         s = self.sync
         if msg.kind is not P.Kind.SYNCED or s is None or msg.step != s.step or msg.fields["attempt"] != s.attempt:
             return
-        lo, hi = s.slices.get(msg.rank, (0, -1))
+        ranges = s.slices.get(msg.rank)
         a = msg.arrays
-        if (msg.fields["lo"], msg.fields["hi"]) != (lo, hi) or any(
-                k not in a or a[k].dtype != np.float32 or a[k].size != hi - lo for k in ("params", "velocity")):
-            self.coord._dropped(f"dropped SYNCED from rank {msg.rank}: not its slice [{lo}, {hi}) in float32")
+        size = sum(hi - lo for lo, hi in ranges or [])
+        if ranges is None or msg.fields.get("ranges") != [list(x) for x in ranges] or any(
+                k not in a or a[k].dtype != np.float32 or a[k].size != size for k in ("params", "velocity")):
+            self.coord._dropped(f"dropped SYNCED from rank {msg.rank}: not the ranges {ranges} asked for, in float32")
             return
         s.got[msg.rank] = msg
 
@@ -164,9 +169,12 @@ class MeshPlane:
         s = self.sync
         if s is None or not s.complete():
             return
-        for r, (lo, hi) in s.slices.items():
-            self.store.params[lo:hi] = s.got[r].arrays["params"]
-            self.opt.velocity[lo:hi] = s.got[r].arrays["velocity"]
+        for r, ranges in s.slices.items():
+            at = 0
+            for lo, hi in ranges:
+                self.store.params[lo:hi] = s.got[r].arrays["params"][at:at + hi - lo]
+                self.opt.velocity[lo:hi] = s.got[r].arrays["velocity"][at:at + hi - lo]
+                at += hi - lo
         ours = checksum(self.store.params)
         bad = [r for r, m in s.got.items() if m.fields["params_crc"] != ours]
         # a replicated layer's momentum lives on every host too: each copy against the owners' (synced) one

@@ -36,10 +36,10 @@ from ..executors import StepResult
 from ..nn.model import build_model
 from ..nn.params import ParamStore
 from ..nn.threads import match_blas_threads
-from ..optim import add_blocks, checked_clip, chunk_slices, chunk_squares, clipped_step
+from ..optim import add_blocks, checked_clip, chunk_squares, clipped_step
 from .executor import split_by_slots
 from .hostfile import rank_bases
-from .mesh import dw_span, factor_span, factors_pay, gather_pieces, scatter_pieces
+from .mesh import dw_span, factor_span, factors_pay, gather_pieces, plane_slices, replicate_pays, scatter_pieces
 from .reduce import Factors, one_host_factored, reduce_range, sum_in_order
 from .session import blas_threads
 from .wire import add16, apply_update16, encode16, grad_frame
@@ -217,7 +217,12 @@ class ReplayExecutor:
             for layer in self.factor_layers:
                 layer.factored = True
         if layout.hosts and d.plane == "mesh":
-            self.slices = chunk_slices(P, len(layout.slots))
+            # the plane's slices as its coordinator cuts them (mesh_plane.MeshPlane.ensure): even in the other
+            # parameters where every host updates the factored Linear itself (the owners' GEMMs follow the slices)
+            replicated = self.factor is not None and replicate_pays(
+                cfg.train.batch_size, len(layout.slots), self.factor[1], self.factor[2],
+                2 if self.wire16 else 4, d.factor_update)
+            self.slices = plane_slices(P, len(layout.slots), (w.offset, w.offset + w.size) if replicated else None)
             cuts = list(model.param_starts) + ([w.offset, w.offset + w.size] if self.factor else [])
             self.pieces = mesh_pieces(cuts, P, self.slices) if self.wire16 else []
             self.decoded = np.empty((len(layout.slots), P), np.float32) if self.wire16 else None
