@@ -43,6 +43,7 @@ from .. import config as config_mod, log
 from ..data.dataset import load_dataset
 from ..nn.model import build_model
 from ..nn.params import ParamStore
+from ..nn.threads import match_blas_threads
 from ..optim import sgd_for
 from . import protocol as P
 from .coordinator import Coordinator, WorkerFailure
@@ -113,6 +114,10 @@ class Agent:
                       f"{f['rank_base'] + self.slots - 1})")
 
     def _start_local(self, ds, num_classes: int, rank_base: int, hosts: int) -> None:
+        # the agent's own GEMMs (the factored Linear's dW) and SGD passes use this host's BLAS threads, and after
+        # each GEMM OpenBLAS's threads would otherwise busy-wait ~2**28 cycles, taking the cores from the workers
+        # (nn/threads.py). Neither changes a bit: GEMM shapes and thread counts stay, SGD is elementwise.
+        match_blas_threads(self.cfg.train.short_blas_spin)
         self.session = Session(f"{self.link.run_id}h{self.index}{uuid.uuid4().hex[:4]}", self.cfg.dist.shm_dir)
         shared = self.session.shared
         store = self.store = ParamStore(np.float32)
