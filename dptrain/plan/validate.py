@@ -150,8 +150,9 @@ def validate(raw, num_params: int, model: CostModel, default_bps: float | None, 
 
 
 def plot_validation(v: dict, path: str | Path, title: str = "") -> Path:
-    """Measured step time (markers) and predicted (lines) against H, one panel per link rate; a series per plane and
-    wire dtype (dptrain mesh float32 / float16, DDP). Needs matplotlib (the `plot` extra)."""
+    """Measured step time (markers) and predicted (lines; a bar where a series has one host count) against H, one
+    panel per link rate; a series per plane, wire dtype, global batch and slots per host (rows of different batches
+    are not one curve). Needs matplotlib (the `plot` extra)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -159,29 +160,32 @@ def plot_validation(v: dict, path: str | Path, title: str = "") -> Path:
     if not rows:
         raise ValueError("no rows to plot")
     rates = sorted({r["bandwidth_bps"] for r in rows}, reverse=True)
-    series = sorted({(r["plane"], r["wire_dtype"]) for r in rows}, key=lambda s: (s[0] == "ddp", s))
-    style = {s: (f"C{i}", "o^sDvP"[i % 6]) for i, s in enumerate(series)}
-    fig, axes = plt.subplots(1, len(rates), figsize=(5.5 * len(rates), 4.4), squeeze=False, sharey=False)
+    def key(r: dict) -> tuple:
+        return r["plane"], r["wire_dtype"], r.get("batch_size") or 0, r.get("slots") or 1
+    series = sorted({key(r) for r in rows}, key=lambda s: (s[0] == "ddp", s))
+    style = {s: (f"C{i % 10}", "o^sDvP<>"[i % 8]) for i, s in enumerate(series)}
+    fig, axes = plt.subplots(1, len(rates), figsize=(5.5 * len(rates), 6.0), squeeze=False, sharey=False)
     for ax, bps in zip(axes[0], rates):
         for s in series:
-            pts = sorted((r for r in rows if r["bandwidth_bps"] == bps and (r["plane"], r["wire_dtype"]) == s),
-                         key=lambda r: r["hosts"])
+            pts = sorted((r for r in rows if r["bandwidth_bps"] == bps and key(r) == s), key=lambda r: r["hosts"])
             if not pts:
                 continue
             color, marker = style[s]
             name = f"{'DDP gloo' if s[0] == 'ddp' else 'dptrain ' + s[0]} {s[1] if s[0] != 'ddp' else ''}".strip()
+            name += f", B {s[2]}" + (f", {s[3]} slots" if s[3] > 1 else "")
             ax.plot([r["hosts"] for r in pts], [1e3 * r["step_s"] for r in pts], marker, color=color, ms=7,
-                    mfc="none" if s[0] == "ddp" else color, ls="none", label=f"{name} measured")
+                    mfc="none" if s[0] == "ddp" else color, ls="none", label=f"{name}")
             pred = sorted({(r["hosts"], r["pred_step_s"]) for r in pts})
             ax.plot([h for h, _ in pred], [1e3 * p for _, p in pred], "--" if s[0] == "ddp" else "-", color=color,
-                    lw=1.5, label=f"{name} predicted")
+                    lw=1.5, marker="_" if len(pred) == 1 else None, ms=18)
         ax.set_title(f"{format_bandwidth(bps)}/s links")
         ax.set_xlabel("hosts H")
         ax.set_ylabel("step (ms)")
         ax.set_xticks(sorted({r["hosts"] for r in rows}))
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2,
+                  title="markers measured, lines predicted", title_fontsize=6)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
