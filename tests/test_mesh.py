@@ -82,7 +82,8 @@ def test_mesh_equals_star_bitwise_and_float16_replicas_stay_identical(data, tmp_
     assert 0 < rel_error(got["factored"], got["star"]) < 1e-5
     # replicated: every host runs each owner's GEMM on the same inputs and the same SGD: the owners' bits
     assert np.array_equal(got["replicated"], got["factored"])
-    assert np.array_equal(got["mesh16-rep"], got["mesh16"])
+    # with the float16 wire the replicated layer is not rounded (it never travels): the other weights are, as before
+    assert 0 < rel_error(got["mesh16-rep"], got["factored"]) < 1e-2
     assert 0 < rel_error(got["mesh16"], got["factored"]) < 1e-2  # rounded on the wire, close to float32
 
 

@@ -509,13 +509,15 @@ class MeshReplica:
         """Clip + SGD on this host's slice, its new weights to every other host, theirs into our replica; piece by
         piece (gather_pieces), so the first pieces are on the wire while the next are computed, and each piece
         received is applied while the rest is on its way. Replicated (dist.factor_update): the factored Linear's
-        pieces of every slice are updated here, as their owners do, and none of them travels."""
+        pieces of every slice are updated here, as their owners do, and none of them travels, so none is rounded to
+        the float16 wire either (every host computes the same float32 update)."""
         mesh = self.mesh
         cuts = self.w if self.factor else ()
         for a, b in gather_pieces(mesh.lo, mesh.hi, cuts):
-            uscale, arrays = self._update_piece(a, b, lr, scale)
             if self.replicate and self.w[0] <= a < self.w[1]:
+                self._update_piece(a, b, lr, scale, wire16=False)
                 continue
+            uscale, arrays = self._update_piece(a, b, lr, scale)
             for index in mesh.out:
                 mesh.send(index, P.Kind.GATHER, step, attempt, arrays, lo=a, hi=b, scale=uscale)
         ends = {}
@@ -524,7 +526,7 @@ class MeshReplica:
                 continue
             for a, b in gather_pieces(h[3], h[4], cuts):
                 if self.replicate and self.w[0] <= a < self.w[1]:
-                    self._update_piece(a, b, lr, scale)
+                    self._update_piece(a, b, lr, scale, wire16=False)
                 else:
                     ends[(h[0], a)] = b
 
@@ -540,12 +542,14 @@ class MeshReplica:
                 np.copyto(self.params[a:b], arr)
         mesh.collect(P.Kind.GATHER, step, attempt, upstream, set(ends), take)
 
-    def _update_piece(self, a: int, b: int, lr: float, scale: float) -> tuple[float, dict]:
-        """Clip + SGD on the piece [a, b); with the float16 wire its weights become the float16-rounded update's
-        (what the other hosts rebuild). Returns (the update's scale, the arrays that carry the piece)."""
-        prev = self.params[a:b].copy() if self.wire16 else None
+    def _update_piece(self, a: int, b: int, lr: float, scale: float, wire16: bool = True) -> tuple[float, dict]:
+        """Clip + SGD on the piece [a, b); with the float16 wire (and `wire16`: the piece travels) its weights
+        become the float16-rounded update's (what the other hosts rebuild). Returns (the update's scale, the arrays
+        that carry the piece)."""
+        wire16 = wire16 and self.wire16
+        prev = self.params[a:b].copy() if wire16 else None
         self.opt.step(self.params, self.red, lr, scale, a, b)
-        if self.wire16:
+        if wire16:
             return apply_update16(self.params[a:b], prev, self.out16[a:b]), {"update": self.out16[a:b]}
         return 1.0, {"params": self.params[a:b]}
 

@@ -223,6 +223,7 @@ class ReplayExecutor:
                 cfg.train.batch_size, len(layout.slots), self.factor[1], self.factor[2],
                 2 if self.wire16 else 4, d.factor_update)
             self.slices = plane_slices(P, len(layout.slots), (w.offset, w.offset + w.size) if replicated else None)
+            self.replicated = replicated  # its weights never travel: not rounded to the float16 wire
             cuts = list(model.param_starts) + ([w.offset, w.offset + w.size] if self.factor else [])
             self.pieces = mesh_pieces(cuts, P, self.slices) if self.wire16 else []
             self.decoded = np.empty((len(layout.slots), P), np.float32) if self.wire16 else None
@@ -324,6 +325,8 @@ class ReplayExecutor:
             cuts = (self.factor[0], self.factor[0] + self.factor[1] * self.factor[2]) if self.factor else ()
             for lo, hi in self.slices:
                 for a, b in gather_pieces(lo, hi, cuts):
+                    if self.replicated and cuts[0] <= a < cuts[1]:
+                        continue  # the replicated layer: every host's own float32 update (mesh.update_gather)
                     apply_update16(self.store.params[a:b], self.prev[a:b], self.out16[a:b])
         return norm
 

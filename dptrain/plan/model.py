@@ -310,18 +310,17 @@ def sharing(model: CostModel, threads: int) -> float:
 def f16_s(model: CostModel, hosts: int, num_params: int, factored_params: int = 0, replicated: bool = False) -> float:
     """A mesh host's float16 encode + decode per step (see the module docstring); the factored Linear's weights
     (factored_params) are not in the reduce-scatter, only in the all-gather, and not there either when every host
-    updates them itself (`replicated`: their apply_update16 is the update's, replicated_update_s)."""
+    updates them itself (`replicated`: they never travel, so they are not rounded either)."""
     rs = num_params - factored_params  # its local sum encoded, the hosts' contributions to its slice decoded
     ag = num_params - factored_params if replicated else num_params  # its slice's update encoded, all decoded
     return (rs * (model.f16_encode_ns + model.f16_decode_ns)
             + ag * (model.f16_encode_ns / hosts + model.f16_decode_ns)) * 1e-9
 
 
-def replicated_update_s(model: CostModel, hosts: int, num_params: int, factored_params: int, wire_bytes: int) -> float:
+def replicated_update_s(model: CostModel, hosts: int, num_params: int, factored_params: int) -> float:
     """A mesh host's update when every host updates the factored Linear itself: its 1/H slice of the other weights
-    and all K·F of that layer (with the float16 wire, apply_update16 on them: an encode and a decode each), one core."""
-    f16 = factored_params * (model.f16_encode_ns + model.f16_decode_ns) * 1e-9 if wire_bytes == 2 else 0.0
-    return update_s(model, num_params - factored_params) / hosts + update_s(model, factored_params) + f16
+    and all K·F of that layer, one core (that layer never travels, so the float16 wire does not round it)."""
+    return update_s(model, num_params - factored_params) / hosts + update_s(model, factored_params)
 
 
 def ddp_ring(model: CostModel, hosts: int, slots: int, model_bytes: float) -> dict:
@@ -459,7 +458,7 @@ def predict(plane: str, hosts: int, slots: int, batch: int, bandwidth_bps: float
         local_hidden = min(window, t_local)
         comm_hidden = min(window - local_hidden, rs)
         if repl:
-            host_update = replicated_update_s(model, H, num_params, KF, wire_bytes)
+            host_update = replicated_update_s(model, H, num_params, KF)
             upd, cpu_update = sc * host_update, H * host_update
         else:
             upd, cpu_update = sc * U / H, U
