@@ -437,36 +437,31 @@ class MeshReplica:
         if span is None:
             return
         a, b, k0, k1 = span
+        x, dy = self._gather_factors(upstream, a, b, k1 - k0)
+        self.red[a:b] = dw_span(x, dy, w0, F, span)
+
+    def _gather_factors(self, upstream: PeerLink, a: int, b: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+        """Every other host's FACTORS for [a, b) (x with `cols` columns, dy with F), with ours, in host order."""
+        mesh, F = self.mesh, self.factor[2]
 
         def take(m: P.Message) -> None:
             x, dy = m.arrays["x"], m.arrays["dy"]
-            if m.fields["hi"] != b or x.ndim != 2 or x.shape[1] != k1 - k0 or dy.shape != (x.shape[0], F):
+            if m.fields["hi"] != b or x.ndim != 2 or x.shape[1] != cols or dy.shape != (x.shape[0], F):
                 raise SystemExit(f"host {mesh.host}: host {mesh.name(m.rank)} sent factors of shape {x.shape}, "
-                                 f"{dy.shape} for [{a}, {m.fields['hi']}), expected (n, {k1 - k0}), (n, {F})")
+                                 f"{dy.shape} for [{a}, {m.fields['hi']}), expected (n, {cols}), (n, {F}) for "
+                                 f"[{a}, {b})")
             self.fparts[m.rank] = (x, dy)
         mesh.collect(P.Kind.FACTORS, self.step, self.attempt, upstream, {(src, a) for src in mesh.out}, take)
         order = [h[0] for h in mesh.hosts]
-        x = np.concatenate([self.fparts[h][0] for h in order])
-        dy = np.concatenate([self.fparts[h][1] for h in order])
-        self.red[a:b] = dw_span(x, dy, w0, F, span)
+        return (np.concatenate([self.fparts[h][0] for h in order]),
+                np.concatenate([self.fparts[h][1] for h in order]))
 
     def _replicated_rows(self, upstream: PeerLink) -> None:
         """dist.factor_update replicated: the whole factored Linear's weight gradient from every host's factors,
         owner by owner, with the very GEMM each owner would run on its rows (the same inputs, shapes and columns of
         X: the same bits as the owners' way)."""
         mesh, (w0, K, F, _, _) = self.mesh, self.factor
-
-        def take(m: P.Message) -> None:
-            x, dy = m.arrays["x"], m.arrays["dy"]
-            if m.fields["hi"] != w0 + K * F or x.ndim != 2 or x.shape[1] != K or dy.shape != (x.shape[0], F):
-                raise SystemExit(f"host {mesh.host}: host {mesh.name(m.rank)} sent factors of shape {x.shape}, "
-                                 f"{dy.shape} for [{w0}, {m.fields['hi']}), expected (n, {K}), (n, {F}) for "
-                                 f"[{w0}, {w0 + K * F})")
-            self.fparts[m.rank] = (x, dy)
-        mesh.collect(P.Kind.FACTORS, self.step, self.attempt, upstream, {(src, w0) for src in mesh.out}, take)
-        order = [h[0] for h in mesh.hosts]
-        x = np.concatenate([self.fparts[h][0] for h in order])
-        dy = np.concatenate([self.fparts[h][1] for h in order])
+        x, dy = self._gather_factors(upstream, w0, w0 + K * F, K)
         for h in mesh.hosts:
             span = factor_span(w0, K, F, h[3], h[4])
             if span is not None:
