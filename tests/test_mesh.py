@@ -80,8 +80,12 @@ def test_mesh_equals_star_bitwise_and_float16_replicas_stay_identical(data, tmp_
     assert np.array_equal(got["mesh"], got["star"])
     assert np.array_equal(got["mesh-curve"], got["star"])  # sealed and opened either way: the same bytes arrive
     assert 0 < rel_error(got["factored"], got["star"]) < 1e-5
-    # replicated: every host runs each owner's GEMM on the same inputs and the same SGD: the owners' bits
-    assert np.array_equal(got["replicated"], got["factored"])
+    # replicated: every host runs each owner's GEMM on the same inputs (replica_checks above: every host's weights
+    # equal the synced ones after every step); its slices are even in the other parameters (mesh.plane_slices), so
+    # the owners' GEMMs have other shapes than with factor_update = owners: the same mathematics, other float32
+    # groupings (OpenBLAS's Haswell kernels round by blocking: bitwise equal on the AVX-512 ones here), within the
+    # bound of factored against star above (the same dW from other float32 groupings, 10 steps)
+    assert rel_error(got["replicated"], got["factored"]) < 1e-5
     # with the float16 wire the replicated layer is not rounded (it never travels): the other weights are, as before
     assert 0 < rel_error(got["mesh16-rep"], got["factored"]) < 1e-2
     assert 0 < rel_error(got["mesh16"], got["factored"]) < 1e-2  # rounded on the wire, close to float32

@@ -459,7 +459,8 @@ class MeshReplica:
     def _replicated_rows(self, upstream: PeerLink) -> None:
         """dist.factor_update replicated: the whole factored Linear's weight gradient from every host's factors,
         owner by owner, with the very GEMM each owner would run on its rows (the same inputs, shapes and columns of
-        X: the same bits as the owners' way)."""
+        X: every host gets the same bits, which the replay reproduces; the plane's slices are cut as
+        mesh.plane_slices says, so against dist.factor_update = owners the GEMM shapes, hence the groupings, differ)."""
         mesh, (w0, K, F, _, _) = self.mesh, self.factor
         x, dy = self._gather_factors(upstream, w0, w0 + K * F, K)
         for h in mesh.hosts:
