@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 import pytest
-from distutil import ROOT, TINY, flood
+from distutil import ROOT, TINY, fault_env, flood
 from gradcheck import rel_error
 from multihost_util import (
     agent,
@@ -89,6 +89,30 @@ def test_mesh_equals_star_bitwise_and_float16_replicas_stay_identical(data, tmp_
     # with the float16 wire the replicated layer is not rounded (it never travels): the other weights are, as before
     assert 0 < rel_error(got["mesh16-rep"], got["factored"]) < 1e-2
     assert 0 < rel_error(got["mesh16"], got["factored"]) < 1e-2  # rounded on the wire, close to float32
+
+
+# ---- a replica that drifts ---------------------------------------------------------------------------------------
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("fault,message", [("wdrift", "the weights of"),
+                                           ("vdrift", "the momentum of the replicated layer on")])
+def test_a_replica_that_drifts_is_caught_at_the_next_sync(data, tmp_path, fault, message):
+    """SYNC's checksums: a host whose copy of the weights, or (every host updating the factored Linear itself) of
+    that layer's momentum, silently changed after its update of step 3 stops the run at the next SYNC, named. With
+    sync_every 1 a SYNC is asked for at every step whose predecessor's has come back: the one that sees it covers
+    step 3 or, if step 2's was still on its way then, step 4 (by which the momentum's drift is in the weights too)."""
+    with cluster(3) as c:
+        out = tmp_path / "run"
+        args = ["--hostfile", str(c.hostfile), "--ssh-config", str(c.ssh_config), "--bind", c.coordinator_addr,
+                "-x", "DPTRAIN_FAULT", "-x", "PYTHONPATH", "--dist.sync_every=1",
+                *train_args(data, out, train__steps_per_epoch=5, train__epochs=2)]
+        with launcher(args, tmp_path / "launch.log", fault_env(f"{fault}:3:1")) as la:
+            rc = la.wait(60)
+            log = la.log()
+        assert wait_until(lambda: not dptrain_pids(c), 10), dptrain_pids(c)
+    assert "every host updates the factored Linear" in log
+    line = next((ln for ln in log.splitlines() if message in ln), None)
+    assert rc != 0 and line is not None and "h2" in line, log
+    assert int(re.search(r"step (\d+): ", line).group(1)) in (3, 4), line
 
 
 # ---- a lost host in the middle of the chain of slices ------------------------------------------------------------

@@ -183,15 +183,17 @@ class MeshPlane:
         self.sync = None
         self.done = [d for d in self.done if d.step > s.step]
         self.checks += 1
+        problems = []
         if bad:
             who = ", ".join(self.coord.peers[r].describe() for r in bad)
-            raise ReplicaMismatch(f"step {s.step}: the weights of {who} differ from the synced state "
-                                  f"(checksum {s.got[bad[0]].fields['params_crc']:#010x} != {ours:#010x})")
+            problems.append(f"the weights of {who} differ from the synced state (checksum "
+                            f"{s.got[bad[0]].fields['params_crc']:#010x} != {ours:#010x})")
         if v_bad:
             who = ", ".join(self.coord.peers[r].describe() for r in v_bad)
-            raise ReplicaMismatch(f"step {s.step}: the momentum of the replicated layer on {who} differs from the "
-                                  f"synced state (checksum {s.got[v_bad[0]].fields.get('velocity_crc')} != "
-                                  f"{v_ours:#010x})")
+            problems.append(f"the momentum of the replicated layer on {who} differs from the synced state "
+                            f"(checksum {s.got[v_bad[0]].fields.get('velocity_crc')} != {v_ours:#010x})")
+        if problems:
+            raise ReplicaMismatch(f"step {s.step}: " + "; ".join(problems))
 
     def settle(self) -> bool:
         """The hosts' state after the last step into the coordinator's store (a sync, waited for). False when a

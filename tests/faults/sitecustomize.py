@@ -8,6 +8,10 @@ dptrain.distributed.worker, gets that module's Worker patched:
   update   the rank dies (status 17) inside its update of that step, half of its slice written
   hang     the rank never answers that step, while its heartbeat goes on (a stuck rank)
   balloon  the rank touches 256 MB more at that step (an OOM kill inside a memory-limited cgroup)
+and, when a host agent imports dptrain.distributed.mesh (RANK = its host index), its replica drifts after its
+update of that step (a host whose copy silently went wrong, which SYNC's checksums must catch):
+  wdrift   one weight of the replica, outside the host's own slice, changes by 1e-3
+  vdrift   the momentum of the replicated factored Linear (dist.factor_update) changes by 1e-3 on this host
 A replacement of the rank inherits the environment: a later step's fault hits it. DPTRAIN_SLOW_SAVE_S=S makes every
 checkpoint save (dptrain.checkpoint.save) wait S seconds first: a disk that slow. Nothing happens in a process that
 never imports those modules, or when neither variable is set.
@@ -64,6 +68,21 @@ def patch_worker(module, faults: set[tuple]) -> None:
     Worker.run_step, Worker.update_slice = run_step, update_slice
 
 
+def patch_mesh(module, faults: set[tuple]) -> None:
+    Replica = module.MeshReplica
+    original = Replica.update_gather
+
+    def update_gather(self, lr, scale, step, attempt, upstream):
+        original(self, lr, scale, step, attempt, upstream)
+        me = self.mesh.index
+        if ("wdrift", step, me) in faults:
+            other = next(h for h in self.mesh.hosts if h[0] != me)
+            self.params[other[3]] += 1e-3  # the first weight of another host's slice: the whole copy's CRC moves
+        if ("vdrift", step, me) in faults and self.replicate:
+            self.opt.velocity[self.w[0]:self.w[1]] += 1e-3
+    Replica.update_gather = update_gather
+
+
 class _PatchOnImport(importlib.abc.MetaPathFinder):
     """Finds the named modules as usual, and patches each right after it has been executed."""
 
@@ -90,6 +109,7 @@ _patches = {}
 _faults = parse(os.environ.get("DPTRAIN_FAULT", ""))
 if _faults:
     _patches["dptrain.distributed.worker"] = lambda m: patch_worker(m, _faults)
+    _patches["dptrain.distributed.mesh"] = lambda m: patch_mesh(m, _faults)
 _slow = float(os.environ.get("DPTRAIN_SLOW_SAVE_S", "0") or 0)
 if _slow:
     _patches["dptrain.checkpoint"] = lambda m: slow_saves(m, _slow)
