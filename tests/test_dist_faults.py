@@ -73,9 +73,13 @@ def test_kill_worker_continue(tiny_data, tmp_path, bn):
         assert la.wait(90) == 0, la.log()
         log = la.log()
         assert re.search(rf"rank 2 \(host \S+, pid {pid}\) is dead", log), log
-        assert "redoing the step on 2 surviving rank(s)" in log or "surviving" in log, log
-        steps = [m["step"] for m in step_records(run)]
+        records = step_records(run)
+        steps = [m["step"] for m in records]
         assert steps == list(range(30)), steps
+        # the steps after the loss ran on the survivors (metrics.jsonl names a partial round's ranks). Whether one
+        # was redone ("redoing the step on 2 surviving rank(s)") depends on whether a step was in flight when the
+        # kill landed: with the tiny model a step is ~10 ms and the rank is often idle between two rounds
+        assert records[-1].get("ranks") == [0, 1], records[-1]
         assert json.loads((run / "summary.json").read_text())["steps"] == 30
         assert not workers_of(la.run_id()) and not leftover_segments(la.run_id())
 
