@@ -404,3 +404,26 @@ def test_plane_slices_balance_the_parameters_that_travel_and_sync_shares_the_rep
         assert flat[0][0] == 0 and flat[-1][1] == P and all(a[1] == b[0] for a, b in zip(flat, flat[1:]))
         sizes = [sum(b - a for a, b in rs) for rs in ranges]
         assert max(sizes) - min(sizes) <= 2 * CHUNK + H  # and so is every host's upload
+
+
+def test_the_coordinator_replicates_only_where_every_host_computes_the_same_gemm_bits():
+    """MeshPlane.replicated: all hosts factor the same layer, report the same GEMM signature (CPU model, BLAS build,
+    kernels, threads) and replicate_pays says so; hosts whose GEMMs may round differently keep the owners' way
+    (each would run every owner's GEMM itself, and differing replicas stop the run at the next SYNC)."""
+    from types import SimpleNamespace
+
+    from dptrain.config import Config
+    from dptrain.distributed.mesh_plane import MeshPlane
+    from dptrain.nn.threads import gemm_signature
+    cfg = Config()
+    cfg.train.batch_size = 16
+    me = gemm_signature()
+
+    def plane(gemms, factor=(100, 16384, 512)):
+        peers = {r: SimpleNamespace(mesh_factor=factor, mesh_gemm=g, host=f"h{r}") for r, g in enumerate(gemms)}
+        return MeshPlane(SimpleNamespace(peers=peers), None, None, cfg)
+    assert plane([me, me, me]).replicated((0, 1, 2)) == (100, 100 + 16384 * 512)
+    assert plane([me, me, me.replace("]]", "x]]")]).replicated((0, 1, 2)) is None
+    assert plane([me, me, me], factor=()).replicated((0, 1, 2)) is None
+    cfg.train.batch_size = 4096  # the full-batch GEMM on every host does not pay
+    assert plane([me, me, me]).replicated((0, 1, 2)) is None

@@ -40,22 +40,12 @@ from pathlib import Path
 from .. import config as config_mod, log
 from ..data.dataset import load_dataset
 from ..flags import parse_overrides
+from ..nn.threads import cpu_model
 from ..nn.torch_ref import require_torch
 from .tta_stats import SIDES, merge, summarise_sides
 from .tta_torch import TORCH_BN_EPS, TORCH_BN_MOMENTUM
 
 POLL_S = 0.05
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or "unknown"
 
 
 def resolve(args, extra: list[str]) -> config_mod.Config:

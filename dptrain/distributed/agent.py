@@ -43,7 +43,7 @@ from .. import config as config_mod, log
 from ..data.dataset import load_dataset
 from ..nn.model import build_model
 from ..nn.params import ParamStore
-from ..nn.threads import match_blas_threads
+from ..nn.threads import gemm_signature, match_blas_threads
 from ..optim import sgd_for
 from . import protocol as P
 from .coordinator import Coordinator, WorkerFailure
@@ -106,7 +106,7 @@ class Agent:
             self.replica = MeshReplica(link, sgd_for(self.store, self.cfg.train), self.params, self.buffers,
                                        self.cfg.dist.wire_dtype, self.param_starts, self.factor)
             mesh = {"mesh_endpoint": link.endpoint, "mesh_key": link.key,
-                    "mesh_factor": list(self.factor[:3]) if self.factor else []}
+                    "mesh_factor": list(self.factor[:3]) if self.factor else [], "mesh_gemm": gemm_signature()}
             self.log.info(f"host {self.host}: mesh endpoint {link.endpoint}, CURVE server key {link.key or 'none'}"
                           + (", bulk frames sealed with AES-256-GCM" if link.sealed else ""))
         self.link.send(P.Kind.READY, **mesh)

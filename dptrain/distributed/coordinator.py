@@ -189,6 +189,7 @@ class Coordinator:
             peer.mesh_key = str(msg.fields.get("mesh_key", ""))
             factor = msg.fields.get("mesh_factor") or ()
             peer.mesh_factor = tuple(int(v) for v in factor) if isinstance(factor, list) and len(factor) == 3 else ()
+            peer.mesh_gemm = str(msg.fields.get("mesh_gemm", ""))
             if peer.replacement:
                 self.log.warning(f"{peer.describe()} is back after {time.monotonic() - peer.started:.1f} s: it "
                                  f"takes part from the next step on")

@@ -72,6 +72,7 @@ class MeshPlane:
         self.every = max(cfg.dist.sync_every, 1)
         self.checks = 0  # syncs whose replica checksums were compared
         self.replicate: tuple[int, int] | None = None  # this plane: [w0, w1) every host updates itself
+        self.warned_gemm = False
 
     def ensure(self, step: int, attempt: int) -> None:
         """Form the plane over the live hosts unless it is formed over exactly them: slices, peers' addresses and
@@ -114,9 +115,20 @@ class MeshPlane:
     def replicated(self, ranks: tuple[int, ...]) -> tuple[int, int] | None:
         """[w0, w1) of the factored Linear when every host of this plane computes its whole weight gradient from
         every host's factors and updates it (dist.factor_update, mesh.replicate_pays): all hosts factor the same
-        layer, and it pays for this batch and number of hosts. Decided per plane, by the coordinator alone."""
-        factors = {self.coord.peers[r].mesh_factor for r in ranks}
+        layer, their GEMMs give the same bits (the same CPU model, BLAS build, kernels and threads: each host
+        runs every owner's GEMM itself, and replicas that differ would stop the run at the next SYNC), and it pays
+        for this batch and number of hosts. Decided per plane, by the coordinator alone."""
+        peers = self.coord.peers
+        factors = {peers[r].mesh_factor for r in ranks}
         if len(factors) != 1 or not next(iter(factors)):
+            return None
+        gemms = {peers[r].mesh_gemm for r in ranks}
+        if len(gemms) != 1:
+            if self.cfg.dist.factor_update != "owners" and not self.warned_gemm:
+                self.warned_gemm = True
+                self.log.warning("the hosts' GEMMs may round differently (CPU models or BLAS builds or threads differ:"
+                                 " " + ", ".join(f"{peers[r].host} {peers[r].mesh_gemm}" for r in ranks)[:400]
+                                 + "): each owner updates its rows of the factored Linear (dist.factor_update owners)")
             return None
         w0, K, F = next(iter(factors))
         d = self.cfg.dist

@@ -39,6 +39,7 @@ class Peer:
     mesh_endpoint: str = ""  # an agent on the mesh plane: where the other agents reach it, and its public key
     mesh_key: str = ""
     mesh_factor: tuple = ()  # an agent whose workers leave the factored Linear's factors: (w0, K, F) of it
+    mesh_gemm: str = ""  # an agent's nn.threads.gemm_signature: equal ones compute equal GEMM bits
     death: str = ""
     rss_mb: float = 0.0  # resident memory at the last sample (processes this coordinator started)
     rss_at: float = 0.0

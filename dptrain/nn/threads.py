@@ -5,7 +5,9 @@ Kernels (conv.py, norm.py, pool.py) call `split_rows`; a process calls `match_bl
 from __future__ import annotations
 
 import ctypes
+import json
 import os
+import platform
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -131,3 +133,26 @@ def each_thread(fn: Callable[[int], None], n: int) -> None:
             _fan_out(fn, [(i,) for i in range(t)])
         finally:
             _busy = False
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), or what the platform says."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def gemm_signature() -> str:
+    """What decides a float32 GEMM's bits in this process: the CPU model, and each BLAS library's name, version,
+    kernel set (OpenBLAS's core type) and thread count. Processes with equal signatures compute equal bits for
+    equal GEMM calls; different ones may not (docs/reproducibility.md)."""
+    import numpy  # noqa: F401 - loads the BLAS that threadpoolctl reports
+    libs = sorted((i.get("internal_api", ""), i.get("version") or "", i.get("architecture") or "",
+                   int(i.get("num_threads") or 0)) for i in threadpool_info() if i.get("user_api") == "blas")
+    return json.dumps([cpu_model(), libs])
+

@@ -5,7 +5,6 @@ import copy
 import dataclasses
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from threadpoolctl import threadpool_limits
 from .. import config as config_mod, log
 from ..bench.local import gemm_rate, time_numpy
 from ..fsutil import atomic_write
-from ..nn.threads import set_threads
+from ..nn.threads import cpu_model, set_threads
 from .model import CALIBRATION_BATCHES, CALIBRATION_FILE, CostModel, factor_shape
 
 # the factored Linear's dW GEMM as calibrate() times it: (GEMM_ROWS x GEMM_BATCH) @ (GEMM_BATCH x F), one core. An
@@ -23,16 +22,6 @@ from .model import CALIBRATION_BATCHES, CALIBRATION_FILE, CostModel, factor_shap
 GEMM_ROWS, GEMM_BATCH = 1024, 512
 
 # ---------------------------------------------------------------------------------------------- calibration
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
 
 def calibration_path() -> Path:
     return Path(os.environ.get("DPTRAIN_CACHE") or "~/.cache/dptrain").expanduser() / CALIBRATION_FILE
