@@ -97,6 +97,11 @@ def test_zmq_io_threads_of_this_namespace():
         assert os.getpid() in pids
         def mine():
             return {k: v for k, v in nc.zmq_io_ticks([os.getpid()]).items() if k not in others}
+        # libzmq starts the I/O thread with the first socket and the thread names itself (ZMQbg/IO/0) once running:
+        # on a loaded box that can come after connect returns
+        deadline = time.monotonic() + 5
+        while not mine() and time.monotonic() < deadline:
+            time.sleep(0.01)
         t0 = mine()
         assert len(t0) == 1 and all(pid == os.getpid() for pid, _ in t0)  # one context, one I/O thread
         blob = b"\0" * (4 << 20)
