@@ -48,7 +48,7 @@ from ..optim import sgd_for
 from . import protocol as P
 from .coordinator import Coordinator, WorkerFailure
 from .curve import client_setup, read_agent_keys
-from .mesh import MeshLink, MeshReplica, checksum, factors_pay
+from .mesh import MeshLink, MeshReplica, checksum, factors_pay, take_ranges
 from .peer import PeerLink, leave, run_peer
 from .rankenv import RankEnvError, coordinator_from_env, from_env
 from .reduce import sum_in_order
@@ -230,11 +230,8 @@ class Agent:
         # the ranges the coordinator asks for (mesh.sync_ranges: with a replicated layer, this slice without it and
         # a share of it); an older coordinator names none: the slice
         ranges = [(int(a), int(b)) for a, b in msg.fields.get("ranges") or [[mesh.lo, mesh.hi]]]
-        params = np.concatenate([r.params[a:b] for a, b in ranges]) if len(ranges) != 1 else \
-            r.params[ranges[0][0]:ranges[0][1]]
-        velocity = np.concatenate([r.opt.velocity[a:b] for a, b in ranges]) if len(ranges) != 1 else \
-            r.opt.velocity[ranges[0][0]:ranges[0][1]]
-        self.link.send(P.Kind.SYNCED, arrays={"params": params, "velocity": velocity},
+        self.link.send(P.Kind.SYNCED, arrays={"params": take_ranges(r.params, ranges),
+                                              "velocity": take_ranges(r.opt.velocity, ranges)},
                        attempt=msg.fields["attempt"], lo=mesh.lo, hi=mesh.hi, params_crc=checksum(r.params),
                        ranges=[list(x) for x in ranges], **replicated)
 

@@ -73,13 +73,10 @@ class Sealer:
         self.plane, self.sender, self.receiver = plane, sender, receiver
         self.aead = AESGCM(link_key(secret, run, plane, sender, receiver))
         self.counter = 0  # the next frame's; never goes back under this key
-        self.cpu_s = 0.0  # this thread's CPU-seconds spent sealing (bench --hosts prints it per step)
 
     def seal(self, frames: list) -> list:
         """[header, *arrays] (protocol.encode's frames) -> [envelope, sealed header, *sealed arrays]."""
-        out, cpu = self.seal_reserved(self.reserve(frames), frames)
-        self.cpu_s += cpu
-        return out
+        return self.seal_reserved(self.reserve(frames), frames)[0]
 
     def reserve(self, frames: list) -> int:
         """The message's first counter, taken in send order (the receiver accepts counters only upwards) and before
@@ -113,14 +110,12 @@ class Opener:
         # come over it too, so a recorded message played again over another connection cannot overtake the
         # sender's own queue and make its genuine messages look replayed (they are in order on one connection)
         self.via: dict[int, bytes] = {}
-        self.cpu_s = 0.0  # this thread's CPU-seconds spent opening (authentic or not)
 
     def open(self, frames: list, via: bytes | None = None) -> tuple[int, list[bytes]]:
         """(sender, [header, *arrays] in plaintext) of a sealed message that came over connection `via`, or
         BulkError. The replay window moves only once every frame has verified: a forged message changes nothing."""
         sender, c0, env = self.check(frames, via)
-        plain, cpu = self.decrypt(sender, c0, env, frames)
-        self.cpu_s += cpu
+        plain, _ = self.decrypt(sender, c0, env, frames)
         self.commit(sender, c0, len(frames), via)
         return sender, plain
 
@@ -139,11 +134,16 @@ class Opener:
             raise OtherPlane(f"sealed for plane {plane}, this is plane {self.plane}")
         if receiver != self.receiver or sender not in self.aead:
             raise BulkError(f"sealed from host {sender} to host {receiver}: not a link of this host")
+        self._admissible(sender, c0, via)
+        return sender, c0, env
+
+    def _admissible(self, sender: int, c0: int, via: bytes | None) -> None:
+        """BulkError unless counters from c0 on are still open for `sender` and `via` is its connection (or none is
+        bound yet)."""
         if c0 < self.next[sender]:
             raise BulkError(f"host {sender}'s counter {c0} was already used (replayed or reordered)")
         if via is not None and self.via.get(sender, via) != via:
             raise BulkError(f"a message of host {sender} over another connection than host {sender}'s")
-        return sender, c0, env
 
     def decrypt(self, sender: int, c0: int, env: bytes, frames: list) -> tuple[list[bytes], float]:
         """([header, *arrays] in plaintext, this thread's CPU-seconds) of a message `check` passed, or BulkError.
@@ -163,11 +163,9 @@ class Opener:
         """An authentic message is taken: the window moves past its counters (and the sender is bound to the
         connection it came over). Checked again here, in arrival order, so that of two authentic copies opened
         side by side only the first is taken."""
-        if c0 < self.next[sender]:
-            raise BulkError(f"host {sender}'s counter {c0} was already used (replayed or reordered)")
+        self._admissible(sender, c0, via)
         if via is not None:
-            if self.via.setdefault(sender, via) != via:
-                raise BulkError(f"a message of host {sender} over another connection than host {sender}'s")
+            self.via[sender] = via
         self.next[sender] = c0 + nframes - 1
 
 

@@ -78,7 +78,9 @@ class MeshLink:
         # sent and taken in their order on this one (ZeroMQ sockets are not thread-safe; counters only go upwards)
         self.pool = ThreadPoolExecutor(cipher_threads, "seal") if self.sealed and cipher_threads > 1 else None
         self.pending: deque[tuple[Future, zmq.Socket]] = deque()  # sealing on the pool, to be sent in this order
-        self.cipher_cpu_done = 0.0  # CPU-seconds sealing and opening of the planes before this one
+        # CPU-seconds this host spent sealing and opening bulk frames (AES-GCM) since it started; 0 with CURVE,
+        # which libzmq runs on its I/O thread (bench --hosts reads that thread's time)
+        self.cipher_cpu_s = 0.0
         self.dropped = 0  # messages refused on this socket: malformed, or sealed and not authentic
         self.drop_log = log.DropLog(P.DROP_LOG_BURST, P.DROP_LOG_WINDOW_S, P.DROP_LINE_CHARS)  # a flood: a few lines
         self.log = log.get()
@@ -115,7 +117,6 @@ class MeshLink:
                 raise SystemExit(f"host {self.host}: the coordinator sent no bulk key for plane {mesh_id} "
                                  f"(dist.bulk_cipher = 'aes-gcm' needs the coordinator of this version)")
             others = [h[0] for h in hosts if h[0] != self.index]
-            self.cipher_cpu_done = self.cipher_cpu_s
             self.sealers = {j: Sealer(secret, self.run_id, mesh_id, self.index, j) for j in others}
             self.opener = Opener(secret, self.run_id, mesh_id, self.index, others)
         for index, endpoint, key, lo, hi, _ in hosts:
@@ -132,13 +133,6 @@ class MeshLink:
                                      f"mesh{self.index}-{os.getpid()}-{mesh_id}-{secrets.token_hex(8)}", curve,
                                      max_frame=P.DEFAULT_LIMITS.max_header_bytes)  # sends only: nothing comes back
 
-    @property
-    def cipher_cpu_s(self) -> float:
-        """CPU-seconds this host spent sealing and opening bulk frames (AES-GCM) since it started; 0 with CURVE,
-        which libzmq runs on its I/O thread (bench --hosts reads that thread's time)."""
-        return self.cipher_cpu_done + sum(s.cpu_s for s in self.sealers.values()) + \
-            (self.opener.cpu_s if self.opener is not None else 0.0)
-
     def name(self, index: int) -> str:
         return next((h[5] for h in self.hosts if h[0] == index), f"#{index}")
 
@@ -146,22 +140,31 @@ class MeshLink:
         frames = P.encode(kind, self.run_id, step=step, rank=self.index, arrays=arrays, attempt=attempt,
                           mesh_id=self.mesh_id, src=self.index, **fields)
         sock = self.out[index]
-        if self.sealed and self.pool is not None:  # sealed on the pool; sent in order as each is done
-            sealer = self.sealers[index]
-            self.pending.append((self.pool.submit(sealer.seal_reserved, sealer.reserve(frames), frames), sock))
-            self.flush(wait=False)
+        if not self.sealed:
+            sock.send_multipart(frames, copy=False)
             return
-        if self.sealed:
-            frames = self.sealers[index].seal(frames)
-        sock.send_multipart(frames, copy=False)
+        sealer = self.sealers[index]  # sealed (on the pool if any); sent in order as each is done
+        self.pending.append((self._run(sealer.seal_reserved, sealer.reserve(frames), frames), sock))
+        self.flush(wait=False)
+
+    def _run(self, fn: Callable, *args) -> Future:
+        """fn(*args) on the cipher pool, or here and now without one (a Future either way)."""
+        if self.pool is not None:
+            return self.pool.submit(fn, *args)
+        done: Future = Future()
+        try:
+            done.set_result(fn(*args))
+        except Exception as e:  # noqa: BLE001 - handed to whoever takes the result, as the pool would
+            done.set_exception(e)
+        return done
 
     def flush(self, wait: bool = True) -> None:
-        """Send the messages sealed on the pool, in the order they were given (wait: all of them, else those done
-        at the head of the queue). Their plaintext buffers may change once this has waited."""
+        """Send the sealed messages in the order they were given (wait: all of them, else those done at the head
+        of the queue). Their plaintext buffers may change once this has waited."""
         while self.pending and (wait or self.pending[0][0].done()):
             job, sock = self.pending.popleft()
             frames, cpu = job.result()
-            self.cipher_cpu_done += cpu
+            self.cipher_cpu_s += cpu
             sock.send_multipart(frames, copy=False)
 
     def _settle_pending(self) -> None:
@@ -220,16 +223,11 @@ class MeshLink:
             except zmq.Again:
                 break
             batch.append((via.bytes, frames))
-        opened = self._open_all(batch) if self.sealed and self.pool is not None else \
-            [(via, None, frames, None) for via, frames in batch]
-        for via, sender, frames, error in opened:
+        opened = self._open_all(batch) if self.sealed else [(None, frames, None) for _, frames in batch]
+        for sender, frames, error in opened:
             try:
                 if error is not None:
                     raise error
-                if self.sealed and sender is None:
-                    if self.opener is None:
-                        raise BulkError("sealed message before this host joined a plane")
-                    sender, frames = self.opener.open(frames, via)
                 msg = P.decode(frames, run=self.run_id)
                 if sender is not None and (msg.rank != sender or msg.fields.get("src") != sender
                                            or msg.fields.get("mesh_id") != self.mesh_id):
@@ -244,19 +242,18 @@ class MeshLink:
             if msg.kind in (P.Kind.SCATTER, P.Kind.GATHER, P.Kind.FACTORS) and msg.fields["src"] == msg.rank:
                 self.early.append(msg)
 
-    def _open_all(self, batch: list[tuple[bytes, list]]) -> list[tuple[bytes, int | None, list, Exception | None]]:
+    def _open_all(self, batch: list[tuple[bytes, list]]) -> list[tuple[int | None, list, Exception | None]]:
         """Sealed messages received together (each with the connection it came over), opened side by side on the
-        pool: [(via, sender, plaintext frames, None) or (via, None, frames, the error)], in arrival order.
+        cipher pool if any: [(sender, plaintext frames, None) or (None, frames, the error)], in arrival order.
         Envelopes are checked and the replay window moved here, in that order; only decryption runs on the pool."""
         opener = self.opener
         if opener is None:
-            return [(via, None, f, BulkError("sealed message before this host joined a plane")) for via, f in batch]
+            return [(None, f, BulkError("sealed message before this host joined a plane")) for _, f in batch]
         jobs = []
         for via, frames in batch:
             try:
                 sender, c0, env = opener.check(frames, via)
-                jobs.append((via, frames, sender, c0, self.pool.submit(opener.decrypt, sender, c0, env, frames),
-                             None))
+                jobs.append((via, frames, sender, c0, self._run(opener.decrypt, sender, c0, env, frames), None))
             except (OtherPlane, BulkError) as e:
                 jobs.append((via, frames, None, None, None, e))
         out = []
@@ -264,13 +261,13 @@ class MeshLink:
             if error is None:
                 try:
                     plain, cpu = job.result()
-                    opener.cpu_s += cpu
+                    self.cipher_cpu_s += cpu
                     opener.commit(sender, c0, len(frames), via)
-                    out.append((via, sender, plain, None))
+                    out.append((sender, plain, None))
                     continue
                 except BulkError as e:
                     error = e
-            out.append((via, None, frames, error))
+            out.append((None, frames, error))
         return out
 
     def _take(self, kind: P.Kind, step: int, attempt: int, waiting: set[tuple[int, int]], got: list) -> None:
@@ -510,7 +507,7 @@ class MeshReplica:
         mesh = self.mesh
         cuts = self.w if self.factor else ()
         for a, b in gather_pieces(mesh.lo, mesh.hi, cuts):
-            if self.replicate and self.w[0] <= a < self.w[1]:
+            if self._stays(a):
                 self._update_piece(a, b, lr, scale, wire16=False)
                 continue
             uscale, arrays = self._update_piece(a, b, lr, scale)
@@ -521,7 +518,7 @@ class MeshReplica:
             if h[0] == mesh.index:
                 continue
             for a, b in gather_pieces(h[3], h[4], cuts):
-                if self.replicate and self.w[0] <= a < self.w[1]:
+                if self._stays(a):
                     self._update_piece(a, b, lr, scale, wire16=False)
                 else:
                     ends[(h[0], a)] = b
@@ -537,6 +534,10 @@ class MeshReplica:
             else:
                 np.copyto(self.params[a:b], arr)
         mesh.collect(P.Kind.GATHER, step, attempt, upstream, set(ends), take)
+
+    def _stays(self, a: int) -> bool:
+        """Is the gather piece starting at `a` the replicated layer's (updated on every host, never sent)?"""
+        return self.replicate and self.w[0] <= a < self.w[1]
 
     def _update_piece(self, a: int, b: int, lr: float, scale: float, wire16: bool = True) -> tuple[float, dict]:
         """Clip + SGD on the piece [a, b); with the float16 wire (and `wire16`: the piece travels) its weights
@@ -629,6 +630,13 @@ def sync_ranges(slices: list[tuple[int, int]], replicated: tuple[int, int] | Non
         parts = [(a, b) for a, b in ((lo, min(hi, w0)), (max(lo, w1), hi)) if a < b]
         out.append(sorted(parts + ([share] if share[0] < share[1] else [])))
     return out
+
+
+def take_ranges(array: np.ndarray, ranges: list[tuple[int, int]]) -> np.ndarray:
+    """array over `ranges`, in their order (a view when there is one)."""
+    if len(ranges) == 1:
+        return array[ranges[0][0]:ranges[0][1]]
+    return np.concatenate([array[a:b] for a, b in ranges])
 
 
 def scatter_pieces(starts, size: int, slices: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:

@@ -17,8 +17,8 @@ from ..nn.threads import cpu_model, set_threads
 from .model import CALIBRATION_BATCHES, CALIBRATION_FILE, CostModel, factor_shape
 
 # the factored Linear's dW GEMM as calibrate() times it: (GEMM_ROWS x GEMM_BATCH) @ (GEMM_BATCH x F), one core. An
-# owner's rows at 16 hosts (16384 / 16) over a global batch of 512; the rate is flat from there up (122-127 GFLOP/s
-# at batch 512-4096 on a 2-core Intel Xeon) and lower at tiny batches (64 at 16 images), where dW costs little anyway
+# owner's rows at 16 hosts (16384 / 16) over a global batch of 512: the rate is flat from there up and lower at tiny
+# batches, where dW costs little anyway (figures: docs/performance-notes.md, plan, gemm_flops_per_s)
 GEMM_ROWS, GEMM_BATCH = 1024, 512
 
 # ---------------------------------------------------------------------------------------------- calibration
