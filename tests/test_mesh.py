@@ -375,14 +375,14 @@ def test_replicate_pays_where_a_host_sends_fewer_bytes_at_a_small_batch():
 
 
 def test_gather_pieces_cut_at_the_factored_layer_and_cover_the_slice_once():
-    from dptrain.distributed.mesh import PIECE, gather_pieces
-    lo, hi, w0, w1 = 1000, 1000 + 3 * PIECE + 17, 1000 + PIECE + 5, 1000 + 2 * PIECE + 300
+    from dptrain.distributed.mesh import GATHER_PIECE, gather_pieces
+    lo, hi, w0, w1 = 1000, 1000 + 3 * GATHER_PIECE + 17, 1000 + GATHER_PIECE + 5, 1000 + 2 * GATHER_PIECE + 300
     pieces = gather_pieces(lo, hi, (w0, w1))
     assert pieces[0][0] == lo and pieces[-1][1] == hi and all(a < b for a, b in pieces)
     assert all(p[1] == q[0] for p, q in zip(pieces, pieces[1:]))  # contiguous, no overlap
-    assert all(b - a <= PIECE for a, b in pieces)
+    assert all(b - a <= GATHER_PIECE for a, b in pieces)
     assert all(b <= w0 or a >= w1 or (w0 <= a and b <= w1) for a, b in pieces)  # none straddles the layer
-    assert gather_pieces(lo, hi) == [(a, min(a + PIECE, hi)) for a in range(lo, hi, PIECE)]  # no cuts: as before
+    assert gather_pieces(lo, hi) == [(a, min(a + GATHER_PIECE, hi)) for a in range(lo, hi, GATHER_PIECE)]  # no cuts
 
 
 def test_plane_slices_balance_the_parameters_that_travel_and_sync_shares_the_replicated_layer():

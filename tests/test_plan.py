@@ -715,14 +715,27 @@ def test_mesh_replicated_update_bytes_and_times():
     aes = dataclasses.replace(FACTORED, curve_bytes_per_cpu_s=0.62e9, aes_gcm_bytes_per_cpu_s=1.15e9)
     sealed = predict("mesh", H, S, B, GBIT, wire, P, aes, factored=(K, F), factor_update="replicated")
     moved = (rep["host_send_bytes"] - sync + rep["host_recv_bytes"]) / 1.15e9 / 2
-    # dist.cipher_threads (auto: min(4, S) = 2 here): the AES part side by side on separate hosts; CURVE's not
-    assert sealed["wire_cpu_s"] == pytest.approx(f16 + moved / 2 + sync / 0.62e9 / 2)
-    one = predict("mesh", H, S, B, GBIT, wire, P, dataclasses.replace(aes, cipher_threads=1), factored=(K, F),
-                  factor_update="replicated")
-    assert one["wire_cpu_s"] == pytest.approx(f16 + moved + sync / 0.62e9 / 2)
+    # separate hosts: the AES part beside the wire (bench/cipher_pipeline.py), on the pool's threads (auto: min(4, S)
+    # = 2 here) in the all-gather, on the comm core in the reduce-scatter (under backward), plus about three pieces
+    # sealed and opened (PIPELINE_FILL_PIECES); what stays in series: float16 and the SYNC's CURVE share
+    from dptrain.distributed.mesh import GATHER_PIECE, PIECE
+    assert sealed["wire_cpu_s"] == pytest.approx(f16 + sync / 0.62e9 / 2)
+    out_rs, out_ag = rest + fb, rest
+    assert sealed["all_gather_s"] == pytest.approx(  # 1 Gbit/s: the wire is the slower
+        rep["all_gather_s"] + 3 * min(GATHER_PIECE * wire, out_ag / (H - 1)) / 1.15e9)
+    assert sealed["reduce_scatter_s"] == pytest.approx(
+        rep["reduce_scatter_s"] + 3 * min(PIECE * wire, out_rs / (H - 1)) / 1.15e9)
+    slow = dataclasses.replace(aes, aes_gcm_bytes_per_cpu_s=0.02e9)  # a cipher slower than the wire sets the pace
+    for threads, share in ((0, 2), (1, 1)):
+        t = predict("mesh", H, S, B, GBIT, wire, P, dataclasses.replace(slow, cipher_threads=threads),
+                    factored=(K, F), factor_update="replicated")
+        assert t["all_gather_s"] == pytest.approx(
+            out_ag / 0.02e9 / share + 3 * min(GATHER_PIECE * wire, out_ag / (H - 1)) / 0.02e9)
+        assert t["reduce_scatter_s"] == pytest.approx(out_rs / 0.02e9 + 3 * min(PIECE * wire, out_rs / (H - 1)) / 0.02e9)
     shared = predict("mesh", H, S, B, GBIT, wire, P, dataclasses.replace(aes, shared_cores=2), factored=(K, F),
-                     factor_update="replicated")  # one box: the box's CPU bound holds the threads' work
+                     factor_update="replicated")  # one box: every end on the same cores, the cipher in series
     assert shared["wire_cpu_s"] == pytest.approx(sharing_factor(H, 2) * (f16 + moved + sync / 0.62e9 / 2))
+    assert shared["all_gather_s"] == pytest.approx(rep["all_gather_s"])
 
 
 def sharing_factor(threads: int, cores: int) -> float:
@@ -967,17 +980,21 @@ CIPHER = Path(__file__).resolve().parent.parent / "bench" / "cipher-2026-12-07" 
 
 def test_bulk_cipher_aes_gcm_costs_the_mesh_less_wire_cpu():
     """dist.bulk_cipher = aes-gcm: the mesh's host-to-host bytes cost 1 / aes_gcm_bytes_per_cpu_s each instead of
-    CURVE's; the SYNC share (the coordinator's link), the star and DDP are unchanged; without keys (no CURVE) nothing
-    is sealed either way."""
-    curve = dataclasses.replace(EPYC, shared_cores=None)
-    aes = dataclasses.replace(curve, aes_gcm_bytes_per_cpu_s=plan.AES_GCM_BYTES_PER_CPU_S)
+    CURVE's, in series with the wire where every end shares the box's cores, beside it on separate hosts (the pool
+    seals and opens pieces while others travel: no serial wire CPU left but the SYNC's CURVE); the SYNC share (the
+    coordinator's link), the star and DDP are unchanged; without keys (no CURVE) nothing is sealed either way."""
     args = (3, 1, 16, GBIT, 4, P)
-    c, a = predict("mesh", *args, curve), predict("mesh", *args, aes)
     sync = 2 * 4 * P / (3 * 10)
-    moved = c["host_send_bytes"] - sync + c["host_recv_bytes"]
-    want = moved / 2 * (1 / curve.curve_bytes_per_cpu_s - 1 / plan.AES_GCM_BYTES_PER_CPU_S)
-    assert c["wire_cpu_s"] - a["wire_cpu_s"] == pytest.approx(want, rel=1e-9)
-    assert a["step_s"] < c["step_s"]
+    for cores in (2, None):
+        curve = dataclasses.replace(EPYC, shared_cores=cores)
+        aes = dataclasses.replace(curve, aes_gcm_bytes_per_cpu_s=plan.AES_GCM_BYTES_PER_CPU_S)
+        c, a = predict("mesh", *args, curve), predict("mesh", *args, aes)
+        moved = c["host_send_bytes"] - sync + c["host_recv_bytes"]
+        aes_s = 0.0 if cores is None else 1 / plan.AES_GCM_BYTES_PER_CPU_S
+        share = 1.5 if cores else 1.0  # 3 hosts' wire work on 2 cores
+        want = share * moved / 2 * (1 / curve.curve_bytes_per_cpu_s - aes_s)
+        assert c["wire_cpu_s"] - a["wire_cpu_s"] == pytest.approx(want, rel=1e-9)
+        assert a["step_s"] < c["step_s"]
     for plane in ("star", "ddp"):
         assert predict(plane, *args, aes)["step_s"] == predict(plane, *args, curve)["step_s"]
     plain = dataclasses.replace(aes, curve_bytes_per_cpu_s=None)

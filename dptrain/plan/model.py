@@ -60,6 +60,14 @@ The model (every constant is a field of `CostModel`, so predictions can be fitte
                    it: CURVE seals a whole message before its first byte leaves and opens it after its last byte
                    arrives, and the hidden Linear's share of a slice (89 % of the bytes) is one message; float16 is
                    encoded before a send and decoded after it
+          AES-GCM (dist.bulk_cipher) on separate hosts: the pool's threads (T = min(cipher_threads or 4, S)) seal
+            and open pieces while others are on the wire, so the cipher is beside it, not in series
+            (bench/cipher_pipeline.py: 36 MiB at 4 Gbit/s between two namespace hosts, +2.6 ms over plain with
+            1 MiB pieces where in series it would be +47): rs = max(rs, κ_aes·(out_rs + in_rs)/2) + fill(PIECE)
+            (under backward: the comm core alone), ag = max(ag, κ_aes·(out_ag + in_ag)/2/T) + fill(GATHER_PIECE),
+            fill(p) = 3·κ_aes·min(p, a peer's bytes of the phase) (the first piece sealed, the last ones opened:
+            measured 2.6–3.3 pieces), and wire keeps float16 and the SYNC's CURVE only. With --shared-cores (every
+            end on the same few cores, as the namespace rows) the cipher competes for the CPU: in series, as above
           comm = rs + ag + sync + wire + 2α
           hidden = min(overlap·c·sw, local + rs)   the local sum and the reduce-scatter run while backward goes on
                    (the hidden Linear's gradient is final ~10 % into backward, i.e. after ~40 % of c: overlap 0.6);
@@ -115,7 +123,7 @@ import re
 from dataclasses import dataclass
 
 from .. import config as config_mod
-from ..distributed.mesh import factors_pay, replicate_pays
+from ..distributed.mesh import GATHER_PIECE, PIECE, factors_pay, replicate_pays
 from ..distributed.reduce import local_factors_pay
 from ..nn.model import build_model
 from ..nn.params import ParamStore
@@ -317,6 +325,16 @@ def f16_s(model: CostModel, hosts: int, num_params: int, factored_params: int = 
             + ag * (model.f16_encode_ns / hosts + model.f16_decode_ns)) * 1e-9
 
 
+PIPELINE_FILL_PIECES = 3.0  # bench/cipher_pipeline.py: the sealed stream's time over plain, in pieces' seal + open
+
+
+def pipeline_fill(model: CostModel, piece_bytes: float, peer_bytes: float) -> float:
+    """What a phase sealed with AES-GCM on separate hosts takes beyond max(wire, cipher): about three pieces' sealing
+    and opening (the first piece sealed before a byte leaves, the last ones opened after they are in), a piece being
+    at most what a peer gets in the phase."""
+    return PIPELINE_FILL_PIECES * model.mesh_s_per_byte * min(piece_bytes, peer_bytes)
+
+
 def replicated_update_s(model: CostModel, hosts: int, num_params: int, factored_params: int) -> float:
     """A mesh host's update when every host updates the factored Linear itself: its 1/H slice of the other weights
     and all K·F of that layer, one core (that layer never travels, so the float16 wire does not round it)."""
@@ -450,9 +468,17 @@ def predict(plane: str, hosts: int, slots: int, batch: int, bandwidth_bps: float
         sync_bytes = 2 * M32 / (H * k)  # its SYNC share goes over the coordinator's CURVE link, the rest host to host
         sealing = model.mesh_s_per_byte * (send - sync_bytes + recv) / 2
         wire_host = sealing + kappa * sync_bytes / 2 + (f16_s(model, H, num_params, KF, repl) if wire_bytes == 2 else 0.0)
-        threads = 1 if N or not (model.aes_gcm_bytes_per_cpu_s and model.curve_bytes_per_cpu_s) else \
-            min(model.cipher_threads or 4, S)
-        wire = sc * (wire_host - sealing + sealing / threads)
+        aes = bool(model.aes_gcm_bytes_per_cpu_s and model.curve_bytes_per_cpu_s)
+        if aes and not N and H > 1:  # separate hosts: sealed and opened on the pool beside the wire (the docstring's fill)
+            threads = min(model.cipher_threads or 4, S)
+            out_rs = (H - 1) / H * Mrs + fb
+            out_ag = (H - 1) / H * Mag
+            rs = max(rs, model.mesh_s_per_byte * out_rs) + pipeline_fill(model, PIECE * wire_bytes, out_rs / (H - 1))
+            ag = max(ag, model.mesh_s_per_byte * out_ag / threads) + pipeline_fill(
+                model, GATHER_PIECE * wire_bytes, out_ag / (H - 1))
+            wire = sc * (wire_host - sealing)
+        else:  # CURVE (libzmq's one I/O thread) or every end on the same cores: in series
+            wire = sc * wire_host
         comm = rs + ag + sync + wire + 2 * a
         window = model.overlap * t_compute
         local_hidden = min(window, t_local)
