@@ -407,8 +407,22 @@ def test_calibration_entries_without_the_factored_figures_still_load(tmp_path, m
     new = {**old, "ms_per_step_factored": 1.0, "ms_per_image_factored": 2.0, "gemm_flops_per_s": 9e10}
     plan_calibration.save_calibration(new)
     fixed, per_image, source, more = plan_calibration.compute_source(args, cfg, 10)
-    assert more == {"ms_per_step_factored": 1.0, "ms_per_image_factored": 2.0, "gemm_flops_per_s": 9e10}
+    assert more == {"ms_per_step_factored": 1.0, "ms_per_image_factored": 2.0, "gemm_flops_per_s": 9e10,
+                    "ddp_ms_per_step": None, "ddp_ms_per_image": None}
     assert "factored step 1.0 ms + 2.00 ms/image" in source and "GEMM 90 GFLOP/s" in source
+    assert "no PyTorch step in this older entry" in source  # DDP's ranks compute as ours, said so
+    # an entry with PyTorch's figures: DDP's rows compute with them, and only DDP's
+    plan_calibration.save_calibration({**new, "ddp_ms_per_step": 0.5, "ddp_ms_per_image": 1.0,
+                                       "torch_version": "2.x"})
+    fixed, per_image, source, more = plan_calibration.compute_source(args, cfg, 10)
+    assert (more["ddp_ms_per_step"], more["ddp_ms_per_image"]) == (0.5, 1.0)
+    assert "DDP ranks compute as PyTorch 2.x measured: 0.5 ms + 1.00 ms/image" in source
+    model = CostModel(ms_per_image=per_image, ms_per_step=fixed, **{k: v for k, v in more.items() if v is not None})
+    assert plan.compute_s(model, 4, ddp=True) == pytest.approx((0.5 + 4 * 1.0) / 1e3)
+    assert plan.compute_s(model, 4) == pytest.approx((1.5 + 4 * 2.5) / 1e3)
+    for plane, c in (("ddp", 0.5 + 8 * 1.0), ("mesh", 1.0 + 8 * 2.0), ("star", 1.5 + 8 * 2.5)):
+        p = predict(plane, 2, 2, 32, GBIT, 4, P, model, factored=(K, F) if plane == "mesh" else None)
+        assert p["compute_s"] == pytest.approx(c / 1e3), plane
     # and the command line runs on the old entry, saying so
     plan_calibration.save_calibration(old)
     r = dptrain("--hosts", 2, "--slots", 2, "--bandwidth", "1g", "--plane", "mesh", "--classes", 10,

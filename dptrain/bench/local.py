@@ -165,7 +165,10 @@ def time_numpy(cfg: Config, classes: int, warmup: int, steps: int, progress: boo
             "forward_backward_ms": [1e3 * t for t in fwd_bwd]}
 
 
-def time_torch(cfg: Config, classes: int, threads: int, warmup: int, steps: int, progress: bool = True) -> dict:
+def time_torch(cfg: Config, classes: int, threads: int, warmup: int, steps: int, progress: bool = True,
+               optimizer: bool = True) -> dict:
+    """PyTorch's step of the same network on the same tensors (optimizer=False: forward + loss + backward only,
+    what the plan's DDP rows compute per rank)."""
     torch = require_torch()
     torch.set_num_threads(threads)
     batch, size = cfg.train.batch_size, cfg.data.image_size
@@ -177,12 +180,13 @@ def time_torch(cfg: Config, classes: int, threads: int, warmup: int, steps: int,
     def step():
         opt.zero_grad(set_to_none=True)
         torch.nn.functional.cross_entropy(net(xt), yt).backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.train.clip_norm)
-        opt.step()
+        if optimizer:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.train.clip_norm)
+            opt.step()
 
     secs = _timed_loop(step, warmup, steps, "torch", progress)
     return {"step_ms": 1e3 * float(np.median(secs)), "images_per_s": batch / float(np.median(secs)),
-            "torch_version": torch.__version__}
+            "torch_version": torch.__version__, "steps_ms": [1e3 * t for t in secs]}
 
 
 def run_local_bench(cfg: Config, classes: int, threads: int, warmup: int, steps: int, compare_torch: bool,

@@ -222,6 +222,7 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
         model = CostModel(ms_per_image=per_image, ms_per_step=fixed, latency_s=args.latency_us * 1e-6,
                           ms_per_step_factored=more["ms_per_step_factored"],
                           ms_per_image_factored=more["ms_per_image_factored"], **gemm,
+                          ddp_ms_per_step=more["ddp_ms_per_step"], ddp_ms_per_image=more["ddp_ms_per_image"],
                           link_efficiency=args.link_efficiency, update_ns_per_param=args.update_ns_per_param,
                           mem_bytes_per_s=args.mem_gb_per_s * 1e9, coord_link_ratio=args.coord_link_ratio,
                           curve_bytes_per_cpu_s=args.curve_gb_per_cpu_s * 1e9 if args.curve_gb_per_cpu_s else None,

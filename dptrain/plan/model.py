@@ -149,6 +149,10 @@ class CostModel:
     # 32 MB gradient); None: not measured, the unfactored figures stand in (an over-estimate of the worker's step)
     ms_per_step_factored: float | None = None
     ms_per_image_factored: float | None = None
+    # PyTorch's forward + loss + backward of the same network, one thread (the same fit; calibrate() measures it
+    # where torch is installed): what a DDP rank computes. None: ours stands in
+    ddp_ms_per_step: float | None = None
+    ddp_ms_per_image: float | None = None
     # float32 GEMM FLOP/s of one core (BLAS 1 thread) on the factored Linear's dW = X^T dY, (1024 x B) @ (B x 512) at
     # B = 512 (calibrate() measures it; docs/performance-notes.md, plan)
     gemm_flops_per_s: float = 1.2e11
@@ -204,7 +208,7 @@ class CostModel:
             v = getattr(self, name)
             if v is not None and v > 1:
                 raise ValueError(f"{name} must be in [0, 1], got {v!r}")
-        for name in ("ms_per_image", "ms_per_image_factored", "link_efficiency", "mem_bytes_per_s",
+        for name in ("ms_per_image", "ms_per_image_factored", "ddp_ms_per_image", "link_efficiency", "mem_bytes_per_s",
                      "coord_link_ratio", "curve_bytes_per_cpu_s", "aes_gcm_bytes_per_cpu_s", "shared_cores",
                      "gloo_bytes_per_cpu_s", "gemm_flops_per_s"):
             if getattr(self, name) == 0:
@@ -274,9 +278,12 @@ def per_worker_batch(batch: int, hosts: int, slots: int) -> int:
     return max(1, math.ceil(batch / (hosts * slots)))
 
 
-def compute_s(model: CostModel, b: int, factored: bool = False) -> float:
+def compute_s(model: CostModel, b: int, factored: bool = False, ddp: bool = False) -> float:
     """One worker's forward + backward of b images on one core; `factored`: with the factored Linear's weight
-    gradient left as factors (the unfactored figures where that step was not measured)."""
+    gradient left as factors (the unfactored figures where that step was not measured); `ddp`: a PyTorch DDP rank's
+    (ours where PyTorch's was not measured)."""
+    if ddp and model.ddp_ms_per_image is not None:
+        return ((model.ddp_ms_per_step or 0.0) + b * model.ddp_ms_per_image) / 1e3
     if factored and model.ms_per_image_factored is not None:
         return ((model.ms_per_step_factored or 0.0) + b * model.ms_per_image_factored) / 1e3
     return (model.ms_per_step + b * model.ms_per_image) / 1e3
@@ -425,7 +432,7 @@ def predict(plane: str, hosts: int, slots: int, batch: int, bandwidth_bps: float
         use = False
     repl = plane == "mesh" and use and replicate_pays(batch, H, K, F, wire_bytes, factor_update)
     KF = K * F if use else 0
-    c1 = compute_s(model, b, use)
+    c1 = compute_s(model, b, use, ddp=plane == "ddp")
     t_compute = c1 * sw
     t_local = local_reduce_s(model, S, num_params - KF)
     U = update_s(model, num_params)
@@ -519,7 +526,8 @@ def predict(plane: str, hosts: int, slots: int, batch: int, bandwidth_bps: float
         send = recv = ring["link_bytes"]
         comm = max(ring["link_bytes"] / bw, sw * ring["cpu_s"]) + 2 * (W - 1) * a
         ov = model.overlap if model.overlap_ddp is None else model.overlap_ddp
-        comm_hidden = min(ov * b * model.ms_per_image / 1e3 * sw, comm)  # beside the per-image backward
+        per_image = model.ms_per_image if model.ddp_ms_per_image is None else model.ddp_ms_per_image
+        comm_hidden = min(ov * b * per_image / 1e3 * sw, comm)  # beside the per-image backward
         upd = sw * U
         coord_in = coord_out = 0
         cpu_wire = W * ring["cpu_s"]
