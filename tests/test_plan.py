@@ -423,6 +423,11 @@ def test_calibration_entries_without_the_factored_figures_still_load(tmp_path, m
     for plane, c in (("ddp", 0.5 + 8 * 1.0), ("mesh", 1.0 + 8 * 2.0), ("star", 1.5 + 8 * 2.5)):
         p = predict(plane, 2, 2, 32, GBIT, 4, P, model, factored=(K, F) if plane == "mesh" else None)
         assert p["compute_s"] == pytest.approx(c / 1e3), plane
+    # efficiency: DDP's against one host of its own ranks (PyTorch's compute), the others' against ours
+    ours = dataclasses.replace(model, ddp_ms_per_step=None, ddp_ms_per_image=None)
+    for plane in ("ddp", "mesh"):
+        a, b = (predict(plane, 2, 2, 32, GBIT, 4, P, m)["baseline_step_s"] for m in (model, ours))
+        assert (a < b) if plane == "ddp" else (a == b), plane
     # and the command line runs on the old entry, saying so
     plan_calibration.save_calibration(old)
     r = dptrain("--hosts", 2, "--slots", 2, "--bandwidth", "1g", "--plane", "mesh", "--classes", 10,

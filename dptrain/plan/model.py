@@ -104,7 +104,8 @@ The model (every constant is a field of `CostModel`, so predictions can be fitte
     2-core box the measured steps are that link-bound chain, not the CPU bound: the serial wire work is why
     dptrain's one-box steps are slower than the links alone would allow.
     efficiency = images/s ÷ (H × images/s of one host alone: c(ceil(B/S))·max(1, S/N) + local + U/S, no network;
-    or, with a factored Linear, factored the same way, whichever is faster) ≤ 1
+    or, with a factored Linear, factored the same way, whichever is faster) ≤ 1; DDP's against one host of its
+    own ranks (PyTorch's compute where calibrated)
 
 Compute comes from --compute-ms-per-image [--compute-ms-per-step], from --calibrate (a few real training steps of
 the model at two batch sizes in this process, one BLAS thread, warm-up excluded, via dptrain.bench.local), or from
@@ -359,14 +360,15 @@ def ddp_ring(model: CostModel, hosts: int, slots: int, model_bytes: float) -> di
 
 
 def baseline(slots: int, batch: int, num_params: int, model: CostModel,
-             factored: tuple[int, int] | None = None) -> dict:
+             factored: tuple[int, int] | None = None, ddp: bool = False) -> dict:
     """One host alone, no network, at its best: its S workers compute, their gradients are summed (each worker its
     1/S slice, as `launch --workers S` does, or under backward as far as `overlap` allows, whichever is faster) and
     each worker updates its 1/S slice; or as DDP's ranks do, in gloo's ring over loopback). With a factored Linear
     (K, F) also the way that leaves its weight gradient as factors, whichever is faster (whatever
     reduce.local_factors_pay decides: a plane that factors must not beat the denominator): the workers' factored
     step, the sum of the other P − K·F, and each worker's 1/S of the rows of dW = X^T dY (B·K·F·2 flops; the
-    factors' copies left out: a lower bound). No plane beats it, so efficiency stays <= 1."""
+    factors' copies left out: a lower bound). No plane beats it, so efficiency stays <= 1. ddp: one host of
+    PyTorch's ranks (its compute, calibrated where torch is installed; no factored layer), DDP's denominator."""
     b = per_worker_batch(batch, 1, slots)
     sw = sharing(model, slots)
     upd = update_s(model, num_params) * sw / slots
@@ -378,11 +380,12 @@ def baseline(slots: int, batch: int, num_params: int, model: CostModel,
         if ring:  # DDP's ranks of one host (float16 at best), less what hides beside the backward (as predict's)
             ov = model.overlap if model.overlap_ddp is None else model.overlap_ddp
             cpu = ddp_ring(model, 1, slots, 2 * params)["cpu_s"] * sw
-            options.append(max(0.0, cpu - ov * b * model.ms_per_image / 1e3 * sw))
+            per_image = model.ms_per_image if not ddp or model.ddp_ms_per_image is None else model.ddp_ms_per_image
+            options.append(max(0.0, cpu - ov * b * per_image / 1e3 * sw))
         return c + min(options) + extra + upd
 
-    best = step(compute_s(model, b) * sw, num_params, 0.0, True)
-    if factored is not None:
+    best = step(compute_s(model, b, ddp=ddp) * sw, num_params, 0.0, True)
+    if factored is not None and not ddp:
         K, F = factored
         dw = gemm_s(model, 2.0 * K * batch * F, slots) * sw  # each worker its 1/S of W's rows, one core each
         best = min(best, step(compute_s(model, b, True) * sw, num_params - K * F, dw, False))
@@ -543,7 +546,7 @@ def predict(plane: str, hosts: int, slots: int, batch: int, bandwidth_bps: float
     cpu_bound = bool(N) and cpu_s > step
     if cpu_bound:
         step = cpu_s
-    base = baseline(S, batch, num_params, model, factored)
+    base = baseline(S, batch, num_params, model, factored, ddp=plane == "ddp")
     ips = batch / step
     out = {"plane": plane, "hosts": H, "slots": S, "workers": H * S, "batch": batch, "per_worker_batch": b,
            "idle_workers": max(0, H * S - batch), "wire_bytes": wire_bytes,
