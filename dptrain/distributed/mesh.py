@@ -55,7 +55,7 @@ WAIT_WARNING_EVERY_S = 10.0
 PIECE = 16 * CHUNK
 # The all-gather's pieces are smaller (1 MiB of float32): the workers wait on the whole all-gather, and sealed with
 # AES-GCM its cost beyond the wire is about three pieces' sealing and opening (the first sealed before a byte leaves,
-# the last opened after its last byte is in): bench/cipher_pipeline.py at 4 Gbit/s, 36 MiB, +6.7 ms with 2.25 MiB
+# the last opened after its last byte is in): bench/cipher_pipeline.py at 4 Gbit/s, 36 MiB, +6.8 ms with 2.25 MiB
 # pieces, +2.6 with 1 MiB, +1.2 with 0.5 MiB (in series it would be +47). The reduce-scatter runs under backward.
 GATHER_PIECE = 4 * CHUNK
 EARLY_MAX = 1024  # messages kept for a later phase (a step brings 2 (H - 1)): a bound, not a working limit

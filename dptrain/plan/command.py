@@ -285,6 +285,7 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
                     factored if plane not in ONE_HOST or local_ok else None, cfg.dist.factor_update)
             for bps in rates for plane in planes for h in hosts if plane not in ONE_HOST or h == 1]
     base = baseline(args.slots, batch, num_params, model, factored)
+    ddp_base = baseline(args.slots, batch, num_params, model, ddp=True)
     if args.json:
         print(json.dumps({**info, "wire_dtype": wire, "batch": batch, "slots": args.slots, "baseline": base,
                           "rows": rows}), flush=True)
@@ -305,7 +306,9 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
           f"{model.overlap if model.overlap_ddp is None else model.overlap_ddp:g}), sync every {sync_every} steps"
           + (f", coordinator link ×{model.coord_link_ratio:g}" if model.coord_link_ratio != 1 else "") + "\n"
           f"global batch {batch}, {args.slots} slot(s) per host; efficiency against 1 host alone, no network: "
-          f"b={base['per_worker_batch']}, {1e3 * base['step_s']:.1f} ms/step, {base['images_per_s']:.1f} img/s\n"
+          f"b={base['per_worker_batch']}, {1e3 * base['step_s']:.1f} ms/step, {base['images_per_s']:.1f} img/s"
+          + (f" (ddp: one host of its ranks, {1e3 * ddp_base['step_s']:.1f} ms/step)"
+             if "ddp" in planes and model.ddp_ms_per_image is not None else "") + "\n"
           "ms per step; comm includes the wire's cipher (CURVE, AES-GCM) and float16 work on the hosts' CPUs; dW = "
           "the factored Linear's weight gradient from its factors (- where not factored), W-replicated = every host "
           "computes all of it and updates the layer itself; host MB = bytes a host sends per step (it receives about "
