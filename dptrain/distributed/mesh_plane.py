@@ -128,7 +128,8 @@ class MeshPlane:
                 self.warned_gemm = True
                 self.log.warning("the hosts' GEMMs may round differently (CPU models or BLAS builds or threads differ:"
                                  " " + ", ".join(f"{peers[r].host} {peers[r].mesh_gemm}" for r in ranks)[:400]
-                                 + "): each owner updates its rows of the factored Linear (dist.factor_update owners)")
+                                 + "): each owner updates its rows of the factored Linear (dist.factor_update owners;"
+                                 " a --replay-layout of this run needs --dist.factor_update=owners too)")
             return None
         w0, K, F = next(iter(factors))
         d = self.cfg.dist
