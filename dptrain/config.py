@@ -163,6 +163,10 @@ class DistConfig:
     # mesh, aes-gcm: threads that seal and open the bulk frames side by side (OpenSSL runs without Python's lock);
     # 0 = auto: min(4, this host's cores); 1 = on the agent's own thread, as CURVE's one I/O thread does
     cipher_threads: int = 0
+    # mesh: a host's workers start the next step while the last step's all-gather still arrives, each layer's
+    # forward waiting for its own weights (the convolutions' come first; the hidden Linear's while they run). False:
+    # the agent takes the whole all-gather before it hands out the next step. The same bits either way
+    gather_overlap: bool = True
     timeline: str = ""  # write a Chrome-trace JSON of every phase to this file
     # a folder for this host's shared-memory segments instead of /dev/shm (also $DPTRAIN_SHM_DIR): a larger tmpfs or
     # a local disk when /dev/shm is too small, e.g. a container's 64 MB (docs/containers.md)

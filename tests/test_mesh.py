@@ -91,6 +91,36 @@ def test_mesh_equals_star_bitwise_and_float16_replicas_stay_identical(data, tmp_
     assert 0 < rel_error(got["mesh16"], got["factored"]) < 1e-2  # rounded on the wire, close to float32
 
 
+# ---- the all-gather beside the next forward -----------------------------------------------------------------------
+@pytest.mark.timeout(180)
+@pytest.mark.numerics
+@pytest.mark.parametrize("wire", ["float32", "float16"])
+def test_the_next_step_starts_while_the_all_gather_arrives_with_the_same_bits(data, tmp_path, wire):
+    """dist.gather_overlap (the default): a host's workers start a step while the last step's all-gather still
+    arrives, each layer's forward waiting for its own weights (the timeline shows those waits). The bits are those
+    of the agent taking the whole all-gather first; SYNCs every 5 steps (a SYNC takes the whole all-gather first)
+    find every replica equal."""
+    got = {}
+    with cluster(3, slots=2) as c:
+        for name, extra in (("overlap", []), ("whole", ["--dist.gather_overlap=false"])):
+            out = tmp_path / name
+            trace = tmp_path / f"{name}-timeline.json"
+            with run_hosts(c, data, out, "--plane", "mesh", "--wire-dtype", wire, "--dist.sync_every=5",
+                           f"--dist.timeline={trace}", "--dist.factor_update=owners", *extra,
+                           train__steps_per_epoch=5, train__epochs=2) as la:
+                assert la.wait(90) == 0, la.log()
+            got[name] = params(out)
+            assert summary(out)["replica_checks"] >= 2
+            events = json.loads(trace.read_text())
+            events = events["traceEvents"] if isinstance(events, dict) else events
+            waits = [e for e in events if e.get("name") == "weights_wait"]
+            # one a host (its busiest worker's timings) each step that an all-gather preceded and no SYNC (which
+            # takes the whole all-gather first) came between: 8 of the 10 steps here
+            assert len(waits) == (3 * 8 if name == "overlap" else 0), (name, len(waits))
+        assert wait_until(lambda: not dptrain_pids(c), 10), dptrain_pids(c)
+    assert np.array_equal(got["overlap"], got["whole"])
+
+
 # ---- a replica that drifts ---------------------------------------------------------------------------------------
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("fault,message", [("wdrift", "the weights of"),

@@ -105,6 +105,7 @@ class Agent:
                             self.cfg.dist.cipher_threads or min(4, os.cpu_count() or 1))
             self.replica = MeshReplica(link, sgd_for(self.store, self.cfg.train), self.params, self.buffers,
                                        self.cfg.dist.wire_dtype, self.param_starts, self.factor)
+            self.replica.gate = self.gate
             mesh = {"mesh_endpoint": link.endpoint, "mesh_key": link.key,
                     "mesh_factor": list(self.factor[:3]) if self.factor else [], "mesh_gemm": gemm_signature()}
             self.log.info(f"host {self.host}: mesh endpoint {link.endpoint}, CURVE server key {link.key or 'none'}"
@@ -134,6 +135,9 @@ class Agent:
                   "buffers": ((store.num_buffers,), f32), "grads": ((self.slots, P), f32)}
         if layer is not None:
             layout.update(factor_layout(layer, self.slots, self.cfg.train.batch_size))
+        overlap = self.cfg.dist.plane == "mesh" and self.cfg.dist.gather_overlap
+        if overlap:
+            layout["gate"] = ((2,), np.int64)
         try:
             self.session.plan(layout)
         except SystemExit as e:
@@ -145,6 +149,13 @@ class Agent:
         self.params, self.buffers, self.grad_slots = params.array, buffers.array, grads.array
         self.gsum = np.empty(store.num_params, np.float32)
         shm = {k: s.spec() for k, s in zip(("images", "params", "buffers", "grads"), (images, params, buffers, grads))}
+        # dist.gather_overlap: [generation, the weights final up to this offset], what the workers' layers wait on
+        self.gate = None
+        if overlap:
+            gate = shared("gate", (2,), np.int64)
+            self.gate = gate.array
+            self.gate[:] = (0, store.num_params)
+            shm["gate"] = gate.spec()
         self.factor = None  # (offset, rows K, cols F, x slots, dy slots) of the factored Linear (mesh.py)
         factored = {}
         if layer is not None:
@@ -171,15 +182,23 @@ class Agent:
         bounds = np.cumsum([0, *f["shard_sizes"]])
         shards = {r: idx[bounds[r]:bounds[r + 1]] for r in range(self.slots) if bounds[r + 1] > bounds[r]}
         fields = {k: f[k] for k in ("phase", "epoch", "global_count", "eval_batch")} | {"weights_slot": -1}
-        side = None
+        side = tick = None
         if self.replica is not None and f["phase"] == "train":
+            if self.replica.gathering is not None:  # the last step's all-gather still arrives (dist.gather_overlap)
+                fields["gate"] = self.replica.open_gate()
+                tick = ([self.replica.mesh.sock, self.link.sock], lambda: self.replica.pump(self.link))
             self.replica.begin(msg.step, self.link.attempt, sorted(shards), self.grad_slots, self.gsum,
                                {r: len(s) for r, s in shards.items()})
             side = self.replica.on_bucket
+        elif self.replica is not None:
+            self.replica.finish_gather(self.link)
         try:
-            results = self.session.coord.round(self.link.step, self.link.attempt, shards, fields, side=side)
+            results = self.session.coord.round(self.link.step, self.link.attempt, shards, fields, side=side,
+                                               tick=tick)
         except WorkerFailure as e:
             raise SystemExit(f"host {self.host}: lost {e}") from None
+        if self.replica is not None:
+            self.replica.finish_gather(self.link)  # done already: every worker's forward needed all of it
         ranks = sorted(results)
         loss_sum = sum(results[r].fields["loss_sum"] for r in ranks)
         correct = sum(results[r].fields["correct"] for r in ranks)
@@ -211,6 +230,7 @@ class Agent:
     # ---- the mesh plane ------------------------------------------------------------------------------------------
     def join_mesh(self, msg: P.Message) -> None:
         self.link.stash.clear()  # whatever was queued belongs to the plane this one replaces
+        self.replica.gathering = None  # an all-gather of the plane this one replaces: never to complete
         self.replica.take_state(msg)
         self.link.send(P.Kind.MESHED, attempt=msg.fields["attempt"], mesh_id=msg.fields["mesh_id"])
 
@@ -220,12 +240,14 @@ class Agent:
         if (f["lo"], f["hi"]) != (mesh.lo, mesh.hi):
             raise SystemExit(f"host {self.host}: asked to update [{f['lo']}, {f['hi']}), this host owns "
                              f"[{mesh.lo}, {mesh.hi})")
-        self.replica.update_gather(f["lr"], f["scale"], msg.step, f["attempt"], self.link)
+        self.replica.update_gather(f["lr"], f["scale"], msg.step, f["attempt"], self.link,
+                                   defer=self.gate is not None)
 
     def sync(self, msg: P.Message) -> None:
         """The coordinator takes this host's slice of the weights and momentum as the state, and checks our whole
         copy of the weights against it."""
         mesh, r = self.replica.mesh, self.replica
+        r.finish_gather(self.link)  # the weights of the step asked about, whole
         replicated = {"velocity_crc": checksum(r.opt.velocity[r.w[0]:r.w[1]])} if r.replicate else {}
         # the ranges the coordinator asks for (mesh.sync_ranges: with a replicated layer, this slice without it and
         # a share of it); an older coordinator names none: the slice

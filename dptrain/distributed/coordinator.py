@@ -350,14 +350,16 @@ class Coordinator:
     def round(self, step: int, attempt: int, shards: dict[int, np.ndarray], fields: dict,
               weights: dict | None = None, weights_version: int = 0, update: dict | None = None,
               shard_sizes: dict[int, list[int]] | None = None, arrays: dict | None = None,
-              side=None) -> dict[int, P.Message]:
+              side=None, tick: tuple | None = None) -> dict[int, P.Message]:
         """STEP to every rank in `shards`; their RESULTs, keyed by rank. Raises WorkerFailure on a loss.
 
         fields: STEP's phase, epoch, global_count and eval_batch. With sockets, a peer that lacks `weights_version`
         gets `weights` (params + buffers), or `update` (update + buffers + update_scale) when it is one version
         behind. `shard_sizes[rank]` (agents): how the peer's block of indices splits over its slots. `arrays` go to
         every rank (the BN statistics, when the peers hold the weights); `side(msg)` gets the valid messages that
-        belong to no round (a mesh plane's UPDATED of the step before)."""
+        belong to no round (a mesh plane's UPDATED of the step before). tick = (sockets, fn): fn() also runs whenever
+        one of those sockets has something, until it returns False (an agent taking its all-gather while its workers
+        compute)."""
         t_publish = time.time()
         arrays_all = arrays
         for rank, idx in shards.items():
@@ -374,7 +376,7 @@ class Coordinator:
             self.send(peer, P.Kind.STEP, step=step, arrays=arrays, attempt=attempt, weights_version=weights_version,
                       shard_sizes=shard_sizes[rank] if shard_sizes else [len(idx)], **fields, **extra)
         self.last_publish = (t_publish, time.time() - t_publish)  # (start, seconds) of handing out the step
-        return self._collect(step, attempt, list(shards), P.Kind.RESULT, sync_bn=True, side=side)
+        return self._collect(step, attempt, list(shards), P.Kind.RESULT, sync_bn=True, side=side, tick=tick)
 
     def exchange(self, kind: P.Kind, reply: P.Kind, step: int, attempt: int,
                  fields: dict[int, dict]) -> dict[int, P.Message]:
@@ -389,15 +391,24 @@ class Coordinator:
         return self._collect(step, attempt, ranks, reply, side=side)
 
     def _collect(self, step: int, attempt: int, ranks: list[int], reply: P.Kind,
-                 sync_bn: bool = False, side=None) -> dict[int, P.Message]:
+                 sync_bn: bool = False, side=None, tick: tuple | None = None) -> dict[int, P.Message]:
         """Wait for `reply` from every rank in `ranks` (serving sync-BN reductions among them when asked),
         checking liveness every poll tick and naming the late every LATE_WARNING_EVERY_S."""
         waiting = {r: self.peers[r] for r in ranks}
         results: dict[int, P.Message] = {}
         bn: dict[tuple[int, str], dict[int, np.ndarray]] = {}
         since = last_warning = time.monotonic()
+        wake = None
+        if tick is not None:
+            wake = zmq.Poller()
+            for sock in (self.sock, *tick[0]):
+                wake.register(sock, zmq.POLLIN)
         while waiting:
-            for identity, msg in self._poll(POLL_TICK_S):
+            if wake is not None:
+                wake.poll(int(POLL_TICK_S * 1000))
+                if not tick[1]():  # done with those sockets: they may hold what is for later, unread
+                    wake = None
+            for identity, msg in self._poll(0 if wake is not None else POLL_TICK_S):
                 if self._handle_common(identity, msg):
                     continue
                 if msg.step != step or msg.fields.get("attempt") != attempt:

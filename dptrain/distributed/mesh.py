@@ -181,14 +181,26 @@ class MeshLink:
                 pass
 
     def collect(self, kind: P.Kind, step: int, attempt: int, upstream: PeerLink, waiting: set[tuple[int, int]],
-                take: Callable[[P.Message], None]) -> None:
+                take: Callable[[P.Message], None], block: bool = True) -> None:
         """take(msg) for each `kind` message of this step attempt and plane keyed (sending host, lo) in `waiting`,
         as it comes (its bytes are used while the rest is still on the wire). The coordinator's link is watched
         meanwhile: MESH or STOP raises Preempted; anything else waits its turn. A host late by
-        WAIT_WARNING_EVERY_S is named, with the piece it owes."""
-        self.flush()  # whatever this host still owes the others goes out before it waits on them
+        WAIT_WARNING_EVERY_S is named, with the piece it owes. block=False: only what is here now (one pass)."""
+        self.flush(wait=block)  # whatever this host still owes the others goes out before it waits on them
         got: list[P.Message] = []
         self._take(kind, step, attempt, waiting, got)
+        if not block:
+            msg = upstream.poll_once()
+            if msg is not None:
+                if msg.kind in (P.Kind.MESH, P.Kind.STOP):
+                    raise Preempted(msg)
+                upstream.stash.append(msg)
+            if self.sock.poll(0):
+                self._drain()
+                self._take(kind, step, attempt, waiting, got)
+            for msg in got:
+                take(msg)
+            return
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(upstream.sock, zmq.POLLIN)
@@ -324,6 +336,11 @@ class MeshReplica:
         self.replicate = False  # this plane: every host updates the factored Linear itself (no all-gather of it)
         self.parts = np.empty((0, 0), np.float32)  # (hosts, this slice): every host's contribution, decoded
         self.position: dict[int, int] = {}  # host index -> row of parts (host order)
+        # dist.gather_overlap: the all-gather still arriving, (step, attempt, pieces missing, take), and the gate the
+        # workers read (int64 [generation, weights final up to this offset]; None: no workers wait on it)
+        self.gathering: tuple | None = None
+        self.missing: list[int] = []
+        self.gate: np.ndarray | None = None
 
     def take_state(self, msg: P.Message) -> None:
         """MESH: join the plane and start from the coordinator's weights and this slice's momentum."""
@@ -503,12 +520,15 @@ class MeshReplica:
         return chunk_squares(self.red[lo:hi])
 
     # ---- update and all-gather --------------------------------------------------------------------------------
-    def update_gather(self, lr: float, scale: float, step: int, attempt: int, upstream: PeerLink) -> None:
+    def update_gather(self, lr: float, scale: float, step: int, attempt: int, upstream: PeerLink,
+                      defer: bool = False) -> None:
         """Clip + SGD on this host's slice, its new weights to every other host, theirs into our replica; piece by
         piece (gather_pieces), so the first pieces are on the wire while the next are computed, and each piece
         received is applied while the rest is on its way. Replicated (dist.factor_update): the factored Linear's
         pieces of every slice are updated here, as their owners do, and none of them travels, so none is rounded to
-        the float16 wire either (every host computes the same float32 update)."""
+        the float16 wire either (every host computes the same float32 update). defer (dist.gather_overlap): return
+        once this host's own pieces are out; the others' are taken by pump() and finish_gather(), and the gate
+        says how far from the start the weights are final meanwhile (open_gate)."""
         mesh = self.mesh
         cuts = self.w if self.factor else ()
         for a, b in gather_pieces(mesh.lo, mesh.hi, cuts):
@@ -538,7 +558,45 @@ class MeshReplica:
                 add16(self.params[a:b], arr, float(m.fields["scale"]))
             else:
                 np.copyto(self.params[a:b], arr)
-        mesh.collect(P.Kind.GATHER, step, attempt, upstream, set(ends), take)
+            self._arrived(a)
+        self.gathering = (step, attempt, set(ends), take)
+        self.missing = sorted(a for _, a in ends)
+        self._arrived(None)
+        if defer:
+            mesh.flush()  # this host's pieces go out now: nothing else might wake it to send them
+        else:
+            self.finish_gather(upstream)
+
+    def _arrived(self, a: int | None) -> None:
+        """Piece [a, ...) of the all-gather is in: the weights are final below the first piece still missing."""
+        if a is not None:
+            self.missing.remove(a)
+        if self.gate is not None:
+            self.gate[1] = self.missing[0] if self.missing else self.params.size
+
+    def pump(self, upstream: PeerLink) -> bool:
+        """The deferred all-gather's pieces that are here now (the workers' next step waits on them layer by layer);
+        False once it is complete. MESH or STOP from the coordinator raises Preempted."""
+        if self.gathering is not None:
+            step, attempt, waiting, take = self.gathering
+            self.mesh.collect(P.Kind.GATHER, step, attempt, upstream, waiting, take, block=False)
+            if not waiting:
+                self.gathering = None
+        return self.gathering is not None
+
+    def finish_gather(self, upstream: PeerLink) -> None:
+        """Wait for the rest of the all-gather (nothing when it is complete)."""
+        if self.gathering is not None:
+            step, attempt, waiting, take = self.gathering
+            self.mesh.collect(P.Kind.GATHER, step, attempt, upstream, waiting, take)
+            self.gathering = None
+
+    def open_gate(self) -> int:
+        """A new generation of the workers' weight gate (shared memory: [generation, final up to]) for the step
+        about to start while the all-gather still arrives; returns it."""
+        self.gate[0] += 1
+        self._arrived(None)
+        return int(self.gate[0])
 
     def _stays(self, a: int) -> bool:
         """Is the gather piece starting at `a` the replicated layer's (updated on every host, never sent)?"""

@@ -177,13 +177,19 @@ class PeerLink:
         Raises Preempted when the coordinator moves on (a new attempt after a lost rank, or STOP)."""
         self.send(P.Kind.BN_REDUCE, arrays={"moments": np.ascontiguousarray(local, np.float64)}, layer=layer,
                   phase=phase, attempt=self.attempt)
-        while True:
-            msg = self.recv()
-            if msg.kind is P.Kind.BN_REDUCED and msg.step == self.step and msg.fields["layer"] == layer \
-                    and msg.fields["phase"] == phase and msg.fields["attempt"] == self.attempt:
-                return np.array(msg.arrays["moments"], np.float64)
-            if msg.kind in (P.Kind.STEP, P.Kind.STOP, P.Kind.MESH):
-                raise Preempted(msg)
+        later = []  # anything else waits its turn (an agent's stash: a SYNC read while it took its all-gather)
+        try:
+            while True:
+                msg = self.recv()
+                if msg.kind is P.Kind.BN_REDUCED and msg.step == self.step and msg.fields["layer"] == layer \
+                        and msg.fields["phase"] == phase and msg.fields["attempt"] == self.attempt:
+                    return np.array(msg.arrays["moments"], np.float64)
+                if msg.kind in (P.Kind.STEP, P.Kind.STOP, P.Kind.MESH):
+                    raise Preempted(msg)
+                if msg.kind is not P.Kind.BN_REDUCED:
+                    later.append(msg)
+        finally:
+            self.stash.extendleft(reversed(later))
 
     def send_result(self, phase: str, count: int, loss_sum: float, correct: int, timings: dict | None = None,
                     grad_in: str = "none", grad: np.ndarray | None = None, grad_scale: float = 1.0,

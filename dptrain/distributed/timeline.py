@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import json
 
-COMM_TIMINGS = ("wait", "scatter", "scatter_overlap")  # a peer's timings that are not its compute
+# a peer's timings that are not its compute; "weights_wait" (dist.gather_overlap) is the part of its forward spent
+# waiting for the last all-gather
+COMM_TIMINGS = ("wait", "scatter", "scatter_overlap", "weights_wait")
 
 
 def busy_s(timings: dict) -> float:
     """Seconds a peer computed in a step, from its RESULT's timings (phase -> [start, seconds])."""
-    return sum(v[1] for k, v in timings.items() if k not in COMM_TIMINGS)
+    waited = timings.get("weights_wait", (0.0, 0.0))[1]
+    return sum(v[1] for k, v in timings.items() if k not in COMM_TIMINGS) - waited
 
 
 class Timeline:

@@ -28,13 +28,14 @@ from .. import config as config_mod, log
 from ..compute import evaluate_batches, shard_gradient
 from ..data.shm import SharedArray
 from ..ema import blend
+from ..nn.layers import ResidualBlock, Sequential, walk
 from ..nn.model import build_model
-from ..nn.params import ParamStore
+from ..nn.params import Param, ParamStore
 from ..nn.threads import match_blas_threads
 from ..optim import chunk_squares, sgd_for
 from . import invariant, protocol as P, timeslice
 from .localsum import LocalSum
-from .peer import PeerLink, leave, run_peer
+from .peer import PeerLink, Preempted, leave, run_peer
 from .reduce import Factors, reduce_range
 from .wire import grad_frame, receive_weights
 
@@ -86,6 +87,12 @@ class Worker:
             if invariant.enabled(self.cfg):  # int64 slots: the blocks' exact sum; the model's own row is private
                 grad_row = np.zeros(self.store.num_params, np.float32)
             self.store.rebind(params, grad_row, buffers, copy=False)
+        # dist.gather_overlap: the agent's gate, int64 [generation, its weights final up to this offset]; a STEP
+        # with "gate" starts while the last all-gather still arrives, and each layer waits for its own weights
+        self.gate = self._attach(shm["gate"], readonly=True).array if "gate" in shm else None
+        self.gate_gen, self.gate_ready = None, 0
+        if self.gate is not None:
+            gate_layers(self.model, self._wait_weights)
         self.blocks = None
         if invariant.enabled(self.cfg):  # one BLAS thread; the worker's threads compute blocks concurrently
             self.blocks = invariant.worker_runner(self.cfg, int(f["num_classes"]), self.store.num_params)
@@ -144,10 +151,28 @@ class Worker:
             blend(self.avg2[src], self.params2[dst], f["ema_rate"], self.avg2[dst], f["lo"], f["hi"])
         self.link.send(P.Kind.UPDATED, attempt=f["attempt"])
 
+    def _wait_weights(self, need: int) -> None:
+        """Before a layer's forward: wait until the agent's all-gather has made the weights below `need` final
+        (nothing to wait for without a gate this step). A STEP or STOP meanwhile (the agent gave this step up: a
+        host was lost) preempts it, as a sync-BN wait is."""
+        if self.gate_gen is None or need <= self.gate_ready:
+            return
+        t0 = time.time()
+        while not (self.gate[0] == self.gate_gen and self.gate[1] >= need):
+            msg = self.link.poll_once()
+            if msg is not None:
+                if msg.kind in (P.Kind.STEP, P.Kind.STOP, P.Kind.MESH):
+                    raise Preempted(msg)
+                self.link.stash.append(msg)
+            time.sleep(GATE_POLL_S)
+        self.gate_ready = int(self.gate[1])
+        self.gate_wait_s += time.time() - t0
+
     def run_step(self, msg: P.Message) -> None:
         t_recv = time.time()
         self.bn_calls = 0
         f = msg.fields
+        self.gate_gen, self.gate_ready, self.gate_wait_s = f.get("gate"), 0, 0.0
         self.round_ranks = f.get("ranks")  # the round's ranks (one host): whose rows a shared-memory BN sum waits for
         if not self.shm_weights:
             self._take_weights(msg)
@@ -174,6 +199,9 @@ class Worker:
         if self.factor_layer is not None and not self.buckets:  # one host: where the reducers read them
             self._leave_factors()
         timings = {"wait": [t_recv, r.timings["load"][0] - t_recv], **r.timings}
+        if self.gate_gen is not None:  # of forward, the time its layers waited for the last all-gather
+            timings["weights_wait"] = [t_recv, self.gate_wait_s]
+        self.gate_gen = None
         if self.shm_weights:
             self.link.send_result("train", len(idx), r.loss_sum, r.correct, timings, grad_in="shm",
                                   bn_moments=self.model.bn_moments())
@@ -213,6 +241,28 @@ class Worker:
         for seg in self.segments:
             seg.close()
         self.link.close()
+
+
+GATE_POLL_S = 0.0005  # a worker waiting for its agent's all-gather looks this often (no core kept spinning)
+
+
+def gate_layers(model, wait) -> None:
+    """Every layer of `model` but the containers (whose children are gated themselves) calls wait(end) before its
+    forward when it or a layer it holds owns weights, `end` = one past the last of them in the flat buffer
+    (dist.gather_overlap). BNPoolReLU reads its BatchNorm's: a child."""
+    for layer in walk(model.net):
+        if isinstance(layer, (Sequential, ResidualBlock)):
+            continue
+        ends = [p.offset + p.size for m in walk(layer) for p in vars(m).values() if isinstance(p, Param)]
+        if ends:
+            layer.forward = _gated(layer.forward, max(ends), wait)
+
+
+def _gated(forward, need: int, wait):
+    def gated(x, train):
+        wait(need)
+        return forward(x, train)
+    return gated
 
 
 WORKER_STOP_GRACE_S = 30.0  # after a first SIGTERM/SIGINT, the longest a worker waits for its parent's word

@@ -72,7 +72,8 @@ def patch_mesh(module, faults: set[tuple]) -> None:
     Replica = module.MeshReplica
     original = Replica.update_gather
 
-    def update_gather(self, lr, scale, step, attempt, upstream):
+    def update_gather(self, lr, scale, step, attempt, upstream, defer=False):
+        # the whole all-gather first (dist.gather_overlap would let a later piece overwrite the drift)
         original(self, lr, scale, step, attempt, upstream)
         me = self.mesh.index
         if ("wdrift", step, me) in faults:
