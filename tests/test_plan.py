@@ -80,7 +80,8 @@ def test_star_with_a_fatter_coordinator_link_or_curve():
 
 def test_mesh_by_hand_and_overlap():
     M, M32, H, a, bw, k = 2 * P, 4 * P, 4, 50e-6, 1e9, 10
-    r = run("mesh", H, bps=8e9, wire=2)
+    whole = dataclasses.replace(MODEL, overlap_forward=0.0)  # the agent takes the whole all-gather first
+    r = run("mesh", H, bps=8e9, wire=2, model=whole)
     rs = (H - 1) / H * M / bw + (H - 1) * a
     sync = 2 * M32 / (H * k) / bw
     f16 = P * (3.2 * (1 + 1 / H) + 2 * 2.6) * 1e-9  # plain links: the float16 work is all the wire CPU
@@ -92,19 +93,22 @@ def test_mesh_by_hand_and_overlap():
     assert r["host_recv_bytes"] == pytest.approx(2 * (H - 1) / H * M)
     assert r["coord_in_bytes"] == pytest.approx(2 * M32 / k) and r["coord_out_bytes"] == 0
     assert r["step_s"] == pytest.approx(r["compute_s"] + r["local_reduce_s"] + r["comm_s"] + r["update_s"])
-    # overlap hides the local sum first, then at most the reduce-scatter, never the all-gather
-    some = run("mesh", H, bps=8e9, wire=2, model=dataclasses.replace(MODEL, overlap=0.01))
+    # overlap hides the local sum first, then at most the reduce-scatter; the all-gather only the next forward
+    # (overlap_forward, dist.gather_overlap: test_the_next_forward_hides_the_all_gather_on_separate_hosts)
+    some = run("mesh", H, bps=8e9, wire=2, model=dataclasses.replace(whole, overlap=0.01))
     assert some["local_hidden_s"] == pytest.approx(0.01 * some["compute_s"]) and some["comm_hidden_s"] == 0
-    one = run("mesh", H, slots=1, batch=64, bps=8e9, wire=2, model=dataclasses.replace(MODEL, overlap=0.01))
+    one = run("mesh", H, slots=1, batch=64, bps=8e9, wire=2, model=dataclasses.replace(whole, overlap=0.01))
     assert one["local_reduce_s"] == 0 and one["comm_hidden_s"] == pytest.approx(0.01 * one["compute_s"])
-    full = run("mesh", H, bps=8e9, wire=2, model=dataclasses.replace(MODEL, overlap=1.0))
+    full = run("mesh", H, bps=8e9, wire=2, model=dataclasses.replace(whole, overlap=1.0))
     assert full["local_hidden_s"] == pytest.approx(r["local_reduce_s"]) and full["comm_hidden_s"] == pytest.approx(rs)
     assert full["comm_exposed_s"] == pytest.approx(r["comm_s"] - rs)
     # CURVE: the host seals what it sends and opens what it receives, serially with the wire
-    c = run("mesh", H, bps=8e9, wire=2, model=dataclasses.replace(MODEL, curve_bytes_per_cpu_s=0.5e9))
+    c = run("mesh", H, bps=8e9, wire=2, model=dataclasses.replace(whole, curve_bytes_per_cpu_s=0.5e9))
     assert c["wire_cpu_s"] == pytest.approx(f16 + (r["host_send_bytes"] + r["host_recv_bytes"]) / 2 / 0.5e9)
     assert c["comm_s"] - r["comm_s"] == pytest.approx(c["wire_cpu_s"] - f16)
     assert run("mesh", H, bps=8e9, wire=4)["wire_cpu_s"] == 0  # float32, plain: no wire CPU at all
+    lap = run("mesh", H, bps=8e9, wire=2)  # the default: the next forward hides the all-gather's wire time
+    assert lap["comm_hidden_s"] - r["comm_hidden_s"] == pytest.approx(min(rs, 0.3 * lap["compute_s"]))
 
 
 def test_mesh_sync_every():
@@ -656,6 +660,7 @@ def test_factored_mesh_sends_fewer_bytes_while_the_factors_are_smaller():
 K, F = 16384, 512  # the default model's factored (hidden) Linear
 KF = K * F
 FACTORED = CostModel(ms_per_image=10.0, ms_per_step=20.0, link_efficiency=1.0, overlap=0.0, overlap_ddp=None,
+                     overlap_forward=0.0,
                      curve_bytes_per_cpu_s=None, ms_per_step_factored=14.0, ms_per_image_factored=9.5,
                      gemm_flops_per_s=100e9)
 
@@ -1039,3 +1044,32 @@ def test_validate_the_bulk_cipher_rows():
     by = {r["file"]: r for r in v["rows"]}
     assert by["run2"]["pred_step_s"] == by["run3"]["pred_step_s"] < by["run1"]["pred_step_s"] == by["run4"]["pred_step_s"]
     assert max(by["run2"]["step_s"], by["run3"]["step_s"]) < min(by["run1"]["step_s"], by["run4"]["step_s"])
+
+
+def test_the_next_forward_hides_the_all_gather_on_separate_hosts():
+    """dist.gather_overlap: on separate hosts the last step's all-gather arrives (and, with AES-GCM, is opened on
+    the communication core) while the workers' forward before the factored Linear runs (overlap_forward of their
+    compute); only this host's own pieces' sealing, on the pool before it hands the step out, stays in front. With
+    --shared-cores nothing of it hides (the receiving takes the workers' cores); overlap_forward = 0 is the
+    agent taking the whole all-gather first."""
+    from dptrain.distributed.mesh import GATHER_PIECE
+    aes = dataclasses.replace(FACTORED, curve_bytes_per_cpu_s=0.62e9, aes_gcm_bytes_per_cpu_s=1.15e9)
+    H, S, B = 16, 8, 4096
+    whole = predict("mesh", H, S, B, 10 * GBIT, 4, P, dataclasses.replace(aes, overlap_forward=0.0))
+    lap = predict("mesh", H, S, B, 10 * GBIT, 4, P, dataclasses.replace(aes, overlap_forward=0.3))
+    out_ag = (H - 1) / H * P * 4  # not factored here: W is in the all-gather
+    seal_own = out_ag / 1.15e9 / 2 / 4  # on min(4, S) pool threads
+    beside = max((H - 1) / H * P * 4 / (10 * GBIT / 8) + (H - 1) * 50e-6, out_ag / 1.15e9 / 2) \
+        + 3 * min(GATHER_PIECE * 4, out_ag / (H - 1)) / 1.15e9
+    exposed = seal_own + max(0.0, beside - 0.3 * lap["compute_s"])
+    assert lap["all_gather_s"] == whole["all_gather_s"]  # the phase itself is as long
+    assert lap["comm_hidden_s"] - whole["comm_hidden_s"] == pytest.approx(lap["all_gather_s"] - exposed)
+    assert lap["step_s"] < whole["step_s"]
+    for model in (dataclasses.replace(aes, shared_cores=32), dataclasses.replace(aes, curve_bytes_per_cpu_s=None)):
+        a = predict("mesh", H, S, B, 10 * GBIT, 4, P, dataclasses.replace(model, overlap_forward=0.0))
+        b = predict("mesh", H, S, B, 10 * GBIT, 4, P, dataclasses.replace(model, overlap_forward=0.3))
+        if model.shared_cores:  # one box: nothing hides
+            assert b["step_s"] == a["step_s"]
+        else:  # no cipher: the wire's time beside the forward
+            assert b["comm_hidden_s"] - a["comm_hidden_s"] == pytest.approx(
+                min(a["all_gather_s"], 0.3 * a["compute_s"]))

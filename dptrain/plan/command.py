@@ -230,7 +230,8 @@ def main(args: argparse.Namespace, extra: list[str]) -> int:
                           if cfg.dist.bulk_cipher == "aes-gcm" and args.aes_gcm_gb_per_cpu_s else None,
                           f16_encode_ns=args.f16_encode_ns, f16_decode_ns=args.f16_decode_ns,
                           overlap=args.overlap, overlap_ddp=args.overlap_ddp, shared_cores=shared,
-                          cipher_threads=cfg.dist.cipher_threads)
+                          cipher_threads=cfg.dist.cipher_threads,
+                          overlap_forward=CostModel.overlap_forward if cfg.dist.gather_overlap else 0.0)
     except ValueError as e:
         raise err(e) from None
     wire = cfg.dist.wire_dtype

@@ -199,13 +199,18 @@ class CostModel:
     # one host: the control messages of a step when the workers reduce and update (REDUCE/UPDATE and their replies
     # over ipc://): serial time per step (docs/performance-notes.md, plan)
     local_control_s: float = 0.8e-3
+    # dist.gather_overlap: the fraction of a worker's compute before the factored Linear's forward, during which the
+    # last step's all-gather still arrives (separate hosts only); 0: off. The forward of the layers before the
+    # hidden Linear over forward + backward, `dptrain bench --threads 1` layer timings (2026-12-07, 2-core Intel
+    # Xeon): 0.26 at batch 2, 0.31 at 8, 0.35 at 32
+    overlap_forward: float = 0.3
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if v is not None and (not math.isfinite(v) or v < 0):
                 raise ValueError(f"{f.name} must be a finite number >= 0, got {v!r}")
-        for name in ("overlap", "overlap_ddp", "link_efficiency"):
+        for name in ("overlap", "overlap_ddp", "link_efficiency", "overlap_forward"):
             v = getattr(self, name)
             if v is not None and v > 1:
                 raise ValueError(f"{name} must be in [0, 1], got {v!r}")
@@ -478,21 +483,32 @@ def predict(plane: str, hosts: int, slots: int, batch: int, bandwidth_bps: float
         sync_bytes = 2 * M32 / (H * k)  # its SYNC share goes over the coordinator's CURVE link, the rest host to host
         sealing = model.mesh_s_per_byte * (send - sync_bytes + recv) / 2
         wire_host = sealing + kappa * sync_bytes / 2 + (f16_s(model, H, num_params, KF, repl) if wire_bytes == 2 else 0.0)
-        aes = bool(model.aes_gcm_bytes_per_cpu_s and model.curve_bytes_per_cpu_s)
-        if aes and not N and H > 1:  # separate hosts: sealed and opened on the pool beside the wire (the docstring's fill)
+        own_cores = not N or N >= H * (S + 1)  # every worker and every host's communication on a core of its own
+        aes = bool(model.aes_gcm_bytes_per_cpu_s and model.curve_bytes_per_cpu_s) and own_cores and H > 1
+        ag_exposed = ag  # what of the all-gather the next step's forward cannot hide (dist.gather_overlap)
+        if aes:  # separate hosts: sealed and opened on the pool beside the wire (the docstring's fill)
             threads = min(model.cipher_threads or 4, S)
             out_rs = (H - 1) / H * Mrs + fb
             out_ag = (H - 1) / H * Mag
             rs = max(rs, model.mesh_s_per_byte * out_rs) + pipeline_fill(model, PIECE * wire_bytes, out_rs / (H - 1))
-            ag = max(ag, model.mesh_s_per_byte * out_ag / threads) + pipeline_fill(
-                model, GATHER_PIECE * wire_bytes, out_ag / (H - 1))
+            fill = pipeline_fill(model, GATHER_PIECE * wire_bytes, out_ag / (H - 1))
+            # overlapped: this host's own pieces are sealed (on the pool) before it hands out the next step; the
+            # others' arrive and are opened on its communication core while the workers compute
+            seal_own = model.mesh_s_per_byte * out_ag / 2 / threads
+            beside = max(ag, model.mesh_s_per_byte * out_ag / 2) + fill
+            ag = max(ag, model.mesh_s_per_byte * out_ag / threads) + fill
+            ag_exposed = seal_own + max(0.0, beside - model.overlap_forward * t_compute)
             wire = sc * (wire_host - sealing)
         else:  # CURVE (libzmq's one I/O thread) or every end on the same cores: in series
             wire = sc * wire_host
+            if own_cores:
+                ag_exposed = max(0.0, ag - model.overlap_forward * t_compute)
         comm = rs + ag + sync + wire + 2 * a
         window = model.overlap * t_compute
         local_hidden = min(window, t_local)
-        comm_hidden = min(window - local_hidden, rs)
+        # the reduce-scatter under backward; with --shared-cores and fewer cores than threads the all-gather's
+        # receiving takes the workers' cores, so nothing of it hides (measured: no gain on the one-box bench)
+        comm_hidden = min(window - local_hidden, rs) + (max(0.0, ag - ag_exposed) if own_cores else 0.0)
         if repl:
             host_update = replicated_update_s(model, H, num_params, KF)
             upd, cpu_update = sc * host_update, H * host_update
