@@ -52,10 +52,19 @@ def job_args(data: Path, **extra) -> list[str]:
     return [a for a in train_args(data, Path("unused"), **extra) if not a.startswith("--train.out=")]
 
 
+def _interruptible() -> None:
+    """Ctrl-C as from a terminal: not ignored. A test session started where SIGINT is ignored (a background job of
+    a shell without job control, e.g. `nohup make test &`) passes that on, and bash cannot trap a signal ignored at
+    its start: the script's trap never ran and the job went on to its end (seen: this test failed that way under a
+    backgrounded `make test`, and passes there with this)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def mpirun_sh(c, run: Path, args: list[str], log: Path) -> subprocess.Popen:
     return subprocess.Popen(["bash", str(SCRIPT), str(c.hostfile), c.coordinator_addr, *args],
                             env=mpi_env(c) | {"RUN": str(run)}, cwd=ROOT, stdout=open(log, "wb"),
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                            preexec_fn=_interruptible)
 
 
 def finish(p: subprocess.Popen, timeout_s: float, log: Path) -> int:
