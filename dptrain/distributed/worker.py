@@ -158,6 +158,7 @@ class Worker:
         if self.gate_gen is None or need <= self.gate_ready:
             return
         t0 = time.time()
+        self.gate_wait_from = self.gate_wait_from or t0
         while not (self.gate[0] == self.gate_gen and self.gate[1] >= need):
             msg = self.link.poll_once()
             if msg is not None:
@@ -172,7 +173,7 @@ class Worker:
         t_recv = time.time()
         self.bn_calls = 0
         f = msg.fields
-        self.gate_gen, self.gate_ready, self.gate_wait_s = f.get("gate"), 0, 0.0
+        self.gate_gen, self.gate_ready, self.gate_wait_s, self.gate_wait_from = f.get("gate"), 0, 0.0, 0.0
         self.round_ranks = f.get("ranks")  # the round's ranks (one host): whose rows a shared-memory BN sum waits for
         if not self.shm_weights:
             self._take_weights(msg)
@@ -199,8 +200,8 @@ class Worker:
         if self.factor_layer is not None and not self.buckets:  # one host: where the reducers read them
             self._leave_factors()
         timings = {"wait": [t_recv, r.timings["load"][0] - t_recv], **r.timings}
-        if self.gate_gen is not None:  # of forward, the time its layers waited for the last all-gather
-            timings["weights_wait"] = [t_recv, self.gate_wait_s]
+        if self.gate_gen is not None:  # of forward, the time its layers waited for the last all-gather (from the first)
+            timings["weights_wait"] = [self.gate_wait_from or t_recv, self.gate_wait_s]
         self.gate_gen = None
         if self.shm_weights:
             self.link.send_result("train", len(idx), r.loss_sum, r.correct, timings, grad_in="shm",
