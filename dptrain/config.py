@@ -152,7 +152,7 @@ class DistConfig:
     # mesh, with factored: who updates that Linear's weights. "owners": each host computes and updates its slice's
     # rows and all-gathers them (as every other weight); "replicated": every host gets every host's factors, computes
     # the whole dW (per owner's rows, each owner's GEMM: every host the same bits) and updates all of W itself, so W never
-    # travels; "auto": replicated while the global batch is small enough to pay (mesh.replicate_pays)
+    # travels; "auto": replicated while the global batch is small enough to pay (mesh_layout.replicate_pays)
     factor_update: str = "auto"
     # mesh, across hosts: what protects the host-to-host gradients and weights. "aes-gcm": those sockets carry no
     # CURVE and every message is sealed with AES-256-GCM (AES-NI: ~1.8x fewer CPU-seconds per byte than CURVE) under

@@ -81,7 +81,7 @@ def test_mesh_equals_star_bitwise_and_float16_replicas_stay_identical(data, tmp_
     assert np.array_equal(got["mesh-curve"], got["star"])  # sealed and opened either way: the same bytes arrive
     assert 0 < rel_error(got["factored"], got["star"]) < 1e-5
     # replicated: every host runs each owner's GEMM on the same inputs (replica_checks above: every host's weights
-    # equal the synced ones after every step); its slices are even in the other parameters (mesh.plane_slices), so
+    # equal the synced ones after every step); its slices are even in the other parameters (mesh_layout.plane_slices), so
     # the owners' GEMMs have other shapes than with factor_update = owners: the same mathematics, other float32
     # groupings (OpenBLAS's Haswell kernels round by blocking: bitwise equal on the AVX-512 ones here), within the
     # bound of factored against star above (the same dW from other float32 groupings, 10 steps)
@@ -389,7 +389,7 @@ def test_replicate_pays_where_a_host_sends_fewer_bytes_at_a_small_batch():
     """auto: every host updates the factored Linear itself while its factors to every other host are fewer bytes
     than the owners' share of them plus the layer's all-gather, and the batch is at most REPLICATE_MAX_BATCH (the
     full-batch GEMM on every host); owners / replicated force it; one host never replicates."""
-    from dptrain.distributed.mesh import REPLICATE_MAX_BATCH, replicate_pays
+    from dptrain.distributed.mesh_layout import REPLICATE_MAX_BATCH, replicate_pays
     K, F = 16384, 512
     for B, H in ((16, 2), (16, 3), (96, 3), (96, 4), (256, 16)):
         b = -(-B // H)
@@ -405,7 +405,7 @@ def test_replicate_pays_where_a_host_sends_fewer_bytes_at_a_small_batch():
 
 
 def test_gather_pieces_cut_at_the_factored_layer_and_cover_the_slice_once():
-    from dptrain.distributed.mesh import GATHER_PIECE, gather_pieces
+    from dptrain.distributed.mesh_layout import GATHER_PIECE, gather_pieces
     lo, hi, w0, w1 = 1000, 1000 + 3 * GATHER_PIECE + 17, 1000 + GATHER_PIECE + 5, 1000 + 2 * GATHER_PIECE + 300
     pieces = gather_pieces(lo, hi, (w0, w1))
     assert pieces[0][0] == lo and pieces[-1][1] == hi and all(a < b for a, b in pieces)
@@ -419,7 +419,7 @@ def test_plane_slices_balance_the_parameters_that_travel_and_sync_shares_the_rep
     """With a replicated layer the slices are even in the other parameters (what the reduce-scatter and all-gather
     carry), on CHUNK boundaries, covering the buffer once; a SYNC uploads each host's slice without that layer plus
     an even share of it: together every element once, nobody the whole layer."""
-    from dptrain.distributed.mesh import plane_slices, sync_ranges
+    from dptrain.distributed.mesh_layout import plane_slices, sync_ranges
     from dptrain.optim import CHUNK, chunk_slices
     P, w0, w1 = 9_434_462, 1_013_248, 1_013_248 + 16384 * 512  # the default model's layout, roughly
     assert plane_slices(P, 3) == chunk_slices(P, 3)

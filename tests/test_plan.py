@@ -742,7 +742,7 @@ def test_mesh_replicated_update_bytes_and_times():
     # separate hosts: the AES part beside the wire (bench/cipher_pipeline.py), on the pool's threads (auto: min(4, S)
     # = 2 here) in the all-gather, on the comm core in the reduce-scatter (under backward), plus about three pieces
     # sealed and opened (PIPELINE_FILL_PIECES); what stays in series: float16 and the SYNC's CURVE share
-    from dptrain.distributed.mesh import GATHER_PIECE, PIECE
+    from dptrain.distributed.mesh_layout import GATHER_PIECE, PIECE
     assert sealed["wire_cpu_s"] == pytest.approx(f16 + sync / 0.62e9 / 2)
     out_rs, out_ag = rest + fb, rest
     assert sealed["all_gather_s"] == pytest.approx(  # 1 Gbit/s: the wire is the slower
@@ -767,7 +767,7 @@ def sharing_factor(threads: int, cores: int) -> float:
 
 
 def test_mesh_factor_update_follows_replicate_pays():
-    """auto: replicated while mesh.replicate_pays says so (small global batches); owners: never; replicated: always
+    """auto: replicated while mesh_layout.replicate_pays says so (small global batches); owners: never; replicated: always
     where the layer is factored at all (factors_pay), never where it is not."""
     def repl(B, mode, H=3, wire=4):
         return predict("mesh", H, 1, B, GBIT, wire, P, FACTORED, factored=(K, F), factor_update=mode)["replicated"]
@@ -1052,7 +1052,7 @@ def test_the_next_forward_hides_the_all_gather_on_separate_hosts():
     compute); only this host's own pieces' sealing, on the pool before it hands the step out, stays in front. With
     --shared-cores nothing of it hides (the receiving takes the workers' cores); overlap_forward = 0 is the
     agent taking the whole all-gather first."""
-    from dptrain.distributed.mesh import GATHER_PIECE
+    from dptrain.distributed.mesh_layout import GATHER_PIECE
     aes = dataclasses.replace(FACTORED, curve_bytes_per_cpu_s=0.62e9, aes_gcm_bytes_per_cpu_s=1.15e9)
     H, S, B = 16, 8, 4096
     whole = predict("mesh", H, S, B, 10 * GBIT, 4, P, dataclasses.replace(aes, overlap_forward=0.0))

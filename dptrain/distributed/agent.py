@@ -48,7 +48,8 @@ from ..optim import sgd_for
 from . import protocol as P
 from .coordinator import Coordinator, WorkerFailure
 from .curve import client_setup, read_agent_keys
-from .mesh import MeshLink, MeshReplica, checksum, factors_pay, take_ranges
+from .mesh import MeshLink, MeshReplica, checksum
+from .mesh_layout import factors_pay, take_ranges
 from .peer import PeerLink, leave, run_peer
 from .rankenv import RankEnvError, coordinator_from_env, from_env
 from .reduce import sum_in_order
@@ -249,7 +250,7 @@ class Agent:
         mesh, r = self.replica.mesh, self.replica
         r.finish_gather(self.link)  # the weights of the step asked about, whole
         replicated = {"velocity_crc": checksum(r.opt.velocity[r.w[0]:r.w[1]])} if r.replicate else {}
-        # the ranges the coordinator asks for (mesh.sync_ranges: with a replicated layer, this slice without it and
+        # the ranges the coordinator asks for (mesh_layout.sync_ranges: with a replicated layer, this slice without it and
         # a share of it); an older coordinator names none: the slice
         ranges = [(int(a), int(b)) for a, b in msg.fields.get("ranges") or [[mesh.lo, mesh.hi]]]
         self.link.send(P.Kind.SYNCED, arrays={"params": take_ranges(r.params, ranges),

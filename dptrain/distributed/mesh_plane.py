@@ -29,7 +29,8 @@ from ..optim import SGD, add_blocks, checked_clip
 from . import protocol as P
 from .bulk import plane_secret
 from .coordinator import Coordinator, WorkerFailure
-from .mesh import checksum, plane_slices, replicate_pays, sync_ranges
+from .mesh import checksum
+from .mesh_layout import plane_slices, replicate_pays, sync_ranges
 from .peers import PeerState
 
 
@@ -52,7 +53,7 @@ class Sync:
     """A SYNC in flight: the answers so far, keyed by host rank."""
     step: int
     attempt: int
-    slices: dict[int, list[tuple[int, int]]]  # what each host uploads (mesh.sync_ranges)
+    slices: dict[int, list[tuple[int, int]]]  # what each host uploads (mesh_layout.sync_ranges)
     got: dict[int, P.Message] = field(default_factory=dict)
 
     def complete(self) -> bool:
@@ -114,7 +115,7 @@ class MeshPlane:
 
     def replicated(self, ranks: tuple[int, ...]) -> tuple[int, int] | None:
         """[w0, w1) of the factored Linear when every host of this plane computes its whole weight gradient from
-        every host's factors and updates it (dist.factor_update, mesh.replicate_pays): all hosts factor the same
+        every host's factors and updates it (dist.factor_update, mesh_layout.replicate_pays): all hosts factor the same
         layer, their GEMMs give the same bits (the same CPU model, BLAS build, kernels and threads: each host
         runs every owner's GEMM itself, and replicas that differ would stop the run at the next SYNC), and it pays
         for this batch and number of hosts. Decided per plane, by the coordinator alone."""

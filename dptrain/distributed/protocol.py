@@ -87,7 +87,7 @@ The table below and `SCHEMA` list the same kinds and fields (tests/test_protocol
                                       hi int, scale float: the owner's new weights    update (float16)
                                       over a piece [lo, hi) of its slice
     SYNC        coordinator -> agent  attempt int: your state after this step         -
-                                      over ranges list of [lo, hi] (mesh.sync_ranges)
+                                      over ranges list of [lo, hi] (mesh_layout.sync_ranges)
     SYNCED      agent -> coordinator  attempt int, lo int, hi int, params_crc int     params, velocity
                                       (CRC-32 of the agent's whole weights),          (float32, over the
                                       ranges list of [lo, hi] (SYNC's, echoed),       ranges, in order)

@@ -39,7 +39,7 @@ from ..nn.threads import match_blas_threads
 from ..optim import add_blocks, checked_clip, chunk_squares, clipped_step
 from .executor import split_by_slots
 from .hostfile import rank_bases
-from .mesh import dw_span, factor_span, factors_pay, gather_pieces, plane_slices, replicate_pays, scatter_pieces
+from .mesh_layout import dw_span, factor_span, factors_pay, gather_pieces, plane_slices, replicate_pays, scatter_pieces
 from .reduce import Factors, one_host_factored, reduce_range, sum_in_order
 from .session import blas_threads
 from .wire import add16, apply_update16, encode16, grad_frame
@@ -85,7 +85,7 @@ def zero_sum(parts: list[np.ndarray]) -> np.ndarray:
 
 def mesh_pieces(param_starts: list[int | None], size: int, slices: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """The mesh's fixed pieces of the flat buffer (each float16-encoded with a scale of its own), as its agents cut
-    them (mesh.scatter_pieces) for a plane of len(slices) hosts."""
+    them (mesh_layout.scatter_pieces) for a plane of len(slices) hosts."""
     owners = [(h, lo, hi) for h, (lo, hi) in enumerate(slices)]
     return [(a, b) for a, b, _ in scatter_pieces(param_starts, size, owners)]
 

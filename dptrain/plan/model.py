@@ -43,13 +43,13 @@ The model (every constant is a field of `CostModel`, so predictions can be fitte
           weights + momentum, float32, SYNC):
           a host's link per step: out = 2(H−1)/H·M + 2·M32/(H·k), in = 2(H−1)/H·M; the coordinator's: in = 2·M32/k
           rs = ag = (H−1)/H·M/Bw + (H−1)·α      reduce-scatter, all-gather on the wire
-          factored (mesh.factors_pay(B, H, K, F); b_h = ceil(B/H)): the workers leave (x, dy); W's K·F weights leave
+          factored (mesh_layout.factors_pay(B, H, K, F); b_h = ceil(B/H)): the workers leave (x, dy); W's K·F weights leave
             the reduce-scatter, which carries (H−1)/H·(P − K·F)·wire bytes + the factors fb = 4·b_h·(K(H−1)/H +
             (H−1)F) (each owner its columns of x, every other host all of dy); local = S·4(P − K·F)/mem + the
             factors gathered, 4·b_h·(2K + F)/mem; then, serial after the reduce-scatter and before the update,
             dW = sw·(K/H)·B·F·2 / (S·G) + sc·4·B·(K/H + F)/mem: each owner's rows over the global batch on the
             host's S cores (the agent's BLAS; the workers are done), after concatenating every host's factors
-          replicated (factored, and mesh.replicate_pays(B, H, K, F, wire, dist.factor_update)): every host sends its
+          replicated (factored, and mesh_layout.replicate_pays(B, H, K, F, wire, dist.factor_update)): every host sends its
             samples' whole x and dy to every other host, fb = 4·(H−1)·b_h·(K + F) each way (factors gathered:
             4·b_h·(K + F)/mem); computes the whole dW, sw·K·B·F·2 / (S·G) + sc·4·B·(2K + F)/mem (every owner's
             rows, each from its columns of x cut out); and updates all of W itself: update =
@@ -124,7 +124,7 @@ import re
 from dataclasses import dataclass
 
 from .. import config as config_mod
-from ..distributed.mesh import GATHER_PIECE, PIECE, factors_pay, replicate_pays
+from ..distributed.mesh_layout import GATHER_PIECE, PIECE, factors_pay, replicate_pays
 from ..distributed.reduce import local_factors_pay
 from ..nn.model import build_model
 from ..nn.params import ParamStore
@@ -402,8 +402,8 @@ def predict(plane: str, hosts: int, slots: int, batch: int, bandwidth_bps: float
             factor_update: str = "owners") -> dict:
     """Predicted seconds, bytes and throughput of one step (see the module docstring for the formulas). Pure.
     factored: (K, F) of the Linear whose weight gradient is left as factors where the code decides so (mesh:
-    mesh.factors_pay; one host: reduce.local_factors_pay); factor_update (dist.factor_update, mesh): who computes and
-    updates that layer's weights, decided by mesh.replicate_pays ("owners": the rows' owners, as before it existed)."""
+    mesh_layout.factors_pay; one host: reduce.local_factors_pay); factor_update (dist.factor_update, mesh): who computes and
+    updates that layer's weights, decided by mesh_layout.replicate_pays ("owners": the rows' owners, as before it existed)."""
     if plane not in PLANES + ONE_HOST:
         raise ValueError(f"plane must be one of {', '.join(PLANES + ONE_HOST)}, got {plane!r}")
     if plane in ONE_HOST and hosts != 1:
