@@ -46,7 +46,7 @@ from . import protocol as P
 from .bulk import SECRET_BYTES, TAG, BulkError, Opener, OtherPlane, Sealer
 from .curve import CurveServer, RunKeys, client_setup
 from .mesh_layout import dw_span, factor_span, gather_pieces, scatter_pieces
-from .peer import PeerLink, Preempted, dealer
+from .peer import PeerLink, dealer
 from .reduce import sum_in_order
 from .wire import add16, apply_update16, encode16
 
@@ -182,38 +182,24 @@ class MeshLink:
         self.flush(wait=block)  # whatever this host still owes the others goes out before it waits on them
         got: list[P.Message] = []
         self._take(kind, step, attempt, waiting, got)
-        if not block:
-            msg = upstream.poll_once()
-            if msg is not None:
-                if msg.kind in (P.Kind.MESH, P.Kind.STOP):
-                    raise Preempted(msg)
-                upstream.stash.append(msg)
-            if self.sock.poll(0):
-                self._drain()
-                self._take(kind, step, attempt, waiting, got)
-            for msg in got:
-                take(msg)
-            return
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(upstream.sock, zmq.POLLIN)
         since = last_warning = time.monotonic()
         while waiting:
-            if upstream.idle is not None:
+            if block and upstream.idle is not None:  # (not inside the agent's own round: it serves its workers)
                 upstream.idle()
-            events = dict(poller.poll(POLL_MS))
+            events = dict(poller.poll(POLL_MS if block else 0))
             if upstream.sock in events:
-                msg = upstream.poll_once()
-                if msg is not None:
-                    if msg.kind in (P.Kind.MESH, P.Kind.STOP):
-                        raise Preempted(msg)
-                    upstream.stash.append(msg)
+                upstream.watch((P.Kind.MESH, P.Kind.STOP))
             if self.sock in events:
                 self._drain()
             self._take(kind, step, attempt, waiting, got)
             for msg in got:
                 take(msg)
             got.clear()
+            if not block:
+                return
             now = time.monotonic()
             if waiting and now - last_warning > WAIT_WARNING_EVERY_S:
                 last_warning = now

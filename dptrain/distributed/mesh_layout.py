@@ -11,10 +11,10 @@ from ..optim import CHUNK, chunk_slices
 # At most this many elements (4 MiB of float32) per message: CURVE encrypts a whole message before its first byte
 # leaves (and decrypts it only once all of it is in), so big messages put the CPU and the wire in series
 PIECE = 16 * CHUNK
-# The all-gather's pieces are smaller (1 MiB of float32): the workers wait on the whole all-gather, and sealed with
-# AES-GCM its cost beyond the wire is about three pieces' sealing and opening (the first sealed before a byte leaves,
-# the last opened after its last byte is in): bench/cipher_pipeline.py at 4 Gbit/s, 36 MiB, +6.8 ms with 2.25 MiB
-# pieces, +2.6 with 1 MiB, +1.2 with 0.5 MiB (in series it would be +47). The reduce-scatter runs under backward.
+# The all-gather's pieces are smaller (1 MiB of float32): the workers wait on the all-gather, and sealed with AES-GCM
+# its cost beyond the wire is about three pieces' sealing and opening (the first sealed before a byte leaves, the
+# last opened after its last byte is in; bench/cipher_pipeline.py, figures in docs/performance-notes.md, plan). The
+# reduce-scatter runs under backward.
 GATHER_PIECE = 4 * CHUNK
 
 

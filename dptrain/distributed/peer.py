@@ -34,6 +34,11 @@ EXIT_COORDINATOR_LOST = 3
 IDLE_POLL_S = 0.05  # with an `idle` callback (an agent serving its own workers), poll upstream in slices this long
 
 
+# what gives up a peer's wait inside a step (a sync-BN sum, weights still arriving): the next step attempt, STOP, or
+# a plane formed anew
+PREEMPTING = (P.Kind.STEP, P.Kind.STOP, P.Kind.MESH)
+
+
 class Preempted(Exception):
     """The coordinator sent a STEP or STOP while this peer waited on a sync-BN reduction: handle that message next."""
 
@@ -132,6 +137,15 @@ class PeerLink:
             if msg is not None:
                 return msg
 
+    def watch(self, preempting: tuple[P.Kind, ...] = PREEMPTING) -> None:
+        """A message that is already here, if any: one of the `preempting` kinds raises Preempted (the caller's wait
+        is given up), anything else waits its turn in the stash."""
+        msg = self.poll_once()
+        if msg is not None:
+            if msg.kind in preempting:
+                raise Preempted(msg)
+            self.stash.append(msg)
+
     def poll_once(self) -> P.Message | None:
         """A message that is already here, without waiting (None: none, or it was malformed and dropped)."""
         return self._read() if self.sock.poll(0) else None
@@ -184,7 +198,7 @@ class PeerLink:
                 if msg.kind is P.Kind.BN_REDUCED and msg.step == self.step and msg.fields["layer"] == layer \
                         and msg.fields["phase"] == phase and msg.fields["attempt"] == self.attempt:
                     return np.array(msg.arrays["moments"], np.float64)
-                if msg.kind in (P.Kind.STEP, P.Kind.STOP, P.Kind.MESH):
+                if msg.kind in PREEMPTING:
                     raise Preempted(msg)
                 if msg.kind is not P.Kind.BN_REDUCED:
                     later.append(msg)

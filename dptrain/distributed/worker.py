@@ -35,7 +35,7 @@ from ..nn.threads import match_blas_threads
 from ..optim import chunk_squares, sgd_for
 from . import invariant, protocol as P, timeslice
 from .localsum import LocalSum
-from .peer import PeerLink, Preempted, leave, run_peer
+from .peer import PeerLink, leave, run_peer
 from .reduce import Factors, reduce_range
 from .wire import grad_frame, receive_weights
 
@@ -160,11 +160,7 @@ class Worker:
         t0 = time.time()
         self.gate_wait_from = self.gate_wait_from or t0
         while not (self.gate[0] == self.gate_gen and self.gate[1] >= need):
-            msg = self.link.poll_once()
-            if msg is not None:
-                if msg.kind in (P.Kind.STEP, P.Kind.STOP, P.Kind.MESH):
-                    raise Preempted(msg)
-                self.link.stash.append(msg)
+            self.link.watch()
             time.sleep(GATE_POLL_S)
         self.gate_ready = int(self.gate[1])
         self.gate_wait_s += time.time() - t0
@@ -202,7 +198,6 @@ class Worker:
         timings = {"wait": [t_recv, r.timings["load"][0] - t_recv], **r.timings}
         if self.gate_gen is not None:  # of forward, the time its layers waited for the last all-gather (from the first)
             timings["weights_wait"] = [self.gate_wait_from or t_recv, self.gate_wait_s]
-        self.gate_gen = None
         if self.shm_weights:
             self.link.send_result("train", len(idx), r.loss_sum, r.correct, timings, grad_in="shm",
                                   bn_moments=self.model.bn_moments())

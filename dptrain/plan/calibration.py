@@ -59,8 +59,8 @@ def _step_ms(cfg: config_mod.Config, classes: int, warmup: int, steps: int, fact
 
 
 def _torch_ms(cfg: config_mod.Config, classes: int, warmup: int, steps: int) -> tuple[float, str] | None:
-    """PyTorch's forward + loss + backward of the same network, one thread (a DDP rank's compute): (median ms,
-    torch's version), or None where torch is not installed."""
+    """PyTorch's forward + loss + backward of the same network, one thread (a DDP rank's compute): (the fastest
+    step's ms, torch's version), or None where torch is not installed."""
     try:
         import torch  # noqa: F401 - optional: only the DDP rows' compute
     except ImportError:

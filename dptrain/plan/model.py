@@ -62,16 +62,20 @@ The model (every constant is a field of `CostModel`, so predictions can be fitte
                    encoded before a send and decoded after it
           AES-GCM (dist.bulk_cipher) on separate hosts: the pool's threads (T = min(cipher_threads or 4, S)) seal
             and open pieces while others are on the wire, so the cipher is beside it, not in series
-            (bench/cipher_pipeline.py: 36 MiB at 4 Gbit/s between two namespace hosts, +2.6 ms over plain with
-            1 MiB pieces where in series it would be +47): rs = max(rs, κ_aes·(out_rs + in_rs)/2) + fill(PIECE)
-            (under backward: the comm core alone), ag = max(ag, κ_aes·(out_ag + in_ag)/2/T) + fill(GATHER_PIECE),
-            fill(p) = 3·κ_aes·min(p, a peer's bytes of the phase) (the first piece sealed, the last ones opened:
-            measured 2.6–3.3 pieces), and wire keeps float16 and the SYNC's CURVE only. With --shared-cores (every
-            end on the same few cores, as the namespace rows) the cipher competes for the CPU: in series, as above
+            (bench/cipher_pipeline.py; docs/performance-notes.md, plan):
+            rs = max(rs, κ_aes·(out_rs + in_rs)/2) + fill(PIECE)   (under backward: the comm core alone)
+            ag = max(ag, κ_aes·(out_ag + in_ag)/2/T) + fill(GATHER_PIECE)
+            fill(p) = 3·κ_aes·min(p, a peer's bytes of the phase) (the first piece sealed, the last ones opened),
+            and wire keeps float16 and the SYNC's CURVE only. With --shared-cores (every end on the same few cores,
+            as the namespace rows) the cipher competes for the CPU: in series, as above
           comm = rs + ag + sync + wire + 2α
           hidden = min(overlap·c·sw, local + rs)   the local sum and the reduce-scatter run while backward goes on
                    (the hidden Linear's gradient is final ~10 % into backward, i.e. after ~40 % of c: overlap 0.6);
-                   the all-gather never overlaps (it needs the update)
+                   + ag − ag_exposed: with dist.gather_overlap the next step's forward before the factored Linear
+                   (overlap_forward·c) runs while the all-gather arrives, ag_exposed = max(0, ag − overlap_forward·c);
+                   with AES-GCM ag_exposed = (this host's own pieces sealed on the pool first: κ_aes·out_ag/2/T) +
+                   max(0, max(ag wire, the others' opened on the comm core: κ_aes·in_ag/2) + fill − overlap_forward·c).
+                   Nothing of it hides with --shared-cores fewer than H·(S + 1) (the workers' cores do that work)
           update = sc·U/H (replicated: above);  and a step is never shorter than the coordinator's link:
           2·M32/k / (Bw·coord_link_ratio)
     star  (every host sends M to the coordinator, which sums, updates and sends M back)
@@ -200,9 +204,8 @@ class CostModel:
     # over ipc://): serial time per step (docs/performance-notes.md, plan)
     local_control_s: float = 0.8e-3
     # dist.gather_overlap: the fraction of a worker's compute before the factored Linear's forward, during which the
-    # last step's all-gather still arrives (separate hosts only); 0: off. The forward of the layers before the
-    # hidden Linear over forward + backward, `dptrain bench --threads 1` layer timings (2026-12-07, 2-core Intel
-    # Xeon): 0.26 at batch 2, 0.31 at 8, 0.35 at 32
+    # last step's all-gather still arrives (separate hosts only); 0: off. From the bench's layer timings
+    # (docs/performance-notes.md, plan)
     overlap_forward: float = 0.3
 
     def __post_init__(self):
@@ -284,12 +287,17 @@ def per_worker_batch(batch: int, hosts: int, slots: int) -> int:
     return max(1, math.ceil(batch / (hosts * slots)))
 
 
+def per_image_ms(model: CostModel, ddp: bool = False) -> float:
+    """The per-image part of a worker's compute: a PyTorch DDP rank's with `ddp` where it was measured, else ours."""
+    return model.ddp_ms_per_image if ddp and model.ddp_ms_per_image is not None else model.ms_per_image
+
+
 def compute_s(model: CostModel, b: int, factored: bool = False, ddp: bool = False) -> float:
     """One worker's forward + backward of b images on one core; `factored`: with the factored Linear's weight
     gradient left as factors (the unfactored figures where that step was not measured); `ddp`: a PyTorch DDP rank's
     (ours where PyTorch's was not measured)."""
     if ddp and model.ddp_ms_per_image is not None:
-        return ((model.ddp_ms_per_step or 0.0) + b * model.ddp_ms_per_image) / 1e3
+        return ((model.ddp_ms_per_step or 0.0) + b * per_image_ms(model, ddp)) / 1e3
     if factored and model.ms_per_image_factored is not None:
         return ((model.ms_per_step_factored or 0.0) + b * model.ms_per_image_factored) / 1e3
     return (model.ms_per_step + b * model.ms_per_image) / 1e3
@@ -385,8 +393,7 @@ def baseline(slots: int, batch: int, num_params: int, model: CostModel,
         if ring:  # DDP's ranks of one host (float16 at best), less what hides beside the backward (as predict's)
             ov = model.overlap if model.overlap_ddp is None else model.overlap_ddp
             cpu = ddp_ring(model, 1, slots, 2 * params)["cpu_s"] * sw
-            per_image = model.ms_per_image if not ddp or model.ddp_ms_per_image is None else model.ddp_ms_per_image
-            options.append(max(0.0, cpu - ov * b * per_image / 1e3 * sw))
+            options.append(max(0.0, cpu - ov * b * per_image_ms(model, ddp) / 1e3 * sw))
         return c + min(options) + extra + upd
 
     best = step(compute_s(model, b, ddp=ddp) * sw, num_params, 0.0, True)
@@ -545,8 +552,7 @@ def predict(plane: str, hosts: int, slots: int, batch: int, bandwidth_bps: float
         send = recv = ring["link_bytes"]
         comm = max(ring["link_bytes"] / bw, sw * ring["cpu_s"]) + 2 * (W - 1) * a
         ov = model.overlap if model.overlap_ddp is None else model.overlap_ddp
-        per_image = model.ms_per_image if model.ddp_ms_per_image is None else model.ddp_ms_per_image
-        comm_hidden = min(ov * b * per_image / 1e3 * sw, comm)  # beside the per-image backward
+        comm_hidden = min(ov * b * per_image_ms(model, ddp=True) / 1e3 * sw, comm)  # beside the per-image backward
         upd = sw * U
         coord_in = coord_out = 0
         cpu_wire = W * ring["cpu_s"]
